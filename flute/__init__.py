@@ -1,0 +1,23 @@
+"""flute: lookup-table quantized linear layers with a fused dequantize-GEMM.
+
+Quantize a model in place with :func:`quantize_model`, or a single weight with
+:func:`quantize_weight`; quantized layers are :class:`QuantLinear` modules whose state dict is the
+canonical, GPU-independent checkpoint format of :mod:`flute.format`. The compute goes through
+``torch.ops.flute.qgemm`` (CUDA kernel when built, a CPU implementation everywhere).
+"""
+# Keep below 0.4.1: transformers treats an importable `flute` >= 0.4.1 as the flute-kernel package.
+__version__ = "0.1.0"
+
+from . import ops  # noqa: F401  (registers torch.ops.flute.*)
+from .codebooks import CODEBOOKS, get_table, pair_table
+from .format import FORMAT_VERSION, QuantizedWeight, pack_codes, unpack_codes
+from .linear import QuantLinear
+from .model import quantize_model
+from .ops import HAS_CUDA_KERNEL, dequantize, qgemm
+from .quantize import learn_table, quantize_weight
+
+__all__ = [
+    "CODEBOOKS", "FORMAT_VERSION", "HAS_CUDA_KERNEL", "QuantLinear", "QuantizedWeight",
+    "dequantize", "get_table", "learn_table", "pack_codes", "pair_table", "qgemm",
+    "quantize_model", "quantize_weight", "unpack_codes",
+]

@@ -1,0 +1,215 @@
+"""The canonical checkpoint format: one layout on disk for every GPU, tile config and batch size.
+
+A quantized ``[out_features, in_features] = [N, K]`` weight is stored as plain tensors:
+
+``qcodes``   uint8 ``[N, ceil(K * bits / 8)]``. Row ``n`` is the little-endian bit stream of the
+             codes ``q[n, 0], q[n, 1], ...``, each ``bits`` wide: code ``k`` occupies stream bits
+             ``k*bits .. k*bits+bits-1``. Dense (3-bit costs 3 bits), rows start on a byte so that
+             row shards (tensor parallelism) are plain slices; the unused tail bits of a row are 0.
+``scales``   ``[N, ceil(K / G)]`` in the model dtype (G = group size; -1 means G = K).
+``offsets``  optional, same shape and dtype as ``scales``.
+``table``    float32 ``[2**bits]``.
+``qmeta``    int32 ``[5]`` = (format version, bits, group size, in_features, out_features).
+
+The weight is ``W[n, k] = table[q[n, k]] * scales[n, k // G] (+ offsets[n, k // G])``. When G does
+not divide K, the last group of a row is simply shorter (``K - (ceil(K/G) - 1) * G`` columns);
+nothing is padded on disk.
+
+The kernel layout (bit slices, fragment order) is derived from this at load time by
+:mod:`flute.layout` and never saved.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .codebooks import check_bits
+
+FORMAT_VERSION = 1
+QMETA_FIELDS = ("format_version", "bits", "group_size", "in_features", "out_features")
+GROUP_SIZES = (32, 64, 128, 256, -1)
+
+
+def check_group_size(group_size: int) -> int:
+    """Return ``group_size`` if it is a positive int or -1 (one group per row), else raise."""
+    if not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
+        raise ValueError(f"group_size must be a positive integer or -1 (one group per row), "
+                         f"got {group_size!r}")
+    return group_size
+
+
+def effective_group_size(group_size: int, in_features: int) -> int:
+    """The number of K columns per group: ``group_size``, or ``in_features`` for -1."""
+    return in_features if check_group_size(group_size) == -1 else group_size
+
+
+def num_groups(group_size: int, in_features: int) -> int:
+    return math.ceil(in_features / effective_group_size(group_size, in_features))
+
+
+def packed_row_bytes(in_features: int, bits: int) -> int:
+    return math.ceil(in_features * bits / 8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``[N, K]`` (values < 2**bits) into the canonical uint8 ``[N, ceil(K*bits/8)]``.
+
+    Eight codes always fill exactly ``bits`` bytes, so each row is padded to a multiple of eight
+    codes, eight codes are gathered into one int32 word, and its low ``bits`` bytes are kept.
+    """
+    check_bits(bits)
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
+    n, k = codes.shape
+    k8 = math.ceil(k / 8) * 8
+    c = torch.zeros(n, k8, dtype=torch.int32, device=codes.device)
+    c[:, :k] = codes.to(torch.int32)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int32) * bits
+    words = (c.view(n, k8 // 8, 8) << shifts).sum(dim=-1, dtype=torch.int32)  # [N, K8/8]
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int32) * 8
+    out = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).view(n, k8 // 8 * bits)
+    return out[:, : packed_row_bytes(k, bits)].contiguous()
+
+
+def unpack_codes(qcodes: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 ``[N, ceil(K*bits/8)]`` to uint8 codes ``[N, K]``."""
+    check_bits(bits)
+    if qcodes.dtype != torch.uint8 or qcodes.dim() != 2:
+        raise ValueError(f"qcodes must be a 2-D uint8 tensor, got {qcodes.dtype} "
+                         f"of shape {tuple(qcodes.shape)}")
+    n, nbytes = qcodes.shape
+    if nbytes != packed_row_bytes(in_features, bits):
+        raise ValueError(f"qcodes has {nbytes} bytes per row; {in_features} codes of {bits} bits "
+                         f"need {packed_row_bytes(in_features, bits)}")
+    k8 = math.ceil(in_features / 8) * 8
+    b = torch.zeros(n, k8 // 8 * bits, dtype=torch.int32, device=qcodes.device)
+    b[:, :nbytes] = qcodes.to(torch.int32)
+    byte_shifts = torch.arange(bits, device=qcodes.device, dtype=torch.int32) * 8
+    words = (b.view(n, k8 // 8, bits) << byte_shifts).sum(dim=-1, dtype=torch.int32)
+    shifts = torch.arange(8, device=qcodes.device, dtype=torch.int32) * bits
+    codes = (words.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
+    return codes.view(n, k8)[:, :in_features].to(torch.uint8)
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized weight in the canonical format (see the module docstring).
+
+    ``qcodes`` is packed; :meth:`codes` unpacks it. All tensors live on one device.
+    """
+
+    qcodes: torch.Tensor
+    scales: torch.Tensor
+    table: torch.Tensor
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+    offsets: Optional[torch.Tensor] = None
+    codebook: str = "custom"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first inconsistency between the tensors and the metadata."""
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        n, k = self.out_features, self.in_features
+        if n < 1 or k < 1:
+            raise ValueError(f"in_features and out_features must be positive, got {k} and {n}")
+        want = (n, packed_row_bytes(k, self.bits))
+        if self.qcodes.dtype != torch.uint8 or tuple(self.qcodes.shape) != want:
+            raise ValueError(f"qcodes must be uint8 of shape {want}, got {self.qcodes.dtype} "
+                             f"{tuple(self.qcodes.shape)}")
+        g = (n, num_groups(self.group_size, k))
+        if not self.scales.is_floating_point() or tuple(self.scales.shape) != g:
+            raise ValueError(f"scales must be floating point of shape {g}, got "
+                             f"{self.scales.dtype} {tuple(self.scales.shape)}")
+        if self.offsets is not None and (self.offsets.shape != self.scales.shape
+                                         or self.offsets.dtype != self.scales.dtype):
+            raise ValueError(f"offsets must match scales ({self.scales.dtype} {g}), got "
+                             f"{self.offsets.dtype} {tuple(self.offsets.shape)}")
+        if self.table.numel() != 2 ** self.bits or not self.table.is_floating_point():
+            raise ValueError(f"a {self.bits}-bit table needs {2 ** self.bits} floating values, got "
+                             f"{self.table.dtype} with {self.table.numel()}")
+
+    @property
+    def shape(self):
+        return (self.out_features, self.in_features)
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked uint8 codes ``[N, K]``."""
+        return unpack_codes(self.qcodes, self.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The reconstructed weight ``[N, K]`` (computed in float32, returned as ``dtype``)."""
+        return dequantize_codes(self.codes(), self.scales, self.offsets, self.table,
+                                self.group_size).to(dtype)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (codes, scales, offsets, table)."""
+        ts = [self.qcodes, self.scales, self.table] + ([self.offsets] if self.offsets is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def qmeta(self) -> torch.Tensor:
+        return torch.tensor([FORMAT_VERSION, self.bits, self.group_size, self.in_features,
+                             self.out_features], dtype=torch.int32)
+
+    def state_dict(self, prefix: str = "") -> dict:
+        sd = {prefix + "qcodes": self.qcodes, prefix + "scales": self.scales,
+              prefix + "table": self.table, prefix + "qmeta": self.qmeta()}
+        if self.offsets is not None:
+            sd[prefix + "offsets"] = self.offsets
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, prefix: str = "", codebook: str = "custom") -> "QuantizedWeight":
+        """Build from canonical tensors; errors name a missing key, a foreign version or bad shapes."""
+        for key in ("qcodes", "scales", "table", "qmeta"):
+            if prefix + key not in sd:
+                raise KeyError(f"flute checkpoint is missing tensor {prefix + key!r}")
+        meta = parse_qmeta(sd[prefix + "qmeta"], prefix)
+        return cls(qcodes=sd[prefix + "qcodes"], scales=sd[prefix + "scales"],
+                   table=sd[prefix + "table"].float(), offsets=sd.get(prefix + "offsets"),
+                   codebook=codebook, **{k: meta[k] for k in QMETA_FIELDS[1:]})
+
+    def to(self, device) -> "QuantizedWeight":
+        return QuantizedWeight(self.qcodes.to(device), self.scales.to(device), self.table.to(device),
+                               self.bits, self.group_size, self.in_features, self.out_features,
+                               None if self.offsets is None else self.offsets.to(device),
+                               self.codebook)
+
+
+def parse_qmeta(qmeta: torch.Tensor, where: str = "") -> dict:
+    """Decode a ``qmeta`` tensor; a checkpoint of another format version raises a clear error."""
+    values = [int(v) for v in qmeta.flatten().tolist()]
+    if len(values) != len(QMETA_FIELDS):
+        raise ValueError(f"{where}qmeta must hold {len(QMETA_FIELDS)} integers {QMETA_FIELDS}, "
+                         f"got {values}")
+    meta = dict(zip(QMETA_FIELDS, values))
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{where}qmeta says flute format version {meta['format_version']}; this "
+                         f"flute reads version {FORMAT_VERSION}")
+    return meta
+
+
+def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
+    """``k // G`` for every column k (int64 ``[K]``)."""
+    g = effective_group_size(group_size, in_features)
+    return torch.arange(in_features, device=device) // g
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: Optional[torch.Tensor],
+                     table: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``table[codes] * scales[:, k // G] (+ offsets)`` computed in ``dtype`` (float32 by default)."""
+    k = codes.shape[1]
+    gi = group_index(k, group_size, codes.device)
+    w = table.to(device=codes.device, dtype=dtype)[codes.long()]
+    w = w * scales.to(dtype)[:, gi]
+    if offsets is not None:
+        w = w + offsets.to(dtype)[:, gi]
+    return w

@@ -1,0 +1,154 @@
+"""``QuantLinear``: an ``nn.Linear`` whose weight is stored in the canonical flute format."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .format import (QuantizedWeight, num_groups, pack_codes, packed_row_bytes, parse_qmeta,
+                     unpack_codes, FORMAT_VERSION)
+from .layout import from_kernel_layout, to_kernel_layout
+from .quantize import quantize_weight
+
+
+class QuantLinear(nn.Module):
+    """A linear layer ``y = x @ W.T + b`` with a lookup-table-quantized weight.
+
+    Its state dict is the canonical format (``qcodes``, ``scales``, optional ``offsets``, ``table``,
+    ``qmeta``, optional ``bias``), the same on every device. The kernel layout ``qweight`` is
+    derived from it by :meth:`prepare` (at the first forward at the latest), is not saved, and
+    moves with the module between devices, since it depends on no device property. Once it is
+    built, the packed ``qcodes`` are released to save memory and regenerated when a state dict is
+    taken.
+
+    Inputs may have any number of leading dimensions and be float32, float16 or bfloat16.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 64,
+                 bias: bool = True, offsets: bool = False, dtype: torch.dtype = torch.float16,
+                 device=None, codebook: str = "custom"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.codebook = bits, group_size, codebook
+        QuantizedWeight(  # validates bits, group size and sizes before any buffer is made
+            torch.empty(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8),
+            torch.empty(out_features, num_groups(group_size, in_features)),
+            torch.empty(2 ** bits), bits, group_size, in_features, out_features)
+        g = num_groups(group_size, in_features)
+        self.register_buffer("qcodes", torch.zeros(out_features, packed_row_bytes(in_features, bits),
+                                                   dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, g, dtype=dtype, device=device))
+        self.register_buffer("offsets", torch.zeros(out_features, g, dtype=dtype, device=device)
+                             if offsets else None)
+        self.register_buffer("table", torch.zeros(2 ** bits, dtype=torch.float32, device=device))
+        self.register_buffer("qmeta", torch.tensor([FORMAT_VERSION, bits, group_size, in_features,
+                                                    out_features], dtype=torch.int32, device=device))
+        self.register_buffer("qweight", None, persistent=False)
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                  requires_grad=False) if bias else None)
+        self.register_load_state_dict_post_hook(QuantLinear._after_load)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Wrap a :class:`~flute.format.QuantizedWeight` (and an optional bias) as a module."""
+        m = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, bias is not None,
+                qw.offsets is not None, qw.scales.dtype, device="meta", codebook=qw.codebook)
+        m.qcodes = qw.qcodes
+        m.scales = qw.scales
+        m.offsets = qw.offsets
+        m.table = qw.table.to(device=qw.qcodes.device, dtype=torch.float32)
+        m.qmeta = qw.qmeta().to(qw.qcodes.device)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().to(qw.scales.dtype), requires_grad=False)
+        m.prepare()
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64, **quantize_kwargs
+                    ) -> "QuantLinear":
+        """Quantize an ``nn.Linear``; ``quantize_kwargs`` go to :func:`flute.quantize_weight`
+        (``codebook``, ``scale_method``, ``offsets``, ``learned_table``, ...)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        qw = quantize_weight(linear.weight.detach(), bits, group_size, **quantize_kwargs)
+        return cls.from_quantized(qw, linear.bias)
+
+    # -- the derived kernel layout --------------------------------------------------------------
+    def prepare(self) -> "QuantLinear":
+        """Build the kernel layout from ``qcodes`` (on their device) and release ``qcodes``."""
+        if self.qcodes.numel() == 0 and self.qweight is not None:
+            return self
+        if self.qcodes.is_meta:
+            raise RuntimeError("QuantLinear.prepare: the weights are still on the meta device; "
+                               "load a state dict first")
+        codes = unpack_codes(self.qcodes, self.bits, self.in_features)
+        self.qweight = to_kernel_layout(codes, self.bits)
+        self.qcodes = self.qcodes.new_empty(0)
+        return self
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The weight in the canonical format (regenerating the packed codes if released)."""
+        qcodes = self.qcodes
+        if qcodes.numel() == 0:
+            codes = from_kernel_layout(self.qweight, self.bits, self.in_features, self.out_features)
+            qcodes = pack_codes(codes, self.bits)
+        return QuantizedWeight(qcodes, self.scales, self.table.float(), self.bits, self.group_size,
+                               self.in_features, self.out_features, self.offsets, self.codebook)
+
+    # -- state dict: always the canonical format -----------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qcodes.numel() == 0 and self.qweight is not None:
+            destination[prefix + "qcodes"] = self.quantized_weight().qcodes
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "qmeta"
+        if key in state_dict:
+            meta = parse_qmeta(state_dict[key], prefix)
+            mine = (self.bits, self.group_size, self.in_features, self.out_features)
+            theirs = (meta["bits"], meta["group_size"], meta["in_features"], meta["out_features"])
+            if mine != theirs:
+                raise ValueError(f"{prefix}: checkpoint holds a {theirs[3]}x{theirs[2]} {theirs[0]}-bit "
+                                 f"weight with group size {theirs[1]}, but this QuantLinear is "
+                                 f"{mine[3]}x{mine[2]} {mine[0]}-bit with group size {mine[1]}")
+        if self.qcodes.numel() == 0:  # released after prepare(): restore the slot to load into
+            self.qcodes = torch.empty(self.out_features, packed_row_bytes(self.in_features, self.bits),
+                                      dtype=torch.uint8, device=self.scales.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self.qweight = None
+
+    @staticmethod
+    def _after_load(module, incompatible_keys):
+        if not module.qcodes.is_meta:
+            module.prepare()
+
+    # -- compute -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is None:
+            self.prepare()
+        compute = x.dtype
+        if x.is_cuda and x.dtype != self.scales.dtype:
+            compute = self.scales.dtype  # the kernel runs in the dtype of the stored scales
+        y = torch.ops.flute.qgemm(x.to(compute), self.qweight, self.scales, self.offsets, self.table,
+                                  self.bits, self.group_size, self.in_features, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The reconstructed weight ``[out_features, in_features]`` in the scales' dtype."""
+        if self.qweight is None:
+            self.prepare()
+        return torch.ops.flute.dequantize(self.qweight, self.scales, self.offsets, self.table,
+                                          self.bits, self.group_size, self.in_features,
+                                          self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, codebook={self.codebook}, "
+                f"offsets={self.offsets is not None}, bias={self.bias is not None}, "
+                f"dtype={self.scales.dtype}")

@@ -1,0 +1,150 @@
+"""The ``torch.ops.flute`` operators, registered with ``torch.library``.
+
+``flute::qgemm(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features)``
+    ``y = x @ W.T`` with ``W[n, k] = table[q[n, k]] * scales[n, k // G] (+ offsets[n, k // G])``.
+    ``x`` is ``[..., in_features]``, ``y`` is ``[..., out_features]`` in ``x``'s dtype.
+``flute::dequantize(qweight, scales, offsets, table, bits, group_size, in_features, out_features)``
+    ``W`` itself, ``[out_features, in_features]`` in ``scales``' dtype.
+
+``qweight`` is the int32 kernel layout of :mod:`flute.layout`, ``table`` ``[2**bits]`` (float32
+in checkpoints; any float dtype is accepted),
+``scales``/``offsets`` ``[out_features, ceil(in_features / G)]``; ``group_size`` -1 means one group
+per row. The same arguments serve every backend:
+
+- CPU: dequantize a block of rows in float32, multiply, next block (memory stays bounded).
+- CUDA: the fused kernel from ``flute._C`` when it is built; otherwise the CPU code runs on the
+  GPU tensors (correct, not fast).
+- Meta / fake: shape and dtype only, for ``torch.compile`` and vLLM.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .codebooks import SUPPORTED_BITS
+from .format import dequantize_codes, num_groups
+from .layout import from_kernel_layout, kernel_layout_shape
+
+QGEMM_SCHEMA = ("qgemm(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, Tensor table, "
+                "int bits, int group_size, int in_features, int out_features) -> Tensor")
+DEQUANTIZE_SCHEMA = ("dequantize(Tensor qweight, Tensor scales, Tensor? offsets, Tensor table, "
+                     "int bits, int group_size, int in_features, int out_features) -> Tensor")
+
+_lib = torch.library.Library("flute", "DEF")
+_lib.define(QGEMM_SCHEMA)
+_lib.define(DEQUANTIZE_SCHEMA)
+
+# Rows of W dequantized at once by the reference path: 4M float32 elements (16 MB) per block.
+_REFERENCE_BLOCK_ELEMENTS = 1 << 22
+
+
+def check_weight_args(qweight, scales, offsets, table, bits, group_size, in_features, out_features):
+    """Validate the quantized-weight arguments; every error names the argument and what was expected."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"flute: bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size != -1 and group_size < 1:
+        raise ValueError(f"flute: group_size must be positive or -1, got {group_size}")
+    if in_features < 1 or out_features < 1:
+        raise ValueError(f"flute: in_features and out_features must be positive, got "
+                         f"{in_features} and {out_features}")
+    want = kernel_layout_shape(bits, in_features, out_features)
+    if qweight.dtype != torch.int32 or tuple(qweight.shape) != tuple(want):
+        raise ValueError(f"flute: qweight must be int32 of shape {tuple(want)} (the kernel layout of a "
+                         f"{out_features}x{in_features} {bits}-bit weight), got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    g = (out_features, num_groups(group_size, in_features))
+    if not scales.is_floating_point() or tuple(scales.shape) != g:
+        raise ValueError(f"flute: scales must be floating point of shape {g}, got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
+    if offsets is not None and (tuple(offsets.shape) != g or offsets.dtype != scales.dtype):
+        raise ValueError(f"flute: offsets must have the shape and dtype of scales ({g}, "
+                         f"{scales.dtype}), got {offsets.dtype} {tuple(offsets.shape)}")
+    if not table.is_floating_point() or table.numel() != 2 ** bits:
+        raise ValueError(f"flute: table must be floating point with {2 ** bits} entries for "
+                         f"bits={bits}, got {table.dtype} with {table.numel()}")
+    tensors = [qweight, scales, table] + ([offsets] if offsets is not None else [])
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"flute: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features):
+    check_weight_args(qweight, scales, offsets, table, bits, group_size, in_features, out_features)
+    if not x.is_floating_point():
+        raise ValueError(f"flute: x must be floating point, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"flute: x must have last dimension in_features={in_features}, got shape "
+                         f"{tuple(x.shape)}")
+    if x.device != qweight.device:
+        raise ValueError(f"flute: x is on {x.device} but the weight is on {qweight.device}")
+
+
+def qgemm_reference(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features):
+    """The reference implementation (CPU, or any device): float32 weights, one block of rows at a time."""
+    check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x2 = x.reshape(-1, in_features).to(compute)
+    codes = from_kernel_layout(qweight, bits, in_features, out_features)
+    out = torch.empty(x2.shape[0], out_features, dtype=compute, device=x.device)
+    block = max(1, _REFERENCE_BLOCK_ELEMENTS // in_features)
+    for n0 in range(0, out_features, block):
+        n1 = min(out_features, n0 + block)
+        w = dequantize_codes(codes[n0:n1], scales[n0:n1],
+                             None if offsets is None else offsets[n0:n1], table, group_size, compute)
+        torch.matmul(x2, w.t(), out=out[:, n0:n1])
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+def dequantize_reference(qweight, scales, offsets, table, bits, group_size, in_features, out_features):
+    check_weight_args(qweight, scales, offsets, table, bits, group_size, in_features, out_features)
+    codes = from_kernel_layout(qweight, bits, in_features, out_features)
+    return dequantize_codes(codes, scales, offsets, table, group_size).to(scales.dtype)
+
+
+def _qgemm_fake(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features):
+    check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features)
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _dequantize_fake(qweight, scales, offsets, table, bits, group_size, in_features, out_features):
+    check_weight_args(qweight, scales, offsets, table, bits, group_size, in_features, out_features)
+    return scales.new_empty(out_features, in_features)
+
+
+_lib.impl("qgemm", qgemm_reference, "CPU")
+_lib.impl("dequantize", dequantize_reference, "CPU")
+torch.library.register_fake("flute::qgemm", lib=_lib)(_qgemm_fake)
+torch.library.register_fake("flute::dequantize", lib=_lib)(_dequantize_fake)
+
+
+def _load_cuda_extension() -> bool:
+    """Import ``flute._C`` (which registers the CUDA kernels); False when it was not built."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAS_CUDA_KERNEL = _load_cuda_extension()
+if not HAS_CUDA_KERNEL:
+    # Without the extension, CUDA tensors still work: the reference runs on the GPU.
+    _lib.impl("qgemm", qgemm_reference, "CUDA")
+    _lib.impl("dequantize", dequantize_reference, "CUDA")
+
+
+def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: Optional[torch.Tensor],
+          table: torch.Tensor, bits: int, group_size: int, in_features: int,
+          out_features: int) -> torch.Tensor:
+    """``torch.ops.flute.qgemm``: ``x @ W.T`` for a quantized weight (see the module docstring)."""
+    return torch.ops.flute.qgemm(x, qweight, scales, offsets, table, bits, group_size, in_features,
+                                 out_features)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: Optional[torch.Tensor],
+               table: torch.Tensor, bits: int, group_size: int, in_features: int,
+               out_features: int) -> torch.Tensor:
+    """``torch.ops.flute.dequantize``: the weight ``[out_features, in_features]`` in scales' dtype."""
+    return torch.ops.flute.dequantize(qweight, scales, offsets, table, bits, group_size, in_features,
+                                      out_features)

@@ -1,0 +1,224 @@
+"""Group-wise quantizers onto a lookup table: round-to-nearest, MSE-searched scales, learned tables.
+
+Everything is computed in float32 on the weight's own device, a chunk of rows at a time, so that
+a 28672 x 8192 matrix quantizes with bounded extra memory. Codes are chosen against the scale as
+it will be *stored* (rounded to the scale dtype), so what is saved is what was optimized.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .codebooks import check_bits, get_table, nf_table
+from .format import QuantizedWeight, effective_group_size, pack_codes
+
+SCALE_METHODS = ("absmax", "mse", "absmean")
+
+# Candidate clipping ratios for the MSE scale search: the scale from absmax times r. 1.0 is
+# always a candidate, so the search can only lower the error against absmax.
+MSE_RATIOS = tuple(1.0 - 0.025 * i for i in range(20))  # 1.0 .. 0.525
+
+LLOYD_ROUNDS = 2       # outer rounds: fit scales, then refit the table to the normalized weights
+LLOYD_ITERATIONS = 8   # k-means steps per round; the table barely moves after this on LLM weights
+
+
+def _chunk_rows(n: int, k: int, budget_elements: int = 1 << 21) -> int:
+    """Rows per chunk so that one float32 temporary of the chunk stays near 8 MB."""
+    return max(1, min(n, budget_elements // max(k, 1)))
+
+
+def nearest_codes(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest table entry for every element of ``u`` (ties go to the lower value)."""
+    sorted_t, order = torch.sort(table.to(u.device, torch.float32))
+    mids = (sorted_t[1:] + sorted_t[:-1]) * 0.5
+    return order[torch.bucketize(u, mids)]
+
+
+class _Groups:
+    """A chunk of rows viewed as ``[rows, groups, G]`` with a mask for the short last group."""
+
+    def __init__(self, w: torch.Tensor, group: int):
+        n, k = w.shape
+        self.k, self.group = k, group
+        self.ng = math.ceil(k / group)
+        pad = self.ng * group - k
+        self.w = torch.nn.functional.pad(w.float(), (0, pad)).view(n, self.ng, group)
+        self.valid = None
+        if pad:
+            self.valid = (torch.arange(self.ng * group, device=w.device) < k).view(self.ng, group)
+
+    def masked(self, x: torch.Tensor, fill: float) -> torch.Tensor:
+        return x if self.valid is None else x.masked_fill(~self.valid, fill)
+
+    def count(self) -> torch.Tensor:
+        if self.valid is None:
+            return torch.full((self.ng,), float(self.group), device=self.w.device)
+        return self.valid.sum(-1).float()
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        """``[rows, groups, G]`` back to ``[rows, K]``."""
+        return x.reshape(x.shape[0], -1)[:, : self.k]
+
+
+def _initial_scales(g: _Groups, table: torch.Tensor, method: str, with_offsets: bool):
+    """Scale (and offset) per group that maps the group's range onto the table's range."""
+    tmax, tmin = table.max().item(), table.min().item()
+    if method == "absmean":
+        s = g.masked(g.w.abs(), 0.0).sum(-1) / g.count()
+        s = s / tmax  # a weight of one mean magnitude lands on the largest positive entry
+        return s, None
+    wmax = g.masked(g.w, -math.inf).amax(-1)
+    wmin = g.masked(g.w, math.inf).amin(-1)
+    if with_offsets:
+        s = (wmax - wmin) / (tmax - tmin)
+        return s, wmin - tmin * s
+    # The smallest scale that covers both signs; equals absmax / max|t| for symmetric tables.
+    return torch.maximum(wmax / tmax, wmin / tmin), None
+
+
+def _encode(g: _Groups, table: torch.Tensor, s: torch.Tensor, o: Optional[torch.Tensor],
+            scale_dtype: torch.dtype):
+    """Round scales/offsets to their stored dtype, then pick codes; returns (codes, s, o, err)."""
+    s = s.to(scale_dtype).float()
+    s = torch.where(s == 0, torch.ones_like(s), s)  # an all-equal group: any scale reproduces it
+    if o is not None:
+        o = o.to(scale_dtype).float()
+        u = (g.w - o.unsqueeze(-1)) / s.unsqueeze(-1)
+    else:
+        u = g.w / s.unsqueeze(-1)
+    codes = nearest_codes(u, table)
+    deq = table.to(g.w.device)[codes] * s.unsqueeze(-1)
+    if o is not None:
+        deq = deq + o.unsqueeze(-1)
+    err = g.masked((deq - g.w).square(), 0.0).sum(-1)
+    return codes, s, o, err
+
+
+def _quantize_chunk(w: torch.Tensor, table: torch.Tensor, group: int, method: str,
+                    with_offsets: bool, scale_dtype: torch.dtype):
+    g = _Groups(w, group)
+    s0, o0 = _initial_scales(g, table, method, with_offsets)
+    codes, s, o, err = _encode(g, table, s0, o0, scale_dtype)
+    if method == "mse":
+        mid = (table.max() + table.min()).item() * 0.5
+        for r in MSE_RATIOS[1:]:
+            if with_offsets:
+                # shrink the range about its centre, which stays where it was
+                s_r = s0 * r
+                o_r = o0 + (s0 - s_r) * mid
+            else:
+                s_r, o_r = s0 * r, None
+            c_r, s_r, o_r, e_r = _encode(g, table, s_r, o_r, scale_dtype)
+            better = e_r < err
+            codes = torch.where(better.unsqueeze(-1), c_r, codes)
+            s = torch.where(better, s_r, s)
+            if with_offsets:
+                o = torch.where(better, o_r, o)
+            err = torch.minimum(e_r, err)
+    return g.flat(codes), s, o, err.sum()
+
+
+def learn_table(weight: torch.Tensor, bits: int, group_size: int, init=None,
+                rounds: int = LLOYD_ROUNDS, iterations: int = LLOYD_ITERATIONS,
+                importance: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fit one table of 2**bits values to a weight matrix by weighted Lloyd (k-means), deterministically.
+
+    Each round fits absmax scales for the current table, normalizes the weights by them and runs
+    k-means in the normalized domain, each element weighted by ``scale**2`` (its error counts in the
+    weight domain) times ``importance[k]`` if given (per input column, e.g. activation second
+    moments). Starts from NormalFloat (or ``init``); an entry that loses all its members stays put.
+    """
+    check_bits(bits)
+    table = (nf_table(bits) if init is None else get_table(init, bits)).to(weight.device)
+    n, k = weight.shape
+    group = effective_group_size(group_size, k)
+    rows = _chunk_rows(n, k)
+    imp = None if importance is None else importance.to(weight.device, torch.float32).flatten()
+    for _ in range(rounds):
+        scale_chunks = []
+        for r0 in range(0, n, rows):
+            g = _Groups(weight[r0:r0 + rows], group)
+            s, _ = _initial_scales(g, table, "absmax", False)
+            scale_chunks.append(torch.where(s == 0, torch.ones_like(s), s))
+        for _ in range(iterations):
+            num = torch.zeros(2 ** bits, dtype=torch.float64, device=weight.device)
+            den = torch.zeros(2 ** bits, dtype=torch.float64, device=weight.device)
+            for i, r0 in enumerate(range(0, n, rows)):
+                g = _Groups(weight[r0:r0 + rows], group)
+                s = scale_chunks[i].unsqueeze(-1)
+                u = g.w / s
+                lam = g.masked((s * s).expand_as(u), 0.0)
+                if imp is not None:
+                    lam = lam * torch.nn.functional.pad(imp, (0, g.ng * group - k)).view(g.ng, group)
+                codes = nearest_codes(u, table).flatten()
+                num.index_add_(0, codes, (lam * u).flatten().double())
+                den.index_add_(0, codes, lam.flatten().double())
+            table = torch.where(den > 0, num / den.clamp_min(1e-300), table.double()).float()
+        table, _ = torch.sort(table)
+    return table.cpu()
+
+
+def quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 64, codebook="nf",
+                    scale_method: Optional[str] = None, offsets: bool = False,
+                    learned_table: bool = False, scale_dtype: Optional[torch.dtype] = None,
+                    importance: Optional[torch.Tensor] = None) -> QuantizedWeight:
+    """Quantize a ``[out_features, in_features]`` weight group-wise onto a table.
+
+    Args:
+        weight: the float weight (any float dtype, CPU or GPU; the work happens on its device).
+        bits: 2, 3 or 4.
+        group_size: 32, 64, 128, 256 (any positive int works) or -1 for one group per row. When it
+            does not divide ``in_features`` the last group of each row is shorter.
+        codebook: ``"nf"``, ``"int"``, ``"fp4"``, ``"ternary"`` or a tensor of 2**bits values.
+        scale_method: ``"absmax"`` (default; ``"absmean"`` for ternary), ``"mse"`` (search over
+            clipping ratios for the scale with least squared error per group) or ``"absmean"``.
+        offsets: store one offset per group too and map each group's [min, max] onto the table's
+            range (asymmetric; exact for GPTQ/AWQ zero points and GGUF Q4_1 on the ``int`` table).
+        learned_table: fit the table to this matrix with :func:`learn_table`, starting from
+            ``codebook`` if it is NormalFloat-like, then quantize with it.
+        scale_dtype: dtype of the stored scales/offsets; defaults to the weight's dtype.
+        importance: optional per-input-column weights for the learned table (activation-aware).
+
+    Returns:
+        A :class:`QuantizedWeight` in the canonical format, on the weight's device.
+    """
+    check_bits(bits)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError("weight must be a 2-D floating-point tensor [out_features, in_features], got "
+                         f"{type(weight).__name__} {getattr(weight, 'dtype', '')} "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight holds NaN or Inf values; refusing to quantize")
+    if scale_method is None:
+        scale_method = "absmean" if codebook == "ternary" else "absmax"
+    if scale_method not in SCALE_METHODS:
+        raise ValueError(f"scale_method must be one of {SCALE_METHODS}, got {scale_method!r}")
+    if offsets and scale_method == "absmean":
+        raise ValueError("scale_method='absmean' does not combine with offsets")
+    n, k = weight.shape
+    group = effective_group_size(group_size, k)
+    name = codebook if isinstance(codebook, str) else "custom"
+    if learned_table:
+        table = learn_table(weight, bits, group_size, init=codebook if name == "nf" else None,
+                            importance=importance)
+        name = "learned"
+    else:
+        table = get_table(codebook, bits)
+    scale_dtype = scale_dtype or weight.dtype
+    dev_table = table.to(weight.device)
+    ng = math.ceil(k / group)
+    qcodes, scales = [], torch.empty(n, ng, dtype=scale_dtype, device=weight.device)
+    offs = torch.empty_like(scales) if offsets else None
+    rows = _chunk_rows(n, k)
+    for r0 in range(0, n, rows):
+        codes, s, o, _ = _quantize_chunk(weight[r0:r0 + rows], dev_table, group, scale_method,
+                                         offsets, scale_dtype)
+        qcodes.append(pack_codes(codes, bits))
+        scales[r0:r0 + rows] = s.to(scale_dtype)
+        if offsets:
+            offs[r0:r0 + rows] = o.to(scale_dtype)
+    return QuantizedWeight(qcodes=torch.cat(qcodes), scales=scales, table=table, bits=bits,
+                           group_size=group_size, in_features=k, out_features=n, offsets=offs,
+                           codebook=name)
