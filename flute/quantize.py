@@ -20,8 +20,12 @@ SCALE_METHODS = ("absmax", "mse", "absmean")
 # always a candidate, so the search can only lower the error against absmax.
 MSE_RATIOS = tuple(1.0 - 0.025 * i for i in range(20))  # 1.0 .. 0.525
 
-LLOYD_ROUNDS = 2       # outer rounds: fit scales, then refit the table to the normalized weights
-LLOYD_ITERATIONS = 8   # k-means steps per round; the table barely moves after this on LLM weights
+LLOYD_ITERATIONS = 10  # k-means steps; the table barely moves after this on LLM weights
+
+# A learned table lives in the domain of weights normalized by their group's absmax, [-1, 1]: its
+# scales map [min, max] of a group onto this range, not onto the (narrower) span of the table,
+# whose outer entries Lloyd pulls inward (that is the clipping it learned).
+LEARNED_RANGE = (-1.0, 1.0)
 
 
 def _chunk_rows(n: int, k: int, budget_elements: int = 1 << 21) -> int:
@@ -62,9 +66,11 @@ class _Groups:
         return x.reshape(x.shape[0], -1)[:, : self.k]
 
 
-def _initial_scales(g: _Groups, table: torch.Tensor, method: str, with_offsets: bool):
-    """Scale (and offset) per group that maps the group's range onto the table's range."""
-    tmax, tmin = table.max().item(), table.min().item()
+def _initial_scales(g: _Groups, table: torch.Tensor, method: str, with_offsets: bool,
+                    table_range=None):
+    """Scale (and offset) per group that maps the group's range onto the table's range
+    (or onto ``table_range`` = (low, high) when given)."""
+    tmin, tmax = table_range or (table.min().item(), table.max().item())
     if method == "absmean":
         s = g.masked(g.w.abs(), 0.0).sum(-1) / g.count()
         s = s / tmax  # a weight of one mean magnitude lands on the largest positive entry
@@ -97,12 +103,13 @@ def _encode(g: _Groups, table: torch.Tensor, s: torch.Tensor, o: Optional[torch.
 
 
 def _quantize_chunk(w: torch.Tensor, table: torch.Tensor, group: int, method: str,
-                    with_offsets: bool, scale_dtype: torch.dtype):
+                    with_offsets: bool, scale_dtype: torch.dtype, table_range=None):
     g = _Groups(w, group)
-    s0, o0 = _initial_scales(g, table, method, with_offsets)
+    s0, o0 = _initial_scales(g, table, method, with_offsets, table_range)
     codes, s, o, err = _encode(g, table, s0, o0, scale_dtype)
     if method == "mse":
-        mid = (table.max() + table.min()).item() * 0.5
+        low, high = table_range or (table.min().item(), table.max().item())
+        mid = (low + high) * 0.5
         for r in MSE_RATIOS[1:]:
             if with_offsets:
                 # shrink the range about its centre, which stays where it was
@@ -121,14 +128,14 @@ def _quantize_chunk(w: torch.Tensor, table: torch.Tensor, group: int, method: st
 
 
 def learn_table(weight: torch.Tensor, bits: int, group_size: int, init=None,
-                rounds: int = LLOYD_ROUNDS, iterations: int = LLOYD_ITERATIONS,
+                iterations: int = LLOYD_ITERATIONS,
                 importance: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fit one table of 2**bits values to a weight matrix by weighted Lloyd (k-means), deterministically.
 
-    Each round fits absmax scales for the current table, normalizes the weights by them and runs
-    k-means in the normalized domain, each element weighted by ``scale**2`` (its error counts in the
-    weight domain) times ``importance[k]`` if given (per input column, e.g. activation second
-    moments). Starts from NormalFloat (or ``init``); an entry that loses all its members stays put.
+    The weights are normalized by their group's absmax (onto :data:`LEARNED_RANGE`) and k-means
+    runs in that domain, each element weighted by ``absmax**2`` (its error counts in the weight
+    domain) times ``importance[k]`` if given (per input column, e.g. activation second moments).
+    Starts from NormalFloat (or ``init``); an entry that loses all its members stays put.
     """
     check_bits(bits)
     table = (nf_table(bits) if init is None else get_table(init, bits)).to(weight.device)
@@ -136,28 +143,26 @@ def learn_table(weight: torch.Tensor, bits: int, group_size: int, init=None,
     group = effective_group_size(group_size, k)
     rows = _chunk_rows(n, k)
     imp = None if importance is None else importance.to(weight.device, torch.float32).flatten()
-    for _ in range(rounds):
-        scale_chunks = []
-        for r0 in range(0, n, rows):
+    scale_chunks = []
+    for r0 in range(0, n, rows):
+        g = _Groups(weight[r0:r0 + rows], group)
+        s, _ = _initial_scales(g, table, "absmax", False, LEARNED_RANGE)
+        scale_chunks.append(torch.where(s == 0, torch.ones_like(s), s))
+    for _ in range(iterations):
+        num = torch.zeros(2 ** bits, dtype=torch.float64, device=weight.device)
+        den = torch.zeros(2 ** bits, dtype=torch.float64, device=weight.device)
+        for i, r0 in enumerate(range(0, n, rows)):
             g = _Groups(weight[r0:r0 + rows], group)
-            s, _ = _initial_scales(g, table, "absmax", False)
-            scale_chunks.append(torch.where(s == 0, torch.ones_like(s), s))
-        for _ in range(iterations):
-            num = torch.zeros(2 ** bits, dtype=torch.float64, device=weight.device)
-            den = torch.zeros(2 ** bits, dtype=torch.float64, device=weight.device)
-            for i, r0 in enumerate(range(0, n, rows)):
-                g = _Groups(weight[r0:r0 + rows], group)
-                s = scale_chunks[i].unsqueeze(-1)
-                u = g.w / s
-                lam = g.masked((s * s).expand_as(u), 0.0)
-                if imp is not None:
-                    lam = lam * torch.nn.functional.pad(imp, (0, g.ng * group - k)).view(g.ng, group)
-                codes = nearest_codes(u, table).flatten()
-                num.index_add_(0, codes, (lam * u).flatten().double())
-                den.index_add_(0, codes, lam.flatten().double())
-            table = torch.where(den > 0, num / den.clamp_min(1e-300), table.double()).float()
-        table, _ = torch.sort(table)
-    return table.cpu()
+            s = scale_chunks[i].unsqueeze(-1)
+            u = g.w / s
+            lam = g.masked((s * s).expand_as(u), 0.0)
+            if imp is not None:
+                lam = lam * torch.nn.functional.pad(imp, (0, g.ng * group - k)).view(g.ng, group)
+            codes = nearest_codes(u, table).flatten()
+            num.index_add_(0, codes, (lam * u).flatten().double())
+            den.index_add_(0, codes, lam.flatten().double())
+        table = torch.where(den > 0, num / den.clamp_min(1e-300), table.double()).float()
+    return torch.sort(table)[0].cpu()
 
 
 def quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 64, codebook="nf",
@@ -208,13 +213,14 @@ def quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 64, c
         table = get_table(codebook, bits)
     scale_dtype = scale_dtype or weight.dtype
     dev_table = table.to(weight.device)
+    table_range = LEARNED_RANGE if learned_table else None
     ng = math.ceil(k / group)
     qcodes, scales = [], torch.empty(n, ng, dtype=scale_dtype, device=weight.device)
     offs = torch.empty_like(scales) if offsets else None
     rows = _chunk_rows(n, k)
     for r0 in range(0, n, rows):
         codes, s, o, _ = _quantize_chunk(weight[r0:r0 + rows], dev_table, group, scale_method,
-                                         offsets, scale_dtype)
+                                         offsets, scale_dtype, table_range)
         qcodes.append(pack_codes(codes, bits))
         scales[r0:r0 + rows] = s.to(scale_dtype)
         if offsets:
