@@ -34,10 +34,17 @@ def _chunk_rows(n: int, k: int, budget_elements: int = 1 << 21) -> int:
 
 
 def nearest_codes(u: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest table entry for every element of ``u`` (ties go to the lower value)."""
-    sorted_t, order = torch.sort(table.to(u.device, torch.float32))
-    mids = (sorted_t[1:] + sorted_t[:-1]) * 0.5
-    return order[torch.bucketize(u, mids)]
+    """Index of the nearest table entry for every element of ``u``.
+
+    Ties go to the lower value; a value that appears more than once in the table (the spare zero
+    of the ternary table) is always encoded by its first index.
+    """
+    t = table.to(u.device, torch.float32)
+    values, inverse = torch.unique(t, sorted=True, return_inverse=True)
+    first = torch.full((values.numel(),), t.numel(), dtype=torch.long, device=u.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(t.numel(), device=u.device), "amin")
+    mids = (values[1:] + values[:-1]) * 0.5
+    return first[torch.bucketize(u, mids)]
 
 
 class _Groups:

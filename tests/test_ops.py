@@ -1,0 +1,106 @@
+"""The flute op on CPU against a float64 reference built from the canonical codes."""
+import pytest
+import torch
+
+import flute  # noqa: F401  (registers the op)
+from flute.format import dequantize_codes, num_groups
+from flute.layout import from_kernel_layout, kernel_layout_shape, to_kernel_layout
+
+SHAPES = [(192, 576), (1000, 1536), (576, 13824)]  # (N, K): odd sizes on purpose
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def random_weight(n, k, bits, group, rng, offsets=False, dtype=torch.float32):
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=rng, dtype=torch.uint8)
+    g = num_groups(group, k)
+    scales = (torch.rand(n, g, generator=rng) + 0.5).to(dtype)
+    offs = (torch.randn(n, g, generator=rng) * 0.1).to(dtype) if offsets else None
+    table = torch.sort(torch.randn(2 ** bits, generator=rng))[0]
+    return codes, scales, offs, table
+
+
+def reference(x, codes, scales, offs, table, group):
+    w = dequantize_codes(codes, scales, offs, table, group, torch.float64)
+    return x.double() @ w.t()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_qgemm_matches_float64_reference(n, k, bits, group, dtype, rng):
+    codes, scales, offs, table = random_weight(n, k, bits, group, rng, offsets=(bits == 3), dtype=dtype)
+    x = torch.randn(3, k, generator=rng).to(dtype)
+    y = torch.ops.flute.qgemm(x, to_kernel_layout(codes, bits), scales, offs, table, bits, group, k, n)
+    assert y.dtype == dtype and y.shape == (3, n)
+    ref = reference(x, codes, scales, offs, table, group)
+    err = (y.double() - ref).norm() / ref.norm()
+    assert err < TOLERANCE[dtype], err.item()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 9), (192, 576), (33, 1000), (1000, 40)])
+def test_kernel_layout_round_trip(n, k, bits, rng):
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=rng, dtype=torch.uint8)
+    qweight = to_kernel_layout(codes, bits)
+    assert qweight.dtype == torch.int32
+    assert torch.equal(from_kernel_layout(qweight, bits, k, n), codes)
+
+
+def test_dequantize_op_and_leading_dims(rng):
+    n, k, bits, group = 64, 200, 4, 64
+    codes, scales, offs, table = random_weight(n, k, bits, group, rng, offsets=True)
+    qweight = to_kernel_layout(codes, bits)
+    w = torch.ops.flute.dequantize(qweight, scales, offs, table, bits, group, k, n)
+    assert torch.allclose(w.double(), dequantize_codes(codes, scales, offs, table, group, torch.float64))
+    x = torch.randn(2, 3, 5, k, generator=rng)
+    y = torch.ops.flute.qgemm(x, qweight, scales, offs, table, bits, group, k, n)
+    assert y.shape == (2, 3, 5, n)
+    assert torch.allclose(y, x @ w.t(), atol=1e-4, rtol=1e-4)
+
+
+def test_opcheck(rng):
+    n, k, bits, group = 48, 96, 3, 32
+    codes, scales, offs, table = random_weight(n, k, bits, group, rng, offsets=True)
+    args = (torch.randn(4, k, generator=rng), to_kernel_layout(codes, bits), scales, offs, table,
+            bits, group, k, n)
+    torch.library.opcheck(torch.ops.flute.qgemm, args)
+    torch.library.opcheck(torch.ops.flute.dequantize, args[1:])
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(5, 7, 96, dtype=torch.bfloat16)
+        q = torch.empty(kernel_layout_shape(4, 96, 40), dtype=torch.int32)
+        y = torch.ops.flute.qgemm(x, q, torch.empty(40, 2, dtype=torch.bfloat16), None,
+                                  torch.empty(16), 4, 64, 96, 40)
+        assert y.shape == (5, 7, 40) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("change,msg", [
+    (dict(bits=5), "bits must be one of"),
+    (dict(group_size=0), "group_size"),
+    (dict(qweight="int64"), "qweight must be int32"),
+    (dict(scales="short"), "scales must be floating point of shape"),
+    (dict(offsets="wrong_dtype"), "offsets must have the shape and dtype of scales"),
+    (dict(table="short"), "table must be floating point with 16 entries"),
+    (dict(x="wrong_k"), "last dimension in_features=128"),
+    (dict(x="int"), "x must be floating point"),
+])
+def test_bad_arguments_are_named(change, msg, rng):
+    n, k, bits, group = 32, 128, 4, 64
+    codes, scales, offs, table = random_weight(n, k, bits, group, rng, offsets=True)
+    a = dict(x=torch.randn(2, k), qweight=to_kernel_layout(codes, bits), scales=scales, offsets=offs,
+             table=table, bits=bits, group_size=group, in_features=k, out_features=n)
+    fix = {"int64": lambda: a["qweight"].long(), "short": lambda: None, "wrong_dtype": lambda: offs.half(),
+           "wrong_k": lambda: torch.randn(2, k + 1), "int": lambda: torch.ones(2, k, dtype=torch.int32)}
+    for key, value in change.items():
+        if value == "short":
+            a[key] = a[key][..., :-1]
+        elif isinstance(value, str):
+            a[key] = fix[value]()
+        else:
+            a[key] = value
+    with pytest.raises((ValueError, RuntimeError), match=msg):
+        torch.ops.flute.qgemm(*a.values())
