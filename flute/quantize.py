@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .codebooks import check_bits, get_table, nf_table
-from .format import QuantizedWeight, effective_group_size, pack_codes
+from .format import QuantizedWeight, effective_group_size, pack_codes, packed_row_bytes
 
 SCALE_METHODS = ("absmax", "mse", "absmean")
 
@@ -201,8 +201,6 @@ def quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 64, c
         raise ValueError("weight must be a 2-D floating-point tensor [out_features, in_features], got "
                          f"{type(weight).__name__} {getattr(weight, 'dtype', '')} "
                          f"{tuple(getattr(weight, 'shape', ()))}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight holds NaN or Inf values; refusing to quantize")
     if scale_method is None:
         scale_method = "absmean" if codebook == "ternary" else "absmax"
     if scale_method not in SCALE_METHODS:
@@ -222,16 +220,21 @@ def quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 64, c
     dev_table = table.to(weight.device)
     table_range = LEARNED_RANGE if learned_table else None
     ng = math.ceil(k / group)
-    qcodes, scales = [], torch.empty(n, ng, dtype=scale_dtype, device=weight.device)
+    qcodes = torch.empty(n, packed_row_bytes(k, bits), dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(n, ng, dtype=scale_dtype, device=weight.device)
     offs = torch.empty_like(scales) if offsets else None
     rows = _chunk_rows(n, k)
     for r0 in range(0, n, rows):
-        codes, s, o, _ = _quantize_chunk(weight[r0:r0 + rows], dev_table, group, scale_method,
-                                         offsets, scale_dtype, table_range)
-        qcodes.append(pack_codes(codes, bits))
+        chunk = weight[r0:r0 + rows]
+        if not torch.isfinite(chunk).all():
+            raise ValueError(f"weight holds NaN or Inf values (in rows {r0}..{r0 + len(chunk) - 1}); "
+                             "refusing to quantize")
+        codes, s, o, _ = _quantize_chunk(chunk, dev_table, group, scale_method, offsets,
+                                         scale_dtype, table_range)
+        qcodes[r0:r0 + rows] = pack_codes(codes, bits)
         scales[r0:r0 + rows] = s.to(scale_dtype)
         if offsets:
             offs[r0:r0 + rows] = o.to(scale_dtype)
-    return QuantizedWeight(qcodes=torch.cat(qcodes), scales=scales, table=table, bits=bits,
+    return QuantizedWeight(qcodes=qcodes, scales=scales, table=table, bits=bits,
                            group_size=group_size, in_features=k, out_features=n, offsets=offs,
                            codebook=name)
