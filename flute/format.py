@@ -206,9 +206,16 @@ def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: Optional[torch.Tensor],
                      table: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``table[codes] * scales[:, k // G] (+ offsets)`` computed in ``dtype`` (float32 by default)."""
-    k = codes.shape[1]
-    gi = group_index(k, group_size, codes.device)
+    n, k = codes.shape
+    g = effective_group_size(group_size, k)
+    ng = scales.shape[1]
     w = table.to(device=codes.device, dtype=dtype)[codes.long()]
+    if k == ng * g:  # whole groups: broadcast each scale over its group, no per-column gather
+        w = w.view(n, ng, g) * scales.to(dtype).unsqueeze(-1)
+        if offsets is not None:
+            w = w + offsets.to(dtype).unsqueeze(-1)
+        return w.view(n, k)
+    gi = group_index(k, group_size, codes.device)
     w = w * scales.to(dtype)[:, gi]
     if offsets is not None:
         w = w + offsets.to(dtype)[:, gi]
