@@ -1,0 +1,65 @@
+// Plain C++ interface to the flute CUDA kernels: the torch binding (csrc/*.cpp) includes this and
+// nothing else from csrc/cuda, so kernel files never see torch headers and vice versa.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace flute {
+
+enum class DTypeId : int { kHalf = 0, kBFloat16 = 1 };
+
+// One qgemm problem: y[M, N] = x[M, K] @ W[N, K]^T.
+struct QGemmProblem {
+  int M, N, K;
+  int bits;            // 2, 3, 4
+  int group;           // effective group size (K when the op got -1)
+  int ngroups;         // ceil(K / group)
+  bool has_offsets;
+  DTypeId dtype;
+};
+
+// What qgemm_plan decided; pass it unchanged to qgemm_run.
+struct QGemmPlan {
+  enum Path : int { kFused = 0, kDequantMatmul = 1 };
+  Path path = kFused;
+  int m_tiles16 = 1;        // m16 tiles per CTA tile: 1, 2, 4 (batch tile of 16, 32, 64 rows)
+  int stages = 0;           // cp.async pipeline depth
+  int grid = 0;             // persistent CTAs
+  int smem_bytes = 0;       // dynamic shared memory per CTA
+  int m_tiles = 0, n_tiles = 0, k_tiles = 0;
+  size_t workspace_bytes = 0;  // fp32 partials, then `grid` int flags
+  size_t flags_offset = 0;     // byte offset of the flags in the workspace
+  const char* reason = "";     // why the dequantize + matmul path was chosen
+};
+
+// Above this many rows of x, dequantize into a scratch W and call cuBLAS (prefill): the fused
+// kernel re-dequantizes the weights for every 64-row tile, cuBLAS does not.
+constexpr int kFusedMaxM = 256;
+
+// Whether the fused kernel handles this group size: one group per row (any K), or a multiple of
+// 16 (so a k16 mma step never straddles two groups) that is at least 32 (at most 6 scale
+// elements per row and k-tile). Other group sizes go through the dequantize path.
+inline bool fused_supports_group(int group, int ngroups) {
+  return ngroups == 1 || (group % 16 == 0 && group >= 32);
+}
+
+// Choose the path and the tile configuration from (M, N, K, bits, group, the device's SM count and
+// shared memory). No tuning, no device synchronization. Returns cudaSuccess or a CUDA error.
+cudaError_t qgemm_plan(const QGemmProblem& prob, int device, QGemmPlan* plan);
+
+// Launch the fused kernel on `stream`. `workspace` holds plan.workspace_bytes bytes whose flag
+// region (plan.flags_offset, grid ints) is zero. x rows are `ldx` elements apart (ldx % 8 == 0,
+// 16-byte aligned; columns K..roundup(K, 8) zero), y is [M, N] contiguous.
+cudaError_t qgemm_run(const QGemmProblem& prob, const QGemmPlan& plan, const void* x, int ldx,
+                      const void* qweight, const void* scales, const void* offsets,
+                      const float* table, void* y, void* workspace, cudaStream_t stream);
+
+// W[N, K] (contiguous, dtype) from the kernel layout; any group size.
+cudaError_t dequant_run(int bits, DTypeId dtype, const void* qweight, const void* scales,
+                        const void* offsets, const float* table, void* w, int N, int K, int group,
+                        int ngroups, cudaStream_t stream);
+
+}  // namespace flute

@@ -1,0 +1,7 @@
+// 3-bit codes, bf16 activations: the fused GEMM for batch tiles of 16/32/64 rows, and the
+// dequantize kernel. One translation unit per (bits, dtype) keeps builds parallel and short.
+#include "flute_kernels.cuh"
+
+namespace flute {
+KernelSet kernels_b3_bf16() { return make_kernel_set<__nv_bfloat16, 3>(); }
+}  // namespace flute

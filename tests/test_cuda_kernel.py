@@ -1,0 +1,207 @@
+"""GPU tests of the CUDA kernels against the float64 CPU reference (skipped without a GPU).
+
+Fresh random data (never zeros), outputs poisoned where the kernel writes, every bits x group x
+dtype x offsets combination over a ladder of batch sizes and odd shapes; determinism across
+streams, CUDA-graph capture, torch.compile, and clear errors on bad inputs.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+
+import flute
+from flute.format import dequantize_codes, num_groups
+from flute.layout import to_kernel_layout
+
+pytestmark = pytest.mark.cuda
+
+DEV = "cuda"
+BITS = (2, 3, 4)
+GROUPS = (32, 64, 128, 256, -1)
+DTYPES = (torch.float16, torch.bfloat16)
+MS = (1, 2, 3, 7, 16, 17, 31, 33, 64, 65, 127, 128, 255, 512, 1024)
+SMALL_SHAPES = ((192, 576), (1000, 1536))       # (N, K)
+LARGE_SHAPES = ((4096, 14336), (28672, 8192))
+FULL = os.environ.get("FLUTE_FULL_MATRIX", "0") == "1"
+
+
+def have_kernel():
+    return torch.cuda.is_available() and flute.HAS_CUDA_KERNEL
+
+
+@pytest.fixture(autouse=True)
+def _need_kernel():
+    if not have_kernel():
+        pytest.skip("flute._C CUDA extension not built")
+
+
+def make(bits, n, k, group, dtype, offsets, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=g, dtype=torch.uint8)
+    ng = num_groups(group, k)
+    scales = ((torch.rand(n, ng, generator=g) + 0.5) / (k ** 0.5)).to(dtype)
+    offs = ((torch.rand(n, ng, generator=g) - 0.5) * 0.1 / (k ** 0.5)).to(dtype) if offsets else None
+    table = torch.randn(2 ** bits, generator=g)
+    return codes, scales, offs, table
+
+
+def reference(x, codes, scales, offs, table, group):
+    """float64 reference (computed on the GPU in float64 for speed; returned on CPU)."""
+    w = dequantize_codes(codes.to(DEV), scales.to(DEV), None if offs is None else offs.to(DEV),
+                         table.to(DEV), group, torch.float64)
+    return (x.to(DEV).double() @ w.t()).cpu()
+
+
+def run_qgemm(x, codes, scales, offs, table, bits, group):
+    n, k = codes.shape
+    q = to_kernel_layout(codes.to(DEV), bits)
+    return torch.ops.flute.qgemm(x, q, scales.to(DEV), None if offs is None else offs.to(DEV),
+                                 table.to(DEV), bits, group, k, n)
+
+
+def check_close(y, ref, dtype, k):
+    assert y.shape == ref.shape
+    y = y.double().cpu()
+    assert bool(torch.isfinite(y).all()), "NaN/Inf in output (unwritten or corrupted elements)"
+    # fp32 accumulation; the error is dominated by rounding of the weights/activations/output
+    eps = 2 ** -10 if dtype == torch.float16 else 2 ** -7
+    scale = ref.abs().mean() + 1e-6
+    err = (y - ref).abs()
+    assert float(err.max()) <= 8 * eps * float(ref.abs().max() + scale), float(err.max())
+    assert float(err.mean()) <= 2 * eps * float(scale), float(err.mean())
+
+
+def matrix():
+    shapes = SMALL_SHAPES
+    for bits, group, dtype, offsets in itertools.product(BITS, GROUPS, DTYPES, (False, True)):
+        ms = MS if FULL else (1, 3, 16, 17, 33, 65, 255, 512)
+        for (n, k) in shapes:
+            yield bits, group, dtype, offsets, n, k, ms
+
+
+@pytest.mark.parametrize("bits,group,dtype,offsets,n,k,ms", list(matrix()),
+                         ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, tuple) else "Ms")
+def test_qgemm_matches_reference(bits, group, dtype, offsets, n, k, ms):
+    codes, scales, offs, table = make(bits, n, k, group, dtype, offsets, seed=bits * 1000 + n)
+    for M in ms:
+        x = (torch.randn(M, k, generator=torch.Generator().manual_seed(M)) ).to(dtype)
+        y = run_qgemm(x.to(DEV), codes, scales, offs, table, bits, group)
+        torch.cuda.synchronize()
+        check_close(y, reference(x, codes, scales, offs, table, group), dtype, k)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n,k", LARGE_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qgemm_large_shapes(bits, n, k, dtype):
+    codes, scales, offs, table = make(bits, n, k, 128, dtype, False, seed=7)
+    for M in ((1, 16, 64, 300) if FULL or bits == 4 else (1, 33)):
+        x = torch.randn(M, k, generator=torch.Generator().manual_seed(M)).to(dtype)
+        y = run_qgemm(x.to(DEV), codes, scales, offs, table, bits, 128)
+        check_close(y, reference(x, codes, scales, None, table, 128), dtype, k)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offsets", (False, True))
+@pytest.mark.parametrize("group", (32, 128, -1, 40))
+def test_dequantize_bit_exact(bits, dtype, offsets, group):
+    n, k = 1000, 1536 if group != 40 else 1000
+    codes, scales, offs, table = make(bits, n, k, group, dtype, offsets, seed=3)
+    q = to_kernel_layout(codes, bits)
+    ref = torch.ops.flute.dequantize(q, scales, offs, table, bits, group, k, n)  # CPU reference
+    got = torch.ops.flute.dequantize(q.to(DEV), scales.to(DEV), None if offs is None else offs.to(DEV),
+                                     table.to(DEV), bits, group, k, n)
+    assert got.dtype == dtype
+    assert torch.equal(got.cpu(), ref)
+
+
+def test_leading_dims_and_odd_k():
+    bits, n, k = 4, 130, 1000  # K % 8 != 0 is padded by the binding; N odd tiles
+    codes, scales, _, table = make(bits, n, k, -1, torch.float16, False)
+    x = torch.randn(2, 3, k).to(torch.float16)
+    y = run_qgemm(x.to(DEV), codes, scales, None, table, bits, -1)
+    assert y.shape == (2, 3, n)
+    check_close(y.reshape(6, n), reference(x.reshape(6, k), codes, scales, None, table, -1),
+                torch.float16, k)
+    # a non-contiguous x
+    xt = torch.randn(k, 5).to(torch.float16).to(DEV).t()
+    y = run_qgemm(xt, codes, scales, None, table, bits, -1)
+    check_close(y, reference(xt.cpu(), codes, scales, None, table, -1), torch.float16, k)
+
+
+def test_unsupported_group_uses_dequant_path():
+    bits, n, k, group = 3, 96, 200, 24  # 24 % 16 != 0: dequantize + matmul
+    codes, scales, _, table = make(bits, n, k, group, torch.float16, False)
+    x = torch.randn(5, k).to(torch.float16)
+    y = run_qgemm(x.to(DEV), codes, scales, None, table, bits, group)
+    check_close(y, reference(x, codes, scales, None, table, group), torch.float16, k)
+
+
+def test_deterministic_across_streams():
+    bits, n, k = 4, 4096, 4096
+    codes, scales, _, table = make(bits, n, k, 128, torch.float16, False)
+    q = to_kernel_layout(codes.to(DEV), bits)
+    s, t = scales.to(DEV), table.to(DEV)
+    for M in (1, 16, 40):
+        x = torch.randn(M, k).to(torch.float16).to(DEV)
+        outs = []
+        for _ in range(2):
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                outs.append(torch.ops.flute.qgemm(x, q, s, None, t, bits, 128, k, n))
+            stream.synchronize()
+        assert torch.equal(outs[0], outs[1])
+
+
+def test_cuda_graph_capture_and_replay():
+    bits, n, k = 3, 2048, 1536
+    codes, scales, _, table = make(bits, n, k, 64, torch.bfloat16, False)
+    q = to_kernel_layout(codes.to(DEV), bits)
+    s, t = scales.to(DEV), table.to(DEV)
+    x = torch.randn(8, k).to(torch.bfloat16).to(DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture
+        torch.ops.flute.qgemm(x, q, s, None, t, bits, 64, k, n)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = torch.ops.flute.qgemm(x, q, s, None, t, bits, 64, k, n)
+    for _ in range(3):
+        x.copy_(torch.randn(8, k).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_close(y, reference(x.cpu(), codes, scales, None, table, 64), torch.bfloat16, k)
+
+
+def test_torch_compile_quantlinear():
+    lin = torch.nn.Linear(576, 192, bias=True).half()
+    ql = flute.QuantLinear.from_linear(lin, bits=4, group_size=64).to(DEV)
+    x = torch.randn(3, 576, dtype=torch.float16, device=DEV)
+    eager = ql(x)
+    compiled = torch.compile(ql, fullgraph=True)
+    out = compiled(x)
+    assert torch.allclose(out, eager, rtol=1e-2, atol=1e-2)
+
+
+def test_bad_inputs_raise_clear_errors():
+    bits, n, k = 4, 64, 128
+    codes, scales, _, table = make(bits, n, k, 64, torch.float16, False)
+    q = to_kernel_layout(codes, bits).to(DEV)
+    s, t = scales.to(DEV), table.to(DEV)
+    x = torch.randn(2, k, dtype=torch.float16, device=DEV)
+    op = torch.ops.flute.qgemm
+    with pytest.raises(Exception, match="dtype|float16|bfloat16"):
+        op(x.float(), q, s, None, t, bits, 64, k, n)           # x dtype != scales dtype
+    with pytest.raises(Exception, match="qweight"):
+        op(x, q[:-4], s, None, t, bits, 64, k, n)               # wrong layout size
+    with pytest.raises(Exception, match="last dimension|in_features"):
+        op(x[:, :64], q, s, None, t, bits, 64, k, n)
+    with pytest.raises(Exception, match="scales"):
+        op(x, q, s[:, :1], None, t, bits, 64, k, n)
+    with pytest.raises(Exception, match="device|cuda|CUDA"):
+        op(x, q.cpu(), s, None, t, bits, 64, k, n)
+    with pytest.raises(Exception, match="bits"):
+        op(x, q, s, None, t, 5, 64, k, n)
