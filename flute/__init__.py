@@ -15,6 +15,11 @@ from .linear import QuantLinear
 from .model import quantize_model
 from .ops import HAS_CUDA_KERNEL, dequantize, qgemm
 from .quantize import learn_table, quantize_weight
+from .integrations.huggingface import register as _register_hf
+
+# Registers the quant method "flute" with transformers (from_pretrained / save_pretrained of flute
+# checkpoints) when transformers is installed; does nothing otherwise.
+_register_hf()
 
 __all__ = [
     "CODEBOOKS", "FORMAT_VERSION", "HAS_CUDA_KERNEL", "QuantLinear", "QuantizedWeight",

@@ -1,4 +1,4 @@
-"""The ``flute`` command line: ``flute demo``, ``flute bench`` (and the subcommands below)."""
+"""The ``flute`` command line: ``flute demo``, ``flute bench``, ``flute quantize``, ``flute eval``."""
 from __future__ import annotations
 
 import argparse
@@ -19,12 +19,196 @@ def main(argv=None) -> int:
     demo.add_argument("--group-size", type=int, default=64)
     demo.add_argument("--tokens", type=int, default=32, help="tokens to generate per timing")
     sub.add_parser("bench", help="kernel and end-to-end benchmarks (flute bench --help)")
+    _add_quantize_parser(sub)
+    _add_eval_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "quantize":
+        return cmd_quantize(args)
+    if args.command == "eval":
+        return cmd_eval(args)
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(device=args.device, bits=args.bits, group_size=args.group_size,
                         new_tokens=args.tokens)
     return 2
+
+
+# -- flute quantize / flute eval -------------------------------------------------------------------
+_DTYPES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float32": "float32", "fp32": "float32"}
+
+
+def _add_quantize_parser(sub):
+    q = sub.add_parser("quantize", help="quantize a Hugging Face model directory or a GGUF file "
+                                        "and save a flute checkpoint")
+    q.add_argument("src", help="HF model directory (or hub id) or a .gguf file")
+    q.add_argument("out", help="output directory (loads with from_pretrained after import flute)")
+    q.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
+    q.add_argument("--group-size", type=int, default=64, help="columns per scale; -1 = per row")
+    q.add_argument("--codebook", default="nf", choices=("nf", "learned", "int", "fp4", "ternary"))
+    q.add_argument("--method", default="rtn", choices=("rtn", "gptq"),
+                   help="rtn: round to nearest (data-free); gptq: GPTQ-LUT error feedback")
+    q.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration text file (gptq uses flute's built-in text when omitted; "
+                        "with --codebook learned it makes the table activation-aware; "
+                        "'builtin' names the built-in text)")
+    q.add_argument("--calib-tokens", type=int, default=None, help="use at most this many tokens")
+    q.add_argument("--seq-len", type=int, default=512, help="calibration sequence length")
+    q.add_argument("--scale-method", default=None, choices=("absmax", "mse", "absmean"))
+    q.add_argument("--offsets", action="store_true", help="asymmetric groups (store offsets)")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of mean diag)")
+    q.add_argument("--skip", nargs="*", default=["lm_head"], metavar="PATTERN",
+                   help="modules kept in full precision (default: lm_head)")
+    q.add_argument("--dtype", default="float16", choices=sorted(_DTYPES),
+                   help="dtype of scales and of the unquantized tensors in the output")
+    q.add_argument("--device", default=None, help="where to quantize (default: cuda if available)")
+    q.add_argument("--max-shard-size", default="2GB")
+    q.add_argument("--no-progress", action="store_true")
+
+
+def _add_eval_parser(sub):
+    e = sub.add_parser("eval", help="perplexity of a (flute) model on a text, non-overlapping "
+                                    "windows; optionally against the unquantized model")
+    e.add_argument("model", help="model directory (flute checkpoint or any HF causal LM) or .gguf")
+    e.add_argument("--text", default=None, metavar="FILE", help="text file (default: built-in text)")
+    e.add_argument("--baseline", default=None, metavar="SRC",
+                   help="the unquantized model (HF directory or .gguf) to compare against")
+    e.add_argument("--window", type=int, default=2048, help="tokens per window (default 2048)")
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    e.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+
+
+def _load(src, dtype=None, device_map=None):
+    """``(model, tokenizer)`` from an HF directory/hub id or a GGUF file (flute registered first)."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .integrations.huggingface import register
+    register()
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if str(src).endswith(".gguf"):
+        folder, name = os.path.dirname(os.path.abspath(src)), os.path.basename(src)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs).eval(), tok
+    tok = AutoTokenizer.from_pretrained(src)
+    return AutoModelForCausalLM.from_pretrained(src, **kwargs).eval(), tok
+
+
+def _disk_bytes(path) -> int:
+    import os
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files
+                     if f.endswith((".safetensors", ".bin", ".gguf", ".pt", ".pth")))
+    return total
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+def cmd_quantize(args) -> int:
+    import os
+    import time
+
+    import torch
+
+    from .calibrate import calibration_samples, quantize_model_calibrated
+    from .linear import QuantLinear
+    from .model import model_weight_bytes
+
+    t0 = time.perf_counter()
+    dtype = getattr(torch, _DTYPES[args.dtype])
+    print(f"flute quantize: loading {args.src}", flush=True)
+    model, tok = _load(args.src, dtype=torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    src_bytes = _disk_bytes(args.src)
+    calibrated = args.method == "gptq" or (args.codebook == "learned" and args.calib is not None)
+    samples = None
+    if calibrated:
+        text = None
+        if args.calib not in (None, "builtin"):
+            with open(args.calib, encoding="utf-8") as f:
+                text = f.read()
+        samples = calibration_samples(tok, text, seq_len=args.seq_len, max_tokens=args.calib_tokens)
+        print(f"flute quantize: {sum(s.numel() for s in samples)} calibration tokens "
+              f"({'built-in text' if text is None else args.calib})", flush=True)
+    quantize_model_calibrated(
+        model, samples, bits=args.bits, group_size=args.group_size, codebook=args.codebook,
+        method=args.method, act_aware=calibrated, scale_method=args.scale_method,
+        offsets=args.offsets, skip=args.skip, damp=args.damp, device=args.device,
+        scale_dtype=dtype, progress=not args.no_progress)
+    # the unquantized tensors (embeddings, norms, lm_head) take the output dtype; tables stay fp32
+    tables = {n: m.table for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    model.to(dtype)
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            m.table = tables[n]
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
+    tok.save_pretrained(args.out)
+    out_bytes = _disk_bytes(args.out)
+    sizes = model_weight_bytes(model)
+    seconds = time.perf_counter() - t0
+    print(f"flute quantize: {args.method} {args.bits}-bit g{args.group_size} {args.codebook} "
+          f"-> {args.out}")
+    print(f"  before: {_mb(src_bytes)} on disk ({n_params / 1e6:.1f} M parameters, "
+          f"{_mb(2 * n_params)} as fp16)")
+    print(f"  after:  {_mb(out_bytes)} on disk (quantized layers {_mb(sizes['quantized'])}, "
+          f"other tensors {_mb(sizes['other'])})")
+    print(f"  time:   {seconds:.1f} s (quantization {model.flute_quantize_seconds:.1f} s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import time
+
+    import torch
+
+    from .evaluate import builtin_text, perplexity
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # on CPU compute in float32 (the quantized layers keep their stored scales)
+    dtype = torch.float32 if device == "cpu" else None
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = builtin_text()
+    results = []
+    for label, src in (("model", args.model), ("baseline", args.baseline)):
+        if src is None:
+            continue
+        t0 = time.perf_counter()
+        model, tok = _load(src, dtype=dtype)
+        model.to(device)
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        if args.max_tokens:
+            ids = ids[:, :args.max_tokens]
+        ppl = perplexity(model, ids, window=args.window)
+        quant = getattr(model.config, "quantization_config", None)
+        q = {} if quant is None else quant if isinstance(quant, dict) else quant.to_dict()
+        method = str(getattr(q.get("quant_method"), "value", q.get("quant_method")))
+        if method == "flute":
+            desc = (f"flute {q.get('bits')}-bit g{q.get('group_size')} {q.get('codebook')} "
+                    f"{q.get('method')}")
+        elif method == "gguf":
+            desc = "dequantized from GGUF"
+        else:
+            desc = "unquantized" if quant is None else method
+        print(f"{label:9s} {src}: perplexity {ppl:.3f} ({desc}; {ids.shape[1]} tokens, windows of "
+              f"{args.window}, {time.perf_counter() - t0:.1f} s)", flush=True)
+        results.append(ppl)
+        del model
+    if len(results) == 2:
+        print(f"ratio model/baseline: {results[0] / results[1]:.4f} "
+              f"(+{results[0] - results[1]:.3f} perplexity)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -82,7 +82,11 @@ def record_config(model: nn.Module, config: dict) -> None:
     model.flute_config = config
     hf_config = getattr(model, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_dict"):
-        hf_config.quantization_config = dict(config)
+        # A transformers model gets a FluteConfig + quantizer (so save_pretrained works); the
+        # integration is imported lazily and declines (False) when transformers is missing.
+        from .integrations.huggingface import attach_config
+        if not attach_config(model, config):
+            hf_config.quantization_config = dict(config)
 
 
 def _progress(items, enabled: bool, desc: str):

@@ -80,6 +80,7 @@ def check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_fe
         raise ValueError(f"flute: x is on {x.device} but the weight is on {qweight.device}")
 
 
+@torch.no_grad()  # a kernel, not a traced computation: gradients come from _qgemm_backward
 def qgemm_reference(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features):
     """The reference implementation (CPU, or any device): float32 weights, one block of rows at a time."""
     check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features)
@@ -96,6 +97,7 @@ def qgemm_reference(x, qweight, scales, offsets, table, bits, group_size, in_fea
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
+@torch.no_grad()
 def dequantize_reference(qweight, scales, offsets, table, bits, group_size, in_features, out_features):
     check_weight_args(qweight, scales, offsets, table, bits, group_size, in_features, out_features)
     codes = from_kernel_layout(qweight, bits, in_features, out_features)
@@ -116,6 +118,25 @@ _lib.impl("qgemm", qgemm_reference, "CPU")
 _lib.impl("dequantize", dequantize_reference, "CPU")
 torch.library.register_fake("flute::qgemm", lib=_lib)(_qgemm_fake)
 torch.library.register_fake("flute::dequantize", lib=_lib)(_dequantize_fake)
+
+
+def _qgemm_setup_context(ctx, inputs, output):
+    _, qweight, scales, offsets, table, bits, group_size, in_features, out_features = inputs
+    ctx.save_for_backward(qweight, scales, offsets, table)
+    ctx.shape = (bits, group_size, in_features, out_features)
+
+
+def _qgemm_backward(ctx, grad):
+    """Gradient with respect to ``x`` only (the quantized weight is frozen): ``grad @ W``, so
+    adapters (LoRA) and activations upstream of a quantized layer can be trained."""
+    qweight, scales, offsets, table = ctx.saved_tensors
+    w = torch.ops.flute.dequantize(qweight, scales, offsets, table, *ctx.shape)
+    grad_x = torch.matmul(grad, w.to(grad.dtype))
+    return grad_x, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("flute::qgemm", _qgemm_backward, setup_context=_qgemm_setup_context,
+                                lib=_lib)
 
 
 def _load_cuda_extension() -> bool:

@@ -104,3 +104,16 @@ def test_bad_arguments_are_named(change, msg, rng):
             a[key] = value
     with pytest.raises((ValueError, RuntimeError), match=msg):
         torch.ops.flute.qgemm(*a.values())
+
+
+def test_gradient_flows_to_the_input(rng):
+    """Frozen quantized weight, trainable input: d(sum(y * g))/dx = g @ W."""
+    n, k, bits, group = 40, 96, 4, 32
+    codes, scales, offs, table = random_weight(n, k, bits, group, rng)
+    qweight = to_kernel_layout(codes, bits)
+    x = torch.randn(3, k, generator=rng, requires_grad=True)
+    g = torch.randn(3, n, generator=rng)
+    y = torch.ops.flute.qgemm(x, qweight, scales, offs, table, bits, group, k, n)
+    (y * g).sum().backward()
+    w = dequantize_codes(codes, scales, offs, table, group)
+    assert torch.allclose(x.grad, g @ w, atol=1e-5, rtol=1e-5)
