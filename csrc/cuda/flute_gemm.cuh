@@ -330,6 +330,15 @@ struct GemmKernel {
   }
 
   // ---- the kernel body -----------------------------------------------------------------------
+  static __device__ __forceinline__ void clear(float (&acc)[kMTiles][4][4]) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
+  }
+
   static __device__ __forceinline__ void run(const GemmParams& p, char* smem_raw) {
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
@@ -369,12 +378,7 @@ struct GemmKernel {
     }
 
     float acc[kMTiles][4][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
+    clear(acc);
 
     int rd = 0, wr = S - 1;
     for (int f = 0; f < count; ++f) {
@@ -390,12 +394,7 @@ struct GemmKernel {
       wr = wr + 1 == S ? 0 : wr + 1;
       if (cu.k + 1 == cu.kend) {
         epilogue(p, cu, iters, cta, tid, warp, lane, acc);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
+        clear(acc);
       }
       cu.advance(begin, end, iters);
     }
