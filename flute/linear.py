@@ -97,6 +97,13 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(qcodes, self.scales, self.table.float(), self.bits, self.group_size,
                                self.in_features, self.out_features, self.offsets, self.codebook)
 
+    def checkpoint_nbytes(self) -> int:
+        """Bytes this layer takes in a checkpoint (packed codes, scales, offsets, table, bias),
+        computed from the shapes: nothing is repacked."""
+        tensors = [self.scales, self.table] + [t for t in (self.offsets, self.bias) if t is not None]
+        return (self.out_features * packed_row_bytes(self.in_features, self.bits)
+                + sum(t.numel() * t.element_size() for t in tensors))
+
     # -- state dict: always the canonical format -----------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

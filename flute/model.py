@@ -110,8 +110,7 @@ def model_weight_bytes(model: nn.Module) -> dict:
     quant, other = 0, 0
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            quant += m.quantized_weight().nbytes()
-            quant += 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
+            quant += m.checkpoint_nbytes()
     qparams = {id(t) for m in model.modules() if isinstance(m, QuantLinear)
                for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
     seen = set()

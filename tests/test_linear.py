@@ -89,3 +89,9 @@ def test_compile_fullgraph(linear, rng):
     x = torch.randn(3, 576, generator=rng)
     compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
     assert torch.allclose(compiled(x), q(x))
+
+
+def test_checkpoint_nbytes_is_what_the_state_dict_holds(linear):
+    q = QuantLinear.from_linear(linear, 3, 64, offsets=True)
+    sd = q.state_dict()
+    assert q.checkpoint_nbytes() == sum(t.numel() * t.element_size() for k, t in sd.items() if k != "qmeta")
