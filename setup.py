@@ -69,8 +69,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["flute", "flute.*"]) + ["flute.integrations"],
-    package_dir={"flute.integrations": "integrations"},
+    packages=find_packages(include=["flute", "flute.*"]),
     package_data={"flute": ["data/*"]},
     install_requires=["torch>=2.4", "safetensors>=0.4", "tqdm", "numpy"],
     extras_require={

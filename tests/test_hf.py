@@ -1,6 +1,6 @@
 """Hugging Face transformers integration on a tiny random Llama (CPU, seconds).
 
-Also run against transformers 5.19 by tests/ci/hf_versions.sh.
+Also run against transformers 5.19 by .ci/hf_versions.sh.
 """
 import json
 import os

@@ -10,7 +10,7 @@ transformers, for both ways in:
 
 and, when vLLM's CPU backend runs it here, the pre-quantized model at tensor-parallel size 2.
 
-Runs in the vLLM venv (``tests/ci/vllm_env.sh``); skipped where vLLM is not installed.
+Runs in the vLLM venv (``.ci/vllm_env.sh``); skipped where vLLM is not installed.
 Set ``FLUTE_VLLM_E2E_LOG`` to a folder to keep the server logs.
 """
 import copy

