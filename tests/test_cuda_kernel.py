@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import flute
-from flute.format import dequantize_codes, num_groups
+from flute.testing import RandomWeight, random_quantized, reference_qgemm
 from flute.layout import to_kernel_layout
 
 pytestmark = pytest.mark.cuda
@@ -34,23 +34,6 @@ def have_kernel():
 def _need_kernel():
     if not have_kernel():
         pytest.skip("flute._C CUDA extension not built")
-
-
-def make(bits, n, k, group, dtype, offsets, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2 ** bits, (n, k), generator=g, dtype=torch.uint8)
-    ng = num_groups(group, k)
-    scales = ((torch.rand(n, ng, generator=g) + 0.5) / (k ** 0.5)).to(dtype)
-    offs = ((torch.rand(n, ng, generator=g) - 0.5) * 0.1 / (k ** 0.5)).to(dtype) if offsets else None
-    table = torch.randn(2 ** bits, generator=g)
-    return codes, scales, offs, table
-
-
-def reference(x, codes, scales, offs, table, group):
-    """float64 reference (computed on the GPU in float64 for speed; returned on CPU)."""
-    w = dequantize_codes(codes.to(DEV), scales.to(DEV), None if offs is None else offs.to(DEV),
-                         table.to(DEV), group, torch.float64)
-    return (x.to(DEV).double() @ w.t()).cpu()
 
 
 def poison_allocator(numel, dtype):
@@ -92,23 +75,23 @@ def matrix():
 @pytest.mark.parametrize("bits,group,dtype,offsets,n,k,ms", list(matrix()),
                          ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, tuple) else "Ms")
 def test_qgemm_matches_reference(bits, group, dtype, offsets, n, k, ms):
-    codes, scales, offs, table = make(bits, n, k, group, dtype, offsets, seed=bits * 1000 + n)
+    codes, scales, offs, table = random_quantized(n, k, bits, group, dtype=dtype, offsets=offsets, seed=bits * 1000 + n)
     for M in ms:
         x = (torch.randn(M, k, generator=torch.Generator().manual_seed(M)) ).to(dtype)
         y = run_qgemm(x.to(DEV), codes, scales, offs, table, bits, group)
         torch.cuda.synchronize()
-        check_close(y, reference(x, codes, scales, offs, table, group), dtype, k)
+        check_close(y, reference_qgemm(x.to(DEV), RandomWeight(codes, scales, offs, table), group).cpu(), dtype, k)
 
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("n,k", LARGE_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qgemm_large_shapes(bits, n, k, dtype):
-    codes, scales, offs, table = make(bits, n, k, 128, dtype, False, seed=7)
+    codes, scales, offs, table = random_quantized(n, k, bits, 128, dtype=dtype, offsets=False, seed=7)
     for M in ((1, 16, 64, 300) if FULL or bits == 4 else (1, 33)):
         x = torch.randn(M, k, generator=torch.Generator().manual_seed(M)).to(dtype)
         y = run_qgemm(x.to(DEV), codes, scales, offs, table, bits, 128)
-        check_close(y, reference(x, codes, scales, None, table, 128), dtype, k)
+        check_close(y, reference_qgemm(x.to(DEV), RandomWeight(codes, scales, None, table), 128).cpu(), dtype, k)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -117,7 +100,7 @@ def test_qgemm_large_shapes(bits, n, k, dtype):
 @pytest.mark.parametrize("group", (32, 128, -1, 40))
 def test_dequantize_bit_exact(bits, dtype, offsets, group):
     n, k = 1000, 1536 if group != 40 else 1000
-    codes, scales, offs, table = make(bits, n, k, group, dtype, offsets, seed=3)
+    codes, scales, offs, table = random_quantized(n, k, bits, group, dtype=dtype, offsets=offsets, seed=3)
     q = to_kernel_layout(codes, bits)
     ref = torch.ops.flute.dequantize(q, scales, offs, table, bits, group, k, n)  # CPU reference
     got = torch.ops.flute.dequantize(q.to(DEV), scales.to(DEV), None if offs is None else offs.to(DEV),
@@ -128,29 +111,29 @@ def test_dequantize_bit_exact(bits, dtype, offsets, group):
 
 def test_leading_dims_and_odd_k():
     bits, n, k = 4, 130, 1000  # K % 8 != 0 is padded by the binding; N odd tiles
-    codes, scales, _, table = make(bits, n, k, -1, torch.float16, False)
+    codes, scales, _, table = random_quantized(n, k, bits, -1, dtype=torch.float16, offsets=False)
     x = torch.randn(2, 3, k).to(torch.float16)
     y = run_qgemm(x.to(DEV), codes, scales, None, table, bits, -1)
     assert y.shape == (2, 3, n)
-    check_close(y.reshape(6, n), reference(x.reshape(6, k), codes, scales, None, table, -1),
+    check_close(y.reshape(6, n), reference_qgemm(x.reshape(6, k).to(DEV), RandomWeight(codes, scales, None, table), -1).cpu(),
                 torch.float16, k)
     # a non-contiguous x
     xt = torch.randn(k, 5).to(torch.float16).to(DEV).t()
     y = run_qgemm(xt, codes, scales, None, table, bits, -1)
-    check_close(y, reference(xt.cpu(), codes, scales, None, table, -1), torch.float16, k)
+    check_close(y, reference_qgemm(xt, RandomWeight(codes, scales, None, table), -1).cpu(), torch.float16, k)
 
 
 def test_unsupported_group_uses_dequant_path():
     bits, n, k, group = 3, 96, 200, 24  # 24 % 16 != 0: dequantize + matmul
-    codes, scales, _, table = make(bits, n, k, group, torch.float16, False)
+    codes, scales, _, table = random_quantized(n, k, bits, group, dtype=torch.float16, offsets=False)
     x = torch.randn(5, k).to(torch.float16)
     y = run_qgemm(x.to(DEV), codes, scales, None, table, bits, group)
-    check_close(y, reference(x, codes, scales, None, table, group), torch.float16, k)
+    check_close(y, reference_qgemm(x.to(DEV), RandomWeight(codes, scales, None, table), group).cpu(), torch.float16, k)
 
 
 def test_deterministic_across_streams():
     bits, n, k = 4, 4096, 4096
-    codes, scales, _, table = make(bits, n, k, 128, torch.float16, False)
+    codes, scales, _, table = random_quantized(n, k, bits, 128, dtype=torch.float16, offsets=False)
     q = to_kernel_layout(codes.to(DEV), bits)
     s, t = scales.to(DEV), table.to(DEV)
     for M in (1, 16, 40):
@@ -166,7 +149,7 @@ def test_deterministic_across_streams():
 
 def test_cuda_graph_capture_and_replay():
     bits, n, k = 3, 2048, 1536
-    codes, scales, _, table = make(bits, n, k, 64, torch.bfloat16, False)
+    codes, scales, _, table = random_quantized(n, k, bits, 64, dtype=torch.bfloat16, offsets=False)
     q = to_kernel_layout(codes.to(DEV), bits)
     s, t = scales.to(DEV), table.to(DEV)
     x = torch.randn(8, k).to(torch.bfloat16).to(DEV)
@@ -182,7 +165,7 @@ def test_cuda_graph_capture_and_replay():
         x.copy_(torch.randn(8, k).to(torch.bfloat16))
         graph.replay()
         torch.cuda.synchronize()
-        check_close(y, reference(x.cpu(), codes, scales, None, table, 64), torch.bfloat16, k)
+        check_close(y, reference_qgemm(x.cpu().to(DEV), RandomWeight(codes, scales, None, table), 64).cpu(), torch.bfloat16, k)
 
 
 def test_torch_compile_quantlinear():
@@ -197,7 +180,7 @@ def test_torch_compile_quantlinear():
 
 def test_bad_inputs_raise_clear_errors():
     bits, n, k = 4, 64, 128
-    codes, scales, _, table = make(bits, n, k, 64, torch.float16, False)
+    codes, scales, _, table = random_quantized(n, k, bits, 64, dtype=torch.float16, offsets=False)
     q = to_kernel_layout(codes, bits).to(DEV)
     s, t = scales.to(DEV), table.to(DEV)
     x = torch.randn(2, k, dtype=torch.float16, device=DEV)

@@ -1,7 +1,6 @@
 """The executable spec (flute/emulate.py): what each emulated kernel thread decodes from the layout
 must be exactly the dequantized weight; the stream-K schedule must cover every iteration once and
 never wait on a CTA that waits; the whole emulated kernel must match the float64 reference."""
-import itertools
 import math
 
 import pytest
@@ -9,17 +8,9 @@ import torch
 
 from flute.emulate import (Config, Problem, a_fragment_source, cta_of_iter, decode_b_fragments,
                            emulate_qgemm, iter_begin, load_stage_x, scale_words, streamk_schedule)
-from flute.format import dequantize_codes, num_groups
+from flute.format import dequantize_codes
+from flute.testing import random_quantized
 from flute.layout import padded_shape, to_kernel_layout
-
-
-def make_weight(bits, n, k, group, offsets, rng):
-    codes = torch.randint(0, 2 ** bits, (n, k), generator=rng, dtype=torch.uint8)
-    g = num_groups(group, k)
-    scales = (torch.rand(n, g, generator=rng) + 0.5).to(torch.float16)
-    offs = (torch.randn(n, g, generator=rng) * 0.1).to(torch.float16) if offsets else None
-    table = torch.randn(2 ** bits, generator=rng)
-    return codes, scales, offs, table
 
 
 def emulated_weight(qweight, scales, offs, table, bits, group, n, k):
@@ -57,7 +48,7 @@ def test_threads_decode_exact_weight(bits, n, k, groups, rng):
         for offsets in (False, True):
             if n * k > 200_000 and offsets:
                 continue  # keep the CPU time small; offsets are covered on the other shapes
-            codes, scales, offs, table = make_weight(bits, n, k, group, offsets, rng)
+            codes, scales, offs, table = random_quantized(n, k, bits, group, offsets=offsets, dtype=torch.float16, generator=rng)
             q = to_kernel_layout(codes, bits)
             w, hits = emulated_weight(q, scales, offs, table, bits, group, n, k)
             # every position of the kernel's tiles is produced exactly once ...
@@ -184,7 +175,7 @@ def test_streamk_schedule(tiles, iters, grid):
     (3, 20, 128, 384, 128, False, 2, 1),
 ])
 def test_emulated_kernel_matches_reference(bits, M, n, k, group, offsets, grid, mt, rng):
-    codes, scales, offs, table = make_weight(bits, n, k, group, offsets, rng)
+    codes, scales, offs, table = random_quantized(n, k, bits, group, offsets=offsets, dtype=torch.float16, generator=rng)
     x = torch.randn(M, k, generator=rng).to(torch.float16)
     q = to_kernel_layout(codes, bits)
     y = emulate_qgemm(x, q, scales, offs, table, bits, group, k, n, grid=grid, m_tiles16=mt)

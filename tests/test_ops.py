@@ -3,25 +3,12 @@ import pytest
 import torch
 
 import flute  # noqa: F401  (registers the op)
-from flute.format import dequantize_codes, num_groups
+from flute.format import dequantize_codes
+from flute.testing import RandomWeight, random_quantized, reference_qgemm
 from flute.layout import from_kernel_layout, kernel_layout_shape, to_kernel_layout
 
 SHAPES = [(192, 576), (1000, 1536), (576, 13824)]  # (N, K): odd sizes on purpose
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def random_weight(n, k, bits, group, rng, offsets=False, dtype=torch.float32):
-    codes = torch.randint(0, 2 ** bits, (n, k), generator=rng, dtype=torch.uint8)
-    g = num_groups(group, k)
-    scales = (torch.rand(n, g, generator=rng) + 0.5).to(dtype)
-    offs = (torch.randn(n, g, generator=rng) * 0.1).to(dtype) if offsets else None
-    table = torch.sort(torch.randn(2 ** bits, generator=rng))[0]
-    return codes, scales, offs, table
-
-
-def reference(x, codes, scales, offs, table, group):
-    w = dequantize_codes(codes, scales, offs, table, group, torch.float64)
-    return x.double() @ w.t()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -29,11 +16,11 @@ def reference(x, codes, scales, offs, table, group):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_qgemm_matches_float64_reference(n, k, bits, group, dtype, rng):
-    codes, scales, offs, table = random_weight(n, k, bits, group, rng, offsets=(bits == 3), dtype=dtype)
+    codes, scales, offs, table = random_quantized(n, k, bits, group, generator=rng, offsets=(bits == 3), dtype=dtype)
     x = torch.randn(3, k, generator=rng).to(dtype)
     y = torch.ops.flute.qgemm(x, to_kernel_layout(codes, bits), scales, offs, table, bits, group, k, n)
     assert y.dtype == dtype and y.shape == (3, n)
-    ref = reference(x, codes, scales, offs, table, group)
+    ref = reference_qgemm(x, RandomWeight(codes, scales, offs, table), group)
     err = (y.double() - ref).norm() / ref.norm()
     assert err < TOLERANCE[dtype], err.item()
 
@@ -49,7 +36,7 @@ def test_kernel_layout_round_trip(n, k, bits, rng):
 
 def test_dequantize_op_and_leading_dims(rng):
     n, k, bits, group = 64, 200, 4, 64
-    codes, scales, offs, table = random_weight(n, k, bits, group, rng, offsets=True)
+    codes, scales, offs, table = random_quantized(n, k, bits, group, generator=rng, offsets=True)
     qweight = to_kernel_layout(codes, bits)
     w = torch.ops.flute.dequantize(qweight, scales, offs, table, bits, group, k, n)
     assert torch.allclose(w.double(), dequantize_codes(codes, scales, offs, table, group, torch.float64))
@@ -61,7 +48,7 @@ def test_dequantize_op_and_leading_dims(rng):
 
 def test_opcheck(rng):
     n, k, bits, group = 48, 96, 3, 32
-    codes, scales, offs, table = random_weight(n, k, bits, group, rng, offsets=True)
+    codes, scales, offs, table = random_quantized(n, k, bits, group, generator=rng, offsets=True)
     args = (torch.randn(4, k, generator=rng), to_kernel_layout(codes, bits), scales, offs, table,
             bits, group, k, n)
     torch.library.opcheck(torch.ops.flute.qgemm, args)
@@ -90,7 +77,7 @@ def test_fake_tensor_shapes():
 ])
 def test_bad_arguments_are_named(change, msg, rng):
     n, k, bits, group = 32, 128, 4, 64
-    codes, scales, offs, table = random_weight(n, k, bits, group, rng, offsets=True)
+    codes, scales, offs, table = random_quantized(n, k, bits, group, generator=rng, offsets=True)
     a = dict(x=torch.randn(2, k), qweight=to_kernel_layout(codes, bits), scales=scales, offsets=offs,
              table=table, bits=bits, group_size=group, in_features=k, out_features=n)
     fix = {"int64": lambda: a["qweight"].long(), "short": lambda: None, "wrong_dtype": lambda: offs.half(),
@@ -109,7 +96,7 @@ def test_bad_arguments_are_named(change, msg, rng):
 def test_gradient_flows_to_the_input(rng):
     """Frozen quantized weight, trainable input: d(sum(y * g))/dx = g @ W."""
     n, k, bits, group = 40, 96, 4, 32
-    codes, scales, offs, table = random_weight(n, k, bits, group, rng)
+    codes, scales, offs, table = random_quantized(n, k, bits, group, generator=rng)
     qweight = to_kernel_layout(codes, bits)
     x = torch.randn(3, k, generator=rng, requires_grad=True)
     g = torch.randn(3, n, generator=rng)
@@ -124,7 +111,7 @@ def test_cpu_code_cache_follows_in_place_changes_and_dies_with_the_weight(rng):
 
     from flute import ops
     n, k, bits, group = 16, 64, 4, 32
-    codes, scales, offs, table = random_weight(n, k, bits, group, rng)
+    codes, scales, offs, table = random_quantized(n, k, bits, group, generator=rng)
     qweight = to_kernel_layout(codes, bits)
     x = torch.randn(2, k, generator=rng)
     y1 = torch.ops.flute.qgemm(x, qweight, scales, None, table, bits, group, k, n)
@@ -132,7 +119,7 @@ def test_cpu_code_cache_follows_in_place_changes_and_dies_with_the_weight(rng):
     new_codes = (codes + 1) % 16
     qweight.copy_(to_kernel_layout(new_codes, bits))  # in place: the cache must not serve stale codes
     y2 = torch.ops.flute.qgemm(x, qweight, scales, None, table, bits, group, k, n)
-    ref = reference(x, new_codes, scales, None, table, group)
+    ref = reference_qgemm(x, RandomWeight(new_codes, scales, None, table), group)
     assert not torch.allclose(y1, y2)
     assert ((y2.double() - ref).norm() / ref.norm()) < 1e-5
     key = id(qweight)
