@@ -25,6 +25,12 @@ def read_version():
 
 
 def cuda_extensions():
+    """The CUDA extension ``flute._C`` (csrc/cuda: kernels + the torch binding) and its cmdclass.
+
+    ``flute._C`` is Python-version-independent (``py_limited_api``: the binding registers its ops
+    with TORCH_LIBRARY_IMPL only and has no pybind11 module), so a build made with one CPython 3.x
+    (>= 3.10) loads under another with the same torch. CUDA_HOME must be the toolkit's root (torch
+    guesses it from the nvcc on PATH, which may be a wrapper script)."""
     mode = os.environ.get("FLUTE_BUILD_CUDA", "").strip()
     if mode == "0":
         return [], {}
@@ -41,20 +47,23 @@ def cuda_extensions():
                                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
         print("flute: building without the CUDA extension (no CUDA torch or no nvcc)")
         return [], {}
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cuda_dir = os.path.join("csrc", "cuda")
+    sources = sorted(glob.glob(os.path.join(cuda_dir, "*.cpp")) + glob.glob(os.path.join(cuda_dir, "*.cu")))
     gencode = []
     for arch in os.environ.get("FLUTE_CUDA_ARCHS", DEFAULT_ARCHS).split(";"):
         arch = arch.strip()
         if arch:
             gencode += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    limited = ["-DPy_LIMITED_API=0x030A0000"]  # CPython 3.10 stable ABI: one _C for 3.10+
     ext = CUDAExtension(
         name="flute._C",
         sources=sources,
-        include_dirs=[os.path.join(HERE, "csrc", "cuda")],
+        include_dirs=[os.path.join(HERE, cuda_dir)],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + gencode,
+            "cxx": ["-O3", "-std=c++17"] + limited,
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + limited + gencode,
         },
+        py_limited_api=True,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

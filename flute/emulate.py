@@ -11,9 +11,12 @@ Mirrored pieces (CUDA file: function):
 * ``flute_device.cuh``: :func:`step_pair_indices`, :func:`build_pair_table`.
 * ``flute_gemm.cuh``: :func:`load_stage_codes`, :func:`load_stage_scales`,
   :func:`load_stage_x`, :func:`decode_b_fragments` (the B half of ``compute_stage``),
-  :func:`a_fragment_source` (the ldmatrix addressing), :func:`iter_begin`, :func:`cta_of_iter`,
-  :class:`Cursor`, :func:`streamk_schedule`, and :func:`emulate_qgemm` (the whole kernel).
-* ``dispatch.cu``: :func:`scale_words`.
+  :func:`a_fragment_source` (the ldmatrix addressing), the epilogue's reduction order, and
+  :func:`emulate_qgemm` (the whole kernel).
+* ``flute_config.cuh`` host/device arithmetic: :func:`choose_pipeline`, :func:`scale_words_for`,
+  :func:`make_streamk_plan`, :class:`WorkList`, :class:`Cursor` (walked by
+  :func:`streamk_schedule`); tests/test_emulate.py compiles the header and compares them.
+* ``dispatch.cu``: :func:`scale_words`, :func:`plan_qgemm` (batch tile, pipeline, schedule).
 
 Numerics are not mirrored: the emulation dequantizes in float32 (as the reference does) and
 multiplies in float64; the kernel uses half2/bfloat162 and fp32 accumulation.
@@ -43,6 +46,8 @@ class Config:
     bk = 128
     steps = 8
     scale_window = 8
+    min_stages = 2
+    max_stages = 8
 
     @property
     def bm(self): return 16 * self.m_tiles16
@@ -68,6 +73,35 @@ class Config:
     def log_pair_copies(self): return 0 if self.bits == 2 else 5
     @property
     def x_chunks_per_row(self): return self.bk * 2 // 16
+    @property
+    def m_index(self): return {1: 0, 2: 1, 4: 2}[self.m_tiles16]
+    @property
+    def code_bytes(self): return self.warps * self.warp_chunks * 16
+    @property
+    def x_bytes(self): return self.bm * self.bk * 2
+    @property
+    def scale_bytes(self): return self.bn * self.scale_window * 2
+    @property
+    def pair_bytes(self): return self.pair_entries * self.pair_copies * 4
+    @property
+    def table_bytes(self): return (self.pair_bytes + 127) // 128 * 128
+    @property
+    def partial_floats(self): return self.bm * self.bn
+
+    def stage_bytes(self, has_offsets: bool) -> int:
+        return self.x_bytes + self.code_bytes + self.scale_bytes * (2 if has_offsets else 1)
+
+
+class StreamK:
+    """``StreamK`` limits (flute_config.cuh)."""
+    max_split = 4
+    min_split_iters = 8
+    max_ctas_per_sm = 4
+    min_stages_shared = 3
+
+
+M_TILE_OPTIONS = (1, 2, 4)  # kMTileOptions
+DEQUANT_WARPS = 4           # kDequantWarps
 
 
 # -- flute_device.cuh ----------------------------------------------------------------------------
@@ -161,15 +195,20 @@ def lane_words(smem_codes: torch.Tensor, cfg: Config, warp, lane) -> List[torch.
     return [smem_codes[base + c * 32 + lane, x] for c in range(cfg.lane_chunks) for x in range(4)]
 
 
-def scale_words(p: Problem, cfg: Config) -> int:
-    """``scale_words`` of ``qgemm_run`` (dispatch.cu)."""
-    if p.ngroups == 1:
+def scale_words_for(group: int, ngroups: int, steps: int) -> int:
+    """``scale_words`` of flute_config.cuh."""
+    if ngroups == 1:
         gmax = 1
     else:
-        spg, steps = p.group // 16, cfg.bk // 16
+        spg = group // 16
         gmax = (steps // spg if steps % spg == 0 else
                 (1 if spg % steps == 0 else (spg - 1 + steps - 1) // spg + 1))
     return (gmax + 2) // 2
+
+
+def scale_words(p: Problem, cfg: Config) -> int:
+    """``GemmParams::scale_words`` as ``qgemm_run`` (dispatch.cu) sets it."""
+    return scale_words_for(p.group, p.ngroups, cfg.steps)
 
 
 def load_stage_scales(scales: torch.Tensor, p: Problem, cfg: Config, n_tile: int, ktile: int):
@@ -198,7 +237,7 @@ def load_stage_scales(scales: torch.Tensor, p: Problem, cfg: Config, n_tile: int
 def load_stage_x(x: torch.Tensor, p: Problem, cfg: Config, M: int, m_tile: int, ktile: int,
                  smem: Optional[torch.Tensor] = None):
     """The activation part of ``load_stage``: swizzled rows ``[bm, 16 chunks, 8]``; rows >= M
-    keep their previous content (the prologue zeroed them)."""
+    keep whatever the stage held (never zeroed: they only reach output rows that are not stored)."""
     if smem is None:
         smem = torch.zeros(cfg.bm, cfg.x_chunks_per_row, 8, dtype=x.dtype)
     k8 = (p.K + 7) & ~7
@@ -302,91 +341,201 @@ def a_fragment_source(cfg: Config, s: int, mt: int, lane):
     return res
 
 
-# -- stream-K ------------------------------------------------------------------------------------
+# -- flute_config.cuh: host-side choices and the Stream-K schedule ----------------------------------
 
-def iter_begin(cta: int, q: int, r: int) -> int:
-    return cta * q + min(cta, r)
+def choose_pipeline(smem_per_sm: int, smem_per_block: int, table_bytes: int, stage_bytes: int,
+                    min_stages: int = Config.min_stages, max_stages: int = Config.max_stages):
+    """``choose_pipeline``: (resident CTAs per SM, stages) from the shared memory (stages 0: no fit)."""
+    reserve = 1024
+    for c in range(StreamK.max_ctas_per_sm, 0, -1):
+        avail = min(smem_per_sm // c - reserve, smem_per_block) - table_bytes
+        s = min(max_stages, avail // stage_bytes if avail > 0 else 0)
+        if s >= StreamK.min_stages_shared or (c == 1 and s >= min_stages):
+            return c, s
+    return 1, 0
 
 
-def cta_of_iter(it: int, q: int, r: int) -> int:
-    big = r * (q + 1)
-    return it // (q + 1) if it < big else r + (it - big) // q
+@dataclass(frozen=True)
+class StreamKPlan:
+    """``StreamKPlan`` of flute_config.cuh."""
+    grid: int
+    dp_tiles: int
+    split: int
+    sk_units: int
+    partial_slots: int
+
+
+def make_streamk_plan(tiles: int, iters: int, slots: int) -> StreamKPlan:
+    """``make_streamk_plan``: whole tiles in full waves, the last partial wave's tiles split into
+    ``min(max_split, iters // min_split_iters, slots // rem)`` parts when that is >= 2."""
+    waves = tiles // slots
+    rem = tiles - waves * slots
+    split = 1
+    if rem > 0:
+        split = max(1, min(StreamK.max_split, iters // StreamK.min_split_iters, slots // rem))
+    sk_tiles = rem if split > 1 else 0
+    dp_tiles = tiles - sk_tiles
+    sk_units = sk_tiles * split
+    grid = max(min(dp_tiles, slots), sk_units)
+    return StreamKPlan(grid, dp_tiles, split, sk_units, sk_tiles * (split - 1))
+
+
+FUSED_MAX_M = 256  # kFusedMaxM (flute_launch.h)
+
+
+def fused_supports_group(group: int, ngroups: int) -> bool:
+    """``fused_supports_group`` (flute_launch.h)."""
+    return ngroups == 1 or (group % 16 == 0 and group >= 32)
+
+
+def batch_tile(M: int) -> int:
+    """``batch_tile`` of dispatch.cu: m16 tiles per CTA tile."""
+    return 1 if M <= 16 else (2 if M <= 32 else 4)
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """What ``qgemm_plan`` (dispatch.cu) decides for the fused path."""
+    m_tiles16: int
+    stages: int
+    smem_bytes: int
+    ctas_per_sm: int
+    m_tiles: int
+    n_tiles: int
+    k_tiles: int
+    streamk: StreamKPlan
+
+    @property
+    def workspace_bytes(self) -> int:
+        cfg_floats = 16 * self.m_tiles16 * 128
+        return self.streamk.partial_slots * (cfg_floats * 4 + 4)
+
+
+def plan_qgemm(M: int, N: int, K: int, bits: int, group_size: int, has_offsets: bool, sms: int,
+               smem_per_sm: int, smem_per_block: int, occupancy: Optional[int] = None) -> Optional[GemmPlan]:
+    """``qgemm_plan`` of dispatch.cu for a device with ``sms`` SMs and the given shared memory;
+    ``occupancy``: what cudaOccupancyMaxActiveBlocksPerMultiprocessor reports (None: not limiting).
+    None when the op takes the dequantize + matmul path."""
+    p = Problem.make(bits, group_size, K, N)
+    if not fused_supports_group(p.group, p.ngroups) or M > FUSED_MAX_M:
+        return None
+    cfg = Config(bits, batch_tile(M))
+    ctas, stages = choose_pipeline(smem_per_sm, smem_per_block, cfg.table_bytes,
+                                   cfg.stage_bytes(has_offsets))
+    assert stages >= cfg.min_stages, "the tile does not fit in shared memory"
+    if occupancy is not None:
+        ctas = min(ctas, occupancy)
+    m_tiles = max(1, math.ceil(M / cfg.bm))
+    n_tiles, k_tiles = p.n_tiles(cfg), p.k_tiles(cfg)
+    sk = make_streamk_plan(m_tiles * n_tiles, k_tiles, sms * ctas)
+    return GemmPlan(cfg.m_tiles16, stages, cfg.table_bytes + stages * cfg.stage_bytes(has_offsets),
+                    ctas, m_tiles, n_tiles, k_tiles, sk)
+
+
+class WorkList:
+    """``WorkList`` of flute_config.cuh: the segments CTA ``cta`` processes, in order."""
+
+    def __init__(self, plan: StreamKPlan, k_tiles: int, cta: int, grid: Optional[int] = None):
+        self.cta, self.grid, self.iters, self.split = cta, plan.grid if grid is None else grid, k_tiles, plan.split
+        self.n_dp = (plan.dp_tiles - 1 - cta) // self.grid + 1 if cta < plan.dp_tiles else 0
+        self.sk_tile, self.sk_kbeg, self.sk_kend, self.sk_first = -1, 0, 0, False
+        if cta < plan.sk_units:
+            part = cta % plan.split
+            self.sk_tile = plan.dp_tiles + cta // plan.split
+            self.sk_kbeg = part * k_tiles // plan.split
+            self.sk_kend = (part + 1) * k_tiles // plan.split
+            self.sk_first = part + 1 < plan.split
+        self.nseg = self.n_dp + (1 if self.sk_tile >= 0 else 0)
+
+    def count(self) -> int:
+        return self.n_dp * self.iters + (self.sk_kend - self.sk_kbeg if self.sk_tile >= 0 else 0)
+
+    def is_split(self, seg: int) -> bool:
+        return self.sk_tile >= 0 and (seg == 0 if self.sk_first else seg == self.nseg - 1)
+
+    def is_peer(self) -> bool:
+        return self.sk_first
+
+    def peer_slot(self, q: int) -> int:
+        return (self.cta // self.split) * (self.split - 1) + q
+
+    def segment(self, seg: int) -> Tuple[int, int, int]:
+        if self.is_split(seg):
+            return self.sk_tile, self.sk_kbeg, self.sk_kend
+        return self.cta + (seg - (1 if self.sk_first else 0)) * self.grid, 0, self.iters
 
 
 class Cursor:
-    """``Cursor`` of flute_gemm.cuh: walks a CTA's range tile by tile, last tile first."""
+    """``Cursor`` of flute_config.cuh: walks a WorkList one k-tile at a time."""
 
-    def __init__(self, begin, end, iters):
-        self.begin, self.end, self.iters = begin, end, iters
-        self.tile = (end - 1) // iters
-        self.set_segment()
-
-    def set_segment(self):
-        t0 = self.tile * self.iters
-        self.kbeg = max(self.begin - t0, 0)
-        self.kend = min(self.end - t0, self.iters)
-        self.k = self.kbeg
+    def __init__(self, wl: WorkList):
+        self.wl = wl
+        self.seg, self.tile, self.k, self.kbeg, self.kend = 0, 0, 0, 0, 0
+        if wl.nseg > 0:
+            self.tile, self.kbeg, self.kend = wl.segment(0)
+            self.k = self.kbeg
 
     def advance(self):
         self.k += 1
         if self.k == self.kend:
-            self.tile -= 1
-            if self.tile >= 0:
-                self.set_segment()
+            self.seg += 1
+            if self.seg < self.wl.nseg:
+                self.tile, self.kbeg, self.kend = self.wl.segment(self.seg)
+                self.k = self.kbeg
 
 
-def streamk_schedule(total_tiles: int, iters: int, grid: int):
-    """Per CTA, the list of ``(tile, kbeg, kend, role)`` segments in processing order, where role
-    is ``"peer"`` (publish a partial), ``"owner"`` (wait for peers ``first..cta-1``, store) or
-    ``"full"``, exactly as the kernel's main loop and epilogue decide them."""
-    total = total_tiles * iters
-    q, r = total // grid, total % grid
-    assert q >= 1, "the grid never exceeds the number of iterations"
-    plan = []
-    for cta in range(grid):
-        begin, end = iter_begin(cta, q, r), iter_begin(cta + 1, q, r)
-        cur = Cursor(begin, end, iters)
+def streamk_schedule(plan: StreamKPlan, k_tiles: int):
+    """Per CTA, the list of ``(tile, kbeg, kend, role)`` segments in processing order, walked with
+    :class:`Cursor` exactly as the kernel's main loop does, with role ``("peer", slot)`` (publish a
+    partial into workspace slot ``slot``), ``("owner", [slots])`` (wait for those peers, add their
+    partials in that order, store) or ``("full",)``."""
+    out = []
+    for cta in range(plan.grid):
+        wl = WorkList(plan, k_tiles, cta)
+        cur = Cursor(wl)
         segs = []
-        for _ in range(end - begin):
+        for _ in range(wl.count()):
             if cur.k + 1 == cur.kend:
-                if cur.kend < iters:
-                    role = ("peer",)
-                elif cur.kbeg > 0:
-                    role = ("owner", cta_of_iter(cur.tile * iters, q, r))
+                if wl.is_split(cur.seg):
+                    part = cta % plan.split
+                    role = (("peer", wl.peer_slot(part)) if wl.is_peer() else
+                            ("owner", [wl.peer_slot(q) for q in range(plan.split - 1)]))
                 else:
                     role = ("full",)
                 segs.append((cur.tile, cur.kbeg, cur.kend, role))
             cur.advance()
-        plan.append(segs)
-    return plan
+        out.append(segs)
+    return out
 
 
 # -- the whole kernel ----------------------------------------------------------------------------
 
 def emulate_qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   offsets: Optional[torch.Tensor], table: torch.Tensor, bits: int, group_size: int,
-                  in_features: int, out_features: int, grid: int, m_tiles16: int = 1) -> torch.Tensor:
-    """Run the fused kernel's algorithm on CPU: stream-K schedule, stage loads, per-thread B
-    decode, ldmatrix A fragments, fp64 "mma", fixed-order reduction, predicated stores into a
-    NaN-poisoned output. Returns y [M, N] (float64). Slow: for small shapes only."""
+                  in_features: int, out_features: int, slots: int, m_tiles16: int = 1) -> torch.Tensor:
+    """Run the fused kernel's algorithm on CPU: Stream-K schedule for ``slots`` resident CTAs,
+    stage loads, per-thread B decode, ldmatrix A fragments, fp64 "mma", fixed-order reduction,
+    predicated stores into a NaN-poisoned output. Returns y [M, N] (float64). Slow: for small
+    shapes only."""
     assert qweight.shape == kernel_layout_shape(bits, in_features, out_features)
     p = Problem.make(bits, group_size, in_features, out_features)
     cfg = Config(bits, m_tiles16)
     M = x.shape[0]
     m_tiles = max(1, math.ceil(M / cfg.bm))
     n_tiles, k_tiles = p.n_tiles(cfg), p.k_tiles(cfg)
-    grid = min(grid, m_tiles * n_tiles * k_tiles)
+    plan = make_streamk_plan(m_tiles * n_tiles, k_tiles, slots)
     y = torch.full((M, p.N), float("nan"), dtype=torch.float64)
     stores = torch.zeros(M, p.N, dtype=torch.int64)
     warp = torch.arange(4).repeat_interleave(32)
     lane = torch.arange(32).repeat(4)
-    plan = streamk_schedule(m_tiles * n_tiles, k_tiles, grid)
-    partials = {}
+    schedule = streamk_schedule(plan, k_tiles)
+    partials = {}  # workspace slot -> (tile, fp32 partial)
 
     def tile_partial(tile, kbeg, kend):
         m_tile, n_tile = tile % m_tiles, tile // m_tiles
         acc = torch.zeros(cfg.bm, cfg.bn, dtype=torch.float64)
-        xs = torch.zeros(cfg.bm, cfg.x_chunks_per_row, 8, dtype=x.dtype)
+        # shared memory is never zeroed: rows >= M hold garbage (NaN here) that must not leak
+        xs = torch.full((cfg.bm, cfg.x_chunks_per_row, 8), float("nan"), dtype=x.dtype)
         for kt in range(kbeg, kend):
             xs = load_stage_x(x, p, cfg, M, m_tile, kt, xs)
             b = torch.zeros(cfg.bk, cfg.bn, dtype=torch.float64)  # B[k, n] of the tile
@@ -402,19 +551,19 @@ def emulate_qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return acc
 
     # The kernel runs CTAs concurrently; here peers are computed first (they never wait).
-    for cta, segs in enumerate(plan):
+    for cta, segs in enumerate(schedule):
         for tile, kbeg, kend, role in segs:
             if role[0] == "peer":
-                assert cta not in partials, "a CTA is a peer for at most one tile"
-                partials[cta] = (tile, tile_partial(tile, kbeg, kend))
-    for cta, segs in enumerate(plan):
+                assert role[1] not in partials, "a workspace slot is written once per launch"
+                partials[role[1]] = (tile, tile_partial(tile, kbeg, kend))
+    for cta, segs in enumerate(schedule):
         for tile, kbeg, kend, role in segs:
             if role[0] == "peer":
                 continue
             acc = tile_partial(tile, kbeg, kend)
             if role[0] == "owner":
-                for peer in range(cta - 1, role[1] - 1, -1):
-                    ptile, pacc = partials.pop(peer)
+                for slot in role[1]:  # part order, as the kernel adds them
+                    ptile, pacc = partials.pop(slot)
                     assert ptile == tile
                     acc = acc + pacc
             m_tile, n_tile = tile % m_tiles, tile // m_tiles

@@ -162,12 +162,24 @@ torch.library.register_autograd("flute::qgemm", _qgemm_backward, setup_context=_
                                 lib=_lib)
 
 
+# Why ``flute._C`` did not load ("" when it did): kept so that a GPU run can report a broken build
+# instead of silently falling back to the reference (tests/test_cuda_kernel.py fails with it).
+CUDA_KERNEL_ERROR = ""
+
+
 def _load_cuda_extension() -> bool:
-    """Import ``flute._C`` (which registers the CUDA kernels); False when it was not built."""
+    """Import ``flute._C`` (which registers the CUDA kernels); False when it is missing or fails to
+    load, with the reason in ``CUDA_KERNEL_ERROR``."""
+    global CUDA_KERNEL_ERROR
     try:
         from . import _C  # noqa: F401
-    except ImportError:
+    except ImportError as exc:  # not built (CPU install), or built against another torch
+        CUDA_KERNEL_ERROR = f"{type(exc).__name__}: {exc}"
         return False
+    except OSError as exc:  # e.g. a missing shared library of the CUDA runtime
+        CUDA_KERNEL_ERROR = f"{type(exc).__name__}: {exc}"
+        return False
+    CUDA_KERNEL_ERROR = ""
     return True
 
 

@@ -1,4 +1,5 @@
-"""GPU tests of the CUDA kernels against the float64 CPU reference (skipped without a GPU).
+"""GPU tests of the CUDA kernels against the float64 CPU reference (skipped without a GPU; on a
+machine with a GPU a missing or broken ``flute._C`` FAILS every test, with the import error).
 
 Fresh random data (never zeros), outputs poisoned where the kernel writes, every bits x group x
 dtype x offsets combination over a ladder of batch sizes and odd shapes; determinism across
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.cuda
 
 DEV = "cuda"
 BITS = (2, 3, 4)
-GROUPS = (32, 64, 128, 256, -1)
+GROUPS = (32, 48, 64, 96, 128, 192, 256, -1)  # 48/96/192: scale windows straddle k-tiles
 DTYPES = (torch.float16, torch.bfloat16)
 MS = (1, 2, 3, 7, 16, 17, 31, 33, 64, 65, 127, 128, 255, 512, 1024)
 SMALL_SHAPES = ((192, 576), (1000, 1536))       # (N, K)
@@ -26,14 +27,13 @@ LARGE_SHAPES = ((4096, 14336), (28672, 8192))
 FULL = os.environ.get("FLUTE_FULL_MATRIX", "0") == "1"
 
 
-def have_kernel():
-    return torch.cuda.is_available() and flute.HAS_CUDA_KERNEL
-
-
 @pytest.fixture(autouse=True)
 def _need_kernel():
-    if not have_kernel():
-        pytest.skip("flute._C CUDA extension not built")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not flute.ops.HAS_CUDA_KERNEL:  # a GPU but no kernel: a broken build, never a skip
+        pytest.fail("flute._C (the CUDA kernels) did not load on a machine with a GPU: "
+                    f"{flute.ops.CUDA_KERNEL_ERROR or 'not built'}", pytrace=False)
 
 
 def poison_allocator(numel, dtype):
@@ -44,9 +44,10 @@ def poison_allocator(numel, dtype):
     torch.cuda.synchronize()
 
 
-def run_qgemm(x, codes, scales, offs, table, bits, group):
+def run_qgemm(x, codes, scales, offs, table, bits, group, q=None):
     n, k = codes.shape
-    q = to_kernel_layout(codes.to(DEV), bits)
+    if q is None:
+        q = to_kernel_layout(codes.to(DEV), bits)
     poison_allocator(x.numel() // k * n, x.dtype)
     return torch.ops.flute.qgemm(x, q, scales.to(DEV), None if offs is None else offs.to(DEV),
                                  table.to(DEV), bits, group, k, n)
@@ -76,9 +77,10 @@ def matrix():
                          ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, tuple) else "Ms")
 def test_qgemm_matches_reference(bits, group, dtype, offsets, n, k, ms):
     codes, scales, offs, table = random_quantized(n, k, bits, group, dtype=dtype, offsets=offsets, seed=bits * 1000 + n)
+    q = to_kernel_layout(codes.to(DEV), bits)
     for M in ms:
         x = (torch.randn(M, k, generator=torch.Generator().manual_seed(M)) ).to(dtype)
-        y = run_qgemm(x.to(DEV), codes, scales, offs, table, bits, group)
+        y = run_qgemm(x.to(DEV), codes, scales, offs, table, bits, group, q)
         torch.cuda.synchronize()
         check_close(y, reference_qgemm(x.to(DEV), RandomWeight(codes, scales, offs, table), group).cpu(), dtype, k)
 
@@ -88,9 +90,10 @@ def test_qgemm_matches_reference(bits, group, dtype, offsets, n, k, ms):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_qgemm_large_shapes(bits, n, k, dtype):
     codes, scales, offs, table = random_quantized(n, k, bits, 128, dtype=dtype, offsets=False, seed=7)
+    q = to_kernel_layout(codes.to(DEV), bits)
     for M in ((1, 16, 64, 300) if FULL or bits == 4 else (1, 33)):
         x = torch.randn(M, k, generator=torch.Generator().manual_seed(M)).to(dtype)
-        y = run_qgemm(x.to(DEV), codes, scales, offs, table, bits, 128)
+        y = run_qgemm(x.to(DEV), codes, scales, offs, table, bits, 128, q)
         check_close(y, reference_qgemm(x.to(DEV), RandomWeight(codes, scales, None, table), 128).cpu(), dtype, k)
 
 
@@ -145,6 +148,26 @@ def test_deterministic_across_streams():
                 outs.append(torch.ops.flute.qgemm(x, q, s, None, t, bits, 128, k, n))
             stream.synchronize()
         assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("bits,n,k,group,offsets", [
+    (4, 256, 16384, 128, False),   # 2 tiles of 128 k-tiles: split 4 ways on any GPU
+    (3, 40, 8192, 48, True),       # 1 tile: split, straddling scale windows, offsets
+    (2, 4096, 4096, 128, False),   # 32 tiles: split 4 ways (8 k-tiles per part)
+])
+def test_streamk_split_tiles(bits, n, k, group, offsets):
+    """Shapes whose tiles are split across CTAs (the Stream-K reduction through the persistent
+    workspace): correct, bitwise reproducible across calls, and the flags are left zero (a
+    second and third call would hang or add stale partials otherwise)."""
+    codes, scales, offs, table = random_quantized(n, k, bits, group, dtype=torch.float16, offsets=offsets, seed=11)
+    q = to_kernel_layout(codes.to(DEV), bits)
+    for M in (1, 16, 40):
+        x = torch.randn(M, k, generator=torch.Generator().manual_seed(M)).to(torch.float16)
+        ys = [run_qgemm(x.to(DEV), codes, scales, offs, table, bits, group, q) for _ in range(3)]
+        torch.cuda.synchronize()
+        check_close(ys[0], reference_qgemm(x.to(DEV), RandomWeight(codes, scales, offs, table), group).cpu(),
+                    torch.float16, k)
+        assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
 
 
 def test_cuda_graph_capture_and_replay():

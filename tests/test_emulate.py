@@ -6,11 +6,13 @@ import math
 import pytest
 import torch
 
-from flute.emulate import (Config, Problem, a_fragment_source, cta_of_iter, decode_b_fragments,
-                           emulate_qgemm, iter_begin, load_stage_x, scale_words, streamk_schedule)
+from flute.emulate import (DEQUANT_WARPS, M_TILE_OPTIONS, Config, Problem, StreamK, a_fragment_source,
+                           choose_pipeline, decode_b_fragments, emulate_qgemm, load_stage_x,
+                           make_streamk_plan, plan_qgemm, scale_words, scale_words_for,
+                           streamk_schedule)
 from flute.format import dequantize_codes
 from flute.testing import random_quantized
-from flute.layout import padded_shape, to_kernel_layout
+from flute.layout import ATOM_N, atom_chunks, atom_k, padded_shape, to_kernel_layout
 
 
 def emulated_weight(qweight, scales, offs, table, bits, group, n, k):
@@ -131,54 +133,276 @@ def test_pair_table_lookups_conflict_free(rng):
             assert max(len(v) for v in by_bank.values()) == 1  # one address per bank: no replay
 
 
-@pytest.mark.parametrize("tiles,iters,grid", [
-    (1, 1, 1), (1, 12, 5), (2, 5, 10), (3, 7, 4), (16, 64, 132), (64, 64, 264), (7, 3, 20),
-    (224, 64, 132), (5, 1, 3), (2, 9, 17), (13, 11, 13)])
-def test_streamk_schedule(tiles, iters, grid):
-    grid = min(grid, tiles * iters)
-    plan = streamk_schedule(tiles, iters, grid)
-    total = tiles * iters
-    q, r = total // grid, total % grid
-    covered = torch.zeros(tiles, iters, dtype=torch.int64)
-    peers_of = {}
-    for cta, segs in enumerate(plan):
-        assert sum(ke - kb for _, kb, ke, _ in segs) == iter_begin(cta + 1, q, r) - iter_begin(cta, q, r)
-        roles = [s[3][0] for s in segs]
-        assert roles.count("peer") <= 1
-        if "peer" in roles:
-            assert roles[0] == "peer", "the peer segment comes first: nobody waits before publishing"
-        for tile, kb, ke, role in segs:
-            covered[tile, kb:ke] += 1
-            for it in range(tile * iters + kb, tile * iters + ke):
-                assert cta_of_iter(it, q, r) == cta
-            if role[0] == "peer":
-                peers_of.setdefault(tile, []).append(cta)
-        tiles_done = [s[0] for s in segs]
-        assert tiles_done == sorted(tiles_done, reverse=True)
-    assert bool((covered == 1).all())
-    for cta, segs in enumerate(plan):
-        for tile, kb, ke, role in segs:
-            if role[0] == "owner":
-                first = role[1]
-                assert first < cta and kb > 0 and ke == iters
-                assert sorted(peers_of.pop(tile)) == list(range(first, cta))
-            elif role[0] == "full":
-                assert kb == 0 and ke == iters and tile not in peers_of
-    assert not peers_of, "every peer has an owner"
-
-
-@pytest.mark.parametrize("bits,M,n,k,group,offsets,grid,mt", [
+@pytest.mark.parametrize("bits,M,n,k,group,offsets,slots,mt", [
     (4, 1, 64, 256, 64, False, 5, 1),
     (3, 3, 40, 200, -1, True, 3, 1),
     (2, 17, 33, 130, 32, False, 4, 2),
     (4, 33, 96, 128, 32, True, 7, 4),
     (3, 20, 128, 384, 128, False, 2, 1),
+    (4, 2, 40, 4096, 128, False, 8, 1),    # one tile split 4 ways (32 k-tiles: 8 per part)
+    (2, 5, 300, 2100, 48, True, 2, 1),     # a full wave of whole tiles, the last tile split 2 ways
 ])
-def test_emulated_kernel_matches_reference(bits, M, n, k, group, offsets, grid, mt, rng):
+def test_emulated_kernel_matches_reference(bits, M, n, k, group, offsets, slots, mt, rng):
     codes, scales, offs, table = random_quantized(n, k, bits, group, offsets=offsets, dtype=torch.float16, generator=rng)
     x = torch.randn(M, k, generator=rng).to(torch.float16)
     q = to_kernel_layout(codes, bits)
-    y = emulate_qgemm(x, q, scales, offs, table, bits, group, k, n, grid=grid, m_tiles16=mt)
+    y = emulate_qgemm(x, q, scales, offs, table, bits, group, k, n, slots=slots, m_tiles16=mt)
     w = dequantize_codes(codes, scales, offs, table, group).double()  # float32 weights, as decoded
     ref = x.double() @ w.t()
     assert torch.allclose(y, ref, rtol=1e-9, atol=1e-9)
+
+
+# -- Stream-K schedule: limits on the GPUs and shapes we care about --------------------------------
+
+GPUS = {  # name: (SMs, shared memory per SM, per block opt-in)
+    "H100": (132, 228 * 1024, 227 * 1024),
+    "H200": (132, 228 * 1024, 227 * 1024),
+    "A100": (108, 164 * 1024, 163 * 1024),
+    "L40S": (142, 100 * 1024, 99 * 1024),
+    "RTX4090": (128, 100 * 1024, 99 * 1024),
+}
+LLAMA_SHAPES = {  # (N, K) of the linear layers
+    "8B": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
+    "70B": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
+}
+
+
+def check_schedule(plan, tiles, iters, slots):
+    """Coverage, limits and wait order of one Stream-K plan, from the segments the CTAs walk."""
+    sched = streamk_schedule(plan, iters)
+    assert plan.grid <= slots, "all CTAs are resident at once (owners spin on their peers)"
+    covered = torch.zeros(tiles, iters, dtype=torch.int64)
+    ctas_of_tile = {}
+    peer_slot_cta, owners = {}, {}
+    counts = []
+    for cta, segs in enumerate(sched):
+        assert segs, "every CTA has work"
+        counts.append(sum(ke - kb for _, kb, ke, _ in segs))
+        roles = [r[0] for *_, r in segs]
+        assert roles.count("peer") + roles.count("owner") <= 1
+        if "peer" in roles:
+            assert roles[0] == "peer", "a peer part comes first: nothing waits before it publishes"
+        if "owner" in roles:
+            assert roles[-1] == "owner", "an owner part comes last"
+        for tile, kb, ke, role in segs:
+            covered[tile, kb:ke] += 1
+            ctas_of_tile.setdefault(tile, set()).add(cta)
+            whole = kb == 0 and ke == iters
+            assert whole or ke - kb >= 8, f"CTA {cta}: {ke - kb} k-tiles of tile {tile}"
+            assert whole == (role[0] == "full")
+            if role[0] == "peer":
+                assert role[1] not in peer_slot_cta and 0 <= role[1] < plan.partial_slots
+                peer_slot_cta[role[1]] = (cta, tile, kb)
+            elif role[0] == "owner":
+                owners[cta] = (tile, kb, role[1])
+    assert bool((covered == 1).all()), "every (tile, k-tile) exactly once"
+    assert max(len(c) for c in ctas_of_tile.values()) <= 4, "at most 4 CTAs per tile"
+    for cta, (tile, kb, slots_) in owners.items():
+        peers = [peer_slot_cta.pop(s) for s in slots_]
+        assert all(p[1] == tile and p[0] < cta for p in peers), "an owner waits on its own tile's lower CTAs"
+        assert [p[2] for p in peers] == sorted(p[2] for p in peers), "partials added in k order"
+        assert kb > 0 and len(peers) == plan.split - 1
+    assert not peer_slot_cta, "every published partial has an owner"
+    waves = tiles // slots
+    assert max(counts) <= waves * iters + (iters if plan.split == 1 else -(-iters // plan.split))
+    return sched, counts
+
+
+@pytest.mark.parametrize("tiles,iters,slots", [
+    (1, 1, 1), (1, 12, 5), (1, 64, 396), (2, 5, 10), (3, 7, 4), (16, 64, 132), (64, 64, 264),
+    (7, 3, 20), (224, 64, 132), (5, 1, 3), (2, 9, 17), (13, 11, 13), (400, 32, 396),
+    (397, 64, 396), (133, 16, 132), (40, 40, 396), (1000, 8, 7)])
+def test_streamk_schedule(tiles, iters, slots):
+    plan = make_streamk_plan(tiles, iters, slots)
+    check_schedule(plan, tiles, iters, slots)
+
+
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+def test_streamk_plans_on_gpus_and_llama_shapes(gpu):
+    """Every Llama-3-8B/70B layer at M = 1..256, every bit width, on the GPUs we target: the
+    schedule's limits hold, and a CTA never gets fewer than 8 k-tiles of a split tile."""
+    sms, smem_sm, smem_block = GPUS[gpu]
+    for model, shapes in LLAMA_SHAPES.items():
+        for (n, k) in shapes:
+            for bits in (2, 3, 4):
+                for M in (1, 16, 32, 64, 256):
+                    for offsets in (False, True):
+                        gp = plan_qgemm(M, n, k, bits, 128, offsets, sms, smem_sm, smem_block)
+                        assert gp is not None and gp.stages >= 3 or (gp.ctas_per_sm == 1 and gp.stages >= 2)
+                        assert gp.smem_bytes * gp.ctas_per_sm + 1024 * gp.ctas_per_sm <= smem_sm
+                        assert gp.smem_bytes <= smem_block
+                        tiles = gp.m_tiles * gp.n_tiles
+                        slots = sms * gp.ctas_per_sm
+                        assert gp.streamk == make_streamk_plan(tiles, gp.k_tiles, slots)
+                        if M in (1, 64):  # the full walk is slower; the plan limits hold for all
+                            check_schedule(gp.streamk, tiles, gp.k_tiles, slots)
+                        sk = gp.streamk
+                        assert sk.split <= 4 and sk.grid <= slots
+                        assert sk.split == 1 or gp.k_tiles // sk.split >= 8
+                        # the persistent workspace bound of dispatch.cu holds
+                        assert sk.partial_slots <= sms * 4 * 3 // 4
+                        assert gp.workspace_bytes <= sms * 3 * (64 * 128 * 4 + 4)
+
+
+# -- the header and the emulator agree ------------------------------------------------------------
+
+HEADER_PROBE = r"""
+#include <cstdio>
+#include "flute_config.cuh"
+using namespace flute;
+template <int B, int M> void cfg() {
+  using C = GemmConfig<B, M>;
+  std::printf("cfg %d %d atom_n=%d atom_k=%d chunks=%d pair_entries=%d pair_copies=%d "
+              "log_pair_copies=%d pair_bytes=%d warps=%d threads=%d bm=%d bn=%d bk=%d steps=%d "
+              "atoms_k=%d lane_chunks=%d warp_chunks=%d code_bytes=%d x_chunks_per_row=%d "
+              "x_bytes=%d scale_window=%d scale_bytes=%d table_bytes=%d stage0=%d stage1=%d "
+              "partial_floats=%d min_stages=%d max_stages=%d m_index=%d code_copies_per_thread=%d\n",
+              B, M, C::kAtomN, C::kAtomK, C::kChunks, C::kPairEntries, C::kPairCopies,
+              C::kLogPairCopies, C::kPairBytes, C::kWarps, C::kThreads, C::kBM, C::kBN, C::kBK,
+              C::kSteps, C::kAtomsK, C::kLaneChunks, C::kWarpChunks, C::kCodeBytes,
+              C::kXChunksPerRow, C::kXBytes, C::kScaleWindow, C::kScaleBytes, C::kTableBytes,
+              C::stage_bytes(false), C::stage_bytes(true), C::kPartialFloats, C::kMinStages,
+              C::kMaxStages, C::kMIndex, C::kCodeCopiesPerThread);
+}
+int main() {
+  cfg<2, 1>(); cfg<2, 2>(); cfg<2, 4>(); cfg<3, 1>(); cfg<3, 2>(); cfg<3, 4>();
+  cfg<4, 1>(); cfg<4, 2>(); cfg<4, 4>();
+  std::printf("streamk max_split=%d min_split_iters=%d max_ctas_per_sm=%d min_stages_shared=%d\n",
+              StreamK::kMaxSplit, StreamK::kMinSplitIters, StreamK::kMaxCtasPerSm,
+              StreamK::kMinStagesShared);
+  std::printf("misc m_options=%d,%d,%d dequant_warps=%d\n", kMTileOptions[0], kMTileOptions[1],
+              kMTileOptions[2], kDequantWarps);
+  char op[16];
+  int a, b, c, d, e, f;
+  while (std::scanf("%15s", op) == 1) {
+    if (op[0] == 'p') {  // pipeline
+      std::scanf("%d %d %d %d %d %d", &a, &b, &c, &d, &e, &f);
+      PipelineChoice pc = choose_pipeline(a, b, c, d, e, f);
+      std::printf("pipe %d %d\n", pc.ctas, pc.stages);
+    } else if (op[0] == 's') {  // scale words
+      std::scanf("%d %d %d", &a, &b, &c);
+      std::printf("sw %d\n", scale_words(a, b, c));
+    } else {  // plan + every CTA's walk
+      std::scanf("%d %d %d", &a, &b, &c);
+      StreamKPlan p = make_streamk_plan(a, b, c);
+      std::printf("plan %d %d %d %d %d\n", p.grid, p.dp_tiles, p.split, p.sk_units, p.partial_slots);
+      for (int cta = 0; cta < p.grid; ++cta) {
+        WorkList wl;
+        wl.init(p.dp_tiles, p.split, p.sk_units, b, cta, p.grid);
+        Cursor cur;
+        cur.start(wl);
+        std::printf("cta %d %d", cta, wl.count());
+        for (int i = 0; i < wl.count(); ++i) {
+          if (cur.k + 1 == cur.kend)
+            std::printf(" %d:%d:%d:%c%d", cur.tile, cur.kbeg, cur.kend,
+                        wl.is_split(cur.seg) ? (wl.is_peer() ? 'p' : 'o') : 'f',
+                        wl.is_split(cur.seg) && wl.is_peer() ? wl.peer_slot(cta % p.split) : -1);
+          cur.advance(wl);
+        }
+        std::printf("\n");
+      }
+    }
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def header_probe(tmp_path_factory):
+    """flute_config.cuh compiled with the host C++ compiler (it is plain C++ too)."""
+    import os
+    import shutil
+    import subprocess
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.fail("no C++ compiler (c++/g++) to compile csrc/cuda/flute_config.cuh")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = tmp_path_factory.mktemp("probe")
+    (d / "probe.cpp").write_text(HEADER_PROBE)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-I", os.path.join(root, "csrc", "cuda"),
+                    str(d / "probe.cpp"), "-o", str(d / "probe")], check=True)
+
+    def run(queries: str) -> str:
+        return subprocess.run([str(d / "probe")], input=queries, capture_output=True, text=True,
+                              check=True).stdout
+    return run
+
+
+def test_tile_constants_match_header(header_probe):
+    out = header_probe("")
+    seen = 0
+    for line in out.splitlines():
+        tag, *rest = line.split()
+        if tag == "cfg":
+            bits, mt = int(rest[0]), int(rest[1])
+            got = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in rest[2:]}
+            c = Config(bits, mt)
+            want = {
+                "atom_n": ATOM_N, "atom_k": c.atom_k, "chunks": c.chunks,
+                "pair_entries": c.pair_entries, "pair_copies": c.pair_copies,
+                "log_pair_copies": c.log_pair_copies, "pair_bytes": c.pair_bytes,
+                "warps": c.warps, "threads": c.threads, "bm": c.bm, "bn": c.bn, "bk": c.bk,
+                "steps": c.steps, "atoms_k": c.atoms_k, "lane_chunks": c.lane_chunks,
+                "warp_chunks": c.warp_chunks, "code_bytes": c.code_bytes,
+                "x_chunks_per_row": c.x_chunks_per_row, "x_bytes": c.x_bytes,
+                "scale_window": c.scale_window, "scale_bytes": c.scale_bytes,
+                "table_bytes": c.table_bytes, "stage0": c.stage_bytes(False),
+                "stage1": c.stage_bytes(True), "partial_floats": c.partial_floats,
+                "min_stages": c.min_stages, "max_stages": c.max_stages, "m_index": c.m_index,
+                "code_copies_per_thread": c.code_copies_per_thread,
+            }
+            assert got == want, (bits, mt, {k: (got[k], want[k]) for k in got if got[k] != want.get(k)})
+            seen += 1
+        elif tag == "streamk":
+            got = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in rest}
+            assert got == {"max_split": StreamK.max_split, "min_split_iters": StreamK.min_split_iters,
+                           "max_ctas_per_sm": StreamK.max_ctas_per_sm,
+                           "min_stages_shared": StreamK.min_stages_shared}
+            seen += 1
+        elif tag == "misc":
+            got = dict(kv.split("=") for kv in rest)
+            assert tuple(map(int, got["m_options"].split(","))) == M_TILE_OPTIONS
+            assert int(got["dequant_warps"]) == DEQUANT_WARPS
+            seen += 1
+    assert seen == 11
+    # the layout module agrees too (the kernel layout is built there)
+    for bits in (2, 3, 4):
+        assert (atom_k(bits), atom_chunks(bits)) == (Config(bits).atom_k, Config(bits).chunks)
+
+
+def test_host_arithmetic_matches_header(header_probe):
+    """choose_pipeline, scale_words, make_streamk_plan and the WorkList/Cursor walk of every CTA,
+    compiled from the header, equal flute/emulate.py's."""
+    queries, want = [], []
+    for sms, smem_sm, smem_block in GPUS.values():
+        for bits in (2, 3, 4):
+            for mt in M_TILE_OPTIONS:
+                c = Config(bits, mt)
+                for off in (False, True):
+                    args = (smem_sm, smem_block, c.table_bytes, c.stage_bytes(off), c.min_stages, c.max_stages)
+                    queries.append("pipe " + " ".join(map(str, args)))
+                    want.append("pipe %d %d" % choose_pipeline(*args))
+    for group in list(range(32, 600, 16)) + [4096]:
+        for ngroups in (1, 7):
+            queries.append(f"sw {group} {ngroups} 8")
+            want.append(f"sw {scale_words_for(group, ngroups, 8)}")
+    cases = [(1, 1, 1), (1, 64, 396), (3, 7, 4), (32, 32, 396), (112, 32, 396), (224, 64, 132),
+             (400, 32, 396), (397, 64, 396), (133, 16, 132), (13, 11, 13), (896, 64, 264),
+             (40, 40, 396), (1000, 8, 7), (64, 112, 264), (5, 17, 2)]
+    for tiles, iters, slots in cases:
+        queries.append(f"walk {tiles} {iters} {slots}")
+        p = make_streamk_plan(tiles, iters, slots)
+        want.append(f"plan {p.grid} {p.dp_tiles} {p.split} {p.sk_units} {p.partial_slots}")
+        for cta, segs in enumerate(streamk_schedule(p, iters)):
+            cnt = sum(ke - kb for _, kb, ke, _ in segs)
+            parts = []
+            for tile, kb, ke, role in segs:
+                kind = {"full": "f", "peer": "p", "owner": "o"}[role[0]]
+                parts.append(f"{tile}:{kb}:{ke}:{kind}{role[1] if kind == 'p' else -1}")
+            want.append(" ".join([f"cta {cta} {cnt}"] + parts))
+    got = [l for l in header_probe("\n".join(queries) + "\n").splitlines()
+           if l.split()[0] in ("pipe", "sw", "plan", "cta")]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g == w

@@ -1,14 +1,41 @@
 // Config choice and launch: a heuristic over (M, N, K, bits, group, SM count, shared memory).
 // No online tuning, no device synchronization, nothing allocated here (the binding passes a
-// workspace from the torch allocator), so launches are CUDA-graph safe.
+// persistent workspace), so launches are CUDA-graph safe. Every geometric number comes from
+// LayoutTraits / GemmConfig (flute_config.cuh) through one runtime-to-template dispatcher.
 #include <algorithm>
-#include <atomic>
+#include <mutex>
+#include <type_traits>
 
 #include "flute_kernels.cuh"
 #include "flute_launch.h"
 
 namespace flute {
 namespace {
+
+// ---- the one runtime -> template dispatcher ----------------------------------------------------
+// Calls f(GemmConfig<bits, m_tiles16>{}) (f(LayoutTraits<bits>{}) for with_layout); returns
+// `fallback` for a combination that is not compiled.
+template <typename F, typename R>
+R with_config(int bits, int m_tiles16, R fallback, F&& f) {
+  switch (bits * 8 + m_tiles16) {
+    case 2 * 8 + 1: return f(GemmConfig<2, 1>{});
+    case 2 * 8 + 2: return f(GemmConfig<2, 2>{});
+    case 2 * 8 + 4: return f(GemmConfig<2, 4>{});
+    case 3 * 8 + 1: return f(GemmConfig<3, 1>{});
+    case 3 * 8 + 2: return f(GemmConfig<3, 2>{});
+    case 3 * 8 + 4: return f(GemmConfig<3, 4>{});
+    case 4 * 8 + 1: return f(GemmConfig<4, 1>{});
+    case 4 * 8 + 2: return f(GemmConfig<4, 2>{});
+    case 4 * 8 + 4: return f(GemmConfig<4, 4>{});
+    default: return fallback;
+  }
+}
+template <typename F, typename R>
+R with_layout(int bits, R fallback, F&& f) {
+  return with_config(bits, 1, fallback, [&](auto cfg) {
+    return f(static_cast<const typename decltype(cfg)::L&>(cfg));
+  });
+}
 
 const KernelSet& kernel_set(int bits, DTypeId dtype) {
   static const KernelSet sets[3][2] = {
@@ -19,60 +46,108 @@ const KernelSet& kernel_set(int bits, DTypeId dtype) {
   return sets[bits - 2][static_cast<int>(dtype)];
 }
 
-// Per-device cache of the attributes the heuristic reads (the only host state; -1 = unknown).
-struct DeviceInfo {
-  int sms, smem_per_sm, smem_per_block;
+long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+
+// ---- per-device cache: attributes, and per kernel configuration the pipeline and occupancy ----
+// Filled on the first call for a (device, bits, dtype, batch tile, offsets) and read without any
+// CUDA call afterwards, so that qgemm_plan is pure arithmetic in steady state (and under capture).
+struct KernelConfig {
+  bool ready = false;
+  int stages = 0, smem = 0, ctas = 0;  // ctas: resident CTAs per SM (heuristic, capped by occupancy)
+};
+struct DeviceCache {
+  bool ready = false;
+  int sms = 0, smem_per_sm = 0, smem_per_block = 0;
+  KernelConfig cfg[3][2][kNumMTileConfigs][2];  // [bits - 2][dtype][kMIndex][has_offsets]
 };
 constexpr int kMaxDevices = 64;
-std::atomic<int> g_sms[kMaxDevices], g_smem_sm[kMaxDevices], g_smem_block[kMaxDevices];
+std::mutex g_mutex;
+DeviceCache g_cache[kMaxDevices];
 
-cudaError_t device_info(int device, DeviceInfo* info) {
+cudaError_t device_cache(int device, DeviceCache** out) {
   if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  int sms = g_sms[device].load(std::memory_order_relaxed);
-  if (sms <= 0) {
+  DeviceCache& d = g_cache[device];
+  if (!d.ready) {
     int v[3];
     cudaError_t e = cudaDeviceGetAttribute(&v[0], cudaDevAttrMultiProcessorCount, device);
-    if (e == cudaSuccess)
-      e = cudaDeviceGetAttribute(&v[1], cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-    if (e == cudaSuccess)
-      e = cudaDeviceGetAttribute(&v[2], cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&v[1], cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&v[2], cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     if (e != cudaSuccess) return e;
-    g_smem_sm[device].store(v[1]);
-    g_smem_block[device].store(v[2]);
-    g_sms[device].store(v[0]);
+    d.sms = v[0];
+    d.smem_per_sm = v[1];
+    d.smem_per_block = v[2];
+    d.ready = true;
   }
-  info->sms = g_sms[device].load();
-  info->smem_per_sm = g_smem_sm[device].load();
-  info->smem_per_block = g_smem_block[device].load();
+  *out = &d;
   return cudaSuccess;
 }
 
-struct TileSizes {
-  int bm, bn, bk, atom_k, atoms_k, table_bytes, stage_bytes, code_bytes, partial_floats;
-};
-
-template <int kBits, int kMTiles>
-TileSizes tile_sizes_t(bool has_offsets) {
-  using C = GemmConfig<kBits, kMTiles>;
-  return {C::kBM, C::kBN, C::kBK, C::kAtomK, C::kAtomsK, C::kTableBytes,
-          C::stage_bytes(has_offsets), C::kCodeBytes, C::kPartialFloats};
+// Pipeline choice for one configuration, both offset variants at once: the kernel's shared-memory
+// limit is raised once, to the larger of the two.
+template <typename C>
+cudaError_t kernel_config(DeviceCache& d, DTypeId dtype, bool has_offsets, KernelConfig* out) {
+  KernelConfig* both = d.cfg[C::kBits - 2][static_cast<int>(dtype)][C::kMIndex];
+  if (!both[has_offsets].ready) {
+    int max_smem = 0;
+    for (int o = 0; o < 2; ++o) {
+      const PipelineChoice pc = choose_pipeline(d.smem_per_sm, d.smem_per_block, C::kTableBytes,
+                                                C::stage_bytes(o == 1), C::kMinStages, C::kMaxStages);
+      if (pc.stages < C::kMinStages) return cudaErrorInvalidConfiguration;
+      both[o].stages = pc.stages;
+      both[o].smem = C::kTableBytes + pc.stages * C::stage_bytes(o == 1);
+      both[o].ctas = pc.ctas;
+      if (both[o].smem > max_smem) max_smem = both[o].smem;
+    }
+    const KernelSet& ks = kernel_set(C::kBits, dtype);
+    for (int o = 0; o < 2; ++o) {
+      int occ = 0;
+      cudaError_t err = ks.prepare[C::kMIndex](max_smem, both[o].smem, &occ);
+      if (err != cudaSuccess) return err;
+      if (occ < 1) return cudaErrorInvalidConfiguration;
+      if (occ < both[o].ctas) both[o].ctas = occ;
+    }
+    both[0].ready = both[1].ready = true;
+  }
+  *out = both[has_offsets];
+  return cudaSuccess;
 }
 
-template <int kBits>
-TileSizes tile_sizes_b(int mt, bool has_offsets) {
-  return mt == 1 ? tile_sizes_t<kBits, 1>(has_offsets)
-                 : (mt == 2 ? tile_sizes_t<kBits, 2>(has_offsets) : tile_sizes_t<kBits, 4>(has_offsets));
-}
+int batch_tile(int M) { return M <= 16 ? 1 : (M <= 32 ? 2 : 4); }
 
-TileSizes tile_sizes(int bits, int mt, bool has_offsets) {
-  return bits == 2 ? tile_sizes_b<2>(mt, has_offsets)
-                   : (bits == 3 ? tile_sizes_b<3>(mt, has_offsets) : tile_sizes_b<4>(mt, has_offsets));
+// A workspace bound that holds for every plan: partial slots = split tiles x (split - 1) with
+// split tiles x split <= grid <= SMs x kMaxCtasPerSm, i.e. at most (kMaxSplit - 1) / kMaxSplit of
+// the largest grid, each slot one fp32 tile of the largest batch tile.
+constexpr size_t kMaxPartialFloats = (size_t)GemmConfig<4, 4>::kPartialFloats;
+static_assert(GemmConfig<2, 4>::kPartialFloats <= kMaxPartialFloats &&
+                  GemmConfig<3, 4>::kPartialFloats <= kMaxPartialFloats,
+              "the 64-row tile has the largest partial");
+size_t max_slots(int sms) {
+  return (size_t)sms * StreamK::kMaxCtasPerSm * (StreamK::kMaxSplit - 1) / StreamK::kMaxSplit;
 }
-
-int mt_index(int mt) { return mt == 1 ? 0 : (mt == 2 ? 1 : 2); }
-int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
 
 }  // namespace
+
+int64_t layout_words(int bits, int64_t K, int64_t N) {
+  return with_layout(bits, (int64_t)-1, [&](const auto& L) -> int64_t {
+    using Lt = std::decay_t<decltype(L)>;
+    const int64_t n_pad = ceil_div(N, Lt::kAtomN) * Lt::kAtomN;
+    const int64_t k_pad = ceil_div(K, Lt::kAtomK) * Lt::kAtomK;
+    static_assert(Lt::kAtomN * Lt::kAtomK * Lt::kNumBits % 32 == 0, "an atom is whole int32 words");
+    return n_pad * k_pad * Lt::kNumBits / 32;
+  });
+}
+
+cudaError_t qgemm_max_workspace_bytes(int device, size_t* bytes) {
+  DeviceCache* d = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    cudaError_t err = device_cache(device, &d);
+    if (err != cudaSuccess) return err;
+  }
+  const size_t slots = max_slots(d->sms);
+  *bytes = slots * kMaxPartialFloats * sizeof(float) + slots * sizeof(int);
+  return cudaSuccess;
+}
 
 cudaError_t qgemm_plan(const QGemmProblem& prob, int device, QGemmPlan* plan) {
   *plan = QGemmPlan();
@@ -88,52 +163,39 @@ cudaError_t qgemm_plan(const QGemmProblem& prob, int device, QGemmPlan* plan) {
     plan->reason = "large M";
     return cudaSuccess;
   }
-  DeviceInfo dev;
-  cudaError_t err = device_info(device, &dev);
-  if (err != cudaSuccess) return err;
-
-  // Batch tile: the smallest of 16/32/64 rows that holds M; above 64 rows, 64-row tiles.
-  const int mt = prob.M <= 16 ? 1 : (prob.M <= 32 ? 2 : 4);
-  const TileSizes ts = tile_sizes(prob.bits, mt, prob.has_offsets);
-  const int n_atoms = ceil_div(prob.N, 32);
-  const int k_atoms = ceil_div(prob.K, ts.atom_k);
-  plan->m_tiles16 = mt;
-  plan->m_tiles = std::max(1, ceil_div(prob.M, ts.bm));
-  plan->n_tiles = ceil_div(n_atoms, ts.bn / 32);
-  plan->k_tiles = ceil_div(k_atoms, ts.atoms_k);
-  const long long total = (long long)plan->m_tiles * plan->n_tiles * plan->k_tiles;
-  if (total >= (1ll << 31)) return cudaErrorInvalidValue;
-
-  // Pipeline depth and CTAs per SM: the most CTAs per SM (4, 3, 2, 1) that still get >= 3 stages
-  // (>= 2 k-tiles in flight while one is consumed); within that, as many stages as fit, up to 8.
-  // 1 KB of each CTA's shared memory is reserved by the system on sm_80+.
-  const int reserve = 1024;
-  int ctas = 1, stages = 0;
-  for (int c = 4; c >= 1; --c) {
-    const int avail = std::min(dev.smem_per_sm / c - reserve, dev.smem_per_block) - ts.table_bytes;
-    const int s = std::min(GemmConfig<4, 1>::kMaxStages, avail / ts.stage_bytes);
-    if (s >= 3 || (c == 1 && s >= GemmConfig<4, 1>::kMinStages)) {
-      ctas = c;
-      stages = s;
-      break;
+  const int mt = batch_tile(prob.M);
+  return with_config(prob.bits, mt, cudaErrorInvalidValue, [&](auto cfg) -> cudaError_t {
+    using C = decltype(cfg);
+    DeviceCache* d = nullptr;
+    KernelConfig kc;
+    {
+      std::lock_guard<std::mutex> lock(g_mutex);
+      cudaError_t err = device_cache(device, &d);
+      if (err == cudaSuccess) err = kernel_config<C>(*d, prob.dtype, prob.has_offsets, &kc);
+      if (err != cudaSuccess) return err;
     }
-  }
-  if (stages < GemmConfig<4, 1>::kMinStages) return cudaErrorInvalidConfiguration;
-  plan->stages = stages;
-  plan->smem_bytes = ts.table_bytes + stages * ts.stage_bytes;
+    plan->m_tiles16 = C::kMTiles;
+    plan->stages = kc.stages;
+    plan->smem_bytes = kc.smem;
+    plan->m_tiles = (int)std::max<long long>(1, ceil_div(prob.M, C::kBM));
+    const long long n_atoms = ceil_div(prob.N, C::kAtomN);
+    const long long k_atoms = ceil_div(prob.K, C::kAtomK);
+    plan->n_tiles = (int)ceil_div(n_atoms, C::kBN / C::kAtomN);
+    plan->k_tiles = (int)ceil_div(k_atoms, C::kAtomsK);
+    const long long tiles = (long long)plan->m_tiles * plan->n_tiles;
+    if (tiles * plan->k_tiles >= (1ll << 31)) return cudaErrorInvalidValue;
 
-  int occ = 0;
-  err = kernel_set(prob.bits, prob.dtype).occupancy[mt_index(mt)](plan->smem_bytes, &occ);
-  if (err != cudaSuccess) return err;
-  if (occ < 1) return cudaErrorInvalidConfiguration;
-  occ = std::min(occ, ctas);
-  // Every CTA gets at least one iteration; no more CTAs than can be resident at once (the
-  // stream-K reduction waits on lower-index CTAs only, so residency is not needed for progress,
-  // but a persistent grid is what balances the work).
-  plan->grid = (int)std::min<long long>(total, (long long)dev.sms * occ);
-  plan->flags_offset = (size_t)plan->grid * ts.partial_floats * sizeof(float);
-  plan->workspace_bytes = plan->flags_offset + (size_t)plan->grid * sizeof(int);
-  return cudaSuccess;
+    const StreamKPlan sk = make_streamk_plan((int)tiles, plan->k_tiles, d->sms * kc.ctas);
+    plan->grid = sk.grid;
+    plan->dp_tiles = sk.dp_tiles;
+    plan->split = sk.split;
+    plan->sk_units = sk.sk_units;
+    plan->partial_slots = sk.partial_slots;
+    if ((size_t)sk.partial_slots > max_slots(d->sms)) return cudaErrorInvalidConfiguration;
+    plan->flags_offset = (size_t)sk.partial_slots * C::kPartialFloats * sizeof(float);
+    plan->workspace_bytes = plan->flags_offset + (size_t)sk.partial_slots * sizeof(int);
+    return cudaSuccess;
+  });
 }
 
 cudaError_t qgemm_run(const QGemmProblem& prob, const QGemmPlan& plan, const void* x, int ldx,
@@ -141,65 +203,60 @@ cudaError_t qgemm_run(const QGemmProblem& prob, const QGemmPlan& plan, const voi
                       const float* table, void* y, void* workspace, cudaStream_t stream) {
   if (plan.path != QGemmPlan::kFused || plan.grid < 1) return cudaErrorInvalidValue;
   if (prob.M == 0) return cudaSuccess;
-  const TileSizes ts = tile_sizes(prob.bits, plan.m_tiles16, prob.has_offsets);
-  GemmParams p;
-  p.x = x;
-  p.qweight = qweight;
-  p.scales = scales;
-  p.offsets = prob.has_offsets ? offsets : nullptr;
-  p.table = table;
-  p.y = y;
-  p.partials = static_cast<float*>(workspace);
-  p.flags = reinterpret_cast<int*>(static_cast<char*>(workspace) + plan.flags_offset);
-  p.M = prob.M;
-  p.N = prob.N;
-  p.K = prob.K;
-  p.ldx = ldx;
-  p.group = prob.group;
-  p.ngroups = prob.ngroups;
-  p.steps_per_group = prob.ngroups == 1 ? (1 << 30) : prob.group / 16;
-  // Groups one k-tile can touch: exactly 128/G when G divides 128, 1 when 128 divides G (k-tiles
-  // start on group boundaries), else at most (G/16 - 1 + 7) / (G/16) + 1. Plus one element for
-  // the even alignment of the window; 4-byte words, rounded up.
-  int gmax;
-  if (prob.ngroups == 1) {
-    gmax = 1;
-  } else {
-    const int spg = prob.group / 16, steps = ts.bk / 16;
-    gmax = steps % spg == 0 ? steps / spg : (spg % steps == 0 ? 1 : (spg - 1 + steps - 1) / spg + 1);
-  }
-  p.scale_words = (gmax + 1 + 1) / 2;
-  if (p.scale_words > 4) return cudaErrorInvalidValue;  // excluded by fused_supports_group
-  p.n_atoms = ceil_div(prob.N, 32);
-  p.k_atoms = ceil_div(prob.K, ts.atom_k);
-  p.m_tiles = plan.m_tiles;
-  p.n_tiles = plan.n_tiles;
-  p.k_tiles = plan.k_tiles;
-  p.stages = plan.stages;
-  const int total = plan.m_tiles * plan.n_tiles * plan.k_tiles;
-  p.iters_q = total / plan.grid;
-  p.iters_r = total % plan.grid;
-  return kernel_set(prob.bits, prob.dtype).gemm[mt_index(plan.m_tiles16)](p, plan.grid,
-                                                                            plan.smem_bytes, stream);
+  return with_config(prob.bits, plan.m_tiles16, cudaErrorInvalidValue, [&](auto cfg) -> cudaError_t {
+    using C = decltype(cfg);
+    GemmParams p;
+    p.x = x;
+    p.qweight = qweight;
+    p.scales = scales;
+    p.offsets = prob.has_offsets ? offsets : nullptr;
+    p.table = table;
+    p.y = y;
+    p.partials = static_cast<float*>(workspace);
+    p.flags = reinterpret_cast<int*>(static_cast<char*>(workspace) + plan.flags_offset);
+    p.M = prob.M;
+    p.N = prob.N;
+    p.K = prob.K;
+    p.ldx = ldx;
+    p.group = prob.group;
+    p.ngroups = prob.ngroups;
+    p.steps_per_group = prob.ngroups == 1 ? (1 << 30) : prob.group / 16;
+    p.scale_words = scale_words(prob.group, prob.ngroups, C::kSteps);
+    static_assert(2 * 4 <= C::kScaleWindow, "4 words fill the scale window");
+    if (p.scale_words > C::kScaleWindow / 2) return cudaErrorInvalidValue;  // excluded by fused_supports_group
+    p.n_atoms = (int)ceil_div(prob.N, C::kAtomN);
+    p.k_atoms = (int)ceil_div(prob.K, C::kAtomK);
+    p.m_tiles = plan.m_tiles;
+    p.n_tiles = plan.n_tiles;
+    p.k_tiles = plan.k_tiles;
+    p.stages = plan.stages;
+    p.dp_tiles = plan.dp_tiles;
+    p.split = plan.split;
+    p.sk_units = plan.sk_units;
+    return kernel_set(prob.bits, prob.dtype).gemm[C::kMIndex](p, plan.grid, plan.smem_bytes, stream);
+  });
 }
 
 cudaError_t dequant_run(int bits, DTypeId dtype, const void* qweight, const void* scales,
                         const void* offsets, const float* table, void* w, int N, int K, int group,
                         int ngroups, cudaStream_t stream) {
-  if (bits < 2 || bits > 4 || N < 1 || K < 1 || group < 1) return cudaErrorInvalidValue;
-  DequantParams p;
-  p.qweight = qweight;
-  p.scales = scales;
-  p.offsets = offsets;
-  p.table = table;
-  p.w = w;
-  p.N = N;
-  p.K = K;
-  p.group = group;
-  p.ngroups = ngroups;
-  p.n_atoms = ceil_div(N, 32);
-  p.k_atoms = ceil_div(K, bits == 3 ? 128 : 64);
-  return kernel_set(bits, dtype).dequant(p, stream);
+  if (N < 1 || K < 1 || group < 1) return cudaErrorInvalidValue;
+  return with_layout(bits, cudaErrorInvalidValue, [&](const auto& L) -> cudaError_t {
+    using Lt = std::decay_t<decltype(L)>;
+    DequantParams p;
+    p.qweight = qweight;
+    p.scales = scales;
+    p.offsets = offsets;
+    p.table = table;
+    p.w = w;
+    p.N = N;
+    p.K = K;
+    p.group = group;
+    p.ngroups = ngroups;
+    p.n_atoms = (int)ceil_div(N, Lt::kAtomN);
+    p.k_atoms = (int)ceil_div(K, Lt::kAtomK);
+    return kernel_set(Lt::kNumBits, dtype).dequant(p, stream);
+  });
 }
 
 }  // namespace flute

@@ -2,9 +2,17 @@
 //
 // Includes only CUDA headers: this file compiles with nvcc on a machine without a GPU or torch.
 // Every number here has a twin in flute/emulate.py (the executable spec); keep them in sync.
+// Plain C++ as well: tests/test_emulate.py compiles this header with the host compiler and checks
+// the constants, the pipeline choice and the Stream-K schedule against flute/emulate.py.
 #pragma once
 
 #include <cstdint>
+
+#if defined(__CUDACC__)
+#define FLUTE_HD __host__ __device__ __forceinline__
+#else
+#define FLUTE_HD inline
+#endif
 
 namespace flute {
 
@@ -15,6 +23,7 @@ namespace flute {
 template <int kBits>
 struct LayoutTraits {
   static_assert(kBits == 2 || kBits == 3 || kBits == 4, "flute supports 2, 3 and 4-bit codes");
+  static constexpr int kNumBits = kBits;
   // Rows of W per atom: four n8 mma tiles. One warp owns one atom column of the CTA tile.
   static constexpr int kAtomN = 32;
   static constexpr int kN8PerAtom = kAtomN / 8;  // 4
@@ -96,7 +105,29 @@ struct GemmConfig : LayoutTraits<kBits_> {
   static constexpr int kPartialFloats = kBM * kBN;
   static constexpr int kMinStages = 2;
   static constexpr int kMaxStages = 8;
+  // Index of this batch tile among the compiled ones (KernelSet::gemm[kMIndex]).
+  static constexpr int kMIndex = kMTiles == 1 ? 0 : (kMTiles == 2 ? 1 : 2);
 };
+
+// The batch tiles that are compiled, in KernelSet order.
+constexpr int kNumMTileConfigs = 3;
+constexpr int kMTileOptions[kNumMTileConfigs] = {1, 2, 4};
+
+// ---------------------------------------------------------------------------------------------
+// Stream-K schedule limits (dispatch.cu: make_streamk_plan; flute/emulate.py: streamk_plan).
+// Whole tiles first; only the tiles of the last, partial wave are split along K, into at most
+// kMaxSplit parts of at least kMinSplitIters k-tiles each.
+// ---------------------------------------------------------------------------------------------
+struct StreamK {
+  static constexpr int kMaxSplit = 4;        // CTAs sharing one output tile
+  static constexpr int kMinSplitIters = 8;   // k-tiles of a CTA's part of a split tile
+  static constexpr int kMaxCtasPerSm = 4;    // resident CTAs per SM the heuristic considers
+  static constexpr int kMinStagesShared = 3; // pipeline depth needed to share an SM with others
+  static_assert(kMaxSplit - 1 <= 32, "the owner waits for its peers with one thread each");
+};
+
+// The dequantize kernel: one warp per atom, this many warps per block.
+constexpr int kDequantWarps = 4;
 
 // Kernel arguments. All sizes in elements unless said otherwise.
 struct GemmParams {
@@ -106,8 +137,8 @@ struct GemmParams {
   const void* offsets;   // [N, ngroups] or nullptr
   const float* table;    // [2^bits] float32
   void* y;               // [M, N] contiguous
-  float* partials;       // [grid, kPartialFloats] stream-K partial sums (fp32)
-  int* flags;            // [grid], zero at launch; each set flag is reset by its consumer
+  float* partials;       // [partial slots, kPartialFloats] stream-K partial sums (fp32)
+  int* flags;            // [partial slots], zero at launch; each set flag is reset by its consumer
   int M, N, K, ldx;
   int group;             // effective group size (>= 1)
   int ngroups;           // ceil(K / group)
@@ -116,7 +147,156 @@ struct GemmParams {
   int n_atoms, k_atoms;  // N_pad / 32, K_pad / atom_k
   int m_tiles, n_tiles, k_tiles;
   int stages;            // pipeline depth, kMinStages..kMaxStages
-  int iters_q, iters_r;  // stream-K split: CTA c gets iters_q + (c < iters_r) iterations
+  // Stream-K schedule (see StreamK and flute_gemm.cuh: WorkList): tiles [0, dp_tiles) are whole
+  // tiles, tile t done by CTA t % grid; tiles [dp_tiles, m_tiles * n_tiles) are split into
+  // `split` parts along K, part u % split of tile dp_tiles + u / split done by CTA u, for
+  // u < sk_units = (tiles - dp_tiles) * split.
+  int dp_tiles, split, sk_units;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Host-side choices, pure arithmetic (dispatch.cu; flute/emulate.py mirrors each one).
+// ---------------------------------------------------------------------------------------------
+
+// Pipeline depth and resident CTAs per SM from the shared memory: the most CTAs per SM
+// (kMaxCtasPerSm..1) that still get kMinStagesShared stages; within that, as many stages as fit,
+// up to kMaxStages. One CTA alone may run with kMinStages. 1 KB per CTA is reserved by the system
+// on sm_80+. stages == 0: the tile does not fit.
+struct PipelineChoice {
+  int ctas, stages;
+};
+inline PipelineChoice choose_pipeline(int smem_per_sm, int smem_per_block, int table_bytes,
+                                      int stage_bytes, int min_stages, int max_stages) {
+  const int reserve = 1024;
+  for (int c = StreamK::kMaxCtasPerSm; c >= 1; --c) {
+    int avail = smem_per_sm / c - reserve;
+    if (avail > smem_per_block) avail = smem_per_block;
+    avail -= table_bytes;
+    int s = avail > 0 ? avail / stage_bytes : 0;
+    if (s > max_stages) s = max_stages;
+    if (s >= StreamK::kMinStagesShared || (c == 1 && s >= min_stages)) return {c, s};
+  }
+  return {1, 0};
+}
+
+// 4-byte words of the scale window one row loads per k-tile (GemmParams::scale_words). Groups a
+// k-tile of `steps` k16 steps can touch: steps / spg when spg divides steps, 1 when steps divides
+// spg (k-tiles start on group boundaries), else at most (spg - 1 + steps - 1) / spg + 1; plus one
+// element for the even alignment of the window.
+inline int scale_words(int group, int ngroups, int steps) {
+  int gmax;
+  if (ngroups == 1) {
+    gmax = 1;
+  } else {
+    const int spg = group / 16;
+    gmax = steps % spg == 0 ? steps / spg : (spg % steps == 0 ? 1 : (spg - 1 + steps - 1) / spg + 1);
+  }
+  return (gmax + 1 + 1) / 2;
+}
+
+// The Stream-K schedule of `tiles` output tiles of `iters` k-tiles each over `slots` resident
+// CTAs: full waves of whole tiles; the tiles of the last, partial wave (rem of them) are split
+// into `split` = min(kMaxSplit, iters / kMinSplitIters, slots / rem) parts when that is >= 2.
+struct StreamKPlan {
+  int grid;           // CTAs launched (<= slots: all resident)
+  int dp_tiles;       // tiles done whole
+  int split;          // parts per split tile (1: none split)
+  int sk_units;       // split parts = (tiles - dp_tiles) * split
+  int partial_slots;  // workspace partial tiles (and flags) = (tiles - dp_tiles) * (split - 1)
+};
+inline StreamKPlan make_streamk_plan(int tiles, int iters, int slots) {
+  StreamKPlan p;
+  const int waves = tiles / slots;
+  const int rem = tiles - waves * slots;
+  int split = 1;
+  if (rem > 0) {
+    split = StreamK::kMaxSplit;
+    if (iters / StreamK::kMinSplitIters < split) split = iters / StreamK::kMinSplitIters;
+    if (slots / rem < split) split = slots / rem;
+    if (split < 1) split = 1;
+  }
+  const int sk_tiles = split > 1 ? rem : 0;
+  p.dp_tiles = tiles - sk_tiles;
+  p.split = split;
+  p.sk_units = sk_tiles * split;
+  p.partial_slots = sk_tiles * (split - 1);
+  const int dp_grid = p.dp_tiles < slots ? p.dp_tiles : slots;
+  p.grid = dp_grid > p.sk_units ? dp_grid : p.sk_units;
+  return p;
+}
+
+// What CTA `cta` of `grid` processes, in order (flute/emulate.py: WorkList):
+//   * its split part, if cta < sk_units: part cta % split of tile dp_tiles + cta / split. Parts
+//     0..split-2 are "peers" (publish a partial sum), part split-1 is the "owner" (waits for its
+//     split-1 peers, which all have lower CTA indices, adds their partials in part order, stores);
+//   * whole tiles cta, cta + grid, cta + 2 grid, ... below dp_tiles.
+// Order: a peer part first (nothing waits before it publishes), then the whole tiles, then an
+// owner part last (its peers have had the whole-tile time to finish).
+struct WorkList {
+  int cta, grid, iters, split;
+  int n_dp;         // whole tiles of this CTA
+  int sk_tile;      // tile of the split part, or -1
+  int sk_kbeg, sk_kend;
+  bool sk_first;    // the split part is a peer part (processed first)
+  int nseg;
+
+  FLUTE_HD void init(int dp_tiles, int split_, int sk_units, int k_tiles, int c, int g) {
+    cta = c;
+    grid = g;
+    iters = k_tiles;
+    split = split_;
+    n_dp = c < dp_tiles ? (dp_tiles - 1 - c) / g + 1 : 0;
+    sk_tile = -1;
+    sk_kbeg = sk_kend = 0;
+    sk_first = false;
+    if (c < sk_units) {
+      const int part = c % split;
+      sk_tile = dp_tiles + c / split;
+      sk_kbeg = part * iters / split;
+      sk_kend = (part + 1) * iters / split;
+      sk_first = part + 1 < split;
+    }
+    nseg = n_dp + (sk_tile >= 0 ? 1 : 0);
+  }
+  FLUTE_HD int count() const { return n_dp * iters + (sk_tile >= 0 ? sk_kend - sk_kbeg : 0); }
+  // Whether segment `seg` (0..nseg-1, processing order) is the split part.
+  FLUTE_HD bool is_split(int seg) const {
+    return sk_tile >= 0 && (sk_first ? seg == 0 : seg == nseg - 1);
+  }
+  FLUTE_HD bool is_peer() const { return sk_first; }
+  // Workspace slot of part q (< split - 1) of this CTA's split tile.
+  FLUTE_HD int peer_slot(int q) const { return (cta / split) * (split - 1) + q; }
+  FLUTE_HD void segment(int seg, int& tile, int& kbeg, int& kend) const {
+    if (is_split(seg)) {
+      tile = sk_tile;
+      kbeg = sk_kbeg;
+      kend = sk_kend;
+    } else {
+      tile = cta + (seg - (sk_first ? 1 : 0)) * grid;
+      kbeg = 0;
+      kend = iters;
+    }
+  }
+};
+
+// Walks a WorkList one k-tile at a time.
+struct Cursor {
+  int seg, tile, k, kbeg, kend;
+
+  FLUTE_HD void start(const WorkList& wl) {
+    seg = 0;
+    tile = k = kbeg = kend = 0;
+    if (wl.nseg > 0) {
+      wl.segment(0, tile, kbeg, kend);
+      k = kbeg;
+    }
+  }
+  FLUTE_HD void advance(const WorkList& wl) {
+    if (++k == kend && ++seg < wl.nseg) {
+      wl.segment(seg, tile, kbeg, kend);
+      k = kbeg;
+    }
+  }
 };
 
 struct DequantParams {

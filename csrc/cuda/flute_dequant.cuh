@@ -11,14 +11,14 @@
 namespace flute {
 
 template <typename T, int kBits>
-__global__ void __launch_bounds__(128) flute_dequant_kernel(const DequantParams p) {
+__global__ void __launch_bounds__(32 * kDequantWarps) flute_dequant_kernel(const DequantParams p) {
   using L = LayoutTraits<kBits>;
   __shared__ float table[1 << kBits];
   if (threadIdx.x < (1 << kBits)) table[threadIdx.x] = p.table[threadIdx.x];
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
-  const long long atom = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
+  const long long atom = (long long)blockIdx.x * kDequantWarps + (threadIdx.x >> 5);
   if (atom >= (long long)p.n_atoms * p.k_atoms) return;
   const int na = (int)(atom / p.k_atoms), ka = (int)(atom % p.k_atoms);
   const int g = lane >> 2, t = lane & 3;

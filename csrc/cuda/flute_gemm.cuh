@@ -1,8 +1,10 @@
 // The fused lookup-table dequantize-GEMM: y[M, N] = x[M, K] @ W[N, K]^T.
 //
-// One persistent CTA per scheduling slot (grid = SMs x resident CTAs per SM). The CTA tile is
-// kBM x 128 (N) and it walks K in steps of 128 (one "iteration" = one k-tile); all
-// (m-tile, n-tile, k-tile) iterations are split evenly across CTAs (stream-K). Per iteration:
+// One CTA per scheduling slot (grid <= SMs x resident CTAs per SM, all resident at once). The CTA
+// tile is kBM x 128 (N) and it walks K in steps of 128 (one "iteration" = one k-tile). Whole
+// tiles are dealt out round-robin; only the tiles of the last, partial wave are split along K
+// (stream-K, at most 4 parts of >= 8 k-tiles) and their partial sums reduced through a workspace
+// (see WorkList below and StreamK in flute_config.cuh). Per iteration:
 //
 //   global --cp.async--> shared (multi-stage ring):  x tile (swizzled), codes (evict-first),
 //                                                      scale/offset windows
@@ -18,42 +20,8 @@
 
 namespace flute {
 
-// Stream-K split: CTA c owns iterations [iter_begin(c), iter_begin(c + 1)).
-__device__ __forceinline__ int iter_begin(int cta, int q, int r) { return cta * q + min(cta, r); }
-// The CTA whose range contains iteration `it`.
-__device__ __forceinline__ int cta_of_iter(int it, int q, int r) {
-  const int big = r * (q + 1);
-  return it < big ? it / (q + 1) : r + (it - big) / q;
-}
-
-// A CTA walks its range one tile segment at a time, from its LAST tile to its first, and within a
-// segment k-tiles in ascending order. Reverse order makes the segment it only partially covers at
-// the end of its range (where it is a "peer" that hands its partial sum to another CTA) come
-// first, and the segment at the start of its range (where it "owns" the tile and waits for the
-// peers, all of lower index) come last: no CTA waits before it has published its own partial.
-struct Cursor {
-  int tile;   // m-tile fastest: tile = n_tile * m_tiles + m_tile
-  int k;      // current k-tile within the tile
-  int kbeg;   // this segment's k-tiles: [kbeg, kend)
-  int kend;
-
-  __device__ __forceinline__ void start(int begin, int end, int iters) {
-    tile = (end - 1) / iters;
-    set_segment(begin, end, iters);
-  }
-  __device__ __forceinline__ void set_segment(int begin, int end, int iters) {
-    const int t0 = tile * iters;
-    kbeg = max(begin - t0, 0);
-    kend = min(end - t0, iters);
-    k = kbeg;
-  }
-  __device__ __forceinline__ void advance(int begin, int end, int iters) {
-    if (++k == kend) {
-      --tile;
-      if (tile >= 0) set_segment(begin, end, iters);
-    }
-  }
-};
+// The Stream-K work list (WorkList, Cursor) lives in flute_config.cuh: plain C++, so the CPU tests
+// compile it and compare it with flute/emulate.py.
 
 template <typename T, int kBits, int kMTiles>
 struct GemmKernel {
@@ -79,7 +47,7 @@ struct GemmKernel {
     const int n_tile = tile / p.m_tiles;
 
     // Activations: rows >= M are never loaded (they only feed output rows that are never stored;
-    // the prologue zeroed them once); columns >= K are zero-filled (the weights there are padding).
+    // an mma row depends only on its own A row); columns >= K are zero-filled (padding weights).
     {
       const char* xg = static_cast<const char*>(p.x);
       const uint32_t xs = smem_addr(sm.x(st));
@@ -275,7 +243,7 @@ struct GemmKernel {
     }
   }
 
-  // Partial tile of CTA `slot`, in fragment order: float4 number ((warp*kMTiles + mt)*4 + j)*32
+  // Partial tile in workspace slot `slot`, in fragment order: float4 number ((warp*kMTiles + mt)*4 + j)*32
   // + lane holds acc[mt][j][0..3] of that lane: each warp access is 512 contiguous bytes.
   static __device__ __forceinline__ float4* partial_ptr(const GemmParams& p, int slot, int warp,
                                                         int lane, int mt, int j) {
@@ -283,42 +251,41 @@ struct GemmKernel {
            ((warp * kMTiles + mt) * 4 + j) * 32 + lane;
   }
 
-  static __device__ __forceinline__ void epilogue(const GemmParams& p, const Cursor& cur,
-                                                  int iters, int cta, int tid, int warp, int lane,
+  static __device__ __forceinline__ void epilogue(const GemmParams& p, const WorkList& wl,
+                                                  const Cursor& cur, int tid, int warp, int lane,
                                                   float (&acc)[kMTiles][4][4]) {
-    if (cur.kend < iters) {
-      // Peer: this CTA does not reach the tile's last k-tile. Publish the partial sum; the CTA
-      // that does (a higher index) adds it. A CTA is a peer for at most one tile.
+    if (wl.is_split(cur.seg)) {
+      if (wl.is_peer()) {
+        const int slot = wl.peer_slot(wl.cta % p.split);
+        // Peer: publish the partial sum for the owner (a higher CTA index) to add.
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
+        for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-          __stcg(partial_ptr(p, cta, warp, lane, mt, j),
-                 make_float4(acc[mt][j][0], acc[mt][j][1], acc[mt][j][2], acc[mt][j][3]));
-      __syncthreads();
-      if (tid == 0) {
-        __threadfence();
-        FLUTE_DCHECK(p.flags[cta] == 0);
-        st_release(p.flags + cta, 1);
-      }
-      return;
-    }
-    if (cur.kbeg > 0) {
-      // Owner with peers: add their partials in a fixed order (descending CTA index), so the
-      // result is bitwise reproducible for a given grid.
-      const int first = cta_of_iter(cur.tile * iters, p.iters_q, p.iters_r);
-      FLUTE_DCHECK(first < cta);
-      for (int peer = cta - 1; peer >= first; --peer) {
-        if (tid == 0) {
-          while (ld_acquire(p.flags + peer) == 0) __nanosleep(64);
-          p.flags[peer] = 0;  // consumed: leave the flags zeroed for the next launch
-        }
+          for (int j = 0; j < 4; ++j)
+            __stcg(partial_ptr(p, slot, warp, lane, mt, j),
+                   make_float4(acc[mt][j][0], acc[mt][j][1], acc[mt][j][2], acc[mt][j][3]));
         __syncthreads();
+        if (tid == 0) {
+          __threadfence();
+          FLUTE_DCHECK(p.flags[slot] == 0);
+          st_release(p.flags + slot, 1);
+        }
+        return;
+      }
+      // Owner: wait for all split-1 peers at once (one thread each), then add their partials in
+      // part order, so the result is bitwise reproducible for a given schedule.
+      if (tid < p.split - 1) {
+        int* flag = p.flags + wl.peer_slot(tid);
+        while (ld_acquire(flag) == 0) __nanosleep(32);
+        *flag = 0;  // consumed: the flags are zero again for the next launch
+      }
+      __syncthreads();
+      for (int peer = 0; peer + 1 < p.split; ++peer) {
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const float4 v = __ldcg(partial_ptr(p, peer, warp, lane, mt, j));
+            const float4 v = __ldcg(partial_ptr(p, wl.peer_slot(peer), warp, lane, mt, j));
             acc[mt][j][0] += v.x;
             acc[mt][j][1] += v.y;
             acc[mt][j][2] += v.z;
@@ -342,11 +309,9 @@ struct GemmKernel {
   static __device__ __forceinline__ void run(const GemmParams& p, char* smem_raw) {
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
-    const int cta = blockIdx.x;
-    const int iters = p.k_tiles;
-    const int begin = iter_begin(cta, p.iters_q, p.iters_r);
-    const int end = iter_begin(cta + 1, p.iters_q, p.iters_r);
-    const int count = end - begin;
+    WorkList wl;
+    wl.init(p.dp_tiles, p.split, p.sk_units, p.k_tiles, blockIdx.x, gridDim.x);
+    const int count = wl.count();
 
     Smem sm;
     sm.pair_table = reinterpret_cast<uint32_t*>(smem_raw);
@@ -354,28 +319,24 @@ struct GemmKernel {
     sm.has_offsets = p.offsets != nullptr;
     sm.stage_bytes = C::stage_bytes(sm.has_offsets);
 
-    // Prologue: pair table, and zero every stage once (rows >= M are never loaded).
-    build_pair_table<kBits, T>(sm.pair_table, p.table, tid, C::kThreads);
-    {
-      uint4* z = reinterpret_cast<uint4*>(sm.stages);
-      const int n16 = p.stages * sm.stage_bytes / 16;
-      for (int i = tid; i < n16; i += C::kThreads) z[i] = make_uint4(0, 0, 0, 0);
-    }
-    __syncthreads();
+    // Prologue: the first S-1 stages' loads go out first, the pair table is built while they fly.
+    // Stages are not zeroed: x rows >= M are never loaded and only feed accumulator rows that are
+    // never stored (an mma row depends on its own A row only); everything else is always written.
     const uint64_t policy = evict_first_policy();
-    const uint32_t* pt_lane = sm.pair_table + (lane & (C::kPairCopies - 1));
-
     Cursor ld, cu;
-    ld.start(begin, end, iters);
+    ld.start(wl);
     cu = ld;
     const int S = p.stages;
     for (int s = 0; s < S - 1; ++s) {
       if (s < count) {
         load_stage(p, sm, s, ld.tile, ld.k, tid, policy);
-        ld.advance(begin, end, iters);
+        ld.advance(wl);
       }
       cp_async_commit();
     }
+    // Ordered before its first read by the barrier at the top of the main loop.
+    build_pair_table<kBits, T>(sm.pair_table, p.table, tid, C::kThreads);
+    const uint32_t* pt_lane = sm.pair_table + (lane & (C::kPairCopies - 1));
 
     float acc[kMTiles][4][4];
     clear(acc);
@@ -386,17 +347,17 @@ struct GemmKernel {
       __syncthreads();           // ... for all threads; and stage wr is no longer being read
       if (f + S - 1 < count) {
         load_stage(p, sm, wr, ld.tile, ld.k, tid, policy);
-        ld.advance(begin, end, iters);
+        ld.advance(wl);
       }
       cp_async_commit();
       compute_stage(p, sm, rd, cu.tile, cu.k, warp, lane, pt_lane, acc);
       rd = rd + 1 == S ? 0 : rd + 1;
       wr = wr + 1 == S ? 0 : wr + 1;
       if (cu.k + 1 == cu.kend) {
-        epilogue(p, cu, iters, cta, tid, warp, lane, acc);
+        epilogue(p, wl, cu, tid, warp, lane, acc);
         clear(acc);
       }
-      cu.advance(begin, end, iters);
+      cu.advance(wl);
     }
     cp_async_wait<0>();
   }

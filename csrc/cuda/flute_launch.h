@@ -1,5 +1,6 @@
-// Plain C++ interface to the flute CUDA kernels: the torch binding (csrc/*.cpp) includes this and
-// nothing else from csrc/cuda, so kernel files never see torch headers and vice versa.
+// Plain C++ interface to the flute CUDA kernels: the torch binding (flute_ops.cpp) includes this and
+// nothing else from csrc/cuda, so kernel files never see torch headers and vice versa. Every
+// geometric number behind it comes from LayoutTraits / GemmConfig (flute_config.cuh).
 #pragma once
 
 #include <cstddef>
@@ -27,10 +28,11 @@ struct QGemmPlan {
   Path path = kFused;
   int m_tiles16 = 1;        // m16 tiles per CTA tile: 1, 2, 4 (batch tile of 16, 32, 64 rows)
   int stages = 0;           // cp.async pipeline depth
-  int grid = 0;             // persistent CTAs
+  int grid = 0;             // CTAs (all resident at once)
   int smem_bytes = 0;       // dynamic shared memory per CTA
   int m_tiles = 0, n_tiles = 0, k_tiles = 0;
-  size_t workspace_bytes = 0;  // fp32 partials, then `grid` int flags
+  int dp_tiles = 0, split = 1, sk_units = 0, partial_slots = 0;  // Stream-K (flute_config.cuh)
+  size_t workspace_bytes = 0;  // fp32 partials, then partial_slots int flags
   size_t flags_offset = 0;     // byte offset of the flags in the workspace
   const char* reason = "";     // why the dequantize + matmul path was chosen
 };
@@ -46,13 +48,25 @@ inline bool fused_supports_group(int group, int ngroups) {
   return ngroups == 1 || (group % 16 == 0 && group >= 32);
 }
 
-// Choose the path and the tile configuration from (M, N, K, bits, group, the device's SM count and
-// shared memory). No tuning, no device synchronization. Returns cudaSuccess or a CUDA error.
+// int32 words of the kernel layout of an N x K weight (flute/layout.py: kernel_layout_shape);
+// -1 for an unsupported bit width.
+int64_t layout_words(int bits, int64_t K, int64_t N);
+
+// Choose the path, the tile configuration and the Stream-K schedule from (M, N, K, bits, group,
+// the device's SM count and shared memory). The device is queried once per device and kernel
+// configuration (cached, including the kernels' shared-memory attribute and occupancy); after
+// that a plan is pure arithmetic: no CUDA calls, no synchronization (CUDA-graph safe). `device`
+// must be the current device. Returns cudaSuccess or a CUDA error.
 cudaError_t qgemm_plan(const QGemmProblem& prob, int device, QGemmPlan* plan);
 
-// Launch the fused kernel on `stream`. `workspace` holds plan.workspace_bytes bytes whose flag
-// region (plan.flags_offset, grid ints) is zero. x rows are `ldx` elements apart (ldx % 8 == 0,
-// 16-byte aligned; columns K..roundup(K, 8) zero), y is [M, N] contiguous.
+// Bytes of a workspace that serves every plan on `device` (the binding keeps one per device and
+// stream, zeroed once: each launch leaves its flags zero again).
+cudaError_t qgemm_max_workspace_bytes(int device, size_t* bytes);
+
+// Launch the fused kernel on `stream`. `workspace` holds at least plan.workspace_bytes bytes
+// whose flag region (plan.flags_offset, plan.partial_slots ints) is zero; the kernel leaves it
+// zero. x rows are `ldx` elements apart (ldx % 8 == 0, 16-byte aligned; columns K..roundup(K, 8)
+// zero), y is [M, N] contiguous.
 cudaError_t qgemm_run(const QGemmProblem& prob, const QGemmPlan& plan, const void* x, int ldx,
                       const void* qweight, const void* scales, const void* offsets,
                       const float* table, void* y, void* workspace, cudaStream_t stream);

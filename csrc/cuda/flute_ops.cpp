@@ -2,34 +2,35 @@
 //
 // The schemas are defined in Python (flute/ops.py) before this module is imported; here we only
 // register the CUDA kernels for them. Every input is validated with TORCH_CHECK; launches go to
-// the current stream under a device guard; the stream-K workspace comes from the torch caching
-// allocator, so the op is safe under CUDA-graph capture and on several streams. The kernels are
+// the current stream under a device guard; the Stream-K workspace is persistent per device and
+// stream (torch caching allocator, zeroed once), so a call allocates nothing but its output and
+// is safe under CUDA-graph capture and on several streams. The kernels are
 // reached through the plain C++ header flute_launch.h only.
+//
+// Python-version-independent: no pybind11, only the CPython stable ABI (Py_LIMITED_API, set by
+// setup.py) for the empty module object that `import flute._C` needs; the ops are registered by
+// TORCH_LIBRARY_IMPL's static initializer when the library is loaded. Only c10/cuda headers (no
+// ATen/cuda/CUDAContext.h, which needs cuBLAS/cuSPARSE headers that a plain toolkit lacks).
+#ifndef Py_LIMITED_API
+#define Py_LIMITED_API 0x030A0000
+#endif
 #include <Python.h>
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
 #include <optional>
+#include <utility>
 
 #include "flute_launch.h"
 
 namespace {
 
-constexpr int64_t kAtomN = 32;
-
-int64_t atom_k(int64_t bits) { return bits == 3 ? 128 : 64; }
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Number of int32 words of the kernel layout (flute/layout.py: kernel_layout_shape).
-int64_t layout_words(int64_t bits, int64_t in_features, int64_t out_features) {
-  const int64_t n_pad = ceil_div(out_features, kAtomN) * kAtomN;
-  const int64_t k_pad = ceil_div(in_features, atom_k(bits)) * atom_k(bits);
-  return n_pad * k_pad * bits / 32;
-}
 
 bool aligned(const at::Tensor& t, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
@@ -67,7 +68,7 @@ Weight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
   TORCH_CHECK(qweight.is_cuda(), "flute: qweight must be a CUDA tensor, got ", qweight.device());
   TORCH_CHECK(qweight.scalar_type() == at::kInt, "flute: qweight must be int32, got ",
               qweight.scalar_type());
-  const int64_t words = layout_words(bits, in_features, out_features);
+  const int64_t words = flute::layout_words((int)bits, in_features, out_features);
   TORCH_CHECK(qweight.dim() == 1 && qweight.numel() == words,
               "flute: qweight must have shape (", words, ",) (the kernel layout of a ",
               out_features, "x", in_features, " ", bits, "-bit weight), got ", qweight.sizes());
@@ -116,6 +117,25 @@ const void* offsets_ptr(const Weight& w) {
   return w.offsets.has_value() ? w.offsets->data_ptr() : nullptr;
 }
 
+// The Stream-K workspace: one per (device, stream), from the torch caching allocator, sized for
+// every plan on the device and zeroed once. Each launch leaves its flags zero again (the owner of
+// a split tile resets the flags it consumes), so no per-call fill kernel. Per stream, because two
+// launches running concurrently must not share flags. A first use inside CUDA-graph capture
+// allocates from the graph's pool and records the zeroing into the graph (harmless: the memory is
+// kept alive here, and the replayed memset only re-zeroes flags that are zero).
+at::Tensor& stream_workspace(const at::Device& device, cudaStream_t stream) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, at::Tensor> workspaces;
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& ws = workspaces[{(int)device.index(), stream}];
+  if (!ws.defined()) {
+    size_t bytes = 0;
+    check_cuda(flute::qgemm_max_workspace_bytes(device.index(), &bytes), "workspace size query");
+    ws = at::zeros({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  }
+  return ws;
+}
+
 at::Tensor dequantize_into_new(const Weight& w, cudaStream_t stream) {
   at::Tensor out = at::empty({w.N, w.K}, w.scales.options());
   check_cuda(flute::dequant_run(w.bits, dtype_id(w.scales.scalar_type()), w.qweight.data_ptr(),
@@ -138,7 +158,7 @@ at::Tensor qgemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::
               "flute: x must have last dimension in_features=", in_features, ", got shape ",
               x.sizes());
   c10::cuda::CUDAGuard guard(x.device());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
@@ -179,9 +199,9 @@ at::Tensor qgemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::
               "flute: internal error preparing x");
 
   at::Tensor y = at::empty({M, out_features}, x.options());
-  at::Tensor ws = at::empty({(int64_t)plan.workspace_bytes}, x.options().dtype(at::kByte));
-  ws.narrow(0, (int64_t)plan.flags_offset, (int64_t)(plan.workspace_bytes - plan.flags_offset))
-      .zero_();
+  at::Tensor& ws = stream_workspace(x.device(), stream);
+  TORCH_CHECK((size_t)ws.numel() >= plan.workspace_bytes, "flute: internal error: workspace of ",
+              ws.numel(), " bytes, the plan needs ", plan.workspace_bytes);
   check_cuda(flute::qgemm_run(prob, plan, x2.data_ptr(), (int)ldx, w.qweight.data_ptr(),
                               w.scales.data_ptr(), offsets_ptr(w), w.table.data_ptr<float>(),
                               y.data_ptr(), ws.data_ptr(), stream),
@@ -196,7 +216,7 @@ at::Tensor dequantize_cuda(const at::Tensor& qweight, const at::Tensor& scales,
   const Weight w = check_weight(qweight, scales, offsets, table, bits, group_size, in_features,
                                 out_features);
   c10::cuda::CUDAGuard guard(qweight.device());
-  return dequantize_into_new(w, at::cuda::getCurrentCUDAStream());
+  return dequantize_into_new(w, c10::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace
