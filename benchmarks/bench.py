@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The flute benchmark suite: ``python benchmarks/bench.py [--quick|--full|--e2e] [--device cpu] ...``.
 
-A thin script: the suite lives in :mod:`flute.benchmark` (importable, tested, and behind
+A thin script: the suite lives in :mod:`flute.bench` (importable, tested, and behind
 ``flute bench``). ``python benchmarks/bench.py --help`` lists every option.
 """
 import os
@@ -11,7 +11,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
     # Run from a checkout without installing: make the repository's flute importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flute.benchmark import main  # noqa: E402
+from flute.bench import main  # noqa: E402
 
 __all__ = ["main"]
 

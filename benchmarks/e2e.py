@@ -8,7 +8,7 @@ import sys
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flute.benchmark import main as _main  # noqa: E402
+from flute.bench import main as _main  # noqa: E402
 
 
 def main(argv=None) -> int:

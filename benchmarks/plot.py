@@ -12,7 +12,7 @@ import sys
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flute.benchmark import plot_results  # noqa: E402
+from flute.bench.plots import plot_results  # noqa: E402
 
 
 def main(argv=None) -> int:

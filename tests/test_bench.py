@@ -1,5 +1,6 @@
-"""CPU tests of the benchmark suite (flute.benchmark, benchmarks/*.py): the JSON it writes, its
-bytes/roofline arithmetic, the L2 rotation, and how it records baselines it cannot run."""
+"""CPU tests of the benchmark suite (flute.bench, benchmarks/*.py): the JSON it writes, its
+bytes/roofline arithmetic, the cache rotation, how it records baselines it cannot run, the CPU
+benchmark's schema and ratios, and the targets kept in benchmarks/targets.py."""
 import glob
 import json
 import math
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from flute import benchmark as B
+from flute.bench import baselines, cli, cpu, llamacpp, plots, report, roofline, shapes, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_L2 = 50 * 2 ** 20
@@ -19,10 +20,10 @@ H100_L2 = 50 * 2 ** 20
 def _tiny_cpu_run(tmp_path, monkeypatch, *extra):
     monkeypatch.setitem(sys.modules, "marlin", None)  # make sure Marlin is absent
     out = tmp_path / "res"
-    argv = ["--device", "cpu", "--shapes", "smollm2-135m/o", "--M", "1", "3", "--bits", "4", "3",
+    argv = ["--device", "cpu", "--smoke", "--shapes", "smollm2-135m/o", "--M", "1", "3", "--bits", "4", "3",
             "--group-size", "64", "--dtype", "bf16", "--out", str(out), "--no-plots",
             "--target-ms", "1", "--min-runs", "2", "--max-runs", "3", "--threads", "1", *extra]
-    assert B.main(argv) == 0
+    assert cli.main(argv) == 0
     files = glob.glob(str(out / "*.json"))
     assert len(files) == 1
     with open(files[0]) as f:
@@ -31,7 +32,7 @@ def _tiny_cpu_run(tmp_path, monkeypatch, *extra):
 
 def test_cpu_mode_writes_schema_json(tmp_path, monkeypatch):
     path, doc = _tiny_cpu_run(tmp_path, monkeypatch)
-    assert B.validate_result(doc) == []
+    assert report.validate_result(doc) == []
     for key in ("device", "torch", "cuda", "driver", "commit", "copy_bw_gbps", "points", "command"):
         assert key in doc
     assert doc["copy_bw_gbps"] > 0 and doc["mode"] == "cpu"
@@ -42,7 +43,7 @@ def test_cpu_mode_writes_schema_json(tmp_path, monkeypatch):
     for p in doc["points"]:
         assert (p["N"], p["K"], p["dtype"]) == (576, 576, "bf16")
         assert p["median_us"] > 0 and p["gbps"] > 0
-        assert p["bytes"] == B.point_bytes(p["kernel"], p["M"], 576, 576, p["bits"], p["group_size"])
+        assert p["bytes"] == roofline.point_bytes(p["kernel"], p["M"], 576, 576, p["bits"], p["group_size"])
         assert math.isclose(p["roofline_pct"], 100 * p["gbps"] / doc["copy_bw_gbps"], rel_tol=1e-9)
         assert p["speedup_vs_fp16"] is not None and p["speedup_vs_fp16"] > 0
         if p["kernel"] == "fp16":
@@ -56,10 +57,10 @@ def test_cpu_mode_writes_schema_json(tmp_path, monkeypatch):
 
 def test_marlin_absent_is_recorded_as_skipped(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "marlin", None)
-    mod, reason = B.load_marlin()
+    mod, reason = baselines.load_marlin()
     assert mod is None and "not importable" in reason and "MARLIN.md" in reason
     # On a CUDA device with an eligible shape, the import failure is the reason recorded.
-    why = B.marlin_support(None, reason, 8192, 8192, 128, torch.float16, torch.device("cuda"))
+    why = baselines.marlin_support(None, reason, 8192, 8192, 128, torch.float16, torch.device("cuda"))
     assert why == reason
     _, doc = _tiny_cpu_run(tmp_path, monkeypatch, "--dtype", "fp16", "--group-size", "128")
     assert doc["baselines"]["marlin"].startswith("skipped: not importable")
@@ -71,67 +72,68 @@ def test_marlin_absent_is_recorded_as_skipped(tmp_path, monkeypatch):
 def test_marlin_and_tinygemm_shape_rules():
     fake = object()
     cuda = torch.device("cuda")
-    assert "fp16" in B.marlin_support(fake, None, 8192, 8192, 128, torch.bfloat16, cuda)
-    assert "group size 128" in B.marlin_support(fake, None, 8192, 8192, 64, torch.float16, cuda)
-    assert "N % 256" in B.marlin_support(fake, None, 960, 576, 128, torch.float16, cuda)
-    assert "CUDA only" in B.marlin_support(fake, None, 8192, 8192, 128, torch.float16,
+    assert "fp16" in baselines.marlin_support(fake, None, 8192, 8192, 128, torch.bfloat16, cuda)
+    assert "group size 128" in baselines.marlin_support(fake, None, 8192, 8192, 64, torch.float16, cuda)
+    assert "N % 256" in baselines.marlin_support(fake, None, 960, 576, 128, torch.float16, cuda)
+    assert "CUDA only" in baselines.marlin_support(fake, None, 8192, 8192, 128, torch.float16,
                                            torch.device("cpu"))
-    assert "CUDA only" in B.tinygemm_support(8192, 8192, 128, torch.device("cpu"))
-    assert B._inner_k_tiles(4096) == 8 and B._inner_k_tiles(576) == 4 and B._inner_k_tiles(544) == 2
+    assert "CUDA only" in baselines.tinygemm_support(8192, 8192, 128, torch.device("cpu"))
+    assert baselines.inner_k_tiles(4096) == 8 and baselines.inner_k_tiles(576) == 4 and baselines.inner_k_tiles(544) == 2
 
 
 def test_bytes_and_roofline_arithmetic():
     N, K = 28672, 8192
     # 4-bit g128: N*K/2 code bytes, one 16-bit scale per 128 weights, a 16-entry float32 table.
-    w4 = B.weight_bytes("flute", N, K, 4, 128)
+    w4 = roofline.weight_bytes("flute", N, K, 4, 128)
     assert w4 == N * K // 2 + N * (K // 128) * 2 + 16 * 4
-    assert B.point_bytes("flute", 1, N, K, 4, 128) == w4 + (K + N) * 2
-    fp16 = B.weight_bytes("fp16", N, K)
+    assert roofline.point_bytes("flute", 1, N, K, 4, 128) == w4 + (K + N) * 2
+    fp16 = roofline.weight_bytes("fp16", N, K)
     assert fp16 == N * K * 2
-    # REFERENCE.md section 3: ideal speedups 3.88x (4b g128), 4.92x (3b g64), 7.10x (2b g64).
+    # Bits per weight with 16-bit group scales: ideal speedups 3.88x (4b g128), 4.92x (3b g64),
+    # 7.10x (2b g64) over fp16.
     assert fp16 / w4 == pytest.approx(16 / 4.125, rel=1e-4)
-    assert fp16 / B.weight_bytes("flute", N, K, 3, 64) == pytest.approx(16 / 3.25, rel=1e-4)
-    assert fp16 / B.weight_bytes("flute", N, K, 2, 64) == pytest.approx(16 / 2.25, rel=1e-4)
+    assert fp16 / roofline.weight_bytes("flute", N, K, 3, 64) == pytest.approx(16 / 3.25, rel=1e-4)
+    assert fp16 / roofline.weight_bytes("flute", N, K, 2, 64) == pytest.approx(16 / 2.25, rel=1e-4)
     # ... and 8192x28672 fp16 at the H100's nominal 3.35 TB/s takes ~140 us, 4-bit g128 ~36 us.
-    assert B.ideal_us(fp16, 3350) == pytest.approx(140.2, abs=0.5)
-    assert B.ideal_us(w4, 3350) == pytest.approx(36.1, abs=0.5)
-    assert B.weight_bytes("marlin", N, K, 4, 128) == N * K // 2 + (K // 128) * N * 2
-    assert B.weight_bytes("tinygemm", N, K, 4, 64) == N * K // 2 + (K // 64) * N * 4
+    assert roofline.ideal_us(fp16, 3350) == pytest.approx(140.2, abs=0.5)
+    assert roofline.ideal_us(w4, 3350) == pytest.approx(36.1, abs=0.5)
+    assert roofline.weight_bytes("marlin", N, K, 4, 128) == N * K // 2 + (K // 128) * N * 2
+    assert roofline.weight_bytes("tinygemm", N, K, 4, 64) == N * K // 2 + (K // 64) * N * 4
     # A 3-bit row of 576 codes is 216 bytes; ragged groups (576 / 128) round up to 5 scales.
-    assert B.weight_bytes("flute", 1, 576, 3, 128) == 216 + 5 * 2 + 8 * 4
+    assert roofline.weight_bytes("flute", 1, 576, 3, 128) == 216 + 5 * 2 + 8 * 4
     # 1 GB in 1 ms is 1000 GB/s, which is 50% of a 2000 GB/s roofline.
-    assert B.achieved_gbps(10 ** 9, 1000.0) == pytest.approx(1000.0)
-    assert B.roofline_pct(1000.0, 2000.0) == pytest.approx(50.0)
+    assert roofline.achieved_gbps(10 ** 9, 1000.0) == pytest.approx(1000.0)
+    assert roofline.roofline_pct(1000.0, 2000.0) == pytest.approx(50.0)
 
 
 @pytest.mark.parametrize("l2", [H100_L2, 60 * 2 ** 20, 40 * 2 ** 20])
 def test_rotation_exceeds_l2_for_every_shape(l2):
-    for s in B.all_shapes():
+    for s in shapes.all_shapes():
         for kernel, bits, g in [("fp16", None, None), ("tinygemm", 4, 64), ("marlin", 4, 128)] + \
                 [("flute", b, g) for b in (2, 3, 4) for g in (64, 128)]:
-            per_copy = B.weight_bytes(kernel, s.N, s.K, bits, g)
-            copies = B.rotation_copies(per_copy, l2)
+            per_copy = roofline.weight_bytes(kernel, s.N, s.K, bits, g)
+            copies = roofline.rotation_copies(per_copy, l2)
             assert copies >= 2
-            assert copies * per_copy >= B.L2_FACTOR * l2 > l2, (s.name, kernel, bits, g)
-    assert B.rotation_copies(10, 0) == 1  # CPU: no cache to defeat
-    assert B.rotation_copies(1, H100_L2) == B.MAX_COPIES
+            assert copies * per_copy >= roofline.L2_FACTOR * l2 > l2, (s.name, kernel, bits, g)
+    assert roofline.rotation_copies(10, 0) == 1  # CPU: no cache to defeat
+    assert roofline.rotation_copies(1, H100_L2) == roofline.MAX_COPIES
 
 
 def test_shape_grid():
-    shapes = {s.name: (s.N, s.K) for s in B.all_shapes()}
-    assert len(shapes) == 28
-    assert shapes["llama3-8b/qkv"] == (6144, 4096)
-    assert shapes["llama3-8b/down"] == (4096, 14336)
-    assert shapes["llama3-70b/gate_up"] == (57344, 8192)
-    assert shapes["llama3-70b-tp2/gate_up"] == (28672, 8192)   # column parallel: N splits
-    assert shapes["llama3-70b-tp4/down"] == (8192, 7168)       # row parallel: K splits
-    assert shapes["llama3-8b-tp4/o"] == (4096, 1024)
-    assert shapes["smollm2-135m/qkv"] == (960, 576)
-    assert [s.name for s in B.select_shapes(["llama3-8b/*"])] == [
+    grid = {s.name: (s.N, s.K) for s in shapes.all_shapes()}
+    assert len(grid) == 28
+    assert grid["llama3-8b/qkv"] == (6144, 4096)
+    assert grid["llama3-8b/down"] == (4096, 14336)
+    assert grid["llama3-70b/gate_up"] == (57344, 8192)
+    assert grid["llama3-70b-tp2/gate_up"] == (28672, 8192)   # column parallel: N splits
+    assert grid["llama3-70b-tp4/down"] == (8192, 7168)       # row parallel: K splits
+    assert grid["llama3-8b-tp4/o"] == (4096, 1024)
+    assert grid["smollm2-135m/qkv"] == (960, 576)
+    assert [s.name for s in shapes.select_shapes(["llama3-8b/*"])] == [
         "llama3-8b/qkv", "llama3-8b/o", "llama3-8b/gate_up", "llama3-8b/down"]
-    assert set(B.QUICK_SHAPES) <= set(shapes)
+    assert set(shapes.QUICK_SHAPES) <= set(grid)
     with pytest.raises(ValueError, match="no shape matches"):
-        B.select_shapes(["nope/*"])
+        shapes.select_shapes(["nope/*"])
 
 
 def test_fill_speedups():
@@ -141,7 +143,7 @@ def test_fill_speedups():
     pts = [pt("fp16", 100.0), pt("flute", 25.0, 4, 128), pt("tinygemm", 50.0, 4, 128),
            pt("tinygemm", 40.0, 4, 64), pt("dequant_matmul", 200.0, 4, 128),
            pt("dequant_matmul", 300.0, 3, 128), pt("flute", 10.0, 4, 128, dtype="fp16")]
-    B.fill_speedups(pts)
+    sweep.fill_speedups(pts)
     f = pts[1]
     assert f["speedup_vs_fp16"] == 4.0
     assert f["speedup_vs"] == {"tinygemm": 2.0, "dequant_matmul": 8.0}
@@ -164,7 +166,7 @@ def test_plots_from_json(tmp_path, monkeypatch):
     path, _ = _tiny_cpu_run(tmp_path, monkeypatch)
     out = tmp_path / "png"
     out.mkdir()
-    written = B.plot_results(path, str(out))
+    written = plots.plot_results(path, str(out))
     assert sorted(os.path.basename(w).rsplit("_", 1)[1] for w in written) == ["roofline.png",
                                                                               "speedup.png"]
     assert all(os.path.getsize(w) > 1000 for w in written)
@@ -175,7 +177,7 @@ def test_e2e_cpu_smoke(tmp_path):
     argv = ["--e2e", "--device", "cpu", "--e2e-bits", "fp16", "4", "--e2e-batch", "1",
             "--e2e-layers", "1", "--e2e-new-tokens", "3", "--e2e-prefill", "8", "--e2e-repeats", "1",
             "--out", str(out), "--no-plots", "--threads", "1"]
-    assert B.main(argv) == 0
+    assert cli.main(argv) == 0
     (path,) = glob.glob(str(out / "*.json"))
     with open(path) as f:
         doc = json.load(f)
@@ -197,4 +199,165 @@ def test_scripts_run_standalone(tmp_path):
 
 def test_time_budget_truncates_cleanly(tmp_path, monkeypatch):
     _, doc = _tiny_cpu_run(tmp_path, monkeypatch, "--max-minutes", "1e-9")
-    assert doc["truncated"] is True and B.validate_result(doc) == []
+    assert doc["truncated"] is True and report.validate_result(doc) == []
+
+
+# -- the CPU benchmark (flute bench --device cpu) ---------------------------------------------------
+
+def _load_targets_module():
+    mod, why = report.load_targets(os.path.join(REPO, "benchmarks", "targets.py"))
+    assert mod is not None, why
+    return mod
+
+
+def _tiny_cpu_bench(tmp_path, *extra, kernels=("fp32", "bf16", "torch_int4", "flute")):
+    out = tmp_path / "cpu"
+    argv = ["--device", "cpu", "--shapes", "64x128", "--M", "1", "2", "--threads", "1",
+            "--bits", "4", "--kernels", *kernels, "--read-bw-mib", "8", "--read-bw-runs", "1",
+            "--l3-mib", "0.25", "--rotation-mib", "0.5", "--target-ms", "1", "--min-runs", "2",
+            "--max-runs", "5", "--out", str(out), "--no-plots", *extra]
+    assert cli.main(argv) == 0
+    (path,) = glob.glob(str(out / "cpu-*.json"))
+    with open(path) as f:
+        return path, json.load(f)
+
+
+def test_cpu_benchmark_schema_and_ratios(tmp_path):
+    """One tiny shape: the JSON has the schema, and every ratio is recomputed here from the
+    measured medians of the same document (no assertion on how fast anything is)."""
+    path, doc = _tiny_cpu_bench(tmp_path)
+    assert os.path.basename(path).startswith("cpu-") and doc["kind"] == "cpu-kernels"
+    assert cpu.validate_cpu_result(doc) == []
+    for key in ("host", "cpu_model", "isa_flags", "torch", "commit", "dirty", "command", "threads",
+                "read_bw_gbps", "read_bw_method", "l3_bytes"):
+        assert key in doc
+    assert doc["threads"] == [1] and doc["read_bw_gbps"]["1"] > 0
+    assert doc["read_bw_method"]["1"] in ("torch_sum_fp32", "c_xor_reader")
+    kernels = {(p["kernel"], p["dtype"], p["cache"]) for p in doc["points"]}
+    assert {("fp32", "fp32", "cold"), ("bf16", "bf16", "cold"), ("torch_int4", "bf16", "cold"),
+            ("flute", "bf16", "cold"), ("flute", "fp32", "cold"), ("flute", "bf16", "hot")} <= kernels
+    med = {(p["kernel"], p["dtype"], p["M"], p["threads"], p["cache"]): p["median_ms"]
+           for p in doc["points"]}
+    for p in doc["points"]:
+        assert (p["N"], p["K"]) == (64, 128) and p["median_ms"] > 0
+        for key in ("kernel", "bits", "group_size", "dtype", "M", "N", "K", "threads", "median_ms",
+                    "gbps", "roofline_pct", "speedup_vs_fp32", "speedup_vs_bf16"):
+            assert key in p
+        assert math.isclose(p["gbps"], p["bytes"] / (p["median_ms"] * 1e-3) / 1e9, rel_tol=1e-9)
+        assert math.isclose(p["roofline_pct"], 100 * p["gbps"] / doc["read_bw_gbps"]["1"],
+                            rel_tol=1e-9)
+        k = (p["M"], p["threads"], p["cache"])
+        assert math.isclose(p["speedup_vs_fp32"], med[("fp32", "fp32") + k] / p["median_ms"])
+        assert math.isclose(p["speedup_vs_bf16"], med[("bf16", "bf16") + k] / p["median_ms"])
+        if p["kernel"] == "flute":
+            assert p["bits"] == 4 and p["group_size"] == 64 and p["rel_err"] < 1e-2
+            assert math.isclose(p["speedup_vs"]["torch_int4"],
+                                med[("torch_int4", "bf16") + k] / p["median_ms"])
+            act = 4 if p["dtype"] == "fp32" else 2  # bf16 scales either way
+            assert p["bytes"] == roofline.weight_bytes("flute", 64, 128, 4, 64) + \
+                p["M"] * (128 + 64) * act
+    # the targets are evaluated on this very document, from benchmarks/targets.py
+    assert doc["targets"] == json.loads(json.dumps(_load_targets_module().evaluate(doc)))
+    x_fp32 = [r for r in doc["targets"] if r["target"] == "[flute bf16] M=1 4-bit: x fp32"][0]
+    flute_m1 = [p for p in doc["points"] if p["kernel"] == "flute" and p["dtype"] == "bf16"
+                and p["M"] == 1 and p["cache"] == "cold"]
+    assert x_fp32["points"] == 1 and math.isclose(x_fp32["worst"], flute_m1[0]["speedup_vs_fp32"])
+    assert "llamacpp" not in doc  # not requested: nothing built
+
+
+def test_cpu_benchmark_llamacpp_rows(tmp_path, monkeypatch):
+    """llama.cpp points come from the driver's JSON lines; flute's ratio is against the faster layout;
+    a shape the type cannot hold (K not a multiple of its block) is a skipped entry."""
+    monkeypatch.setattr(llamacpp, "build", lambda **kw: ("/fake/ggml_matmul", {"cache": "/fake"}))
+    calls = []
+
+    def fake_run(exe, ty, N, K, Ms, threads, copies, repack=False, hot=False, **kw):
+        calls.append((ty, repack, hot))
+        ms = 0.5 if repack else 1.0
+        return [{"type": ty, "layout": "repack" if repack else "plain", "N": N, "K": K, "M": m,
+                 "threads": t, "copies": 1 if hot else copies, "cache": "hot" if hot else "cold",
+                 "weight_bytes": llamacpp.weight_bytes(ty, N, K), "median_ms": ms * m,
+                 "p10_ms": ms, "p90_ms": ms, "runs": 3} for t in threads for m in Ms]
+    monkeypatch.setattr(llamacpp, "run", fake_run)
+    _, doc = _tiny_cpu_bench(tmp_path, "--ggml-types", "q4_0", "q3_K", "f32",
+                             kernels=("fp32", "bf16", "llamacpp", "flute"))
+    assert ("q4_0", True, False) in calls and ("q3_K", False, False) not in calls
+    assert any(s["kernel"] == "llamacpp" and s["ggml_type"] == "q3_K" and "block" in s["reason"]
+               for s in doc["skipped"])
+    lc = [p for p in doc["points"] if p["kernel"] == "llamacpp"]
+    assert {(p["ggml_type"], p["layout"]) for p in lc} == {("q4_0", "plain"), ("q4_0", "repack"),
+                                                            ("f32", "plain")}
+    assert all(p["bits"] == llamacpp.TYPES[p["ggml_type"]] for p in lc)
+    for p in doc["points"]:
+        if p["kernel"] == "flute":
+            assert math.isclose(p["speedup_vs"]["llamacpp_q4_0"], 0.5 * p["M"] / p["median_ms"])
+            assert math.isclose(p["speedup_vs"]["llamacpp_f32"], 1.0 * p["M"] / p["median_ms"])
+
+
+def test_cpu_benchmark_records_unbuildable_llamacpp(tmp_path, monkeypatch):
+    monkeypatch.setattr(llamacpp, "build", lambda **kw: (None, {"reason": "no cmake on PATH"}))
+    _, doc = _tiny_cpu_bench(tmp_path, "--bits", "2", kernels=("fp32", "llamacpp", "flute"))
+    assert doc["llamacpp"]["status"] == "skipped: no cmake on PATH"
+    assert not any(p["kernel"] == "llamacpp" for p in doc["points"])
+
+
+def test_cpu_rotation_exceeds_l3():
+    l3 = 105 << 20
+    for n, k in shapes.CPU_SHAPES:
+        for kernel, bits in (("fp32", None), ("bf16", None), ("torch_int4", 4), ("flute", 2),
+                             ("flute", 3), ("flute", 4)):
+            per = roofline.weight_bytes(kernel, n, k, bits, 64)
+            c = roofline.cpu_rotation_copies(per, l3, free_bytes=24 << 30)
+            assert c >= 2 and c * per >= 2 * l3
+    # memory permitting: never more than a quarter of free memory (but always 2 copies)
+    assert roofline.cpu_rotation_copies(1 << 30, l3, free_bytes=2 << 30) == 2
+    assert llamacpp.weight_bytes("q4_0", 4096, 4096) == 4096 * 128 * 18
+    assert llamacpp.weight_bytes("q2_K", 4096, 4096) == 4096 * 16 * 84
+
+
+def test_cpu_targets_logic():
+    t = _load_targets_module()
+
+    def pt(kernel, M, ms, bits=None, dtype="bf16", N=8192, K=2048, roofline_pct=None, **kw):
+        return dict(kernel=kernel, M=M, N=N, K=K, threads=1, cache="cold", bits=bits, dtype=dtype,
+                    group_size=64 if bits else None, median_ms=ms, roofline_pct=roofline_pct, **kw)
+    pts = [pt("fp32", 1, 6.0, dtype="fp32"), pt("bf16", 1, 3.0), pt("torch_int4", 1, 2.0, 4),
+           pt("llamacpp", 1, 1.0, 4, "fp32", ggml_type="q4_0", layout="plain"),
+           pt("llamacpp", 1, 0.9, 4, "fp32", ggml_type="iq4_nl", layout="repack"),
+           pt("flute", 1, 1.0, 4, roofline_pct=85.0)]
+    cpu.fill_ratios(pts)
+    rows = {r["target"]: r for r in t.cpu_targets(pts)}
+    assert rows["[flute bf16] M=1 4-bit: x fp32"]["pass"] is True          # 6x >= 5x
+    assert rows["[flute bf16] M=1 4-bit: x torch int4"]["pass"] is True    # 2x >= 2x
+    assert rows["[flute bf16] M=1 4-bit: % read bandwidth"]["pass"] is True
+    r = rows["[flute bf16] M=1 4-bit large: x llama.cpp q4_0/iq4_nl"]
+    assert r["pass"] is False and math.isclose(r["worst"], 0.9)        # the faster peer is the bar
+    assert rows["[flute bf16] M=1 3-bit: x fp32"]["pass"] is None      # nothing measured
+    assert "MISS" in t.table(list(rows.values())) and "PASS" in t.table(list(rows.values()))
+
+
+def test_targets_live_outside_the_library(tmp_path, monkeypatch):
+    """The smoke run evaluates benchmarks/targets.py; without that file it records why not."""
+    _, doc = _tiny_cpu_run(tmp_path, monkeypatch)
+    assert doc["targets"] and "benchmarks/targets.py" in doc["targets_note"]
+    names = [r["target"] for r in doc["targets"]]
+    assert "x fp16, M >= 512" in names
+    monkeypatch.setenv("FLUTE_BENCH_TARGETS", str(tmp_path / "none.py"))
+    _, doc = _tiny_cpu_run(tmp_path / "b", monkeypatch)
+    assert doc["targets"] == [] and doc["targets_note"].startswith("skipped: no targets file")
+    import flute.bench
+    src = "".join(open(os.path.join(os.path.dirname(flute.bench.__file__), f)).read()
+                  for f in os.listdir(os.path.dirname(flute.bench.__file__)) if f.endswith(".py"))
+    assert "evaluate_targets" not in src and "85.0" not in src
+
+
+def test_check_targets_script_and_help(tmp_path):
+    path, _ = _tiny_cpu_bench(tmp_path, kernels=("fp32", "flute"))
+    r = subprocess.run([sys.executable, os.path.join("benchmarks", "check_targets.py"), path],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "M=1 4-bit: x fp32" in r.stdout
+    for argv, want in ((["bench", "--help"], "--smoke"),
+                       (["bench", "--device", "cpu", "--help"], "--point-budget-ms")):
+        r = subprocess.run([sys.executable, "-m", "flute", *argv], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and "usage: flute bench" in r.stdout and want in r.stdout

@@ -1,0 +1,430 @@
+"""``flute bench --device cpu``: flute's CPU op side by side with torch and llama.cpp kernels.
+
+Every point is ``y = x @ W.T`` with ``W`` of ``N x K`` and ``x`` of ``M x K``, timed at 1 and 2
+threads (``torch.set_num_threads``; llama.cpp gets the same thread count):
+
+- kernels: ``fp32`` and ``bf16`` (torch ``F.linear``), ``torch_int4`` (torch's int4 CPU kernel,
+  bf16, the flute group size), ``llamacpp`` (ggml's CPU kernels for q4_0 / iq4_nl / q3_K / q2_K,
+  plain and repacked layouts, and f32 / bf16, through ``native/ggml_matmul.cpp``) and ``flute``
+  (``torch.ops.flute.qgemm`` on a prepared :class:`flute.QuantLinear`, 2/3/4 bits, bf16 and fp32
+  activations);
+- cache-cold (the default): every kernel's weight is rotated through copies that together hold
+  at least 2x the L3 size and 256 MiB (memory permitting), so each call reads its weight from
+  memory; cache-hot figures (one copy) are separate points with ``cache == "hot"`` (M = 1);
+- timing: warm-up, then the median of many calls (``time.perf_counter``; the driver uses
+  ``std::chrono::steady_clock``); a point whose calls are too slow for ``--min-runs`` within
+  ``--point-budget-ms`` gets fewer samples (at least one), timed on one weight copy, with a note;
+- roofline: read bandwidth measured in the same run (:func:`flute.bench.roofline.measure_read_bandwidth`),
+  per thread count; ``roofline_pct`` = the point's bytes / time over it.
+
+JSON (``benchmarks/results/cpu-<host>-<date>.json``): host, CPU model, ISA flags, caches, torch
+version, commit and dirty flag, command, threads, measured bandwidth, and per point ``{kernel,
+bits, group_size, dtype, M, N, K, threads, cache, median_ms, gbps, roofline_pct, speedup_vs_fp32,
+speedup_vs_bf16, speedup_vs}`` (``speedup_vs``: flute against ``torch_int4`` and each llama.cpp
+type, best layout, same M, N, K, threads and cache). Targets (``benchmarks/targets.py``) are
+evaluated on the same document when that file is present.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import llamacpp, peers, report
+from .env import cpu_info, environment
+from .roofline import (MIN_ROTATION_BYTES_CPU, cpu_rotation_copies, measure_read_bandwidth,
+                       weight_bytes)
+from .shapes import (CPU_BITS, CPU_GROUP, CPU_M, CPU_QUICK_M, CPU_QUICK_SHAPES, CPU_SHAPES,
+                     CPU_THREADS, parse_nk)
+from .timing import Timing, time_cpu
+from .weights import flute_cpu_linear, qgemm_args
+
+KERNELS = ("fp32", "bf16", "torch_int4", "llamacpp", "flute")
+ACT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MAX_REL_ERR = 2e-2
+
+
+@dataclass
+class CpuConfig:
+    shapes: List[Tuple[int, int]]
+    Ms: List[int]
+    threads: List[int]
+    bits: List[int]
+    group_size: int = CPU_GROUP
+    flute_dtypes: List[str] = field(default_factory=lambda: ["bf16", "fp32"])
+    kernels: List[str] = field(default_factory=lambda: list(KERNELS))
+    ggml_types: List[str] = field(default_factory=lambda: list(llamacpp.TYPES))
+    hot_Ms: List[int] = field(default_factory=lambda: [1])
+    target_ms: float = 200.0
+    min_runs: int = 15
+    max_runs: int = 2000
+    point_budget_ms: float = 1500.0
+    slow_call_ms: float = 250.0
+    l3_bytes: int = 32 << 20
+    rotation_min_bytes: int = MIN_ROTATION_BYTES_CPU
+    mem_free: int = 0
+    check: bool = True
+    deadline: Optional[float] = None
+
+
+class CpuBench:
+    def __init__(self, cfg: CpuConfig, bw: Dict[str, float], log=print):
+        self.cfg, self.bw, self.log = cfg, bw, log
+        self.points: List[Dict[str, object]] = []
+        self.skipped: List[Dict[str, object]] = []
+        self.truncated = False
+        self.llamacpp_exe: Optional[str] = None
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def past_deadline(self) -> bool:
+        if self.cfg.deadline is not None and time.monotonic() > self.cfg.deadline and not self.truncated:
+            self.log("time budget spent: stopping here (results are partial)")
+            self.truncated = True
+        return self.truncated
+
+    def skip(self, kernel: str, N: int, K: int, reason: str, **extra) -> None:
+        self.skipped.append(dict(kernel=kernel, N=N, K=K, reason=reason, **extra))
+        self.log(f"  skipped {kernel} {extra or ''}: {reason[:160]}")
+
+    def record(self, kernel: str, N: int, K: int, M: int, threads: int, cache: str, dtype: str,
+               median_ms: float, w_bytes: int, act_bytes: int, bits=None, group=None, **extra):
+        nbytes = w_bytes + (M * K + M * N) * act_bytes
+        gbps = nbytes / (median_ms * 1e-3) / 1e9
+        bw = self.bw.get(str(threads))
+        p = dict(kernel=kernel, bits=bits, group_size=group, dtype=dtype, M=M, N=N, K=K,
+                 threads=threads, cache=cache, median_ms=median_ms, bytes=nbytes, gbps=gbps,
+                 roofline_pct=100.0 * gbps / bw if bw else None, speedup_vs_fp32=None,
+                 speedup_vs_bf16=None, **extra)
+        self.points.append(p)
+        label = kernel + (f" {extra['ggml_type']}/{extra.get('layout')}" if kernel == "llamacpp"
+                          else f" {bits}b" if bits else "")
+        self.log(f"  {label:22s} {dtype:4s} T={threads} M={M:4d} {cache:4s} {median_ms:10.4f} ms "
+                 f"{gbps:6.1f} GB/s" + (f" {p['roofline_pct']:5.1f}%" if bw else "")
+                 + (f" [{extra['note']}]" if extra.get("note") else ""))
+        return p
+
+    # -- torch-side kernels (fp32, bf16, torch_int4, flute) ------------------------------------
+    def time_calls(self, calls) -> Timing:
+        """Warm-up and timing; slow calls (the reference op, big M) are timed on one copy."""
+        c = self.cfg
+        calls[0]()
+        t0 = time.perf_counter()
+        calls[1 % len(calls)]()
+        one_ms = (time.perf_counter() - t0) * 1e3
+        if one_ms > c.slow_call_ms:
+            t = time_cpu(calls[:1], target_ms=c.target_ms, min_runs=c.min_runs, max_runs=c.max_runs,
+                         warmup=1, budget_ms=c.point_budget_ms)
+            t.note = ("slow calls: timed on one weight copy" + (f"; {t.note}" if t.note else ""))
+            return t
+        for call in calls:  # one pass: every copy's first-call work is out of the samples
+            call()
+        return time_cpu(calls, target_ms=c.target_ms, min_runs=c.min_runs, max_runs=c.max_runs,
+                        warmup=min(len(calls), 4), budget_ms=c.point_budget_ms)
+
+    def sweep_torch(self, kernel, N, K, make_calls, dtype_name, w_bytes, copies, bits=None,
+                    group=None, extra=None):
+        c = self.cfg
+        xdtype = ACT_DTYPES[dtype_name]
+        act_bytes = torch.empty(0, dtype=xdtype).element_size()
+        for t in c.threads:
+            torch.set_num_threads(t)
+            for M in c.Ms:
+                if self.past_deadline():
+                    return
+                x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(xdtype)
+                calls = make_calls(x)
+                runs = [("cold", calls)] + ([("hot", calls[:1])] if M in c.hot_Ms else [])
+                for cache, cs in runs:
+                    try:
+                        tm = self.time_calls(cs)
+                    except Exception as e:  # noqa: BLE001 - one failing point must not end the run
+                        self.skip(kernel, N, K, f"failed: {type(e).__name__}: {str(e)[:300]}",
+                                  M=M, threads=t, bits=bits, dtype=dtype_name)
+                        break
+                    ex = dict(extra or {}, copies=len(cs), runs=tm.runs,
+                              p10_ms=tm.p10_us / 1e3, p90_ms=tm.p90_us / 1e3)
+                    if tm.note:
+                        ex["note"] = tm.note
+                    self.record(kernel, N, K, M, t, cache, dtype_name, tm.median_us / 1e3, w_bytes,
+                                act_bytes, bits, group, **ex)
+
+    def copies(self, w_bytes: int) -> int:
+        return cpu_rotation_copies(w_bytes, self.cfg.l3_bytes, self.cfg.mem_free or None,
+                                   self.cfg.rotation_min_bytes)
+
+    def run_dense(self, N, K, kernel):
+        w = weight_bytes(kernel, N, K)
+        n = self.copies(w)
+        make, _ = peers.dense(N, K, kernel, n)
+        self.sweep_torch(kernel, N, K, make, kernel, w, n)
+
+    def run_int4(self, N, K):
+        g = self.cfg.group_size
+        why = peers.torch_int4_support(N, K, g)
+        if why:
+            return self.skip("torch_int4", N, K, why, group_size=g)
+        w = weight_bytes("torch_int4", N, K, 4, g)
+        n = self.copies(w)
+        make, _ = peers.torch_int4(N, K, g, n)
+        self.sweep_torch("torch_int4", N, K, make, "bf16", w, n, 4, g)
+
+    def run_flute(self, N, K, bits):
+        g, c = self.cfg.group_size, self.cfg
+        try:
+            q, rw = flute_cpu_linear(N, K, bits, g, torch.bfloat16, seed=7 * bits)
+        except Exception as e:  # noqa: BLE001
+            return self.skip("flute", N, K, f"building the layer failed: {type(e).__name__}: {e}",
+                             bits=bits)
+        w = weight_bytes("flute", N, K, bits, g)
+        layers = [q] + [copy.deepcopy(q) for _ in range(self.copies(w) - 1)]
+        args = [qgemm_args(m) for m in layers]
+        op = torch.ops.flute.qgemm
+        for dt in c.flute_dtypes:
+            extra = {}
+            if c.check:
+                from ..testing import reference_qgemm, relative_error
+                xs = torch.randn(2, K, generator=torch.Generator().manual_seed(5)).to(ACT_DTYPES[dt])
+                extra["rel_err"] = relative_error(op(xs, *args[0]), reference_qgemm(xs, rw, g))
+                if not extra["rel_err"] < MAX_REL_ERR:
+                    self.log(f"  WARNING: flute {bits}b {dt} differs from the float64 reference: "
+                             f"rel_err={extra['rel_err']:.3e}")
+            self.sweep_torch("flute", N, K, lambda x: [(lambda a=a: op(x, *a)) for a in args],
+                             dt, w, len(args), bits, g, extra)
+
+    # -- llama.cpp ------------------------------------------------------------------------------
+    def run_llamacpp(self, N, K):
+        c = self.cfg
+        for ty in c.ggml_types:
+            for layout in (("plain", "repack") if ty in llamacpp.REPACK_TYPES else ("plain",)):
+                if self.past_deadline():
+                    return
+                if K % (llamacpp.BLOCK[ty] or 1):
+                    self.skip("llamacpp", N, K, f"K={K} is not a multiple of the {ty} block "
+                              f"({llamacpp.BLOCK[ty]})", ggml_type=ty, layout=layout)
+                    break
+                n = self.copies(llamacpp.weight_bytes(ty, N, K))
+                try:
+                    rows = llamacpp.run(self.llamacpp_exe, ty, N, K, c.Ms, c.threads, n,
+                                        repack=layout == "repack", target_ms=c.target_ms,
+                                        min_runs=c.min_runs, max_runs=c.max_runs,
+                                        budget_ms=c.point_budget_ms)
+                    hot = [m for m in c.hot_Ms if m in c.Ms]
+                    if hot:
+                        rows += llamacpp.run(self.llamacpp_exe, ty, N, K, hot, c.threads, 1,
+                                             repack=layout == "repack", hot=True,
+                                             target_ms=c.target_ms, min_runs=c.min_runs,
+                                             max_runs=c.max_runs, budget_ms=c.point_budget_ms)
+                except Exception as e:  # noqa: BLE001
+                    self.skip("llamacpp", N, K, f"{type(e).__name__}: {e}", ggml_type=ty,
+                              layout=layout)
+                    continue
+                for r in rows:
+                    self.record("llamacpp", N, K, r["M"], r["threads"], r["cache"], "fp32",
+                                r["median_ms"], r["weight_bytes"], 4, llamacpp.TYPES[ty],
+                                llamacpp.BLOCK[ty], ggml_type=ty, layout=r["layout"],
+                                copies=r["copies"], runs=r["runs"], p10_ms=r["p10_ms"],
+                                p90_ms=r["p90_ms"])
+
+    def run(self, on_shape_done=None):
+        c = self.cfg
+        for N, K in c.shapes:
+            if self.past_deadline():
+                break
+            self.log(f"N={N} K={K}")
+            for kernel in ("fp32", "bf16"):
+                if kernel in c.kernels and not self.past_deadline():
+                    self.run_dense(N, K, kernel)
+            if "torch_int4" in c.kernels and not self.past_deadline():
+                self.run_int4(N, K)
+            if "llamacpp" in c.kernels and self.llamacpp_exe and not self.past_deadline():
+                self.run_llamacpp(N, K)
+            for bits in c.bits if "flute" in c.kernels else ():
+                if not self.past_deadline():
+                    self.run_flute(N, K, bits)
+            fill_ratios(self.points)
+            if on_shape_done:
+                on_shape_done()
+        fill_ratios(self.points)
+
+
+def fill_ratios(points: List[Dict[str, object]]) -> None:
+    """``speedup_vs_fp32`` / ``speedup_vs_bf16`` on every point (dense time over this time at the
+    same M, N, K, threads and cache) and, on flute points, ``speedup_vs``: ``torch_int4`` and
+    ``llamacpp_<type>`` (the faster layout of that type) at the same M, N, K, threads and cache."""
+    key = lambda p: (p["M"], p["N"], p["K"], p["threads"], p["cache"])  # noqa: E731
+    base: Dict[tuple, float] = {}
+    for p in points:
+        name = (f"llamacpp_{p['ggml_type']}" if p["kernel"] == "llamacpp" else p["kernel"])
+        if p["kernel"] in ("fp32", "bf16", "torch_int4", "llamacpp"):
+            k = (name,) + key(p)
+            base[k] = min(base.get(k, float("inf")), p["median_ms"])
+    for p in points:
+        for d in ("fp32", "bf16"):
+            t = base.get((d,) + key(p))
+            p[f"speedup_vs_{d}"] = None if t is None else t / p["median_ms"]
+        if p["kernel"] == "flute":
+            p["speedup_vs"] = {name: t / p["median_ms"] for (name, *k), t in base.items()
+                               if tuple(k) == key(p) and name not in ("fp32", "bf16")}
+
+
+def validate_cpu_result(doc: Dict[str, object]) -> List[str]:
+    """Problems with a CPU result document against its schema (empty when it conforms)."""
+    errs = []
+    for k, typ in (("host", str), ("cpu_model", str), ("isa_flags", list), ("torch", str),
+                   ("commit", str), ("command", str), ("threads", list), ("read_bw_gbps", dict),
+                   ("points", list), ("skipped", list)):
+        if not isinstance(doc.get(k), typ):
+            errs.append(f"top-level {k!r} should be {typ.__name__}, got {type(doc.get(k)).__name__}")
+    num = (int, float)
+    for i, p in enumerate(doc.get("points") or []):
+        for k, typ in (("kernel", str), ("dtype", str), ("M", int), ("N", int), ("K", int),
+                       ("threads", int), ("median_ms", num), ("gbps", num), ("cache", str)):
+            if not isinstance(p.get(k), typ):
+                errs.append(f"points[{i}].{k} = {p.get(k)!r} has the wrong type")
+        if p.get("kernel") not in KERNELS:
+            errs.append(f"points[{i}].kernel {p.get('kernel')!r} is not one of {KERNELS}")
+        for k in ("bits", "group_size", "roofline_pct", "speedup_vs_fp32", "speedup_vs_bf16"):
+            if k not in p:
+                errs.append(f"points[{i}] lacks {k!r}")
+    return errs
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flute bench --device cpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=("cpu",))
+    p.add_argument("--quick", action="store_true", help="2 shapes (1536x576, 14336x4096), M 1 and 16")
+    p.add_argument("--shapes", nargs="+", default=None, help="NxK shapes, e.g. 4096x14336")
+    p.add_argument("--M", nargs="+", type=int, default=None)
+    p.add_argument("--threads", nargs="+", type=int, default=None, help="thread counts (1 2)")
+    p.add_argument("--bits", nargs="+", type=int, default=None, choices=(2, 3, 4))
+    p.add_argument("--group-size", type=int, default=CPU_GROUP)
+    p.add_argument("--flute-dtype", nargs="+", default=None, choices=tuple(ACT_DTYPES),
+                   help="activation dtypes of the flute points (bf16 fp32)")
+    p.add_argument("--kernels", nargs="+", default=None, choices=KERNELS)
+    p.add_argument("--ggml-types", nargs="+", default=None, choices=tuple(llamacpp.TYPES))
+    p.add_argument("--hot-M", nargs="*", type=int, default=None, help="M values that also get a "
+                   "cache-hot point (default 1; none with an empty list)")
+    p.add_argument("--target-ms", type=float, default=None, help="time per point (200; quick 100)")
+    p.add_argument("--min-runs", type=int, default=None, help="fewest samples per point (15)")
+    p.add_argument("--max-runs", type=int, default=2000)
+    p.add_argument("--point-budget-ms", type=float, default=1500.0, help="cap on a slow point")
+    p.add_argument("--read-bw-mib", type=int, default=None, help="read-bandwidth buffer (max(1024, 8 x L3))")
+    p.add_argument("--read-bw-runs", type=int, default=7)
+    p.add_argument("--l3-mib", type=float, default=None, help="L3 size for the rotation (sysfs)")
+    p.add_argument("--rotation-mib", type=float, default=MIN_ROTATION_BYTES_CPU >> 20,
+                   help="least bytes the rotated copies of a weight hold together (256)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop starting new work after "
+                   "this long and write partial results (default: none; quick 15)")
+    p.add_argument("--no-llamacpp-build", action="store_true", help="use llama.cpp only if already built")
+    p.add_argument("--llamacpp-src", default=None, help="a llama.cpp tree or llama-cpp-python sdist")
+    p.add_argument("--no-check", action="store_true", help="skip flute's float64 reference check")
+    p.add_argument("--targets", default=None, help="targets file (default benchmarks/targets.py)")
+    p.add_argument("--out", default=None, help="directory of the JSON and PNG (benchmarks/results)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
+    return p
+
+
+def make_config(a, info: Dict[str, object]) -> CpuConfig:
+    shapes = ([parse_nk(s) for s in a.shapes] if a.shapes else
+              list(CPU_QUICK_SHAPES if a.quick else CPU_SHAPES))
+    minutes = a.max_minutes if a.max_minutes is not None else (15.0 if a.quick else None)
+    l3 = int(a.l3_mib * 2 ** 20) if a.l3_mib else int(info.get("l3_bytes") or 32 << 20)
+    return CpuConfig(
+        shapes=shapes, Ms=sorted(set(a.M or (CPU_QUICK_M if a.quick else CPU_M))),
+        threads=a.threads or list(CPU_THREADS), bits=a.bits or list(CPU_BITS),
+        group_size=a.group_size, flute_dtypes=a.flute_dtype or ["bf16", "fp32"],
+        kernels=a.kernels or list(KERNELS), ggml_types=a.ggml_types or list(llamacpp.TYPES),
+        hot_Ms=[1] if a.hot_M is None else a.hot_M,
+        target_ms=a.target_ms if a.target_ms is not None else (100.0 if a.quick else 200.0),
+        min_runs=a.min_runs or 15, max_runs=a.max_runs, point_budget_ms=a.point_budget_ms,
+        l3_bytes=l3, rotation_min_bytes=int(a.rotation_mib * 2 ** 20),
+        mem_free=int(info.get("mem_available_bytes") or 0), check=not a.no_check,
+        deadline=time.monotonic() + 60 * minutes if minutes else None)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    log = lambda *x: print(*x, flush=True)  # noqa: E731
+    t_start = time.monotonic()
+    prev_threads = torch.get_num_threads()
+    info = cpu_info()
+    cfg = make_config(a, info)
+    env = environment(torch.device("cpu"), a.commit)
+    doc: Dict[str, object] = dict(env, kind="cpu-kernels", mode="quick" if a.quick else "full", **info)
+    doc.update(device=f"cpu ({info['cpu_model']})", threads=cfg.threads,
+               grid={"shapes": [f"{n}x{k}" for n, k in cfg.shapes], "M": cfg.Ms,
+                     "bits": cfg.bits, "group_size": cfg.group_size,
+                     "flute_dtypes": cfg.flute_dtypes, "kernels": cfg.kernels,
+                     "ggml_types": cfg.ggml_types, "hot_M": cfg.hot_Ms},
+               method={"timing": "time.perf_counter per call (llama.cpp: steady_clock in the "
+                                 "driver); warm-up, then the median", "target_ms": cfg.target_ms,
+                       "min_runs": cfg.min_runs, "point_budget_ms": cfg.point_budget_ms,
+                       "rotation": f"cache-cold points rotate weight copies holding >= 2 x L3 "
+                                   f"({cfg.l3_bytes >> 20} MiB) and >= "
+                                   f"{cfg.rotation_min_bytes >> 20} MiB, at most a quarter of free "
+                                   f"memory; cache-hot points use one copy",
+                       "bytes": "weight (codes + scales + table) + activations + output, each once",
+                       "weights": "random (speed only); flute checked against a float64 reference"})
+    log(f"flute bench --device cpu on {platform.node()} | {info['cpu_model']} | "
+        f"{' '.join(info['isa_flags'])} | L3 {info['l3_bytes'] >> 20} MiB | torch {env['torch']} | "
+        f"commit {env['commit']}{' (dirty tree)' if env.get('dirty') else ''}")
+    try:
+        doc.update(measure_read_bandwidth(cfg.threads, cfg.l3_bytes, log,
+                                          nbytes=(a.read_bw_mib << 20) if a.read_bw_mib else None,
+                                          runs=a.read_bw_runs))
+        bench = CpuBench(cfg, doc["read_bw_gbps"], log)
+        if "llamacpp" in cfg.kernels:
+            exe, linfo = llamacpp_driver(a, log)
+            bench.llamacpp_exe = exe
+            doc["llamacpp"] = linfo if exe else dict(linfo, status=f"skipped: {linfo['reason']}")
+            log(f"llama.cpp: {'driver ' + exe if exe else doc['llamacpp']['status']}")
+        out_dir = (a.out or os.path.join("benchmarks", "results")).rstrip("/") or "."
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        path = os.path.join(out_dir, f"cpu-{report.slug(platform.node())}-{stamp}.json")
+
+        def save():
+            doc.update(points=bench.points, skipped=bench.skipped, truncated=bench.truncated,
+                       elapsed_s=round(time.monotonic() - t_start, 1))
+            report.write_json(path, doc)
+        save()
+        bench.run(on_shape_done=save)
+        save()
+        table = report.attach_targets(doc, a.targets)
+        report.write_json(path, doc)
+    finally:
+        torch.set_num_threads(prev_threads)
+    problems = validate_cpu_result(doc)
+    if problems:
+        log("result does not match the schema: " + "; ".join(problems[:5]))
+    log(table or f"targets: {doc.get('targets_note')}")
+    log(f"wrote {path} ({len(bench.points)} points in {doc['elapsed_s']:.0f} s"
+        f"{', TRUNCATED' if bench.truncated else ''})")
+    if not a.no_plots:
+        from .plots import plot_results
+        try:
+            for png in plot_results(path):
+                log(f"wrote {png}")
+        except Exception as e:  # noqa: BLE001 - plotting must never lose a result
+            log(f"plotting failed ({type(e).__name__}: {e}); python benchmarks/plot.py {path}")
+    bad = [p for p in bench.points if p.get("rel_err") is not None and not p["rel_err"] < MAX_REL_ERR]
+    return 1 if bad or problems else 0
+
+
+def llamacpp_driver(a, log) -> Tuple[Optional[str], Dict[str, object]]:
+    """The llama.cpp driver, built into the cache on first use (unless --no-llamacpp-build)."""
+    if a.no_llamacpp_build:
+        root = os.path.join(llamacpp.cache_dir(f"llamacpp-{llamacpp.VERSION}"), "build")
+        if not all(os.path.isfile(os.path.join(root, lib)) for lib in llamacpp.LIBS):
+            return None, {"reason": "not built and --no-llamacpp-build given "
+                                    "(python -m flute.bench.llamacpp builds it)"}
+    return llamacpp.build(src=a.llamacpp_src, log=log)
