@@ -8,7 +8,7 @@ import sys
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after "bench" goes to the suite's own parser
-        from .benchmark import main as bench_main
+        from .bench import main as bench_main
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="flute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
