@@ -2,7 +2,8 @@
 
 =============  ====================================================================================
 ``cli``        the command line: the GPU sweep (--quick / --full), --e2e, and dispatch to ``cpu``
-``cpu``        ``flute bench --device cpu``: flute vs torch fp32/bf16/int4 and llama.cpp on the CPU
+``cpu``        the CPU benchmark: flute vs torch fp32/bf16/int4 and llama.cpp, cache-cold, 1-2 threads
+``cpu_cli``    its command line, ``flute bench --device cpu``, and its result file
 ``shapes``     the shape grids (model layers for the GPU, the CPU benchmark's N x K list)
 ``roofline``   bytes per kernel, rotation through the caches, measured copy / read bandwidth
 ``timing``     host-clock and CUDA-event timing (median after warm-up)

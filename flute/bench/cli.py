@@ -176,7 +176,7 @@ def wants_cpu_benchmark(argv: Sequence[str]) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if wants_cpu_benchmark(argv):
-        from .cpu import main as cpu_main
+        from .cpu_cli import main as cpu_main
         if not any(a == "--device" or a.startswith("--device=") for a in argv) and "--quick" not in argv:
             print("flute bench: no CUDA device; running the CPU benchmark's --quick subset "
                   "(flute bench --device cpu for all of it)", flush=True)

@@ -115,7 +115,6 @@ def measure_copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, r
         t = time_cuda([copy], use_graph=False, target_ms=0.0, min_runs=runs, max_runs=runs)
     else:
         t = time_cpu([copy], target_ms=0.0, min_runs=max(3, runs // 4), max_runs=max(3, runs // 4))
-    del src, dst
     bw = 2 * n * 4 / (t.median_us * 1e-6) / 1e9
     return {"copy_bw_gbps": bw, "copy_bytes": 2 * n * 4, "copy_median_us": t.median_us,
             "copy_runs": t.runs}
