@@ -56,7 +56,9 @@ try:
     r = json.load(open(path))
 except Exception:
     r = {"kind": "flute device_check", "steps": {}}
-r["steps"][step] = {"rc": rc, "seconds": secs, "status": "passed" if rc == 0 else ("timeout" if rc in (124, 137) else "failed"), "note": note[:2000]}
+status = ("passed" if rc == 0 else "timeout" if rc in (124, 137) else
+          "no-gpu" if (step == "gpu" and rc == 77) else "failed")
+r["steps"][step] = {"rc": rc, "seconds": secs, "status": status, "note": note[:2000]}
 r["updated_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 bad = [k for k, v in r["steps"].items() if v["rc"] != 0 and k != "gpu"]
 r["status"] = "failed" if bad else ("no-gpu" if r["steps"].get("gpu", {}).get("rc") == 77 else "passed")
@@ -379,7 +381,7 @@ PY
 want bench && run_step bench 75 "$PY" "$WORK/bench.py"
 
 # ---------------------------------------------------------------------------------------------
-want large && run_step large 90 "$PY" -m pytest tests/test_cuda_kernel.py -q -p no:cacheprovider -rfE \
+want large && run_step large 120 "$PY" -m pytest tests/test_cuda_kernel.py -q -p no:cacheprovider -rfE \
   -k "large or compile"
 
 log "done in $(elapsed)s; results in $OUT (device_check.json, logs.tgz, bench.json)"
