@@ -28,13 +28,13 @@ from typing import Iterable, List, Optional
 import torch
 from torch import nn
 
-from .format import FORMAT_VERSION
 from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP, HessianAccumulator, gptq_quantize_weight
 from .linear import QuantLinear
-from .model import DEFAULT_SKIP, _matches, _progress, _set_submodule, record_config
+from .model import record_config
+from .modules import layer_progress, linear_layers, set_submodule
 from .quantize import quantize_weight
+from .spec import DEFAULT_SKIP, QuantSpec
 
-METHODS = ("rtn", "gptq")
 DEFAULT_SEQ_LEN = 512
 
 
@@ -221,20 +221,6 @@ def _group_statistics(block, module: nn.Module, inputs) -> HessianAccumulator:
     return acc
 
 
-def quant_linear(qw, bias: Optional[torch.Tensor] = None) -> QuantLinear:
-    """Like :meth:`QuantLinear.from_quantized`, but the kernel layout is built at the first forward
-    (not at once): quantize-then-save never pays for it."""
-    m = QuantLinear(qw.in_features, qw.out_features, qw.bits, qw.group_size, bias is not None,
-                    qw.offsets is not None, qw.scales.dtype, device="meta", codebook=qw.codebook)
-    m.qcodes, m.scales, m.offsets = qw.qcodes, qw.scales, qw.offsets
-    m.table = qw.table.to(device=qw.qcodes.device, dtype=torch.float32)
-    m.qmeta = qw.qmeta().to(qw.qcodes.device)
-    if bias is not None:
-        m.bias = nn.Parameter(bias.detach().to(device=qw.qcodes.device, dtype=qw.scales.dtype),
-                              requires_grad=False)
-    return m
-
-
 @torch.no_grad()
 def activation_aware_quantize(weight: torch.Tensor, importance: torch.Tensor, bits: int = 4,
                               group_size: int = 64, codebook="nf", scale_method=None,
@@ -252,7 +238,7 @@ def activation_aware_quantize(weight: torch.Tensor, importance: torch.Tensor, bi
     import math
 
     from .format import QuantizedWeight, effective_group_size, pack_codes
-    from .quantize import LEARNED_RANGE, MSE_RATIOS, _Groups, _chunk_rows, learn_table
+    from .quantize import LEARNED_RANGE, _Groups, _chunk_rows, learn_table, weighted_clip_search
     scale_dtype = scale_dtype or weight.dtype
     if offsets or scale_method not in (None, "absmax", "mse") or codebook != "nf":
         return quantize_weight(weight, bits, group_size, codebook=codebook, scale_method=scale_method,
@@ -262,38 +248,18 @@ def activation_aware_quantize(weight: torch.Tensor, importance: torch.Tensor, bi
     group = effective_group_size(group_size, k)
     imp = importance.to(weight.device, torch.float32).flatten().clamp_min(0)
     table = learn_table(weight, bits, group_size, importance=imp)
-    t = table.to(weight.device)
-    sorted_t, order = torch.sort(t)
-    mids = (sorted_t[1:] + sorted_t[:-1]) * 0.5
+    sorted_t, order = torch.sort(table.to(weight.device))
     ng = math.ceil(k / group)
     lam = torch.nn.functional.pad(imp, (0, ng * group - k)).view(ng, group)
     codes_out, scales_out = [], []
     for r0 in range(0, n, _chunk_rows(n, k)):
         g = _Groups(weight[r0:r0 + _chunk_rows(n, k)], group)
-        s0 = g.masked(g.w.abs(), 0.0).amax(-1) / LEARNED_RANGE[1]
-        best_err = best_s = best_c = None
-        for r in MSE_RATIOS[:11]:  # clipping down to 0.75 of absmax
-            s = (s0 * r).to(scale_dtype).float()
-            s = torch.where(s == 0, torch.ones_like(s), s)
-            idx = torch.bucketize(g.w / s.unsqueeze(-1), mids)
-            err = ((sorted_t[idx] * s.unsqueeze(-1) - g.w).square() * lam).sum(-1)
-            if best_err is None:
-                best_err, best_s, best_c = err, s, order[idx]
-            else:
-                better = err < best_err
-                best_c = torch.where(better.unsqueeze(-1), order[idx], best_c)
-                best_s = torch.where(better, s, best_s)
-                best_err = torch.minimum(err, best_err)
+        best_s, idx = weighted_clip_search(g.w, lam, sorted_t, LEARNED_RANGE, scale_dtype)
+        best_c = order[idx]
         codes_out.append(pack_codes(g.flat(best_c), bits))
         scales_out.append(best_s.to(scale_dtype))
-    return QuantizedWeight(torch.cat(codes_out), torch.cat(scales_out), t, bits, group_size,
-                           k, n, None, "learned")
-
-
-def _resolve_codebook(codebook, learned_table):
-    if codebook == "learned":
-        return "nf", True
-    return codebook, learned_table
+    return QuantizedWeight(torch.cat(codes_out), torch.cat(scales_out), table.to(weight.device),
+                           bits, group_size, k, n, None, "learned")
 
 
 @torch.no_grad()
@@ -304,7 +270,7 @@ def quantize_model_calibrated(model: nn.Module, samples: Optional[Iterable[torch
                               offsets: bool = False, skip: Iterable[str] = DEFAULT_SKIP,
                               damp: float = DEFAULT_DAMP, block_size: int = DEFAULT_BLOCK,
                               device=None, scale_dtype: Optional[torch.dtype] = None,
-                              progress: bool = True) -> nn.Module:
+                              progress: bool = True, spec: Optional[QuantSpec] = None) -> nn.Module:
     """Quantize every ``nn.Linear`` of a decoder model in place, using calibration data when needed.
 
     Args:
@@ -328,32 +294,33 @@ def quantize_model_calibrated(model: nn.Module, samples: Optional[Iterable[torch
             Each block returns to its own device afterwards.
         scale_dtype: dtype of the stored scales (default: each weight's dtype).
         progress: show progress bars.
+        spec: bits, group_size, codebook, method, learned_table, scale_method, offsets and skip as
+            one :class:`flute.QuantSpec` (then those arguments must be left at their defaults).
 
     Data-free settings (``rtn`` without an activation-aware table) quantize layer by layer without
     running the model. The settings are recorded on the model as :func:`flute.quantize_model` does.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    codebook, learned_table = _resolve_codebook(codebook, learned_table)
-    skip = tuple(skip)
+    if spec is None:
+        spec = QuantSpec(bits=bits, group_size=group_size, codebook=codebook, method=method,
+                         learned_table=learned_table, scale_method=scale_method, offsets=offsets,
+                         skip=tuple(skip))
+    qkw = spec.quantize_kwargs()
+    method, learned_table, skip = spec.method, spec.learned_table, spec.skip
     calibrated = method == "gptq" or (learned_table and act_aware)
     t0 = time.perf_counter()
-    targets = [(n, m) for n, m in model.named_modules()
-               if type(m) is nn.Linear and not _matches(n, skip)]
+    targets = linear_layers(model, skip)
     if not targets:
         raise ValueError("quantize_model_calibrated: the model has no nn.Linear layer to quantize "
                          f"(skip patterns: {skip})")
-    qkw = dict(bits=bits, group_size=group_size, codebook=codebook, scale_method=scale_method,
-               offsets=offsets, learned_table=learned_table)
     n_tokens = 0
     if not calibrated:
-        bar = _progress(targets, progress, desc=f"flute: quantizing {len(targets)} layers "
-                                                f"to {bits} bits")
+        bar = layer_progress(targets, progress, desc=f"flute: quantizing {len(targets)} layers "
+                                                f"to {spec.bits} bits")
         for name, linear in bar:
             qw = quantize_weight(linear.weight.detach() if device is None else
                                  linear.weight.detach().to(device),
                                  scale_dtype=scale_dtype or linear.weight.dtype, **qkw)
-            _set_submodule(model, name, quant_linear(qw, linear.bias).to(linear.weight.device))
+            set_submodule(model, name, QuantLinear.from_quantized(qw, linear.bias, prepare=False).to(linear.weight.device))
     else:
         samples = list(samples or [])
         if not samples:
@@ -365,16 +332,10 @@ def quantize_model_calibrated(model: nn.Module, samples: Optional[Iterable[torch
         device = torch.device(device)
         _calibrated_pass(model, samples, targets, skip, device, method, act_aware, damp,
                          block_size, scale_dtype, progress, qkw)
-    skipped = sorted({n for n, m in model.named_modules()
-                      if type(m) is nn.Linear and _matches(n, skip)})
-    record_config(model, dict(
-        quant_method="flute", format_version=FORMAT_VERSION, bits=bits, group_size=group_size,
-        codebook=codebook if isinstance(codebook, str) else "custom", scale_method=scale_method,
-        offsets=offsets, learned_table=learned_table, method=method,
-        act_aware=bool(learned_table and act_aware and calibrated),
-        modules_to_not_convert=list(skip) + [s for s in skipped if s not in skip],
-        quantized_modules=len(targets),
-        calibration=dict(tokens=n_tokens, damp=damp, block_size=block_size) if calibrated else None))
+    record_config(model, spec, act_aware=bool(learned_table and act_aware and calibrated),
+                  quantized_modules=len(targets),
+                  calibration=dict(tokens=n_tokens, damp=damp, block_size=block_size)
+                  if calibrated else None)
     model.flute_quantize_seconds = time.perf_counter() - t0
     return model
 
@@ -387,7 +348,7 @@ def _calibrated_pass(model, samples, targets, skip, device, method, act_aware, d
     model.eval()
     inputs = capture_block_inputs(model, layers, samples, device)
     on_cpu = device.type == "cpu"
-    bar = _progress(list(enumerate(layers)), progress,
+    bar = layer_progress(list(enumerate(layers)), progress,
                     desc=f"flute: {method} {qkw['bits']}-bit, {len(layers)} blocks")
     done, structure = set(), {}
     for i, block in bar:
@@ -430,7 +391,7 @@ def _calibrated_pass(model, samples, targets, skip, device, method, act_aware, d
         outs = _run_block(block, inputs)
         inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outs)]
         for n, qw in quantized.items():
-            _set_submodule(block, n, quant_linear(qw, block.get_submodule(n).bias))
+            set_submodule(block, n, QuantLinear.from_quantized(qw, block.get_submodule(n).bias, prepare=False))
             done.add(f"{block_name}.{n}")
         block.to(home)
     # linear layers outside the decoder blocks (rare): data-free
@@ -438,5 +399,5 @@ def _calibrated_pass(model, samples, targets, skip, device, method, act_aware, d
         if name not in done:
             qw = quantize_weight(linear.weight.detach(), scale_dtype=scale_dtype or
                                  linear.weight.dtype, **qkw)
-            _set_submodule(model, name, quant_linear(qw, linear.bias))
+            set_submodule(model, name, QuantLinear.from_quantized(qw, linear.bias, prepare=False))
     model.train(was_training)

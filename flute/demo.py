@@ -14,7 +14,8 @@ import torch
 
 from .calibrate import calibration_samples, quantize_model_calibrated
 from .evaluate import builtin_text, decode_speed, perplexity
-from .model import linear_layers, model_weight_bytes, quantize_model
+from .model import model_weight_bytes, quantize_model
+from .modules import linear_layers
 from .smollm2 import load_smollm2
 
 PROMPT = "The old lighthouse on the harbour wall"

@@ -30,12 +30,12 @@ from .codebooks import check_bits
 
 FORMAT_VERSION = 1
 QMETA_FIELDS = ("format_version", "bits", "group_size", "in_features", "out_features")
-GROUP_SIZES = (32, 64, 128, 256, -1)
 
 
 def check_group_size(group_size: int) -> int:
     """Return ``group_size`` if it is a positive int or -1 (one group per row), else raise."""
-    if not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or \
+            (group_size != -1 and group_size < 1):
         raise ValueError(f"group_size must be a positive integer or -1 (one group per row), "
                          f"got {group_size!r}")
     return group_size
@@ -184,8 +184,15 @@ class QuantizedWeight:
                                self.codebook)
 
 
-def parse_qmeta(qmeta: torch.Tensor, where: str = "") -> dict:
-    """Decode a ``qmeta`` tensor; a checkpoint of another format version raises a clear error."""
+def parse_qmeta(qmeta: torch.Tensor, where: str = "", expect: Optional[dict] = None) -> dict:
+    """Decode a ``qmeta`` tensor into ``{format_version, bits, group_size, in_features,
+    out_features}``. A checkpoint of another format version, a qmeta that is not 5 integers, or
+    (when ``expect`` holds some of those fields) a weight other than the one expected raises a
+    ValueError that starts with ``where`` (the module prefix)."""
+    if not isinstance(qmeta, torch.Tensor) or qmeta.is_floating_point() or qmeta.is_complex() \
+            or qmeta.dtype == torch.bool:
+        raise ValueError(f"{where}qmeta must be an integer tensor, got "
+                         f"{getattr(qmeta, 'dtype', type(qmeta).__name__)}")
     values = [int(v) for v in qmeta.flatten().tolist()]
     if len(values) != len(QMETA_FIELDS):
         raise ValueError(f"{where}qmeta must hold {len(QMETA_FIELDS)} integers {QMETA_FIELDS}, "
@@ -194,6 +201,15 @@ def parse_qmeta(qmeta: torch.Tensor, where: str = "") -> dict:
     if meta["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{where}qmeta says flute format version {meta['format_version']}; this "
                          f"flute reads version {FORMAT_VERSION}")
+    wrong = sorted(k for k, v in (expect or {}).items() if meta[k] != v)
+    if wrong:
+        want = dict(meta, **(expect or {}))
+        head = f"{where.rstrip('.')}: " if where else ""
+        raise ValueError(
+            f"{head}the checkpoint holds a {meta['out_features']}x{meta['in_features']} weight "
+            f"({meta['bits']}-bit, group size {meta['group_size']}), but this QuantLinear is "
+            f"{want['out_features']}x{want['in_features']} {want['bits']}-bit with group size "
+            f"{want['group_size']} (mismatch in {', '.join(wrong)})")
     return meta
 
 

@@ -27,7 +27,7 @@ import torch
 
 from .codebooks import check_bits, get_table
 from .format import QuantizedWeight, effective_group_size, pack_codes
-from .quantize import LEARNED_RANGE, _quantize_chunk, learn_table
+from .quantize import LEARNED_RANGE, _quantize_chunk, learn_table, weighted_clip_search
 
 DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK = 128
@@ -143,8 +143,8 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, table: torch.Tensor,
                 gi = col // group
                 g1 = min(col + group, k) - b0
                 if imp is not None:
-                    s = _weighted_clip_scale(W1[:, i:g1], imp[col:col + g1 - i], sorted_t, mids,
-                                             lo, hi, scale_dtype)
+                    s, _ = weighted_clip_search(W1[:, i:g1], imp[col:col + g1 - i], sorted_t,
+                                                (lo, hi), scale_dtype)
                     o_g = None
                 else:
                     _, s_g, o_g, _ = _quantize_chunk(W1[:, i:g1], table, g1 - i, scale_method,
@@ -170,27 +170,6 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, table: torch.Tensor,
             W[:, b1:].addmm_(E1, U[b0:b1, b1:], alpha=-1.0)
 
     return (codes, scales.to(scale_dtype), None if offs is None else offs.to(scale_dtype))
-
-
-CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(11))  # 1.0 .. 0.75 of the absmax scale
-
-
-def _weighted_clip_scale(w, lam, sorted_t, mids, lo, hi, scale_dtype):
-    """Per-row scale for the group ``w [N, g]``: absmax scale times the clipping ratio with the
-    least ``sum_k lam[k] (w - q)^2`` (``q`` rounded to nearest on the table)."""
-    s0 = torch.maximum(w.amax(-1) / hi, w.amin(-1) / lo)
-    best_err = best_s = None
-    for r in CLIP_RATIOS:
-        s = (s0 * r).to(scale_dtype).float()
-        s = torch.where(s == 0, torch.ones_like(s), s)
-        q = sorted_t[torch.bucketize(w / s.unsqueeze(-1), mids)] * s.unsqueeze(-1)
-        err = ((q - w).square() * lam).sum(-1)
-        if best_err is None:
-            best_err, best_s = err, s
-        else:
-            best_s = torch.where(err < best_err, s, best_s)
-            best_err = torch.minimum(err, best_err)
-    return best_s
 
 
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4,

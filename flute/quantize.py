@@ -20,12 +20,21 @@ SCALE_METHODS = ("absmax", "mse", "absmean")
 # always a candidate, so the search can only lower the error against absmax.
 MSE_RATIOS = tuple(1.0 - 0.025 * i for i in range(20))  # 1.0 .. 0.525
 
+# Clipping ratios for the importance-weighted scale search (activation-aware tables, GPTQ-LUT):
+# 1.0 down to 0.75 of the absmax scale.
+CLIP_RATIOS = MSE_RATIOS[:11]
+
 LLOYD_ITERATIONS = 10  # k-means steps; the table barely moves after this on LLM weights
 
 # A learned table lives in the domain of weights normalized by their group's absmax, [-1, 1]: its
 # scales map [min, max] of a group onto this range, not onto the (narrower) span of the table,
 # whose outer entries Lloyd pulls inward (that is the clipping it learned).
 LEARNED_RANGE = (-1.0, 1.0)
+
+
+class ScaleOverflowError(ValueError):
+    """A scale, offset or table value is not finite once rounded to its stored dtype (the weights
+    are too large for it): quantize with a wider ``scale_dtype`` such as float32."""
 
 
 def _chunk_rows(n: int, k: int, budget_elements: int = 1 << 21) -> int:
@@ -132,6 +141,35 @@ def _quantize_chunk(w: torch.Tensor, table: torch.Tensor, group: int, method: st
                 o = torch.where(better, o_r, o)
             err = torch.minimum(e_r, err)
     return g.flat(codes), s, o, err.sum()
+
+
+def weighted_clip_search(w: torch.Tensor, importance: torch.Tensor, sorted_table: torch.Tensor,
+                         table_range, scale_dtype: torch.dtype):
+    """Per-group scale minimizing the importance-weighted squared error of round to nearest.
+
+    ``w`` is ``[..., G]`` (one group per row of the last dimension), ``importance`` broadcasts
+    against it (per input column). Candidates are the covering scale ``max(wmax / hi, wmin / lo)``
+    times each of :data:`CLIP_RATIOS`, each rounded to ``scale_dtype``; the first candidate with
+    the least ``sum importance * (q - w)^2`` wins. Returns ``(scales [...] float32, idx [..., G])``
+    where ``idx`` indexes ``sorted_table`` (the chosen codes in sorted order).
+    """
+    lo, hi = table_range
+    mids = (sorted_table[1:] + sorted_table[:-1]) * 0.5
+    s0 = torch.maximum(w.amax(-1) / hi, w.amin(-1) / lo)
+    best_err = best_s = best_idx = None
+    for r in CLIP_RATIOS:
+        s = (s0 * r).to(scale_dtype).float()
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        idx = torch.bucketize(w / s.unsqueeze(-1), mids)
+        err = ((sorted_table[idx] * s.unsqueeze(-1) - w).square() * importance).sum(-1)
+        if best_err is None:
+            best_err, best_s, best_idx = err, s, idx
+        else:
+            better = err < best_err
+            best_idx = torch.where(better.unsqueeze(-1), idx, best_idx)
+            best_s = torch.where(better, s, best_s)
+            best_err = torch.minimum(err, best_err)
+    return best_s, best_idx
 
 
 def learn_table(weight: torch.Tensor, bits: int, group_size: int, init=None,

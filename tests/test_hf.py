@@ -18,7 +18,8 @@ from flute import QuantLinear  # noqa: E402
 from flute.integrations import huggingface as hf  # noqa: E402
 
 assert hf.register()
-from flute.integrations.huggingface import FluteConfig  # noqa: E402
+from flute.integrations.hf_config import FluteConfig  # noqa: E402
+from flute.integrations.hf_quantizer import FluteHfQuantizer  # noqa: E402
 
 
 def tiny_llama(seed=0, tie=False):
@@ -55,7 +56,7 @@ def test_register_is_idempotent_and_uses_transformers_registry():
                                               AUTO_QUANTIZER_MAPPING)
     assert hf.register() and hf.register()
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["flute"] is FluteConfig
-    assert AUTO_QUANTIZER_MAPPING["flute"] is hf.FluteHfQuantizer
+    assert AUTO_QUANTIZER_MAPPING["flute"] is FluteHfQuantizer
 
 
 def test_config_round_trip_and_validation():

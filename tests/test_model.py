@@ -8,7 +8,7 @@ from torch import nn
 import flute
 import flute.evaluate
 from flute import QuantLinear, quantize_model
-from flute.model import linear_layers
+from flute.modules import linear_layers
 
 transformers = pytest.importorskip("transformers")
 

@@ -21,6 +21,7 @@ import torch
 import flute
 from flute.format import dequantize_codes
 from flute.integrations import vllm as fv
+from flute.integrations import vllm_settings as vs
 
 TP_SIZES = (1, 2, 4)
 
@@ -36,39 +37,39 @@ def test_import_does_not_import_vllm():
 
 
 def test_settings_defaults_and_errors():
-    s = fv.parse_settings(None, pre_quantized=False)
+    s = vs.parse_settings(None, pre_quantized=False)
     assert (s["bits"], s["group_size"], s["codebook"]) == (4, 64, "nf")
-    s = fv.settings_from_json('{"bits": 3, "group_size": 128, "codebook": "int"}')
+    s = vs.settings_from_json('{"bits": 3, "group_size": 128, "codebook": "int"}')
     assert (s["bits"], s["group_size"], s["codebook"], s["pre_quantized"]) == (3, 128, "int", False)
     with pytest.raises(ValueError, match="quant_method"):
-        fv.parse_settings({"quant_method": "gptq"}, pre_quantized=True)
+        vs.parse_settings({"quant_method": "gptq"}, pre_quantized=True)
     with pytest.raises(ValueError, match="format version"):
-        fv.parse_settings({"quant_method": "flute", "format_version": 99}, pre_quantized=True)
+        vs.parse_settings({"quant_method": "flute", "format_version": 99}, pre_quantized=True)
     with pytest.raises(ValueError, match="bits"):
-        fv.parse_settings({"bits": 5}, pre_quantized=False)
+        vs.parse_settings({"bits": 5}, pre_quantized=False)
     with pytest.raises(ValueError, match="unknown"):
-        fv.settings_from_json('{"bitz": 3}')
+        vs.settings_from_json('{"bitz": 3}')
 
 
 def test_partition_checks():
-    fv.check_input_partition("l", 512, 512, 3, 64)      # not split
-    fv.check_input_partition("l", 512, 128, 3, 64)      # TP 4
-    fv.check_input_partition("l", 512, 128, 3, -1)
+    vs.check_input_partition("l", 512, 512, 3, 64)      # not split
+    vs.check_input_partition("l", 512, 128, 3, 64)      # TP 4
+    vs.check_input_partition("l", 512, 128, 3, -1)
     with pytest.raises(ValueError, match=r"not a multiple of the group size 64.*\[1, 3\]"):
-        fv.check_input_partition("l", 192, 48, 4, 64)
+        vs.check_input_partition("l", 192, 48, 4, 64)
     with pytest.raises(ValueError, match="whole number of bytes"):
-        fv.check_input_partition("l", 36, 18, 3, -1)
-    assert fv.valid_row_parallel_sizes(576, 4, 64) == [1, 3, 9]
-    assert fv.valid_row_parallel_sizes(4096, 3, 128) == [1, 2, 4, 8, 16]
+        vs.check_input_partition("l", 36, 18, 3, -1)
+    assert vs.valid_row_parallel_sizes(576, 4, 64) == [1, 3, 9]
+    assert vs.valid_row_parallel_sizes(4096, 3, 128) == [1, 2, 4, 8, 16]
 
 
 def test_skip_rules():
     mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-    assert fv.is_skipped("model.layers.0.mlp.down_proj", ["*.mlp.down_proj"], mapping)
-    assert not fv.is_skipped("model.layers.0.mlp.down_proj", ["lm_head"], mapping)
-    assert fv.is_skipped("model.layers.1.mlp.gate_up_proj", ["gate_proj", "up_proj"], mapping)
+    assert vs.is_skipped("model.layers.0.mlp.down_proj", ["*.mlp.down_proj"], mapping)
+    assert not vs.is_skipped("model.layers.0.mlp.down_proj", ["lm_head"], mapping)
+    assert vs.is_skipped("model.layers.1.mlp.gate_up_proj", ["gate_proj", "up_proj"], mapping)
     with pytest.raises(ValueError, match="all quantized or all unquantized"):
-        fv.is_skipped("model.layers.0.self_attn.qkv_proj", ["model.layers.0.self_attn.q_proj"],
+        vs.is_skipped("model.layers.0.self_attn.qkv_proj", ["model.layers.0.self_attn.q_proj"],
                       mapping)
 
 

@@ -24,8 +24,9 @@ from flute.format import FORMAT_VERSION, num_groups, packed_row_bytes, unpack_co
 from flute.layout import to_kernel_layout
 from flute.quantize import quantize_weight
 
-from .vllm import (QUANT_METHOD, check_input_partition, describe, is_skipped, parse_settings,
-                   partition_groups, settings_from_file, settings_from_json)
+from .vllm_settings import (QUANT_METHOD, check_input_partition, describe, is_skipped,
+                            parse_settings, partition_groups, settings_from_file,
+                            settings_from_json)
 
 logger = logging.getLogger("flute.vllm")
 
