@@ -15,6 +15,7 @@ from .linear import QuantLinear
 from .model import quantize_model
 from .ops import HAS_CUDA_KERNEL, dequantize, qgemm
 from .quantize import learn_table, quantize_weight
+from .spec import QuantSpec
 from .integrations.huggingface import register as _register_hf
 
 # Registers the quant method "flute" with transformers (from_pretrained / save_pretrained of flute
@@ -22,7 +23,7 @@ from .integrations.huggingface import register as _register_hf
 _register_hf()
 
 __all__ = [
-    "CODEBOOKS", "FORMAT_VERSION", "HAS_CUDA_KERNEL", "QuantLinear", "QuantizedWeight",
+    "CODEBOOKS", "FORMAT_VERSION", "HAS_CUDA_KERNEL", "QuantLinear", "QuantSpec", "QuantizedWeight",
     "dequantize", "get_table", "learn_table", "pack_codes", "pair_table", "qgemm",
     "quantize_model", "quantize_weight", "unpack_codes",
 ]

@@ -18,3 +18,20 @@ def test_version_stays_below_what_transformers_takes_for_flute_kernel():
     import flute
     major, minor, patch = (int(x) for x in re.match(r"(\d+)\.(\d+)\.(\d+)", flute.__version__).groups())
     assert (major, minor, patch) < (0, 4, 1)
+
+
+def test_readme_repository_map_names_every_module():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    repo_map = readme[readme.index("## Repository map"):]
+    modules = [f[:-3] for f in os.listdir(os.path.join(ROOT, "flute"))
+               if f.endswith(".py") and not f.startswith("__")]
+    missing = [m for m in modules if not re.search(rf"\b{m}(\.py)?\b", repo_map)]
+    assert not missing, f"the README's repository map omits {missing}"
+
+
+def test_readme_links_point_at_files_that_exist():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    links = re.findall(r"\]\(((?!http|#)[^)]+)\)", readme)
+    assert links
+    for link in links:
+        assert os.path.exists(os.path.join(ROOT, link)), link
