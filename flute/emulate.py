@@ -390,7 +390,7 @@ def fused_supports_group(group: int, ngroups: int) -> bool:
 
 def batch_tile(M: int) -> int:
     """``batch_tile`` of dispatch.cu: m16 tiles per CTA tile."""
-    return 1 if M <= 16 else (2 if M <= 32 else 4)
+    return next((m for m in M_TILE_OPTIONS if M <= 16 * m), M_TILE_OPTIONS[-1])
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,13 @@ def _load_cuda_extension() -> bool:
     try:
         from . import _C  # noqa: F401
     except ImportError as exc:  # not built (CPU install), or built against another torch
-        CUDA_KERNEL_ERROR = f"{type(exc).__name__}: {exc}"
+        import importlib.machinery
+        import os
+        here = os.path.dirname(os.path.abspath(__file__))
+        suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+        built = [f for f in os.listdir(here) if f.startswith("_C.") and f.endswith(suffixes)]
+        CUDA_KERNEL_ERROR = (f"{type(exc).__name__} from {built[0]}: {exc}" if built else
+                             f"not built: no flute/_C extension module in {here}")
         return False
     except OSError as exc:  # e.g. a missing shared library of the CUDA runtime
         CUDA_KERNEL_ERROR = f"{type(exc).__name__}: {exc}"

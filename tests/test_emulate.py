@@ -406,3 +406,24 @@ def test_host_arithmetic_matches_header(header_probe):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g == w
+
+
+def test_gpu_tests_fail_without_the_kernel(tmp_path):
+    """On a machine with a GPU, a missing or broken flute._C must FAIL tests/test_cuda_kernel.py
+    (with the import error), never skip it: simulated here by reporting a GPU to pytest."""
+    import os
+    import subprocess
+    import sys
+    import flute
+    if flute.ops.HAS_CUDA_KERNEL:
+        pytest.skip("flute._C is loaded here; the failure path needs it missing")
+    (tmp_path / "fake_gpu.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), root, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "fake_gpu", "-p", "no:cacheprovider", "-q",
+                        "-rf", os.path.join(root, "tests", "test_cuda_kernel.py"), "-k", "bad_inputs"],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert ("1 failed" in out or "1 error" in out) and "skipped" not in out, out  # fixture: error
+    assert "did not load on a machine with a GPU" in out and flute.ops.CUDA_KERNEL_ERROR in out, out

@@ -112,7 +112,13 @@ cudaError_t kernel_config(DeviceCache& d, DTypeId dtype, bool has_offsets, Kerne
   return cudaSuccess;
 }
 
-int batch_tile(int M) { return M <= 16 ? 1 : (M <= 32 ? 2 : 4); }
+// The smallest compiled batch tile that holds M rows; above the largest, tiles of the largest.
+int batch_tile(int M) {
+  static_assert(GemmConfig<4, 1>::kBM == 16, "a batch tile is kMTiles m16 mma tiles");
+  for (int i = 0; i < kNumMTileConfigs; ++i)
+    if (M <= 16 * kMTileOptions[i]) return kMTileOptions[i];
+  return kMTileOptions[kNumMTileConfigs - 1];
+}
 
 // A workspace bound that holds for every plan: partial slots = split tiles x (split - 1) with
 // split tiles x split <= grid <= SMs x kMaxCtasPerSm, i.e. at most (kMaxSplit - 1) / kMaxSplit of
