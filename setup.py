@@ -68,7 +68,64 @@ def cuda_extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = cuda_extensions()
+def cpu_extensions():
+    """The CPU lookup-table kernel ``flute._cpu`` (csrc/cpu), built on every machine with a C++
+    compiler (``FLUTE_BUILD_CPU=0`` skips it; without it the CPU op falls back to the reference).
+
+    Each ISA path is its own translation unit with its own flags (``isa_flags``, applied by
+    :func:`_build_ext_class`): AVX-512 and AVX2 on x86-64, the portable one with none; the binding
+    picks a path at run time from cpuid, so the build is not ``-march=native`` and runs on any
+    x86-64 (aarch64 builds the portable path only). ``py_limited_api``: one build for CPython 3.10+.
+    """
+    if os.environ.get("FLUTE_BUILD_CPU", "").strip() == "0":
+        return []
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        return []
+    import platform
+    cpu_dir = os.path.join("csrc", "cpu")
+    isa_flags = {os.path.join(cpu_dir, "kernel_portable.cpp"): []}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        isa_flags[os.path.join(cpu_dir, "kernel_avx2.cpp")] = ["-mavx2", "-mfma", "-mf16c"]
+        isa_flags[os.path.join(cpu_dir, "kernel_avx512.cpp")] = [
+            "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+    ext = CppExtension(
+        name="flute._cpu",
+        sources=[os.path.join(cpu_dir, "binding.cpp")] + sorted(isa_flags),
+        include_dirs=[os.path.join(HERE, cpu_dir)],
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"]},
+        depends=[os.path.join(cpu_dir, "lut_kernel.h")],
+        py_limited_api=True,
+    )
+    ext.isa_flags = isa_flags
+    return [ext]
+
+
+def _build_ext_class(base):
+    """``base`` (torch's BuildExtension) compiling the sources listed in an extension's
+    ``isa_flags`` one by one with their own extra flags (plain C++, no torch headers)."""
+    class BuildExt(base):
+        def build_extension(self, ext):
+            isa = getattr(ext, "isa_flags", None)
+            if isa:
+                objects = []
+                for src, flags in isa.items():
+                    objects += self.compiler.compile(
+                        [src], output_dir=self.build_temp, include_dirs=list(ext.include_dirs),
+                        extra_postargs=["-O3", "-std=c++17", "-fPIC"] + flags, depends=ext.depends)
+                ext.sources = [s for s in ext.sources if s not in isa]
+                ext.extra_objects = list(ext.extra_objects or []) + objects
+                ext.isa_flags = None
+            super().build_extension(ext)
+    return BuildExt
+
+
+cuda_ext_modules, cmdclass = cuda_extensions()
+ext_modules = cpu_extensions() + cuda_ext_modules
+if ext_modules:
+    from torch.utils.cpp_extension import BuildExtension
+    cmdclass = {"build_ext": _build_ext_class(cmdclass.get("build_ext", BuildExtension))}
 
 setup(
     name="flute-lut",

@@ -8,7 +8,7 @@ from torch import nn
 
 from .format import (QuantizedWeight, num_groups, pack_codes, packed_row_bytes, parse_qmeta,
                      unpack_codes, FORMAT_VERSION)
-from .layout import from_kernel_layout, to_kernel_layout
+from .cpu_layout import codes_from_layout, device_layout, layout_dtype
 from .quantize import quantize_weight
 
 
@@ -17,8 +17,9 @@ class QuantLinear(nn.Module):
 
     Its state dict is the canonical format (``qcodes``, ``scales``, optional ``offsets``, ``table``,
     ``qmeta``, optional ``bias``), the same on every device. The kernel layout ``qweight`` is
-    derived from it by :meth:`prepare` (at the first forward at the latest), is not saved, and
-    moves with the module between devices, since it depends on no device property. Once it is
+    derived from it by :meth:`prepare` (at the first forward at the latest) in the device layout of
+    the buffers' device (:func:`flute.cpu_layout.device_layout`), is not saved, and is rebuilt
+    when the module moves to another kind of device. Once it is
     built, the packed ``qcodes`` are released to save memory and regenerated when a state dict is
     taken.
 
@@ -84,15 +85,26 @@ class QuantLinear(nn.Module):
             raise RuntimeError("QuantLinear.prepare: the weights are still on the meta device; "
                                "load a state dict first")
         codes = unpack_codes(self.qcodes, self.bits, self.in_features)
-        self.qweight = to_kernel_layout(codes, self.bits)
+        self.qweight = device_layout(codes, self.bits, self.qcodes.device)
         self.qcodes = self.qcodes.new_empty(0)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # ``qweight`` is a device layout (uint8 CPU layout / int32 GPU layout, flute.cpu_layout):
+        # when .to() / .cuda() / .cpu() moves the module to another kind of device, rebuild it for
+        # the new device. Both layouts are exact, so CPU -> CUDA -> CPU is lossless.
+        super()._apply(fn, recurse)
+        q = self.qweight
+        if q is not None and q.device.type != "meta" and q.dtype != layout_dtype(q.device):
+            codes = codes_from_layout(q, self.bits, self.in_features, self.out_features)
+            self.qweight = device_layout(codes, self.bits, q.device)
         return self
 
     def quantized_weight(self) -> QuantizedWeight:
         """The weight in the canonical format (regenerating the packed codes if released)."""
         qcodes = self.qcodes
         if qcodes.numel() == 0:
-            codes = from_kernel_layout(self.qweight, self.bits, self.in_features, self.out_features)
+            codes = codes_from_layout(self.qweight, self.bits, self.in_features, self.out_features)
             qcodes = pack_codes(codes, self.bits)
         return QuantizedWeight(qcodes, self.scales, self.table.float(), self.bits, self.group_size,
                                self.in_features, self.out_features, self.offsets, self.codebook)

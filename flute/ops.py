@@ -6,27 +6,33 @@
 ``flute::dequantize(qweight, scales, offsets, table, bits, group_size, in_features, out_features)``
     ``W`` itself, ``[out_features, in_features]`` in ``scales``' dtype.
 
-``qweight`` is the int32 kernel layout of :mod:`flute.layout`, ``table`` ``[2**bits]`` (float32
-in checkpoints; any float dtype is accepted),
+``qweight`` is the packed codes in a *device layout*, derived at load time from the canonical
+format and told apart by dtype: the GPU kernel layout (int32, :mod:`flute.layout`) or the CPU
+layout (uint8, :mod:`flute.cpu_layout`); :func:`flute.cpu_layout.device_layout` builds the right
+one for a device. ``table`` ``[2**bits]`` (float32 in checkpoints; any float dtype is accepted),
 ``scales``/``offsets`` ``[out_features, ceil(in_features / G)]``; ``group_size`` -1 means one group
 per row. The same arguments serve every backend:
 
-- CPU: dequantize a block of rows in float32, multiply, next block (memory stays bounded). The
-  codes decoded from the kernel layout (one byte per weight) are cached while the weight lives.
-- CUDA: the fused kernel from ``flute._C`` when it is built; otherwise the CPU code runs on the
-  GPU tensors (correct, not fast).
-- Meta / fake: shape and dtype only, for ``torch.compile`` and vLLM.
+- CPU, CPU layout: the lookup-table kernel of ``flute._cpu`` (csrc/cpu: AVX-512, AVX2 or portable
+  C++, picked from cpuid; :func:`set_cpu_isa` forces one). Exact fp32 accumulation.
+- CPU, GPU layout (or ``flute._cpu`` not built): the reference below: the codes are decoded every
+  call (nothing is cached), a block of rows is dequantized in float32, multiplied, next block.
+- CUDA: the fused kernel from ``flute._C`` when it is built; otherwise the reference runs on the
+  GPU tensors (correct, not fast). A CPU-layout (uint8) qweight is rejected there.
+- Meta / fake: shape and dtype only (either layout), for ``torch.compile`` and vLLM.
 """
 from __future__ import annotations
 
-import weakref
+import os
+import warnings
 from typing import Optional
 
 import torch
 
 from .codebooks import SUPPORTED_BITS
+from .cpu_layout import cpu_layout_shape
 from .format import dequantize_codes, num_groups
-from .layout import from_kernel_layout, kernel_layout_shape
+from .layout import kernel_layout_shape
 
 QGEMM_SCHEMA = ("qgemm(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, Tensor table, "
                 "int bits, int group_size, int in_features, int out_features) -> Tensor")
@@ -41,8 +47,23 @@ _lib.define(DEQUANTIZE_SCHEMA)
 _REFERENCE_BLOCK_ELEMENTS = 1 << 22
 
 
+def _layout_error(qweight, bits, in_features, out_features) -> str:
+    gpu = kernel_layout_shape(bits, in_features, out_features)
+    cpu = cpu_layout_shape(bits, in_features, out_features)
+    what = f"{out_features}x{in_features} {bits}-bit weight"
+    if qweight.dtype == torch.uint8:
+        return (f"flute: qweight must be uint8 of shape {cpu} (the CPU layout of a {what}), got "
+                f"uint8 {tuple(qweight.shape)}")
+    if qweight.dtype == torch.int32:
+        return (f"flute: qweight must be int32 of shape {gpu} (the GPU kernel layout of a {what}), "
+                f"got int32 {tuple(qweight.shape)}")
+    return (f"flute: qweight must be int32 of shape {gpu} (the GPU kernel layout of a {what}) or "
+            f"uint8 of shape {cpu} (its CPU layout), got {qweight.dtype} {tuple(qweight.shape)}")
+
+
 def check_weight_args(qweight, scales, offsets, table, bits, group_size, in_features, out_features):
-    """Validate the quantized-weight arguments; every error names the argument and what was expected."""
+    """Validate the quantized-weight arguments; every error names the argument and what was expected.
+    ``qweight`` may be either device layout (int32 GPU kernel layout, uint8 CPU layout)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"flute: bits must be one of {SUPPORTED_BITS}, got {bits}")
     if group_size != -1 and group_size < 1:
@@ -50,11 +71,14 @@ def check_weight_args(qweight, scales, offsets, table, bits, group_size, in_feat
     if in_features < 1 or out_features < 1:
         raise ValueError(f"flute: in_features and out_features must be positive, got "
                          f"{in_features} and {out_features}")
-    want = kernel_layout_shape(bits, in_features, out_features)
-    if qweight.dtype != torch.int32 or tuple(qweight.shape) != tuple(want):
-        raise ValueError(f"flute: qweight must be int32 of shape {tuple(want)} (the kernel layout of a "
-                         f"{out_features}x{in_features} {bits}-bit weight), got {qweight.dtype} "
-                         f"{tuple(qweight.shape)}")
+    if qweight.dtype == torch.uint8:
+        want = cpu_layout_shape(bits, in_features, out_features)
+    elif qweight.dtype == torch.int32:
+        want = kernel_layout_shape(bits, in_features, out_features)
+    else:
+        want = None
+    if want is None or tuple(qweight.shape) != want:
+        raise ValueError(_layout_error(qweight, bits, in_features, out_features))
     g = (out_features, num_groups(group_size, in_features))
     if not scales.is_floating_point() or tuple(scales.shape) != g:
         raise ValueError(f"flute: scales must be floating point of shape {g}, got {scales.dtype} "
@@ -65,10 +89,11 @@ def check_weight_args(qweight, scales, offsets, table, bits, group_size, in_feat
     if not table.is_floating_point() or table.numel() != 2 ** bits:
         raise ValueError(f"flute: table must be floating point with {2 ** bits} entries for "
                          f"bits={bits}, got {table.dtype} with {table.numel()}")
-    tensors = [qweight, scales, table] + ([offsets] if offsets is not None else [])
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"flute: all tensors must be on one device, got {sorted(map(str, devices))}")
+    dev = qweight.device
+    if scales.device != dev or table.device != dev or (offsets is not None and offsets.device != dev):
+        tensors = [qweight, scales, table] + ([offsets] if offsets is not None else [])
+        raise ValueError(f"flute: all tensors must be on one device, got "
+                         f"{sorted({str(t.device) for t in tensors})}")
 
 
 def check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features):
@@ -82,34 +107,21 @@ def check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_fe
         raise ValueError(f"flute: x is on {x.device} but the weight is on {qweight.device}")
 
 
-# CPU weights: codes decoded from the kernel layout, one uint8 per weight, kept while the
-# kernel-layout tensor lives and is unmodified. Re-deriving them dominated the CPU op's time
-# (a 3-bit layer spent 8x longer decoding than multiplying). GPU tensors are never cached.
-_CPU_CODES: dict = {}
-
-
-def decoded_codes(qweight, bits, in_features, out_features) -> torch.Tensor:
-    """uint8 codes ``[N, K]`` of a kernel-layout weight (cached for CPU tensors, see above)."""
-    if qweight.device.type != "cpu":
-        return from_kernel_layout(qweight, bits, in_features, out_features)
-    key = (qweight.data_ptr(), qweight._version, bits, in_features, out_features)
-    hit = _CPU_CODES.get(id(qweight))
-    if hit is not None and hit[0]() is qweight and hit[1] == key:
-        return hit[2]
-    codes = from_kernel_layout(qweight, bits, in_features, out_features)
-    if hit is None:
-        weakref.finalize(qweight, _CPU_CODES.pop, id(qweight), None)
-    _CPU_CODES[id(qweight)] = (weakref.ref(qweight), key, codes)
-    return codes
+def _codes(qweight, bits, in_features, out_features) -> torch.Tensor:
+    """uint8 codes ``[N, K]`` of either device layout, decoded now (never cached: a cache keyed on
+    the tensor broke under ``torch.inference_mode`` and could serve stale codes)."""
+    from .cpu_layout import codes_from_layout
+    return codes_from_layout(qweight, bits, in_features, out_features)
 
 
 @torch.no_grad()  # a kernel, not a traced computation: gradients come from _qgemm_backward
 def qgemm_reference(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features):
-    """The reference implementation (CPU, or any device): float32 weights, one block of rows at a time."""
+    """The reference implementation (any device, either layout): float32 weights, one block of rows
+    at a time."""
     check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     x2 = x.reshape(-1, in_features).to(compute)
-    codes = decoded_codes(qweight, bits, in_features, out_features)
+    codes = _codes(qweight, bits, in_features, out_features)
     out = torch.empty(x2.shape[0], out_features, dtype=compute, device=x.device)
     block = max(1, _REFERENCE_BLOCK_ELEMENTS // in_features)
     for n0 in range(0, out_features, block):
@@ -123,8 +135,89 @@ def qgemm_reference(x, qweight, scales, offsets, table, bits, group_size, in_fea
 @torch.no_grad()
 def dequantize_reference(qweight, scales, offsets, table, bits, group_size, in_features, out_features):
     check_weight_args(qweight, scales, offsets, table, bits, group_size, in_features, out_features)
-    codes = decoded_codes(qweight, bits, in_features, out_features)
+    codes = _codes(qweight, bits, in_features, out_features)
     return dequantize_codes(codes, scales, offsets, table, group_size).to(scales.dtype)
+
+
+# -- the CPU kernel (flute._cpu) -------------------------------------------------------------------
+
+# Why ``flute._cpu`` did not load ("" when it did).
+CPU_KERNEL_ERROR = ""
+
+
+def _load_cpu_extension() -> bool:
+    """Import ``flute._cpu`` (registers flute::cpu_lut_gemm & co.); False, with a one-line warning,
+    when it was not built or does not load."""
+    global CPU_KERNEL_ERROR
+    try:
+        from . import _cpu  # noqa: F401
+    except (ImportError, OSError) as exc:
+        CPU_KERNEL_ERROR = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"flute: CPU kernel flute._cpu not available ({CPU_KERNEL_ERROR}); the CPU op "
+                      f"runs the slow reference", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+HAS_CPU_KERNEL = _load_cpu_extension()
+if HAS_CPU_KERNEL and os.environ.get("FLUTE_CPU_ISA", "").strip() not in ("", "auto"):
+    _want = os.environ["FLUTE_CPU_ISA"].strip()
+    if torch.ops.flute.cpu_isa() != _want:
+        warnings.warn(f"flute: FLUTE_CPU_ISA={_want!r} is unknown or not supported by this CPU; "
+                      f"using {torch.ops.flute.cpu_isa()!r}", RuntimeWarning, stacklevel=2)
+
+
+def get_cpu_isa() -> str:
+    """The CPU kernel path in use: ``"avx512"``, ``"avx2"``, ``"portable"``, or ``"reference"``
+    when ``flute._cpu`` is not built."""
+    return torch.ops.flute.cpu_isa() if HAS_CPU_KERNEL else "reference"
+
+
+def set_cpu_isa(name: str) -> str:
+    """Force the CPU kernel path (``"avx512"``, ``"avx2"``, ``"portable"``, or ``"auto"`` for the
+    best this CPU supports; the environment variable ``FLUTE_CPU_ISA`` sets it at import). Raises
+    if the CPU lacks it. Returns the path now in use."""
+    if not HAS_CPU_KERNEL:
+        raise RuntimeError(f"flute: the CPU kernel is not built ({CPU_KERNEL_ERROR})")
+    return torch.ops.flute.cpu_set_isa(name)
+
+
+def qgemm_cpu(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features):
+    """CPU implementation of flute::qgemm: the kernel for the CPU layout, the reference otherwise."""
+    if qweight.dtype == torch.uint8 and HAS_CPU_KERNEL:
+        check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_features,
+                         out_features)
+        return torch.ops.flute.cpu_lut_gemm(x, qweight, scales, offsets, table, bits, group_size,
+                                            in_features, out_features)
+    return qgemm_reference(x, qweight, scales, offsets, table, bits, group_size, in_features,
+                           out_features)
+
+
+def dequantize_cpu(qweight, scales, offsets, table, bits, group_size, in_features, out_features):
+    if qweight.dtype == torch.uint8 and HAS_CPU_KERNEL:
+        check_weight_args(qweight, scales, offsets, table, bits, group_size, in_features, out_features)
+        w = torch.ops.flute.cpu_lut_dequantize(qweight, scales, offsets, table, bits, group_size,
+                                               in_features, out_features)
+        return w.to(scales.dtype)
+    return dequantize_reference(qweight, scales, offsets, table, bits, group_size, in_features,
+                                out_features)
+
+
+def _reject_cpu_layout(qweight):
+    if qweight.dtype == torch.uint8:
+        raise ValueError("flute: qweight is uint8, the CPU layout; on CUDA the op takes the int32 GPU "
+                         "kernel layout: build it with flute.cpu_layout.device_layout(codes, bits, "
+                         "device) (QuantLinear does this when moved)")
+
+
+def _qgemm_cuda_fallback(x, qweight, *args):
+    _reject_cpu_layout(qweight)
+    return qgemm_reference(x, qweight, *args)
+
+
+def _dequantize_cuda_fallback(qweight, *args):
+    _reject_cpu_layout(qweight)
+    return dequantize_reference(qweight, *args)
 
 
 def _qgemm_fake(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features):
@@ -137,8 +230,8 @@ def _dequantize_fake(qweight, scales, offsets, table, bits, group_size, in_featu
     return scales.new_empty(out_features, in_features)
 
 
-_lib.impl("qgemm", qgemm_reference, "CPU")
-_lib.impl("dequantize", dequantize_reference, "CPU")
+_lib.impl("qgemm", qgemm_cpu, "CPU")
+_lib.impl("dequantize", dequantize_cpu, "CPU")
 torch.library.register_fake("flute::qgemm", lib=_lib)(_qgemm_fake)
 torch.library.register_fake("flute::dequantize", lib=_lib)(_dequantize_fake)
 
@@ -192,8 +285,8 @@ def _load_cuda_extension() -> bool:
 HAS_CUDA_KERNEL = _load_cuda_extension()
 if not HAS_CUDA_KERNEL:
     # Without the extension, CUDA tensors still work: the reference runs on the GPU.
-    _lib.impl("qgemm", qgemm_reference, "CUDA")
-    _lib.impl("dequantize", dequantize_reference, "CUDA")
+    _lib.impl("qgemm", _qgemm_cuda_fallback, "CUDA")
+    _lib.impl("dequantize", _dequantize_cuda_fallback, "CUDA")
 
 
 def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: Optional[torch.Tensor],

@@ -1,0 +1,301 @@
+// flute CPU kernel, AVX-512 path (F + BW + VL + DQ, FMA). Compiled in its own translation unit with
+// those flags only; the binding calls it only when cpuid reports them.
+//
+// Exact fp32 decode in registers: a 16-entry fp32 table in one zmm, `vpermps` with the shifted
+// lanes as indices (it reads the low 4 bits of each lane, so no mask is needed; the 2- and 3-bit
+// tables are repeated across the unused index bits). 3 bits: the high code bit comes straight from
+// memory as a 16-bit mask register and selects a second table with a masked `vpermps`. One partial
+// sum per (row, x row) per group, times the group's scale at the group's end. Rows are decoded once
+// per block and multiplied with up to 8 activation rows.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+
+#include "lut_kernel.h"
+
+namespace flute_cpu {
+namespace {
+
+// Row n of [N, ng] scales/offsets as fp32 (vectorized conversion).
+inline void load_row(const void* src, int stype, int64_t n, int64_t ng, float* dst) {
+  if (stype == kF32) {
+    std::memcpy(dst, static_cast<const float*>(src) + n * ng, ng * sizeof(float));
+    return;
+  }
+  const uint16_t* s = static_cast<const uint16_t*>(src) + n * ng;
+  for (int64_t g = 0; g < ng; g += 16) {
+    const int64_t left = ng - g;
+    const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    const __m256i h = _mm256_maskz_loadu_epi16(k, s + g);
+    __m512 v;
+    if (stype == kBF16) {
+      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      v = _mm512_cvtph_ps(h);
+    }
+    _mm512_mask_storeu_ps(dst + g, k, v);
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t left = n - i;
+    const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <int BITS>
+inline void make_tables(const float* table, __m512* lo, __m512* hi) {
+  alignas(64) float t[16], h[16];
+  for (int i = 0; i < 16; ++i) {
+    t[i] = BITS == 4 ? table[i] : table[i & 3];
+    h[i] = BITS == 3 ? table[4 + (i & 3)] : 0.f;
+  }
+  *lo = _mm512_load_ps(t);
+  *hi = _mm512_load_ps(h);
+}
+
+// Bytes ahead of the current block that the kernels prefetch (the whole 4-row tile stream).
+constexpr int64_t kPrefetchBytes = 2048;
+
+// R rows (consecutive rows of one tile, starting at row0) times MB activation rows.
+// SW = false: one partial sum per (row, x row) per group, times the scale at the group's end (best
+//             for MB <= 2: the scale costs one FMA per group).
+// SW = true:  the decoded weights are multiplied by the group's scale before the FMAs (one multiply
+//             per 16 weights, shared by MB rows; half the accumulators, so MB can reach 16).
+template <int BITS, int R, int MB, bool SW>
+__attribute__((noinline)) void tile_kernel(const GemmArgs& a, const uint8_t* row0, const uint8_t* tile,
+                                           const float* x, const float* sc, float* res, bool prefetch) {
+  constexpr int C = BITS == 4 ? 4 : 8;   // 32-column chunks per block
+  constexpr int SH = BITS == 4 ? 4 : 2;  // bits per slot in the lane
+  constexpr int BB = 4 * C * BITS;       // bytes per row-block
+  __m512 T, TH;
+  make_tables<BITS>(a.table, &T, &TH);
+  const int64_t vs = a.M * 16, ngp = a.ngp, cpg = a.cpg;  // x: [K_pad/16 vectors][M][16]
+  __m512 acc[R][MB];
+  __m512 tot[SW ? 1 : R][SW ? 1 : MB];
+  __m512 sv[R];
+  for (int r = 0; r < R; ++r) {
+    sv[r] = _mm512_set1_ps(sc[r * ngp]);
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  }
+  if constexpr (!SW)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_setzero_ps();
+  int64_t g = 0, cc = 0;
+  for (int64_t b = 0; b < a.nblocks; ++b) {
+    const uint8_t* blk = row0 + b * 4 * BB;
+    if (prefetch) {
+      const char* pf = reinterpret_cast<const char*>(tile + b * 4 * BB + kPrefetchBytes);
+      for (int i = 0; i < 4 * BB; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+    }
+    const float* xb = x + b * C * 2 * vs;
+    __m512i d[R];
+    for (int r = 0; r < R; ++r) d[r] = _mm512_loadu_si512(blk + r * BB);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+#pragma GCC unroll 2
+      for (int e = 0; e < 2; ++e) {
+        const int s = c + e * C;
+        const float* xv = xb + (2 * c + e) * vs;
+        __m512 xr[MB <= 2 ? MB : 1];
+        if constexpr (MB <= 2)
+          for (int m = 0; m < MB; ++m) xr[m] = _mm512_loadu_ps(xv + m * 16);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const __m512i idx = s ? _mm512_srli_epi32(d[r], SH * s) : d[r];
+          // 2 bits: 4-entry table in every 128-bit lane, in-lane vpermilps (reads index bits 0-1).
+          __m512 w = BITS == 2 ? _mm512_permutevar_ps(T, idx) : _mm512_permutexvar_ps(idx, T);
+          if constexpr (BITS == 3) {
+            const __mmask16 k = _load_mask16((__mmask16*)(blk + r * BB + 64 + 2 * s));
+            w = _mm512_mask_permutexvar_ps(w, k, idx, TH);
+          }
+          if constexpr (SW) w = _mm512_mul_ps(w, sv[r]);
+#pragma GCC unroll 16
+          for (int m = 0; m < MB; ++m) {
+            const __m512 xm = MB <= 2 ? xr[MB <= 2 ? m : 0] : _mm512_loadu_ps(xv + m * 16);
+            acc[r][m] = _mm512_fmadd_ps(w, xm, acc[r][m]);
+          }
+        }
+      }
+      if (++cc == cpg) {
+        if constexpr (!SW) {
+          for (int r = 0; r < R; ++r)
+            for (int m = 0; m < MB; ++m) {
+              tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv[r], tot[r][m]);
+              acc[r][m] = _mm512_setzero_ps();
+            }
+        }
+        ++g;
+        cc = 0;
+        for (int r = 0; r < R; ++r) sv[r] = _mm512_set1_ps(sc[r * ngp + g]);
+      }
+    }
+  }
+  if constexpr (!SW) {
+    if (cc)
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv[r], tot[r][m]);
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) res[r * MB + m] = _mm512_reduce_add_ps(tot[r][m]);
+  } else {
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) res[r * MB + m] = _mm512_reduce_add_ps(acc[r][m]);
+  }
+}
+
+template <int BITS>
+void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
+  constexpr int BB = 4 * (BITS == 4 ? 4 : 8) * BITS;
+  const int64_t ngp = a.ngp, ng = a.ng;
+  FloatBuf sc(4 * ngp), off(4 * ng);
+  float res[64];
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int r = 0; r < 4; ++r) {
+      float* s = sc.data() + r * ngp;
+      for (int64_t i = 0; i < ngp; ++i) s[i] = 0.f;
+      if (4 * t + r < a.N) {
+        load_row(a.scales, a.stype, 4 * t + r, ng, s);
+        if (a.offsets) load_row(a.offsets, a.stype, 4 * t + r, ng, off.data() + r * ng);
+      }
+    }
+    const uint8_t* tile = a.qw + t * a.nblocks * 4 * BB;
+    auto store = [&](int r0, int R, int MB, int64_t m0) {
+      for (int r = 0; r < R; ++r) {
+        const int64_t n = 4 * t + r0 + r;
+        if (n >= a.N) break;
+        for (int m = 0; m < MB; ++m) {
+          float v = res[r * MB + m];
+          if (a.offsets) v += dot(off.data() + (r0 + r) * ng, a.xsum + (m0 + m) * ng, ng);
+          a.out[(m0 + m) * a.N + n] = v;
+        }
+      }
+    };
+    // Each group of R rows x MB activation rows is one pass over the tile's codes (from DRAM the
+    // first time, from L1/L2 after).
+    auto pass = [&](auto kernel, int R, int MB, int64_t m0, bool& first) {
+      for (int r = 0; r < 4 && 4 * t + r < a.N; r += R) {
+        kernel(a, tile + r * BB, tile, a.x + m0 * 16, sc.data() + r * ngp, res, first);
+        first = false;
+        store(r, R, MB, m0);
+      }
+    };
+    bool first = true;
+    int64_t m0 = 0;
+    while (m0 < a.M) {
+      const int64_t left = a.M - m0;
+      if (false) {
+      } else if (left >= 4) {
+        pass(tile_kernel<BITS, 4, 4, true>, 4, 4, m0, first);
+        m0 += 4;
+      } else if (left == 3) {
+        pass(tile_kernel<BITS, 4, 3, true>, 4, 3, m0, first);
+        m0 += 3;
+      } else if (left == 2) {
+        pass(tile_kernel<BITS, 4, 2, false>, 4, 2, m0, first);
+        m0 += 2;
+      } else {
+        pass(tile_kernel<BITS, 4, 1, false>, 4, 1, m0, first);
+        m0 += 1;
+      }
+    }
+  }
+}
+
+template <int BITS>
+void decode_bits(const DecodeArgs& a, int64_t r0, int64_t r1) {
+  constexpr int C = BITS == 4 ? 4 : 8;
+  constexpr int SH = BITS == 4 ? 4 : 2;
+  constexpr int BB = 4 * C * BITS;
+  __m512 T, TH;
+  make_tables<BITS>(a.table, &T, &TH);
+  const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ihi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const bool uniform = a.G % 32 == 0 || a.ng == 1;
+  FloatBuf sc(a.ng), off(a.ng);
+  alignas(64) float tmp[32];
+  for (int64_t n = r0; n < r1; ++n) {
+    load_row(a.scales, a.stype, n, a.ng, sc.data());
+    if (a.offsets) load_row(a.offsets, a.stype, n, a.ng, off.data());
+    const uint8_t* row = a.qw + ((n / 4) * a.nblocks * 4 + n % 4) * BB;
+    float* df = static_cast<float*>(a.dst) + (n - r0) * a.ld;
+    uint16_t* dh = static_cast<uint16_t*>(a.dst) + (n - r0) * a.ld;
+    for (int64_t b = 0; b < a.nblocks; ++b) {
+      const uint8_t* blk = row + b * 4 * BB;
+      const __m512i d = _mm512_loadu_si512(blk);
+      for (int c = 0; c < C; ++c) {
+        const int64_t col0 = (b * C + c) * 32;
+        if (col0 >= a.K) break;
+        __m512 w[2];
+        for (int e = 0; e < 2; ++e) {
+          const int s = c + e * C;
+          const __m512i idx = _mm512_srli_epi32(d, SH * s);
+          w[e] = _mm512_permutexvar_ps(idx, T);
+          if constexpr (BITS == 3) {
+            const __mmask16 k = _load_mask16((__mmask16*)(blk + 64 + 2 * s));
+            w[e] = _mm512_mask_permutexvar_ps(w[e], k, idx, TH);
+          }
+        }
+        __m512 lo = _mm512_permutex2var_ps(w[0], ilo, w[1]);
+        __m512 hi = _mm512_permutex2var_ps(w[0], ihi, w[1]);
+        const int64_t nv = min64(32, a.K - col0);
+        if (uniform) {
+          const int64_t g = col0 / a.G;
+          const __m512 s = _mm512_set1_ps(sc[g]);
+          const __m512 o = _mm512_set1_ps(off[g]);
+          lo = _mm512_add_ps(_mm512_mul_ps(lo, s), o);
+          hi = _mm512_add_ps(_mm512_mul_ps(hi, s), o);
+        } else {
+          _mm512_store_ps(tmp, lo);
+          _mm512_store_ps(tmp + 16, hi);
+          for (int64_t i = 0; i < nv; ++i) {
+            const int64_t g = (col0 + i) / a.G;
+            tmp[i] = tmp[i] * sc[g] + off[g];
+          }
+          lo = _mm512_load_ps(tmp);
+          hi = _mm512_load_ps(tmp + 16);
+        }
+        const __mmask16 klo = nv >= 16 ? __mmask16(0xffff) : __mmask16((1u << nv) - 1);
+        const __mmask16 khi = nv >= 32 ? __mmask16(0xffff)
+                              : nv > 16 ? __mmask16((1u << (nv - 16)) - 1) : __mmask16(0);
+        if (a.bf16) {
+          const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+          auto to_bf16 = [&](__m512 v) {
+            __m512i u = _mm512_castps_si512(v);
+            u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+            return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+          };
+          _mm256_mask_storeu_epi16(dh + col0, klo, to_bf16(lo));
+          _mm256_mask_storeu_epi16(dh + col0 + 16, khi, to_bf16(hi));
+        } else {
+          _mm512_mask_storeu_ps(df + col0, klo, lo);
+          _mm512_mask_storeu_ps(df + col0 + 16, khi, hi);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1) {
+  switch (a.bits) {
+    case 2: gemm_bits<2>(a, t0, t1); break;
+    case 3: gemm_bits<3>(a, t0, t1); break;
+    default: gemm_bits<4>(a, t0, t1); break;
+  }
+}
+
+void decode_avx512(const DecodeArgs& a, int64_t r0, int64_t r1) {
+  switch (a.bits) {
+    case 2: decode_bits<2>(a, r0, r1); break;
+    case 3: decode_bits<3>(a, r0, r1); break;
+    default: decode_bits<4>(a, r0, r1); break;
+  }
+}
+
+}  // namespace flute_cpu
+#endif

@@ -1,0 +1,75 @@
+// flute CPU kernel, portable path: plain C++ (no intrinsics), any architecture. Same layout, same
+// per-group order of operations as the vector paths (partial sum per group, times the scale).
+
+#include "lut_kernel.h"
+
+namespace flute_cpu {
+
+void gemm_portable(const GemmArgs& a, int64_t t0, int64_t t1) {
+  const int C = chunks_per_block(a.bits), BB = block_bytes(a.bits);
+  FloatBuf sc(a.ngp), off(a.ng);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int r = 0; r < 4; ++r) {
+      const int64_t n = 4 * t + r;
+      if (n >= a.N) break;
+      for (int64_t i = 0; i < a.ngp; ++i) sc.p[i] = 0.f;
+      load_row_f32(a.scales, a.stype, n, a.ng, sc.data());
+      if (a.offsets) load_row_f32(a.offsets, a.stype, n, a.ng, off.data());
+      const uint8_t* row = a.qw + (t * a.nblocks * 4 + r) * BB;
+      for (int64_t m = 0; m < a.M; ++m) {
+        const float* x = a.x + m * 16;  // x: [K_pad/16 vectors][M][16]
+        float tot = 0.f, acc = 0.f;
+        int64_t g = 0, cc = 0;
+        for (int64_t b = 0; b < a.nblocks; ++b) {
+          const uint8_t* rb = row + b * 4 * BB;
+          for (int c = 0; c < C; ++c) {
+            for (int e = 0; e < 2; ++e) {
+              const int s = c + e * C;
+              const float* xv = x + ((b * C + c) * 2 + e) * a.M * 16;
+              for (int j = 0; j < 16; ++j) acc += a.table[code_at(rb, a.bits, j, s)] * xv[j];
+            }
+            if (++cc == a.cpg) {
+              tot += acc * sc[g];
+              acc = 0.f;
+              ++g;
+              cc = 0;
+            }
+          }
+        }
+        if (cc) tot += acc * sc[g];
+        if (a.offsets) {
+          float o = 0.f;
+          for (int64_t gg = 0; gg < a.ng; ++gg) o += off[gg] * a.xsum[m * a.ng + gg];
+          tot += o;
+        }
+        a.out[m * a.N + n] = tot;
+      }
+    }
+  }
+}
+
+void decode_portable(const DecodeArgs& a, int64_t r0, int64_t r1) {
+  const int C = chunks_per_block(a.bits), BB = block_bytes(a.bits);
+  FloatBuf sc(a.ng), off(a.ng);
+  for (int64_t n = r0; n < r1; ++n) {
+    load_row_f32(a.scales, a.stype, n, a.ng, sc.data());
+    if (a.offsets) load_row_f32(a.offsets, a.stype, n, a.ng, off.data());
+    const uint8_t* row = a.qw + ((n / 4) * a.nblocks * 4 + n % 4) * BB;
+    float* df = static_cast<float*>(a.dst) + (n - r0) * a.ld;
+    uint16_t* dh = static_cast<uint16_t*>(a.dst) + (n - r0) * a.ld;
+    for (int64_t b = 0; b < a.nblocks; ++b) {
+      const uint8_t* rb = row + b * 4 * BB;
+      for (int c = 0; c < C; ++c)
+        for (int e = 0; e < 2; ++e)
+          for (int j = 0; j < 16; ++j) {
+            const int64_t col = b * C * 32 + 32 * c + 2 * j + e;
+            if (col >= a.K) continue;
+            const int64_t g = col / a.G;
+            const float v = a.table[code_at(rb, a.bits, j, c + e * C)] * sc[g] + off[g];
+            if (a.bf16) dh[col] = f32_to_bf16(v); else df[col] = v;
+          }
+    }
+  }
+}
+
+}  // namespace flute_cpu

@@ -1,0 +1,158 @@
+// flute CPU lookup-table kernel: the interface shared by the ISA paths and the torch binding.
+//
+// Plain C++ (no torch headers), so each ISA path is its own translation unit compiled with its own
+// flags (kernel_avx512.cpp, kernel_avx2.cpp, kernel_portable.cpp). Everything defined in this
+// header is `static` (internal linkage): a helper compiled with -mavx512f in one TU can never be
+// picked by the linker for another TU.
+//
+// The CPU layout (see flute/cpu_layout.py): rows in tiles of 4, K in blocks of KB = 32*C columns
+// (C = 4 chunks for 4 bits, 8 for 2/3 bits), stream [tile][block][row][BB bytes], BB = 4*C*bits.
+// A row's block is 16 uint32 lanes; slot s of lane j (bits SH*s.., SH = 4 or 2) is the code of
+// column 32*(s % C) + 2*j + s / C. 3 bits: 64 bytes of low two bits, then 16 uint16 of high bits
+// (uint16 s, bit j).
+//
+// The activations the gemm kernels read are "chunk-permuted" and vector-major: within each
+// 32-column chunk, the 16 even columns form vector 2*chunk, the 16 odd ones vector 2*chunk + 1, and
+// the M rows of one vector are contiguous ([K_pad/16][M][16]: no L1 set conflicts between rows).
+// So slot s of a block (chunk c = s % C, parity e = s / C) of row m is multiplied by the 16 floats
+// at x + ((block*C + c)*2 + e)*M*16 + m*16.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace flute_cpu {
+
+enum ScalarType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+struct GemmArgs {
+  const uint8_t* qw;      // CPU layout
+  int bits;
+  int64_t K, N, K_pad, N_pad, nblocks;
+  const float* x;         // chunk-permuted fp32 activations [K_pad/16][M][16], zero beyond K
+  int64_t M;
+  const void* scales;     // [N, ng] in stype
+  const void* offsets;    // [N, ng] in stype or nullptr
+  int stype;
+  int64_t ng;             // groups per row
+  int64_t cpg;            // 32-column chunks per group (K_pad/32 when ng == 1)
+  int64_t ngp;            // scale slots per row in the kernel's buffer (>= chunks/cpg + 1)
+  const float* xsum;      // [M, ng] group sums of x (when offsets)
+  const float* table;     // [2**bits] fp32
+  float* out;             // [M, N] fp32
+};
+
+struct DecodeArgs {
+  const uint8_t* qw;
+  int bits;
+  int64_t K, N, K_pad, nblocks;
+  const void* scales;
+  const void* offsets;
+  int stype;
+  int64_t ng, G;          // G: effective group size (K when group_size == -1)
+  const float* table;
+  void* dst;              // [rows, ld], row n - row_begin
+  int64_t ld;
+  bool bf16;              // dst dtype: bf16 (round to nearest even) or fp32
+};
+
+// tiles [t0, t1) of 4 rows: out[m, n] for every m < M and every n < N in those tiles
+using GemmFn = void (*)(const GemmArgs&, int64_t t0, int64_t t1);
+// rows [r0, r1): W[n, 0:K] (scaled, plus offset) into dst
+using DecodeFn = void (*)(const DecodeArgs&, int64_t r0, int64_t r1);
+
+void gemm_portable(const GemmArgs&, int64_t, int64_t);
+void decode_portable(const DecodeArgs&, int64_t, int64_t);
+#if defined(__x86_64__) || defined(_M_X64)
+void gemm_avx2(const GemmArgs&, int64_t, int64_t);
+void gemm_avx512(const GemmArgs&, int64_t, int64_t);
+void decode_avx512(const DecodeArgs&, int64_t, int64_t);
+#endif
+
+// ---- small helpers (internal linkage in every TU) ------------------------------------------------
+// The ISA translation units use no std:: templates either (their instantiations are COMDAT and the
+// linker could keep an AVX-512-compiled copy for everyone).
+namespace {
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// A zero-initialized float buffer.
+struct FloatBuf {
+  float* p;
+  explicit FloatBuf(int64_t n) : p(new float[n > 0 ? n : 1]()) {}
+  ~FloatBuf() { delete[] p; }
+  FloatBuf(const FloatBuf&) = delete;
+  FloatBuf& operator=(const FloatBuf&) = delete;
+  float* data() { return p; }
+  float& operator[](int64_t i) { return p[i]; }
+};
+
+static inline int chunks_per_block(int bits) { return bits == 4 ? 4 : 8; }
+static inline int block_bytes(int bits) { return 4 * chunks_per_block(bits) * bits; }
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
+      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | ((man & 0x3ffu) << 13);
+    }
+  } else {
+    u = sign | (exp + 127 - 15) << 23 | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Row n of a [N, ng] scales/offsets tensor as fp32 into dst[0:ng].
+static inline void load_row_f32(const void* src, int stype, int64_t n, int64_t ng, float* dst) {
+  if (stype == kF32) {
+    std::memcpy(dst, static_cast<const float*>(src) + n * ng, ng * sizeof(float));
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src) + n * ng;
+    if (stype == kBF16) {
+      for (int64_t g = 0; g < ng; ++g) dst[g] = bf16_to_f32(s[g]);
+    } else {
+      for (int64_t g = 0; g < ng; ++g) dst[g] = f16_to_f32(s[g]);
+    }
+  }
+}
+
+// Code of (row-block pointer, lane j, slot s).
+static inline int code_at(const uint8_t* rb, int bits, int j, int s) {
+  uint32_t lane;
+  std::memcpy(&lane, rb + 4 * j, 4);
+  if (bits == 4) return (lane >> (4 * s)) & 15;
+  int c = (lane >> (2 * s)) & 3;
+  if (bits == 3) {
+    uint16_t hi;
+    std::memcpy(&hi, rb + 64 + 2 * s, 2);
+    c |= ((hi >> j) & 1) << 2;
+  }
+  return c;
+}
+
+}  // namespace
+}  // namespace flute_cpu

@@ -1,0 +1,165 @@
+"""CPU layout: the uint8 arrangement of codes that the CPU lookup-table kernel (``flute._cpu``) streams.
+
+Derived at load time from the canonical codes (nothing on disk changes), like the GPU layout of
+:mod:`flute.layout`; the two are told apart by dtype (GPU: int32, CPU: uint8). Table, scales and
+offsets are not in it. It depends only on ``(bits, N, K)``, never on the ISA: the AVX-512, AVX2 and
+portable kernels read the same bytes.
+
+* Rows are taken in **tiles of 4** (``N`` padded to a multiple of 4 with code 0); ``K`` is cut into
+  **blocks** of ``KB`` columns (128 for 4 bits, 256 for 2 and 3 bits; ``K`` padded with code 0).
+  The stream is ``[tile][k-block][row of tile][block bytes]``: one thread reads one contiguous run
+  of memory for its rows, 4 rows interleaved block by block (4 independent accumulator chains).
+* A block of one row is 16 little-endian uint32 **lanes** ``j = 0..15`` with ``S`` code **slots**
+  each (8 nibbles for 4 bits, 16 2-bit fields for 2 and 3 bits): slot ``s`` of lane ``j`` holds the
+  code of column ``32 * (s % C) + 2 * j + s // C`` of the block, ``C = KB / 32`` (4 or 8). Slot
+  ``s`` across the 16 lanes is one 16-wide vector: shift the lanes right by ``bits * s`` and the
+  low bits index the table (``vpermps`` ignores the higher bits; the 2/3-bit tables are repeated).
+  Slots ``s`` and ``s + C`` are the even and odd columns of one 32-column chunk, so a chunk never
+  straddles a group of 32 or more columns, and one shift gives the pair (low word, high word) of
+  adjacent columns for a 16-bit lookup (``vpermw``) in natural column order.
+* 3 bits = the 2-bit block above of the low two bits (64 bytes) followed by the high bits (32
+  bytes): 16 little-endian uint16, number ``s`` holds bit 2 of slot ``s``, lane ``j`` in bit ``j``
+  (loaded straight into an AVX-512 mask register). Dense: 3 bits per weight.
+
+Size: ``N_pad * K_pad * bits / 8`` bytes, 1-D uint8.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .codebooks import check_bits
+
+#: Rows of W interleaved in the stream.
+TILE_ROWS = 4
+#: Lanes (uint32 words) per block row.
+LANES = 16
+
+
+def block_cols(bits: int) -> int:
+    """Columns of W per block: 128 (4 bits) or 256 (2 and 3 bits)."""
+    check_bits(bits)
+    return 128 if bits == 4 else 256
+
+
+def block_bytes(bits: int) -> int:
+    """Bytes of one row's block: 64 (4 and 2 bits) or 96 (3 bits: 64 low-bit + 32 high-bit)."""
+    return block_cols(bits) * bits // 8
+
+
+def cpu_padded_shape(bits: int, in_features: int, out_features: int) -> tuple:
+    """``(N_pad, K_pad)``: the weight shape rounded up to whole row tiles and blocks."""
+    kb = block_cols(bits)
+    return (math.ceil(out_features / TILE_ROWS) * TILE_ROWS, math.ceil(in_features / kb) * kb)
+
+
+def cpu_layout_shape(bits: int, in_features: int, out_features: int) -> tuple:
+    """Shape of the uint8 CPU-layout tensor (1-D) of a ``[out_features, in_features]`` weight."""
+    n_pad, k_pad = cpu_padded_shape(bits, in_features, out_features)
+    return (n_pad * k_pad * bits // 8,)
+
+
+def _slots(bits: int):
+    """``(C, S)``: 32-column chunks per block and code slots per lane."""
+    c = block_cols(bits) // 32
+    return c, 2 * c
+
+
+def to_cpu_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[N, K]`` to the CPU layout (1-D uint8), on the codes' device."""
+    check_bits(bits)
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) >= 2 ** bits:
+        raise ValueError(f"codes must be < 2**bits = {2 ** bits}, got max {int(codes.max())}")
+    n, k = codes.shape
+    n_pad, k_pad = cpu_padded_shape(bits, k, n)
+    c = codes.to(torch.uint8)
+    if (n_pad, k_pad) != (n, k):
+        c = torch.zeros(n_pad, k_pad, dtype=torch.uint8, device=codes.device)
+        c[:n, :k] = codes
+    nc, ns = _slots(bits)
+    nt, nb = n_pad // TILE_ROWS, k_pad // block_cols(bits)
+    # [tile, row, block, chunk, lane j, parity e] -> [tile, block, row, lane j, slot s = e*C + chunk]
+    q = c.reshape(nt, TILE_ROWS, nb, nc, LANES, 2).permute(0, 2, 1, 4, 5, 3)
+    q = q.reshape(nt, nb, TILE_ROWS, LANES, ns)
+    if bits == 4:  # byte 4j + s//2 of the lane: slots 2i (low nibble) and 2i+1 (high nibble)
+        q = q.reshape(nt, nb, TILE_ROWS, LANES, 4, 2)
+        out = q[..., 0] | (q[..., 1] << 4)
+        return out.reshape(-1).contiguous()
+    low = (q & 3).reshape(nt, nb, TILE_ROWS, LANES, 4, 4)  # byte 4j + s//4, bits 2 (s%4)
+    low = low[..., 0] | (low[..., 1] << 2) | (low[..., 2] << 4) | (low[..., 3] << 6)
+    low = low.reshape(nt, nb, TILE_ROWS, 64)
+    if bits == 2:
+        return low.reshape(-1).contiguous()
+    hi = (q >> 2).permute(0, 1, 2, 4, 3)                      # [tile, block, row, slot, lane j]
+    hi = hi.reshape(nt, nb, TILE_ROWS, ns, 2, 8)              # byte 2s + j//8, bit j%8
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=c.device)
+    hi = (hi * weights).sum(dim=-1, dtype=torch.uint8)        # bits are disjoint: sum == or
+    hi = hi.reshape(nt, nb, TILE_ROWS, 2 * ns)
+    return torch.cat([low, hi], dim=-1).reshape(-1).contiguous()
+
+
+def from_cpu_layout(qweight: torch.Tensor, bits: int, in_features: int,
+                    out_features: int) -> torch.Tensor:
+    """Exact inverse of :func:`to_cpu_layout`: uint8 codes ``[out_features, in_features]``."""
+    check_bits(bits)
+    want = cpu_layout_shape(bits, in_features, out_features)
+    if qweight.dtype != torch.uint8 or tuple(qweight.shape) != want:
+        raise ValueError(f"qweight must be uint8 of shape {want} (the CPU layout of a "
+                         f"{out_features}x{in_features} {bits}-bit weight), got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    n_pad, k_pad = cpu_padded_shape(bits, in_features, out_features)
+    nc, ns = _slots(bits)
+    nt, nb = n_pad // TILE_ROWS, k_pad // block_cols(bits)
+    b = qweight.reshape(nt, nb, TILE_ROWS, block_bytes(bits))
+    if bits == 4:
+        lane = b.reshape(nt, nb, TILE_ROWS, LANES, 4)
+        q = torch.stack([lane & 15, lane >> 4], dim=-1)       # [..., j, s//2, s%2]
+    else:
+        lane = b[..., :64].reshape(nt, nb, TILE_ROWS, LANES, 4)
+        q = torch.stack([(lane >> (2 * i)) & 3 for i in range(4)], dim=-1)
+        if bits == 3:
+            hb = b[..., 64:].reshape(nt, nb, TILE_ROWS, ns, 2)
+            hi = torch.stack([(hb >> i) & 1 for i in range(8)], dim=-1)  # [..., s, j//8, j%8]
+            hi = hi.reshape(nt, nb, TILE_ROWS, ns, LANES).permute(0, 1, 2, 4, 3)
+            q = q.reshape(nt, nb, TILE_ROWS, LANES, ns) | (hi << 2)
+    q = q.reshape(nt, nb, TILE_ROWS, LANES, 2, nc)            # s = e*C + chunk
+    q = q.permute(0, 2, 1, 5, 3, 4)                           # [tile, row, block, chunk, j, e]
+    codes = q.reshape(n_pad, k_pad)
+    return codes[:out_features, :in_features].contiguous()
+
+
+# -- device layouts: the one the op takes on each device ------------------------------------------
+
+def layout_dtype(device) -> torch.dtype:
+    """The dtype of the device layout the op takes on ``device``: ``torch.uint8`` (CPU layout) on
+    a CPU device when ``flute._cpu`` is loaded, ``torch.int32`` (GPU kernel layout) otherwise."""
+    from .ops import HAS_CPU_KERNEL
+    return torch.uint8 if torch.device(device).type == "cpu" and HAS_CPU_KERNEL else torch.int32
+
+
+def device_layout(codes: torch.Tensor, bits: int, device=None) -> torch.Tensor:
+    """The ``qweight`` the op takes on ``device`` (default: the codes' device), from uint8 codes
+    ``[N, K]``: the CPU layout (uint8) on a CPU device when the CPU kernel ``flute._cpu`` is loaded,
+    the GPU kernel layout (int32, :func:`flute.layout.to_kernel_layout`) otherwise."""
+    from .layout import to_kernel_layout
+    device = torch.device(device) if device is not None else codes.device
+    codes = codes.to(device)
+    if layout_dtype(device) == torch.uint8:
+        return to_cpu_layout(codes, bits)
+    return to_kernel_layout(codes, bits)
+
+
+def codes_from_layout(qweight: torch.Tensor, bits: int, in_features: int,
+                      out_features: int) -> torch.Tensor:
+    """uint8 codes ``[out_features, in_features]`` of a ``qweight`` in either device layout (told
+    apart by dtype: uint8 = CPU layout, int32 = GPU layout)."""
+    from .layout import from_kernel_layout
+    if qweight.dtype == torch.uint8:
+        return from_cpu_layout(qweight, bits, in_features, out_features)
+    if qweight.dtype == torch.int32:
+        return from_kernel_layout(qweight, bits, in_features, out_features)
+    raise ValueError(f"qweight must be a device layout: uint8 (CPU layout) or int32 (GPU kernel "
+                     f"layout), got {qweight.dtype}")

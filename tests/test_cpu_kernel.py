@@ -1,0 +1,237 @@
+"""The CPU lookup-table kernel (flute._cpu) against the float64 reference, on every ISA path."""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flute
+from flute import ops
+from flute.cpu_layout import to_cpu_layout
+from flute.format import dequantize_codes
+from flute.testing import RandomWeight, random_quantized, reference_qgemm, relative_error
+
+pytestmark = pytest.mark.skipif(not ops.HAS_CPU_KERNEL, reason="flute._cpu not built")
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+ISAS = [i for i in ("avx512", "avx2", "portable")]
+
+
+def available(isa):
+    try:
+        ops.set_cpu_isa(isa)
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        ops.set_cpu_isa("auto")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if not available(request.param):
+        pytest.skip(f"this CPU lacks {request.param}")
+    ops.set_cpu_isa(request.param)
+    yield request.param
+    ops.set_cpu_isa("auto")
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+def run(x, w, bits, group, n, k, q=None):
+    q = to_cpu_layout(w.codes, bits) if q is None else q
+    return torch.ops.flute.qgemm(x, q, w.scales, w.offsets, w.table, bits, group, k, n)
+
+
+def fuzz_cases(seed, count):
+    r = random.Random(seed)
+    for _ in range(count):
+        bits = r.choice([2, 3, 4])
+        n, k = r.choice([1, 3, 17, 40, 67]), r.choice([1, 31, 64, 130, 333, 576])
+        group = r.choice([32, 64, 128, 256, -1, 48, 100])  # 48, 100: not multiples of 32
+        yield dict(bits=bits, n=n, k=k, group=group, offsets=r.random() < 0.5,
+                   table=r.choice(["random", "uniform", "sdtype"]),
+                   dtype=r.choice([torch.float32, torch.bfloat16, torch.float16]),
+                   sdtype=r.choice([torch.float32, torch.bfloat16, torch.float16]),
+                   m=r.choice([0, 1, 2, 3, 5, 8, 16, 17, 300]), noncontig=r.random() < 0.3)
+
+
+def check_case(c, g):
+    bits, n, k, group = c["bits"], c["n"], c["k"], c["group"]
+    w = random_quantized(n, k, bits, group, offsets=c["offsets"], dtype=c["sdtype"], generator=g)
+    if c["table"] == "uniform":
+        w = w._replace(table=torch.linspace(-1, 1, 2 ** bits))
+    elif c["table"] == "sdtype":  # a table in another float dtype
+        w = w._replace(table=w.table.to(c["sdtype"]))
+    m = c["m"]
+    if c["noncontig"]:
+        x = torch.randn(k, 2 * m + 1, generator=g).to(c["dtype"]).t()[:2 * m:2]  # strided rows/cols
+    else:
+        x = torch.randn(m, k, generator=g).to(c["dtype"])
+    y = run(x, w, bits, group, n, k)
+    assert y.dtype == c["dtype"] and y.shape == (m, n), c
+    if m == 0:
+        return
+    ref = reference_qgemm(x, w, group)
+    tol = TOL[c["dtype"]]
+    if c["sdtype"] != torch.float32 and c["dtype"] == torch.float32:
+        tol = 1e-5  # scales are exact in fp32; the reference uses the same rounded scales
+    err = relative_error(y, ref)
+    assert err < tol, (c, err)
+
+
+def test_fuzz_every_isa_and_thread_count(isa, threads):
+    g = torch.Generator().manual_seed(7)
+    for c in fuzz_cases(hash((isa, threads)) % 1000, 45):
+        check_case(c, g)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 300])
+def test_larger_layer_fp32_exact(bits, m, isa, rng):
+    n, k, group = 203, 1000, 64  # odd N, ragged last group (1000 = 15 * 64 + 40)
+    w = random_quantized(n, k, bits, group, offsets=(bits == 3), generator=rng)
+    x = torch.randn(m, k, generator=rng)
+    assert relative_error(run(x, w, bits, group, n, k), reference_qgemm(x, w, group)) < 1e-5
+
+
+def test_leading_dims_and_group_minus_one(rng):
+    n, k, bits = 40, 250, 4
+    w = random_quantized(n, k, bits, -1, offsets=True, generator=rng)
+    x = torch.randn(2, 3, 5, k, generator=rng)
+    y = run(x, w, bits, -1, n, k)
+    assert y.shape == (2, 3, 5, n)
+    assert relative_error(y.reshape(-1, n), reference_qgemm(x.reshape(-1, k), w, -1)) < 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_bitwise_deterministic_across_calls_and_threads(m, isa, rng):
+    n, k, bits, group = 301, 777, 3, 128
+    w = random_quantized(n, k, bits, group, offsets=True, generator=rng)
+    x = torch.randn(m, k, generator=rng)
+    q = to_cpu_layout(w.codes, bits)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 1, 2):
+            torch.set_num_threads(t)
+            outs.append(run(x, w, bits, group, n, k, q))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_dequantize_cpu_layout(bits, sdtype, isa, rng):
+    n, k = 37, 300
+    for group in (64, 100, -1):
+        w = random_quantized(n, k, bits, group, offsets=True, dtype=sdtype, generator=rng)
+        got = torch.ops.flute.dequantize(to_cpu_layout(w.codes, bits), w.scales, w.offsets, w.table,
+                                         bits, group, k, n)
+        want = dequantize_codes(w.codes, w.scales, w.offsets, w.table, group).to(sdtype)
+        assert got.dtype == sdtype and got.shape == (n, k)
+        assert torch.allclose(got.float(), want.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_stale_weight_after_in_place_copy(rng):
+    """No cache: after qweight.copy_(other) the op computes with the new codes (both layouts)."""
+    n, k, bits, group = 24, 128, 4, 64
+    a = random_quantized(n, k, bits, group, generator=rng)
+    b = a._replace(codes=(a.codes + 5) % 16)
+    x = torch.randn(2, k, generator=rng)
+    from flute.layout import to_kernel_layout
+    for layout in (to_cpu_layout, to_kernel_layout):
+        q = layout(a.codes, bits)
+        y1 = torch.ops.flute.qgemm(x, q, a.scales, None, a.table, bits, group, k, n)
+        q.copy_(layout(b.codes, bits))
+        y2 = torch.ops.flute.qgemm(x, q, a.scales, None, a.table, bits, group, k, n)
+        assert relative_error(y1, reference_qgemm(x, a, group)) < 1e-5
+        assert relative_error(y2, reference_qgemm(x, b, group)) < 1e-5
+
+
+def test_forward_inside_and_after_inference_mode(rng):
+    lin = torch.nn.Linear(192, 40)
+    q = flute.QuantLinear.from_linear(lin, 4, 64)
+    assert q.qweight.dtype == torch.uint8
+    x = torch.randn(3, 192, generator=rng)
+    with torch.inference_mode():
+        y_inf = q(x)
+        y_inf2 = q(x)
+    y = q(x)
+    assert torch.equal(y_inf, y) and torch.equal(y_inf2, y)
+    with torch.inference_mode():  # a module built under inference mode too
+        q2 = flute.QuantLinear.from_linear(lin, 4, 64)
+        assert torch.equal(q2(x), y)
+    assert torch.equal(q2(x), y)
+
+
+def test_gradient_through_the_cpu_layout(rng):
+    n, k, bits, group = 40, 96, 4, 32
+    w = random_quantized(n, k, bits, group, generator=rng)
+    x = torch.randn(3, k, generator=rng, requires_grad=True)
+    gy = torch.randn(3, n, generator=rng)
+    (run(x, w, bits, group, n, k) * gy).sum().backward()
+    wt = dequantize_codes(w.codes, w.scales, None, w.table, group)
+    assert torch.allclose(x.grad, gy @ wt, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck_and_fake_with_the_cpu_layout(rng):
+    n, k, bits, group = 48, 96, 3, 32
+    w = random_quantized(n, k, bits, group, offsets=True, generator=rng)
+    args = (torch.randn(4, k, generator=rng), to_cpu_layout(w.codes, bits), w.scales, w.offsets,
+            w.table, bits, group, k, n)
+    torch.library.opcheck(torch.ops.flute.qgemm, args)
+    torch.library.opcheck(torch.ops.flute.dequantize, args[1:])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        y = torch.ops.flute.qgemm(torch.empty(5, 7, k, dtype=torch.bfloat16),
+                                  torch.empty(args[1].shape, dtype=torch.uint8), torch.empty(n, 3),
+                                  None, torch.empty(8), bits, group, k, n)
+        assert y.shape == (5, 7, n) and y.dtype == torch.bfloat16
+
+
+def test_errors_name_the_layout(rng):
+    n, k, bits, group = 32, 128, 4, 64
+    w = random_quantized(n, k, bits, group, generator=rng)
+    q = to_cpu_layout(w.codes, bits)
+    x = torch.randn(2, k)
+    with pytest.raises(ValueError, match=r"uint8 of shape \(2048,\) \(the CPU layout of a 32x128"):
+        torch.ops.flute.qgemm(x, q[:-1], w.scales, None, w.table, bits, group, k, n)
+    with pytest.raises(ValueError, match="int32 of shape .* or uint8 of shape"):
+        torch.ops.flute.qgemm(x, q.long(), w.scales, None, w.table, bits, group, k, n)
+    # the Python CUDA path (no flute._C) refuses the CPU layout by name
+    with pytest.raises(ValueError, match="uint8, the CPU layout"):
+        ops._qgemm_cuda_fallback(x, q, w.scales, None, w.table, bits, group, k, n)
+
+
+def test_reference_fallback_without_the_extension(monkeypatch, rng):
+    n, k, bits, group = 20, 100, 2, 32
+    w = random_quantized(n, k, bits, group, offsets=True, generator=rng)
+    x = torch.randn(3, k, generator=rng)
+    fast = run(x, w, bits, group, n, k)
+    monkeypatch.setattr(ops, "HAS_CPU_KERNEL", False)
+    slow = run(x, w, bits, group, n, k)  # uint8 layout decoded in pure torch
+    assert relative_error(slow, fast) < 1e-6
+
+
+def test_isa_selection():
+    assert ops.get_cpu_isa() in ("avx512", "avx2", "portable")
+    with pytest.raises(RuntimeError, match="unknown CPU ISA"):
+        ops.set_cpu_isa("sse9")
+    best = ops.set_cpu_isa("auto")
+    assert ops.set_cpu_isa("portable") == "portable" == ops.get_cpu_isa()
+    assert ops.set_cpu_isa("auto") == best
+    env = dict(os.environ, FLUTE_CPU_ISA="portable")
+    code = "import torch, flute._cpu; print(torch.ops.flute.cpu_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "portable"

@@ -1,0 +1,97 @@
+"""The CPU layout (flute.cpu_layout): exact round trip, streaming order, device-layout helpers."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import flute
+from flute.cpu_layout import (block_cols, codes_from_layout, cpu_layout_shape, cpu_padded_shape,
+                              device_layout, from_cpu_layout, layout_dtype, to_cpu_layout)
+from flute.layout import from_kernel_layout, to_kernel_layout
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), n=st.integers(1, 70), k=st.integers(1, 700),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_round_trip_is_the_identity(bits, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=g, dtype=torch.uint8)
+    q = to_cpu_layout(codes, bits)
+    assert q.dtype == torch.uint8 and q.dim() == 1
+    assert tuple(q.shape) == cpu_layout_shape(bits, k, n)
+    n_pad, k_pad = cpu_padded_shape(bits, k, n)
+    assert q.numel() * 8 == n_pad * k_pad * bits  # dense: bits per weight, padding included
+    assert torch.equal(from_cpu_layout(q, bits, k, n), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_slot_order_matches_the_kernel_contract(bits, rng):
+    """Slot s of lane j of a row block holds column 32 (s % C) + 2 j + s // C (lut_kernel.h)."""
+    kb = block_cols(bits)
+    c_chunks = kb // 32
+    codes = torch.randint(0, 2 ** bits, (4, kb), generator=rng, dtype=torch.uint8)
+    q = to_cpu_layout(codes, bits).view(4, kb * bits // 8).long()
+    lane = q[:, :64].view(4, 16, 4)
+    lane = lane[..., 0] | lane[..., 1] << 8 | lane[..., 2] << 16 | lane[..., 3] << 24
+    sh = 4 if bits == 4 else 2
+    for s in range(2 * c_chunks):
+        cols = [32 * (s % c_chunks) + 2 * j + s // c_chunks for j in range(16)]
+        got = (lane >> (sh * s)) & (2 ** sh - 1)
+        if bits == 3:
+            hi = q[:, 64 + 2 * s] | q[:, 64 + 2 * s + 1] << 8
+            got = got | torch.stack([(hi >> j) & 1 for j in range(16)], 1) << 2
+        assert torch.equal(got, codes[:, cols].long()), s
+
+
+def test_padding_is_code_zero_and_rows_stream_in_tiles(rng):
+    codes = torch.randint(1, 16, (5, 130), generator=rng, dtype=torch.uint8)
+    q = to_cpu_layout(codes, 4)
+    n_pad, k_pad = cpu_padded_shape(4, 130, 5)
+    assert (n_pad, k_pad) == (8, 256)
+    full = torch.zeros(n_pad, k_pad, dtype=torch.uint8)
+    full[:5, :130] = codes
+    assert torch.equal(q, to_cpu_layout(full, 4))
+    # tile 0, block 0 = rows 0..3 of columns 0..127, 64 bytes each, then block 1
+    assert torch.equal(q[:256], to_cpu_layout(full[:4, :128], 4))
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="codes must be < 2"):
+        to_cpu_layout(torch.full((2, 2), 4, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="uint8 of shape"):
+        from_cpu_layout(torch.zeros(3, dtype=torch.uint8), 4, 128, 4)
+    with pytest.raises(ValueError, match="device layout"):
+        codes_from_layout(torch.zeros(4, dtype=torch.int64), 4, 128, 4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_device_layout_and_codes_from_layout(bits, rng):
+    codes = torch.randint(0, 2 ** bits, (33, 100), generator=rng, dtype=torch.uint8)
+    q = device_layout(codes, bits, "cpu")
+    assert q.dtype == layout_dtype("cpu")
+    assert q.dtype == (torch.uint8 if flute.ops.HAS_CPU_KERNEL else torch.int32)
+    assert torch.equal(codes_from_layout(q, bits, 100, 33), codes)
+    gpu = to_kernel_layout(codes, bits)  # what device_layout builds for a CUDA device
+    assert layout_dtype("cuda") == torch.int32
+    assert torch.equal(codes_from_layout(gpu, bits, 100, 33), codes)
+    # CPU -> GPU layout -> CPU layout is lossless
+    back = to_cpu_layout(from_kernel_layout(gpu, bits, 100, 33), bits)
+    assert torch.equal(back, to_cpu_layout(codes, bits))
+
+
+def test_quant_linear_rebuilds_qweight_when_the_device_kind_changes(monkeypatch, rng):
+    """CUDA-free stand-in for .cuda()/.cpu(): flip which layout the CPU wants and re-apply."""
+    lin = torch.nn.Linear(200, 36)
+    q = flute.QuantLinear.from_linear(lin, 3, 64)
+    x = torch.randn(3, 200, generator=rng)
+    y = q(x)
+    first = q.qweight.clone()
+    monkeypatch.setattr(flute.ops, "HAS_CPU_KERNEL", not flute.ops.HAS_CPU_KERNEL)
+    q.to("cpu")  # _apply: the layout no longer matches the device -> rebuilt
+    assert q.qweight.dtype == layout_dtype("cpu") != first.dtype
+    assert torch.allclose(q(x), y, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    q.float()
+    assert torch.equal(q.qweight, first)  # round trip through the other layout is exact
+    assert torch.equal(q(x), y)
+    assert torch.equal(q.quantized_weight().codes(), flute.QuantLinear.from_linear(lin, 3, 64)
+                       .quantized_weight().codes())
