@@ -405,10 +405,27 @@ class GemmPlan:
     k_tiles: int
     streamk: StreamKPlan
 
+    sms: int
+
+    @property
+    def partials_offset(self) -> int:
+        """The flags come first, in a region of max_slots ints fixed per device (dispatch.cu)."""
+        return (max_workspace_slots(self.sms) * 4 + 255) // 256 * 256
+
     @property
     def workspace_bytes(self) -> int:
-        cfg_floats = 16 * self.m_tiles16 * 128
-        return self.streamk.partial_slots * (cfg_floats * 4 + 4)
+        return self.partials_offset + self.streamk.partial_slots * Config(4, self.m_tiles16).partial_floats * 4
+
+
+def max_workspace_slots(sms: int) -> int:
+    """``max_slots`` of dispatch.cu: the partial slots any plan of the device can need."""
+    return sms * StreamK.max_ctas_per_sm * (StreamK.max_split - 1) // StreamK.max_split
+
+
+def max_workspace_bytes(sms: int) -> int:
+    """``qgemm_max_workspace_bytes`` of dispatch.cu (the binding's persistent workspace)."""
+    return ((max_workspace_slots(sms) * 4 + 255) // 256 * 256
+            + max_workspace_slots(sms) * Config(4, M_TILE_OPTIONS[-1]).partial_floats * 4)
 
 
 def plan_qgemm(M: int, N: int, K: int, bits: int, group_size: int, has_offsets: bool, sms: int,
@@ -428,8 +445,9 @@ def plan_qgemm(M: int, N: int, K: int, bits: int, group_size: int, has_offsets: 
     m_tiles = max(1, math.ceil(M / cfg.bm))
     n_tiles, k_tiles = p.n_tiles(cfg), p.k_tiles(cfg)
     sk = make_streamk_plan(m_tiles * n_tiles, k_tiles, sms * ctas)
+    assert sk.partial_slots <= max_workspace_slots(sms)
     return GemmPlan(cfg.m_tiles16, stages, cfg.table_bytes + stages * cfg.stage_bytes(has_offsets),
-                    ctas, m_tiles, n_tiles, k_tiles, sk)
+                    ctas, m_tiles, n_tiles, k_tiles, sk, sms)
 
 
 class WorkList:

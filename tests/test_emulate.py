@@ -8,8 +8,8 @@ import torch
 
 from flute.emulate import (DEQUANT_WARPS, M_TILE_OPTIONS, Config, Problem, StreamK, a_fragment_source,
                            choose_pipeline, decode_b_fragments, emulate_qgemm, load_stage_x,
-                           make_streamk_plan, plan_qgemm, scale_words, scale_words_for,
-                           streamk_schedule)
+                           make_streamk_plan, max_workspace_bytes, max_workspace_slots,
+                           plan_qgemm, scale_words, scale_words_for, streamk_schedule)
 from flute.format import dequantize_codes
 from flute.testing import random_quantized
 from flute.layout import ATOM_N, atom_chunks, atom_k, padded_shape, to_kernel_layout
@@ -239,9 +239,11 @@ def test_streamk_plans_on_gpus_and_llama_shapes(gpu):
                         sk = gp.streamk
                         assert sk.split <= 4 and sk.grid <= slots
                         assert sk.split == 1 or gp.k_tiles // sk.split >= 8
-                        # the persistent workspace bound of dispatch.cu holds
-                        assert sk.partial_slots <= sms * 4 * 3 // 4
-                        assert gp.workspace_bytes <= sms * 3 * (64 * 128 * 4 + 4)
+                        # the persistent workspace of dispatch.cu serves every plan; the flags
+                        # sit before every plan's partials (never overwritten by another plan)
+                        assert sk.partial_slots <= max_workspace_slots(sms)
+                        assert sk.partial_slots * 4 <= gp.partials_offset
+                        assert gp.workspace_bytes <= max_workspace_bytes(sms)
 
 
 # -- the header and the emulator agree ------------------------------------------------------------
@@ -279,6 +281,10 @@ int main() {
       std::scanf("%d %d %d %d %d %d", &a, &b, &c, &d, &e, &f);
       PipelineChoice pc = choose_pipeline(a, b, c, d, e, f);
       std::printf("pipe %d %d\n", pc.ctas, pc.stages);
+    } else if (op[0] == 'w' && op[1] == 's') {  // workspace layout
+      std::scanf("%d", &a);
+      std::printf("ws %zu %zu %zu\n", workspace_max_slots(a), workspace_partials_offset(a),
+                  workspace_max_bytes(a));
     } else if (op[0] == 's') {  // scale words
       std::scanf("%d %d %d", &a, &b, &c);
       std::printf("sw %d\n", scale_words(a, b, c));
@@ -383,6 +389,10 @@ def test_host_arithmetic_matches_header(header_probe):
                     args = (smem_sm, smem_block, c.table_bytes, c.stage_bytes(off), c.min_stages, c.max_stages)
                     queries.append("pipe " + " ".join(map(str, args)))
                     want.append("pipe %d %d" % choose_pipeline(*args))
+    for sms, _, _ in GPUS.values():
+        queries.append(f"ws {sms}")
+        gp = plan_qgemm(1, 4096, 4096, 4, 128, False, sms, 228 * 1024, 227 * 1024)
+        want.append(f"ws {max_workspace_slots(sms)} {gp.partials_offset} {max_workspace_bytes(sms)}")
     for group in list(range(32, 600, 16)) + [4096]:
         for ngroups in (1, 7):
             queries.append(f"sw {group} {ngroups} 8")
@@ -402,7 +412,7 @@ def test_host_arithmetic_matches_header(header_probe):
                 parts.append(f"{tile}:{kb}:{ke}:{kind}{role[1] if kind == 'p' else -1}")
             want.append(" ".join([f"cta {cta} {cnt}"] + parts))
     got = [l for l in header_probe("\n".join(queries) + "\n").splitlines()
-           if l.split()[0] in ("pipe", "sw", "plan", "cta")]
+           if l.split()[0] in ("pipe", "sw", "ws", "plan", "cta")]
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g == w

@@ -120,17 +120,6 @@ int batch_tile(int M) {
   return kMTileOptions[kNumMTileConfigs - 1];
 }
 
-// A workspace bound that holds for every plan: partial slots = split tiles x (split - 1) with
-// split tiles x split <= grid <= SMs x kMaxCtasPerSm, i.e. at most (kMaxSplit - 1) / kMaxSplit of
-// the largest grid, each slot one fp32 tile of the largest batch tile.
-constexpr size_t kMaxPartialFloats = (size_t)GemmConfig<4, 4>::kPartialFloats;
-static_assert(GemmConfig<2, 4>::kPartialFloats <= kMaxPartialFloats &&
-                  GemmConfig<3, 4>::kPartialFloats <= kMaxPartialFloats,
-              "the 64-row tile has the largest partial");
-size_t max_slots(int sms) {
-  return (size_t)sms * StreamK::kMaxCtasPerSm * (StreamK::kMaxSplit - 1) / StreamK::kMaxSplit;
-}
-
 }  // namespace
 
 int64_t layout_words(int bits, int64_t K, int64_t N) {
@@ -150,8 +139,7 @@ cudaError_t qgemm_max_workspace_bytes(int device, size_t* bytes) {
     cudaError_t err = device_cache(device, &d);
     if (err != cudaSuccess) return err;
   }
-  const size_t slots = max_slots(d->sms);
-  *bytes = slots * kMaxPartialFloats * sizeof(float) + slots * sizeof(int);
+  *bytes = workspace_max_bytes(d->sms);
   return cudaSuccess;
 }
 
@@ -197,9 +185,9 @@ cudaError_t qgemm_plan(const QGemmProblem& prob, int device, QGemmPlan* plan) {
     plan->split = sk.split;
     plan->sk_units = sk.sk_units;
     plan->partial_slots = sk.partial_slots;
-    if ((size_t)sk.partial_slots > max_slots(d->sms)) return cudaErrorInvalidConfiguration;
-    plan->flags_offset = (size_t)sk.partial_slots * C::kPartialFloats * sizeof(float);
-    plan->workspace_bytes = plan->flags_offset + (size_t)sk.partial_slots * sizeof(int);
+    if ((size_t)sk.partial_slots > workspace_max_slots(d->sms)) return cudaErrorInvalidConfiguration;
+    plan->partials_offset = workspace_partials_offset(d->sms);
+    plan->workspace_bytes = plan->partials_offset + (size_t)sk.partial_slots * C::kPartialFloats * sizeof(float);
     return cudaSuccess;
   });
 }
@@ -218,8 +206,8 @@ cudaError_t qgemm_run(const QGemmProblem& prob, const QGemmPlan& plan, const voi
     p.offsets = prob.has_offsets ? offsets : nullptr;
     p.table = table;
     p.y = y;
-    p.partials = static_cast<float*>(workspace);
-    p.flags = reinterpret_cast<int*>(static_cast<char*>(workspace) + plan.flags_offset);
+    p.flags = static_cast<int*>(workspace);
+    p.partials = reinterpret_cast<float*>(static_cast<char*>(workspace) + plan.partials_offset);
     p.M = prob.M;
     p.N = prob.N;
     p.K = prob.K;

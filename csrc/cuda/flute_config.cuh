@@ -6,6 +6,7 @@
 // the constants, the pipeline choice and the Stream-K schedule against flute/emulate.py.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -137,8 +138,8 @@ struct GemmParams {
   const void* offsets;   // [N, ngroups] or nullptr
   const float* table;    // [2^bits] float32
   void* y;               // [M, N] contiguous
-  float* partials;       // [partial slots, kPartialFloats] stream-K partial sums (fp32)
   int* flags;            // [partial slots], zero at launch; each set flag is reset by its consumer
+  float* partials;       // [partial slots, kPartialFloats] stream-K partial sums (fp32)
   int M, N, K, ldx;
   int group;             // effective group size (>= 1)
   int ngroups;           // ceil(K / group)
@@ -223,6 +224,25 @@ inline StreamKPlan make_streamk_plan(int tiles, int iters, int slots) {
   const int dp_grid = p.dp_tiles < slots ? p.dp_tiles : slots;
   p.grid = dp_grid > p.sk_units ? dp_grid : p.sk_units;
   return p;
+}
+
+// The Stream-K workspace, one layout for every plan of a device with `sms` SMs: the flags first
+// (a fixed region of workspace_max_slots ints, so that no plan's partials ever land on another
+// plan's flags, which must stay zero between launches), then the fp32 partial tiles. Partial
+// slots = split tiles x (split - 1) with split tiles x split <= grid <= SMs x kMaxCtasPerSm, so at
+// most (kMaxSplit - 1) / kMaxSplit of the largest grid; each slot one tile of the largest batch.
+inline size_t workspace_max_slots(int sms) {
+  return (size_t)sms * StreamK::kMaxCtasPerSm * (StreamK::kMaxSplit - 1) / StreamK::kMaxSplit;
+}
+inline size_t workspace_partials_offset(int sms) {
+  return (workspace_max_slots(sms) * sizeof(int) + 255) / 256 * 256;
+}
+inline size_t workspace_max_bytes(int sms) {
+  static_assert(GemmConfig<2, 4>::kPartialFloats == GemmConfig<4, 4>::kPartialFloats &&
+                    GemmConfig<4, 2>::kPartialFloats < GemmConfig<4, 4>::kPartialFloats,
+                "the 64-row tile has the largest partial");
+  return workspace_partials_offset(sms) +
+         workspace_max_slots(sms) * GemmConfig<4, 4>::kPartialFloats * sizeof(float);
 }
 
 // What CTA `cta` of `grid` processes, in order (flute/emulate.py: WorkList):

@@ -32,8 +32,8 @@ struct QGemmPlan {
   int smem_bytes = 0;       // dynamic shared memory per CTA
   int m_tiles = 0, n_tiles = 0, k_tiles = 0;
   int dp_tiles = 0, split = 1, sk_units = 0, partial_slots = 0;  // Stream-K (flute_config.cuh)
-  size_t workspace_bytes = 0;  // fp32 partials, then partial_slots int flags
-  size_t flags_offset = 0;     // byte offset of the flags in the workspace
+  size_t workspace_bytes = 0;  // flags (partial_slots ints at offset 0), then fp32 partials
+  size_t partials_offset = 0;  // byte offset of the partials: fixed per device (flags never move)
   const char* reason = "";     // why the dequantize + matmul path was chosen
 };
 
@@ -64,8 +64,7 @@ cudaError_t qgemm_plan(const QGemmProblem& prob, int device, QGemmPlan* plan);
 cudaError_t qgemm_max_workspace_bytes(int device, size_t* bytes);
 
 // Launch the fused kernel on `stream`. `workspace` holds at least plan.workspace_bytes bytes
-// whose flag region (plan.flags_offset, plan.partial_slots ints) is zero; the kernel leaves it
-// zero. x rows are `ldx` elements apart (ldx % 8 == 0, 16-byte aligned; columns K..roundup(K, 8)
+// whose flag region (the first plan.partial_slots ints) is zero; the kernel leaves it zero. x rows are `ldx` elements apart (ldx % 8 == 0, 16-byte aligned; columns K..roundup(K, 8)
 // zero), y is [M, N] contiguous.
 cudaError_t qgemm_run(const QGemmProblem& prob, const QGemmPlan& plan, const void* x, int ldx,
                       const void* qweight, const void* scales, const void* offsets,
