@@ -233,6 +233,7 @@ x = torch.randn(5, 16384, dtype=torch.float16, device="cuda")
 ys = []
 for i in range(3):
     st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())  # x and the weight were made on the default stream
     with torch.cuda.stream(st):
         ys.append(torch.ops.flute.qgemm(x, q, s, o, t, 4, 128, 16384, 256))
     st.synchronize()

@@ -144,6 +144,7 @@ def test_deterministic_across_streams():
         outs = []
         for _ in range(2):
             stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())  # x was made on the default stream
             with torch.cuda.stream(stream):
                 outs.append(torch.ops.flute.qgemm(x, q, s, None, t, bits, 128, k, n))
             stream.synchronize()

@@ -125,9 +125,10 @@ const void* offsets_ptr(const Weight& w) {
 // kept alive here, and the replayed memset only re-zeroes flags that are zero).
 at::Tensor& stream_workspace(const at::Device& device, cudaStream_t stream) {
   static std::mutex mutex;
-  static std::map<std::pair<int, cudaStream_t>, at::Tensor> workspaces;
+  // Never destroyed: freeing CUDA memory from a static destructor at exit can outlive the allocator.
+  static auto* workspaces = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
   std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& ws = workspaces[{(int)device.index(), stream}];
+  at::Tensor& ws = (*workspaces)[{(int)device.index(), stream}];
   if (!ws.defined()) {
     size_t bytes = 0;
     check_cuda(flute::qgemm_max_workspace_bytes(device.index(), &bytes), "workspace size query");
