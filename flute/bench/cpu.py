@@ -80,6 +80,7 @@ class CpuBench:
         self.skipped: List[Dict[str, object]] = []
         self.truncated = False
         self.llamacpp_exe: Optional[str] = None
+        self.shape_seconds: Dict[str, float] = {}
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def past_deadline(self) -> bool:
@@ -124,8 +125,6 @@ class CpuBench:
             return Timing(med, p10, p90, len(samples), 1, "perf_counter",
                           f"slow calls: {len(samples)} sample(s) within the "
                           f"{c.point_budget_ms:.0f} ms point budget, on one or two weight copies")
-        for call in calls:  # one pass: every copy's first-call work is out of the samples
-            call()
         return time_cpu(calls, target_ms=c.target_ms, min_runs=c.min_runs, max_runs=c.max_runs,
                         warmup=min(len(calls), 4), budget_ms=c.point_budget_ms)
 
@@ -239,6 +238,7 @@ class CpuBench:
             if self.past_deadline():
                 break
             self.log(f"N={N} K={K}")
+            t0 = time.monotonic()
             for kernel in ("fp32", "bf16"):
                 if kernel in c.kernels and not self.past_deadline():
                     self.run_dense(N, K, kernel)
@@ -250,6 +250,7 @@ class CpuBench:
                 if not self.past_deadline():
                     self.run_flute(N, K, bits)
             fill_ratios(self.points)
+            self.shape_seconds[f"{N}x{K}"] = round(time.monotonic() - t0, 1)
             if on_shape_done:
                 on_shape_done()
         fill_ratios(self.points)

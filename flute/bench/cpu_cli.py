@@ -116,7 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         def save():
             doc.update(points=bench.points, skipped=bench.skipped, truncated=bench.truncated,
-                       elapsed_s=round(time.monotonic() - t_start, 1))
+                       elapsed_s=round(time.monotonic() - t_start, 1),
+                       shape_elapsed_s=bench.shape_seconds)
             report.write_json(path, doc)
         save()
         bench.run(on_shape_done=save)

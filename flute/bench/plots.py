@@ -158,12 +158,17 @@ def cpu_label(p: Dict[str, object]) -> str:
     return k
 
 
-def _cpu_color(p) -> str:
-    if p["kernel"] == "flute":
-        return _COLOR.get(p["bits"], "black")
-    if p["kernel"] == "llamacpp":
-        return {4: "tab:green", 3: "tab:olive", 2: "tab:pink"}.get(p.get("bits"), "tab:gray")
-    return {"fp32": "black", "bf16": "tab:brown", "torch_int4": "tab:purple"}.get(p["kernel"], "grey")
+def _cpu_style(p) -> tuple:
+    """``(color, line style, marker)`` of a CPU point's series."""
+    k = p["kernel"]
+    if k == "flute":
+        return _COLOR.get(p["bits"], "black"), "-" if p["dtype"] == "bf16" else "-.", "o"
+    if k == "llamacpp":
+        color = {"q4_0": "tab:green", "iq4_nl": "tab:cyan", "q3_K": "tab:olive",
+                 "q2_K": "tab:pink", "bf16": "silver"}.get(p.get("ggml_type"), "tab:gray")
+        return color, "--", "s" if p.get("layout") == "repack" else "^"
+    return ({"fp32": "black", "bf16": "tab:brown", "torch_int4": "tab:purple"}.get(k, "grey"),
+            ":", "o")
 
 
 def _plot_cpu(plt, doc, path) -> Optional[str]:
@@ -181,13 +186,12 @@ def _plot_cpu(plt, doc, path) -> Optional[str]:
             series: Dict[str, tuple] = {}
             for p in pts:
                 if p["threads"] == t and (p["N"], p["K"]) == (n, k):
-                    s = series.setdefault(cpu_label(p), ([], [], _cpu_color(p), p["kernel"]))
+                    s = series.setdefault(cpu_label(p), ([], [], _cpu_style(p), p["kernel"]))
                     s[0].append(p["M"])
                     s[1].append(p["median_ms"])
-            for label, (ms, vs, color, kernel) in sorted(series.items()):
+            for label, (ms, vs, (color, style, marker), kernel) in sorted(series.items()):
                 order = sorted(range(len(ms)), key=ms.__getitem__)
-                style = "-" if kernel == "flute" else ("--" if kernel == "llamacpp" else ":")
-                (h,) = ax.plot([ms[i] for i in order], [vs[i] for i in order], style, marker="o",
+                (h,) = ax.plot([ms[i] for i in order], [vs[i] for i in order], style, marker=marker,
                                ms=3, color=color, label=label,
                                alpha=1.0 if kernel == "flute" else 0.75)
                 handles.setdefault(label, h)
