@@ -361,3 +361,28 @@ def test_check_targets_script_and_help(tmp_path):
         r = subprocess.run([sys.executable, "-m", "flute", *argv], cwd=REPO, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 0 and "usage: flute bench" in r.stdout and want in r.stdout
+
+
+def test_llamacpp_build_reports_why_not(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLUTE_CACHE", str(tmp_path))
+    monkeypatch.setattr(llamacpp.shutil, "which", lambda name: None)
+    exe, info = llamacpp.build()
+    assert exe is None and info["reason"] == "no cmake on PATH"
+
+
+def test_llamacpp_driver_when_built():
+    """The real driver, when an earlier run built it into the cache (never built by the tests)."""
+    import glob as _glob
+    root = os.path.join(os.environ.get("FLUTE_CACHE") or os.path.expanduser("~/.cache/flute"),
+                        f"llamacpp-{llamacpp.VERSION}")
+    if not all(os.path.isfile(os.path.join(root, "build", lib)) for lib in llamacpp.LIBS):
+        pytest.skip("llama.cpp is not built here (python -m flute.bench.llamacpp builds it)")
+    exe, info = llamacpp.build()
+    assert exe, info
+    rows = llamacpp.run(exe, "q4_0", 64, 256, [1, 3], [1], 2, target_ms=1, min_runs=2)
+    assert [(r["M"], r["cache"], r["copies"]) for r in rows] == [(1, "cold", 2), (3, "cold", 2)]
+    assert all(r["weight_bytes"] == llamacpp.weight_bytes("q4_0", 64, 256) and r["median_ms"] > 0
+               for r in rows)
+    with pytest.raises(RuntimeError, match="block size"):
+        llamacpp.run(exe, "q2_K", 64, 576, [1], [1], 1)
+    assert _glob.glob(os.path.join(root, "ggml_matmul-*"))

@@ -85,7 +85,13 @@ def _source_tree(root: str, src: Optional[str], version: str, log_path: str) -> 
             raise FileNotFoundError(f"{sdist} holds no vendor/llama.cpp tree")
         for m in members:
             m.name = m.name.split("/vendor/llama.cpp", 1)[1].lstrip("/") or "."
-        tf.extractall(tmp, members=[m for m in members if m.name != "."], filter="data")
+            if m.name.startswith("/") or ".." in m.name.split("/"):
+                raise ValueError(f"unsafe path in {sdist}: {m.name}")
+        keep = [m for m in members if m.name != "."]
+        try:
+            tf.extractall(tmp, members=keep, filter="data")
+        except TypeError:  # Python without extraction filters: names were checked above
+            tf.extractall(tmp, members=keep)
     os.replace(tmp, tree)
     return tree
 
