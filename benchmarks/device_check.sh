@@ -279,7 +279,8 @@ for bits, dtype, n, k, group, offs, M in ((4, torch.float16, 130, 1000, -1, Fals
 torch.cuda.synchronize()
 print("sanitize workload done")
 PY
-SAN=(compute-sanitizer --error-exitcode 13 --print-limit 20)
+SAN_BIN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+SAN=("${SAN_BIN:-compute-sanitizer}" --error-exitcode 13 --print-limit 20)
 want memcheck && run_step memcheck 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${SAN[@]}" --tool memcheck "$PY" "$WORK/sanitize.py"
 want racecheck && run_step racecheck 75 "${SAN[@]}" --tool racecheck --racecheck-report hazard "$PY" "$WORK/sanitize.py"
 
