@@ -32,7 +32,7 @@ from .gptq import DEFAULT_BLOCK, DEFAULT_DAMP, HessianAccumulator, gptq_quantize
 from .linear import QuantLinear
 from .model import record_config
 from .modules import layer_progress, linear_layers, set_submodule
-from .quantize import quantize_weight
+from .quantize import name_errors, quantize_weight
 from .spec import DEFAULT_SKIP, QuantSpec
 
 DEFAULT_SEQ_LEN = 512
@@ -238,8 +238,12 @@ def activation_aware_quantize(weight: torch.Tensor, importance: torch.Tensor, bi
     import math
 
     from .format import QuantizedWeight, effective_group_size, pack_codes
-    from .quantize import LEARNED_RANGE, _Groups, _chunk_rows, learn_table, weighted_clip_search
-    scale_dtype = scale_dtype or weight.dtype
+    from .quantize import (LEARNED_RANGE, _Groups, _chunk_rows, check_importance,
+                           check_scale_dtype, check_stored_finite, check_weight, learn_table,
+                           weighted_clip_search)
+    check_weight(weight)
+    scale_dtype = check_scale_dtype(scale_dtype or weight.dtype)
+    importance = check_importance(importance, weight.shape[1])
     if offsets or scale_method not in (None, "absmax", "mse") or codebook != "nf":
         return quantize_weight(weight, bits, group_size, codebook=codebook, scale_method=scale_method,
                                offsets=offsets, learned_table=True, scale_dtype=scale_dtype,
@@ -253,8 +257,13 @@ def activation_aware_quantize(weight: torch.Tensor, importance: torch.Tensor, bi
     lam = torch.nn.functional.pad(imp, (0, ng * group - k)).view(ng, group)
     codes_out, scales_out = [], []
     for r0 in range(0, n, _chunk_rows(n, k)):
-        g = _Groups(weight[r0:r0 + _chunk_rows(n, k)], group)
+        chunk = weight[r0:r0 + _chunk_rows(n, k)]
+        if not bool(torch.isfinite(chunk).all()):
+            raise ValueError(f"weight holds NaN or Inf values (in rows {r0}..{r0 + len(chunk) - 1}); "
+                             "refusing to quantize")
+        g = _Groups(chunk, group)
         best_s, idx = weighted_clip_search(g.w, lam, sorted_t, LEARNED_RANGE, scale_dtype)
+        check_stored_finite(best_s, None, scale_dtype, r0)
         best_c = order[idx]
         codes_out.append(pack_codes(g.flat(best_c), bits))
         scales_out.append(best_s.to(scale_dtype))
@@ -317,10 +326,12 @@ def quantize_model_calibrated(model: nn.Module, samples: Optional[Iterable[torch
         bar = layer_progress(targets, progress, desc=f"flute: quantizing {len(targets)} layers "
                                                 f"to {spec.bits} bits")
         for name, linear in bar:
-            qw = quantize_weight(linear.weight.detach() if device is None else
-                                 linear.weight.detach().to(device),
-                                 scale_dtype=scale_dtype or linear.weight.dtype, **qkw)
-            set_submodule(model, name, QuantLinear.from_quantized(qw, linear.bias, prepare=False).to(linear.weight.device))
+            with name_errors(name):
+                qw = quantize_weight(linear.weight.detach() if device is None else
+                                     linear.weight.detach().to(device),
+                                     scale_dtype=scale_dtype or linear.weight.dtype, **qkw)
+                q = QuantLinear.from_quantized(qw, linear.bias, prepare=False)
+            set_submodule(model, name, q.to(linear.weight.device))
     else:
         samples = list(samples or [])
         if not samples:
@@ -338,6 +349,13 @@ def quantize_model_calibrated(model: nn.Module, samples: Optional[Iterable[torch
                   if calibrated else None)
     model.flute_quantize_seconds = time.perf_counter() - t0
     return model
+
+
+def _check_bias(bias) -> None:
+    """Refuse a NaN/Inf bias before a layer is quantized (QuantLinear.from_quantized refuses it too;
+    checking first spares the GPTQ sweep of a layer that cannot be stored)."""
+    if bias is not None and not bias.is_meta and not bool(torch.isfinite(bias).all()):
+        raise ValueError("bias holds NaN or Inf values; refusing to quantize")
 
 
 def _calibrated_pass(model, samples, targets, skip, device, method, act_aware, damp, block_size,
@@ -369,20 +387,23 @@ def _calibrated_pass(model, samples, targets, skip, device, method, act_aware, d
                 lin = mods[n]
                 w = lin.weight.detach()
                 sd = scale_dtype or w.dtype
-                if acc is None:
-                    qw = quantize_weight(w, scale_dtype=sd, **qkw)
-                elif method == "gptq":
-                    with _single_thread(on_cpu):
-                        m2 = acc.second_moments()
-                        qw = gptq_quantize_weight(
-                            w, acc.hessian(), damp=damp, block_size=block_size, scale_dtype=sd,
-                            importance=m2 if act_aware else torch.ones_like(m2),
-                            scale_importance=m2 if act_aware and qkw["scale_method"] is None
-                            else None, **qkw)
-                elif qkw["learned_table"] and act_aware:
-                    qw = activation_aware_quantize(w, acc.second_moments(), scale_dtype=sd, **qkw)
-                else:
-                    qw = quantize_weight(w, scale_dtype=sd, **qkw)
+                with name_errors(f"{block_name}.{n}"):
+                    _check_bias(lin.bias)
+                    if acc is None:
+                        qw = quantize_weight(w, scale_dtype=sd, **qkw)
+                    elif method == "gptq":
+                        with _single_thread(on_cpu):
+                            m2 = acc.second_moments()
+                            qw = gptq_quantize_weight(
+                                w, acc.hessian(), damp=damp, block_size=block_size,
+                                scale_dtype=sd, importance=m2 if act_aware else torch.ones_like(m2),
+                                scale_importance=m2 if act_aware and qkw["scale_method"] is None
+                                else None, **qkw)
+                    elif qkw["learned_table"] and act_aware:
+                        qw = activation_aware_quantize(w, acc.second_moments(), scale_dtype=sd,
+                                                       **qkw)
+                    else:
+                        qw = quantize_weight(w, scale_dtype=sd, **qkw)
                 # Later passes over this block see the quantized weight; a plain dense copy is
                 # faster than the LUT path here and numerically the same.
                 lin.weight.data = qw.dequantize(w.dtype)
@@ -397,7 +418,9 @@ def _calibrated_pass(model, samples, targets, skip, device, method, act_aware, d
     # linear layers outside the decoder blocks (rare): data-free
     for name, linear in targets:
         if name not in done:
-            qw = quantize_weight(linear.weight.detach(), scale_dtype=scale_dtype or
-                                 linear.weight.dtype, **qkw)
-            set_submodule(model, name, QuantLinear.from_quantized(qw, linear.bias, prepare=False))
+            with name_errors(name):
+                qw = quantize_weight(linear.weight.detach(), scale_dtype=scale_dtype or
+                                     linear.weight.dtype, **qkw)
+                q = QuantLinear.from_quantized(qw, linear.bias, prepare=False)
+            set_submodule(model, name, q)
     model.train(was_training)

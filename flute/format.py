@@ -168,13 +168,13 @@ class QuantizedWeight:
 
     @classmethod
     def from_state_dict(cls, sd: dict, prefix: str = "", codebook: str = "custom") -> "QuantizedWeight":
-        """Build from canonical tensors; errors name a missing key, a foreign version or bad shapes."""
-        for key in ("qcodes", "scales", "table", "qmeta"):
-            if prefix + key not in sd:
-                raise KeyError(f"flute checkpoint is missing tensor {prefix + key!r}")
-        meta = parse_qmeta(sd[prefix + "qmeta"], prefix)
-        return cls(qcodes=sd[prefix + "qcodes"], scales=sd[prefix + "scales"],
-                   table=sd[prefix + "table"].float(), offsets=sd.get(prefix + "offsets"),
+        """Build from canonical tensors, checked by :func:`check_weight_tensors` first: errors name
+        a missing tensor, a foreign version, a wrong dtype or shape, or NaN/Inf values."""
+        names = ("qcodes", "scales", "table", "qmeta", "offsets")
+        tensors = {k: sd[prefix + k] for k in names if prefix + k in sd}
+        meta = check_weight_tensors(tensors, prefix)
+        return cls(qcodes=tensors["qcodes"], scales=tensors["scales"],
+                   table=tensors["table"].float(), offsets=tensors.get("offsets"),
                    codebook=codebook, **{k: meta[k] for k in QMETA_FIELDS[1:]})
 
     def to(self, device) -> "QuantizedWeight":
@@ -210,6 +210,108 @@ def parse_qmeta(qmeta: torch.Tensor, where: str = "", expect: Optional[dict] = N
             f"({meta['bits']}-bit, group size {meta['group_size']}), but this QuantLinear is "
             f"{want['out_features']}x{want['in_features']} {want['bits']}-bit with group size "
             f"{want['group_size']} (mismatch in {', '.join(wrong)})")
+    return meta
+
+
+#: Dtypes that scales, offsets, tables and biases may have in a checkpoint.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The tensors of one quantized weight: required ones, then the optional ones.
+REQUIRED_TENSORS = ("qcodes", "scales", "table", "qmeta")
+OPTIONAL_TENSORS = ("offsets", "bias")
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _first_non_finite(t: torch.Tensor):
+    """``None`` if ``t`` is all finite (or holds no values: meta), else (index tuple, value)."""
+    if not isinstance(t, torch.Tensor) or t.is_meta or t.numel() == 0:
+        return None
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return None
+    idx = tuple(bad.nonzero()[0].tolist())
+    return idx, t[idx].item()
+
+
+def check_tensor(name: str, t, where: str = "", cast: Optional[torch.dtype] = None) -> None:
+    """Check the dtype (and, for float tensors, that every value is finite once converted to
+    ``cast``, the dtype it will be stored in) of one canonical tensor ``name`` (``qcodes``,
+    ``scales``, ``offsets``, ``table``, ``qmeta`` or ``bias``). ``t`` may be a tensor or anything
+    with ``dtype`` and ``shape`` (a checkpoint header: then values are not checked). Errors are
+    ValueErrors that start with ``where + name`` (the tensor's full key)."""
+    key = f"{where}{name}"
+    dtype = getattr(t, "dtype", None)
+    if name == "qcodes":
+        if dtype != torch.uint8:
+            raise ValueError(f"{key} must be uint8, got {_dtype_name(dtype)}")
+        return
+    if name == "qmeta":
+        if not isinstance(dtype, torch.dtype) or dtype.is_floating_point or dtype.is_complex \
+                or dtype == torch.bool:
+            raise ValueError(f"{key} must be an integer tensor, got {_dtype_name(dtype)}")
+        return
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{key} must be a float tensor ({', '.join(map(_dtype_name, FLOAT_DTYPES))}), "
+                         f"got {_dtype_name(dtype)}")
+    if isinstance(t, torch.Tensor):
+        stored = t if cast is None or cast == t.dtype else t.to(cast)
+        bad = _first_non_finite(stored)
+        if bad is not None:
+            idx, value = bad
+            at = (f"row {idx[0]}, group {idx[1]}" if len(idx) == 2 and name in ("scales", "offsets")
+                  else f"index {list(idx) if len(idx) != 1 else idx[0]}")
+            what = "" if cast is None or cast == t.dtype else f" once converted to {_dtype_name(cast)}"
+            raise ValueError(f"{key} holds a non-finite value{what} ({value} at {at})")
+
+
+def check_weight_tensors(tensors, where: str = "", *, expect: Optional[dict] = None,
+                         cast: Optional[dict] = None) -> dict:
+    """Check the canonical tensors of one quantized weight before any of them is used; return its
+    parsed ``qmeta``. The one check of every load path (``QuantLinear.load_state_dict``,
+    :meth:`QuantizedWeight.from_state_dict`, the Hugging Face and vLLM loaders).
+
+    ``tensors`` maps ``qcodes``, ``scales``, ``table``, ``qmeta`` (required) and ``offsets``,
+    ``bias`` (optional) to tensors (``qmeta`` must be a real tensor; the others may be checkpoint
+    headers with ``dtype`` and ``shape`` only). Checked: presence (KeyError), qmeta (format
+    version, and the fields in ``expect``), each tensor's dtype and shape against the qmeta, and
+    that scales, offsets, table and bias are finite once converted to ``cast[name]`` (the dtype
+    they will be stored in; default their own). Every error names the tensor as ``where + name``.
+    """
+    missing = [f"{where}{k}" for k in REQUIRED_TENSORS if tensors.get(k) is None]
+    if missing:
+        raise KeyError(f"flute checkpoint is missing tensor(s) {missing}")
+    meta = parse_qmeta(tensors["qmeta"], where, expect=expect)
+    bits, group, k, n = (meta[f] for f in QMETA_FIELDS[1:])
+    check_bits(bits)
+    try:
+        check_group_size(group)
+    except ValueError as e:
+        raise ValueError(f"{where}qmeta: {e}") from None
+    if n < 1 or k < 1:
+        raise ValueError(f"{where}qmeta: in_features and out_features must be positive, got {k} "
+                         f"and {n}")
+    want = {"qcodes": (n, packed_row_bytes(k, bits)), "scales": (n, num_groups(group, k)),
+            "offsets": (n, num_groups(group, k)), "table": (2 ** bits,), "qmeta": (5,),
+            "bias": (n,)}
+    cast = cast or {}
+    for name in REQUIRED_TENSORS + OPTIONAL_TENSORS:
+        t = tensors.get(name)
+        if t is None:
+            continue
+        shape = tuple(getattr(t, "shape", ()))
+        if name == "table" and math.prod(shape) != 2 ** bits:
+            raise ValueError(f"{where}table has {math.prod(shape)} entries; a {bits}-bit table "
+                             f"needs {2 ** bits}")
+        if shape != want[name]:
+            raise ValueError(f"{where}{name} has shape {shape} in the checkpoint; a {n}x{k} "
+                             f"{bits}-bit weight with group size {group} needs {want[name]}")
+        check_tensor(name, t, where, cast.get(name))
+    if tensors.get("offsets") is not None and tensors["offsets"].dtype != tensors["scales"].dtype:
+        raise ValueError(f"{where}offsets must have the dtype of {where}scales "
+                         f"({_dtype_name(tensors['scales'].dtype)}), got "
+                         f"{_dtype_name(tensors['offsets'].dtype)}")
     return meta
 
 

@@ -27,7 +27,8 @@ import torch
 
 from .codebooks import check_bits, get_table
 from .format import QuantizedWeight, effective_group_size, pack_codes
-from .quantize import LEARNED_RANGE, _quantize_chunk, learn_table, weighted_clip_search
+from .quantize import (LEARNED_RANGE, _quantize_chunk, check_importance, check_scale_dtype,
+                       check_stored_finite, check_weight, learn_table, weighted_clip_search)
 
 DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK = 128
@@ -104,7 +105,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, table: torch.Tensor,
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"gptq: weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)} "
                          "do not match (want [N, K] and [K, K])")
-    scale_dtype = scale_dtype or weight.dtype
+    scale_dtype = check_scale_dtype(scale_dtype or weight.dtype)
     dev = weight.device
     n, k = weight.shape
     group = effective_group_size(group_size, k)
@@ -114,8 +115,10 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, table: torch.Tensor,
     mids = (sorted_t[1:] + sorted_t[:-1]) * 0.5
     lo, hi = table_range or (sorted_t[0].item(), sorted_t[-1].item())
     imp = None
-    if scale_importance is not None and not offsets:
-        imp = scale_importance.to(dev, torch.float32).flatten().clamp_min(0)
+    if scale_importance is not None:
+        imp = check_importance(scale_importance, k, "scale_importance").to(dev).clamp_min(0)
+        if offsets:
+            imp = None
 
     W = weight.detach().to(torch.float32).clone()
     H = hessian.detach().to(dev, torch.float32).clone()
@@ -169,6 +172,9 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, table: torch.Tensor,
         if b1 < k:
             W[:, b1:].addmm_(E1, U[b0:b1, b1:], alpha=-1.0)
 
+    # Every scale/offset was rounded to scale_dtype when its group started; a non-finite one makes
+    # its row NaN from there on, so the first bad group of a row is where it overflowed.
+    check_stored_finite(scales, offs, scale_dtype)
     return (codes, scales.to(scale_dtype), None if offs is None else offs.to(scale_dtype))
 
 
@@ -188,14 +194,19 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
     (see :func:`gptq_codes`).
     """
     check_bits(bits)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError("gptq: weight must be a 2-D floating-point tensor [out_features, in_features]")
+    check_weight(weight, "gptq: weight")
+    if not isinstance(hessian, torch.Tensor) or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"gptq: hessian must be [K, K] = {(weight.shape[1], weight.shape[1])} for a "
+                         f"weight of shape {tuple(weight.shape)}, got "
+                         f"{tuple(getattr(hessian, 'shape', ()))}")
     if not torch.isfinite(weight).all():
         raise ValueError("gptq: weight holds NaN or Inf values; refusing to quantize")
     if scale_method is None:
         scale_method = "absmean" if codebook == "ternary" else "absmax"
     n, k = weight.shape
     name = codebook if isinstance(codebook, str) else "custom"
+    if importance is not None:
+        importance = check_importance(importance, k)
     if learned_table:
         imp = torch.diagonal(hessian).float() if importance is None else importance
         table = learn_table(weight, bits, group_size, init=codebook if name == "nf" else None,

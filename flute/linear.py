@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .format import (QuantizedWeight, num_groups, pack_codes, packed_row_bytes, parse_qmeta,
-                     unpack_codes, FORMAT_VERSION)
+from .format import (FLOAT_DTYPES, QuantizedWeight, check_tensor, check_weight_tensors,
+                     num_groups, pack_codes, packed_row_bytes, unpack_codes, FORMAT_VERSION)
 from .cpu_layout import codes_from_layout, device_layout, layout_dtype
 from .quantize import quantize_weight
 
@@ -30,6 +30,9 @@ class QuantLinear(nn.Module):
                  bias: bool = True, offsets: bool = False, dtype: torch.dtype = torch.float16,
                  device=None, codebook: str = "custom"):
         super().__init__()
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"QuantLinear: dtype (of scales, offsets and bias) must be one of "
+                             f"{FLOAT_DTYPES}, got {dtype}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.codebook = bits, group_size, codebook
         QuantizedWeight(  # validates bits, group size and sizes before any buffer is made
@@ -48,12 +51,17 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", None, persistent=False)
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                   requires_grad=False) if bias else None)
+        self._loaded = False  # set by a complete _load_from_state_dict, read by _after_load
         self.register_load_state_dict_post_hook(QuantLinear._after_load)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
-        """Wrap a :class:`~flute.format.QuantizedWeight` (and an optional bias) as a module."""
+    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                       prepare: bool = True) -> "QuantLinear":
+        """Wrap a :class:`~flute.format.QuantizedWeight` (and an optional bias) as a module.
+
+        ``prepare=False`` leaves the device layout to the first forward, so quantize-then-save
+        never pays for it."""
         m = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, bias is not None,
                 qw.offsets is not None, qw.scales.dtype, device="meta", codebook=qw.codebook)
         m.qcodes = qw.qcodes
@@ -62,9 +70,10 @@ class QuantLinear(nn.Module):
         m.table = qw.table.to(device=qw.qcodes.device, dtype=torch.float32)
         m.qmeta = qw.qmeta().to(qw.qcodes.device)
         if bias is not None:
-            m.bias = nn.Parameter(bias.detach().to(qw.scales.dtype), requires_grad=False)
-        m.prepare()
-        return m
+            check_tensor("bias", bias, cast=qw.scales.dtype)  # a NaN/Inf bias is refused
+            m.bias = nn.Parameter(bias.detach().to(device=qw.qcodes.device, dtype=qw.scales.dtype),
+                                  requires_grad=False)
+        return m.prepare() if prepare else m
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 64, **quantize_kwargs
@@ -122,27 +131,48 @@ class QuantLinear(nn.Module):
         if self.qcodes.numel() == 0 and self.qweight is not None:
             destination[prefix + "qcodes"] = self.quantized_weight().qcodes
 
+    def _persistent_names(self):
+        names = ["qcodes", "scales", "table", "qmeta"]
+        return names + [n for n in ("offsets", "bias") if getattr(self, n) is not None]
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        key = prefix + "qmeta"
-        if key in state_dict:
-            meta = parse_qmeta(state_dict[key], prefix)
-            mine = (self.bits, self.group_size, self.in_features, self.out_features)
-            theirs = (meta["bits"], meta["group_size"], meta["in_features"], meta["out_features"])
-            if mine != theirs:
-                raise ValueError(f"{prefix}: checkpoint holds a {theirs[3]}x{theirs[2]} {theirs[0]}-bit "
-                                 f"weight with group size {theirs[1]}, but this QuantLinear is "
-                                 f"{mine[3]}x{mine[2]} {mine[0]}-bit with group size {mine[1]}")
+        # All or nothing: every incoming tensor is checked (present, dtype, shape, qmeta, finite
+        # once converted to this layer's dtypes) before any buffer is touched. A missing tensor is
+        # reported in missing_keys (strict=True raises after the walk, strict=False returns it)
+        # and a bad one raises a ValueError naming it; either way this layer keeps the weight it
+        # had, and _after_load does not repack it.
+        self._loaded = False
+        names = self._persistent_names()
+        missing = [prefix + n for n in names if prefix + n not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            if strict:  # the unexpected keys under this prefix, as nn.Module reports them
+                unexpected_keys.extend(key for key in state_dict if key.startswith(prefix)
+                                       and key[len(prefix):] not in names
+                                       and key[len(prefix):] != "_extra_state")
+            return
+        tensors = {n: state_dict[prefix + n] for n in names}
+        check_weight_tensors(
+            tensors, prefix,
+            expect=dict(bits=self.bits, group_size=self.group_size, in_features=self.in_features,
+                        out_features=self.out_features),
+            cast={n: getattr(self, n).dtype for n in ("scales", "offsets", "table", "bias")
+                  if getattr(self, n) is not None})
         if self.qcodes.numel() == 0:  # released after prepare(): restore the slot to load into
             self.qcodes = torch.empty(self.out_features, packed_row_bytes(self.in_features, self.bits),
                                       dtype=torch.uint8, device=self.scales.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self.qweight = None
+        self._loaded = True
 
     @staticmethod
     def _after_load(module, incompatible_keys):
-        if not module.qcodes.is_meta:
+        # only a layer whose own tensors were all loaded is repacked; one whose load was refused
+        # keeps its kernel layout (or its unloaded meta buffers) as they were
+        loaded, module._loaded = module._loaded, False
+        if loaded and not module.qcodes.is_meta:
             module.prepare()
 
     # -- compute -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from torch import nn
 
 from .linear import QuantLinear
 from .modules import layer_progress, linear_layers, set_submodule, skipped_linear_names
+from .quantize import name_errors
 from .spec import DEFAULT_SKIP, QuantSpec
 
 
@@ -51,7 +52,8 @@ def quantize_model(model: nn.Module, bits: int = 3, group_size: int = 64, codebo
     for name, linear in bar:
         home = linear.weight.device
         work = linear if device is None else linear.to(device)
-        q = QuantLinear.from_linear(work, **spec.quantize_kwargs())
+        with name_errors(name):  # a scale that overflows, a NaN bias, ...: name the layer
+            q = QuantLinear.from_linear(work, **spec.quantize_kwargs())
         set_submodule(model, name, q.to(home))
         del work, linear
     record_config(model, spec, quantized_modules=len(targets))

@@ -6,6 +6,7 @@ it will be *stored* (rounded to the scale dtype), so what is saved is what was o
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -35,6 +36,99 @@ LEARNED_RANGE = (-1.0, 1.0)
 class ScaleOverflowError(ValueError):
     """A scale, offset or table value is not finite once rounded to its stored dtype (the weights
     are too large for it): quantize with a wider ``scale_dtype`` such as float32."""
+
+
+#: Dtypes a weight may be quantized from, and dtypes scales/offsets may be stored in.
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_stored_finite(scales: torch.Tensor, offsets: Optional[torch.Tensor],
+                        scale_dtype: torch.dtype, row0: int = 0) -> None:
+    """Raise :class:`ScaleOverflowError` at the first (row, group) whose scale or offset is not
+    finite. ``scales``/``offsets`` ``[rows, groups]`` hold the values *as stored* (already rounded to
+    ``scale_dtype``, in any float dtype); ``row0`` is the index of their first row in the weight.
+
+    This is the one finiteness check of every quantizer (round to nearest, GPTQ-LUT, the
+    activation-aware path); the layer name is added where models are walked
+    (:func:`name_errors`)."""
+    for what, t in (("scale", scales), ("offset", offsets)):
+        if t is None:
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            r, g = bad.nonzero()[0].tolist()
+            name = _dtype_name(scale_dtype)
+            hint = ("quantize with a wider scale dtype such as float32"
+                    if scale_dtype in (torch.float16, torch.bfloat16) else
+                    "the weight values are too large to quantize")
+            raise ScaleOverflowError(
+                f"row {row0 + r}, group {g}: the {what} is {t[r, g].item()} once stored as {name} "
+                f"(the weights of that group are too large for {name}); {hint}")
+
+
+def check_table_finite(table: torch.Tensor) -> None:
+    """Raise :class:`ScaleOverflowError` if a (learned) table holds a non-finite value."""
+    bad = ~torch.isfinite(table)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ScaleOverflowError(f"table entry {i} is {table[i].item()}: the weights are too large "
+                                 f"to fit a table to")
+
+
+@contextlib.contextmanager
+def name_errors(name: str):
+    """Prefix ``name`` (a module name) to a ValueError or :class:`ScaleOverflowError` raised inside,
+    keeping its type: ``model.layers.3.mlp.up_proj: row 7, group 2: the scale is inf ...``."""
+    try:
+        yield
+    except ValueError as e:
+        if type(e) not in (ValueError, ScaleOverflowError) or not name:
+            raise
+        raise type(e)(f"{name}: {e}") from e
+
+
+def check_weight(weight, where: str = "weight") -> None:
+    """Refuse what cannot be quantized: not a 2-D float tensor, meta tensors (not loaded yet),
+    fp8 or other exotic dtypes, NaN/Inf values."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"{where} must be a 2-D floating-point tensor [out_features, in_features], "
+                         f"got {type(weight).__name__} {getattr(weight, 'dtype', '')} "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    if weight.is_meta:
+        raise ValueError(f"{where} is on the meta device (not loaded yet); load or materialize it "
+                         "before quantizing")
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"{where} has dtype {_dtype_name(weight.dtype)}; flute quantizes float16, "
+                         "bfloat16, float32 or float64 weights (dequantize fp8 weights with their "
+                         "own scales first)")
+
+
+def check_scale_dtype(scale_dtype: torch.dtype) -> torch.dtype:
+    if scale_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"scale_dtype must be one of float16, bfloat16, float32, float64, got "
+                         f"{scale_dtype}")
+    return scale_dtype
+
+
+def check_importance(importance, in_features: int, name: str = "importance") -> torch.Tensor:
+    """``importance`` as a float32 vector of ``in_features`` values, or a ValueError naming it."""
+    if not isinstance(importance, torch.Tensor) or not importance.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of {in_features} values (one per input "
+                         f"column), got {type(importance).__name__} "
+                         f"{getattr(importance, 'dtype', '')}")
+    if importance.numel() != in_features:
+        raise ValueError(f"{name} must hold one value per input column ({in_features}), got "
+                         f"shape {tuple(importance.shape)}")
+    if importance.is_meta:
+        raise ValueError(f"{name} is on the meta device")
+    imp = importance.detach().flatten().float()
+    if not bool(torch.isfinite(imp).all()):
+        raise ValueError(f"{name} holds NaN or Inf values")
+    return imp
 
 
 def _chunk_rows(n: int, k: int, budget_elements: int = 1 << 21) -> int:
@@ -183,11 +277,12 @@ def learn_table(weight: torch.Tensor, bits: int, group_size: int, init=None,
     Starts from NormalFloat (or ``init``); an entry that loses all its members stays put.
     """
     check_bits(bits)
+    check_weight(weight)
     table = (nf_table(bits) if init is None else get_table(init, bits)).to(weight.device)
     n, k = weight.shape
     group = effective_group_size(group_size, k)
     rows = _chunk_rows(n, k)
-    imp = None if importance is None else importance.to(weight.device, torch.float32).flatten()
+    imp = None if importance is None else check_importance(importance, k).to(weight.device)
     scale_chunks = []
     for r0 in range(0, n, rows):
         g = _Groups(weight[r0:r0 + rows], group)
@@ -200,13 +295,18 @@ def learn_table(weight: torch.Tensor, bits: int, group_size: int, init=None,
             g = _Groups(weight[r0:r0 + rows], group)
             s = scale_chunks[i].unsqueeze(-1)
             u = g.w / s
-            lam = g.masked((s * s).expand_as(u), 0.0)
+            # the weights absmax**2 (* importance) in float64: absmax**2 overflows float32 from
+            # |w| ~ 2e19 up, and Lloyd's centroids only depend on their ratios
+            s64 = s.double()
+            lam = g.masked((s64 * s64).expand(u.shape), 0.0)
             if imp is not None:
-                lam = lam * torch.nn.functional.pad(imp, (0, g.ng * group - k)).view(g.ng, group)
+                lam = lam * torch.nn.functional.pad(imp, (0, g.ng * group - k)).view(
+                    g.ng, group).double()
             codes = nearest_codes(u, table).flatten()
-            num.index_add_(0, codes, (lam * u).flatten().double())
-            den.index_add_(0, codes, lam.flatten().double())
+            num.index_add_(0, codes, (lam * u.double()).flatten())
+            den.index_add_(0, codes, lam.flatten())
         table = torch.where(den > 0, num / den.clamp_min(1e-300), table.double()).float()
+    check_table_finite(table)
     return torch.sort(table)[0].cpu()
 
 
@@ -235,10 +335,7 @@ def quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 64, c
         A :class:`QuantizedWeight` in the canonical format, on the weight's device.
     """
     check_bits(bits)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError("weight must be a 2-D floating-point tensor [out_features, in_features], got "
-                         f"{type(weight).__name__} {getattr(weight, 'dtype', '')} "
-                         f"{tuple(getattr(weight, 'shape', ()))}")
+    check_weight(weight)
     if scale_method is None:
         scale_method = "absmean" if codebook == "ternary" else "absmax"
     if scale_method not in SCALE_METHODS:
@@ -247,6 +344,8 @@ def quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 64, c
         raise ValueError("scale_method='absmean' does not combine with offsets")
     n, k = weight.shape
     group = effective_group_size(group_size, k)
+    if importance is not None:
+        check_importance(importance, k)
     name = codebook if isinstance(codebook, str) else "custom"
     if learned_table:
         table = learn_table(weight, bits, group_size, init=codebook if name == "nf" else None,
@@ -254,7 +353,7 @@ def quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 64, c
         name = "learned"
     else:
         table = get_table(codebook, bits)
-    scale_dtype = scale_dtype or weight.dtype
+    scale_dtype = check_scale_dtype(scale_dtype or weight.dtype)
     dev_table = table.to(weight.device)
     table_range = LEARNED_RANGE if learned_table else None
     ng = math.ceil(k / group)
@@ -269,6 +368,7 @@ def quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 64, c
                              "refusing to quantize")
         codes, s, o, _ = _quantize_chunk(chunk, dev_table, group, scale_method, offsets,
                                          scale_dtype, table_range)
+        check_stored_finite(s, o, scale_dtype, r0)
         qcodes[r0:r0 + rows] = pack_codes(codes, bits)
         scales[r0:r0 + rows] = s.to(scale_dtype)
         if offsets:

@@ -1,6 +1,25 @@
-"""Shared fixtures; GPU tests (``@pytest.mark.cuda``) skip cleanly on machines without one."""
+"""Shared fixtures; GPU tests (``@pytest.mark.cuda``) skip cleanly on machines without one.
+
+Hypothesis profiles (tests/test_properties.py): ``ci`` (the default: few, derandomized examples,
+bounded run time) and ``long`` (many examples, for a run by hand):
+``HYPOTHESIS_PROFILE=long python -m pytest tests/test_properties.py``.
+"""
+import os
+
 import pytest
 import torch
+
+try:
+    from hypothesis import HealthCheck, settings
+
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+                              suppress_health_check=_quiet, print_blob=True)
+    settings.register_profile("long", max_examples=400, deadline=None,
+                              suppress_health_check=_quiet, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a test dependency; without it test_properties.py skips
+    pass
 
 
 def pytest_collection_modifyitems(config, items):

@@ -81,12 +81,28 @@ def test_corrupt_checkpoints_are_named():
     bad = dict(sd, qmeta=torch.tensor([FORMAT_VERSION + 1, 3, 8, 19, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match="format version 2"):
         QuantizedWeight.from_state_dict(bad)
-    with pytest.raises(ValueError, match="8 floating values"):
+    with pytest.raises(ValueError, match="table has 4 entries; a 3-bit table needs 8"):
         QuantizedWeight.from_state_dict(dict(sd, table=torch.zeros(4)))
-    with pytest.raises(ValueError, match="qcodes must be uint8 of shape"):
+    with pytest.raises(ValueError, match=r"qcodes has shape \(5, 7\)"):
         QuantizedWeight.from_state_dict(dict(sd, qcodes=sd["qcodes"][:, :-1]))
-    with pytest.raises(ValueError, match="scales must be floating point of shape"):
+    with pytest.raises(ValueError, match=r"scales has shape \(5, 2\)"):
         QuantizedWeight.from_state_dict(dict(sd, scales=sd["scales"][:, :2]))
+    # dtypes and values (issue #10): an int table, a float qmeta, NaN/Inf in scales/offsets/table
+    with pytest.raises(ValueError, match="table must be a float tensor.*got int64"):
+        QuantizedWeight.from_state_dict(dict(sd, table=torch.arange(8)))
+    with pytest.raises(ValueError, match="qmeta must be an integer tensor"):
+        QuantizedWeight.from_state_dict(dict(sd, qmeta=sd["qmeta"].float()))
+    with pytest.raises(ValueError, match="qcodes must be uint8, got int8"):
+        QuantizedWeight.from_state_dict(dict(sd, qcodes=sd["qcodes"].to(torch.int8)))
+    for key in ("scales", "offsets", "table"):
+        bad = sd[key].clone()
+        bad.view(-1)[-1] = float("nan") if key != "table" else float("inf")
+        with pytest.raises(ValueError, match=f"^{key} holds a non-finite value"):
+            QuantizedWeight.from_state_dict(dict(sd, **{key: bad}))
+    with pytest.raises(ValueError, match=r"scales holds a non-finite value \(nan at row 4, group 2\)"):
+        bad = sd["scales"].clone()
+        bad[4, 2] = float("nan")
+        QuantizedWeight.from_state_dict(dict(sd, scales=bad))
     with pytest.raises(ValueError, match="must hold 5 integers"):
         parse_qmeta(torch.tensor([1, 2, 3]))
 

@@ -6,7 +6,6 @@ pre-quantized checkpoint validates it from the safetensors headers before any we
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional
 
 import torch
@@ -14,11 +13,10 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
-from flute.format import (FORMAT_VERSION, QuantizedWeight, num_groups, packed_row_bytes,
-                          parse_qmeta)
+from flute.format import FORMAT_VERSION, check_weight_tensors
 from flute.linear import QuantLinear
 from flute.modules import matches, set_submodule
-from flute.quantize import quantize_weight
+from flute.quantize import name_errors, quantize_weight
 
 _TENSORS = ("qcodes", "scales", "table", "qmeta")  # plus optional offsets
 
@@ -47,7 +45,17 @@ def _read_tensor(entry, key) -> torch.Tensor:
 
 
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-              "F64": torch.float64}
+              "F64": torch.float64, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+              "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class _Header:
+    """A checkpoint tensor as its safetensors header describes it (dtype and shape, no values)."""
+
+    def __init__(self, entry):
+        self.dtype = _ST_DTYPES.get(entry[0], entry[0])  # an unknown dtype stays a string
+        self.shape = tuple(entry[1])
 
 
 class FluteQuantize(ConversionOps):
@@ -73,11 +81,13 @@ class FluteQuantize(ConversionOps):
                              f"{tuple(weight.shape)}; the model expects "
                              f"{(linear.out_features, linear.in_features)}")
         dtype = weight.dtype if weight.is_floating_point() else torch.float16
-        qw = quantize_weight(weight, scale_dtype=dtype, **cfg.quantize_kwargs())
         bias = linear.bias
-        q = QuantLinear.from_quantized(qw, bias, prepare=False)
-        if bias is not None and bias.is_meta:
-            q.bias = nn.Parameter(torch.empty(bias.shape, dtype=dtype, device="meta"),
+        with name_errors(module_name):  # a scale that overflows, an fp8 weight, a NaN bias
+            qw = quantize_weight(weight, scale_dtype=dtype, **cfg.quantize_kwargs())
+            q = QuantLinear.from_quantized(qw, None if bias is None or bias.is_meta else bias,
+                                           prepare=False)
+        if bias is not None and bias.is_meta:  # loaded later, into the model dtype
+            q.bias = nn.Parameter(torch.empty(bias.shape, dtype=qw.scales.dtype, device="meta"),
                                   requires_grad=False)
         # not prepare()d here: transformers refills non-persistent buffers (the kernel layout)
         # with empty tensors after loading; _process_model_after_weight_loading builds it
@@ -196,33 +206,14 @@ class FluteHfQuantizer(HfQuantizer):
         missing = [f"{key}.{t}" for t in _TENSORS if f"{key}.{t}" not in index]
         if missing:
             raise KeyError(f"flute checkpoint is missing tensor(s) {missing} of module {name!r}")
-        meta = parse_qmeta(_read_tensor(index[f"{key}.qmeta"], f"{key}.qmeta"), f"{name}.",
-                           expect=dict(in_features=module.in_features,
-                                       out_features=module.out_features))
-        bits, group = meta["bits"], meta["group_size"]
-        n, k = module.out_features, module.in_features
-        want = {"qcodes": (n, packed_row_bytes(k, bits)), "scales": (n, num_groups(group, k)),
-                "table": (2 ** bits,), "qmeta": (5,)}
-        has_offsets = f"{key}.offsets" in index
-        if has_offsets:
-            want["offsets"] = want["scales"]
-        for t, shape in want.items():
-            got = index[f"{key}.{t}"][1]
-            if t == "table" and math.prod(got) != 2 ** bits:
-                raise ValueError(f"{key}.table has {math.prod(got)} entries; a "
-                                 f"{bits}-bit table needs {2 ** bits}")
-            if tuple(got) != shape:
-                raise ValueError(f"{key}.{t} has shape {tuple(got)} in the checkpoint; a "
-                                 f"{n}x{k} {bits}-bit weight with group size {group} needs "
-                                 f"{shape}")
-        if index[f"{key}.qcodes"][0] != "U8":
-            raise ValueError(f"{key}.qcodes must be uint8, the checkpoint has "
-                             f"{index[f'{key}.qcodes'][0]}")
-        dtype = _ST_DTYPES.get(index[f"{key}.scales"][0])
-        if dtype is None:
-            raise ValueError(f"{key}.scales must be a float tensor, the checkpoint has "
-                             f"{index[f'{key}.scales'][0]}")
-        return dict(bits=bits, group_size=group, offsets=has_offsets, dtype=dtype)
+        # dtypes and shapes from the headers, qmeta's values: the shared check of every load path
+        headers = {t: _Header(index[f"{key}.{t}"]) for t in _TENSORS + ("offsets", "bias")
+                   if f"{key}.{t}" in index}
+        headers["qmeta"] = _read_tensor(index[f"{key}.qmeta"], f"{key}.qmeta")
+        meta = check_weight_tensors(headers, f"{key}.", expect=dict(
+            in_features=module.in_features, out_features=module.out_features))
+        return dict(bits=meta["bits"], group_size=meta["group_size"],
+                    offsets="offsets" in headers, dtype=headers["scales"].dtype)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name, m in model.named_modules():
@@ -235,12 +226,13 @@ class FluteHfQuantizer(HfQuantizer):
                                  "meta device); the checkpoint is missing them")
             if m.qcodes.numel() == 0 and m.qweight is not None:
                 continue  # quantized on load: already prepared
-            parse_qmeta(m.qmeta.cpu(), f"{name}.", expect=dict(
+            # the values now: qmeta, dtypes, shapes, and NaN/Inf in scales, offsets, table, bias
+            tensors = {t: getattr(m, t) for t in ("qcodes", "scales", "offsets", "table", "bias")}
+            tensors["qmeta"] = m.qmeta.cpu()
+            check_weight_tensors(tensors, f"{name}.", expect=dict(
                 bits=m.bits, group_size=m.group_size, in_features=m.in_features,
                 out_features=m.out_features))
             m.table = m.table.float()
-            QuantizedWeight(m.qcodes, m.scales, m.table, m.bits, m.group_size, m.in_features,
-                            m.out_features, m.offsets)  # raises on any shape/dtype mismatch
             m.prepare()
         model.flute_config = self.quantization_config.to_dict()
         return model

@@ -20,9 +20,9 @@ from vllm.model_executor.parameter import (ChannelQuantScaleParameter, GroupQuan
                                            ModelWeightParameter, PerTensorScaleParameter)
 
 import flute  # noqa: F401  (registers torch.ops.flute.*)
-from flute.format import FORMAT_VERSION, num_groups, packed_row_bytes, unpack_codes
-from flute.layout import to_kernel_layout
-from flute.quantize import quantize_weight
+from flute.format import FORMAT_VERSION, check_tensor, num_groups, packed_row_bytes, unpack_codes
+from flute.cpu_layout import device_layout
+from flute.quantize import name_errors, quantize_weight
 
 from .vllm_settings import (QUANT_METHOD, check_input_partition, describe, is_skipped,
                             parse_settings, partition_groups, settings_from_file,
@@ -134,6 +134,19 @@ class FluteConfig(QuantizationConfig):
         return FluteLinearMethod(self)
 
 
+def _checked_loader(loader, prefix: str, name: str, dtype: Optional[torch.dtype] = None):
+    """``loader`` (the layer's weight loader) after the load check of :mod:`flute.format`: vLLM
+    copies a checkpoint tensor into the parameter, converting any dtype silently, so an int
+    ``table``, a float ``qmeta`` or ``qcodes``, or NaN/Inf in ``scales``/``offsets``/``table``
+    (once converted to the parameter's ``dtype``) is refused here, naming the tensor."""
+    def load(param, loaded_weight, *args, **kwargs):
+        shard = args[0] if args else kwargs.get("loaded_shard_id", kwargs.get("shard_id"))
+        where = f"flute: {prefix or 'a flute layer'}" + ("" if shard is None else f"[{shard}]") + "."
+        check_tensor(name, loaded_weight, where, dtype)
+        return loader(param, loaded_weight, *args, **kwargs)
+    return load
+
+
 @register_weight_loader_v2_supported_method
 class FluteLinearMethod(LinearMethodBase):
     """Linear layers with flute weights: load the canonical format (or float weights to quantize),
@@ -164,26 +177,29 @@ class FluteLinearMethod(LinearMethodBase):
 
         qcodes = ModelWeightParameter(
             data=torch.empty(n_local, packed_row_bytes(k_local, bits), dtype=torch.uint8),
-            input_dim=1, output_dim=0, weight_loader=loader)
+            input_dim=1, output_dim=0, weight_loader=_checked_loader(loader, prefix, "qcodes"))
         layer.register_parameter("qcodes", qcodes)
 
-        def group_param():
+        def group_param(name):
+            checked = _checked_loader(loader, prefix, name, params_dtype)
             if group_size == -1:  # one scale per row: split with the rows, replicated along K
                 return ChannelQuantScaleParameter(
                     data=torch.empty(n_local, 1, dtype=params_dtype), output_dim=0,
-                    weight_loader=loader)
+                    weight_loader=checked)
             return GroupQuantScaleParameter(
                 data=torch.empty(n_local, num_groups(group_size, k_local), dtype=params_dtype),
-                input_dim=1, output_dim=0, weight_loader=loader)
+                input_dim=1, output_dim=0, weight_loader=checked)
 
-        layer.register_parameter("scales", group_param())
+        layer.register_parameter("scales", group_param("scales"))
         if s["offsets"]:
-            layer.register_parameter("offsets", group_param())
+            layer.register_parameter("offsets", group_param("offsets"))
         shards = len(output_partition_sizes)
         layer.register_parameter("table", FluteShardRowsParameter(
-            data=torch.zeros(shards, 2 ** bits, dtype=torch.float32), weight_loader=loader))
+            data=torch.zeros(shards, 2 ** bits, dtype=torch.float32),
+            weight_loader=_checked_loader(loader, prefix, "table", torch.float32)))
         layer.register_parameter("qmeta", FluteShardRowsParameter(
-            data=torch.zeros(shards, 5, dtype=torch.int32), weight_loader=loader))
+            data=torch.zeros(shards, 5, dtype=torch.int32),
+            weight_loader=_checked_loader(loader, prefix, "qmeta")))
 
     # -- after loading ---------------------------------------------------------------------------
     def _check_qmeta(self, layer) -> None:
@@ -224,9 +240,10 @@ class FluteLinearMethod(LinearMethodBase):
         codes, scales, offsets, tables = [], [], [], []
         n0 = 0
         for n in layer.flute_partition_sizes:
-            qw = quantize_weight(w[n0:n0 + n], bits, s["group_size"], codebook=s["codebook"],
-                                 scale_method=s["scale_method"], offsets=s["offsets"],
-                                 learned_table=s["learned_table"], scale_dtype=w.dtype)
+            with name_errors(getattr(layer, "prefix", "")):  # e.g. a scale that overflows
+                qw = quantize_weight(w[n0:n0 + n], bits, s["group_size"], codebook=s["codebook"],
+                                     scale_method=s["scale_method"], offsets=s["offsets"],
+                                     learned_table=s["learned_table"], scale_dtype=w.dtype)
             codes.append(qw.codes())
             scales.append(qw.scales)
             offsets.append(qw.offsets)
@@ -255,7 +272,7 @@ class FluteLinearMethod(LinearMethodBase):
         layer.flute_parts = []
         for i, (n0, n1, table) in enumerate(parts):
             tensors = dict(
-                qweight=to_kernel_layout(codes[n0:n1].contiguous(), s["bits"]),
+                qweight=device_layout(codes[n0:n1].contiguous(), s["bits"]),
                 scales=scales[n0:n1].contiguous(),
                 offsets=None if offsets is None else offsets[n0:n1].contiguous(),
                 table=table.to(device=device, dtype=torch.float32).contiguous())
