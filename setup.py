@@ -140,7 +140,7 @@ setup(
     install_requires=["torch>=2.4", "safetensors>=0.4", "tqdm", "numpy"],
     extras_require={
         "hf": ["transformers>=5.19", "accelerate", "gguf", "sentencepiece"],
-        "test": ["pytest", "transformers>=5.19", "accelerate", "gguf", "sentencepiece"],
+        "test": ["pytest", "hypothesis", "transformers>=5.19", "accelerate", "gguf", "sentencepiece"],
         "bench": ["matplotlib"],
     },
     entry_points={
