@@ -35,6 +35,7 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
              method: str = "gptq") -> int:
     """Run the demo; ``method`` is ``"gptq"`` (GPTQ-LUT with an activation-aware table, calibrated
     on flute's built-in calibration text: the best quality) or ``"rtn"`` (data-free, fastest)."""
+    torch.manual_seed(0)  # nothing below draws random numbers (greedy decoding); seeded anyway
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     print(f"flute demo: SmolLM2-135M-Instruct on {device} ({dtype}), group size {group_size}")
@@ -90,6 +91,24 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
     elif not __import__("flute").HAS_CUDA_KERNEL:
         print("The CUDA extension flute._C is not built, so the GPU ran the reference path.")
     print()
+    print("The same table in Markdown (the README's figures are this output):")
+    print()
+    print(markdown_table(rows, device))
+    print()
     for r in rows:
         print(f"[{r['name']}] {PROMPT}{r['sample']}")
     return 0
+
+
+def markdown_table(rows, device) -> str:
+    """The demo's result rows as the README's Markdown table (first row: the unquantized model)."""
+    ref = rows[0]
+    lines = [f"| model | linear weights | whole model | perplexity | vs base | tokens/s "
+             f"({'GPU' if device.type == 'cuda' else 'CPU'}) | quantize |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["name"].split(" (")[0] if r is not ref else r["name"]
+        rel = f"{100 * (r['ppl'] / ref['ppl'] - 1):+.1f}%" if r is not ref else "–"
+        q = f"{r['seconds']:.0f} s" if r["seconds"] is not None else "–"
+        lines.append(f"| {name} | {_mb(r['linear'])} | {_mb(r['total'])} | {r['ppl']:.2f} | {rel} | "
+                     f"{r['tps']:.1f} | {q} |")
+    return "\n".join(lines)
