@@ -18,7 +18,8 @@ def perplexity(model, input_ids: torch.Tensor, window: int = 2048) -> float:
     """Perplexity over non-overlapping windows of ``window`` tokens (the usual protocol).
 
     ``input_ids`` is ``[1, T]`` or ``[T]``. Every token after the first of each window is scored,
-    and the negative log-likelihoods are averaged over all scored tokens.
+    and the negative log-likelihoods are averaged over all scored tokens. Non-finite logits raise
+    a ValueError: a model that overflows has no perplexity (rather than a NaN one).
     """
     ids = input_ids.reshape(1, -1)
     device = next(model.parameters()).device
@@ -28,6 +29,10 @@ def perplexity(model, input_ids: torch.Tensor, window: int = 2048) -> float:
         if chunk.shape[1] < 2:
             break
         logits = model(chunk).logits.float()
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError(f"the model's logits hold NaN or Inf (window starting at token {start}): "
+                             "its weights, or activations in its dtype, are not finite; no "
+                             "perplexity can be computed")
         logp = torch.log_softmax(logits[0, :-1], dim=-1)
         nll -= logp.gather(-1, chunk[0, 1:].unsqueeze(-1)).sum().item()
         count += chunk.shape[1] - 1

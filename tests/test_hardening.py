@@ -348,3 +348,15 @@ def test_vllm_loader_refuses_bad_tensors(monkeypatch, name, edit, words):
     layer = tv.make_layer(vl, monkeypatch, spec, cfg, 0, 1)
     with pytest.raises(ValueError, match=rf"m\.self_attn\.qkv_proj\[k\]\.{name} {words}"):
         tv.load(layer, spec, tensors)
+
+
+def test_perplexity_of_a_model_with_non_finite_outputs_is_an_error():
+    from flute.evaluate import perplexity
+    model = _tiny_llama()
+    flute.quantize_model(model, bits=4, group_size=32, progress=False)
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert perplexity(model, ids) > 1
+    with torch.no_grad():  # a NaN that got past every check (set by hand)
+        model.model.layers[0].mlp.down_proj.scales[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="logits hold NaN or Inf"):
+        perplexity(model, ids)
