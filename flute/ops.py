@@ -14,7 +14,8 @@ one for a device. ``table`` ``[2**bits]`` (float32 in checkpoints; any float dty
 per row. The same arguments serve every backend:
 
 - CPU, CPU layout: the lookup-table kernel of ``flute._cpu`` (csrc/cpu: AVX-512, AVX2 or portable
-  C++, picked from cpuid; :func:`set_cpu_isa` forces one). Exact fp32 accumulation.
+  C++, picked from cpuid; :func:`set_cpu_isa` forces one), registered in C++ for the CPU key.
+  Exact fp32 accumulation (opt-in bf16 mode: :func:`set_cpu_mode`).
 - CPU, GPU layout (or ``flute._cpu`` not built): the reference below: the codes are decoded every
   call (nothing is cached), a block of rows is dequantized in float32, multiplied, next block.
 - CUDA: the fused kernel from ``flute._C`` when it is built; otherwise the reference runs on the
@@ -182,8 +183,26 @@ def set_cpu_isa(name: str) -> str:
     return torch.ops.flute.cpu_set_isa(name)
 
 
+def get_cpu_mode() -> str:
+    """``"exact"`` (the default: fp32 decode and accumulation, matches the float64 reference to
+    ~1e-6) or ``"bf16"`` (opt-in, AVX512_BF16 CPUs: activations and table values rounded to bf16,
+    fp32 sums, half the instructions)."""
+    return torch.ops.flute.cpu_mode() if HAS_CPU_KERNEL else "exact"
+
+
+def set_cpu_mode(name: str) -> str:
+    """Select the arithmetic of the CPU kernel's fused path (see :func:`get_cpu_mode`; the
+    environment variable ``FLUTE_CPU_MODE`` sets it at import). On CPUs without AVX512_BF16, and on
+    the AVX2 and portable paths, "bf16" computes exactly. The large-batch path (panels multiplied by
+    torch) is the same in both modes."""
+    if not HAS_CPU_KERNEL:
+        raise RuntimeError(f"flute: the CPU kernel is not built ({CPU_KERNEL_ERROR})")
+    return torch.ops.flute.cpu_set_mode(name)
+
+
 def qgemm_cpu(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features):
-    """CPU implementation of flute::qgemm: the kernel for the CPU layout, the reference otherwise."""
+    """Python CPU implementation of flute::qgemm, used when flute._cpu is not loaded (then the
+    reference for both layouts; the kernel branch serves tests that toggle HAS_CPU_KERNEL)."""
     if qweight.dtype == torch.uint8 and HAS_CPU_KERNEL:
         check_qgemm_args(x, qweight, scales, offsets, table, bits, group_size, in_features,
                          out_features)
@@ -230,8 +249,17 @@ def _dequantize_fake(qweight, scales, offsets, table, bits, group_size, in_featu
     return scales.new_empty(out_features, in_features)
 
 
-_lib.impl("qgemm", qgemm_cpu, "CPU")
-_lib.impl("dequantize", dequantize_cpu, "CPU")
+# The reference as ops of its own: flute._cpu's C++ CPU kernel of flute::qgemm / dequantize hands
+# GPU-layout (int32) weights to them.
+_lib.define("qgemm_reference" + QGEMM_SCHEMA[len("qgemm"):])
+_lib.define("dequantize_reference" + DEQUANTIZE_SCHEMA[len("dequantize"):])
+_lib.impl("qgemm_reference", qgemm_reference, "CPU")
+_lib.impl("dequantize_reference", dequantize_reference, "CPU")
+if not HAS_CPU_KERNEL:
+    # flute._cpu registers the CPU kernels of flute::qgemm / dequantize in C++ (both layouts; no
+    # Python round trip per call); without it, these Python ones (the reference for both layouts).
+    _lib.impl("qgemm", qgemm_cpu, "CPU")
+    _lib.impl("dequantize", dequantize_cpu, "CPU")
 torch.library.register_fake("flute::qgemm", lib=_lib)(_qgemm_fake)
 torch.library.register_fake("flute::dequantize", lib=_lib)(_dequantize_fake)
 

@@ -223,6 +223,40 @@ def test_reference_fallback_without_the_extension(monkeypatch, rng):
     assert relative_error(slow, fast) < 1e-6
 
 
+@pytest.fixture
+def bf16_mode():
+    if not torch.ops.flute.cpu_has_bf16():
+        pytest.skip("this CPU lacks AVX512_BF16: the bf16 mode computes exactly")
+    ops.set_cpu_isa("avx512")
+    ops.set_cpu_mode("bf16")
+    yield
+    ops.set_cpu_mode("exact")
+    ops.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_bf16_mode_close_and_deterministic(bits, bf16_mode, rng):
+    """Opt-in bf16 mode: activations and table values rounded to bf16, fp32 sums: about the error
+    of torch's bf16 matmul; still bitwise deterministic across calls and thread counts."""
+    n, k = 67, 1000
+    for group, offsets, m in [(64, False, 1), (128, True, 2), (-1, True, 3), (64, True, 16)]:
+        w = random_quantized(n, k, bits, group, offsets=offsets, generator=rng)
+        x = torch.randn(m, k, generator=rng).bfloat16()
+        q = to_cpu_layout(w.codes, bits)
+        y = run(x, w, bits, group, n, k, q)
+        assert relative_error(y, reference_qgemm(x, w, group)) < 1e-2
+        old = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2)
+            y2 = run(x, w, bits, group, n, k, q)
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(y, y2)
+    assert ops.get_cpu_mode() == "bf16"
+    with pytest.raises(RuntimeError, match="unknown CPU mode"):
+        ops.set_cpu_mode("int3")
+
+
 def test_isa_selection():
     assert ops.get_cpu_isa() in ("avx512", "avx2", "portable")
     with pytest.raises(RuntimeError, match="unknown CPU ISA"):

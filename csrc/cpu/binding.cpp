@@ -1,13 +1,20 @@
 // The torch binding of the CPU lookup-table kernel (flute._cpu).
 //
-// Registers, in the `flute` namespace (whose main schemas flute/ops.py defines):
+// Registers the CPU kernels of flute::qgemm and flute::dequantize (schemas defined in flute/ops.py,
+// which imports this module): the CPU layout (uint8) runs here, validated with the messages of
+// flute/ops.py; the GPU layout (int32) goes to the Python reference (flute::qgemm_reference).
+// Registering in C++ instead of a Python impl that calls cpu_lut_gemm saves the Python round trip
+// (measured: ~45 us of ~100 us per small call on the loaded machine). And, also in `flute`:
 //   cpu_lut_gemm(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features)
 //       y = x @ W.T for a CPU-layout (uint8) qweight; y in x's dtype. flute/ops.py calls it from
 //       the CPU implementation of flute::qgemm after validating the arguments.
 //   cpu_lut_dequantize(qweight, scales, offsets, table, bits, group_size, in_features, out_features)
-//       W as fp32 [out_features, in_features].
+//       W [out_features, in_features]: bf16 for bf16 scales, fp32 otherwise.
 //   cpu_isa() -> str, cpu_set_isa(str) -> str: the kernel path in use ("avx512", "avx2",
 //       "portable"); chosen from cpuid at load, or from FLUTE_CPU_ISA.
+//   cpu_mode() -> str, cpu_set_mode(str) -> str, cpu_has_bf16() -> bool: "exact" (default) or
+//       the opt-in "bf16" mode of the fused kernel (FLUTE_CPU_MODE=bf16; AVX512_BF16 CPUs only,
+//       other paths stay exact).
 //
 // Paths: M < kLargeM and groups of a multiple of 32 columns (or one group): the fused kernel,
 // exact fp32 (activations converted to fp32 and chunk-permuted once per call), threads over row
@@ -29,7 +36,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <optional>
+#include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "lut_kernel.h"
@@ -41,10 +50,26 @@ using namespace flute_cpu;
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
 
-// Activation rows from which the panel path (decode + at::mm) is used.
-constexpr int64_t kLargeM = 32;
-// Bytes of one decoded panel (stays in L2/L3 between the decode and the multiply).
-constexpr int64_t kPanelBytes = 2 << 20;
+// Activation rows from which the panel path (decode + at::mm) is used (FLUTE_CPU_LARGE_M
+// overrides, for tuning).
+int64_t large_m() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FLUTE_CPU_LARGE_M");
+    const long m = env ? std::atol(env) : 0;
+    return m > 0 ? int64_t(m) : int64_t(32);
+  }();
+  return v;
+}
+// Bytes of one decoded panel: it should stay in L2 between the decode and the multiply
+// (FLUTE_CPU_PANEL_KB overrides, for tuning).
+int64_t panel_bytes() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FLUTE_CPU_PANEL_KB");
+    const long kb = env ? std::atol(env) : 0;
+    return kb > 0 ? int64_t(kb) << 10 : int64_t(4096) << 10;
+  }();
+  return v;
+}
 
 int detect_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -58,6 +83,31 @@ int detect_isa() {
 }
 
 const int g_best = detect_isa();
+
+bool detect_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return g_best == kAvx512 && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+const bool g_has_bf16 = detect_bf16();
+
+// Arithmetic mode of the fused kernel: 0 = exact (fp32, the default), 1 = bf16 (opt-in).
+std::atomic<int> g_mode{[] {
+  const char* env = std::getenv("FLUTE_CPU_MODE");
+  return env && std::string(env) == "bf16" ? 1 : 0;
+}()};
+
+std::string cpu_mode() { return g_mode.load() ? "bf16" : "exact"; }
+
+std::string cpu_set_mode(const std::string& name) {
+  TORCH_CHECK(name == "exact" || name == "bf16", "flute: unknown CPU mode '", name,
+              "' (exact or bf16)");
+  g_mode.store(name == "bf16" ? 1 : 0);
+  return cpu_mode();
+}
 
 int parse_isa(const std::string& name) {
   for (int i = 0; i < 3; ++i)
@@ -108,17 +158,36 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct Weight {
   int bits;
   int64_t K, N, K_pad, N_pad, nblocks, G, ng;
-  at::Tensor scales, offsets, table;
+  at::Tensor scales, offsets, table, qweight;
   int stype;
 };
 
+std::string layout_error(const at::Tensor& qweight, int64_t bits, int64_t K, int64_t N) {
+  const int64_t cpu = ceil_div(N, 4) * 4 * ceil_div(K, bits == 4 ? 128 : 256) * (bits == 4 ? 128 : 256) * bits / 8;
+  const int64_t ka = bits == 3 ? 128 : 64;
+  const int64_t gpu = ceil_div(N, 32) * 32 * ceil_div(K, ka) * ka * bits / 32;
+  std::ostringstream os;
+  os << "flute: qweight must be ";
+  if (qweight.scalar_type() == at::kByte)
+    os << "uint8 of shape (" << cpu << ",) (the CPU layout of a " << N << "x" << K << " " << bits
+       << "-bit weight), got uint8 " << qweight.sizes();
+  else
+    os << "int32 of shape (" << gpu << ",) (the GPU kernel layout of a " << N << "x" << K << " "
+       << bits << "-bit weight) or uint8 of shape (" << cpu << ",) (its CPU layout), got "
+       << qweight.scalar_type() << " " << qweight.sizes();
+  return os.str();
+}
+
+// The checks of flute/ops.py:check_weight_args (same messages, ValueError) for a CPU-layout weight.
 Weight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
                     const std::optional<at::Tensor>& offsets, const at::Tensor& table, int64_t bits,
                     int64_t group_size, int64_t K, int64_t N) {
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "flute: bits must be one of (2, 3, 4), got ", bits);
-  TORCH_CHECK(group_size == -1 || group_size >= 1, "flute: group_size must be positive or -1, got ",
-              group_size);
-  TORCH_CHECK(K >= 1 && N >= 1, "flute: in_features and out_features must be positive");
+  TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4, "flute: bits must be one of (2, 3, 4), got ",
+                    bits);
+  TORCH_CHECK_VALUE(group_size == -1 || group_size >= 1,
+                    "flute: group_size must be positive or -1, got ", group_size);
+  TORCH_CHECK_VALUE(K >= 1 && N >= 1, "flute: in_features and out_features must be positive, got ",
+                    K, " and ", N);
   Weight w;
   w.bits = static_cast<int>(bits);
   w.K = K;
@@ -130,32 +199,39 @@ Weight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
   w.G = group_size == -1 ? K : group_size;
   w.ng = ceil_div(K, w.G);
   const int64_t bytes = w.N_pad * w.K_pad * bits / 8;
-  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kByte && qweight.dim() == 1 &&
-                  qweight.numel() == bytes,
-              "flute: qweight must be the uint8 CPU layout of shape (", bytes, ",) (",
-              N, "x", K, " ", bits, "-bit), got ", qweight.scalar_type(), " ", qweight.sizes());
-  TORCH_CHECK(scales.is_floating_point() && scales.dim() == 2 && scales.size(0) == N &&
-                  scales.size(1) == w.ng,
-              "flute: scales must be floating point of shape (", N, ", ", w.ng, ")");
+  TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte && qweight.dim() == 1 && qweight.numel() == bytes,
+                    layout_error(qweight, bits, K, N));
+  TORCH_CHECK_VALUE(scales.is_floating_point() && scales.dim() == 2 && scales.size(0) == N &&
+                        scales.size(1) == w.ng,
+                    "flute: scales must be floating point of shape (", N, ", ", w.ng, "), got ",
+                    scales.scalar_type(), " ", scales.sizes());
+  if (offsets.has_value() && offsets->defined())
+    TORCH_CHECK_VALUE(offsets->sizes() == scales.sizes() && offsets->scalar_type() == scales.scalar_type(),
+                      "flute: offsets must have the shape and dtype of scales ((", N, ", ", w.ng,
+                      "), ", scales.scalar_type(), "), got ", offsets->scalar_type(), " ",
+                      offsets->sizes());
+  TORCH_CHECK_VALUE(table.is_floating_point() && table.numel() == (int64_t(1) << bits),
+                    "flute: table must be floating point with ", (1 << bits), " entries for bits=",
+                    bits, ", got ", table.scalar_type(), " with ", table.numel());
+  const bool one_device = scales.device() == qweight.device() && table.device() == qweight.device() &&
+                          (!offsets.has_value() || !offsets->defined() ||
+                           offsets->device() == qweight.device());
+  TORCH_CHECK_VALUE(one_device, "flute: all tensors must be on one device");
+  TORCH_CHECK_VALUE(qweight.device().is_cpu(), "flute: the CPU layout (uint8 qweight) is for CPU tensors");
   at::Tensor s = scales;
   const auto st = s.scalar_type();
   if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) s = s.to(at::kFloat);
   w.stype = s.scalar_type() == at::kFloat ? kF32 : s.scalar_type() == at::kBFloat16 ? kBF16 : kF16;
   w.scales = s.contiguous();
-  if (offsets.has_value() && offsets->defined()) {
-    TORCH_CHECK(offsets->sizes() == scales.sizes() && offsets->scalar_type() == scales.scalar_type(),
-                "flute: offsets must have the shape and dtype of scales");
-    w.offsets = offsets->to(s.scalar_type()).contiguous();
-  }
-  TORCH_CHECK(table.is_floating_point() && table.numel() == (int64_t(1) << bits),
-              "flute: table must be floating point with ", (1 << bits), " entries");
+  if (offsets.has_value() && offsets->defined()) w.offsets = offsets->to(s.scalar_type()).contiguous();
   w.table = table.to(at::kFloat).contiguous();
+  w.qweight = qweight.contiguous();
   return w;
 }
 
 DecodeArgs decode_args(const Weight& w, const at::Tensor& qweight) {
   DecodeArgs d;
-  d.qw = qweight.data_ptr<uint8_t>();
+  d.qw = w.qweight.data_ptr<uint8_t>();
   d.bits = w.bits;
   d.K = w.K;
   d.N = w.N;
@@ -192,7 +268,9 @@ at::Tensor cpu_lut_dequantize(const at::Tensor& qweight, const at::Tensor& scale
                               const std::optional<at::Tensor>& offsets, const at::Tensor& table,
                               int64_t bits, int64_t group_size, int64_t K, int64_t N) {
   const Weight w = check_weight(qweight, scales, offsets, table, bits, group_size, K, N);
-  at::Tensor out = at::empty({N, K}, scales.options().dtype(at::kFloat));
+  // bf16 scales: bf16 out (rounded once from the fp32 value), anything else: fp32 out.
+  const auto dt = scales.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  at::Tensor out = at::empty({N, K}, scales.options().dtype(dt));
   decode_rows(w, qweight, 0, N, out);
   return out;
 }
@@ -218,13 +296,31 @@ void permute_x(const T* x, int64_t M, int64_t K, int64_t K_pad, int64_t G, int64
   }
 }
 
+// bf16 activations for the bf16 mode, [K_pad/32][M][32] (natural order in a chunk), zero beyond K.
+template <typename T>
+void bf16_x(const T* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * K;
+    for (int64_t k = 0; k < K_pad; ++k) {
+      uint16_t v = 0;
+      if (k < K) {
+        if constexpr (std::is_same_v<T, c10::BFloat16>) v = xr[k].x;
+        else v = f32_to_bf16(static_cast<float>(xr[k]));
+      }
+      xb[((k >> 5) * M + m) * 32 + (k & 31)] = v;
+    }
+  }
+}
+
 at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& offsets, const at::Tensor& table, int64_t bits,
                         int64_t group_size, int64_t K, int64_t N) {
   const Weight w = check_weight(qweight, scales, offsets, table, bits, group_size, K, N);
-  TORCH_CHECK(x.is_floating_point() && x.dim() >= 1 && x.size(-1) == K,
-              "flute: x must be floating point with last dimension in_features=", K);
-  TORCH_CHECK(x.device().is_cpu(), "flute: x must be on the CPU");
+  TORCH_CHECK_VALUE(x.is_floating_point(), "flute: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "flute: x must have last dimension in_features=",
+                    K, ", got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.device() == qweight.device(), "flute: x is on ", x.device(),
+                    " but the weight is on ", qweight.device());
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = N;
   const int64_t M = x.numel() / K;
@@ -232,12 +328,12 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   const auto xt = x.scalar_type();
   const int isa = g_isa.load();
   const bool fused = w.G % 32 == 0 || w.ng == 1;
-  if (!fused || M >= kLargeM) {
+  if (!fused || M >= large_m()) {
     // Panel path: decode a few rows at a time, let at::mm (oneDNN / MKL) multiply.
-    const auto pdt = (xt == at::kBFloat16 && M >= kLargeM) ? at::kBFloat16 : at::kFloat;
+    const auto pdt = (xt == at::kBFloat16 && M >= large_m()) ? at::kBFloat16 : at::kFloat;
     const at::Tensor xin = x.reshape({M, K}).to(pdt).contiguous();
     const int64_t esz = pdt == at::kBFloat16 ? 2 : 4;
-    const int64_t rows = std::min<int64_t>(N, std::max<int64_t>(16, kPanelBytes / (K * esz)) / 4 * 4);
+    const int64_t rows = std::min<int64_t>(N, std::max<int64_t>(16, panel_bytes() / (K * esz)) / 4 * 4);
     at::Tensor out_t = at::empty({N, M}, x.options().dtype(pdt));
     at::Tensor panel = at::empty({rows, K}, x.options().dtype(pdt));
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
@@ -266,9 +362,24 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
     default:
       permute_x(x2.data_ptr<float>(), M, K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
   }
+  GemmFn fn = gemm_fn(isa);
+  at::Tensor xb;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (g_mode.load() == 1 && g_has_bf16 && isa == kAvx512) {
+    xb = at::empty({w.K_pad * M}, x.options().dtype(at::kShort));
+    auto* dst = reinterpret_cast<uint16_t*>(xb.data_ptr<int16_t>());
+    switch (x2.scalar_type()) {
+      case at::kBFloat16: bf16_x(x2.data_ptr<c10::BFloat16>(), M, K, w.K_pad, dst); break;
+      case at::kHalf: bf16_x(x2.data_ptr<c10::Half>(), M, K, w.K_pad, dst); break;
+      default: bf16_x(x2.data_ptr<float>(), M, K, w.K_pad, dst);
+    }
+    fn = gemm_avx512bf16;
+  }
+#endif
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   GemmArgs a;
-  a.qw = qweight.data_ptr<uint8_t>();
+  a.xb = xb.defined() ? reinterpret_cast<const uint16_t*>(xb.data_ptr<int16_t>()) : nullptr;
+  a.qw = w.qweight.data_ptr<uint8_t>();
   a.bits = w.bits;
   a.K = K;
   a.N = N;
@@ -286,13 +397,43 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   a.xsum = xs;
   a.table = w.table.data_ptr<float>();
   a.out = out.data_ptr<float>();
-  const GemmFn fn = gemm_fn(isa);
   const int64_t tiles = w.N_pad / 4;
   // ~64K weights per task at least, so small layers run on one thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
   if (xt != at::kFloat) out = out.to(xt);
   return out.view(out_shape);
+}
+
+// flute::qgemm / flute::dequantize on CPU: the kernel for the CPU layout (uint8), the Python
+// reference (flute::qgemm_reference, defined in flute/ops.py) for the GPU layout (int32).
+at::Tensor qgemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& offsets, const at::Tensor& table, int64_t bits,
+                     int64_t group_size, int64_t K, int64_t N) {
+  if (qweight.scalar_type() == at::kInt) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("flute::qgemm_reference", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, const at::Tensor&,
+                                           int64_t, int64_t, int64_t, int64_t)>();
+    return op.call(x, qweight, scales, offsets, table, bits, group_size, K, N);
+  }
+  return cpu_lut_gemm(x, qweight, scales, offsets, table, bits, group_size, K, N);
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& offsets, const at::Tensor& table,
+                          int64_t bits, int64_t group_size, int64_t K, int64_t N) {
+  if (qweight.scalar_type() == at::kInt) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("flute::dequantize_reference", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, const at::Tensor&,
+                                           int64_t, int64_t, int64_t, int64_t)>();
+    return op.call(qweight, scales, offsets, table, bits, group_size, K, N);
+  }
+  return cpu_lut_dequantize(qweight, scales, offsets, table, bits, group_size, K, N)
+      .to(scales.scalar_type());
 }
 
 }  // namespace
@@ -304,9 +445,14 @@ TORCH_LIBRARY_FRAGMENT(flute, m) {
         "int bits, int group_size, int in_features, int out_features) -> Tensor");
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("cpu_set_isa(str name) -> str", &cpu_set_isa);
+  m.def("cpu_mode() -> str", &cpu_mode);
+  m.def("cpu_set_mode(str name) -> str", &cpu_set_mode);
+  m.def("cpu_has_bf16() -> bool", [] { return g_has_bf16; });
 }
 
 TORCH_LIBRARY_IMPL(flute, CPU, m) {
+  m.impl("qgemm", &qgemm_cpu);
+  m.impl("dequantize", &dequantize_cpu);
   m.impl("cpu_lut_gemm", &cpu_lut_gemm);
   m.impl("cpu_lut_dequantize", &cpu_lut_dequantize);
 }

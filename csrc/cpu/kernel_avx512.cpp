@@ -187,8 +187,7 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
     int64_t m0 = 0;
     while (m0 < a.M) {
       const int64_t left = a.M - m0;
-      if (false) {
-      } else if (left >= 4) {
+      if (left >= 4) {
         pass(tile_kernel<BITS, 4, 4, true>, 4, 4, m0, first);
         m0 += 4;
       } else if (left == 3) {
@@ -279,6 +278,77 @@ void decode_bits(const DecodeArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// Spread the 16 bits of v to the even bits of a 32-bit word.
+inline uint32_t spread16(uint32_t v) {
+  v = (v | (v << 8)) & 0x00ff00ffu;
+  v = (v | (v << 4)) & 0x0f0f0f0fu;
+  v = (v | (v << 2)) & 0x33333333u;
+  v = (v | (v << 1)) & 0x55555555u;
+  return v;
+}
+
+// 16 fp32 (table * s + o, computed in fp32) rounded to bf16 (nearest even), as 16 words
+// repeated twice: a 32-entry vpermw table whose index bit 4 is ignored.
+inline __m512i bf16_table(__m512 t, float s, float o) {
+  const __m512 v = _mm512_fmadd_ps(t, _mm512_set1_ps(s), _mm512_set1_ps(o));
+  __m512i u = _mm512_castps_si512(v);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+}
+
+// bf16 rows for the panel path when every 32-column chunk lies in one group: the group's table is
+// scaled (and offset) in fp32 and rounded to bf16 once, so W = bf16(table[q] * s + o) exactly as
+// the fp32 path would round it; then one shift and one vpermw give 32 consecutive columns (slots
+// c and c + C of a lane are columns 2j and 2j + 1 of chunk c, the low and high word of the lane).
+template <int BITS>
+void decode_bits_bf16(const DecodeArgs& a, int64_t r0, int64_t r1) {
+  constexpr int C = BITS == 4 ? 4 : 8;
+  constexpr int SH = BITS == 4 ? 4 : 2;
+  constexpr int BB = 4 * C * BITS;
+  __m512 T, TH;
+  make_tables<BITS>(a.table, &T, &TH);
+  FloatBuf sc(a.ng), off(a.ng);
+  const int64_t cpg = a.ng == 1 ? (a.K_pad + 31) / 32 : a.G / 32;
+  for (int64_t n = r0; n < r1; ++n) {
+    load_row(a.scales, a.stype, n, a.ng, sc.data());
+    if (a.offsets) load_row(a.offsets, a.stype, n, a.ng, off.data());
+    const uint8_t* row = a.qw + ((n / 4) * a.nblocks * 4 + n % 4) * BB;
+    uint16_t* dh = static_cast<uint16_t*>(a.dst) + (n - r0) * a.ld;
+    int64_t g = -1;
+    __m512i tw = _mm512_setzero_si512(), th = tw;
+    for (int64_t b = 0; b < a.nblocks; ++b) {
+      const uint8_t* blk = row + b * 4 * BB;
+      const __m512i d = _mm512_loadu_si512(blk);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) {
+        const int64_t chunk = b * C + c, col0 = chunk * 32;
+        if (col0 >= a.K) break;
+        const int64_t gc = min64(chunk / cpg, a.ng - 1);
+        if (gc != g) {
+          g = gc;
+          const float o = a.offsets ? off[g] : 0.f;
+          tw = bf16_table(T, sc[g], o);
+          if constexpr (BITS == 3) th = bf16_table(TH, sc[g], o);
+        }
+        const __m512i idx = _mm512_srli_epi32(d, SH * c);
+        __m512i w = _mm512_permutexvar_epi16(idx, tw);
+        if constexpr (BITS == 3) {
+          uint16_t m0, m1;
+          std::memcpy(&m0, blk + 64 + 2 * c, 2);
+          std::memcpy(&m1, blk + 64 + 2 * (c + C), 2);
+          const __mmask32 k = _cvtu32_mask32(spread16(m0) | (spread16(m1) << 1));
+          w = _mm512_mask_permutexvar_epi16(w, k, idx, th);
+        }
+        const int64_t nv = min64(32, a.K - col0);
+        const __mmask32 km = nv >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << nv) - 1);
+        _mm512_mask_storeu_epi16(dh + col0, km, w);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1) {
@@ -290,6 +360,13 @@ void gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1) {
 }
 
 void decode_avx512(const DecodeArgs& a, int64_t r0, int64_t r1) {
+  if (a.bf16 && (a.G % 32 == 0 || a.ng == 1)) {
+    switch (a.bits) {
+      case 2: decode_bits_bf16<2>(a, r0, r1); return;
+      case 3: decode_bits_bf16<3>(a, r0, r1); return;
+      default: decode_bits_bf16<4>(a, r0, r1); return;
+    }
+  }
   switch (a.bits) {
     case 2: decode_bits<2>(a, r0, r1); break;
     case 3: decode_bits<3>(a, r0, r1); break;

@@ -30,6 +30,7 @@ struct GemmArgs {
   int bits;
   int64_t K, N, K_pad, N_pad, nblocks;
   const float* x;         // chunk-permuted fp32 activations [K_pad/16][M][16], zero beyond K
+  const uint16_t* xb;     // bf16 mode: bf16 activations [K_pad/32][M][32] (natural order)
   int64_t M;
   const void* scales;     // [N, ng] in stype
   const void* offsets;    // [N, ng] in stype or nullptr
@@ -67,6 +68,7 @@ void decode_portable(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx2(const GemmArgs&, int64_t, int64_t);
 void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
+void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
 #endif
 
 // ---- small helpers (internal linkage in every TU) ------------------------------------------------
