@@ -126,3 +126,17 @@ def test_reference_path_has_no_cache_and_works_under_inference_mode(rng):
     ref2 = reference_qgemm(x, RandomWeight(new_codes, scales, None, table), group)
     assert ((y1.double() - ref1).norm() / ref1.norm()) < 1e-5
     assert ((y2.double() - ref2).norm() / ref2.norm()) < 1e-5
+
+
+def test_float64_activations_keep_float64_accuracy(rng):
+    """float64 callers (the vLLM loader tests, gradient checks) get float64 arithmetic on either
+    device layout, not the fp32 kernel."""
+    from flute.cpu_layout import device_layout
+    n, k, bits, group = 96, 200, 4, 64
+    w = random_quantized(n, k, bits, group, generator=rng, offsets=True, dtype=torch.float64)
+    x = torch.randn(3, k, generator=rng, dtype=torch.float64)
+    ref = reference_qgemm(x, w, group)
+    for qweight in (device_layout(w.codes, bits, "cpu"), to_kernel_layout(w.codes, bits)):
+        y = torch.ops.flute.qgemm(x, qweight, w.scales, w.offsets, w.table, bits, group, k, n)
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)

@@ -406,11 +406,12 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
 }
 
 // flute::qgemm / flute::dequantize on CPU: the kernel for the CPU layout (uint8), the Python
-// reference (flute::qgemm_reference, defined in flute/ops.py) for the GPU layout (int32).
+// reference (flute::qgemm_reference, defined in flute/ops.py) for the GPU layout (int32) and for
+// float64 activations (the kernel computes in fp32; float64 callers want float64 accuracy).
 at::Tensor qgemm_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& offsets, const at::Tensor& table, int64_t bits,
                      int64_t group_size, int64_t K, int64_t N) {
-  if (qweight.scalar_type() == at::kInt) {
+  if (qweight.scalar_type() == at::kInt || x.scalar_type() == at::kDouble) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("flute::qgemm_reference", "")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
