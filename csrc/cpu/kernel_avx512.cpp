@@ -5,8 +5,11 @@
 // lanes as indices (it reads the low 4 bits of each lane, so no mask is needed; the 2- and 3-bit
 // tables are repeated across the unused index bits). 3 bits: the high code bit comes straight from
 // memory as a 16-bit mask register and selects a second table with a masked `vpermps`. One partial
-// sum per (row, x row) per group, times the group's scale at the group's end. Rows are decoded once
-// per block and multiplied with up to 8 activation rows.
+// sum per (row, x row) per group, times the group's scale at the group's end (1-2 x rows), or
+// weights times the scale before the FMAs (3-4 x rows). 2/3-bit fields: one shift serves two slots
+// (in-lane vpermilps reads index bits 0-1, vpermps bits 2-3). Four rows are decoded per block and
+// each decoded vector is multiplied with up to 4 activation rows; more rows = more passes over the
+// tile (its codes then come from L1/L2).
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -74,6 +77,12 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const uint8_t* row
   constexpr int BB = 4 * C * BITS;       // bytes per row-block
   __m512 T, TH;
   make_tables<BITS>(a.table, &T, &TH);
+  alignas(64) float t2[16], th2[16];  // tables indexed by bits 2-3 of the lane (2/3 bits)
+  for (int i = 0; i < 16; ++i) {
+    t2[i] = a.table[(i >> 2) & 3];
+    th2[i] = BITS == 3 ? a.table[4 + ((i >> 2) & 3)] : 0.f;
+  }
+  const __m512 T2 = _mm512_load_ps(t2), TH2 = _mm512_load_ps(th2);
   const int64_t vs = a.M * 16, ngp = a.ngp, cpg = a.cpg;  // x: [K_pad/16 vectors][M][16]
   __m512 acc[R][MB];
   __m512 tot[SW ? 1 : R][SW ? 1 : MB];
@@ -106,12 +115,22 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const uint8_t* row
           for (int m = 0; m < MB; ++m) xr[m] = _mm512_loadu_ps(xv + m * 16);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-          const __m512i idx = s ? _mm512_srli_epi32(d[r], SH * s) : d[r];
-          // 2 bits: 4-entry table in every 128-bit lane, in-lane vpermilps (reads index bits 0-1).
-          __m512 w = BITS == 2 ? _mm512_permutevar_ps(T, idx) : _mm512_permutexvar_ps(idx, T);
-          if constexpr (BITS == 3) {
-            const __mmask16 k = _load_mask16((__mmask16*)(blk + r * BB + 64 + 2 * s));
-            w = _mm512_mask_permutexvar_ps(w, k, idx, TH);
+          __m512 w;
+          __m512i idx;
+          if constexpr (BITS == 4) {
+            idx = s ? _mm512_srli_epi32(d[r], SH * s) : d[r];
+            w = _mm512_permutexvar_ps(idx, T);
+          } else {
+            // 2-bit fields: one shift serves slots s and s + 1 (chunks c, c + 1): the in-lane
+            // vpermilps reads index bits 0-1 (slot s), vpermps with a table indexed by bits 2-3
+            // (T2[i] = t[i >> 2]) reads slot s + 1.
+            const int s0 = s & ~1;
+            idx = s0 ? _mm512_srli_epi32(d[r], SH * s0) : d[r];
+            w = (s & 1) ? _mm512_permutexvar_ps(idx, T2) : _mm512_permutevar_ps(T, idx);
+            if constexpr (BITS == 3) {
+              const __mmask16 k = _load_mask16((__mmask16*)(blk + r * BB + 64 + 2 * s));
+              w = (s & 1) ? _mm512_mask_permutexvar_ps(w, k, idx, TH2) : _mm512_mask_permutevar_ps(w, k, TH, idx);
+            }
           }
           if constexpr (SW) w = _mm512_mul_ps(w, sv[r]);
 #pragma GCC unroll 16
