@@ -41,14 +41,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return _mm512_reduce_add_ps(acc);
 }
 
-inline uint32_t spread16(uint32_t v) {
-  v = (v | (v << 8)) & 0x00ff00ffu;
-  v = (v | (v << 4)) & 0x0f0f0f0fu;
-  v = (v | (v << 2)) & 0x33333333u;
-  v = (v | (v << 1)) & 0x55555555u;
-  return v;
-}
-
 // 16 fp32 values times s, rounded to bf16, repeated twice: a 32-entry vpermw table (index bit 4
 // ignored). 2 and 3 bits: the values already repeat every 4 entries.
 inline __m512i word_table(__m512 t, float s) {
@@ -83,6 +75,11 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const uint8_t* row
   __m512 T, TH;
   tables<BITS>(a.table, &T, &TH);
   const int64_t vs = a.M * 32, ngp = a.ngp, cpg = a.cpg;  // x: [K_pad/32 chunks][M][32] bf16
+  // word 2j and 2j + 1 -> shift count j (3-bit high-bit masks)
+  const __m512i hcnt = _mm512_setr_epi32(0, 0x10001, 0x20002, 0x30003, 0x40004, 0x50005, 0x60006,
+                                          0x70007, 0x80008, 0x90009, 0xa000a, 0xb000b, 0xc000c,
+                                          0xd000d, 0xe000e, 0xf000f);
+  const __m512i one16 = _mm512_set1_epi16(1);
   __m512 acc[R][MB];
   __m512 tot[ST ? 1 : R][ST ? 1 : MB];
   __m512i tw[R], th[BITS == 3 ? R : 1];
@@ -116,10 +113,13 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const uint8_t* row
         const __m512i idx = c ? _mm512_srli_epi32(d[r], SH * c) : d[r];
         __m512i w = _mm512_permutexvar_epi16(idx, tw[r]);
         if constexpr (BITS == 3) {
+          // high bits of slots c (low words) and c + C (high words): both uint16 masks in every
+          // lane, word 2j / 2j + 1 shifted right by j, bit 0 tested -> the 32-bit word mask
           uint16_t m0, m1;
           std::memcpy(&m0, blk + r * BB + 64 + 2 * c, 2);
           std::memcpy(&m1, blk + r * BB + 64 + 2 * (c + C), 2);
-          const __mmask32 k = _cvtu32_mask32(spread16(m0) | (spread16(m1) << 1));
+          const __m512i hb = _mm512_set1_epi32(int(uint32_t(m0) | (uint32_t(m1) << 16)));
+          const __mmask32 k = _mm512_test_epi16_mask(_mm512_srlv_epi16(hb, hcnt), one16);
           w = _mm512_mask_permutexvar_epi16(w, k, idx, th[r]);
         }
 #pragma GCC unroll 16
