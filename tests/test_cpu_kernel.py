@@ -257,6 +257,21 @@ def test_bf16_mode_close_and_deterministic(bits, bf16_mode, rng):
         ops.set_cpu_mode("int3")
 
 
+def test_import_without_the_extension_warns_once_and_falls_back():
+    code = ("import sys, warnings; sys.modules['flute._cpu'] = None\n"
+            "import torch, flute\n"
+            "from flute.testing import random_quantized, reference_qgemm, relative_error\n"
+            "lin = flute.QuantLinear.from_linear(torch.nn.Linear(64, 8), 4, 32)\n"
+            "assert lin.qweight.dtype == torch.int32 and flute.ops.get_cpu_isa() == 'reference'\n"
+            "x = torch.randn(2, 64)\n"
+            "assert torch.allclose(lin(x), x @ lin.dequantize().t() + lin.bias, atol=1e-5)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+    lines = [ln for ln in out.stderr.splitlines() if "flute._cpu not available" in ln]
+    assert len(lines) == 1, out.stderr
+
+
 def test_isa_selection():
     assert ops.get_cpu_isa() in ("avx512", "avx2", "portable")
     with pytest.raises(RuntimeError, match="unknown CPU ISA"):

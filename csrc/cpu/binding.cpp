@@ -401,6 +401,20 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   // ~64K weights per task at least, so small layers run on one thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  // Output in x's dtype, converted here (one fewer dispatched op per call: ~5-10 us on small layers).
+  if (xt == at::kBFloat16 || xt == at::kHalf) {
+    at::Tensor y = at::empty(out_shape, x.options());
+    const float* src = out.data_ptr<float>();
+    const int64_t total = M * N;
+    if (xt == at::kBFloat16) {
+      auto* dst = y.data_ptr<c10::BFloat16>();
+      for (int64_t i = 0; i < total; ++i) dst[i] = c10::BFloat16(src[i]);
+    } else {
+      auto* dst = y.data_ptr<c10::Half>();
+      for (int64_t i = 0; i < total; ++i) dst[i] = c10::Half(src[i]);
+    }
+    return y;
+  }
   if (xt != at::kFloat) out = out.to(xt);
   return out.view(out_shape);
 }
