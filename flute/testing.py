@@ -52,7 +52,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def save_tiny_llama(path, vocab: int = 512, hidden: int = 256, layers: int = 2, seed: int = 0):
+def save_tiny_llama(path, vocab: int = 512, hidden: int = 256, layers: int = 2,
+                    intermediate: Optional[int] = None, seed: int = 0):
     """Write a random tiny Llama (bf16) with a word-level tokenizer (``w3 w4 ...``) to ``path``, as
     ``save_pretrained`` lays it out: a real checkpoint for smoke tests, without a download."""
     import transformers
@@ -65,7 +66,8 @@ def save_tiny_llama(path, vocab: int = 512, hidden: int = 256, layers: int = 2, 
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                          eos_token="</s>").save_pretrained(path)
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
