@@ -314,7 +314,8 @@ def cmd_eval(args) -> int:
         ids = tok(text, return_tensors="pt")["input_ids"]
         if args.max_tokens:
             ids = ids[:, :args.max_tokens]
-        ppl = perplexity(model, ids, window=args.window)
+        with _fail_on(ValueError, f"cannot evaluate {src}"):
+            ppl = perplexity(model, ids, window=args.window)
         quant = getattr(model.config, "quantization_config", None)
         q = {} if quant is None else quant if isinstance(quant, dict) else quant.to_dict()
         method = str(getattr(q.get("quant_method"), "value", q.get("quant_method")))
