@@ -55,6 +55,8 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
         print(f"  measured {name}: perplexity {ppl:.2f}, {tps:.1f} tokens/s")
 
     measure(f"{str(dtype).replace('torch.', '')} (unquantized)", base)
+    if device.type == "cpu":  # the 16-bit model a CPU user would otherwise run
+        measure("bfloat16 (unquantized)", copy.deepcopy(base).to(torch.bfloat16))
     samples = calibration_samples(tokenizer) if method == "gptq" else None
     for b in bits:
         model = copy.deepcopy(base)
@@ -81,14 +83,15 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
         print(f"{r['name']:44} {_mb(r['linear']):>15} {_mb(r['total']):>12} {r['ppl']:>11.2f} "
               f"{rel:>8} {r['tps']:>9.1f} {q:>9}")
     print()
-    print(f"Perplexity: {ids.shape[1]} tokens of flute's built-in English text. Speed: greedy "
-          f"decoding of {new_tokens} tokens at batch 1. 'quantize': time to quantize"
+    print(f"Perplexity: {ids.shape[1]} tokens of flute's built-in English text. Speed: median of 3 "
+          f"greedy decodes of {new_tokens} tokens at batch 1. 'quantize': time to quantize"
           + (" (GPTQ calibrates on flute's built-in calibration text, a different text)."
              if method == "gptq" else "."))
+    import flute
     if device.type == "cpu":
-        print("On CPU the quantized layers dequantize on every call (a correct reference path, "
-              "not a fast one); the fused kernel needs an NVIDIA GPU.")
-    elif not __import__("flute").HAS_CUDA_KERNEL:
+        print(f"CPU kernel: {flute.ops.get_cpu_isa()}" if flute.ops.HAS_CPU_KERNEL else
+              "The CPU extension flute._cpu is not built, so the CPU ran the reference path.")
+    elif not flute.HAS_CUDA_KERNEL:
         print("The CUDA extension flute._C is not built, so the GPU ran the reference path.")
     print()
     print("The same table in Markdown (the README's figures are this output):")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from importlib import resources
 
@@ -42,19 +43,22 @@ def perplexity(model, input_ids: torch.Tensor, window: int = 2048) -> float:
 
 
 @torch.no_grad()
-def decode_speed(model, tokenizer, prompt: str, new_tokens: int = 32):
-    """Greedy-generate ``new_tokens`` tokens; return (tokens per second, generated text)."""
+def decode_speed(model, tokenizer, prompt: str, new_tokens: int = 32, repeats: int = 3):
+    """Greedy-generate ``new_tokens`` tokens ``repeats`` times after a short warm-up; return
+    (median tokens per second, generated text)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=tokenizer.eos_token_id)
     model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = model.generate(**enc, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    generated = out[0, enc["input_ids"].shape[1]:]
-    return generated.numel() / seconds, tokenizer.decode(generated, skip_special_tokens=True)
+    rates = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(**enc, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        generated = out[0, enc["input_ids"].shape[1]:]
+        rates.append(generated.numel() / (time.perf_counter() - t0))
+    return statistics.median(rates), tokenizer.decode(generated, skip_special_tokens=True)
