@@ -69,20 +69,34 @@ constexpr int64_t kPrefetchBytes = 2048;
 //             for MB <= 2: the scale costs one FMA per group).
 // SW = true:  the decoded weights are multiplied by the group's scale before the FMAs (one multiply
 //             per 16 weights, shared by MB rows; half the accumulators, so MB can reach 16).
+// The kernels' tables, built once per call: T (index bits 0-3), TH (3-bit high half), T2 / TH2
+// (2/3 bits: indexed by lane bits 2-3).
+struct Tables {
+  __m512 T, TH, T2, TH2;
+};
+
+template <int BITS>
+Tables kernel_tables(const float* table) {
+  Tables t;
+  make_tables<BITS>(table, &t.T, &t.TH);
+  alignas(64) float t2[16], th2[16];
+  for (int i = 0; i < 16; ++i) {
+    t2[i] = table[(i >> 2) & 3];
+    th2[i] = BITS == 3 ? table[4 + ((i >> 2) & 3)] : 0.f;
+  }
+  t.T2 = _mm512_load_ps(t2);
+  t.TH2 = _mm512_load_ps(th2);
+  return t;
+}
+
 template <int BITS, int R, int MB, bool SW>
-__attribute__((noinline)) void tile_kernel(const GemmArgs& a, const uint8_t* row0, const uint8_t* tile,
-                                           const float* x, const float* sc, float* res, bool prefetch) {
+__attribute__((noinline)) void tile_kernel(const GemmArgs& a, const Tables& tabs, const uint8_t* row0,
+                                           const uint8_t* tile, const float* x, const float* sc,
+                                           float* res, bool prefetch) {
   constexpr int C = BITS == 4 ? 4 : 8;   // 32-column chunks per block
   constexpr int SH = BITS == 4 ? 4 : 2;  // bits per slot in the lane
   constexpr int BB = 4 * C * BITS;       // bytes per row-block
-  __m512 T, TH;
-  make_tables<BITS>(a.table, &T, &TH);
-  alignas(64) float t2[16], th2[16];  // tables indexed by bits 2-3 of the lane (2/3 bits)
-  for (int i = 0; i < 16; ++i) {
-    t2[i] = a.table[(i >> 2) & 3];
-    th2[i] = BITS == 3 ? a.table[4 + ((i >> 2) & 3)] : 0.f;
-  }
-  const __m512 T2 = _mm512_load_ps(t2), TH2 = _mm512_load_ps(th2);
+  const __m512 T = tabs.T, TH = tabs.TH, T2 = tabs.T2, TH2 = tabs.TH2;
   const int64_t vs = a.M * 16, ngp = a.ngp, cpg = a.cpg;  // x: [K_pad/16 vectors][M][16]
   __m512 acc[R][MB];
   __m512 tot[SW ? 1 : R][SW ? 1 : MB];
@@ -172,6 +186,7 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
   const int64_t ngp = a.ngp, ng = a.ng;
   FloatBuf sc(4 * ngp), off(4 * ng);
   float res[64];
+  const Tables tabs = kernel_tables<BITS>(a.table);
   for (int64_t t = t0; t < t1; ++t) {
     for (int r = 0; r < 4; ++r) {
       float* s = sc.data() + r * ngp;
@@ -197,7 +212,7 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
     // first time, from L1/L2 after).
     auto pass = [&](auto kernel, int R, int MB, int64_t m0, bool& first) {
       for (int r = 0; r < 4 && 4 * t + r < a.N; r += R) {
-        kernel(a, tile + r * BB, tile, a.x + m0 * 16, sc.data() + r * ngp, res, first);
+        kernel(a, tabs, tile + r * BB, tile, a.x + m0 * 16, sc.data() + r * ngp, res, first);
         first = false;
         store(r, R, MB, m0);
       }
