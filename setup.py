@@ -138,7 +138,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["flute", "flute.*"]),
-    package_data={"flute": ["data/*"]},
+    package_data={"flute": ["data/*"], "flute.bench": ["native/*.c", "native/*.cpp"]},
     install_requires=["torch>=2.4", "safetensors>=0.4", "tqdm", "numpy"],
     extras_require={
         "hf": ["transformers>=5.19", "accelerate", "gguf", "sentencepiece"],

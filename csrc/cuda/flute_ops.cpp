@@ -66,6 +66,10 @@ Weight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
   const int64_t ngroups = ceil_div(in_features, group);
 
   TORCH_CHECK(qweight.is_cuda(), "flute: qweight must be a CUDA tensor, got ", qweight.device());
+  TORCH_CHECK(qweight.scalar_type() != at::kByte,
+              "flute: qweight is in the CPU layout (uint8); on a GPU the op takes the GPU kernel "
+              "layout (int32): rebuild it with flute.cpu_layout.device_layout(codes, bits, device) "
+              "or move the QuantLinear with .to(device), which does so");
   TORCH_CHECK(qweight.scalar_type() == at::kInt, "flute: qweight must be int32, got ",
               qweight.scalar_type());
   const int64_t words = flute::layout_words((int)bits, in_features, out_features);
