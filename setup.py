@@ -12,6 +12,7 @@ forced:
 import glob
 import os
 import re
+import sys
 
 from setuptools import find_packages, setup
 
@@ -91,11 +92,15 @@ def cpu_extensions():
         avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
         isa_flags[os.path.join(cpu_dir, "kernel_avx512.cpp")] = avx512
         isa_flags[os.path.join(cpu_dir, "kernel_avx512bf16.cpp")] = avx512 + ["-mavx512bf16"]
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     ext = CppExtension(
         name="flute._cpu",
         sources=[os.path.join(cpu_dir, "binding.cpp")] + sorted(isa_flags),
         include_dirs=[os.path.join(HERE, cpu_dir)],
-        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"]},
+        # -fopenmp: at::parallel_for is inlined from ATen's OpenMP backend; without the flag its
+        # pragma is ignored and every call runs on one thread whatever torch.set_num_threads says.
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"] + openmp},
+        extra_link_args=openmp,
         depends=[os.path.join(cpu_dir, "lut_kernel.h")],
         py_limited_api=True,
         optional=True,  # a failed build (no compiler) skips it: flute then warns and runs the reference
