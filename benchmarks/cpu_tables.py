@@ -38,6 +38,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("record")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--flute-dtype", default="bf16", help="activation dtype of the speedup table")
     a = ap.parse_args()
     doc = json.load(open(a.record))
     pts = [p for p in doc["points"] if p.get("cache", "cold") == "cold" and p["threads"] == a.threads]
@@ -55,14 +56,14 @@ def main():
         if all(c is None for c in cells):
             continue
         print(f"| {lab} | " + " | ".join("–" if c is None else f"{c:.3g}" for c in cells) + " |")
-    n, k = shapes[-1]
+    n, k = max(shapes, key=lambda s: (s[0] * s[1], s[0]))  # the largest; 14336x4096 over its transpose
     ms = sorted({p["M"] for p in pts})
     print(f"\nflute on {n}×{k}, {a.threads} thread(s): speedup over each baseline "
           "(baseline time / flute time)\n")
     print("| flute | M | × fp32 | × bf16 | × torch int4 | × llama.cpp (same bits class) |")
     print("|---|---|---|---|---|---|")
     peers = {4: ("q4_0", "iq4_nl"), 3: ("q3_K",), 2: ("q2_K",)}
-    for lab in [x for x in labels if x.startswith("flute")]:
+    for lab in [x for x in labels if x.startswith("flute") and f"({a.flute_dtype} x)" in x]:
         bits = int(lab.split()[1][0])
         for m in ms:
             t = best.get((lab, n, k, m))

@@ -109,7 +109,7 @@ def markdown_table(rows, device) -> str:
     lines = [f"| model | linear weights | whole model | perplexity | vs base | tokens/s "
              f"({'GPU' if device.type == 'cuda' else 'CPU'}) | quantize |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = r["name"].split(" (")[0] if r is not ref else r["name"]
+        name = r["name"] if r is ref or "unquantized" in r["name"] else r["name"].split(" (")[0]
         rel = f"{100 * (r['ppl'] / ref['ppl'] - 1):+.1f}%" if r is not ref else "–"
         q = f"{r['seconds']:.0f} s" if r["seconds"] is not None else "–"
         lines.append(f"| {name} | {_mb(r['linear'])} | {_mb(r['total'])} | {r['ppl']:.2f} | {rel} | "
