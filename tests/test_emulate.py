@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from flute.emulate import (DEQUANT_WARPS, M_TILE_OPTIONS, Config, Problem, StreamK, a_fragment_source,
-                           choose_pipeline, decode_b_fragments, emulate_qgemm, load_stage_x,
-                           make_streamk_plan, max_workspace_bytes, max_workspace_slots,
-                           plan_qgemm, scale_words, scale_words_for, streamk_schedule)
+from flute.emulate import a_fragment_source, decode_b_fragments, emulate_qgemm, load_stage_x
+from flute.kernel_plan import (DEQUANT_WARPS, M_TILE_OPTIONS, Config, Problem, StreamK, choose_pipeline,
+                               make_streamk_plan, max_workspace_bytes, max_workspace_slots,
+                               plan_qgemm, scale_words, scale_words_for, streamk_schedule)
 from flute.format import dequantize_codes
 from flute.testing import random_quantized
 from flute.layout import ATOM_N, atom_chunks, atom_k, padded_shape, to_kernel_layout
