@@ -379,7 +379,7 @@ def test_tile_constants_match_header(header_probe):
 
 def test_host_arithmetic_matches_header(header_probe):
     """choose_pipeline, scale_words, make_streamk_plan and the WorkList/Cursor walk of every CTA,
-    compiled from the header, equal flute/emulate.py's."""
+    compiled from the header, equal flute/kernel_plan.py's."""
     queries, want = [], []
     for sms, smem_sm, smem_block in GPUS.values():
         for bits in (2, 3, 4):

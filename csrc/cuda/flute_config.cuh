@@ -1,9 +1,9 @@
 // Compile-time tile configuration of the flute kernels, derived from a few parameters.
 //
 // Includes only CUDA headers: this file compiles with nvcc on a machine without a GPU or torch.
-// Every number here has a twin in flute/emulate.py (the executable spec); keep them in sync.
+// Every number here has a twin in flute/kernel_plan.py (the executable spec); keep them in sync.
 // Plain C++ as well: tests/test_emulate.py compiles this header with the host compiler and checks
-// the constants, the pipeline choice and the Stream-K schedule against flute/emulate.py.
+// the constants, the pipeline choice and the Stream-K schedule against flute/kernel_plan.py.
 #pragma once
 
 #include <cstddef>
@@ -115,7 +115,7 @@ constexpr int kNumMTileConfigs = 3;
 constexpr int kMTileOptions[kNumMTileConfigs] = {1, 2, 4};
 
 // ---------------------------------------------------------------------------------------------
-// Stream-K schedule limits (dispatch.cu: make_streamk_plan; flute/emulate.py: streamk_plan).
+// Stream-K schedule limits (dispatch.cu: make_streamk_plan; flute/kernel_plan.py: make_streamk_plan).
 // Whole tiles first; only the tiles of the last, partial wave are split along K, into at most
 // kMaxSplit parts of at least kMinSplitIters k-tiles each.
 // ---------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ struct GemmParams {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Host-side choices, pure arithmetic (dispatch.cu; flute/emulate.py mirrors each one).
+// Host-side choices, pure arithmetic (dispatch.cu; flute/kernel_plan.py mirrors each one).
 // ---------------------------------------------------------------------------------------------
 
 // Pipeline depth and resident CTAs per SM from the shared memory: the most CTAs per SM
@@ -245,7 +245,7 @@ inline size_t workspace_max_bytes(int sms) {
          workspace_max_slots(sms) * GemmConfig<4, 4>::kPartialFloats * sizeof(float);
 }
 
-// What CTA `cta` of `grid` processes, in order (flute/emulate.py: WorkList):
+// What CTA `cta` of `grid` processes, in order (flute/kernel_plan.py: WorkList):
 //   * its split part, if cta < sk_units: part cta % split of tile dp_tiles + cta / split. Parts
 //     0..split-2 are "peers" (publish a partial sum), part split-1 is the "owner" (waits for its
 //     split-1 peers, which all have lower CTA indices, adds their partials in part order, stores);
