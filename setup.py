@@ -89,6 +89,7 @@ def cpu_extensions():
     isa_flags = {os.path.join(cpu_dir, "kernel_portable.cpp"): []}
     if platform.machine().lower() in ("x86_64", "amd64"):
         isa_flags[os.path.join(cpu_dir, "kernel_avx2.cpp")] = ["-mavx2", "-mfma", "-mf16c"]
+        isa_flags[os.path.join(cpu_dir, "kernel_int8_avx2.cpp")] = ["-mavx2", "-mfma"]
         avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
         isa_flags[os.path.join(cpu_dir, "kernel_avx512.cpp")] = avx512
         isa_flags[os.path.join(cpu_dir, "kernel_avx512bf16.cpp")] = avx512 + ["-mavx512bf16"]

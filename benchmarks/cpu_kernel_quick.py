@@ -65,8 +65,8 @@ def main():
     p.add_argument("--rotate-mb", type=int, default=256)
     p.add_argument("--hot", action="store_true")
     p.add_argument("--no-baselines", action="store_true")
-    p.add_argument("--mode", choices=["exact", "bf16"], default="exact",
-                   help="flute's CPU mode (bf16: opt-in, AVX512_BF16 only)")
+    p.add_argument("--mode", choices=["exact", "bf16", "int8"], default="exact",
+                   help="flute's CPU mode (bf16: opt-in, AVX512_BF16 only; int8: opt-in, 2 and 4 bits)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     flute.ops.set_cpu_mode(a.mode)

@@ -184,9 +184,15 @@ def set_cpu_isa(name: str) -> str:
 
 
 def get_cpu_mode() -> str:
-    """``"exact"`` (the default: fp32 decode and accumulation, matches the float64 reference to
-    ~1e-6) or ``"bf16"`` (opt-in, AVX512_BF16 CPUs: activations and table values rounded to bf16,
-    fp32 sums, half the instructions)."""
+    """The arithmetic of the CPU kernel's fused path (batches below the panel threshold):
+
+    * ``"exact"`` (the default): fp32 decode and accumulation, matches the float64 reference to ~1e-6.
+    * ``"bf16"`` (opt-in, AVX512_BF16 CPUs): activations and table values rounded to bf16, fp32 sums.
+    * ``"int8"`` (opt-in, 2 and 4 bits, groups of a multiple of 32 or -1): llama.cpp's approach.
+      Activations rounded to int8 per 32 columns, the table to 7-bit integers, integer dot products;
+      :func:`flute.testing.reference_qgemm_int8` is its executable spec. 3 bits, other group sizes
+      and non-finite activations compute exactly.
+    """
     return torch.ops.flute.cpu_mode() if HAS_CPU_KERNEL else "exact"
 
 
@@ -194,7 +200,7 @@ def set_cpu_mode(name: str) -> str:
     """Select the arithmetic of the CPU kernel's fused path (see :func:`get_cpu_mode`; the
     environment variable ``FLUTE_CPU_MODE`` sets it at import). On CPUs without AVX512_BF16, and on
     the AVX2 and portable paths, "bf16" computes exactly. The large-batch path (panels multiplied by
-    torch) is the same in both modes."""
+    torch) is the same in every mode. Returns the mode now in use."""
     if not HAS_CPU_KERNEL:
         raise RuntimeError(f"flute: the CPU kernel is not built ({CPU_KERNEL_ERROR})")
     return torch.ops.flute.cpu_set_mode(name)

@@ -44,6 +44,30 @@ def reference_qgemm(x: torch.Tensor, w: RandomWeight, group_size: int) -> torch.
     return x.double() @ wt.t()
 
 
+def reference_qgemm_int8(x: torch.Tensor, w: RandomWeight, group_size: int) -> torch.Tensor:
+    """The CPU kernel's "int8" mode (``flute.set_cpu_mode("int8")``), executable: float64 ``x @ W.T``
+    after the two roundings that mode makes. The table becomes 7-bit integers times one scale
+    (``max|t| / 63``); each row of ``x`` is rounded per 32-column chunk to int8 times
+    ``max|x| / 127`` (float32 division, ties to even, as the kernel). Offsets multiply the exact
+    ``x`` (their group sums are exact in the kernel too)."""
+    t = w.table.float()
+    tscale = t.abs().max() / 63
+    t7 = torch.round(t / tscale).clamp(-63, 63) * tscale if tscale > 0 else torch.zeros_like(t)
+    k = x.shape[-1]
+    xf = x.float().reshape(-1, k)
+    pad = -k % 32
+    xc = torch.nn.functional.pad(xf, (0, pad)).reshape(xf.shape[0], -1, 32)
+    xs = xc.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(xs > 0, torch.round(xc / xs), torch.zeros_like(xc)) * xs
+    xq = xq.reshape(xf.shape[0], -1)[:, :k].double()
+    y = xq @ dequantize_codes(w.codes, w.scales, None, t7, group_size, torch.float64).t()
+    if w.offsets is not None:
+        ones = torch.zeros_like(w.table, dtype=torch.float32)  # table of zeros: only the offsets
+        y = y + xf.double() @ dequantize_codes(w.codes, w.scales, w.offsets, ones, group_size,
+                                               torch.float64).t()
+    return y.reshape(*x.shape[:-1], -1)
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64; ``inf`` when ``out`` holds a NaN or Inf."""
     out, ref = out.double(), ref.double()

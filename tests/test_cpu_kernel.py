@@ -12,7 +12,8 @@ import flute
 from flute import ops
 from flute.cpu_layout import to_cpu_layout
 from flute.format import dequantize_codes
-from flute.testing import RandomWeight, random_quantized, reference_qgemm, relative_error
+from flute.testing import (RandomWeight, random_quantized, reference_qgemm, reference_qgemm_int8,
+                           relative_error)
 
 pytestmark = pytest.mark.skipif(not ops.HAS_CPU_KERNEL, reason="flute._cpu not built")
 
@@ -65,6 +66,14 @@ def fuzz_cases(seed, count):
                    m=r.choice([0, 1, 2, 3, 5, 8, 16, 17, 300]), noncontig=r.random() < 0.3)
 
 
+def normwise_error(y, ref, x, w, group):
+    """``||y - ref|| / || |x| @ |W|^T ||``: against ``|ref|`` a single output (n = m = 1) can cancel
+    to near zero, and then float32 rounding of the summands is large relative to it."""
+    wabs = w._replace(table=w.table.abs(), scales=w.scales.abs(),
+                      offsets=None if w.offsets is None else w.offsets.abs())
+    return float((y.double() - ref.double()).norm() / reference_qgemm(x.abs(), wabs, group).norm())
+
+
 def check_case(c, g):
     bits, n, k, group = c["bits"], c["n"], c["k"], c["group"]
     w = random_quantized(n, k, bits, group, offsets=c["offsets"], dtype=c["sdtype"], generator=g)
@@ -81,12 +90,7 @@ def check_case(c, g):
     assert y.dtype == c["dtype"] and y.shape == (m, n), c
     if m == 0:
         return
-    ref = reference_qgemm(x, w, group)
-    # Normwise error against ||x| @ |W|^T|, not against |ref|: a single output (n = m = 1) can cancel
-    # to near zero, and then float32 rounding of the summands is large relative to it.
-    wabs = w._replace(table=w.table.abs(), scales=w.scales.abs(),
-                      offsets=None if w.offsets is None else w.offsets.abs())
-    err = float((y.double() - ref).norm() / reference_qgemm(x.abs(), wabs, group).norm())
+    err = normwise_error(y, reference_qgemm(x, w, group), x, w, group)
     assert err < TOL[c["dtype"]], (c, err)
 
 
@@ -287,3 +291,64 @@ def test_isa_selection():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "portable"
+
+
+@pytest.fixture
+def int8_mode():
+    ops.set_cpu_mode("int8")
+    yield
+    ops.set_cpu_mode("exact")
+
+
+def test_int8_mode_matches_its_spec(isa, threads, int8_mode):
+    """Opt-in int8 mode (2 and 4 bits, groups of a multiple of 32 or -1): equal to its executable
+    spec (int8 activations per 32 columns, 7-bit table) up to float32 sums, and really rounding (not
+    silently exact); the AVX-512 path runs the AVX2 int8 kernel."""
+    g = torch.Generator().manual_seed(11)
+    r = random.Random(zlib.crc32(f"int8-{isa}-{threads}".encode()))
+    for _ in range(40):
+        bits, group = r.choice([2, 4]), r.choice([32, 64, 128, 256, -1])
+        n, k, m = r.choice([1, 3, 17, 40, 67]), r.choice([1, 31, 64, 130, 333, 576]), r.choice([1, 2, 3, 4, 5, 9, 17])
+        dtype = r.choice([torch.float32, torch.bfloat16, torch.float16])
+        w = random_quantized(n, k, bits, group, offsets=r.random() < 0.5,
+                             dtype=r.choice([torch.float32, torch.bfloat16]), generator=g)
+        x = torch.randn(m, k, generator=g).to(dtype)
+        y = run(x, w, bits, group, n, k)
+        assert y.dtype == dtype and y.shape == (m, n)
+        case = (bits, group, n, k, m, dtype)
+        assert normwise_error(y, reference_qgemm_int8(x, w, group), x, w, group) < TOL[dtype], case
+        if k >= 64 and dtype == torch.float32:
+            assert normwise_error(y, reference_qgemm(x, w, group), x, w, group) > 1e-4, case
+
+
+def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
+    """3 bits, groups that are not a multiple of 32, non-finite activations and M >= the panel
+    threshold take the exact path in int8 mode: bitwise the exact mode's result."""
+    cases = [(3, 64, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn), (4, 64, 40, torch.randn),
+             (4, 64, 1, lambda *s, generator: torch.full(s, float("nan")))]
+    for bits, group, m, make in cases:
+        n, k = 40, 333
+        w = random_quantized(n, k, bits, group, generator=rng)
+        x = make(m, k, generator=rng)
+        q = to_cpu_layout(w.codes, bits)
+        y8 = run(x, w, bits, group, n, k, q)
+        ops.set_cpu_mode("exact")
+        ye = run(x, w, bits, group, n, k, q)
+        ops.set_cpu_mode("int8")
+        assert torch.equal(y8, ye) or (y8.isnan().all() and ye.isnan().all()), (bits, group, m)
+
+
+def test_int8_mode_avx2_equals_portable(int8_mode, rng):
+    """The integer sums are identical on every path; only float32 summation order differs."""
+    if not available("avx2"):
+        pytest.skip("this CPU lacks AVX2")
+    for bits in (2, 4):
+        w = random_quantized(203, 1000, bits, 64, offsets=True, generator=rng)
+        x = torch.randn(5, 1000, generator=rng)
+        q = to_cpu_layout(w.codes, bits)
+        ys = {}
+        for isa in ("avx2", "portable"):
+            ops.set_cpu_isa(isa)
+            ys[isa] = run(x, w, bits, 64, 203, 1000, q)
+        ops.set_cpu_isa("auto")
+        assert relative_error(ys["avx2"], ys["portable"]) < 1e-6

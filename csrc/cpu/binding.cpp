@@ -12,9 +12,10 @@
 //       W [out_features, in_features]: bf16 for bf16 scales, fp32 otherwise.
 //   cpu_isa() -> str, cpu_set_isa(str) -> str: the kernel path in use ("avx512", "avx2",
 //       "portable"); chosen from cpuid at load, or from FLUTE_CPU_ISA.
-//   cpu_mode() -> str, cpu_set_mode(str) -> str, cpu_has_bf16() -> bool: "exact" (default) or
+//   cpu_mode() -> str, cpu_set_mode(str) -> str, cpu_has_bf16() -> bool: "exact" (default), or
 //       the opt-in "bf16" mode of the fused kernel (FLUTE_CPU_MODE=bf16; AVX512_BF16 CPUs only,
-//       other paths stay exact).
+//       other paths stay exact), or the opt-in "int8" mode (FLUTE_CPU_MODE=int8; int8 activations
+//       and a 7-bit table, llama.cpp's approach; 2 and 4 bits, 3 bits stay exact).
 //
 // Paths: M < kLargeM and groups of a multiple of 32 columns (or one group): the fused kernel,
 // exact fp32 (activations converted to fp32 and chunk-permuted once per call), threads over row
@@ -33,7 +34,9 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <sstream>
@@ -94,18 +97,24 @@ bool detect_bf16() {
 
 const bool g_has_bf16 = detect_bf16();
 
-// Arithmetic mode of the fused kernel: 0 = exact (fp32, the default), 1 = bf16 (opt-in).
-std::atomic<int> g_mode{[] {
-  const char* env = std::getenv("FLUTE_CPU_MODE");
-  return env && std::string(env) == "bf16" ? 1 : 0;
-}()};
+// Arithmetic mode of the fused kernel: 0 = exact (fp32, the default), 1 = bf16 (opt-in, AVX512_BF16
+// CPUs), 2 = int8 (opt-in: int8 activations and a 7-bit table, 2 and 4 bits; see Int8Args).
+const char* const kModeNames[] = {"exact", "bf16", "int8"};
 
-std::string cpu_mode() { return g_mode.load() ? "bf16" : "exact"; }
+int parse_mode(const char* name) {
+  for (int i = 0; i < 3; ++i)
+    if (name && std::string(name) == kModeNames[i]) return i;
+  return -1;
+}
+
+std::atomic<int> g_mode{[] { return std::max(0, parse_mode(std::getenv("FLUTE_CPU_MODE"))); }()};
+
+std::string cpu_mode() { return kModeNames[g_mode.load()]; }
 
 std::string cpu_set_mode(const std::string& name) {
-  TORCH_CHECK(name == "exact" || name == "bf16", "flute: unknown CPU mode '", name,
-              "' (exact or bf16)");
-  g_mode.store(name == "bf16" ? 1 : 0);
+  const int i = parse_mode(name.c_str());
+  TORCH_CHECK(i >= 0, "flute: unknown CPU mode '", name, "' (exact, bf16 or int8)");
+  g_mode.store(i);
   return cpu_mode();
 }
 
@@ -312,6 +321,185 @@ void bf16_x(const T* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
   }
 }
 
+// The int8 mode's activations (see Int8Args): per row and 32-column chunk, scale = max|x| / 127 and
+// x8 = round(x / scale), stored in the kernel's byte order with the per-dword corrections and
+// scales; exact group sums when there are offsets. False (nothing usable) when x holds a NaN or an
+// Inf: the caller then takes the exact path, which propagates them as the float math would.
+template <typename T>
+bool int8_x(const T* x, int64_t M, const Weight& w, int8_t* xq, int32_t* xcorr, float* xscale,
+            float* xsum) {
+  const int bits = w.bits, P = 8 / bits, C = bits == 4 ? 4 : 8, cols = 64 * P;
+  const int64_t K = w.K, nb = w.nblocks;
+  int pos[256];  // column in block -> byte position in the kernel's order
+  for (int reg = 0; reg < 2; ++reg)
+    for (int p = 0; p < P; ++p)
+      for (int h = 0; h < 2; ++h)
+        for (int q = 0; q < 4; ++q)
+          for (int i = 0; i < 4; ++i)
+            pos[int8_col(bits, reg, p, h, q, i)] = (reg * P + p) * 32 + h * 16 + q * 4 + i;
+  std::vector<float> xf(cols), cs(C);
+  std::vector<int8_t> x8(cols);
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * K;
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int c = 0; c < cols; ++c) {
+        const int64_t k = b * cols + c;
+        xf[c] = k < K ? static_cast<float>(xr[k]) : 0.f;
+      }
+      for (int ch = 0; ch < C; ++ch) {
+        float amax = 0.f;
+        bool finite = true;  // std::max drops a NaN: test each value
+        for (int c = 32 * ch; c < 32 * ch + 32; ++c) {
+          amax = std::max(amax, std::fabs(xf[c]));
+          finite = finite && std::isfinite(xf[c]);
+        }
+        if (!finite) return false;
+        const float sc = amax / 127.f;
+        cs[ch] = sc;
+        for (int c = 32 * ch; c < 32 * ch + 32; ++c)
+          x8[c] = sc > 0.f ? static_cast<int8_t>(std::nearbyint(xf[c] / sc)) : 0;
+      }
+      int8_t* dst = xq + (b * M + m) * cols;
+      for (int c = 0; c < cols; ++c) dst[pos[c]] = x8[c];
+      int32_t* corr = xcorr + (b * M + m) * P * 8;
+      float* xs = xscale + (b * M + m) * P * 8;
+      for (int p = 0; p < P; ++p)
+        for (int h = 0; h < 2; ++h)
+          for (int q = 0; q < 4; ++q) {
+            int32_t sum = 0;
+            for (int reg = 0; reg < 2; ++reg)
+              for (int i = 0; i < 4; ++i) sum += dst[(reg * P + p) * 32 + h * 16 + q * 4 + i];
+            corr[p * 8 + h * 4 + q] = 64 * sum;
+            xs[p * 8 + h * 4 + q] = cs[(P * q + p) % C];
+          }
+    }
+    if (xsum) {
+      for (int64_t g = 0; g < w.ng; ++g) {
+        float s = 0.f;
+        for (int64_t k = g * w.G; k < std::min(K, (g + 1) * w.G); ++k) s += static_cast<float>(xr[k]);
+        xsum[m * w.ng + g] = s;
+      }
+    }
+  }
+  return true;
+}
+
+// The int8 mode's product into out [M, N] fp32; false when x is not finite (see int8_x).
+bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) {
+  const int64_t M = x2.size(0);
+  const int P = 8 / w.bits;
+  auto opts = x2.options();
+  at::Tensor xq = at::empty({w.nblocks * M * 64 * P}, opts.dtype(at::kChar));
+  at::Tensor xcorr = at::empty({w.nblocks * M * P * 8}, opts.dtype(at::kInt));
+  at::Tensor xscale = at::empty({w.nblocks * M * P * 8}, opts.dtype(at::kFloat));
+  at::Tensor xsum;
+  if (w.offsets.defined()) xsum = at::empty({M, w.ng}, opts.dtype(at::kFloat));
+  float* xs = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
+  bool ok;
+  switch (x2.scalar_type()) {
+    case at::kBFloat16:
+      ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, w, xq.data_ptr<int8_t>(), xcorr.data_ptr<int32_t>(),
+                  xscale.data_ptr<float>(), xs);
+      break;
+    case at::kHalf:
+      ok = int8_x(x2.data_ptr<c10::Half>(), M, w, xq.data_ptr<int8_t>(), xcorr.data_ptr<int32_t>(),
+                  xscale.data_ptr<float>(), xs);
+      break;
+    default:
+      ok = int8_x(x2.data_ptr<float>(), M, w, xq.data_ptr<int8_t>(), xcorr.data_ptr<int32_t>(),
+                  xscale.data_ptr<float>(), xs);
+  }
+  if (!ok) return false;
+  Int8Args a;
+  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.bits = w.bits;
+  a.N = w.N;
+  a.nblocks = w.nblocks;
+  a.M = M;
+  a.xq = xq.data_ptr<int8_t>();
+  a.xcorr = xcorr.data_ptr<int32_t>();
+  a.xscale = xscale.data_ptr<float>();
+  a.scales = w.scales.data_ptr();
+  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.stype = w.stype;
+  a.ng = w.ng;
+  a.G = w.G;
+  a.xsum = xs;
+  const float* t = w.table.data_ptr<float>();
+  float tmax = 0.f;
+  for (int c = 0; c < (1 << w.bits); ++c) tmax = std::max(tmax, std::fabs(t[c]));
+  a.tscale = tmax / 63.f;
+  for (int c = 0; c < 16; ++c) {
+    const float v = c < (1 << w.bits) && a.tscale > 0.f ? std::nearbyint(t[c] / a.tscale) : 0.f;
+    a.tu[c] = static_cast<uint8_t>(64 + static_cast<int>(std::max(-63.f, std::min(63.f, v))));
+  }
+  a.out = out.data_ptr<float>();
+  Int8Fn fn = gemm_int8_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa >= kAvx2) fn = gemm_int8_avx2;
+#endif
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
+  at::parallel_for(0, w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  return true;
+}
+
+// The fused kernel's exact (fp32) or bf16 mode into out [M, N] fp32.
+void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) {
+  const int64_t M = x2.size(0);
+  at::Tensor xp = at::empty({M, w.K_pad}, x2.options().dtype(at::kFloat));
+  at::Tensor xsum;
+  if (w.offsets.defined()) xsum = at::empty({M, w.ng}, x2.options().dtype(at::kFloat));
+  float* xs = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
+  switch (x2.scalar_type()) {
+    case at::kBFloat16:
+      permute_x(x2.data_ptr<c10::BFloat16>(), M, w.K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
+      break;
+    case at::kHalf:
+      permute_x(x2.data_ptr<c10::Half>(), M, w.K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
+      break;
+    default:
+      permute_x(x2.data_ptr<float>(), M, w.K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
+  }
+  GemmFn fn = gemm_fn(isa);
+  at::Tensor xb;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (g_mode.load() == 1 && g_has_bf16 && isa == kAvx512) {
+    xb = at::empty({w.K_pad * M}, x2.options().dtype(at::kShort));
+    auto* dst = reinterpret_cast<uint16_t*>(xb.data_ptr<int16_t>());
+    switch (x2.scalar_type()) {
+      case at::kBFloat16: bf16_x(x2.data_ptr<c10::BFloat16>(), M, w.K, w.K_pad, dst); break;
+      case at::kHalf: bf16_x(x2.data_ptr<c10::Half>(), M, w.K, w.K_pad, dst); break;
+      default: bf16_x(x2.data_ptr<float>(), M, w.K, w.K_pad, dst);
+    }
+    fn = gemm_avx512bf16;
+  }
+#endif
+  GemmArgs a;
+  a.xb = xb.defined() ? reinterpret_cast<const uint16_t*>(xb.data_ptr<int16_t>()) : nullptr;
+  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.bits = w.bits;
+  a.K = w.K;
+  a.N = w.N;
+  a.K_pad = w.K_pad;
+  a.N_pad = w.N_pad;
+  a.nblocks = w.nblocks;
+  a.x = xp.data_ptr<float>();
+  a.M = M;
+  a.scales = w.scales.data_ptr();
+  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.stype = w.stype;
+  a.ng = w.ng;
+  a.cpg = w.ng == 1 ? w.K_pad / 32 : w.G / 32;
+  a.ngp = w.K_pad / 32 / a.cpg + 2;
+  a.xsum = xs;
+  a.table = w.table.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  const int64_t tiles = w.N_pad / 4;
+  // ~64K weights per task at least, so small layers run on one thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+}
+
 at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& offsets, const at::Tensor& table, int64_t bits,
                         int64_t group_size, int64_t K, int64_t N) {
@@ -348,59 +536,8 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   at::Tensor x2 = x.reshape({M, K});
   if (!x2.is_contiguous() || (xt != at::kFloat && xt != at::kBFloat16 && xt != at::kHalf))
     x2 = x2.to(xt == at::kBFloat16 || xt == at::kHalf ? xt : at::kFloat).contiguous();
-  at::Tensor xp = at::empty({M, w.K_pad}, x.options().dtype(at::kFloat));
-  at::Tensor xsum;
-  if (w.offsets.defined()) xsum = at::empty({M, w.ng}, x.options().dtype(at::kFloat));
-  float* xs = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
-  switch (x2.scalar_type()) {
-    case at::kBFloat16:
-      permute_x(x2.data_ptr<c10::BFloat16>(), M, K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
-      break;
-    case at::kHalf:
-      permute_x(x2.data_ptr<c10::Half>(), M, K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
-      break;
-    default:
-      permute_x(x2.data_ptr<float>(), M, K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
-  }
-  GemmFn fn = gemm_fn(isa);
-  at::Tensor xb;
-#if defined(__x86_64__) || defined(_M_X64)
-  if (g_mode.load() == 1 && g_has_bf16 && isa == kAvx512) {
-    xb = at::empty({w.K_pad * M}, x.options().dtype(at::kShort));
-    auto* dst = reinterpret_cast<uint16_t*>(xb.data_ptr<int16_t>());
-    switch (x2.scalar_type()) {
-      case at::kBFloat16: bf16_x(x2.data_ptr<c10::BFloat16>(), M, K, w.K_pad, dst); break;
-      case at::kHalf: bf16_x(x2.data_ptr<c10::Half>(), M, K, w.K_pad, dst); break;
-      default: bf16_x(x2.data_ptr<float>(), M, K, w.K_pad, dst);
-    }
-    fn = gemm_avx512bf16;
-  }
-#endif
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  GemmArgs a;
-  a.xb = xb.defined() ? reinterpret_cast<const uint16_t*>(xb.data_ptr<int16_t>()) : nullptr;
-  a.qw = w.qweight.data_ptr<uint8_t>();
-  a.bits = w.bits;
-  a.K = K;
-  a.N = N;
-  a.K_pad = w.K_pad;
-  a.N_pad = w.N_pad;
-  a.nblocks = w.nblocks;
-  a.x = xp.data_ptr<float>();
-  a.M = M;
-  a.scales = w.scales.data_ptr();
-  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
-  a.stype = w.stype;
-  a.ng = w.ng;
-  a.cpg = w.ng == 1 ? w.K_pad / 32 : w.G / 32;
-  a.ngp = w.K_pad / 32 / a.cpg + 2;
-  a.xsum = xs;
-  a.table = w.table.data_ptr<float>();
-  a.out = out.data_ptr<float>();
-  const int64_t tiles = w.N_pad / 4;
-  // ~64K weights per task at least, so small layers run on one thread.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  if (!(g_mode.load() == 2 && w.bits != 3 && int8_gemm(x2, w, isa, out))) exact_gemm(x2, w, isa, out);
   // Output in x's dtype, converted here (one fewer dispatched op per call: ~5-10 us on small layers).
   if (xt == at::kBFloat16 || xt == at::kHalf) {
     at::Tensor y = at::empty(out_shape, x.options());

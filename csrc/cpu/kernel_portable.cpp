@@ -48,6 +48,48 @@ void gemm_portable(const GemmArgs& a, int64_t t0, int64_t t1) {
   }
 }
 
+// The int8 mode (see Int8Args), scalar: the integer sums are those of the vector path exactly; only
+// the order of the float additions differs.
+void gemm_int8_portable(const Int8Args& a, int64_t t0, int64_t t1) {
+  const int P = 8 / a.bits, C = chunks_per_block(a.bits), BB = block_bytes(a.bits);
+  const int cols = 64 * P;
+  FloatBuf ws(a.ng), off(a.ng);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int r = 0; r < 4; ++r) {
+      const int64_t n = 4 * t + r;
+      if (n >= a.N) break;
+      load_row_f32(a.scales, a.stype, n, a.ng, ws.data());
+      if (a.offsets) load_row_f32(a.offsets, a.stype, n, a.ng, off.data());
+      const uint8_t* row = a.qw + (t * a.nblocks * 4 + r) * BB;
+      for (int64_t m = 0; m < a.M; ++m) {
+        float tot = 0.f;
+        for (int64_t b = 0; b < a.nblocks; ++b) {
+          const uint8_t* rb = row + b * 4 * BB;
+          const int8_t* xb = a.xq + (b * a.M + m) * cols;
+          for (int p = 0; p < P; ++p)
+            for (int h = 0; h < 2; ++h)
+              for (int q = 0; q < 4; ++q) {
+                int32_t isum = 0;
+                for (int reg = 0; reg < 2; ++reg)
+                  for (int i = 0; i < 4; ++i)
+                    isum += a.tu[code_at(rb, a.bits, 8 * reg + 4 * h + i, P * q + p)] *
+                            xb[(reg * P + p) * 32 + h * 16 + q * 4 + i];
+                const int64_t k = ((b * a.M + m) * P + p) * 8 + h * 4 + q;
+                const int64_t g = min64((b * C + (P * q + p) % C) * 32 / a.G, a.ng - 1);
+                tot += static_cast<float>(isum - a.xcorr[k]) * (ws[g] * a.tscale * a.xscale[k]);
+              }
+        }
+        if (a.offsets) {
+          float o = 0.f;
+          for (int64_t gg = 0; gg < a.ng; ++gg) o += off[gg] * a.xsum[m * a.ng + gg];
+          tot += o;
+        }
+        a.out[m * a.N + n] = tot;
+      }
+    }
+  }
+}
+
 void decode_portable(const DecodeArgs& a, int64_t r0, int64_t r1) {
   const int C = chunks_per_block(a.bits), BB = block_bytes(a.bits);
   FloatBuf sc(a.ng), off(a.ng);

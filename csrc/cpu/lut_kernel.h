@@ -57,15 +57,57 @@ struct DecodeArgs {
   bool bf16;              // dst dtype: bf16 (round to nearest even) or fp32
 };
 
+// The int8 mode (opt-in, FLUTE_CPU_MODE=int8 / flute.set_cpu_mode("int8"); 2 and 4 bits, groups of
+// a multiple of 32 columns or one group). llama.cpp's approach: activations quantized to int8 per
+// 32-column chunk (scale = max|x| / 127), the table to 7-bit integers t7 in [-63, 63] (scale
+// max|t| / 63), stored as u = t7 + 64 in [1, 127] so that one `vpmaddubsw` (u8 x s8, pairs summed
+// into int16) never saturates: 2 * 127 * 127 < 32767. sum(x8 * t7) = sum(x8 * u) - 64 * sum(x8),
+// the second term precomputed per chunk from the activations alone. One float FMA per chunk and
+// part, with (weight scale * table scale) * (activation scale) for that chunk.
+//
+// Byte order: a row's block (16 uint32 lanes, 64 bytes) is read as two 32-byte registers reg = 0, 1
+// (lanes 8*reg ..); in each 128-bit half h a byte shuffle makes dword q the q-th bytes of lanes
+// 4h .. 4h+3, so byte (h, q, i) is byte q of lane j = 8*reg + 4*h + i. Part p (a nibble for 4 bits,
+// a 2-bit field for 2 bits; P = 8 / bits parts per byte) of that byte is slot s = P*q + p: the code
+// of column 32*(s % C) + 2*j + s / C of the block. So dword (h, q) of part p only ever meets
+// chunk (P*q + p) % C, and the activation bytes are stored in exactly this order:
+// xq[block][m][reg][p][h][q][i] (32 * 2 * P = block-column bytes per block and row).
+struct Int8Args {
+  const uint8_t* qw;      // CPU layout
+  int bits;               // 2 or 4
+  int64_t N, nblocks, M;
+  const int8_t* xq;       // [nblocks][M][cols per block] activations in the byte order above
+  const int32_t* xcorr;   // [nblocks][M][P][8]: 64 * sum of the xq bytes of dword (h, q) of part p
+  const float* xscale;    // [nblocks][M][P][8]: activation scale of that dword's chunk
+  const void* scales;     // [N, ng] in stype
+  const void* offsets;    // [N, ng] in stype or nullptr
+  int stype;
+  int64_t ng, G;          // groups per row and group size in columns (a multiple of 32, or K)
+  const float* xsum;      // [M, ng] exact group sums of x (when offsets)
+  uint8_t tu[16];         // u = t7 + 64 per code (2 bits: entries 0..3)
+  float tscale;           // table scale: t ~ t7 * tscale
+  float* out;             // [M, N] fp32
+};
+
+// Column within its block of byte (reg, h, q, i), part p (see Int8Args).
+static inline int int8_col(int bits, int reg, int p, int h, int q, int i) {
+  const int P = 8 / bits, C = bits == 4 ? 4 : 8;
+  const int j = 8 * reg + 4 * h + i, s = P * q + p;
+  return 32 * (s % C) + 2 * j + s / C;
+}
+
 // tiles [t0, t1) of 4 rows: out[m, n] for every m < M and every n < N in those tiles
 using GemmFn = void (*)(const GemmArgs&, int64_t t0, int64_t t1);
 // rows [r0, r1): W[n, 0:K] (scaled, plus offset) into dst
 using DecodeFn = void (*)(const DecodeArgs&, int64_t r0, int64_t r1);
+using Int8Fn = void (*)(const Int8Args&, int64_t t0, int64_t t1);
 
 void gemm_portable(const GemmArgs&, int64_t, int64_t);
+void gemm_int8_portable(const Int8Args&, int64_t, int64_t);
 void decode_portable(const DecodeArgs&, int64_t, int64_t);
 #if defined(__x86_64__) || defined(_M_X64)
 void gemm_avx2(const GemmArgs&, int64_t, int64_t);
+void gemm_int8_avx2(const Int8Args&, int64_t, int64_t);
 void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);

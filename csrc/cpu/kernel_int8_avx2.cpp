@@ -1,0 +1,141 @@
+// flute CPU kernel, int8 mode (see Int8Args in lut_kernel.h), AVX2: one byte shuffle per 32 bytes of
+// codes puts each dword on one chunk, the table lookup is `vpshufb` on nibbles (4 bits) or 2-bit
+// fields, the products `vpmaddubsw` (u8 table value x s8 activation, pairs into int16) and
+// `vpmaddwd` by ones (into int32), one float FMA per 8 dwords. Also used on AVX-512 machines (the
+// same instructions on 256 bits; an AVX-512 VNNI variant is future work).
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include "lut_kernel.h"
+
+namespace flute_cpu {
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// In each 128-bit half, dword q <- byte q of each of the 4 lanes (out byte 4q + i = in byte 4i + q).
+inline __m256i bytes_by_position(__m256i v) {
+  const __m256i perm = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm256_shuffle_epi8(v, perm);
+}
+
+// NR weight rows of a tile (rows r0 .., all blocks) against activation rows m0 .. m0 + MC - 1, into
+// res[r][mc]. NR * MC <= 4 float accumulators; NR = 4 at M = 1 reads the tile front to back (the 4
+// rows are interleaved block by block), so the weight stream is one sequential run per thread.
+// WS: [4][nblocks][P][8] weight scale * table scale per dword.
+template <int BITS, int NR, int MC>
+inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const float* WS, int64_t m0,
+                      float (*res)[4]) {
+  constexpr int P = 8 / BITS, BB = 64, COLS = 64 * P;
+  const __m256i T = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.tu)));
+  const __m256i mask = _mm256_set1_epi8(BITS == 4 ? 0x0F : 0x03);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t M = a.M, nb = a.nblocks;
+  __m256 facc[NR][MC];
+  for (int r = 0; r < NR; ++r)
+    for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* rb = tile + (b * 4 + r0 + r) * BB;
+      const __m256i c0 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
+      const __m256i c1 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
+      __m256i u0[P], u1[P];
+      for (int p = 0; p < P; ++p) {
+        u0[p] = _mm256_shuffle_epi8(T, _mm256_and_si256(_mm256_srli_epi16(c0, BITS * p), mask));
+        u1[p] = _mm256_shuffle_epi8(T, _mm256_and_si256(_mm256_srli_epi16(c1, BITS * p), mask));
+      }
+      const float* ws = WS + ((r0 + r) * nb + b) * P * 8;
+      for (int mc = 0; mc < MC; ++mc) {
+        const int64_t bm = b * M + m0 + mc;
+        const int8_t* xb = a.xq + bm * COLS;
+        const int32_t* xc = a.xcorr + bm * P * 8;
+        const float* xs = a.xscale + bm * P * 8;
+        for (int p = 0; p < P; ++p) {
+          const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + p * 32));
+          const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + (P + p) * 32));
+          // int16 pairs cannot saturate (u <= 127, |x| <= 127); the two registers' products are
+          // added as int32, after vpmaddwd.
+          const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u0[p], x0), ones),
+                                             _mm256_madd_epi16(_mm256_maddubs_epi16(u1[p], x1), ones));
+          const __m256i isum = _mm256_sub_epi32(d, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + p * 8)));
+          const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(ws + p * 8), _mm256_loadu_ps(xs + p * 8));
+          facc[r][mc] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, facc[r][mc]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int mc = 0; mc < MC; ++mc) res[r0 + r][mc] = hsum(facc[r][mc]);
+}
+
+template <int BITS>
+void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
+  constexpr int P = 8 / BITS, C = BITS == 4 ? 4 : 8, BB = 64;
+  const int64_t ng = a.ng, nb = a.nblocks;
+  FloatBuf ws(ng), off(4 * ng), WS(4 * nb * P * 8);
+  float res[4][4];
+  // Group of each dword of the WS pattern ([nblocks][P][4]), computed once: no division per tile.
+  int64_t* group = new int64_t[nb * P * 4];
+  for (int64_t b = 0; b < nb; ++b)
+    for (int p = 0; p < P; ++p)
+      for (int q = 0; q < 4; ++q)
+        group[(b * P + p) * 4 + q] = min64((b * C + (P * q + p) % C) * 32 / a.G, ng - 1);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int r = 0; r < 4; ++r) {
+      const int64_t n = 4 * t + r;
+      float* W = WS.data() + r * nb * P * 8;
+      if (n >= a.N) {  // padding rows of the last tile: computed (codes 0), never written
+        for (int64_t i = 0; i < nb * P * 8; ++i) W[i] = 0.f;
+        continue;
+      }
+      load_row_f32(a.scales, a.stype, n, ng, ws.data());
+      if (a.offsets) load_row_f32(a.offsets, a.stype, n, ng, off.data() + r * ng);
+      for (int64_t i = 0; i < nb * P; ++i)
+        for (int q = 0; q < 4; ++q) W[i * 8 + q] = W[i * 8 + 4 + q] = ws[group[i * 4 + q]] * a.tscale;
+    }
+    const uint8_t* tile = a.qw + t * nb * 4 * BB;
+    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+      const int64_t mc = min64(4, a.M - m0);
+      switch (mc) {
+        case 1: rows_int8<BITS, 4, 1>(a, tile, 0, WS.data(), m0, res); break;
+        case 2:
+          rows_int8<BITS, 2, 2>(a, tile, 0, WS.data(), m0, res);
+          rows_int8<BITS, 2, 2>(a, tile, 2, WS.data(), m0, res);
+          break;
+        case 3:
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, 1, 3>(a, tile, r, WS.data(), m0, res);
+          break;
+        default:
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, 1, 4>(a, tile, r, WS.data(), m0, res);
+      }
+      for (int r = 0; r < 4 && 4 * t + r < a.N; ++r) {
+        for (int64_t i = 0; i < mc; ++i) {
+          float v = res[r][i];
+          if (a.offsets) {
+            float o = 0.f;
+            for (int64_t g = 0; g < ng; ++g) o += off[r * ng + g] * a.xsum[(m0 + i) * ng + g];
+            v += o;
+          }
+          a.out[(m0 + i) * a.N + 4 * t + r] = v;
+        }
+      }
+    }
+  }
+  delete[] group;
+}
+
+}  // namespace
+
+void gemm_int8_avx2(const Int8Args& a, int64_t t0, int64_t t1) {
+  if (a.bits == 2) gemm_int8_bits<2>(a, t0, t1);
+  else gemm_int8_bits<4>(a, t0, t1);
+}
+
+}  // namespace flute_cpu
+#endif
