@@ -88,9 +88,11 @@ def cpu_extensions():
     cpu_dir = os.path.join("csrc", "cpu")
     isa_flags = {os.path.join(cpu_dir, "kernel_portable.cpp"): []}
     if platform.machine().lower() in ("x86_64", "amd64"):
-        isa_flags[os.path.join(cpu_dir, "kernel_avx2.cpp")] = ["-mavx2", "-mfma", "-mf16c"]
+        # -ffp-contract=off: the panel decodes round like the portable path (mul, then add: the
+        # same bits on every path); FMAs stay where the intrinsics ask for them
+        isa_flags[os.path.join(cpu_dir, "kernel_avx2.cpp")] = ["-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avx2.cpp")] = ["-mavx2", "-mfma"]
-        avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+        avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-ffp-contract=off"]
         isa_flags[os.path.join(cpu_dir, "kernel_avx512.cpp")] = avx512
         isa_flags[os.path.join(cpu_dir, "kernel_avx512bf16.cpp")] = avx512 + ["-mavx512bf16"]
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]

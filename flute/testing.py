@@ -44,14 +44,32 @@ def reference_qgemm(x: torch.Tensor, w: RandomWeight, group_size: int) -> torch.
     return x.double() @ wt.t()
 
 
+def table7_scale(table: torch.Tensor) -> torch.Tensor:
+    """The int8 mode's table scale: ``max|t| / d`` for the ``d`` in [8, 63] (steps of 1/16) with the
+    least squared rounding error of ``t`` to 7-bit integers, the largest ``d`` on ties (as the
+    kernel: float32 scale and division, float64 error)."""
+    t = table.float()
+    tmax = float(t.abs().max())
+    best, scale = None, torch.tensor(0.0)
+    if tmax == 0:
+        return scale
+    for i in range((63 - 8) * 16 + 1):
+        sc = torch.tensor(tmax / (63.0 - i / 16.0), dtype=torch.float32)
+        v = torch.round(t / sc).clamp(-63, 63)
+        err = float(((t.double() - v.double() * sc.double()) ** 2).sum())
+        if best is None or err < best * (1 - 1e-9):
+            best, scale = err, sc
+    return scale
+
+
 def reference_qgemm_int8(x: torch.Tensor, w: RandomWeight, group_size: int) -> torch.Tensor:
     """The CPU kernel's "int8" mode (``flute.set_cpu_mode("int8")``), executable: float64 ``x @ W.T``
     after the two roundings that mode makes. The table becomes 7-bit integers times one scale
-    (``max|t| / 63``); each row of ``x`` is rounded per 32-column chunk to int8 times
+    (:func:`table7_scale`); each row of ``x`` is rounded per 32-column chunk to int8 times
     ``max|x| / 127`` (float32 division, ties to even, as the kernel). Offsets multiply the exact
     ``x`` (their group sums are exact in the kernel too)."""
     t = w.table.float()
-    tscale = t.abs().max() / 63
+    tscale = table7_scale(t)
     t7 = torch.round(t / tscale).clamp(-63, 63) * tscale if tscale > 0 else torch.zeros_like(t)
     k = x.shape[-1]
     xf = x.float().reshape(-1, k)

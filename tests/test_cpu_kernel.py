@@ -352,3 +352,44 @@ def test_int8_mode_avx2_equals_portable(int8_mode, rng):
             ys[isa] = run(x, w, bits, 64, 203, 1000, q)
         ops.set_cpu_isa("auto")
         assert relative_error(ys["avx2"], ys["portable"]) < 1e-6
+
+
+@pytest.mark.parametrize("codebook", ["int", "fp4"])
+def test_int8_mode_uniform_tables_are_exact(codebook, int8_mode, rng):
+    """The table scale search puts uniform tables (int, fp4) on the 7-bit grid exactly, so with
+    activations that int8 represents exactly (integers, each 32-column chunk reaching 127) the int8
+    mode equals the exact one."""
+    from flute.codebooks import get_table
+    from flute.testing import table7_scale
+    table = get_table(codebook, 4).float()
+    s = table7_scale(table)
+    assert torch.equal(torch.round(table / s) * s, table)
+    n, k = 40, 256
+    w = random_quantized(n, k, 4, 64, generator=rng)._replace(table=table)
+    x = torch.randint(-127, 128, (3, k), generator=rng).float()
+    x[:, ::32] = 127.0
+    q = to_cpu_layout(w.codes, 4)
+    y8 = run(x, w, 4, 64, n, k, q)
+    ops.set_cpu_mode("exact")
+    ye = run(x, w, 4, 64, n, k, q)
+    ops.set_cpu_mode("int8")
+    assert relative_error(y8, ye) < 1e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_decode_bitwise_equal_on_every_path(bits, rng):
+    """The panel path's decode (fp32 and bf16 out) gives the portable path's bits on every ISA:
+    ragged K, one group, offsets."""
+    n, k = 13, 700
+    for group, sdtype in [(64, torch.float32), (64, torch.bfloat16), (-1, torch.bfloat16), (32, torch.float16)]:
+        w = random_quantized(n, k, bits, group, offsets=True, dtype=sdtype, generator=rng)
+        q = to_cpu_layout(w.codes, bits)
+        outs = {}
+        for isa in ISAS:
+            if available(isa):
+                ops.set_cpu_isa(isa)
+                outs[isa] = torch.ops.flute.cpu_lut_dequantize(q, w.scales, w.offsets, w.table, bits,
+                                                               group, k, n)
+        ops.set_cpu_isa("auto")
+        for isa, out in outs.items():
+            assert torch.equal(out, outs["portable"]), (isa, group, sdtype)

@@ -37,11 +37,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "lut_kernel.h"
@@ -158,6 +160,7 @@ GemmFn gemm_fn(int isa) {
 DecodeFn decode_fn(int isa) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (isa == kAvx512) return decode_avx512;
+  if (isa == kAvx2) return decode_avx2;
 #endif
   return decode_portable;
 }
@@ -384,6 +387,52 @@ bool int8_x(const T* x, int64_t M, const Weight& w, int8_t* xq, int32_t* xcorr, 
   return true;
 }
 
+// The int8 mode's table: 7-bit integers t7 (stored as u = t7 + 64) times one scale. The scale is
+// max|t| / d for the d in [8, 63] (steps of 1/16) with the least squared rounding error, the
+// largest d on ties: uniform tables (int, fp4) become exact (d = 8 for the int table), and NF4's
+// error drops below max|t| / 126. flute.testing.reference_qgemm_int8 makes the same choice.
+struct Table7 {
+  uint8_t tu[16];
+  float scale;
+};
+
+Table7 quantize_table7(const float* t, int n) {
+  Table7 r{};
+  float tmax = 0.f;
+  for (int c = 0; c < n; ++c) tmax = std::max(tmax, std::fabs(t[c]));
+  r.scale = 0.f;
+  double best = 0.;
+  for (int i = 0; i <= (63 - 8) * 16 && tmax > 0.f; ++i) {
+    const float sc = static_cast<float>(tmax / (63.0 - i / 16.0));
+    double err = 0.;
+    for (int c = 0; c < n; ++c) {
+      const float v = std::max(-63.f, std::min(63.f, std::nearbyint(t[c] / sc)));
+      const double e = static_cast<double>(t[c]) - static_cast<double>(v) * sc;
+      err += e * e;
+    }
+    if (i == 0 || err < best * (1 - 1e-9)) {  // strictly better by a margin: ties keep the larger d
+      best = err;
+      r.scale = sc;
+    }
+  }
+  for (int c = 0; c < 16; ++c) {
+    const float v = c < n && r.scale > 0.f ? std::nearbyint(t[c] / r.scale) : 0.f;
+    r.tu[c] = static_cast<uint8_t>(64 + static_cast<int>(std::max(-63.f, std::min(63.f, v))));
+  }
+  return r;
+}
+
+// quantize_table7 costs ~10 us (881 candidate scales); a model reuses its tables every call, so the
+// results are cached per thread by the table's bytes.
+const Table7& table7(const float* t, int n) {
+  thread_local std::unordered_map<std::string, Table7> cache;
+  std::string key(reinterpret_cast<const char*>(t), n * sizeof(float));
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  if (cache.size() > 4096) cache.clear();
+  return cache.emplace(std::move(key), quantize_table7(t, n)).first->second;
+}
+
 // The int8 mode's product into out [M, N] fp32; false when x is not finite (see int8_x).
 bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) {
   const int64_t M = x2.size(0);
@@ -425,14 +474,9 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) 
   a.ng = w.ng;
   a.G = w.G;
   a.xsum = xs;
-  const float* t = w.table.data_ptr<float>();
-  float tmax = 0.f;
-  for (int c = 0; c < (1 << w.bits); ++c) tmax = std::max(tmax, std::fabs(t[c]));
-  a.tscale = tmax / 63.f;
-  for (int c = 0; c < 16; ++c) {
-    const float v = c < (1 << w.bits) && a.tscale > 0.f ? std::nearbyint(t[c] / a.tscale) : 0.f;
-    a.tu[c] = static_cast<uint8_t>(64 + static_cast<int>(std::max(-63.f, std::min(63.f, v))));
-  }
+  const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
+  std::memcpy(a.tu, t7.tu, 16);
+  a.tscale = t7.scale;
   a.out = out.data_ptr<float>();
   Int8Fn fn = gemm_int8_portable;
 #if defined(__x86_64__) || defined(_M_X64)

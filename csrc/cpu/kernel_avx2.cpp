@@ -18,12 +18,14 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+template <int BITS>
+inline __m256 lookup8(__m256 TA, __m256 TB, __m256i d, int s, uint16_t hi, int h);
+
 // Two rows of one tile, one activation row.
 template <int BITS>
 inline void rows2(const GemmArgs& a, const uint8_t* row0, int R, const float* x, const float* sc,
                   float* res) {
   constexpr int C = BITS == 4 ? 4 : 8;
-  constexpr int SH = BITS == 4 ? 4 : 2;
   constexpr int BB = 4 * C * BITS;
   alignas(32) float t0[8], t1[8];
   for (int i = 0; i < 8; ++i) {
@@ -31,7 +33,6 @@ inline void rows2(const GemmArgs& a, const uint8_t* row0, int R, const float* x,
     t1[i] = BITS == 4 ? a.table[8 + i] : BITS == 3 ? a.table[4 + (i & 3)] : 0.f;
   }
   const __m256 TA = _mm256_load_ps(t0), TB = _mm256_load_ps(t1);
-  const __m256i bitsel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const int64_t ngp = a.ngp, cpg = a.cpg;
   __m256 acc[2][2], tot[2][2];
   for (int r = 0; r < 2; ++r)
@@ -58,18 +59,7 @@ inline void rows2(const GemmArgs& a, const uint8_t* row0, int R, const float* x,
           if (BITS == 3) std::memcpy(&hi, rb + 64 + 2 * s, 2);
           for (int h = 0; h < 2; ++h) {
             const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32 * h));
-            const __m256i idx = _mm256_srli_epi32(d, SH * s);
-            __m256 w;
-            if (BITS == 4) {
-              w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(TA, idx), _mm256_permutevar8x32_ps(TB, idx),
-                                   _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-            } else if (BITS == 2) {
-              w = _mm256_permutevar8x32_ps(TA, idx);
-            } else {
-              const __m256i hb = _mm256_and_si256(_mm256_set1_epi32((hi >> (8 * h)) & 0xff), bitsel);
-              const __m256 sel = _mm256_castsi256_ps(_mm256_cmpeq_epi32(hb, bitsel));
-              w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(TA, idx), _mm256_permutevar8x32_ps(TB, idx), sel);
-            }
+            const __m256 w = lookup8<BITS>(TA, TB, d, s, hi, h);
             acc[r][h] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + (2 * c + e) * a.M * 16 + 8 * h), acc[r][h]);
           }
         }
@@ -119,7 +109,110 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
   }
 }
 
+// 8 decoded table values: slot s of lanes 8h .. 8h+7 of a row block (d: those lanes, hi: the 3-bit
+// high-bit word of slot s). TA/TB: the table's two 8-entry halves (see rows2).
+template <int BITS>
+inline __m256 lookup8(__m256 TA, __m256 TB, __m256i d, int s, uint16_t hi, int h) {
+  constexpr int SH = BITS == 4 ? 4 : 2;
+  const __m256i idx = _mm256_srli_epi32(d, SH * s);
+  if (BITS == 2) return _mm256_permutevar8x32_ps(TA, idx);
+  __m256 sel;
+  if (BITS == 4) {
+    sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+  } else {
+    const __m256i bitsel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i hb = _mm256_and_si256(_mm256_set1_epi32((hi >> (8 * h)) & 0xff), bitsel);
+    sel = _mm256_castsi256_ps(_mm256_cmpeq_epi32(hb, bitsel));
+  }
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(TA, idx), _mm256_permutevar8x32_ps(TB, idx), sel);
+}
+
+// 8 floats to bf16, round to nearest even, NaN kept quiet (as f32_to_bf16), in the low 16 bits of
+// each dword.
+inline __m256i bf16_bits(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+  const __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  return _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+// Rows [r0, r1) to fp32 or bf16 (the panel path's decode), groups of a multiple of 32 columns or one
+// group: one scale (and offset) per 32-column chunk. Even and odd columns of a chunk are decoded as
+// two 16-wide slots and interleaved into natural order.
+template <int BITS>
+void decode_bits(const DecodeArgs& a, int64_t r0, int64_t r1) {
+  constexpr int C = BITS == 4 ? 4 : 8;
+  constexpr int BB = 4 * C * BITS;
+  alignas(32) float t0[8], t1[8];
+  for (int i = 0; i < 8; ++i) {
+    t0[i] = BITS == 4 ? a.table[i] : a.table[i & 3];
+    t1[i] = BITS == 4 ? a.table[8 + i] : BITS == 3 ? a.table[4 + (i & 3)] : 0.f;
+  }
+  const __m256 TA = _mm256_load_ps(t0), TB = _mm256_load_ps(t1);
+  FloatBuf sc(a.ng), off(a.ng);
+  alignas(32) float tmp[32];
+  for (int64_t n = r0; n < r1; ++n) {
+    load_row_f32(a.scales, a.stype, n, a.ng, sc.data());
+    if (a.offsets) load_row_f32(a.offsets, a.stype, n, a.ng, off.data());
+    const uint8_t* row = a.qw + ((n / 4) * a.nblocks * 4 + n % 4) * BB;
+    float* df = static_cast<float*>(a.dst) + (n - r0) * a.ld;
+    uint16_t* dh = static_cast<uint16_t*>(a.dst) + (n - r0) * a.ld;
+    for (int64_t b = 0; b < a.nblocks; ++b) {
+      const uint8_t* rb = row + b * 4 * BB;
+      const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb));
+      const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32));
+      for (int c = 0; c < C; ++c) {
+        const int64_t col0 = (b * C + c) * 32;
+        if (col0 >= a.K) break;
+        const int64_t g = col0 / a.G;
+        const __m256 s = _mm256_set1_ps(sc[g]), o = _mm256_set1_ps(a.offsets ? off[g] : 0.f);
+        uint16_t he = 0, ho = 0;
+        if (BITS == 3) {
+          std::memcpy(&he, rb + 64 + 2 * c, 2);
+          std::memcpy(&ho, rb + 64 + 2 * (c + C), 2);
+        }
+        __m256 v[4];
+        for (int h = 0; h < 2; ++h) {
+          const __m256i d = h ? d1 : d0;
+          // mul then add, not FMA: the same rounding as the portable decode
+          const __m256 e = _mm256_add_ps(_mm256_mul_ps(lookup8<BITS>(TA, TB, d, c, he, h), s), o);
+          const __m256 od = _mm256_add_ps(_mm256_mul_ps(lookup8<BITS>(TA, TB, d, c + C, ho, h), s), o);
+          const __m256 lo = _mm256_unpacklo_ps(e, od), hi = _mm256_unpackhi_ps(e, od);
+          v[2 * h] = _mm256_permute2f128_ps(lo, hi, 0x20);
+          v[2 * h + 1] = _mm256_permute2f128_ps(lo, hi, 0x31);
+        }
+        const int64_t cnt = min64(32, a.K - col0);
+        if (!a.bf16) {
+          float* dst = cnt == 32 ? df + col0 : tmp;
+          for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + 8 * i, v[i]);
+          if (cnt < 32) std::memcpy(df + col0, tmp, cnt * sizeof(float));
+        } else {
+          alignas(32) uint16_t hb[32];
+          for (int i = 0; i < 2; ++i) {  // packus interleaves 128-bit lanes; 0xD8 restores order
+            const __m256i p = _mm256_packus_epi32(bf16_bits(v[2 * i]), bf16_bits(v[2 * i + 1]));
+            _mm256_store_si256(reinterpret_cast<__m256i*>(hb + 16 * i), _mm256_permute4x64_epi64(p, 0xD8));
+          }
+          std::memcpy(dh + col0, hb, cnt * sizeof(uint16_t));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void decode_avx2(const DecodeArgs& a, int64_t r0, int64_t r1) {
+  if (a.G % 32 != 0 && a.ng != 1) {  // a group boundary inside a chunk: the scalar path
+    decode_portable(a, r0, r1);
+    return;
+  }
+  switch (a.bits) {
+    case 2: decode_bits<2>(a, r0, r1); break;
+    case 3: decode_bits<3>(a, r0, r1); break;
+    default: decode_bits<4>(a, r0, r1); break;
+  }
+}
 
 void gemm_avx2(const GemmArgs& a, int64_t t0, int64_t t1) {
   switch (a.bits) {

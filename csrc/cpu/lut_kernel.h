@@ -107,6 +107,7 @@ void gemm_int8_portable(const Int8Args&, int64_t, int64_t);
 void decode_portable(const DecodeArgs&, int64_t, int64_t);
 #if defined(__x86_64__) || defined(_M_X64)
 void gemm_avx2(const GemmArgs&, int64_t, int64_t);
+void decode_avx2(const DecodeArgs&, int64_t, int64_t);
 void gemm_int8_avx2(const Int8Args&, int64_t, int64_t);
 void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "this long and write partial results (default: none; quick 15)")
     p.add_argument("--no-llamacpp-build", action="store_true", help="use llama.cpp only if already built")
     p.add_argument("--llamacpp-src", default=None, help="a llama.cpp tree or llama-cpp-python sdist")
+    p.add_argument("--cpu-mode", default=None, choices=("exact", "bf16", "int8"),
+                   help="flute's CPU kernel mode (default: the library's, flute.get_cpu_mode())")
     p.add_argument("--no-check", action="store_true", help="skip flute's float64 reference check")
     p.add_argument("--targets", default=None, help="targets file (default benchmarks/targets.py)")
     p.add_argument("--out", default=None, help="directory of the JSON and PNG (benchmarks/results)")
@@ -83,8 +85,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = cpu_info()
     cfg = make_config(a, info)
     env = environment(torch.device("cpu"), a.commit)
+    from .. import ops
+    if a.cpu_mode and ops.HAS_CPU_KERNEL:
+        ops.set_cpu_mode(a.cpu_mode)
     doc: Dict[str, object] = dict(env, kind="cpu-kernels", mode="quick" if a.quick else "full", **info)
     doc.update(device=f"cpu ({info['cpu_model']})", threads=cfg.threads,
+               flute_cpu_mode=ops.get_cpu_mode(), flute_cpu_isa=ops.get_cpu_isa(),
                grid={"shapes": [f"{n}x{k}" for n, k in cfg.shapes], "M": cfg.Ms,
                      "bits": cfg.bits, "group_size": cfg.group_size,
                      "flute_dtypes": cfg.flute_dtypes, "kernels": cfg.kernels,
@@ -100,6 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        "weights": "random (speed only); flute checked against a float64 reference"})
     log(f"flute bench --device cpu on {platform.node()} | {info['cpu_model']} | "
         f"{' '.join(info['isa_flags'])} | L3 {info['l3_bytes'] >> 20} MiB | torch {env['torch']} | "
+        f"flute CPU path {ops.get_cpu_isa()}, mode {ops.get_cpu_mode()} | "
         f"commit {env['commit']}{' (dirty tree)' if env.get('dirty') else ''}")
     try:
         doc.update(measure_read_bandwidth(cfg.threads, cfg.l3_bytes, log,
