@@ -6,8 +6,13 @@ bounded run time) and ``long`` (many examples, for a run by hand):
 """
 import os
 
-import pytest
-import torch
+# The tests compare the CPU kernel with the float64 reference at fp32 accuracy: they run its exact
+# mode. The int8 default is tested on its own (test_cpu_kernel.py: FLUTE_CPU_MODE unset in a
+# subprocess, and against its executable spec). Set before flute loads; subprocesses inherit it.
+os.environ.setdefault("FLUTE_CPU_MODE", "exact")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 try:
     from hypothesis import HealthCheck, settings

@@ -393,3 +393,31 @@ def test_decode_bitwise_equal_on_every_path(bits, rng):
         ops.set_cpu_isa("auto")
         for isa, out in outs.items():
             assert torch.equal(out, outs["portable"]), (isa, group, sdtype)
+
+
+def test_default_mode_is_int8_below_the_panel_threshold():
+    """Without FLUTE_CPU_MODE the kernel runs the int8 mode (its spec, not the exact result) for
+    small batches, and exactly from 32 rows on; FLUTE_CPU_MODE=exact restores exact everywhere."""
+    code = ("import torch, flute\n"
+            "from flute.cpu_layout import to_cpu_layout\n"
+            "from flute.testing import random_quantized, reference_qgemm, reference_qgemm_int8, relative_error\n"
+            "print(flute.get_cpu_mode())\n"
+            "w = random_quantized(96, 512, 4, 64, seed=3)\n"
+            "q = to_cpu_layout(w.codes, 4)\n"
+            "for m in (1, 16, 40):\n"
+            "    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))\n"
+            "    y = torch.ops.flute.qgemm(x, q, w.scales, None, w.table, 4, 64, 512, 96)\n"
+            "    print(m, relative_error(y, reference_qgemm(x, w, 64)), relative_error(y, reference_qgemm_int8(x, w, 64)))\n")
+    for env_mode, want in ((None, "int8"), ("exact", "exact")):
+        env = {k: v for k, v in os.environ.items() if k != "FLUTE_CPU_MODE"}
+        if env_mode:
+            env["FLUTE_CPU_MODE"] = env_mode
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env=env).stdout.split("\n")
+        assert out[0] == want
+        for line in out[1:4]:
+            m, exact_err, int8_err = line.split()
+            if want == "int8" and int(m) < 32:
+                assert float(int8_err) < 1e-6 < 1e-4 < float(exact_err), line
+            else:
+                assert float(exact_err) < 1e-6, line
