@@ -1,6 +1,6 @@
-"""The perplexity cost of the CPU kernel's opt-in int8 mode on SmolLM2-135M (not a test).
+"""The perplexity cost of the CPU kernel's int8 mode (its default) on SmolLM2-135M (not a test).
 
-    python benchmarks/int8_quality.py [--out FILE.json] [--gptq [BITS ...]] [--skip-data-free]
+    python benchmarks/int8_quality.py [--out FILE.json] [--gptq [BITS ...]] [--skip-data-free] [--bits B ...]
 
 For each format: quantize (the demo's data-free recipes; with --gptq also the demo's GPTQ-LUT recipe),
 then perplexity on flute's built-in text with the fused kernel in "exact" and in "int8" mode. The
@@ -32,6 +32,7 @@ from flute.evaluate import builtin_text, perplexity  # noqa: E402
 FORMATS = [  # (label, bits, quantize_model kwargs): the demo's data-free recipes, g64
     ("4-bit NF absmax g64", 4, dict(codebook="nf", scale_method="absmax")),
     ("4-bit int asym g32", 4, dict(codebook="int", offsets=True, group_size=32)),
+    ("3-bit NF mse g64", 3, dict(codebook="nf", scale_method="mse")),
     ("2-bit NF mse g64", 2, dict(codebook="nf", scale_method="mse")),
 ]
 
@@ -42,6 +43,8 @@ def main():
     p.add_argument("--gptq", nargs="*", type=int, default=None, metavar="BITS",
                    help="also the demo's GPTQ-LUT recipe at these bit widths (default 4)")
     p.add_argument("--skip-data-free", action="store_true", help="only the GPTQ-LUT models")
+    p.add_argument("--bits", nargs="+", type=int, default=None,
+                   help="only the data-free formats of these bit widths")
     a = p.parse_args()
     if ops.get_cpu_isa() == "portable":
         print("note: portable CPU path (slow)")
@@ -50,7 +53,7 @@ def main():
     base = perplexity(model, ids)
     print(f"float32: perplexity {base:.3f}")
     rows = []
-    formats = [] if a.skip_data_free else list(FORMATS)
+    formats = [] if a.skip_data_free else [f for f in FORMATS if not a.bits or f[1] in a.bits]
     if a.gptq is not None:
         formats += [(f"{b}-bit GPTQ-LUT learned g64", b, None) for b in (a.gptq or [4])]
     for label, bits, kw in formats:

@@ -15,7 +15,7 @@ per row. The same arguments serve every backend:
 
 - CPU, CPU layout: the lookup-table kernel of ``flute._cpu`` (csrc/cpu: AVX-512, AVX2 or portable
   C++, picked from cpuid; :func:`set_cpu_isa` forces one), registered in C++ for the CPU key.
-  Below 32 rows of x, int8 activations and integer dot products at 2 and 4 bits (llama.cpp's
+  Below 32 rows of x, int8 activations and integer dot products (llama.cpp's
   approach; the "int8" mode of :func:`get_cpu_mode`), exact fp32 otherwise; ``set_cpu_mode("exact")``
   makes every call exact.
 - CPU, GPU layout (or ``flute._cpu`` not built): the reference below: the codes are decoded every
@@ -188,11 +188,11 @@ def set_cpu_isa(name: str) -> str:
 def get_cpu_mode() -> str:
     """The arithmetic of the CPU kernel's fused path (batches below the panel threshold):
 
-    * ``"int8"`` (the default; 2 and 4 bits, groups of a multiple of 32 or -1): llama.cpp's approach.
+    * ``"int8"`` (the default; groups of a multiple of 32 or -1): llama.cpp's approach.
       Activations rounded to int8 per 32 columns, the table to 7-bit integers, integer dot products;
       :func:`flute.testing.reference_qgemm_int8` is its executable spec. Its perplexity cost on
-      SmolLM2, measured, is within +-0.5% (``benchmarks/results/int8-quality-*.json``). 3 bits,
-      other group sizes and non-finite activations compute exactly.
+      SmolLM2, measured, is within +-0.5% (``benchmarks/results/int8-quality-*.json``). Other
+      group sizes and non-finite activations compute exactly.
     * ``"exact"``: fp32 decode and accumulation, matches the float64 reference to ~1e-6.
     * ``"bf16"`` (AVX512_BF16 CPUs): activations and table values rounded to bf16, fp32 sums.
 

@@ -301,13 +301,13 @@ def int8_mode():
 
 
 def test_int8_mode_matches_its_spec(isa, threads, int8_mode):
-    """Opt-in int8 mode (2 and 4 bits, groups of a multiple of 32 or -1): equal to its executable
+    """The int8 mode (groups of a multiple of 32 or -1, every bit width): equal to its executable
     spec (int8 activations per 32 columns, 7-bit table) up to float32 sums, and really rounding (not
     silently exact); the AVX-512 path runs the AVX2 int8 kernel."""
     g = torch.Generator().manual_seed(11)
     r = random.Random(zlib.crc32(f"int8-{isa}-{threads}".encode()))
     for _ in range(40):
-        bits, group = r.choice([2, 4]), r.choice([32, 64, 128, 256, -1])
+        bits, group = r.choice([2, 3, 4]), r.choice([32, 64, 128, 256, -1])
         n, k, m = r.choice([1, 3, 17, 40, 67]), r.choice([1, 31, 64, 130, 333, 576]), r.choice([1, 2, 3, 4, 5, 9, 17])
         dtype = r.choice([torch.float32, torch.bfloat16, torch.float16])
         w = random_quantized(n, k, bits, group, offsets=r.random() < 0.5,
@@ -322,9 +322,9 @@ def test_int8_mode_matches_its_spec(isa, threads, int8_mode):
 
 
 def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
-    """3 bits, groups that are not a multiple of 32, non-finite activations and M >= the panel
-    threshold take the exact path in int8 mode: bitwise the exact mode's result."""
-    cases = [(3, 64, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn), (4, 64, 40, torch.randn),
+    """Groups that are not a multiple of 32, non-finite activations and M >= the panel threshold
+    take the exact path in int8 mode: bitwise the exact mode's result."""
+    cases = [(3, 48, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn), (4, 64, 40, torch.randn),
              (4, 64, 1, lambda *s, generator: torch.full(s, float("nan")))]
     for bits, group, m, make in cases:
         n, k = 40, 333
@@ -342,7 +342,7 @@ def test_int8_mode_avx2_equals_portable(int8_mode, rng):
     """The integer sums are identical on every path; only float32 summation order differs."""
     if not available("avx2"):
         pytest.skip("this CPU lacks AVX2")
-    for bits in (2, 4):
+    for bits in (2, 3, 4):
         w = random_quantized(203, 1000, bits, 64, offsets=True, generator=rng)
         x = torch.randn(5, 1000, generator=rng)
         q = to_cpu_layout(w.codes, bits)

@@ -14,11 +14,11 @@
 //       "portable"); chosen from cpuid at load, or from FLUTE_CPU_ISA.
 //   cpu_mode() -> str, cpu_set_mode(str) -> str, cpu_has_bf16() -> bool: the fused kernel's
 //       arithmetic: "int8" (the default; int8 activations and a 7-bit table, llama.cpp's approach;
-//       2 and 4 bits, 3 bits stay exact), "exact" (fp32; FLUTE_CPU_MODE=exact) or "bf16"
+//       any bit width), "exact" (fp32; FLUTE_CPU_MODE=exact) or "bf16"
 //       (FLUTE_CPU_MODE=bf16; AVX512_BF16 CPUs only, other paths stay exact).
 //
 // Paths: M < kLargeM and groups of a multiple of 32 columns (or one group): the fused kernel, in
-// the int8 mode (2 and 4 bits, finite x) or exact fp32 (activations converted to fp32 and
+// the int8 mode (finite x) or exact fp32 (activations converted to fp32 and
 // chunk-permuted once per call), threads over row tiles with at::parallel_for. Otherwise: rows
 // decoded in panels (fp32, or bf16 for bf16 activations on CPUs with native bf16) and multiplied by
 // at::mm (oneDNN/MKL), exactly.
@@ -101,7 +101,7 @@ bool detect_bf16() {
 const bool g_has_bf16 = detect_bf16();
 
 // Arithmetic mode of the fused kernel: 0 = exact (fp32), 1 = bf16 (opt-in, AVX512_BF16 CPUs), 2 = int8
-// (the default: int8 activations and a 7-bit table, 2 and 4 bits; see Int8Args).
+// (the default: int8 activations and a 7-bit table; see Int8Args).
 const char* const kModeNames[] = {"exact", "bf16", "int8"};
 
 int parse_mode(const char* name) {
@@ -337,7 +337,7 @@ void bf16_x(const T* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
 template <typename T>
 bool int8_x(const T* x, int64_t M, const Weight& w, int8_t* xq, int32_t* xcorr, float* xscale,
             float* xsum) {
-  const int bits = w.bits, P = 8 / bits, C = bits == 4 ? 4 : 8, cols = 64 * P;
+  const int bits = w.bits, P = int8_parts(bits), C = bits == 4 ? 4 : 8, cols = 64 * P;
   const int64_t K = w.K, nb = w.nblocks;
   int pos[256];  // column in block -> byte position in the kernel's order
   for (int reg = 0; reg < 2; ++reg)
@@ -442,7 +442,7 @@ const Table7& table7(const float* t, int n) {
 // The int8 mode's product into out [M, N] fp32; false when x is not finite (see int8_x).
 bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) {
   const int64_t M = x2.size(0);
-  const int P = 8 / w.bits;
+  const int P = int8_parts(w.bits);
   auto opts = x2.options();
   at::Tensor xq = at::empty({w.nblocks * M * 64 * P}, opts.dtype(at::kChar));
   at::Tensor xcorr = at::empty({w.nblocks * M * P * 8}, opts.dtype(at::kInt));
@@ -589,7 +589,7 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   if (!x2.is_contiguous() || (xt != at::kFloat && xt != at::kBFloat16 && xt != at::kHalf))
     x2 = x2.to(xt == at::kBFloat16 || xt == at::kHalf ? xt : at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (!(g_mode.load() == 2 && w.bits != 3 && int8_gemm(x2, w, isa, out))) exact_gemm(x2, w, isa, out);
+  if (!(g_mode.load() == 2 && int8_gemm(x2, w, isa, out))) exact_gemm(x2, w, isa, out);
   // Output in x's dtype, converted here (one fewer dispatched op per call: ~5-10 us on small layers).
   if (xt == at::kBFloat16 || xt == at::kHalf) {
     at::Tensor y = at::empty(out_shape, x.options());

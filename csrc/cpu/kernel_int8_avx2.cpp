@@ -1,6 +1,6 @@
 // flute CPU kernel, int8 mode (see Int8Args in lut_kernel.h), AVX2: one byte shuffle per 32 bytes of
 // codes puts each dword on one chunk, the table lookup is `vpshufb` on nibbles (4 bits) or 2-bit
-// fields, the products `vpmaddubsw` (u8 table value x s8 activation, pairs into int16) and
+// fields (3 bits: plus 4 where the high-bit plane, expanded to bytes, has the bit), the products `vpmaddubsw` (u8 table value x s8 activation, pairs into int16) and
 // `vpmaddwd` by ones (into int32), one float FMA per 8 dwords. Also used on AVX-512 machines (the
 // same instructions on 256 bits; an AVX-512 VNNI variant is future work).
 #if defined(__x86_64__) || defined(_M_X64)
@@ -37,9 +37,23 @@ inline __m256i bytes_by_position(__m256i v) {
 template <int BITS, int NR, int MC>
 inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const float* WS, int64_t m0,
                       float (*res)[4]) {
-  constexpr int P = 8 / BITS, BB = 64, COLS = 64 * P;
+  constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P;
+  constexpr int SH = BITS == 4 ? 4 : 2;  // bits per part in the (low) code plane
   const __m256i T = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.tu)));
   const __m256i mask = _mm256_set1_epi8(BITS == 4 ? 0x0F : 0x03);
+  // 3 bits. HT pairs uint16 p and p + 4 of each 16-byte half of the high plane into dword p, so
+  // that one vpermd (HP[p]) puts uint16 p, p+4, p+8, p+12 (the high bits of part p, q = 0..3) in
+  // every qword; HSEL[r] then copies byte r of uint16 q to the 4 bytes of dword q, and HBIT keeps
+  // bit 4h + i of byte (h, q, i): lane j = 8r + 4h + i of the code plane.
+  const __m256i HT = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                                      0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+  const __m256i HSEL[2] = {_mm256_setr_epi8(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6,
+                                            0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6),
+                           _mm256_setr_epi8(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7,
+                                            1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7)};
+  const __m256i HBIT = _mm256_setr_epi8(1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8,
+                                        16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128);
+  const __m256i four = _mm256_set1_epi8(4);
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t M = a.M, nb = a.nblocks;
   __m256 facc[NR][MC];
@@ -48,16 +62,27 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const floa
   for (int64_t b = 0; b < nb; ++b) {
     if (r0 == 0) {  // the first pass over a tile fetches 2 KB ahead (the next tile past the end)
       const char* ahead = reinterpret_cast<const char*>(tile + b * 4 * BB) + kPrefetchBytes;
-      for (int i = 0; i < 4; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
+      for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
     }
     for (int r = 0; r < NR; ++r) {
       const uint8_t* rb = tile + (b * 4 + r0 + r) * BB;
       const __m256i c0 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
       const __m256i c1 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
       __m256i u0[P], u1[P];
+      __m256i H = _mm256_setzero_si256();
+      if (BITS == 3) H = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64)), HT);
       for (int p = 0; p < P; ++p) {
-        u0[p] = _mm256_shuffle_epi8(T, _mm256_and_si256(_mm256_srli_epi16(c0, BITS * p), mask));
-        u1[p] = _mm256_shuffle_epi8(T, _mm256_and_si256(_mm256_srli_epi16(c1, BITS * p), mask));
+        __m256i i0 = _mm256_and_si256(_mm256_srli_epi16(c0, SH * p), mask);
+        __m256i i1 = _mm256_and_si256(_mm256_srli_epi16(c1, SH * p), mask);
+        if (BITS == 3) {  // + 4 where the high bit is set
+          const __m256i g = _mm256_permutevar8x32_epi32(H, _mm256_setr_epi32(p, p + 4, p, p + 4, p, p + 4, p, p + 4));
+          const __m256i b0 = _mm256_and_si256(_mm256_shuffle_epi8(g, HSEL[0]), HBIT);
+          const __m256i b1 = _mm256_and_si256(_mm256_shuffle_epi8(g, HSEL[1]), HBIT);
+          i0 = _mm256_or_si256(i0, _mm256_and_si256(_mm256_cmpeq_epi8(b0, HBIT), four));
+          i1 = _mm256_or_si256(i1, _mm256_and_si256(_mm256_cmpeq_epi8(b1, HBIT), four));
+        }
+        u0[p] = _mm256_shuffle_epi8(T, i0);
+        u1[p] = _mm256_shuffle_epi8(T, i1);
       }
       const float* ws = WS + ((r0 + r) * nb + b) * P * 8;
       for (int mc = 0; mc < MC; ++mc) {
@@ -85,7 +110,7 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const floa
 
 template <int BITS>
 void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
-  constexpr int P = 8 / BITS, C = BITS == 4 ? 4 : 8, BB = 64;
+  constexpr int P = BITS == 4 ? 2 : 4, C = BITS == 4 ? 4 : 8, BB = BITS == 3 ? 96 : 64;
   const int64_t ng = a.ng, nb = a.nblocks;
   FloatBuf ws(ng), off(4 * ng), WS(4 * nb * P * 8);
   float res[4][4];
@@ -142,8 +167,11 @@ void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
 }  // namespace
 
 void gemm_int8_avx2(const Int8Args& a, int64_t t0, int64_t t1) {
-  if (a.bits == 2) gemm_int8_bits<2>(a, t0, t1);
-  else gemm_int8_bits<4>(a, t0, t1);
+  switch (a.bits) {
+    case 2: gemm_int8_bits<2>(a, t0, t1); break;
+    case 3: gemm_int8_bits<3>(a, t0, t1); break;
+    default: gemm_int8_bits<4>(a, t0, t1); break;
+  }
 }
 
 }  // namespace flute_cpu

@@ -51,7 +51,7 @@ void gemm_portable(const GemmArgs& a, int64_t t0, int64_t t1) {
 // The int8 mode (see Int8Args), scalar: the integer sums are those of the vector path exactly; only
 // the order of the float additions differs.
 void gemm_int8_portable(const Int8Args& a, int64_t t0, int64_t t1) {
-  const int P = 8 / a.bits, C = chunks_per_block(a.bits), BB = block_bytes(a.bits);
+  const int P = int8_parts(a.bits), C = chunks_per_block(a.bits), BB = block_bytes(a.bits);
   const int cols = 64 * P;
   FloatBuf ws(a.ng), off(a.ng);
   for (int64_t t = t0; t < t1; ++t) {

@@ -57,8 +57,8 @@ struct DecodeArgs {
   bool bf16;              // dst dtype: bf16 (round to nearest even) or fp32
 };
 
-// The int8 mode (opt-in, FLUTE_CPU_MODE=int8 / flute.set_cpu_mode("int8"); 2 and 4 bits, groups of
-// a multiple of 32 columns or one group). llama.cpp's approach: activations quantized to int8 per
+// The int8 mode (the default below 32 rows; FLUTE_CPU_MODE / flute.set_cpu_mode; groups of a
+// multiple of 32 columns or one group). llama.cpp's approach: activations quantized to int8 per
 // 32-column chunk (scale = max|x| / 127), the table to 7-bit integers t7 in [-63, 63] (scale
 // max|t| / 63), stored as u = t7 + 64 in [1, 127] so that one `vpmaddubsw` (u8 x s8, pairs summed
 // into int16) never saturates: 2 * 127 * 127 < 32767. sum(x8 * t7) = sum(x8 * u) - 64 * sum(x8),
@@ -68,13 +68,15 @@ struct DecodeArgs {
 // Byte order: a row's block (16 uint32 lanes, 64 bytes) is read as two 32-byte registers reg = 0, 1
 // (lanes 8*reg ..); in each 128-bit half h a byte shuffle makes dword q the q-th bytes of lanes
 // 4h .. 4h+3, so byte (h, q, i) is byte q of lane j = 8*reg + 4*h + i. Part p (a nibble for 4 bits,
-// a 2-bit field for 2 bits; P = 8 / bits parts per byte) of that byte is slot s = P*q + p: the code
+// a 2-bit field for 2 and 3 bits; P = 2 or 4 parts per byte) of that byte is slot s = P*q + p: the code
 // of column 32*(s % C) + 2*j + s / C of the block. So dword (h, q) of part p only ever meets
 // chunk (P*q + p) % C, and the activation bytes are stored in exactly this order:
-// xq[block][m][reg][p][h][q][i] (32 * 2 * P = block-column bytes per block and row).
+// xq[block][m][reg][p][h][q][i] (32 * 2 * P = block-column bytes per block and row). 3 bits: the
+// 2-bit plane as for 2 bits, plus the high bit of slot s, lane j (bit j of uint16 s of the plane
+// that follows) expanded to the same byte positions.
 struct Int8Args {
   const uint8_t* qw;      // CPU layout
-  int bits;               // 2 or 4
+  int bits;               // 2, 3 or 4
   int64_t N, nblocks, M;
   const int8_t* xq;       // [nblocks][M][cols per block] activations in the byte order above
   const int32_t* xcorr;   // [nblocks][M][P][8]: 64 * sum of the xq bytes of dword (h, q) of part p
@@ -90,8 +92,10 @@ struct Int8Args {
 };
 
 // Column within its block of byte (reg, h, q, i), part p (see Int8Args).
+static inline int int8_parts(int bits) { return bits == 4 ? 2 : 4; }
+
 static inline int int8_col(int bits, int reg, int p, int h, int q, int i) {
-  const int P = 8 / bits, C = bits == 4 ? 4 : 8;
+  const int P = int8_parts(bits), C = bits == 4 ? 4 : 8;
   const int j = 8 * reg + 4 * h + i, s = P * q + p;
   return 32 * (s % C) + 2 * j + s / C;
 }
