@@ -89,7 +89,9 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
              if method == "gptq" else "."))
     import flute
     if device.type == "cpu":
-        print(f"CPU kernel: {flute.ops.get_cpu_isa()}" if flute.ops.HAS_CPU_KERNEL else
+        print(f"CPU kernel: {flute.ops.get_cpu_isa()} path, {flute.ops.get_cpu_mode()} mode for decode "
+              f"(perplexity runs 1,747-token batches: the exact panel path)"
+              if flute.ops.HAS_CPU_KERNEL else
               "The CPU extension flute._cpu is not built, so the CPU ran the reference path.")
     elif not flute.HAS_CUDA_KERNEL:
         print("The CUDA extension flute._C is not built, so the GPU ran the reference path.")

@@ -33,9 +33,18 @@ inline __m256i bytes_by_position(__m256i v) {
 // NR weight rows of a tile (rows r0 .., all blocks) against activation rows m0 .. m0 + MC - 1, into
 // res[r][mc]. NR * MC <= 4 float accumulators; NR = 4 at M = 1 reads the tile front to back (the 4
 // rows are interleaved block by block), so the weight stream is one sequential run per thread.
-// WS: [4][nblocks][P][8] weight scale * table scale per dword.
+// Weight scales: WS + r * ngp is row r's (scale * table scale)[ng], zero-padded by 8; the 8 dwords
+// of part p of block b take WS[g0[b] + gidx[b][p][d]] (one vpermps of 8 consecutive group scales:
+// a block spans at most 8 groups).
+struct ScaleMap {
+  const float* WS;
+  int64_t ngp;
+  const int64_t* g0;   // [nblocks]: first group of the block
+  const int32_t* gidx;  // [nblocks][P][8]: group of each dword, relative to g0
+};
+
 template <int BITS, int NR, int MC>
-inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const float* WS, int64_t m0,
+inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const ScaleMap& sm, int64_t m0,
                       float (*res)[4]) {
   constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P;
   constexpr int SH = BITS == 4 ? 4 : 2;  // bits per part in the (low) code plane
@@ -84,7 +93,8 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const floa
         u0[p] = _mm256_shuffle_epi8(T, i0);
         u1[p] = _mm256_shuffle_epi8(T, i1);
       }
-      const float* ws = WS + ((r0 + r) * nb + b) * P * 8;
+      const __m256 wv = _mm256_loadu_ps(sm.WS + (r0 + r) * sm.ngp + sm.g0[b]);
+      const int32_t* gi = sm.gidx + b * P * 8;
       for (int mc = 0; mc < MC; ++mc) {
         const int64_t bm = b * M + m0 + mc;
         const int8_t* xb = a.xq + bm * COLS;
@@ -98,7 +108,8 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const floa
           const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u0[p], x0), ones),
                                              _mm256_madd_epi16(_mm256_maddubs_epi16(u1[p], x1), ones));
           const __m256i isum = _mm256_sub_epi32(d, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + p * 8)));
-          const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(ws + p * 8), _mm256_loadu_ps(xs + p * 8));
+          const __m256 ws = _mm256_permutevar8x32_ps(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gi + p * 8)));
+          const __m256 sc = _mm256_mul_ps(ws, _mm256_loadu_ps(xs + p * 8));
           facc[r][mc] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, facc[r][mc]);
         }
       }
@@ -112,41 +123,47 @@ template <int BITS>
 void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
   constexpr int P = BITS == 4 ? 2 : 4, C = BITS == 4 ? 4 : 8, BB = BITS == 3 ? 96 : 64;
   const int64_t ng = a.ng, nb = a.nblocks;
-  FloatBuf ws(ng), off(4 * ng), WS(4 * nb * P * 8);
+  const int64_t ngp = ng + 8;
+  FloatBuf off(4 * ng), WS(4 * ngp);
   float res[4][4];
-  // Group of each dword of the WS pattern ([nblocks][P][4]), computed once: no division per tile.
-  int64_t* group = new int64_t[nb * P * 4];
-  for (int64_t b = 0; b < nb; ++b)
+  // Group of each dword, computed once per call (no division per tile): the scale map.
+  Int64Buf g0(nb);
+  Int32Buf gidx(nb * P * 8);
+  for (int64_t b = 0; b < nb; ++b) {
+    g0[b] = min64(b * C * 32 / a.G, ng - 1);
     for (int p = 0; p < P; ++p)
-      for (int q = 0; q < 4; ++q)
-        group[(b * P + p) * 4 + q] = min64((b * C + (P * q + p) % C) * 32 / a.G, ng - 1);
+      for (int q = 0; q < 4; ++q) {
+        const int64_t g = min64((b * C + (P * q + p) % C) * 32 / a.G, ng - 1);
+        gidx[(b * P + p) * 8 + q] = gidx[(b * P + p) * 8 + 4 + q] = static_cast<int32_t>(g - g0[b]);
+      }
+  }
+  const ScaleMap sm{WS.data(), ngp, g0.data(), gidx.data()};
   for (int64_t t = t0; t < t1; ++t) {
     for (int r = 0; r < 4; ++r) {
       const int64_t n = 4 * t + r;
-      float* W = WS.data() + r * nb * P * 8;
+      float* W = WS.data() + r * ngp;
       if (n >= a.N) {  // padding rows of the last tile: computed (codes 0), never written
-        for (int64_t i = 0; i < nb * P * 8; ++i) W[i] = 0.f;
+        for (int64_t i = 0; i < ng; ++i) W[i] = 0.f;
         continue;
       }
-      load_row_f32(a.scales, a.stype, n, ng, ws.data());
+      load_row_f32(a.scales, a.stype, n, ng, W);
+      for (int64_t i = 0; i < ng; ++i) W[i] *= a.tscale;
       if (a.offsets) load_row_f32(a.offsets, a.stype, n, ng, off.data() + r * ng);
-      for (int64_t i = 0; i < nb * P; ++i)
-        for (int q = 0; q < 4; ++q) W[i * 8 + q] = W[i * 8 + 4 + q] = ws[group[i * 4 + q]] * a.tscale;
     }
     const uint8_t* tile = a.qw + t * nb * 4 * BB;
     for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
       const int64_t mc = min64(4, a.M - m0);
       switch (mc) {
-        case 1: rows_int8<BITS, 4, 1>(a, tile, 0, WS.data(), m0, res); break;
+        case 1: rows_int8<BITS, 4, 1>(a, tile, 0, sm, m0, res); break;
         case 2:
-          rows_int8<BITS, 2, 2>(a, tile, 0, WS.data(), m0, res);
-          rows_int8<BITS, 2, 2>(a, tile, 2, WS.data(), m0, res);
+          rows_int8<BITS, 2, 2>(a, tile, 0, sm, m0, res);
+          rows_int8<BITS, 2, 2>(a, tile, 2, sm, m0, res);
           break;
         case 3:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, 1, 3>(a, tile, r, WS.data(), m0, res);
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, 1, 3>(a, tile, r, sm, m0, res);
           break;
         default:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, 1, 4>(a, tile, r, WS.data(), m0, res);
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, 1, 4>(a, tile, r, sm, m0, res);
       }
       for (int r = 0; r < 4 && 4 * t + r < a.N; ++r) {
         for (int64_t i = 0; i < mc; ++i) {
@@ -161,7 +178,6 @@ void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
       }
     }
   }
-  delete[] group;
 }
 
 }  // namespace

@@ -136,6 +136,20 @@ struct FloatBuf {
   float& operator[](int64_t i) { return p[i]; }
 };
 
+// Zero-initialized integer buffers (as FloatBuf).
+template <typename T>
+struct IntBuf {
+  T* p;
+  explicit IntBuf(int64_t n) : p(new T[n > 0 ? n : 1]()) {}
+  ~IntBuf() { delete[] p; }
+  IntBuf(const IntBuf&) = delete;
+  IntBuf& operator=(const IntBuf&) = delete;
+  T* data() { return p; }
+  T& operator[](int64_t i) { return p[i]; }
+};
+using Int64Buf = IntBuf<int64_t>;
+using Int32Buf = IntBuf<int32_t>;
+
 static inline int chunks_per_block(int bits) { return bits == 4 ? 4 : 8; }
 static inline int block_bytes(int bits) { return 4 * chunks_per_block(bits) * bits; }
 
