@@ -290,8 +290,9 @@ def _qgemm_backward(ctx, grad):
     return grad_x, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("flute::qgemm", _qgemm_backward, setup_context=_qgemm_setup_context,
-                                lib=_lib)
+if not HAS_CPU_KERNEL:  # flute._cpu registers the same formula in C++ (cheaper per call)
+    torch.library.register_autograd("flute::qgemm", _qgemm_backward,
+                                    setup_context=_qgemm_setup_context, lib=_lib)
 
 
 # Why ``flute._C`` did not load ("" when it did): kept so that a GPU run can report a broken build

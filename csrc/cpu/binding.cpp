@@ -33,6 +33,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -640,7 +641,59 @@ at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales,
       .to(scales.scalar_type());
 }
 
+// Autograd of flute::qgemm, for every backend: the gradient with respect to x only (the quantized
+// weight is frozen), grad @ W, so adapters (LoRA) and activations upstream of a quantized layer
+// train. In C++ rather than torch.library.register_autograd because the Python autograd kernel
+// costs ~10 us per call even under no_grad (HF generate: 210 calls per SmolLM2 token); flute/ops.py
+// registers the same formula in Python only when this extension is missing.
+class QgemmAutograd : public torch::autograd::Function<QgemmAutograd> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& qweight, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& offsets, const at::Tensor& table,
+                            int64_t bits, int64_t group_size, int64_t K, int64_t N) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("flute::qgemm", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, const at::Tensor&,
+                                           int64_t, int64_t, int64_t, int64_t)>();
+    ctx->save_for_backward({qweight, scales, offsets.has_value() ? *offsets : at::Tensor(), table});
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["K"] = K;
+    ctx->saved_data["N"] = N;
+    return op.call(x, qweight, scales, offsets, table, bits, group_size, K, N);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto deq = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("flute::dequantize", "")
+                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                            const std::optional<at::Tensor>&, const at::Tensor&,
+                                            int64_t, int64_t, int64_t, int64_t)>();
+    const auto saved = ctx->get_saved_variables();
+    std::optional<at::Tensor> offsets;
+    if (saved[2].defined()) offsets = saved[2];
+    const at::Tensor w = deq.call(saved[0], saved[1], offsets, saved[3], ctx->saved_data["bits"].toInt(),
+                                  ctx->saved_data["group_size"].toInt(), ctx->saved_data["K"].toInt(),
+                                  ctx->saved_data["N"].toInt());
+    const at::Tensor grad_x = at::matmul(grads[0], w.to(grads[0].scalar_type()));
+    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor qgemm_autograd(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& offsets, const at::Tensor& table,
+                          int64_t bits, int64_t group_size, int64_t K, int64_t N) {
+  return QgemmAutograd::apply(x, qweight, scales, offsets, table, bits, group_size, K, N);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(flute, Autograd, m) { m.impl("qgemm", &qgemm_autograd); }
 
 TORCH_LIBRARY_FRAGMENT(flute, m) {
   m.def("cpu_lut_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, Tensor table, "
