@@ -5,18 +5,10 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
-
-#include "lut_kernel.h"
+#include "avx2_common.h"
 
 namespace flute_cpu {
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 template <int BITS>
 inline __m256 lookup8(__m256 TA, __m256 TB, __m256i d, int s, uint16_t hi, int h);
@@ -27,12 +19,8 @@ inline void rows2(const GemmArgs& a, const uint8_t* row0, int R, const float* x,
                   float* res) {
   constexpr int C = BITS == 4 ? 4 : 8;
   constexpr int BB = 4 * C * BITS;
-  alignas(32) float t0[8], t1[8];
-  for (int i = 0; i < 8; ++i) {
-    t0[i] = BITS == 4 ? a.table[i] : a.table[i & 3];
-    t1[i] = BITS == 4 ? a.table[8 + i] : BITS == 3 ? a.table[4 + (i & 3)] : 0.f;
-  }
-  const __m256 TA = _mm256_load_ps(t0), TB = _mm256_load_ps(t1);
+  __m256 TA, TB;
+  split_table<BITS>(a.table, &TA, &TB);
   const int64_t ngp = a.ngp, cpg = a.cpg;
   __m256 acc[2][2], tot[2][2];
   for (int r = 0; r < 2; ++r)
@@ -144,12 +132,8 @@ template <int BITS>
 void decode_bits(const DecodeArgs& a, int64_t r0, int64_t r1) {
   constexpr int C = BITS == 4 ? 4 : 8;
   constexpr int BB = 4 * C * BITS;
-  alignas(32) float t0[8], t1[8];
-  for (int i = 0; i < 8; ++i) {
-    t0[i] = BITS == 4 ? a.table[i] : a.table[i & 3];
-    t1[i] = BITS == 4 ? a.table[8 + i] : BITS == 3 ? a.table[4 + (i & 3)] : 0.f;
-  }
-  const __m256 TA = _mm256_load_ps(t0), TB = _mm256_load_ps(t1);
+  __m256 TA, TB;
+  split_table<BITS>(a.table, &TA, &TB);
   FloatBuf sc(a.ng), off(a.ng);
   alignas(32) float tmp[32];
   for (int64_t n = r0; n < r1; ++n) {

@@ -6,17 +6,11 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
-#include "lut_kernel.h"
+#include "avx2_common.h"
 
 namespace flute_cpu {
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Software prefetch distance in the weight stream: the hardware prefetchers alone left the 4-bit
 // M = 1 call at ~40% of read bandwidth (the same fix took the AVX-512 exact kernel from 6.1 to

@@ -125,30 +125,20 @@ namespace {
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// A zero-initialized float buffer.
-struct FloatBuf {
-  float* p;
-  explicit FloatBuf(int64_t n) : p(new float[n > 0 ? n : 1]()) {}
-  ~FloatBuf() { delete[] p; }
-  FloatBuf(const FloatBuf&) = delete;
-  FloatBuf& operator=(const FloatBuf&) = delete;
-  float* data() { return p; }
-  float& operator[](int64_t i) { return p[i]; }
-};
-
-// Zero-initialized integer buffers (as FloatBuf).
+// A zero-initialized buffer (a class template in the anonymous namespace: internal linkage).
 template <typename T>
-struct IntBuf {
+struct Buf {
   T* p;
-  explicit IntBuf(int64_t n) : p(new T[n > 0 ? n : 1]()) {}
-  ~IntBuf() { delete[] p; }
-  IntBuf(const IntBuf&) = delete;
-  IntBuf& operator=(const IntBuf&) = delete;
+  explicit Buf(int64_t n) : p(new T[n > 0 ? n : 1]()) {}
+  ~Buf() { delete[] p; }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
   T* data() { return p; }
   T& operator[](int64_t i) { return p[i]; }
 };
-using Int64Buf = IntBuf<int64_t>;
-using Int32Buf = IntBuf<int32_t>;
+using FloatBuf = Buf<float>;
+using Int64Buf = Buf<int64_t>;
+using Int32Buf = Buf<int32_t>;
 
 static inline int chunks_per_block(int bits) { return bits == 4 ? 4 : 8; }
 static inline int block_bytes(int bits) { return 4 * chunks_per_block(bits) * bits; }

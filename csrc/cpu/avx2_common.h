@@ -1,0 +1,35 @@
+// Helpers shared by the AVX2 translation units (kernel_avx2.cpp, kernel_int8_avx2.cpp); included
+// only from files compiled with -mavx2 -mfma. Internal linkage, as everything in lut_kernel.h.
+#pragma once
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include "lut_kernel.h"
+
+namespace flute_cpu {
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The table as two 8-entry vectors for `vpermps`: 4 bits: entries 0-7 and 8-15 (index bit 3
+// selects); 3 bits: entries 0-3 and 4-7, each repeated (the high-bit plane selects); 2 bits:
+// entries 0-3 repeated (TB unused).
+template <int BITS>
+inline void split_table(const float* table, __m256* TA, __m256* TB) {
+  alignas(32) float t0[8], t1[8];
+  for (int i = 0; i < 8; ++i) {
+    t0[i] = BITS == 4 ? table[i] : table[i & 3];
+    t1[i] = BITS == 4 ? table[8 + i] : BITS == 3 ? table[4 + (i & 3)] : 0.f;
+  }
+  *TA = _mm256_load_ps(t0);
+  *TB = _mm256_load_ps(t1);
+}
+
+}  // namespace
+}  // namespace flute_cpu
+#endif
