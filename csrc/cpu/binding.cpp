@@ -112,7 +112,7 @@ int parse_mode(const char* name) {
 }
 
 // The default is int8: its measured perplexity cost on SmolLM2 is within +-0.5% for every usable
-// 2- and 4-bit model (benchmarks/results/int8-quality-*.json), the bar for a default.
+// 2-, 3- and 4-bit model (benchmarks/results/int8-quality-*.json), the bar for a default.
 std::atomic<int> g_mode{[] {
   const int m = parse_mode(std::getenv("FLUTE_CPU_MODE"));
   return m >= 0 ? m : 2;
