@@ -182,11 +182,14 @@ class QuantLinear(nn.Module):
         compute = x.dtype
         if x.is_cuda and x.dtype != self.scales.dtype:
             compute = self.scales.dtype  # the kernel runs in the dtype of the stored scales
-        y = torch.ops.flute.qgemm(x.to(compute), self.qweight, self.scales, self.offsets, self.table,
-                                  self.bits, self.group_size, self.in_features, self.out_features)
+        # Conversions only when needed: a no-op .to() still costs a dispatched call, and a decoding
+        # SmolLM2 makes 210 of these calls per token.
+        y = torch.ops.flute.qgemm(x if x.dtype == compute else x.to(compute), self.qweight,
+                                  self.scales, self.offsets, self.table, self.bits,
+                                  self.group_size, self.in_features, self.out_features)
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype)
+            y = y + (self.bias if self.bias.dtype == y.dtype else self.bias.to(y.dtype))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The reconstructed weight ``[out_features, in_features]`` in the scales' dtype."""

@@ -136,6 +136,30 @@ def test_bitwise_deterministic_across_calls_and_threads(m, isa, rng):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+@pytest.mark.parametrize("mode", ["exact", "int8"])
+def test_dynamic_tile_split_is_bitwise_the_one_thread_result(mode, rng):
+    """Layers large enough for the dynamic split (threads take chunks of row tiles from a shared
+    counter: here 301 rows x 4096 columns, 76 tiles in chunks of 16) give the 1-thread bits at 2
+    threads, call after call, and match the reference."""
+    n, k, bits, group = 301, 4096, 4, 64
+    w = random_quantized(n, k, bits, group, generator=rng)
+    x = torch.randn(1, k, generator=rng)
+    q = to_cpu_layout(w.codes, bits)
+    old = torch.get_num_threads()
+    ops.set_cpu_mode(mode)
+    try:
+        outs = []
+        for t in (1, 2, 2, 2):
+            torch.set_num_threads(t)
+            outs.append(run(x, w, bits, group, n, k, q))
+    finally:
+        torch.set_num_threads(old)
+        ops.set_cpu_mode("exact")
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    ref = reference_qgemm_int8(x, w, group) if mode == "int8" else reference_qgemm(x, w, group)
+    assert relative_error(outs[0], ref) < 1e-5
+
+
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_dequantize_cpu_layout(bits, sdtype, isa, rng):

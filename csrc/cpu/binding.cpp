@@ -19,7 +19,7 @@
 //
 // Paths: M < kLargeM and groups of a multiple of 32 columns (or one group): the fused kernel, in
 // the int8 mode (finite x) or exact fp32 (activations converted to fp32 and
-// chunk-permuted once per call), threads over row tiles with at::parallel_for. Otherwise: rows
+// chunk-permuted once per call), threads over row tiles (for_tiles). Otherwise: rows
 // decoded in panels (fp32, or bf16 for bf16 activations on CPUs with native bf16) and multiplied by
 // at::mm (oneDNN/MKL), exactly.
 //
@@ -237,14 +237,18 @@ Weight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
                            offsets->device() == qweight.device());
   TORCH_CHECK_VALUE(one_device, "flute: all tensors must be on one device");
   TORCH_CHECK_VALUE(qweight.device().is_cpu(), "flute: the CPU layout (uint8 qweight) is for CPU tensors");
+  // Conversions only where needed: each no-op .to() / .contiguous() is still a dispatched call
+  // (~1 us), and small layers are dominated by such fixed costs.
+  const auto contig = [](const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); };
   at::Tensor s = scales;
   const auto st = s.scalar_type();
   if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) s = s.to(at::kFloat);
   w.stype = s.scalar_type() == at::kFloat ? kF32 : s.scalar_type() == at::kBFloat16 ? kBF16 : kF16;
-  w.scales = s.contiguous();
-  if (offsets.has_value() && offsets->defined()) w.offsets = offsets->to(s.scalar_type()).contiguous();
-  w.table = table.to(at::kFloat).contiguous();
-  w.qweight = qweight.contiguous();
+  w.scales = contig(s);
+  if (offsets.has_value() && offsets->defined())
+    w.offsets = contig(offsets->scalar_type() == s.scalar_type() ? *offsets : offsets->to(s.scalar_type()));
+  w.table = contig(table.scalar_type() == at::kFloat ? table : table.to(at::kFloat));
+  w.qweight = contig(qweight);
   return w;
 }
 
@@ -331,57 +335,31 @@ void bf16_x(const T* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
   }
 }
 
-// The int8 mode's activations (see Int8Args): per row and 32-column chunk, scale = max|x| / 127 and
-// x8 = round(x / scale), stored in the kernel's byte order with the per-dword corrections and
-// scales; exact group sums when there are offsets. False (nothing usable) when x holds a NaN or an
-// Inf: the caller then takes the exact path, which propagates them as the float math would.
+// The int8 mode's activations (see Int8Args): each block of each row through the ISA's QuantXFn
+// (per 32-column chunk, scale = max|x| / 127 and x8 = round(x / scale), stored in the kernel's
+// byte order with the per-dword corrections and scales); exact group sums when there are offsets.
+// False (nothing usable) when x holds a NaN or an Inf: the caller then takes the exact path, which
+// propagates them as the float math would.
 template <typename T>
-bool int8_x(const T* x, int64_t M, const Weight& w, int8_t* xq, int32_t* xcorr, float* xscale,
-            float* xsum) {
-  const int bits = w.bits, P = int8_parts(bits), C = bits == 4 ? 4 : 8, cols = 64 * P;
+bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, int8_t* xq, int32_t* xcorr,
+            float* xscale, float* xsum) {
+  const int bits = w.bits, P = int8_parts(bits), cols = 64 * P;
   const int64_t K = w.K, nb = w.nblocks;
-  int pos[256];  // column in block -> byte position in the kernel's order
-  for (int reg = 0; reg < 2; ++reg)
-    for (int p = 0; p < P; ++p)
-      for (int h = 0; h < 2; ++h)
-        for (int q = 0; q < 4; ++q)
-          for (int i = 0; i < 4; ++i)
-            pos[int8_col(bits, reg, p, h, q, i)] = (reg * P + p) * 32 + h * 16 + q * 4 + i;
-  std::vector<float> xf(cols), cs(C);
-  std::vector<int8_t> x8(cols);
+  alignas(32) float xf[256];
   for (int64_t m = 0; m < M; ++m) {
     const T* xr = x + m * K;
     for (int64_t b = 0; b < nb; ++b) {
-      for (int c = 0; c < cols; ++c) {
-        const int64_t k = b * cols + c;
-        xf[c] = k < K ? static_cast<float>(xr[k]) : 0.f;
-      }
-      for (int ch = 0; ch < C; ++ch) {
-        float amax = 0.f;
-        bool finite = true;  // std::max drops a NaN: test each value
-        for (int c = 32 * ch; c < 32 * ch + 32; ++c) {
-          amax = std::max(amax, std::fabs(xf[c]));
-          finite = finite && std::isfinite(xf[c]);
+      const float* src = xf;
+      if (std::is_same_v<T, float> && (b + 1) * cols <= K) {
+        src = reinterpret_cast<const float*>(xr + b * cols);  // a whole block of fp32: no copy
+      } else {
+        for (int c = 0; c < cols; ++c) {
+          const int64_t k = b * cols + c;
+          xf[c] = k < K ? static_cast<float>(xr[k]) : 0.f;
         }
-        if (!finite) return false;
-        const float sc = amax / 127.f;
-        cs[ch] = sc;
-        for (int c = 32 * ch; c < 32 * ch + 32; ++c)
-          x8[c] = sc > 0.f ? static_cast<int8_t>(std::nearbyint(xf[c] / sc)) : 0;
       }
-      int8_t* dst = xq + (b * M + m) * cols;
-      for (int c = 0; c < cols; ++c) dst[pos[c]] = x8[c];
-      int32_t* corr = xcorr + (b * M + m) * P * 8;
-      float* xs = xscale + (b * M + m) * P * 8;
-      for (int p = 0; p < P; ++p)
-        for (int h = 0; h < 2; ++h)
-          for (int q = 0; q < 4; ++q) {
-            int32_t sum = 0;
-            for (int reg = 0; reg < 2; ++reg)
-              for (int i = 0; i < 4; ++i) sum += dst[(reg * P + p) * 32 + h * 16 + q * 4 + i];
-            corr[p * 8 + h * 4 + q] = 64 * sum;
-            xs[p * 8 + h * 4 + q] = cs[(P * q + p) % C];
-          }
+      const int64_t bm = b * M + m;
+      if (!quant(src, bits, xq + bm * cols, xcorr + bm * P * 8, xscale + bm * P * 8)) return false;
     }
     if (xsum) {
       for (int64_t g = 0; g < w.ng; ++g) {
@@ -430,67 +408,126 @@ Table7 quantize_table7(const float* t, int n) {
 }
 
 // quantize_table7 costs ~10 us (881 candidate scales); a model reuses its tables every call, so the
-// results are cached per thread by the table's bytes.
+// results are cached per thread by the table's bytes (a fixed-size key: no allocation per lookup).
+struct TableKey {
+  uint32_t words[16];
+  int n;
+  bool operator==(const TableKey& o) const {
+    return n == o.n && std::memcmp(words, o.words, sizeof(words)) == 0;
+  }
+};
+
+struct TableKeyHash {
+  size_t operator()(const TableKey& k) const {
+    uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(k.n);
+    for (int i = 0; i < k.n; ++i) h = (h ^ k.words[i]) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
 const Table7& table7(const float* t, int n) {
-  thread_local std::unordered_map<std::string, Table7> cache;
-  std::string key(reinterpret_cast<const char*>(t), n * sizeof(float));
+  thread_local std::unordered_map<TableKey, Table7, TableKeyHash> cache;
+  TableKey key{};
+  key.n = n;
+  std::memcpy(key.words, t, n * sizeof(float));
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   if (cache.size() > 4096) cache.clear();
-  return cache.emplace(std::move(key), quantize_table7(t, n)).first->second;
+  return cache.emplace(key, quantize_table7(t, n)).first->second;
 }
+
+// fn(t0, t1) over the row tiles [0, tiles), at least `grain` tiles per call of fn. Large calls:
+// threads take chunks of tiles from a shared counter (dynamic balancing, as llama.cpp's CPU backend
+// does) rather than one static share each, because on a shared or virtualized machine one core is
+// often slowed down and a static split waits for it (measured, 14336x4096 4-bit M=1, 2 threads:
+// 2.27 -> 2.12 ms on a quiet VM, 5.59 -> 4.48 ms with the other core busy). Small calls keep the
+// static split (chunks under 4 grains cost more than they balance: 1536x576 67 -> 76 us).
+template <typename F>
+void for_tiles(int64_t tiles, int64_t grain, const F& fn) {
+  const int64_t nt = at::get_num_threads();
+  if (nt <= 1 || tiles <= grain) {
+    fn(0, tiles);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(4 * grain, tiles / (8 * nt));
+  if (tiles < 2 * nt * chunk) {
+    at::parallel_for(0, tiles, grain, fn);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t t0 = next.fetch_add(chunk); t0 < tiles; t0 = next.fetch_add(chunk))
+      fn(t0, std::min(tiles, t0 + chunk));
+  });
+}
+
+// Bytes from `off` rounded up to a 64-byte boundary (the int8 scratch buffer's parts).
+int64_t align64(int64_t off) { return (off + 63) / 64 * 64; }
 
 // The int8 mode's product into out [M, N] fp32; false when x is not finite (see int8_x).
 bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) {
-  const int64_t M = x2.size(0);
-  const int P = int8_parts(w.bits);
-  auto opts = x2.options();
-  at::Tensor xq = at::empty({w.nblocks * M * 64 * P}, opts.dtype(at::kChar));
-  at::Tensor xcorr = at::empty({w.nblocks * M * P * 8}, opts.dtype(at::kInt));
-  at::Tensor xscale = at::empty({w.nblocks * M * P * 8}, opts.dtype(at::kFloat));
-  at::Tensor xsum;
-  if (w.offsets.defined()) xsum = at::empty({M, w.ng}, opts.dtype(at::kFloat));
-  float* xs = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
+  const int64_t M = x2.size(0), nb = w.nblocks;
+  const int P = int8_parts(w.bits), C = w.bits == 4 ? 4 : 8;
+  // One scratch allocation per call (small calls are dominated by fixed costs): activations,
+  // their corrections and scales, group sums and the scale map.
+  const int64_t o_corr = align64(nb * M * 64 * P), o_scale = align64(o_corr + nb * M * P * 8 * 4),
+                o_sum = align64(o_scale + nb * M * P * 8 * 4), o_g0 = align64(o_sum + M * w.ng * 4),
+                o_gidx = align64(o_g0 + nb * 8), total = o_gidx + nb * P * 8 * 4;
+  at::Tensor scratch = at::empty({total + 64}, x2.options().dtype(at::kByte));
+  char* base = reinterpret_cast<char*>(align64(reinterpret_cast<intptr_t>(scratch.data_ptr())));
+  int8_t* xq = reinterpret_cast<int8_t*>(base);
+  int32_t* xcorr = reinterpret_cast<int32_t*>(base + o_corr);
+  float* xscale = reinterpret_cast<float*>(base + o_scale);
+  float* xs = w.offsets.defined() ? reinterpret_cast<float*>(base + o_sum) : nullptr;
+  int64_t* g0 = reinterpret_cast<int64_t*>(base + o_g0);
+  int32_t* gidx = reinterpret_cast<int32_t*>(base + o_gidx);
+  QuantXFn quant = quantize_x_int8_portable;
+  Int8Fn fn = gemm_int8_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa >= kAvx2) {
+    quant = quantize_x_int8_avx2;
+    fn = gemm_int8_avx2;
+  }
+#endif
   bool ok;
   switch (x2.scalar_type()) {
-    case at::kBFloat16:
-      ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, w, xq.data_ptr<int8_t>(), xcorr.data_ptr<int32_t>(),
-                  xscale.data_ptr<float>(), xs);
-      break;
-    case at::kHalf:
-      ok = int8_x(x2.data_ptr<c10::Half>(), M, w, xq.data_ptr<int8_t>(), xcorr.data_ptr<int32_t>(),
-                  xscale.data_ptr<float>(), xs);
-      break;
-    default:
-      ok = int8_x(x2.data_ptr<float>(), M, w, xq.data_ptr<int8_t>(), xcorr.data_ptr<int32_t>(),
-                  xscale.data_ptr<float>(), xs);
+    case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, w, quant, xq, xcorr, xscale, xs); break;
+    case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, w, quant, xq, xcorr, xscale, xs); break;
+    default: ok = int8_x(x2.data_ptr<float>(), M, w, quant, xq, xcorr, xscale, xs);
   }
   if (!ok) return false;
+  // The scale map: no division per tile in the kernel.
+  for (int64_t b = 0; b < nb; ++b) {
+    g0[b] = std::min<int64_t>(b * C * 32 / w.G, w.ng - 1);
+    for (int p = 0; p < P; ++p)
+      for (int q = 0; q < 4; ++q) {
+        const int64_t g = std::min<int64_t>((b * C + (P * q + p) % C) * 32 / w.G, w.ng - 1);
+        gidx[(b * P + p) * 8 + q] = gidx[(b * P + p) * 8 + 4 + q] = static_cast<int32_t>(g - g0[b]);
+      }
+  }
   Int8Args a;
   a.qw = w.qweight.data_ptr<uint8_t>();
   a.bits = w.bits;
   a.N = w.N;
-  a.nblocks = w.nblocks;
+  a.nblocks = nb;
   a.M = M;
-  a.xq = xq.data_ptr<int8_t>();
-  a.xcorr = xcorr.data_ptr<int32_t>();
-  a.xscale = xscale.data_ptr<float>();
+  a.xq = xq;
+  a.xcorr = xcorr;
+  a.xscale = xscale;
   a.scales = w.scales.data_ptr();
   a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
   a.stype = w.stype;
   a.ng = w.ng;
   a.G = w.G;
   a.xsum = xs;
+  a.g0 = g0;
+  a.gidx = gidx;
   const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
   std::memcpy(a.tu, t7.tu, 16);
   a.tscale = t7.scale;
   a.out = out.data_ptr<float>();
-  Int8Fn fn = gemm_int8_portable;
-#if defined(__x86_64__) || defined(_M_X64)
-  if (isa >= kAvx2) fn = gemm_int8_avx2;
-#endif
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
-  at::parallel_for(0, w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
   return true;
 }
 
@@ -548,7 +585,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out)
   const int64_t tiles = w.N_pad / 4;
   // ~64K weights per task at least, so small layers run on one thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
 }
 
 at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

@@ -115,34 +115,31 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
 
 template <int BITS>
 void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
-  constexpr int P = BITS == 4 ? 2 : 4, C = BITS == 4 ? 4 : 8, BB = BITS == 3 ? 96 : 64;
+  constexpr int BB = BITS == 3 ? 96 : 64;
   const int64_t ng = a.ng, nb = a.nblocks;
   const int64_t ngp = ng + 8;
-  FloatBuf off(4 * ng), WS(4 * ngp);
+  // Per-tile scales and offsets of 4 rows: on the stack for up to ~1000 groups per row (a small
+  // call should not pay for heap allocations), else on the heap.
+  constexpr int64_t kStackFloats = 4096;
+  float stack_buf[kStackFloats];
+  const int64_t need = 4 * ngp + 4 * ng;
+  FloatBuf heap(need > kStackFloats ? need : 0);
+  float* const WSp = need > kStackFloats ? heap.data() : stack_buf;
+  float* const off = WSp + 4 * ngp;
+  for (int64_t i = 0; i < need; ++i) WSp[i] = 0.f;  // the 8 padding scales per row stay zero
   float res[4][4];
-  // Group of each dword, computed once per call (no division per tile): the scale map.
-  Int64Buf g0(nb);
-  Int32Buf gidx(nb * P * 8);
-  for (int64_t b = 0; b < nb; ++b) {
-    g0[b] = min64(b * C * 32 / a.G, ng - 1);
-    for (int p = 0; p < P; ++p)
-      for (int q = 0; q < 4; ++q) {
-        const int64_t g = min64((b * C + (P * q + p) % C) * 32 / a.G, ng - 1);
-        gidx[(b * P + p) * 8 + q] = gidx[(b * P + p) * 8 + 4 + q] = static_cast<int32_t>(g - g0[b]);
-      }
-  }
-  const ScaleMap sm{WS.data(), ngp, g0.data(), gidx.data()};
+  const ScaleMap sm{WSp, ngp, a.g0, a.gidx};
   for (int64_t t = t0; t < t1; ++t) {
     for (int r = 0; r < 4; ++r) {
       const int64_t n = 4 * t + r;
-      float* W = WS.data() + r * ngp;
+      float* W = WSp + r * ngp;
       if (n >= a.N) {  // padding rows of the last tile: computed (codes 0), never written
         for (int64_t i = 0; i < ng; ++i) W[i] = 0.f;
         continue;
       }
       load_row_f32(a.scales, a.stype, n, ng, W);
       for (int64_t i = 0; i < ng; ++i) W[i] *= a.tscale;
-      if (a.offsets) load_row_f32(a.offsets, a.stype, n, ng, off.data() + r * ng);
+      if (a.offsets) load_row_f32(a.offsets, a.stype, n, ng, off + r * ng);
     }
     const uint8_t* tile = a.qw + t * nb * 4 * BB;
     for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
@@ -175,6 +172,50 @@ void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
 }
 
 }  // namespace
+
+bool quantize_x_int8_avx2(const float* xf, int bits, int8_t* dst, int32_t* corr, float* xs) {
+  const int P = int8_parts(bits), C = chunks_per_block(bits), cols = 64 * P;
+  const int16_t* pos = int8_positions(bits);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 fmax = _mm256_set1_ps(3.4028235e38f);
+  // packs_epi32 then packs_epi16 interleave 4-dword groups across the two 128-bit halves; this
+  // vpermd puts the 32 bytes back in column order.
+  const __m256i unpack = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  alignas(32) int8_t x8[256];
+  float cs[8];
+  for (int ch = 0; ch < C; ++ch) {
+    __m256 v[4], m = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xf + 32 * ch + 8 * i);
+      const __m256 av = _mm256_and_ps(v[i], absmask);
+      ok = _mm256_and_ps(ok, _mm256_cmp_ps(av, fmax, _CMP_LE_OQ));  // false for NaN and Inf
+      m = _mm256_max_ps(m, av);
+    }
+    if (_mm256_movemask_ps(ok) != 0xFF) return false;
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float sc = _mm_cvtss_f32(h) / 127.f;
+    cs[ch] = sc;
+    __m256i r[4];
+    for (int i = 0; i < 4; ++i)  // cvtps rounds to nearest even, as nearbyint; |x / sc| <= 127
+      r[i] = sc > 0.f ? _mm256_cvtps_epi32(_mm256_div_ps(v[i], _mm256_set1_ps(sc))) : _mm256_setzero_si256();
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(x8 + 32 * ch), _mm256_permutevar8x32_epi32(b, unpack));
+  }
+  for (int c = 0; c < cols; ++c) dst[pos[c]] = x8[c];
+  // corr: 64 * the sum of the 8 bytes of dword (h, q) of part p over both registers.
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  for (int p = 0; p < P; ++p) {
+    const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + p * 32));
+    const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + (P + p) * 32));
+    const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, a0), ones16),
+                                       _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, a1), ones16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(corr + p * 8), _mm256_slli_epi32(s, 6));
+    for (int hq = 0; hq < 8; ++hq) xs[p * 8 + hq] = cs[(P * (hq & 3) + p) % C];
+  }
+  return true;
+}
 
 void gemm_int8_avx2(const Int8Args& a, int64_t t0, int64_t t1) {
   switch (a.bits) {

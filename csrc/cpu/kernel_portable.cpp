@@ -1,6 +1,8 @@
 // flute CPU kernel, portable path: plain C++ (no intrinsics), any architecture. Same layout, same
 // per-group order of operations as the vector paths (partial sum per group, times the scale).
 
+#include <cmath>
+
 #include "lut_kernel.h"
 
 namespace flute_cpu {
@@ -88,6 +90,57 @@ void gemm_int8_portable(const Int8Args& a, int64_t t0, int64_t t1) {
       }
     }
   }
+}
+
+const int16_t* int8_positions(int bits) {
+  struct Tables {
+    int16_t pos[3][256];
+    Tables() {
+      for (int b = 2; b <= 4; ++b) {
+        const int P = int8_parts(b);
+        for (int reg = 0; reg < 2; ++reg)
+          for (int p = 0; p < P; ++p)
+            for (int h = 0; h < 2; ++h)
+              for (int q = 0; q < 4; ++q)
+                for (int i = 0; i < 4; ++i)
+                  pos[b - 2][int8_col(b, reg, p, h, q, i)] =
+                      static_cast<int16_t>((reg * P + p) * 32 + h * 16 + q * 4 + i);
+      }
+    }
+  };
+  static const Tables t;  // built once, thread-safe (C++11 static initialization)
+  return t.pos[bits - 2];
+}
+
+bool quantize_x_int8_portable(const float* xf, int bits, int8_t* dst, int32_t* corr, float* xs) {
+  const int P = int8_parts(bits), C = chunks_per_block(bits), cols = 64 * P;
+  const int16_t* pos = int8_positions(bits);
+  float cs[8];
+  for (int ch = 0; ch < C; ++ch) {
+    float amax = 0.f;
+    bool finite = true;  // a max drops a NaN: test each value
+    for (int c = 32 * ch; c < 32 * ch + 32; ++c) {
+      const float v = xf[c] < 0.f ? -xf[c] : xf[c];
+      amax = v > amax ? v : amax;
+      finite = finite && v <= 3.4028235e38f;
+    }
+    if (!finite) return false;
+    cs[ch] = amax / 127.f;
+  }
+  for (int c = 0; c < cols; ++c) {
+    const float sc = cs[c / 32];
+    dst[pos[c]] = sc > 0.f ? static_cast<int8_t>(std::nearbyint(xf[c] / sc)) : 0;
+  }
+  for (int p = 0; p < P; ++p)
+    for (int h = 0; h < 2; ++h)
+      for (int q = 0; q < 4; ++q) {
+        int32_t sum = 0;
+        for (int reg = 0; reg < 2; ++reg)
+          for (int i = 0; i < 4; ++i) sum += dst[(reg * P + p) * 32 + h * 16 + q * 4 + i];
+        corr[p * 8 + h * 4 + q] = 64 * sum;
+        xs[p * 8 + h * 4 + q] = cs[(P * q + p) % C];
+      }
+  return true;
 }
 
 void decode_portable(const DecodeArgs& a, int64_t r0, int64_t r1) {

@@ -86,6 +86,10 @@ struct Int8Args {
   int stype;
   int64_t ng, G;          // groups per row and group size in columns (a multiple of 32, or K)
   const float* xsum;      // [M, ng] exact group sums of x (when offsets)
+  // The scale map, built once per call: the first group of each block and each dword's group
+  // relative to it (a block spans at most 8 groups: groups are >= 32 columns).
+  const int64_t* g0;      // [nblocks]
+  const int32_t* gidx;    // [nblocks][P][8]
   uint8_t tu[16];         // u = t7 + 64 per code (2 bits: entries 0..3)
   float tscale;           // table scale: t ~ t7 * tscale
   float* out;             // [M, N] fp32
@@ -100,6 +104,14 @@ static inline int int8_col(int bits, int reg, int p, int h, int q, int i) {
   return 32 * (s % C) + 2 * j + s / C;
 }
 
+// One block of activations (64 * P floats, zero beyond K) in the int8 mode's form: dst [64 * P]
+// bytes in the byte order above, corr [P * 8] and xs [P * 8] (see Int8Args). Per 32-column chunk
+// scale = max|x| / 127, x8 = round-to-nearest-even(x / scale) (float32 division). False, with
+// nothing usable written, when a value is not finite.
+using QuantXFn = bool (*)(const float* xf, int bits, int8_t* dst, int32_t* corr, float* xs);
+// Byte position in the int8 order of each column of a block ([64 * P], int8_col inverted).
+const int16_t* int8_positions(int bits);
+
 // tiles [t0, t1) of 4 rows: out[m, n] for every m < M and every n < N in those tiles
 using GemmFn = void (*)(const GemmArgs&, int64_t t0, int64_t t1);
 // rows [r0, r1): W[n, 0:K] (scaled, plus offset) into dst
@@ -108,11 +120,13 @@ using Int8Fn = void (*)(const Int8Args&, int64_t t0, int64_t t1);
 
 void gemm_portable(const GemmArgs&, int64_t, int64_t);
 void gemm_int8_portable(const Int8Args&, int64_t, int64_t);
+bool quantize_x_int8_portable(const float*, int, int8_t*, int32_t*, float*);
 void decode_portable(const DecodeArgs&, int64_t, int64_t);
 #if defined(__x86_64__) || defined(_M_X64)
 void gemm_avx2(const GemmArgs&, int64_t, int64_t);
 void decode_avx2(const DecodeArgs&, int64_t, int64_t);
 void gemm_int8_avx2(const Int8Args&, int64_t, int64_t);
+bool quantize_x_int8_avx2(const float*, int, int8_t*, int32_t*, float*);
 void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
@@ -125,11 +139,12 @@ namespace {
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// A zero-initialized buffer (a class template in the anonymous namespace: internal linkage).
+// A zero-initialized buffer (a class template in the anonymous namespace: internal linkage);
+// n <= 0 allocates nothing (data() is null).
 template <typename T>
 struct Buf {
   T* p;
-  explicit Buf(int64_t n) : p(new T[n > 0 ? n : 1]()) {}
+  explicit Buf(int64_t n) : p(n > 0 ? new T[n]() : nullptr) {}
   ~Buf() { delete[] p; }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
