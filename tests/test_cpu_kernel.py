@@ -119,20 +119,26 @@ def test_leading_dims_and_group_minus_one(rng):
     assert relative_error(y.reshape(-1, n), reference_qgemm(x.reshape(-1, k), w, -1)) < 1e-5
 
 
+def at_thread_counts(call, counts):
+    """``call()``'s result at each torch thread count in ``counts``, in order (the count restored)."""
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for t in counts:
+            torch.set_num_threads(t)
+            outs.append(call())
+        return outs
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_bitwise_deterministic_across_calls_and_threads(m, isa, rng):
     n, k, bits, group = 301, 777, 3, 128
     w = random_quantized(n, k, bits, group, offsets=True, generator=rng)
     x = torch.randn(m, k, generator=rng)
     q = to_cpu_layout(w.codes, bits)
-    old = torch.get_num_threads()
-    try:
-        outs = []
-        for t in (1, 2, 1, 2):
-            torch.set_num_threads(t)
-            outs.append(run(x, w, bits, group, n, k, q))
-    finally:
-        torch.set_num_threads(old)
+    outs = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), (1, 2, 1, 2))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
@@ -145,15 +151,10 @@ def test_dynamic_tile_split_is_bitwise_the_one_thread_result(mode, rng):
     w = random_quantized(n, k, bits, group, generator=rng)
     x = torch.randn(1, k, generator=rng)
     q = to_cpu_layout(w.codes, bits)
-    old = torch.get_num_threads()
     ops.set_cpu_mode(mode)
     try:
-        outs = []
-        for t in (1, 2, 2, 2):
-            torch.set_num_threads(t)
-            outs.append(run(x, w, bits, group, n, k, q))
+        outs = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), (1, 2, 2, 2))
     finally:
-        torch.set_num_threads(old)
         ops.set_cpu_mode("exact")
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     ref = reference_qgemm_int8(x, w, group) if mode == "int8" else reference_qgemm(x, w, group)
@@ -276,12 +277,7 @@ def test_bf16_mode_close_and_deterministic(bits, bf16_mode, rng):
         q = to_cpu_layout(w.codes, bits)
         y = run(x, w, bits, group, n, k, q)
         assert relative_error(y, reference_qgemm(x, w, group)) < 1e-2
-        old = torch.get_num_threads()
-        try:
-            torch.set_num_threads(2)
-            y2 = run(x, w, bits, group, n, k, q)
-        finally:
-            torch.set_num_threads(old)
+        (y2,) = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), (2,))
         assert torch.equal(y, y2)
     assert ops.get_cpu_mode() == "bf16"
     with pytest.raises(RuntimeError, match="unknown CPU mode"):

@@ -139,7 +139,7 @@ void decode_bits(const DecodeArgs& a, int64_t r0, int64_t r1) {
   for (int64_t n = r0; n < r1; ++n) {
     load_row_f32(a.scales, a.stype, n, a.ng, sc.data());
     if (a.offsets) load_row_f32(a.offsets, a.stype, n, a.ng, off.data());
-    const uint8_t* row = a.qw + ((n / 4) * a.nblocks * 4 + n % 4) * BB;
+    const uint8_t* row = row_codes(a.qw, a.nblocks, a.bits, n);
     float* df = static_cast<float*>(a.dst) + (n - r0) * a.ld;
     uint16_t* dh = static_cast<uint16_t*>(a.dst) + (n - r0) * a.ld;
     for (int64_t b = 0; b < a.nblocks; ++b) {

@@ -17,7 +17,7 @@ void gemm_portable(const GemmArgs& a, int64_t t0, int64_t t1) {
       for (int64_t i = 0; i < a.ngp; ++i) sc.p[i] = 0.f;
       load_row_f32(a.scales, a.stype, n, a.ng, sc.data());
       if (a.offsets) load_row_f32(a.offsets, a.stype, n, a.ng, off.data());
-      const uint8_t* row = a.qw + (t * a.nblocks * 4 + r) * BB;
+      const uint8_t* row = row_codes(a.qw, a.nblocks, a.bits, 4 * t + r);
       for (int64_t m = 0; m < a.M; ++m) {
         const float* x = a.x + m * 16;  // x: [K_pad/16 vectors][M][16]
         float tot = 0.f, acc = 0.f;
@@ -62,7 +62,7 @@ void gemm_int8_portable(const Int8Args& a, int64_t t0, int64_t t1) {
       if (n >= a.N) break;
       load_row_f32(a.scales, a.stype, n, a.ng, ws.data());
       if (a.offsets) load_row_f32(a.offsets, a.stype, n, a.ng, off.data());
-      const uint8_t* row = a.qw + (t * a.nblocks * 4 + r) * BB;
+      const uint8_t* row = row_codes(a.qw, a.nblocks, a.bits, 4 * t + r);
       for (int64_t m = 0; m < a.M; ++m) {
         float tot = 0.f;
         for (int64_t b = 0; b < a.nblocks; ++b) {
@@ -149,7 +149,7 @@ void decode_portable(const DecodeArgs& a, int64_t r0, int64_t r1) {
   for (int64_t n = r0; n < r1; ++n) {
     load_row_f32(a.scales, a.stype, n, a.ng, sc.data());
     if (a.offsets) load_row_f32(a.offsets, a.stype, n, a.ng, off.data());
-    const uint8_t* row = a.qw + ((n / 4) * a.nblocks * 4 + n % 4) * BB;
+    const uint8_t* row = row_codes(a.qw, a.nblocks, a.bits, n);
     float* df = static_cast<float*>(a.dst) + (n - r0) * a.ld;
     uint16_t* dh = static_cast<uint16_t*>(a.dst) + (n - r0) * a.ld;
     for (int64_t b = 0; b < a.nblocks; ++b) {

@@ -208,6 +208,12 @@ static inline void load_row_f32(const void* src, int stype, int64_t n, int64_t n
   }
 }
 
+// Row n's first row-block in the CPU layout (rows interleaved block by block in tiles of 4; the
+// next block of the row is 4 * block_bytes(bits) further).
+static inline const uint8_t* row_codes(const uint8_t* qw, int64_t nblocks, int bits, int64_t n) {
+  return qw + ((n / 4) * nblocks * 4 + n % 4) * block_bytes(bits);
+}
+
 // Code of (row-block pointer, lane j, slot s).
 static inline int code_at(const uint8_t* rb, int bits, int j, int s) {
   uint32_t lane;
