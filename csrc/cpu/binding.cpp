@@ -467,7 +467,7 @@ int64_t align64(int64_t off) { return (off + 63) / 64 * 64; }
 // The int8 mode's product into out [M, N] fp32; false when x is not finite (see int8_x).
 bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) {
   const int64_t M = x2.size(0), nb = w.nblocks;
-  const int P = int8_parts(w.bits), C = w.bits == 4 ? 4 : 8;
+  const int P = int8_parts(w.bits), C = chunks_per_block(w.bits);
   // One scratch allocation per call (small calls are dominated by fixed costs): activations,
   // their corrections and scales, group sums and the scale map.
   const int64_t o_corr = align64(nb * M * 64 * P), o_scale = align64(o_corr + nb * M * P * 8 * 4),
