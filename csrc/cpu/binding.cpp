@@ -341,7 +341,7 @@ void bf16_x(const T* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
 // False (nothing usable) when x holds a NaN or an Inf: the caller then takes the exact path, which
 // propagates them as the float math would.
 template <typename T>
-bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, int8_t* xq, int32_t* xcorr,
+bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, int8_t* xq, int16_t* xcorr,
             float* xscale, float* xsum) {
   const int bits = w.bits, P = int8_parts(bits), cols = 64 * P;
   const int64_t K = w.K, nb = w.nblocks;
@@ -359,7 +359,7 @@ bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, int8_t* xq, 
         }
       }
       const int64_t bm = b * M + m;
-      if (!quant(src, bits, xq + bm * cols, xcorr + bm * P * 8, xscale + bm * P * 8)) return false;
+      if (!quant(src, bits, xq + bm * cols, xcorr + bm * P * 16, xscale + bm * P * 8)) return false;
     }
     if (xsum) {
       for (int64_t g = 0; g < w.ng; ++g) {
@@ -470,13 +470,13 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) 
   const int P = int8_parts(w.bits), C = chunks_per_block(w.bits);
   // One scratch allocation per call (small calls are dominated by fixed costs): activations,
   // their corrections and scales, group sums and the scale map.
-  const int64_t o_corr = align64(nb * M * 64 * P), o_scale = align64(o_corr + nb * M * P * 8 * 4),
+  const int64_t o_corr = align64(nb * M * 64 * P), o_scale = align64(o_corr + nb * M * P * 16 * 2),
                 o_sum = align64(o_scale + nb * M * P * 8 * 4), o_g0 = align64(o_sum + M * w.ng * 4),
                 o_gidx = align64(o_g0 + nb * 8), total = o_gidx + nb * P * 8 * 4;
   at::Tensor scratch = at::empty({total + 64}, x2.options().dtype(at::kByte));
   char* base = reinterpret_cast<char*>(align64(reinterpret_cast<intptr_t>(scratch.data_ptr())));
   int8_t* xq = reinterpret_cast<int8_t*>(base);
-  int32_t* xcorr = reinterpret_cast<int32_t*>(base + o_corr);
+  int16_t* xcorr = reinterpret_cast<int16_t*>(base + o_corr);
   float* xscale = reinterpret_cast<float*>(base + o_scale);
   float* xs = w.offsets.defined() ? reinterpret_cast<float*>(base + o_sum) : nullptr;
   int64_t* g0 = reinterpret_cast<int64_t*>(base + o_g0);

@@ -1,8 +1,9 @@
 // flute CPU kernel, int8 mode (see Int8Args in lut_kernel.h), AVX2: one byte shuffle per 32 bytes of
 // codes puts each dword on one chunk, the table lookup is `vpshufb` on nibbles (4 bits) or 2-bit
 // fields (3 bits: index 2 * low + high, the high-bit plane expanded to 0/1 bytes), the products
-// `vpmaddubsw` (u8 table value x s8 activation, pairs into int16) and
-// `vpmaddwd` by ones (into int32), one float FMA per 8 dwords. Also used on AVX-512 machines (the
+// `vpmaddubsw` (u8 table value x s8 activation, pairs into int16),
+// the two registers' pairs added and corrected in int16, `vpmaddwd` by ones (into int32), one float
+// FMA per 8 dwords. Also used on AVX-512 machines (the
 // same instructions on 256 bits; an AVX-512 VNNI variant is future work).
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -50,16 +51,21 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
   const __m256i T = _mm256_broadcastsi128_si256(
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(BITS == 3 ? t3 : a.tu)));
   const __m256i mask = _mm256_set1_epi8(BITS == 4 ? 0x0F : BITS == 3 ? 0x06 : 0x03);
-  // 3 bits. HT pairs uint16 p and p + 4 of each 16-byte half of the high plane into dword p, so
-  // that one vpermd puts uint16 p, p+4, p+8, p+12 (the high bits of part p, q = 0..3) in every
-  // qword; HSEL[r] then copies byte r of uint16 q to the 4 bytes of dword q, HBIT keeps bit 4h + i
-  // of byte (h, q, i) (lane j = 8r + 4h + i of the code plane), and vpminub with 1 makes it 0 or 1.
-  const __m256i HT = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
-                                      0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
-  const __m256i HSEL[2] = {_mm256_setr_epi8(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6,
-                                            0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6),
-                           _mm256_setr_epi8(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7,
-                                            1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7)};
+  // 3 bits. The high plane is 16 uint16 (uint16 s: the high bits of slot s, lane j in bit j), part
+  // p needs slots p, p+4, p+8, p+12 (q = 0..3). Loaded as uint16 0..7 and 8..15 broadcast to both
+  // 128-bit halves, two word and two dword unpacks put them in qword p % 2 of U[p / 2], in the
+  // order (p, p+8, p+4, p+12), in both halves: no lane-crossing op (4 vpermd cost 8 uops on Zen 3).
+  // HSEL[r][p % 2] then copies byte r of part p's uint16 q to the 4 bytes of dword q, HBIT keeps bit
+  // 4h + i of byte (h, q, i) (lane j = 8r + 4h + i of the code plane), vpminub with 1 makes it 0/1.
+#define FLUTE_HSEL(r, par)                                                                       \
+  _mm256_setr_epi8(8 * par + r, 8 * par + r, 8 * par + r, 8 * par + r, 8 * par + 4 + r, 8 * par + 4 + r, \
+                   8 * par + 4 + r, 8 * par + 4 + r, 8 * par + 2 + r, 8 * par + 2 + r, 8 * par + 2 + r,    \
+                   8 * par + 2 + r, 8 * par + 6 + r, 8 * par + 6 + r, 8 * par + 6 + r, 8 * par + 6 + r,    \
+                   8 * par + r, 8 * par + r, 8 * par + r, 8 * par + r, 8 * par + 4 + r, 8 * par + 4 + r,   \
+                   8 * par + 4 + r, 8 * par + 4 + r, 8 * par + 2 + r, 8 * par + 2 + r, 8 * par + 2 + r,    \
+                   8 * par + 2 + r, 8 * par + 6 + r, 8 * par + 6 + r, 8 * par + 6 + r, 8 * par + 6 + r)
+  const __m256i HSEL[2][2] = {{FLUTE_HSEL(0, 0), FLUTE_HSEL(0, 1)}, {FLUTE_HSEL(1, 0), FLUTE_HSEL(1, 1)}};
+#undef FLUTE_HSEL
   const __m256i HBIT = _mm256_setr_epi8(1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8,
                                         16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128);
   const __m256i one8 = _mm256_set1_epi8(1);
@@ -78,16 +84,22 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
       const __m256i c0 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
       const __m256i c1 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
       __m256i u0[P], u1[P];
-      __m256i H = _mm256_setzero_si256();
-      if (BITS == 3) H = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64)), HT);
+      __m256i U[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+      if (BITS == 3) {
+        const __m256i B0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 64)));
+        const __m256i B1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 80)));
+        const __m256i lo = _mm256_unpacklo_epi16(B0, B1), hi = _mm256_unpackhi_epi16(B0, B1);
+        U[0] = _mm256_unpacklo_epi32(lo, hi);  // qword 0: uint16 0, 8, 4, 12; qword 1: 1, 9, 5, 13
+        U[1] = _mm256_unpackhi_epi32(lo, hi);  // qword 0: 2, 10, 6, 14; qword 1: 3, 11, 7, 15
+      }
       for (int p = 0; p < P; ++p) {
         __m256i i0, i1;
         if (BITS == 3) {  // the 2-bit field to bits 1-2 (the mask drops what crosses bytes), plus the high bit
           i0 = _mm256_and_si256(p == 0 ? _mm256_slli_epi16(c0, 1) : _mm256_srli_epi16(c0, 2 * p - 1), mask);
           i1 = _mm256_and_si256(p == 0 ? _mm256_slli_epi16(c1, 1) : _mm256_srli_epi16(c1, 2 * p - 1), mask);
-          const __m256i g = _mm256_permutevar8x32_epi32(H, _mm256_setr_epi32(p, p + 4, p, p + 4, p, p + 4, p, p + 4));
-          i0 = _mm256_or_si256(i0, _mm256_min_epu8(_mm256_and_si256(_mm256_shuffle_epi8(g, HSEL[0]), HBIT), one8));
-          i1 = _mm256_or_si256(i1, _mm256_min_epu8(_mm256_and_si256(_mm256_shuffle_epi8(g, HSEL[1]), HBIT), one8));
+          const __m256i g = U[p / 2];
+          i0 = _mm256_or_si256(i0, _mm256_min_epu8(_mm256_and_si256(_mm256_shuffle_epi8(g, HSEL[0][p % 2]), HBIT), one8));
+          i1 = _mm256_or_si256(i1, _mm256_min_epu8(_mm256_and_si256(_mm256_shuffle_epi8(g, HSEL[1][p % 2]), HBIT), one8));
         } else {
           i0 = _mm256_and_si256(_mm256_srli_epi16(c0, SH * p), mask);
           i1 = _mm256_and_si256(_mm256_srli_epi16(c1, SH * p), mask);
@@ -100,16 +112,17 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
       for (int mc = 0; mc < MC; ++mc) {
         const int64_t bm = b * M + m0 + mc;
         const int8_t* xb = a.xq + bm * COLS;
-        const int32_t* xc = a.xcorr + bm * P * 8;
+        const int16_t* xc = a.xcorr + bm * P * 16;
         const float* xs = a.xscale + bm * P * 8;
         for (int p = 0; p < P; ++p) {
           const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + p * 32));
           const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + (P + p) * 32));
-          // int16 pairs cannot saturate (u <= 127, |x| <= 127); the two registers' products are
-          // added as int32, after vpmaddwd.
-          const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u0[p], x0), ones),
-                                             _mm256_madd_epi16(_mm256_maddubs_epi16(u1[p], x1), ones));
-          const __m256i isum = _mm256_sub_epi32(d, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + p * 8)));
+          // int16 pairs cannot saturate (u <= 127, |x| <= 127); the two registers' pairs are added
+          // and the correction subtracted in wrapping int16 (exact: see Int8Args), one vpmaddwd.
+          const __m256i s16 = _mm256_sub_epi16(
+              _mm256_add_epi16(_mm256_maddubs_epi16(u0[p], x0), _mm256_maddubs_epi16(u1[p], x1)),
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + p * 16)));
+          const __m256i isum = _mm256_madd_epi16(s16, ones);
           const __m256 ws = _mm256_permutevar8x32_ps(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gi + p * 8)));
           const __m256 sc = _mm256_mul_ps(ws, _mm256_loadu_ps(xs + p * 8));
           facc[r][mc] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, facc[r][mc]);
@@ -181,7 +194,7 @@ void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
 
 }  // namespace
 
-bool quantize_x_int8_avx2(const float* xf, int bits, int8_t* dst, int32_t* corr, float* xs) {
+bool quantize_x_int8_avx2(const float* xf, int bits, int8_t* dst, int16_t* corr, float* xs) {
   const int P = int8_parts(bits), C = chunks_per_block(bits), cols = 64 * P;
   const int16_t* pos = int8_positions(bits);
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -212,14 +225,13 @@ bool quantize_x_int8_avx2(const float* xf, int bits, int8_t* dst, int32_t* corr,
     _mm256_store_si256(reinterpret_cast<__m256i*>(x8 + 32 * ch), _mm256_permutevar8x32_epi32(b, unpack));
   }
   for (int c = 0; c < cols; ++c) dst[pos[c]] = x8[c];
-  // corr: 64 * the sum of the 8 bytes of dword (h, q) of part p over both registers.
-  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  // corr: 64 * the sum of the 4 bytes of int16 (h, w) of part p over both registers.
+  const __m256i ones8 = _mm256_set1_epi8(1);
   for (int p = 0; p < P; ++p) {
     const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + p * 32));
     const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + (P + p) * 32));
-    const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, a0), ones16),
-                                       _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, a1), ones16));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(corr + p * 8), _mm256_slli_epi32(s, 6));
+    const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, a0), _mm256_maddubs_epi16(ones8, a1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(corr + p * 16), _mm256_slli_epi16(s, 6));
     for (int hq = 0; hq < 8; ++hq) xs[p * 8 + hq] = cs[(P * (hq & 3) + p) % C];
   }
   return true;

@@ -78,7 +78,8 @@ void gemm_int8_portable(const Int8Args& a, int64_t t0, int64_t t1) {
                             xb[(reg * P + p) * 32 + h * 16 + q * 4 + i];
                 const int64_t k = ((b * a.M + m) * P + p) * 8 + h * 4 + q;
                 const int64_t g = min64((b * C + (P * q + p) % C) * 32 / a.G, a.ng - 1);
-                tot += static_cast<float>(isum - a.xcorr[k]) * (ws[g] * a.tscale * a.xscale[k]);
+                const int16_t* corr = a.xcorr + ((b * a.M + m) * P + p) * 16 + h * 8 + 2 * q;
+                tot += static_cast<float>(isum - corr[0] - corr[1]) * (ws[g] * a.tscale * a.xscale[k]);
               }
         }
         if (a.offsets) {
@@ -112,7 +113,7 @@ const int16_t* int8_positions(int bits) {
   return t.pos[bits - 2];
 }
 
-bool quantize_x_int8_portable(const float* xf, int bits, int8_t* dst, int32_t* corr, float* xs) {
+bool quantize_x_int8_portable(const float* xf, int bits, int8_t* dst, int16_t* corr, float* xs) {
   const int P = int8_parts(bits), C = chunks_per_block(bits), cols = 64 * P;
   const int16_t* pos = int8_positions(bits);
   float cs[8];
@@ -134,10 +135,12 @@ bool quantize_x_int8_portable(const float* xf, int bits, int8_t* dst, int32_t* c
   for (int p = 0; p < P; ++p)
     for (int h = 0; h < 2; ++h)
       for (int q = 0; q < 4; ++q) {
-        int32_t sum = 0;
-        for (int reg = 0; reg < 2; ++reg)
-          for (int i = 0; i < 4; ++i) sum += dst[(reg * P + p) * 32 + h * 16 + q * 4 + i];
-        corr[p * 8 + h * 4 + q] = 64 * sum;
+        for (int w = 2 * q; w < 2 * q + 2; ++w) {  // int16 w of half h: bytes 2w, 2w + 1
+          int sum = 0;
+          for (int reg = 0; reg < 2; ++reg)
+            sum += dst[(reg * P + p) * 32 + h * 16 + 2 * w] + dst[(reg * P + p) * 32 + h * 16 + 2 * w + 1];
+          corr[p * 16 + h * 8 + w] = static_cast<int16_t>(64 * sum);
+        }
         xs[p * 8 + h * 4 + q] = cs[(P * q + p) % C];
       }
   return true;

@@ -65,6 +65,11 @@ struct DecodeArgs {
 // the second term precomputed per chunk from the activations alone. One float FMA per chunk and
 // part, with (weight scale * table scale) * (activation scale) for that chunk.
 //
+// The correction is subtracted in int16, before the one `vpmaddwd` per part: the two registers'
+// `vpmaddubsw` results are added with wrap-around and the precomputed int16 correction of those
+// 4 bytes subtracted; the true value, sum of 4 products t7 * x8, is within 4 * 63 * 127 = 32004, so
+// the wrapped arithmetic gives it exactly (and the correction, 64 * 4 * 127 = 32512, fits int16).
+//
 // Byte order: a row's block (16 uint32 lanes, 64 bytes) is read as two 32-byte registers reg = 0, 1
 // (lanes 8*reg ..); in each 128-bit half h a byte shuffle makes dword q the q-th bytes of lanes
 // 4h .. 4h+3, so byte (h, q, i) is byte q of lane j = 8*reg + 4*h + i. Part p (a nibble for 4 bits,
@@ -79,7 +84,8 @@ struct Int8Args {
   int bits;               // 2, 3 or 4
   int64_t N, nblocks, M;
   const int8_t* xq;       // [nblocks][M][cols per block] activations in the byte order above
-  const int32_t* xcorr;   // [nblocks][M][P][8]: 64 * sum of the xq bytes of dword (h, q) of part p
+  const int16_t* xcorr;   // [nblocks][M][P][16]: 64 * sum of the 4 xq bytes of int16 (h, w) of part p
+                          // (bytes 2w, 2w + 1 of half h of both registers)
   const float* xscale;    // [nblocks][M][P][8]: activation scale of that dword's chunk
   const void* scales;     // [N, ng] in stype
   const void* offsets;    // [N, ng] in stype or nullptr
@@ -105,10 +111,10 @@ static inline int int8_col(int bits, int reg, int p, int h, int q, int i) {
 }
 
 // One block of activations (64 * P floats, zero beyond K) in the int8 mode's form: dst [64 * P]
-// bytes in the byte order above, corr [P * 8] and xs [P * 8] (see Int8Args). Per 32-column chunk
+// bytes in the byte order above, corr [P * 16] and xs [P * 8] (see Int8Args). Per 32-column chunk
 // scale = max|x| / 127, x8 = round-to-nearest-even(x / scale) (float32 division). False, with
 // nothing usable written, when a value is not finite.
-using QuantXFn = bool (*)(const float* xf, int bits, int8_t* dst, int32_t* corr, float* xs);
+using QuantXFn = bool (*)(const float* xf, int bits, int8_t* dst, int16_t* corr, float* xs);
 // Byte position in the int8 order of each column of a block ([64 * P], int8_col inverted).
 const int16_t* int8_positions(int bits);
 
@@ -120,13 +126,13 @@ using Int8Fn = void (*)(const Int8Args&, int64_t t0, int64_t t1);
 
 void gemm_portable(const GemmArgs&, int64_t, int64_t);
 void gemm_int8_portable(const Int8Args&, int64_t, int64_t);
-bool quantize_x_int8_portable(const float*, int, int8_t*, int32_t*, float*);
+bool quantize_x_int8_portable(const float*, int, int8_t*, int16_t*, float*);
 void decode_portable(const DecodeArgs&, int64_t, int64_t);
 #if defined(__x86_64__) || defined(_M_X64)
 void gemm_avx2(const GemmArgs&, int64_t, int64_t);
 void decode_avx2(const DecodeArgs&, int64_t, int64_t);
 void gemm_int8_avx2(const Int8Args&, int64_t, int64_t);
-bool quantize_x_int8_avx2(const float*, int, int8_t*, int32_t*, float*);
+bool quantize_x_int8_avx2(const float*, int, int8_t*, int16_t*, float*);
 void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
