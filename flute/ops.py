@@ -189,7 +189,9 @@ def get_cpu_mode() -> str:
     """The arithmetic of the CPU kernel's fused path (batches below the panel threshold):
 
     * ``"int8"`` (the default; groups of a multiple of 32 or -1): llama.cpp's approach.
-      Activations rounded to int8 per 32 columns, the table to 7-bit integers, integer dot products;
+      Activations rounded to int8 per 32 columns (chunk scales: integer multiples of one unit per
+      block, so that integer sums of a block share a scale), the table to 7-bit integers, integer
+      dot products;
       :func:`flute.testing.reference_qgemm_int8` is its executable spec. Its perplexity cost on
       SmolLM2, measured, is within +-0.5% (``benchmarks/results/int8-quality-*.json``). Other
       group sizes and non-finite activations compute exactly.

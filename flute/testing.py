@@ -20,6 +20,11 @@ class RandomWeight(NamedTuple):
     offsets: Optional[torch.Tensor]  # [N, groups] or None
     table: torch.Tensor              # float32 [2**bits]
 
+    @property
+    def bits(self) -> int:
+        """Bits per code, from the table's size."""
+        return self.table.numel().bit_length() - 1
+
 
 def random_quantized(n: int, k: int, bits: int, group_size: int, *, offsets: bool = False,
                      dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None,
@@ -65,19 +70,25 @@ def table7_scale(table: torch.Tensor) -> torch.Tensor:
 def reference_qgemm_int8(x: torch.Tensor, w: RandomWeight, group_size: int) -> torch.Tensor:
     """The CPU kernel's "int8" mode (``flute.set_cpu_mode("int8")``), executable: float64 ``x @ W.T``
     after the two roundings that mode makes. The table becomes 7-bit integers times one scale
-    (:func:`table7_scale`); each row of ``x`` is rounded per 32-column chunk to int8 times
-    ``max|x| / 127`` (float32 division, ties to even, as the kernel). Offsets multiply the exact
-    ``x`` (their group sums are exact in the kernel too)."""
+    (:func:`table7_scale`). Each row of ``x`` is rounded to int8 per 32-column chunk with the chunk
+    scale ``k * u`` of its block (128 columns for 4 bits, 256 for 2 and 3): ``u = bmax / 127 / 1023``
+    for the block's max|x|, ``k = min(1023, ceil(cmax / (bmax / 1023)))`` for the chunk's max|x|
+    (float32 arithmetic, ties to even, as the kernel). Offsets multiply the exact ``x`` (their group
+    sums are exact in the kernel too)."""
     t = w.table.float()
     tscale = table7_scale(t)
     t7 = torch.round(t / tscale).clamp(-63, 63) * tscale if tscale > 0 else torch.zeros_like(t)
     k = x.shape[-1]
     xf = x.float().reshape(-1, k)
-    pad = -k % 32
-    xc = torch.nn.functional.pad(xf, (0, pad)).reshape(xf.shape[0], -1, 32)
-    xs = xc.abs().amax(-1, keepdim=True) / 127
-    xq = torch.where(xs > 0, torch.round(xc / xs), torch.zeros_like(xc)) * xs
-    xq = xq.reshape(xf.shape[0], -1)[:, :k].double()
+    cols = 128 if w.bits == 4 else 256
+    xc = torch.nn.functional.pad(xf, (0, -k % cols)).reshape(xf.shape[0], -1, cols // 32, 32)
+    cmax = xc.abs().amax(-1)                                  # [rows, blocks, chunks]
+    bmax = cmax.amax(-1, keepdim=True)
+    d, u = bmax / 1023, bmax / 127 / 1023
+    kc = torch.where(d > 0, torch.ceil(cmax / torch.where(d > 0, d, 1)), 0).clamp(max=1023)
+    cs = (kc * u).unsqueeze(-1)
+    x8 = torch.where(cs > 0, torch.round(xc / torch.where(cs > 0, cs, 1)), 0).clamp(-127, 127)
+    xq = (x8 * cs).reshape(xf.shape[0], -1)[:, :k].double()
     y = xq @ dequantize_codes(w.codes, w.scales, None, t7, group_size, torch.float64).t()
     if w.offsets is not None:
         ones = torch.zeros_like(w.table, dtype=torch.float32)  # table of zeros: only the offsets

@@ -322,8 +322,9 @@ def int8_mode():
 
 def test_int8_mode_matches_its_spec(isa, threads, int8_mode):
     """The int8 mode (groups of a multiple of 32 or -1, every bit width): equal to its executable
-    spec (int8 activations per 32 columns, 7-bit table) up to float32 sums, and really rounding (not
-    silently exact); the AVX-512 path runs the AVX2 int8 kernel."""
+    spec (int8 activations per 32-column chunk, scales k * u on one unit per block, 7-bit table) up
+    to float32 sums, and really rounding (not silently exact); the AVX-512 path runs the AVX2 int8
+    kernel."""
     g = torch.Generator().manual_seed(11)
     r = random.Random(zlib.crc32(f"int8-{isa}-{threads}".encode()))
     for _ in range(40):
@@ -339,6 +340,25 @@ def test_int8_mode_matches_its_spec(isa, threads, int8_mode):
         assert normwise_error(y, reference_qgemm_int8(x, w, group), x, w, group) < TOL[dtype], case
         if k >= 64 and dtype == torch.float32:
             assert normwise_error(y, reference_qgemm(x, w, group), x, w, group) > 1e-4, case
+
+
+def test_int8_chunk_scales_follow_each_chunk(int8_mode, rng):
+    """Each 32-column chunk is rounded on its own scale (k * u, k fitted to the chunk), not one
+    scale per block: with one large chunk per block and the others 100x smaller, the small chunks'
+    contribution (the difference of two products) keeps the accuracy it has alone (~1%: int8 and
+    7-bit-table rounding); one scale per block would leave those chunks ~2 levels of int8."""
+    k = 1024
+    for bits in (2, 3, 4):
+        cols = 128 if bits == 4 else 256
+        w = random_quantized(67, k, bits, 64, generator=rng)
+        x = torch.randn(3, k, generator=rng)
+        big = (torch.arange(k) % cols) < 32  # the first chunk of each block
+        x_mixed = torch.where(big, x, x * 1e-2)
+        x_big = torch.where(big, x, torch.zeros_like(x))
+        small = run(x_mixed, w, bits, 64, 67, k) - run(x_big, w, bits, 64, 67, k)
+        exact = reference_qgemm(x_mixed - x_big, w, 64)
+        assert relative_error(small, exact) < 0.02, bits
+        assert relative_error(run(x_mixed, w, bits, 64, 67, k), reference_qgemm_int8(x_mixed, w, 64)) < 1e-5
 
 
 def test_int8_mode_other_formats_stay_exact(int8_mode, rng):

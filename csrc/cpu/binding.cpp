@@ -342,7 +342,7 @@ void bf16_x(const T* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
 // propagates them as the float math would.
 template <typename T>
 bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, int8_t* xq, int16_t* xcorr,
-            float* xscale, float* xsum) {
+            int16_t* xk, float* xu, float* xsum) {
   const int bits = w.bits, P = int8_parts(bits), cols = 64 * P;
   const int64_t K = w.K, nb = w.nblocks;
   alignas(32) float xf[256];
@@ -359,7 +359,7 @@ bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, int8_t* xq, 
         }
       }
       const int64_t bm = b * M + m;
-      if (!quant(src, bits, xq + bm * cols, xcorr + bm * P * 16, xscale + bm * P * 8)) return false;
+      if (!quant(src, bits, xq + bm * cols, xcorr + bm * P * 16, xk + bm * P * 16, xu + bm)) return false;
     }
     if (xsum) {
       for (int64_t g = 0; g < w.ng; ++g) {
@@ -470,14 +470,16 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) 
   const int P = int8_parts(w.bits), C = chunks_per_block(w.bits);
   // One scratch allocation per call (small calls are dominated by fixed costs): activations,
   // their corrections and scales, group sums and the scale map.
-  const int64_t o_corr = align64(nb * M * 64 * P), o_scale = align64(o_corr + nb * M * P * 16 * 2),
-                o_sum = align64(o_scale + nb * M * P * 8 * 4), o_g0 = align64(o_sum + M * w.ng * 4),
+  const int64_t o_corr = align64(nb * M * 64 * P), o_k = align64(o_corr + nb * M * P * 16 * 2),
+                o_u = align64(o_k + nb * M * P * 16 * 2), o_sum = align64(o_u + nb * M * 4),
+                o_g0 = align64(o_sum + M * w.ng * 4),
                 o_gidx = align64(o_g0 + nb * 8), total = o_gidx + nb * P * 8 * 4;
   at::Tensor scratch = at::empty({total + 64}, x2.options().dtype(at::kByte));
   char* base = reinterpret_cast<char*>(align64(reinterpret_cast<intptr_t>(scratch.data_ptr())));
   int8_t* xq = reinterpret_cast<int8_t*>(base);
   int16_t* xcorr = reinterpret_cast<int16_t*>(base + o_corr);
-  float* xscale = reinterpret_cast<float*>(base + o_scale);
+  int16_t* xk = reinterpret_cast<int16_t*>(base + o_k);
+  float* xu = reinterpret_cast<float*>(base + o_u);
   float* xs = w.offsets.defined() ? reinterpret_cast<float*>(base + o_sum) : nullptr;
   int64_t* g0 = reinterpret_cast<int64_t*>(base + o_g0);
   int32_t* gidx = reinterpret_cast<int32_t*>(base + o_gidx);
@@ -491,9 +493,9 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) 
 #endif
   bool ok;
   switch (x2.scalar_type()) {
-    case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, w, quant, xq, xcorr, xscale, xs); break;
-    case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, w, quant, xq, xcorr, xscale, xs); break;
-    default: ok = int8_x(x2.data_ptr<float>(), M, w, quant, xq, xcorr, xscale, xs);
+    case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, w, quant, xq, xcorr, xk, xu, xs); break;
+    case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, w, quant, xq, xcorr, xk, xu, xs); break;
+    default: ok = int8_x(x2.data_ptr<float>(), M, w, quant, xq, xcorr, xk, xu, xs);
   }
   if (!ok) return false;
   // The scale map: no division per tile in the kernel.
@@ -513,7 +515,14 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) 
   a.M = M;
   a.xq = xq;
   a.xcorr = xcorr;
-  a.xscale = xscale;
+  a.xk = xk;
+  a.xu = xu;
+  // Parts added as int32 when their dwords meet the same weight groups: part p of dword q meets
+  // chunk (P * q + p) % C, so parts 0-1 (and 2-3) of a dword cover one 64-aligned span of 64
+  // columns, and parts 0-3 (2 and 3 bits) one 128-aligned span of 128.
+  a.merge = 1;
+  if (w.ng == 1 || w.G % 64 == 0) a.merge = 2;
+  if (w.bits != 4 && (w.ng == 1 || w.G % 128 == 0)) a.merge = 4;
   a.scales = w.scales.data_ptr();
   a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
   a.stype = w.stype;

@@ -2,9 +2,10 @@
 // codes puts each dword on one chunk, the table lookup is `vpshufb` on nibbles (4 bits) or 2-bit
 // fields (3 bits: index 2 * low + high, the high-bit plane expanded to 0/1 bytes), the products
 // `vpmaddubsw` (u8 table value x s8 activation, pairs into int16),
-// the two registers' pairs added and corrected in int16, `vpmaddwd` by ones (into int32), one float
-// FMA per 8 dwords. Also used on AVX-512 machines (the
-// same instructions on 256 bits; an AVX-512 VNNI variant is future work).
+// the two registers' pairs added and corrected in int16, `vpmaddwd` by the chunks' integer scale
+// factors (into int32, one unit per block), the parts in the same weight groups added as int32, one
+// float FMA per 8 dwords and group. Also used on AVX-512 machines (the same instructions on 256
+// bits; an AVX-512 VNNI variant is future work).
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -39,11 +40,12 @@ struct ScaleMap {
   const int32_t* gidx;  // [nblocks][P][8]: group of each dword, relative to g0
 };
 
-template <int BITS, int NR, int MC>
+template <int BITS, int Q, int NR, int MC>
 inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const ScaleMap& sm, int64_t m0,
                       float (*res)[4]) {
   constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P;
   constexpr int SH = BITS == 4 ? 4 : 2;  // bits per part in the (low) code plane
+  static_assert(P % Q == 0, "merged parts come in whole groups of Q");
   // 3 bits index the table as 2 * low + high (the high bit is then a 0/1 byte from one vpminub:
   // a third fewer instructions than + 4 via vpcmpeqb, by callgrind): entry 2l + h of T is u[l + 4h].
   alignas(16) uint8_t t3[16] = {};
@@ -69,7 +71,6 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
   const __m256i HBIT = _mm256_setr_epi8(1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8,
                                         16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128);
   const __m256i one8 = _mm256_set1_epi8(1);
-  const __m256i ones = _mm256_set1_epi16(1);
   const int64_t M = a.M, nb = a.nblocks;
   __m256 facc[NR][MC];
   for (int r = 0; r < NR; ++r)
@@ -113,7 +114,10 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
         const int64_t bm = b * M + m0 + mc;
         const int8_t* xb = a.xq + bm * COLS;
         const int16_t* xc = a.xcorr + bm * P * 16;
-        const float* xs = a.xscale + bm * P * 8;
+        const int16_t* xk = a.xk + bm * P * 16;
+        // (weight scale * table scale) * the block's activation unit, per group
+        const __m256 wu = _mm256_mul_ps(wv, _mm256_broadcast_ss(a.xu + bm));
+        __m256i isum = _mm256_setzero_si256();
         for (int p = 0; p < P; ++p) {
           const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + p * 32));
           const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + (P + p) * 32));
@@ -122,10 +126,13 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
           const __m256i s16 = _mm256_sub_epi16(
               _mm256_add_epi16(_mm256_maddubs_epi16(u0[p], x0), _mm256_maddubs_epi16(u1[p], x1)),
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + p * 16)));
-          const __m256i isum = _mm256_madd_epi16(s16, ones);
-          const __m256 ws = _mm256_permutevar8x32_ps(wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gi + p * 8)));
-          const __m256 sc = _mm256_mul_ps(ws, _mm256_loadu_ps(xs + p * 8));
-          facc[r][mc] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, facc[r][mc]);
+          // x the chunk factor k: every dword in the block's unit (|sum| <= 2 * 32004 * 127 per part)
+          isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + p * 16))));
+          if (p % Q == Q - 1) {  // parts p-Q+1 .. p have their dwords in the same groups
+            const __m256 ws = _mm256_permutevar8x32_ps(wu, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gi + p * 8)));
+            facc[r][mc] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), ws, facc[r][mc]);
+            isum = _mm256_setzero_si256();
+          }
         }
       }
     }
@@ -134,7 +141,7 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
     for (int mc = 0; mc < MC; ++mc) res[r0 + r][mc] = hsum(facc[r][mc]);
 }
 
-template <int BITS>
+template <int BITS, int Q>
 void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
   constexpr int BB = BITS == 3 ? 96 : 64;
   const int64_t ng = a.ng, nb = a.nblocks;
@@ -166,16 +173,16 @@ void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
     for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
       const int64_t mc = min64(4, a.M - m0);
       switch (mc) {
-        case 1: rows_int8<BITS, 4, 1>(a, tile, 0, sm, m0, res); break;
+        case 1: rows_int8<BITS, Q, 4, 1>(a, tile, 0, sm, m0, res); break;
         case 2:
-          rows_int8<BITS, 2, 2>(a, tile, 0, sm, m0, res);
-          rows_int8<BITS, 2, 2>(a, tile, 2, sm, m0, res);
+          rows_int8<BITS, Q, 2, 2>(a, tile, 0, sm, m0, res);
+          rows_int8<BITS, Q, 2, 2>(a, tile, 2, sm, m0, res);
           break;
         case 3:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, 1, 3>(a, tile, r, sm, m0, res);
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, 1, 3>(a, tile, r, sm, m0, res);
           break;
         default:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, 1, 4>(a, tile, r, sm, m0, res);
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, 1, 4>(a, tile, r, sm, m0, res);
       }
       for (int r = 0; r < 4 && 4 * t + r < a.N; ++r) {
         for (int64_t i = 0; i < mc; ++i) {
@@ -192,9 +199,23 @@ void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
   }
 }
 
+// One instantiation per bit width and merge width Q (parts added as int32: see Int8Args).
+template <int BITS>
+void gemm_int8_merge(const Int8Args& a, int64_t t0, int64_t t1) {
+  if (a.merge == 1) {
+    gemm_int8_bits<BITS, 1>(a, t0, t1);
+  } else if constexpr (BITS == 4) {
+    gemm_int8_bits<BITS, 2>(a, t0, t1);
+  } else if (a.merge == 2) {
+    gemm_int8_bits<BITS, 2>(a, t0, t1);
+  } else {
+    gemm_int8_bits<BITS, 4>(a, t0, t1);
+  }
+}
+
 }  // namespace
 
-bool quantize_x_int8_avx2(const float* xf, int bits, int8_t* dst, int16_t* corr, float* xs) {
+bool quantize_x_int8_avx2(const float* xf, int bits, int8_t* dst, int16_t* corr, int16_t* k, float* u) {
   const int P = int8_parts(bits), C = chunks_per_block(bits), cols = 64 * P;
   const int16_t* pos = int8_positions(bits);
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -202,13 +223,14 @@ bool quantize_x_int8_avx2(const float* xf, int bits, int8_t* dst, int16_t* corr,
   // packs_epi32 then packs_epi16 interleave 4-dword groups across the two 128-bit halves; this
   // vpermd puts the 32 bytes back in column order.
   const __m256i unpack = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i lo = _mm256_set1_epi8(-127);
   alignas(32) int8_t x8[256];
-  float cs[8];
+  float cmax[8];
+  int16_t kc[8];
   for (int ch = 0; ch < C; ++ch) {
-    __m256 v[4], m = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    __m256 m = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(xf + 32 * ch + 8 * i);
-      const __m256 av = _mm256_and_ps(v[i], absmask);
+      const __m256 av = _mm256_and_ps(_mm256_loadu_ps(xf + 32 * ch + 8 * i), absmask);
       ok = _mm256_and_ps(ok, _mm256_cmp_ps(av, fmax, _CMP_LE_OQ));  // false for NaN and Inf
       m = _mm256_max_ps(m, av);
     }
@@ -216,32 +238,38 @@ bool quantize_x_int8_avx2(const float* xf, int bits, int8_t* dst, int16_t* corr,
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    const float sc = _mm_cvtss_f32(h) / 127.f;
-    cs[ch] = sc;
+    cmax[ch] = _mm_cvtss_f32(h);
+  }
+  *u = int8_block_scales(cmax, C, kc);
+  for (int ch = 0; ch < C; ++ch) {
+    const float sc = static_cast<float>(kc[ch]) * *u;
     __m256i r[4];
-    for (int i = 0; i < 4; ++i)  // cvtps rounds to nearest even, as nearbyint; |x / sc| <= 127
-      r[i] = sc > 0.f ? _mm256_cvtps_epi32(_mm256_div_ps(v[i], _mm256_set1_ps(sc))) : _mm256_setzero_si256();
-    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+    for (int i = 0; i < 4; ++i)  // cvtps rounds to nearest even, as nearbyint
+      r[i] = sc > 0.f ? _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(xf + 32 * ch + 8 * i), _mm256_set1_ps(sc)))
+                      : _mm256_setzero_si256();
+    // saturating packs clamp to [-128, 127], the max to [-127, 127]
+    const __m256i b = _mm256_max_epi8(_mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3])), lo);
     _mm256_store_si256(reinterpret_cast<__m256i*>(x8 + 32 * ch), _mm256_permutevar8x32_epi32(b, unpack));
   }
   for (int c = 0; c < cols; ++c) dst[pos[c]] = x8[c];
-  // corr: 64 * the sum of the 4 bytes of int16 (h, w) of part p over both registers.
+  // corr: 64 * the sum of the 4 bytes of int16 (h, w) of part p over both registers; k: the factor
+  // of that int16's chunk, (P * q + p) % C for dword q = w / 2.
   const __m256i ones8 = _mm256_set1_epi8(1);
   for (int p = 0; p < P; ++p) {
     const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + p * 32));
     const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + (P + p) * 32));
     const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, a0), _mm256_maddubs_epi16(ones8, a1));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(corr + p * 16), _mm256_slli_epi16(s, 6));
-    for (int hq = 0; hq < 8; ++hq) xs[p * 8 + hq] = cs[(P * (hq & 3) + p) % C];
+    for (int hw = 0; hw < 16; ++hw) k[p * 16 + hw] = kc[(P * ((hw & 7) >> 1) + p) % C];
   }
   return true;
 }
 
 void gemm_int8_avx2(const Int8Args& a, int64_t t0, int64_t t1) {
   switch (a.bits) {
-    case 2: gemm_int8_bits<2>(a, t0, t1); break;
-    case 3: gemm_int8_bits<3>(a, t0, t1); break;
-    default: gemm_int8_bits<4>(a, t0, t1); break;
+    case 2: gemm_int8_merge<2>(a, t0, t1); break;
+    case 3: gemm_int8_merge<3>(a, t0, t1); break;
+    default: gemm_int8_merge<4>(a, t0, t1); break;
   }
 }
 

@@ -76,10 +76,10 @@ void gemm_int8_portable(const Int8Args& a, int64_t t0, int64_t t1) {
                   for (int i = 0; i < 4; ++i)
                     isum += a.tu[code_at(rb, a.bits, 8 * reg + 4 * h + i, P * q + p)] *
                             xb[(reg * P + p) * 32 + h * 16 + q * 4 + i];
-                const int64_t k = ((b * a.M + m) * P + p) * 8 + h * 4 + q;
                 const int64_t g = min64((b * C + (P * q + p) % C) * 32 / a.G, a.ng - 1);
-                const int16_t* corr = a.xcorr + ((b * a.M + m) * P + p) * 16 + h * 8 + 2 * q;
-                tot += static_cast<float>(isum - corr[0] - corr[1]) * (ws[g] * a.tscale * a.xscale[k]);
+                const int64_t w = ((b * a.M + m) * P + p) * 16 + h * 8 + 2 * q;  // int16 2q of half h
+                const int32_t v = (isum - a.xcorr[w] - a.xcorr[w + 1]) * a.xk[w];
+                tot += static_cast<float>(v) * (ws[g] * a.tscale * a.xu[b * a.M + m]);
               }
         }
         if (a.offsets) {
@@ -113,10 +113,11 @@ const int16_t* int8_positions(int bits) {
   return t.pos[bits - 2];
 }
 
-bool quantize_x_int8_portable(const float* xf, int bits, int8_t* dst, int16_t* corr, float* xs) {
+bool quantize_x_int8_portable(const float* xf, int bits, int8_t* dst, int16_t* corr, int16_t* k, float* u) {
   const int P = int8_parts(bits), C = chunks_per_block(bits), cols = 64 * P;
   const int16_t* pos = int8_positions(bits);
-  float cs[8];
+  float cmax[8];
+  int16_t kc[8];
   for (int ch = 0; ch < C; ++ch) {
     float amax = 0.f;
     bool finite = true;  // a max drops a NaN: test each value
@@ -126,22 +127,22 @@ bool quantize_x_int8_portable(const float* xf, int bits, int8_t* dst, int16_t* c
       finite = finite && v <= 3.4028235e38f;
     }
     if (!finite) return false;
-    cs[ch] = amax / 127.f;
+    cmax[ch] = amax;
   }
+  *u = int8_block_scales(cmax, C, kc);
   for (int c = 0; c < cols; ++c) {
-    const float sc = cs[c / 32];
-    dst[pos[c]] = sc > 0.f ? static_cast<int8_t>(std::nearbyint(xf[c] / sc)) : 0;
+    const float sc = static_cast<float>(kc[c / 32]) * *u;
+    const float r = sc > 0.f ? std::nearbyint(xf[c] / sc) : 0.f;
+    dst[pos[c]] = static_cast<int8_t>(r > 127.f ? 127.f : r < -127.f ? -127.f : r);
   }
   for (int p = 0; p < P; ++p)
     for (int h = 0; h < 2; ++h)
-      for (int q = 0; q < 4; ++q) {
-        for (int w = 2 * q; w < 2 * q + 2; ++w) {  // int16 w of half h: bytes 2w, 2w + 1
-          int sum = 0;
-          for (int reg = 0; reg < 2; ++reg)
-            sum += dst[(reg * P + p) * 32 + h * 16 + 2 * w] + dst[(reg * P + p) * 32 + h * 16 + 2 * w + 1];
-          corr[p * 16 + h * 8 + w] = static_cast<int16_t>(64 * sum);
-        }
-        xs[p * 8 + h * 4 + q] = cs[(P * q + p) % C];
+      for (int w = 0; w < 8; ++w) {  // int16 w of half h: bytes 2w, 2w + 1 of both registers
+        int sum = 0;
+        for (int reg = 0; reg < 2; ++reg)
+          sum += dst[(reg * P + p) * 32 + h * 16 + 2 * w] + dst[(reg * P + p) * 32 + h * 16 + 2 * w + 1];
+        corr[p * 16 + h * 8 + w] = static_cast<int16_t>(64 * sum);
+        k[p * 16 + h * 8 + w] = kc[(P * (w / 2) + p) % C];
       }
   return true;
 }

@@ -59,11 +59,21 @@ struct DecodeArgs {
 
 // The int8 mode (the default below 32 rows; FLUTE_CPU_MODE / flute.set_cpu_mode; groups of a
 // multiple of 32 columns or one group). llama.cpp's approach: activations quantized to int8 per
-// 32-column chunk (scale = max|x| / 127), the table to 7-bit integers t7 in [-63, 63] (scale
-// max|t| / 63), stored as u = t7 + 64 in [1, 127] so that one `vpmaddubsw` (u8 x s8, pairs summed
-// into int16) never saturates: 2 * 127 * 127 < 32767. sum(x8 * t7) = sum(x8 * u) - 64 * sum(x8),
-// the second term precomputed per chunk from the activations alone. One float FMA per chunk and
-// part, with (weight scale * table scale) * (activation scale) for that chunk.
+// 32-column chunk, the table to 7-bit integers t7 in [-63, 63] (scale max|t| / 63), stored as
+// u = t7 + 64 in [1, 127] so that one `vpmaddubsw` (u8 x s8, pairs summed into int16) never
+// saturates: 2 * 127 * 127 < 32767. sum(x8 * t7) = sum(x8 * u) - 64 * sum(x8), the second term
+// precomputed per chunk from the activations alone.
+//
+// Activation scales: one float unit per block and row, u = (bmax / 127) / kInt8KMax (bmax = max|x|
+// over the block's 64 * P columns), and per 32-column chunk an integer
+// k = min(kInt8KMax, ceil(cmax / (bmax / kInt8KMax))) (cmax = the chunk's max|x|): the chunk's scale
+// is k * u, at most 1 + bmax / (kInt8KMax * cmax) times llama.cpp's per-chunk max|x| / 127 (1.01 for
+// a chunk 10x below the block's max), x8 = round-to-nearest-even(x / (k * u)) clamped to
+// [-127, 127]. The integer k multiplies in the `vpmaddwd` (instead of ones), so the int32 sums of all
+// the chunks of a block are in one unit and the parts whose dwords lie in the same weight groups (Q
+// of them: 2 or 4 for groups of 64 or 128 columns) are added as int32 before one float conversion
+// and FMA, with (weight scale * table scale * u) for the dword's group. int32 bounds: a part's dword
+// is at most 2 * 32004 * 1023 = 65.5M, Q = 4 of them 262M < 2^31.
 //
 // The correction is subtracted in int16, before the one `vpmaddwd` per part: the two registers'
 // `vpmaddubsw` results are added with wrap-around and the precomputed int16 correction of those
@@ -86,7 +96,9 @@ struct Int8Args {
   const int8_t* xq;       // [nblocks][M][cols per block] activations in the byte order above
   const int16_t* xcorr;   // [nblocks][M][P][16]: 64 * sum of the 4 xq bytes of int16 (h, w) of part p
                           // (bytes 2w, 2w + 1 of half h of both registers)
-  const float* xscale;    // [nblocks][M][P][8]: activation scale of that dword's chunk
+  const int16_t* xk;      // [nblocks][M][P][16]: k of the chunk of int16 (h, w) of part p
+  const float* xu;        // [nblocks][M]: the block's activation unit u
+  int merge;              // Q: parts added as int32 (1, 2, or 4 for 2 and 3 bits; see above)
   const void* scales;     // [N, ng] in stype
   const void* offsets;    // [N, ng] in stype or nullptr
   int stype;
@@ -111,10 +123,25 @@ static inline int int8_col(int bits, int reg, int p, int h, int q, int i) {
 }
 
 // One block of activations (64 * P floats, zero beyond K) in the int8 mode's form: dst [64 * P]
-// bytes in the byte order above, corr [P * 16] and xs [P * 8] (see Int8Args). Per 32-column chunk
-// scale = max|x| / 127, x8 = round-to-nearest-even(x / scale) (float32 division). False, with
-// nothing usable written, when a value is not finite.
-using QuantXFn = bool (*)(const float* xf, int bits, int8_t* dst, int16_t* corr, float* xs);
+// bytes in the byte order above, corr [P * 16], k [P * 16] and the unit *u (see Int8Args; float32
+// arithmetic in the order written there). False, with nothing usable written, when a value is not
+// finite.
+using QuantXFn = bool (*)(const float* xf, int bits, int8_t* dst, int16_t* corr, int16_t* k, float* u);
+// The activation unit and chunk factors of a block from the chunks' max|x| (C of them), shared by
+// every path so that all round the same: returns u, k[c] per chunk.
+constexpr int kInt8KMax = 1023;
+static inline float int8_block_scales(const float* cmax, int C, int16_t* k) {
+  float bmax = 0.f;
+  for (int c = 0; c < C; ++c) bmax = cmax[c] > bmax ? cmax[c] : bmax;
+  const float D = bmax / static_cast<float>(kInt8KMax);
+  for (int c = 0; c < C; ++c) {
+    const float r = D > 0.f ? cmax[c] / D : 0.f;
+    int kc = static_cast<int>(r);
+    kc += static_cast<float>(kc) < r;  // ceil
+    k[c] = static_cast<int16_t>(kc > kInt8KMax ? kInt8KMax : kc);
+  }
+  return bmax / 127.f / static_cast<float>(kInt8KMax);
+}
 // Byte position in the int8 order of each column of a block ([64 * P], int8_col inverted).
 const int16_t* int8_positions(int bits);
 
@@ -126,13 +153,13 @@ using Int8Fn = void (*)(const Int8Args&, int64_t t0, int64_t t1);
 
 void gemm_portable(const GemmArgs&, int64_t, int64_t);
 void gemm_int8_portable(const Int8Args&, int64_t, int64_t);
-bool quantize_x_int8_portable(const float*, int, int8_t*, int16_t*, float*);
+bool quantize_x_int8_portable(const float*, int, int8_t*, int16_t*, int16_t*, float*);
 void decode_portable(const DecodeArgs&, int64_t, int64_t);
 #if defined(__x86_64__) || defined(_M_X64)
 void gemm_avx2(const GemmArgs&, int64_t, int64_t);
 void decode_avx2(const DecodeArgs&, int64_t, int64_t);
 void gemm_int8_avx2(const Int8Args&, int64_t, int64_t);
-bool quantize_x_int8_avx2(const float*, int, int8_t*, int16_t*, float*);
+bool quantize_x_int8_avx2(const float*, int, int8_t*, int16_t*, int16_t*, float*);
 void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
