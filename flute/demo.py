@@ -13,12 +13,13 @@ import time
 import torch
 
 from .calibrate import calibration_samples, quantize_model_calibrated
-from .evaluate import builtin_text, decode_speed, perplexity
+from .evaluate import builtin_text, decode_speeds, perplexity
 from .model import model_weight_bytes, quantize_model
 from .modules import linear_layers
 from .smollm2 import load_smollm2
 
 PROMPT = "The old lighthouse on the harbour wall"
+DECODE_ROUNDS = 5
 
 # Data-free recipes: the best we measured per width on this model (README, quality ladder):
 # NF with absmax scales at 4 bits, MSE-searched scales below (they cut 3-bit perplexity a lot).
@@ -43,16 +44,16 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
     base, tokenizer = load_smollm2(dtype=dtype, device=device)
     print(f"  loaded in {time.perf_counter() - t0:.1f} s")
     ids = tokenizer(builtin_text(), return_tensors="pt").input_ids
-    rows = []
+    rows, models = [], {}
 
     def measure(name, model, seconds=None):
         lin = sum(m.weight.numel() * m.weight.element_size() for _, m in linear_layers(model))
         size = model_weight_bytes(model)
         ppl = perplexity(model, ids)
-        tps, sample = decode_speed(model, tokenizer, PROMPT, new_tokens)
         rows.append(dict(name=name, linear=lin + size["quantized"], total=size["total"], ppl=ppl,
-                         tps=tps, sample=sample, seconds=seconds))
-        print(f"  measured {name}: perplexity {ppl:.2f}, {tps:.1f} tokens/s")
+                         seconds=seconds))
+        models[name] = model
+        print(f"  measured {name}: perplexity {ppl:.2f}")
 
     measure(f"{str(dtype).replace('torch.', '')} (unquantized)", base)
     if device.type == "cpu":  # the 16-bit model a CPU user would otherwise run
@@ -71,7 +72,14 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
         if device.type == "cuda":
             torch.cuda.synchronize()
         measure(f"flute {b}-bit g{group_size} ({label})", model, time.perf_counter() - t0)
-        del model
+
+    # Decode speed last, every model in turn per round: on a shared machine they all see the same
+    # background load (timed one after another, minutes apart, their ratios drifted by up to 1.5x).
+    print(f"  timing decode: {DECODE_ROUNDS} rounds of {len(models)} models ...")
+    speeds = decode_speeds(models, tokenizer, PROMPT, new_tokens, DECODE_ROUNDS)
+    for r in rows:
+        r["tps"], r["sample"] = speeds[r["name"]]
+        print(f"  {r['name']}: {r['tps']:.1f} tokens/s")
 
     ref = rows[0]
     print()
@@ -83,8 +91,9 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
         print(f"{r['name']:44} {_mb(r['linear']):>15} {_mb(r['total']):>12} {r['ppl']:>11.2f} "
               f"{rel:>8} {r['tps']:>9.1f} {q:>9}")
     print()
-    print(f"Perplexity: {ids.shape[1]} tokens of flute's built-in English text. Speed: median of 3 "
-          f"greedy decodes of {new_tokens} tokens at batch 1. 'quantize': time to quantize"
+    print(f"Perplexity: {ids.shape[1]} tokens of flute's built-in English text. Speed: median of "
+          f"{DECODE_ROUNDS} greedy decodes of {new_tokens} tokens at batch 1, the models taking turns. "
+          f"'quantize': time to quantize"
           + (" (GPTQ calibrates on flute's built-in calibration text, a different text)."
              if method == "gptq" else "."))
     import flute

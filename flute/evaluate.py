@@ -43,22 +43,33 @@ def perplexity(model, input_ids: torch.Tensor, window: int = 2048) -> float:
 
 
 @torch.no_grad()
-def decode_speed(model, tokenizer, prompt: str, new_tokens: int = 32, repeats: int = 3):
-    """Greedy-generate ``new_tokens`` tokens ``repeats`` times after a short warm-up; return
-    (median tokens per second, generated text)."""
-    device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
+def decode_speeds(models: dict, tokenizer, prompt: str, new_tokens: int = 32, rounds: int = 3) -> dict:
+    """Greedy-generate ``new_tokens`` tokens with each model of ``models`` (``{name: model}``),
+    ``rounds`` times, round-robin (one decode of each model per round, after a short warm-up of
+    each), so that on a shared machine every model sees the same background load; return
+    ``{name: (median tokens per second, generated text)}``."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    runs = {}
+    for name, model in models.items():
+        device = next(model.parameters()).device
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
+        model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        runs[name] = (model, enc, device, [])
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=tokenizer.eos_token_id)
-    model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    rates = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = model.generate(**enc, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        generated = out[0, enc["input_ids"].shape[1]:]
-        rates.append(generated.numel() / (time.perf_counter() - t0))
-    return statistics.median(rates), tokenizer.decode(generated, skip_special_tokens=True)
+    texts = {}
+    for _ in range(rounds):
+        for name, (model, enc, device, rates) in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model.generate(**enc, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            generated = out[0, enc["input_ids"].shape[1]:]
+            rates.append(generated.numel() / (time.perf_counter() - t0))
+            texts[name] = generated
+    return {name: (statistics.median(rates), tokenizer.decode(texts[name], skip_special_tokens=True))
+            for name, (_, _, _, rates) in runs.items()}
+

@@ -94,3 +94,38 @@ def test_smollm2_perplexity_bounds(smol, bits):
         # 3-bit g64 with scale search measured 20.5 s on an idle 2-core machine; the bound leaves
         # room for a loaded CI machine while still catching an order-of-magnitude regression.
         assert seconds < 120
+
+
+def test_decode_speeds_times_the_models_in_turn():
+    """Models are decoded round-robin (one decode of each per round, after one warm-up each), and
+    each model's rate is its own tokens over its own time."""
+    calls = []
+
+    class Fake(torch.nn.Module):
+        def __init__(self, name, tokens, delay):
+            super().__init__()
+            self.name, self.tokens, self.delay = name, tokens, delay
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, max_new_tokens, **kw):
+            calls.append((self.name, max_new_tokens))
+            time.sleep(self.delay)
+            n = self.tokens if max_new_tokens > 2 else 2
+            return torch.cat([input_ids, torch.full((1, n), 7)], dim=1)
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text, return_tensors):
+            return transformers.BatchEncoding({"input_ids": torch.tensor([[1, 2, 3]])})
+
+        def decode(self, ids, skip_special_tokens):
+            return f"{len(ids)} tokens"
+
+    out = flute.evaluate.decode_speeds({"a": Fake("a", 8, 0.05), "b": Fake("b", 8, 0.2)}, Tok(),
+                                       "prompt", new_tokens=8, rounds=3)
+    assert calls == [("a", 2), ("b", 2)] + [("a", 8), ("b", 8)] * 3
+    assert out["a"][1] == out["b"][1] == "8 tokens"
+    assert 2.5 < out["a"][0] / out["b"][0] < 4.5   # 8 / 0.05 s against 8 / 0.2 s
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        flute.evaluate.decode_speeds({}, Tok(), "p", rounds=0)
