@@ -98,13 +98,13 @@ def cpu_extensions():
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     ext = CppExtension(
         name="flute._cpu",
-        sources=[os.path.join(cpu_dir, "binding.cpp")] + sorted(isa_flags),
+        sources=[os.path.join(cpu_dir, f) for f in ("binding.cpp", "fused_gemm.cpp")] + sorted(isa_flags),
         include_dirs=[os.path.join(HERE, cpu_dir)],
         # -fopenmp: at::parallel_for is inlined from ATen's OpenMP backend; without the flag its
         # pragma is ignored and every call runs on one thread whatever torch.set_num_threads says.
         extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"] + openmp},
         extra_link_args=openmp,
-        depends=[os.path.join(cpu_dir, h) for h in ("lut_kernel.h", "avx2_common.h")],
+        depends=[os.path.join(cpu_dir, h) for h in ("lut_kernel.h", "avx2_common.h", "binding.h")],
         py_limited_api=True,
         optional=True,  # a failed build (no compiler) skips it: flute then warns and runs the reference
     )

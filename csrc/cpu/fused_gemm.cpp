@@ -1,0 +1,327 @@
+// The fused path of the CPU op, torch side: activations prepared once per call (fp32 chunk-permuted,
+// bf16, or int8 for the int8 mode), the int8 mode's table cache, the split of row tiles between
+// threads, and the calls of the ISA's kernel (lut_kernel.h). Declared in binding.h.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <unordered_map>
+
+#include "binding.h"
+
+namespace flute_cpu::binding {
+namespace {
+
+GemmFn gemm_fn(int isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa == kAvx512) return gemm_avx512;
+  if (isa == kAvx2) return gemm_avx2;
+#endif
+  return gemm_portable;
+}
+
+// Fp32 activations, chunk-permuted and vector-major ([K_pad/16][M][16], see lut_kernel.h), zero
+// beyond K; group sums of each row.
+template <typename T>
+void permute_x(const T* x, int64_t M, int64_t K, int64_t K_pad, int64_t G, int64_t ng, float* xp,
+               float* xsum) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * K;
+    for (int64_t k = 0; k < K_pad; ++k) {
+      const int64_t v = (k >> 5) * 2 + (k & 1), j = (k & 31) >> 1;
+      xp[(v * M + m) * 16 + j] = k < K ? static_cast<float>(xr[k]) : 0.f;
+    }
+    if (xsum) {
+      for (int64_t g = 0; g < ng; ++g) {
+        float s = 0.f;
+        for (int64_t k = g * G; k < std::min(K, (g + 1) * G); ++k) s += static_cast<float>(xr[k]);
+        xsum[m * ng + g] = s;
+      }
+    }
+  }
+}
+
+// bf16 activations for the bf16 mode, [K_pad/32][M][32] (natural order in a chunk), zero beyond K.
+template <typename T>
+void bf16_x(const T* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * K;
+    for (int64_t k = 0; k < K_pad; ++k) {
+      uint16_t v = 0;
+      if (k < K) {
+        if constexpr (std::is_same_v<T, c10::BFloat16>) v = xr[k].x;
+        else v = f32_to_bf16(static_cast<float>(xr[k]));
+      }
+      xb[((k >> 5) * M + m) * 32 + (k & 31)] = v;
+    }
+  }
+}
+
+// The int8 mode's activations (see Int8Args): each block of each row through the ISA's QuantXFn
+// (int8 per 32-column chunk on the block's unit, in the kernel's byte order, with the int16
+// corrections and chunk factors); exact group sums when there are offsets.
+// False (nothing usable) when x holds a NaN or an Inf: the caller then takes the exact path, which
+// propagates them as the float math would.
+template <typename T>
+bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, int8_t* xq, int16_t* xcorr,
+            int16_t* xk, float* xu, float* xsum) {
+  const int bits = w.bits, P = int8_parts(bits), cols = 64 * P;
+  const int64_t K = w.K, nb = w.nblocks;
+  alignas(32) float xf[256];
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * K;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* src = xf;
+      if (std::is_same_v<T, float> && (b + 1) * cols <= K) {
+        src = reinterpret_cast<const float*>(xr + b * cols);  // a whole block of fp32: no copy
+      } else {
+        for (int c = 0; c < cols; ++c) {
+          const int64_t k = b * cols + c;
+          xf[c] = k < K ? static_cast<float>(xr[k]) : 0.f;
+        }
+      }
+      const int64_t bm = b * M + m;
+      if (!quant(src, bits, xq + bm * cols, xcorr + bm * P * 16, xk + bm * P * 16, xu + bm)) return false;
+    }
+    if (xsum) {
+      for (int64_t g = 0; g < w.ng; ++g) {
+        float s = 0.f;
+        for (int64_t k = g * w.G; k < std::min(K, (g + 1) * w.G); ++k) s += static_cast<float>(xr[k]);
+        xsum[m * w.ng + g] = s;
+      }
+    }
+  }
+  return true;
+}
+
+// The int8 mode's table: 7-bit integers t7 (stored as u = t7 + 64) times one scale. The scale is
+// max|t| / d for the d in [8, 63] (steps of 1/16) with the least squared rounding error, the
+// largest d on ties: uniform tables (int, fp4) become exact (d = 8 for the int table), and NF4's
+// error drops below max|t| / 126. flute.testing.reference_qgemm_int8 makes the same choice.
+struct Table7 {
+  uint8_t tu[16];
+  float scale;
+};
+
+Table7 quantize_table7(const float* t, int n) {
+  Table7 r{};
+  float tmax = 0.f;
+  for (int c = 0; c < n; ++c) tmax = std::max(tmax, std::fabs(t[c]));
+  r.scale = 0.f;
+  double best = 0.;
+  for (int i = 0; i <= (63 - 8) * 16 && tmax > 0.f; ++i) {
+    const float sc = static_cast<float>(tmax / (63.0 - i / 16.0));
+    double err = 0.;
+    for (int c = 0; c < n; ++c) {
+      const float v = std::max(-63.f, std::min(63.f, std::nearbyint(t[c] / sc)));
+      const double e = static_cast<double>(t[c]) - static_cast<double>(v) * sc;
+      err += e * e;
+    }
+    if (i == 0 || err < best * (1 - 1e-9)) {  // strictly better by a margin: ties keep the larger d
+      best = err;
+      r.scale = sc;
+    }
+  }
+  for (int c = 0; c < 16; ++c) {
+    const float v = c < n && r.scale > 0.f ? std::nearbyint(t[c] / r.scale) : 0.f;
+    r.tu[c] = static_cast<uint8_t>(64 + static_cast<int>(std::max(-63.f, std::min(63.f, v))));
+  }
+  return r;
+}
+
+// quantize_table7 costs ~10 us (881 candidate scales); a model reuses its tables every call, so the
+// results are cached per thread by the table's bytes (a fixed-size key: no allocation per lookup).
+struct TableKey {
+  uint32_t words[16];
+  int n;
+  bool operator==(const TableKey& o) const {
+    return n == o.n && std::memcmp(words, o.words, sizeof(words)) == 0;
+  }
+};
+
+struct TableKeyHash {
+  size_t operator()(const TableKey& k) const {
+    uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(k.n);
+    for (int i = 0; i < k.n; ++i) h = (h ^ k.words[i]) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+const Table7& table7(const float* t, int n) {
+  thread_local std::unordered_map<TableKey, Table7, TableKeyHash> cache;
+  TableKey key{};
+  key.n = n;
+  std::memcpy(key.words, t, n * sizeof(float));
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  if (cache.size() > 4096) cache.clear();
+  return cache.emplace(key, quantize_table7(t, n)).first->second;
+}
+
+// fn(t0, t1) over the row tiles [0, tiles), at least `grain` tiles per call of fn. Large calls:
+// threads take chunks of tiles from a shared counter (dynamic balancing, as llama.cpp's CPU backend
+// does) rather than one static share each, because on a shared or virtualized machine one core is
+// often slowed down and a static split waits for it (measured, 14336x4096 4-bit M=1, 2 threads:
+// 2.27 -> 2.12 ms on a quiet VM, 5.59 -> 4.48 ms with the other core busy). Small calls keep the
+// static split (chunks under 4 grains cost more than they balance: 1536x576 67 -> 76 us).
+template <typename F>
+void for_tiles(int64_t tiles, int64_t grain, const F& fn) {
+  const int64_t nt = at::get_num_threads();
+  if (nt <= 1 || tiles <= grain) {
+    fn(0, tiles);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(4 * grain, tiles / (8 * nt));
+  if (tiles < 2 * nt * chunk) {
+    at::parallel_for(0, tiles, grain, fn);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t t0 = next.fetch_add(chunk); t0 < tiles; t0 = next.fetch_add(chunk))
+      fn(t0, std::min(tiles, t0 + chunk));
+  });
+}
+
+// Bytes from `off` rounded up to a 64-byte boundary (the int8 scratch buffer's parts).
+int64_t align64(int64_t off) { return (off + 63) / 64 * 64; }
+
+}  // namespace
+
+bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) {
+  const int64_t M = x2.size(0), nb = w.nblocks;
+  const int P = int8_parts(w.bits), C = chunks_per_block(w.bits);
+  // One scratch allocation per call (small calls are dominated by fixed costs): activations,
+  // their corrections and scales, group sums and the scale map.
+  const int64_t o_corr = align64(nb * M * 64 * P), o_k = align64(o_corr + nb * M * P * 16 * 2),
+                o_u = align64(o_k + nb * M * P * 16 * 2), o_sum = align64(o_u + nb * M * 4),
+                o_g0 = align64(o_sum + M * w.ng * 4),
+                o_gidx = align64(o_g0 + nb * 8), total = o_gidx + nb * P * 8 * 4;
+  at::Tensor scratch = at::empty({total + 64}, x2.options().dtype(at::kByte));
+  char* base = reinterpret_cast<char*>(align64(reinterpret_cast<intptr_t>(scratch.data_ptr())));
+  int8_t* xq = reinterpret_cast<int8_t*>(base);
+  int16_t* xcorr = reinterpret_cast<int16_t*>(base + o_corr);
+  int16_t* xk = reinterpret_cast<int16_t*>(base + o_k);
+  float* xu = reinterpret_cast<float*>(base + o_u);
+  float* xs = w.offsets.defined() ? reinterpret_cast<float*>(base + o_sum) : nullptr;
+  int64_t* g0 = reinterpret_cast<int64_t*>(base + o_g0);
+  int32_t* gidx = reinterpret_cast<int32_t*>(base + o_gidx);
+  QuantXFn quant = quantize_x_int8_portable;
+  Int8Fn fn = gemm_int8_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa >= kAvx2) {
+    quant = quantize_x_int8_avx2;
+    fn = gemm_int8_avx2;
+  }
+#endif
+  bool ok;
+  switch (x2.scalar_type()) {
+    case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, w, quant, xq, xcorr, xk, xu, xs); break;
+    case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, w, quant, xq, xcorr, xk, xu, xs); break;
+    default: ok = int8_x(x2.data_ptr<float>(), M, w, quant, xq, xcorr, xk, xu, xs);
+  }
+  if (!ok) return false;
+  // The scale map: no division per tile in the kernel.
+  for (int64_t b = 0; b < nb; ++b) {
+    g0[b] = std::min<int64_t>(b * C * 32 / w.G, w.ng - 1);
+    for (int p = 0; p < P; ++p)
+      for (int q = 0; q < 4; ++q) {
+        const int64_t g = std::min<int64_t>((b * C + (P * q + p) % C) * 32 / w.G, w.ng - 1);
+        gidx[(b * P + p) * 8 + q] = gidx[(b * P + p) * 8 + 4 + q] = static_cast<int32_t>(g - g0[b]);
+      }
+  }
+  Int8Args a;
+  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.bits = w.bits;
+  a.N = w.N;
+  a.nblocks = nb;
+  a.M = M;
+  a.xq = xq;
+  a.xcorr = xcorr;
+  a.xk = xk;
+  a.xu = xu;
+  // Parts added as int32 when their dwords meet the same weight groups: part p of dword q meets
+  // chunk (P * q + p) % C, so parts 0-1 (and 2-3) of a dword cover one 64-aligned span of 64
+  // columns, and parts 0-3 (2 and 3 bits) one 128-aligned span of 128.
+  a.merge = 1;
+  if (w.ng == 1 || w.G % 64 == 0) a.merge = 2;
+  if (w.bits != 4 && (w.ng == 1 || w.G % 128 == 0)) a.merge = 4;
+  a.scales = w.scales.data_ptr();
+  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.stype = w.stype;
+  a.ng = w.ng;
+  a.G = w.G;
+  a.xsum = xs;
+  a.g0 = g0;
+  a.gidx = gidx;
+  const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
+  std::memcpy(a.tu, t7.tu, 16);
+  a.tscale = t7.scale;
+  a.out = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
+  for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  return true;
+}
+
+void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, at::Tensor& out) {
+  const int64_t M = x2.size(0);
+  at::Tensor xp = at::empty({M, w.K_pad}, x2.options().dtype(at::kFloat));
+  at::Tensor xsum;
+  if (w.offsets.defined()) xsum = at::empty({M, w.ng}, x2.options().dtype(at::kFloat));
+  float* xs = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
+  switch (x2.scalar_type()) {
+    case at::kBFloat16:
+      permute_x(x2.data_ptr<c10::BFloat16>(), M, w.K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
+      break;
+    case at::kHalf:
+      permute_x(x2.data_ptr<c10::Half>(), M, w.K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
+      break;
+    default:
+      permute_x(x2.data_ptr<float>(), M, w.K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
+  }
+  GemmFn fn = gemm_fn(isa);
+  at::Tensor xb;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (bf16 && isa == kAvx512) {
+    xb = at::empty({w.K_pad * M}, x2.options().dtype(at::kShort));
+    auto* dst = reinterpret_cast<uint16_t*>(xb.data_ptr<int16_t>());
+    switch (x2.scalar_type()) {
+      case at::kBFloat16: bf16_x(x2.data_ptr<c10::BFloat16>(), M, w.K, w.K_pad, dst); break;
+      case at::kHalf: bf16_x(x2.data_ptr<c10::Half>(), M, w.K, w.K_pad, dst); break;
+      default: bf16_x(x2.data_ptr<float>(), M, w.K, w.K_pad, dst);
+    }
+    fn = gemm_avx512bf16;
+  }
+#endif
+  GemmArgs a;
+  a.xb = xb.defined() ? reinterpret_cast<const uint16_t*>(xb.data_ptr<int16_t>()) : nullptr;
+  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.bits = w.bits;
+  a.K = w.K;
+  a.N = w.N;
+  a.K_pad = w.K_pad;
+  a.N_pad = w.N_pad;
+  a.nblocks = w.nblocks;
+  a.x = xp.data_ptr<float>();
+  a.M = M;
+  a.scales = w.scales.data_ptr();
+  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.stype = w.stype;
+  a.ng = w.ng;
+  a.cpg = w.ng == 1 ? w.K_pad / 32 : w.G / 32;
+  a.ngp = w.K_pad / 32 / a.cpg + 2;
+  a.xsum = xs;
+  a.table = w.table.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  const int64_t tiles = w.N_pad / 4;
+  // ~64K weights per task at least, so small layers run on one thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
+  for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+}
+
+}  // namespace flute_cpu::binding
