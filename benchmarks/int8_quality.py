@@ -46,6 +46,8 @@ def main():
     p.add_argument("--bits", nargs="+", type=int, default=None,
                    help="only the data-free formats of these bit widths")
     a = p.parse_args()
+    # the commit measured, read before the run (a commit made meanwhile is not what ran)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     if ops.get_cpu_isa() == "portable":
         print("note: portable CPU path (slow)")
     model, tok = smollm2.load_smollm2(torch.float32)
@@ -74,7 +76,6 @@ def main():
         res["int8_cost_pct"] = 100 * (res["int8"] / res["exact"] - 1)
         print(f"{label}: exact {res['exact']:.3f}, int8 {res['int8']:.3f} ({res['int8_cost_pct']:+.2f}%)")
         rows.append(res)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"what": "SmolLM2-135M perplexity, CPU kernel exact vs int8 mode", "commit": commit,
               "command": "python benchmarks/int8_quality.py " + " ".join(sys.argv[1:]),
               "machine": platform.processor() or platform.machine(), "isa": ops.get_cpu_isa(),
