@@ -7,6 +7,7 @@ from torch import nn
 
 import flute
 import flute.evaluate
+import flute.model
 from flute import QuantLinear, quantize_model
 from flute.modules import linear_layers
 
@@ -37,6 +38,29 @@ def test_quantize_model_replaces_linears_and_keeps_logits_close():
     cfg = model.config.quantization_config
     cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
     assert cfg["quant_method"] == "flute" and cfg["bits"] == 4 and cfg["group_size"] == 32
+
+
+def test_cast_unquantized_moves_only_the_float_leftovers():
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    quantize_model(model, bits=4, group_size=32, progress=False)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+    q = model.model.layers[0].self_attn.q_proj
+    before = {k: (v.dtype, v.clone()) for k, v in q.state_dict().items()}
+    assert flute.model.cast_unquantized(model, torch.bfloat16) is model
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    for k, v in q.state_dict().items():  # the quantized layer: untouched
+        assert v.dtype == before[k][0] and torch.equal(v, before[k][1]), k
+    with torch.no_grad():
+        out = model(ids).logits
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.03
+    with pytest.raises(ValueError, match="floating-point torch.dtype"):
+        flute.model.cast_unquantized(model, torch.int8)
 
 
 def test_skip_patterns():
