@@ -71,8 +71,8 @@ def reference_qgemm_int8(x: torch.Tensor, w: RandomWeight, group_size: int) -> t
     """The CPU kernel's "int8" mode (``flute.set_cpu_mode("int8")``), executable: float64 ``x @ W.T``
     after the two roundings that mode makes. The table becomes 7-bit integers times one scale
     (:func:`table7_scale`). Each row of ``x`` is rounded to int8 per 32-column chunk with the chunk
-    scale ``k * u`` of its block (128 columns for 4 bits, 256 for 2 and 3): ``u = bmax / 127 / 1023``
-    for the block's max|x|, ``k = min(1023, ceil(cmax / (bmax / 1023)))`` for the chunk's max|x|
+    scale ``k * u`` of its block (128 columns for 4 bits, 256 for 2 and 3): ``u = bmax / 127 / 8191``
+    for the block's max|x|, ``k = min(8191, ceil(cmax / (bmax / 8191)))`` for the chunk's max|x|
     (float32 arithmetic, ties to even, as the kernel). Offsets multiply the exact ``x`` (their group
     sums are exact in the kernel too)."""
     t = w.table.float()
@@ -84,8 +84,8 @@ def reference_qgemm_int8(x: torch.Tensor, w: RandomWeight, group_size: int) -> t
     xc = torch.nn.functional.pad(xf, (0, -k % cols)).reshape(xf.shape[0], -1, cols // 32, 32)
     cmax = xc.abs().amax(-1)                                  # [rows, blocks, chunks]
     bmax = cmax.amax(-1, keepdim=True)
-    d, u = bmax / 1023, bmax / 127 / 1023
-    kc = torch.where(d > 0, torch.ceil(cmax / torch.where(d > 0, d, 1)), 0).clamp(max=1023)
+    d, u = bmax / 8191, bmax / 127 / 8191
+    kc = torch.where(d > 0, torch.ceil(cmax / torch.where(d > 0, d, 1)), 0).clamp(max=8191)
     cs = (kc * u).unsqueeze(-1)
     x8 = torch.where(cs > 0, torch.round(xc / torch.where(cs > 0, cs, 1)), 0).clamp(-127, 127)
     xq = (x8 * cs).reshape(xf.shape[0], -1)[:, :k].double()
