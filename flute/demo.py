@@ -87,12 +87,13 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
 
     ref = rows[0]
     print()
-    print(f"{'model':44} {'linear weights':>15} {'whole model':>12} {'perplexity':>11} "
+    w = max(len(r["name"]) for r in rows)
+    print(f"{'model':{w}} {'linear weights':>15} {'whole model':>12} {'perplexity':>11} "
           f"{'vs base':>8} {'tokens/s':>9} {'quantize':>9}")
     for r in rows:
         rel = f"{100 * (r['ppl'] / ref['ppl'] - 1):+.1f}%" if r is not ref else "-"
         q = f"{r['seconds']:.1f} s" if r["seconds"] is not None else "-"
-        print(f"{r['name']:44} {_mb(r['linear']):>15} {_mb(r['total']):>12} {r['ppl']:>11.2f} "
+        print(f"{r['name']:{w}} {_mb(r['linear']):>15} {_mb(r['total']):>12} {r['ppl']:>11.2f} "
               f"{rel:>8} {r['tps']:>9.1f} {q:>9}")
     print()
     print(f"Perplexity: {ids.shape[1]} tokens of flute's built-in English text. Speed: median of "
