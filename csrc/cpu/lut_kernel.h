@@ -66,16 +66,16 @@ struct DecodeArgs {
 //
 // Activation scales: one float unit per block and row, u = (bmax / 127) / kInt8KMax (bmax = max|x|
 // over the block's 64 * P columns), and per 32-column chunk an integer
-// k = min(kInt8KMax, ceil(cmax / (bmax / kInt8KMax))) (cmax = the chunk's max|x|): the chunk's scale
-// is k * u, at most 1 + bmax / (kInt8KMax * cmax) times llama.cpp's per-chunk max|x| / 127 (1.012
-// for a chunk 100x below the block's max: LLM activations have such outliers; with at most 1023,
-// 3-bit GPTQ-LUT lost +0.85% perplexity against +0.48%), x8 = round-to-nearest-even(x / (k * u)) clamped to
-// [-127, 127]. The integer k multiplies in the `vpmaddwd` (instead of ones), so the int32 sums of all
-// the chunks of a block are in one unit and the parts whose dwords lie in the same weight groups (Q
-// of them: 2 or 4 for groups of 64 or 128 columns) are added as int32 before one float conversion
-// and FMA, with (weight scale * table scale * u) for the dword's group. int32 bounds: a part's dword
-// is at most 2 * 32004 * 8191 = 524.3M, Q = 4 of them 2.097G < 2^31 (kInt8KMax is the largest
-// 2^n - 1 that fits).
+// k = min(kInt8KMax, ceil(cmax / (bmax / kInt8KMax))) (cmax = the chunk's max|x|). The chunk's scale
+// is k * u: at most 1 + bmax / (kInt8KMax * cmax) times llama.cpp's per-chunk max|x| / 127, 1.012
+// for a chunk 100x below its block's max (LLM activations have such outliers: with k <= 1023,
+// 3-bit GPTQ-LUT lost +0.85% perplexity against +0.48%). x8 = round-to-nearest-even(x / (k * u))
+// clamped to [-127, 127]. The integer k multiplies in the `vpmaddwd` (instead of ones), so the int32
+// sums of all the chunks of a block are in one unit, and the parts whose dwords lie in the same
+// weight groups (Q of them: 2 or 4 for groups of 64 or 128 columns) are added as int32 before one
+// float conversion and FMA, with (weight scale * table scale * u) for the dword's group. int32
+// bounds: a part's dword is at most 2 * 32004 * 8191 = 524.3M, Q = 4 of them 2.097G < 2^31
+// (kInt8KMax is the largest 2^n - 1 that fits).
 //
 // The correction is subtracted in int16, before the one `vpmaddwd` per part: the two registers'
 // `vpmaddubsw` results are added with wrap-around and the precomputed int16 correction of those
