@@ -331,8 +331,9 @@ def test_int8_mode_matches_its_spec(isa, threads, int8_mode):
         bits, group = r.choice([2, 3, 4]), r.choice([32, 64, 128, 256, -1])
         n, k, m = r.choice([1, 3, 17, 40, 67]), r.choice([1, 31, 64, 130, 333, 576]), r.choice([1, 2, 3, 4, 5, 9, 17])
         dtype = r.choice([torch.float32, torch.bfloat16, torch.float16])
+        # scales: bf16 and fp32 are read in place except in the last tiles, fp16 always converted
         w = random_quantized(n, k, bits, group, offsets=r.random() < 0.5,
-                             dtype=r.choice([torch.float32, torch.bfloat16]), generator=g)
+                             dtype=r.choice([torch.float32, torch.bfloat16, torch.float16]), generator=g)
         x = torch.randn(m, k, generator=g).to(dtype)
         y = run(x, w, bits, group, n, k)
         assert y.dtype == dtype and y.shape == (m, n)

@@ -28,19 +28,41 @@ inline __m256i bytes_by_position(__m256i v) {
 }
 
 // NR weight rows of a tile (rows r0 .., all blocks) against activation rows m0 .. m0 + MC - 1, into
-// res[r][mc]. NR * MC <= 4 float accumulators; NR = 4 at M = 1 reads the tile front to back (the 4
+// res[mc][r]. NR * MC <= 4 float accumulators; NR = 4 at M = 1 reads the tile front to back (the 4
 // rows are interleaved block by block), so the weight stream is one sequential run per thread.
-// Weight scales: WS + r * ngp is row r's (scale * table scale)[ng], zero-padded by 8; the 8 dwords
-// of part p of block b take WS[g0[b] + gidx[b][p][d]] (one vpermps of 8 consecutive group scales:
-// a block spans at most 8 groups).
+// Weight scales: row r's scales start at WS + r * ngp, in the form SRC says; the 8 dwords of part p
+// of block b take scale g0[b] + gidx[b][p][d] of the row (one vpermps of 8 consecutive group
+// scales: a block spans at most 8 groups; gidx never points past the row's last group).
+//   kBuffered: fp32 (scale * table scale), rows copied per tile and zero-padded by 8;
+//   kDirectBF16 / kDirectF32: the op's own [N, ng] scales tensor (ngp = ng), read in place and
+//   multiplied by the table scale with the activation unit. The 8-scale load may run past the
+//   row's end into the next row (lanes vpermps never selects), so only tiles that are not the
+//   tensor's last read in place: a 4-row tile converted scales once per row (~25% of a 1536x576
+//   call's kernel instructions with the epilogue, callgrind).
+enum ScaleSrc : int { kBuffered = 0, kDirectBF16 = 1, kDirectF32 = 2 };
 struct ScaleMap {
-  const float* WS;
+  const void* WS;
   int64_t ngp;
   const int64_t* g0;   // [nblocks]: first group of the block
   const int32_t* gidx;  // [nblocks][P][8]: group of each dword, relative to g0
 };
 
-template <int BITS, int Q, int NR, int MC>
+template <int SRC>
+inline __m256 load_scales(const void* WS, int64_t i) {
+  if (SRC == kDirectBF16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(WS) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(WS) + i);
+}
+
+// The 4 rows' sums of 8 floats each, in row order.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+template <int BITS, int Q, int SRC, int NR, int MC>
 inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const ScaleMap& sm, int64_t m0,
                       float (*res)[4]) {
   constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P;
@@ -75,7 +97,11 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
   __m256 facc[NR][MC];
   for (int r = 0; r < NR; ++r)
     for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm256_setzero_ps();
+  // the table scale goes with the activation unit when the scales are read in place
+  const __m256 tsv = _mm256_set1_ps(SRC == kBuffered ? 1.f : a.tscale);
   for (int64_t b = 0; b < nb; ++b) {
+    __m256 ub[MC];  // the block's activation unit per row (times the table scale)
+    for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm256_mul_ps(_mm256_broadcast_ss(a.xu + b * M + m0 + mc), tsv);
     if (r0 == 0) {  // the first pass over a tile fetches 2 KB ahead (the next tile past the end)
       const char* ahead = reinterpret_cast<const char*>(tile + b * 4 * BB) + kPrefetchBytes;
       for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
@@ -108,15 +134,15 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
         u0[p] = _mm256_shuffle_epi8(T, i0);
         u1[p] = _mm256_shuffle_epi8(T, i1);
       }
-      const __m256 wv = _mm256_loadu_ps(sm.WS + (r0 + r) * sm.ngp + sm.g0[b]);
+      const __m256 wv = load_scales<SRC>(sm.WS, (r0 + r) * sm.ngp + sm.g0[b]);
       const int32_t* gi = sm.gidx + b * P * 8;
       for (int mc = 0; mc < MC; ++mc) {
         const int64_t bm = b * M + m0 + mc;
         const int8_t* xb = a.xq + bm * COLS;
         const int16_t* xc = a.xcorr + bm * P * 16;
         const int16_t* xk = a.xk + bm * P * 16;
-        // (weight scale * table scale) * the block's activation unit, per group
-        const __m256 wu = _mm256_mul_ps(wv, _mm256_broadcast_ss(a.xu + bm));
+        // weight scale * table scale * the block's activation unit, per group
+        const __m256 wu = _mm256_mul_ps(wv, ub[mc]);
         __m256i isum = _mm256_setzero_si256();
         for (int p = 0; p < P; ++p) {
           const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + p * 32));
@@ -137,8 +163,13 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
       }
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int mc = 0; mc < MC; ++mc) res[r0 + r][mc] = hsum(facc[r][mc]);
+  if (NR == 4) {
+    for (int mc = 0; mc < MC; ++mc)
+      _mm_storeu_ps(res[mc], hsum4(facc[0][mc], facc[1 % NR][mc], facc[2 % NR][mc], facc[3 % NR][mc]));
+  } else {
+    for (int r = 0; r < NR; ++r)
+      for (int mc = 0; mc < MC; ++mc) res[mc][r0 + r] = hsum(facc[r][mc]);
+  }
 }
 
 // Row n of the [N, ng] scales as fp32 times s into dst[0:ng]: one scale per 64 weights, and the
@@ -165,51 +196,49 @@ inline void scaled_row_f32(const void* src, int stype, int64_t n, int64_t ng, fl
   }
 }
 
-template <int BITS, int Q>
-void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
+// Row tiles [t0, t1) with their scales read as SRC says (see ScaleMap; kBuffered converts each
+// tile's 4 rows into WSp first).
+template <int BITS, int Q, int SRC>
+void tiles_int8(const Int8Args& a, int64_t t0, int64_t t1, float* WSp, float* off) {
   constexpr int BB = BITS == 3 ? 96 : 64;
   const int64_t ng = a.ng, nb = a.nblocks;
-  const int64_t ngp = ng + 8;
-  // Per-tile scales and offsets of 4 rows: on the stack for up to ~1000 groups per row (a small
-  // call should not pay for heap allocations), else on the heap.
-  constexpr int64_t kStackFloats = 4096;
-  float stack_buf[kStackFloats];
-  const int64_t need = 4 * ngp + 4 * ng;
-  FloatBuf heap(need > kStackFloats ? need : 0);
-  float* const WSp = need > kStackFloats ? heap.data() : stack_buf;
-  float* const off = WSp + 4 * ngp;
-  for (int64_t i = 0; i < need; ++i) WSp[i] = 0.f;  // the 8 padding scales per row stay zero
-  float res[4][4];
-  const ScaleMap sm{WSp, ngp, a.g0, a.gidx};
+  const int64_t ngp = SRC == kBuffered ? ng + 8 : ng;
+  alignas(16) float res[4][4];  // [mc][row of the tile]
   for (int64_t t = t0; t < t1; ++t) {
+    ScaleMap sm{WSp, ngp, a.g0, a.gidx};
+    if (SRC != kBuffered) sm.WS = static_cast<const char*>(a.scales) + 4 * t * ng * (SRC == kDirectBF16 ? 2 : 4);
     for (int r = 0; r < 4; ++r) {
       const int64_t n = 4 * t + r;
-      float* W = WSp + r * ngp;
       if (n >= a.N) {  // padding rows of the last tile: computed (codes 0), never written
-        for (int64_t i = 0; i < ng; ++i) W[i] = 0.f;
+        if (SRC == kBuffered)
+          for (int64_t i = 0; i < ng; ++i) WSp[r * ngp + i] = 0.f;
         continue;
       }
-      scaled_row_f32(a.scales, a.stype, n, ng, a.tscale, W);
+      if (SRC == kBuffered) scaled_row_f32(a.scales, a.stype, n, ng, a.tscale, WSp + r * ngp);
       if (a.offsets) load_row_f32(a.offsets, a.stype, n, ng, off + r * ng);
     }
     const uint8_t* tile = a.qw + t * nb * 4 * BB;
     for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
       const int64_t mc = min64(4, a.M - m0);
       switch (mc) {
-        case 1: rows_int8<BITS, Q, 4, 1>(a, tile, 0, sm, m0, res); break;
+        case 1: rows_int8<BITS, Q, SRC, 4, 1>(a, tile, 0, sm, m0, res); break;
         case 2:
-          rows_int8<BITS, Q, 2, 2>(a, tile, 0, sm, m0, res);
-          rows_int8<BITS, Q, 2, 2>(a, tile, 2, sm, m0, res);
+          rows_int8<BITS, Q, SRC, 2, 2>(a, tile, 0, sm, m0, res);
+          rows_int8<BITS, Q, SRC, 2, 2>(a, tile, 2, sm, m0, res);
           break;
         case 3:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, 1, 3>(a, tile, r, sm, m0, res);
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 3>(a, tile, r, sm, m0, res);
           break;
         default:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, 1, 4>(a, tile, r, sm, m0, res);
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 4>(a, tile, r, sm, m0, res);
+      }
+      if (!a.offsets && 4 * t + 4 <= a.N) {  // a whole tile: 4 outputs per activation row
+        for (int64_t i = 0; i < mc; ++i) _mm_storeu_ps(a.out + (m0 + i) * a.N + 4 * t, _mm_load_ps(res[i]));
+        continue;
       }
       for (int r = 0; r < 4 && 4 * t + r < a.N; ++r) {
         for (int64_t i = 0; i < mc; ++i) {
-          float v = res[r][i];
+          float v = res[i][r];
           if (a.offsets) {
             float o = 0.f;
             for (int64_t g = 0; g < ng; ++g) o += off[r * ng + g] * a.xsum[(m0 + i) * ng + g];
@@ -220,6 +249,34 @@ void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
       }
     }
   }
+}
+
+template <int BITS, int Q>
+void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
+  const int64_t ng = a.ng;
+  const int64_t ngp = ng + 8;
+  // Per-tile scales (buffered tiles) and offsets of 4 rows: on the stack for up to ~1000 groups per
+  // row (a small call should not pay for heap allocations), else on the heap.
+  constexpr int64_t kStackFloats = 4096;
+  float stack_buf[kStackFloats];
+  const int64_t need = 4 * ngp + 4 * ng;
+  FloatBuf heap(need > kStackFloats ? need : 0);
+  float* const WSp = need > kStackFloats ? heap.data() : stack_buf;
+  float* const off = WSp + 4 * ngp;
+  for (int64_t i = 0; i < 4 * ngp; ++i) WSp[i] = 0.f;  // the 8 padding scales per row stay zero
+  // Tiles whose 8-scale loads stay inside the scales tensor read it in place: the last row's
+  // loads reach at most 7 scales past its last group.
+  int64_t t_direct = t0;
+  if (a.stype != kF16) {
+    const int64_t last_ok = (a.N * ng - 7) / ng - 4;  // (4 t + 4) * ng + 7 <= N * ng
+    t_direct = last_ok < 0 ? t0 : min64(t1, last_ok / 4 + 1);
+    if (t_direct < t0) t_direct = t0;
+  }
+  if (t_direct > t0) {
+    if (a.stype == kBF16) tiles_int8<BITS, Q, kDirectBF16>(a, t0, t_direct, WSp, off);
+    else tiles_int8<BITS, Q, kDirectF32>(a, t0, t_direct, WSp, off);
+  }
+  if (t_direct < t1) tiles_int8<BITS, Q, kBuffered>(a, t_direct, t1, WSp, off);
 }
 
 // One instantiation per bit width and merge width Q (parts added as int32: see Int8Args).
