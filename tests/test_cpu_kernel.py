@@ -379,6 +379,23 @@ def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
         assert torch.equal(y8, ye) or (y8.isnan().all() and ye.isnan().all()), (bits, group, m)
 
 
+@pytest.mark.parametrize("mode", ["int8", "exact"])
+def test_bf16_output_is_the_fp32_result_rounded(isa, mode, rng):
+    """bf16 activations give the fp32 result of the same values rounded to nearest even (the
+    output conversion is vectorized on AVX2: 16 at a time, then a scalar tail)."""
+    old = ops.get_cpu_mode()
+    ops.set_cpu_mode(mode)
+    try:
+        for n, m in [(37, 1), (16, 3), (5, 2)]:
+            w = random_quantized(n, 192, 4, 64, generator=rng)
+            xb = torch.randn(m, 192, generator=rng).to(torch.bfloat16)
+            y = run(xb, w, 4, 64, n, 192)
+            assert y.dtype == torch.bfloat16
+            assert torch.equal(y, run(xb.float(), w, 4, 64, n, 192).to(torch.bfloat16)), (n, m)
+    finally:
+        ops.set_cpu_mode(old)
+
+
 def test_int8_mode_avx2_equals_portable(int8_mode, rng):
     """The integer sums are identical on every path; only float32 summation order differs."""
     if not available("avx2"):

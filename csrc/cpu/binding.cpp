@@ -325,8 +325,14 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
     const float* src = out.data_ptr<float>();
     const int64_t total = M * N;
     if (xt == at::kBFloat16) {
-      auto* dst = y.data_ptr<c10::BFloat16>();
-      for (int64_t i = 0; i < total; ++i) dst[i] = c10::BFloat16(src[i]);
+      auto* dst = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
+#if defined(__x86_64__) || defined(_M_X64)
+      if (isa >= kAvx2) {
+        f32_to_bf16_avx2(src, dst, total);
+        return y;
+      }
+#endif
+      for (int64_t i = 0; i < total; ++i) dst[i] = f32_to_bf16(src[i]);
     } else {
       auto* dst = y.data_ptr<c10::Half>();
       for (int64_t i = 0; i < total; ++i) dst[i] = c10::Half(src[i]);

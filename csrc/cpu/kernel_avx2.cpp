@@ -198,6 +198,16 @@ void decode_avx2(const DecodeArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+void f32_to_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    // packus keeps the 16-bit values (all <= 0xffff) and interleaves 128-bit halves: 0x d8 undoes it
+    const __m256i p = _mm256_packus_epi32(bf16_bits(_mm256_loadu_ps(src + i)), bf16_bits(_mm256_loadu_ps(src + i + 8)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_permute4x64_epi64(p, 0xd8));
+  }
+  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
 void gemm_avx2(const GemmArgs& a, int64_t t0, int64_t t1) {
   switch (a.bits) {
     case 2: gemm_bits<2>(a, t0, t1); break;

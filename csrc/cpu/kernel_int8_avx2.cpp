@@ -34,11 +34,12 @@ inline __m256i bytes_by_position(__m256i v) {
 // of block b take scale g0[b] + gidx[b][p][d] of the row (one vpermps of 8 consecutive group
 // scales: a block spans at most 8 groups; gidx never points past the row's last group).
 //   kBuffered: fp32 (scale * table scale), rows copied per tile and zero-padded by 8;
-//   kDirectBF16 / kDirectF32: the op's own [N, ng] scales tensor (ngp = ng), read in place and
-//   multiplied by the table scale with the activation unit. The 8-scale load may run past the
-//   row's end into the next row (lanes vpermps never selects), so only tiles that are not the
-//   tensor's last read in place: a 4-row tile converted scales once per row (~25% of a 1536x576
-//   call's kernel instructions with the epilogue, callgrind).
+//   kDirectBF16 / kDirectF32: the op's own [N, ng] scales tensor (ngp = ng), read in place, the
+//   table scale going with the activation unit. An 8-scale load may run past the row's end into
+//   the next row (lanes vpermps never selects), so the tiles whose loads could leave the tensor
+//   (its last one or two) are buffered. Converting every tile's rows (and the per-row output
+//   loop) cost ~25% of a 1536x576 call's kernel instructions (callgrind; benchmarks/CPU_NOTES.md
+//   item 37).
 enum ScaleSrc : int { kBuffered = 0, kDirectBF16 = 1, kDirectF32 = 2 };
 struct ScaleMap {
   const void* WS;

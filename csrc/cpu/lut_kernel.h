@@ -161,6 +161,8 @@ void decode_portable(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx2(const GemmArgs&, int64_t, int64_t);
 void decode_avx2(const DecodeArgs&, int64_t, int64_t);
 void gemm_int8_avx2(const Int8Args&, int64_t, int64_t);
+// n floats to bf16 as f32_to_bf16 does (the op's bf16 output: ~8 scalar instructions an element)
+void f32_to_bf16_avx2(const float* src, uint16_t* dst, int64_t n);
 bool quantize_x_int8_avx2(const float*, int, int8_t*, int16_t*, int16_t*, float*);
 void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
