@@ -18,8 +18,13 @@ portable kernels read the same bytes.
   straddles a group of 32 or more columns, and one shift gives the pair (low word, high word) of
   adjacent columns for a 16-bit lookup (``vpermw``) in natural column order.
 * 3 bits = the 2-bit block above of the low two bits (64 bytes) followed by the high bits (32
-  bytes): 16 little-endian uint16, number ``s`` holds bit 2 of slot ``s``, lane ``j`` in bit ``j``
-  (loaded straight into an AVX-512 mask register). Dense: 3 bits per weight.
+  bytes) in the byte order of the int8 kernel's index registers: the high bit of lane
+  ``j = 8 reg + 4 h + i``, slot ``s = 4 q + p`` is bit ``HIGH_BIT[p][reg]`` of byte
+  ``16 h + 4 q + i``. ``p`` is the 2-bit field of a code byte, ``reg`` the 32-byte half of the
+  block and ``(h, q, i)`` the position the kernel's byte shuffle gives byte ``q`` of lane
+  ``j`` (``csrc/cpu/lut_kernel.h``, Int8Args). A part's two bits sit 4 apart, so one AND and one
+  shift give both registers' high bits. Dense: 3 bits per weight. (The SIMD exact kernels convert
+  it per tile to 16 uint16 lane masks, ``uint16 s`` bit ``j``.)
 
 Size: ``N_pad * K_pad * bits / 8`` bytes, 1-D uint8.
 """
@@ -35,6 +40,9 @@ from .codebooks import check_bits
 TILE_ROWS = 4
 #: Lanes (uint32 words) per block row.
 LANES = 16
+#: 3 bits: the bit of a high-plane byte holding part ``p`` (2-bit field of a code byte) of the
+#: block's 32-byte half ``reg``: ``HIGH_BIT[p][reg]`` (kHighBit in csrc/cpu/lut_kernel.h).
+HIGH_BIT = ((2, 6), (0, 4), (3, 7), (1, 5))
 
 
 def block_cols(bits: int) -> int:
@@ -93,11 +101,12 @@ def to_cpu_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
     low = low.reshape(nt, nb, TILE_ROWS, 64)
     if bits == 2:
         return low.reshape(-1).contiguous()
-    hi = (q >> 2).permute(0, 1, 2, 4, 3)                      # [tile, block, row, slot, lane j]
-    hi = hi.reshape(nt, nb, TILE_ROWS, ns, 2, 8)              # byte 2s + j//8, bit j%8
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=c.device)
+    # lane j = (reg, h, i), slot s = (q, p) -> byte (h, q, i), bit HIGH_BIT[p][reg]
+    hi = (q >> 2).reshape(nt, nb, TILE_ROWS, 2, 2, 4, 4, 4)  # [.., reg, h, i, q, p]
+    hi = hi.permute(0, 1, 2, 4, 6, 5, 7, 3).reshape(nt, nb, TILE_ROWS, 32, 8)  # [.., byte, (p, reg)]
+    weights = torch.tensor([1 << b for pair in HIGH_BIT for b in pair], dtype=torch.uint8,
+                           device=c.device)
     hi = (hi * weights).sum(dim=-1, dtype=torch.uint8)        # bits are disjoint: sum == or
-    hi = hi.reshape(nt, nb, TILE_ROWS, 2 * ns)
     return torch.cat([low, hi], dim=-1).reshape(-1).contiguous()
 
 
@@ -121,9 +130,10 @@ def from_cpu_layout(qweight: torch.Tensor, bits: int, in_features: int,
         lane = b[..., :64].reshape(nt, nb, TILE_ROWS, LANES, 4)
         q = torch.stack([(lane >> (2 * i)) & 3 for i in range(4)], dim=-1)
         if bits == 3:
-            hb = b[..., 64:].reshape(nt, nb, TILE_ROWS, ns, 2)
-            hi = torch.stack([(hb >> i) & 1 for i in range(8)], dim=-1)  # [..., s, j//8, j%8]
-            hi = hi.reshape(nt, nb, TILE_ROWS, ns, LANES).permute(0, 1, 2, 4, 3)
+            hb = b[..., 64:]                                  # [.., byte (h, q, i)]
+            hi = torch.stack([(hb >> bit) & 1 for pair in HIGH_BIT for bit in pair], dim=-1)
+            hi = hi.reshape(nt, nb, TILE_ROWS, 2, 4, 4, 4, 2)  # [.., h, q, i, p, reg]
+            hi = hi.permute(0, 1, 2, 7, 3, 5, 4, 6).reshape(nt, nb, TILE_ROWS, LANES, ns)
             q = q.reshape(nt, nb, TILE_ROWS, LANES, ns) | (hi << 2)
     q = q.reshape(nt, nb, TILE_ROWS, LANES, 2, nc)            # s = e*C + chunk
     q = q.permute(0, 2, 1, 5, 3, 4)                           # [tile, row, block, chunk, j, e]

@@ -4,8 +4,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import flute
-from flute.cpu_layout import (block_cols, codes_from_layout, cpu_layout_shape, cpu_padded_shape,
-                              device_layout, from_cpu_layout, layout_dtype, to_cpu_layout)
+from flute.cpu_layout import (HIGH_BIT, block_cols, codes_from_layout, cpu_layout_shape,
+                              cpu_padded_shape, device_layout, from_cpu_layout, layout_dtype,
+                              to_cpu_layout)
 from flute.layout import from_kernel_layout, to_kernel_layout
 
 
@@ -36,9 +37,10 @@ def test_slot_order_matches_the_kernel_contract(bits, rng):
     for s in range(2 * c_chunks):
         cols = [32 * (s % c_chunks) + 2 * j + s // c_chunks for j in range(16)]
         got = (lane >> (sh * s)) & (2 ** sh - 1)
-        if bits == 3:
-            hi = q[:, 64 + 2 * s] | q[:, 64 + 2 * s + 1] << 8
-            got = got | torch.stack([(hi >> j) & 1 for j in range(16)], 1) << 2
+        if bits == 3:  # lane j = 8 reg + 4 h + i, slot s = 4 q + p: byte (h, q, i), HIGH_BIT[p][reg]
+            hi = [(q[:, 64 + 16 * ((j >> 2) & 1) + 4 * (s >> 2) + (j & 3)] >> HIGH_BIT[s & 3][j >> 3]) & 1
+                  for j in range(16)]
+            got = got | torch.stack(hi, 1) << 2
         assert torch.equal(got, codes[:, cols].long()), s
 
 

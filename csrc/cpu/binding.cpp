@@ -259,12 +259,30 @@ void decode_rows(const Weight& w, const at::Tensor& qweight, int64_t r0, int64_t
   d.dst = dst.data_ptr();
   d.bf16 = dst.scalar_type() == at::kBFloat16;
   d.ld = dst.stride(0);
-  const DecodeFn fn = decode_fn(g_isa.load());
+  DecodeFn fn = decode_fn(g_isa.load());
+#if defined(__x86_64__) || defined(_M_X64)
+  // decode_avx2's own fallback for groups that split a 32-column chunk, taken here so that it gets
+  // the layout as it is (not the legacy 3-bit plane below)
+  if (fn == decode_avx2 && w.G % 32 != 0 && w.ng != 1) fn = decode_portable;
+#endif
+  const bool legacy = w.bits == 3 && fn != decode_portable;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(w.K, 1));
+  const int64_t esize = dst.element_size();
   at::parallel_for(r0, r1, grain, [&](int64_t b, int64_t e) {
     DecodeArgs dd = d;
-    dd.dst = static_cast<char*>(d.dst) + (b - r0) * d.ld * dst.element_size();
-    fn(dd, b, e);
+    dd.dst = static_cast<char*>(d.dst) + (b - r0) * d.ld * esize;
+    if (!legacy) {
+      fn(dd, b, e);
+      return;
+    }
+    // the SIMD kernels read the legacy high-bit plane: tile by tile (rows [4t, 4t + 4) within [b, e))
+    for_legacy_tiles(d.qw, d.nblocks, b / 4, (e + 3) / 4, [&](const uint8_t* base, int64_t t) {
+      const int64_t rb = std::max(b, 4 * t), re = std::min(e, 4 * t + 4);
+      DecodeArgs dt = d;
+      dt.qw = base;
+      dt.dst = static_cast<char*>(d.dst) + (rb - r0) * d.ld * esize;
+      fn(dt, rb, re);
+    });
   });
 }
 

@@ -24,6 +24,28 @@ struct Weight {
   int stype;
 };
 
+// 3 bits on the SIMD exact kernels (gemm_avx2/avx512/avx512bf16, decode_avx2/avx512), which read
+// the high-bit plane in its legacy lane-mask form: tiles [t0, t1) one at a time, each converted
+// into a buffer (legacy_high_plane_avx2), fn(base, t) with a layout base pointer that places tile
+// t at the buffer (the kernels address tile t at base + t * tile bytes; the base itself is never
+// dereferenced). The conversion adds ~6% to those kernels' instructions for 3 bits at M = 1
+// (callgrind, 1024x1024), less at larger M; the int8 mode and the portable kernels read the layout
+// as it is.
+template <typename F>
+void for_legacy_tiles(const uint8_t* qw, int64_t nblocks, int64_t t0, int64_t t1, const F& fn) {
+#if defined(__x86_64__) || defined(_M_X64)
+  const int64_t tile_bytes = 4 * nblocks * block_bytes(3);
+  at::Tensor buf = at::empty({tile_bytes}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* b = buf.data_ptr<uint8_t>();
+  for (int64_t t = t0; t < t1; ++t) {
+    legacy_high_plane_avx2(qw + t * tile_bytes, b, 4 * nblocks);
+    fn(reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(b) - static_cast<uintptr_t>(t * tile_bytes)), t);
+  }
+#else
+  (void)qw, (void)nblocks, (void)t0, (void)t1, (void)fn;
+#endif
+}
+
 // The fused kernel's int8 mode into out [M, N] fp32 (x2: [M, K] contiguous fp32, bf16 or fp16);
 // false, with out unwritten, when x is not finite: the caller then takes the exact path.
 bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out);

@@ -321,6 +321,16 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, at::T
   const int64_t tiles = w.N_pad / 4;
   // ~64K weights per task at least, so small layers run on one thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
+  if (w.bits == 3 && fn != gemm_portable) {  // the SIMD kernels read the legacy high-bit plane
+    for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) {
+      for_legacy_tiles(a.qw, a.nblocks, t0, t1, [&](const uint8_t* base, int64_t t) {
+        GemmArgs at = a;
+        at.qw = base;
+        fn(at, t, t + 1);
+      });
+    });
+    return;
+  }
   for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
 }
 

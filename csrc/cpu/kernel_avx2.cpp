@@ -208,6 +208,30 @@ void f32_to_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
+void legacy_high_plane_avx2(const uint8_t* src, uint8_t* dst, int64_t rowblocks) {
+  // Byte (h, q, i) of the plane (dword 4h + q) to position 8q + 4h + i (dword 2q + h): then the
+  // movemask of bit kHighBit[p][reg] of every byte has, in its byte q, the bits of lanes
+  // 8 reg .. 8 reg + 7 of slot 4q + p: byte reg of legacy uint16 4q + p, i.e. byte 8q + d of the
+  // legacy plane for d = 2p + reg. With the 8 masks as dwords d of V, that is the 8x4 byte
+  // transpose V byte 4d + q -> 8q + d: a byte shuffle in each half (d < 4, d >= 4) and a dword
+  // interleave of the halves.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i by_q = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (int64_t rb = 0; rb < rowblocks; ++rb, src += 96, dst += 96) {
+    std::memcpy(dst, src, 64);
+    const __m256i H = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64)), order);
+    // bit k of each byte to bit 7 (the 16-bit shift carries the low byte's bits into the high
+    // byte's low bits only, below bit 7)
+#define FLUTE_MASK(p, reg) _mm256_movemask_epi8(_mm256_slli_epi16(H, 7 - kHighBit[p][reg]))
+    const __m256i V = _mm256_setr_epi32(FLUTE_MASK(0, 0), FLUTE_MASK(0, 1), FLUTE_MASK(1, 0), FLUTE_MASK(1, 1),
+                                        FLUTE_MASK(2, 0), FLUTE_MASK(2, 1), FLUTE_MASK(3, 0), FLUTE_MASK(3, 1));
+#undef FLUTE_MASK
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64),
+                        _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(V, by_q), order));
+  }
+}
+
 void gemm_avx2(const GemmArgs& a, int64_t t0, int64_t t1) {
   switch (a.bits) {
     case 2: gemm_bits<2>(a, t0, t1); break;

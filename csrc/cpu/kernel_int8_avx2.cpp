@@ -1,6 +1,6 @@
 // flute CPU kernel, int8 mode (see Int8Args in lut_kernel.h), AVX2: one byte shuffle per 32 bytes of
 // codes puts each dword on one chunk, the table lookup is `vpshufb` on nibbles (4 bits) or 2-bit
-// fields (3 bits: index 2 * low + high, the high-bit plane expanded to 0/1 bytes), the products
+// fields in place (3 bits: plus the high bit, one AND of the high plane per two registers), the products
 // `vpmaddubsw` (u8 table value x s8 activation, pairs into int16),
 // the two registers' pairs added and corrected in int16, `vpmaddwd` by the chunks' integer scale
 // factors (into int32, one unit per block), the parts in the same weight groups added as int32, one
@@ -48,6 +48,23 @@ struct ScaleMap {
   const int32_t* gidx;  // [nblocks][P][8]: group of each dword, relative to g0
 };
 
+// The lookup tables of the bit width (see rows_int8), built once per call. A: 4 bits, index = code;
+// 2 bits, index bits 0-1; 3 bits, index bits 0-1 the low field and bit 2 the high bit (u[i & 7]). B
+// (2 and 3 bits): index bits 2-3 the low field, 3 bits with the high bit at bit 0.
+struct Tables {
+  __m256i A, B;
+};
+template <int BITS>
+inline Tables make_tables(const uint8_t* tu) {
+  alignas(16) uint8_t ta[16], tb[16];
+  for (int i = 0; i < 16; ++i) {
+    ta[i] = BITS == 4 ? tu[i] : BITS == 3 ? tu[i & 7] : tu[i & 3];
+    tb[i] = BITS == 3 ? tu[((i >> 2) & 3) + 4 * (i & 1)] : tu[(i >> 2) & 3];
+  }
+  return {_mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(ta))),
+          _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(tb)))};
+}
+
 template <int SRC>
 inline __m256 load_scales(const void* WS, int64_t i) {
   if (SRC == kDirectBF16) {
@@ -64,36 +81,28 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 }
 
 template <int BITS, int Q, int SRC, int NR, int MC>
-inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const ScaleMap& sm, int64_t m0,
-                      float (*res)[4]) {
+inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
+                      int64_t m0, float (*res)[4]) {
+  const __m256i TA = tab.A, TB = tab.B;
   constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P;
-  constexpr int SH = BITS == 4 ? 4 : 2;  // bits per part in the (low) code plane
   static_assert(P % Q == 0, "merged parts come in whole groups of Q");
-  // 3 bits index the table as 2 * low + high (the high bit is then a 0/1 byte from one vpminub:
-  // a third fewer instructions than + 4 via vpcmpeqb, by callgrind): entry 2l + h of T is u[l + 4h].
-  alignas(16) uint8_t t3[16] = {};
-  for (int c = 0; c < 8; ++c) t3[2 * (c & 3) + (c >> 2)] = a.tu[c];
-  const __m256i T = _mm256_broadcastsi128_si256(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(BITS == 3 ? t3 : a.tu)));
-  const __m256i mask = _mm256_set1_epi8(BITS == 4 ? 0x0F : BITS == 3 ? 0x06 : 0x03);
-  // 3 bits. The high plane is 16 uint16 (uint16 s: the high bits of slot s, lane j in bit j), part
-  // p needs slots p, p+4, p+8, p+12 (q = 0..3). Loaded as uint16 0..7 and 8..15 broadcast to both
-  // 128-bit halves, two word and two dword unpacks put them in qword p % 2 of U[p / 2], in the
-  // order (p, p+8, p+4, p+12), in both halves: no lane-crossing op (4 vpermd cost 8 uops on Zen 3).
-  // HSEL[r][p % 2] then copies byte r of part p's uint16 q to the 4 bytes of dword q, HBIT keeps bit
-  // 4h + i of byte (h, q, i) (lane j = 8r + 4h + i of the code plane), vpminub with 1 makes it 0/1.
-#define FLUTE_HSEL(r, par)                                                                       \
-  _mm256_setr_epi8(8 * par + r, 8 * par + r, 8 * par + r, 8 * par + r, 8 * par + 4 + r, 8 * par + 4 + r, \
-                   8 * par + 4 + r, 8 * par + 4 + r, 8 * par + 2 + r, 8 * par + 2 + r, 8 * par + 2 + r,    \
-                   8 * par + 2 + r, 8 * par + 6 + r, 8 * par + 6 + r, 8 * par + 6 + r, 8 * par + 6 + r,    \
-                   8 * par + r, 8 * par + r, 8 * par + r, 8 * par + r, 8 * par + 4 + r, 8 * par + 4 + r,   \
-                   8 * par + 4 + r, 8 * par + 4 + r, 8 * par + 2 + r, 8 * par + 2 + r, 8 * par + 2 + r,    \
-                   8 * par + 2 + r, 8 * par + 6 + r, 8 * par + 6 + r, 8 * par + 6 + r, 8 * par + 6 + r)
-  const __m256i HSEL[2][2] = {{FLUTE_HSEL(0, 0), FLUTE_HSEL(0, 1)}, {FLUTE_HSEL(1, 0), FLUTE_HSEL(1, 1)}};
-#undef FLUTE_HSEL
-  const __m256i HBIT = _mm256_setr_epi8(1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8,
-                                        16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128, 16, 32, 64, -128);
-  const __m256i one8 = _mm256_set1_epi8(1);
+  // Table lookups by `vpshufb` (index bits 0-3; bit 7 must be clear, bits 4-6 are ignored). The
+  // 2-bit fields of parts 0 and 2 are taken in place at bits 0-1 (part 2 after one 4-bit shift that
+  // also serves part 3), those of parts 1 and 3 at bits 2-3: table TA is indexed by bits 0-1
+  // (3 bits: + 4 * the high bit at bit 2), TB by bits 2-3 (3 bits: + the high bit at bit 0), see
+  // make_tables. One shift per 32 bytes of codes instead of three. 3 bits: the high plane's bits
+  // (kHighBit) are placed so that each part's pair needs one AND (parts 2 and 3 after one shared
+  // 1-bit shift) and register 1 one more 4-bit shift: 37 vector operations per 256 weights to
+  // build the 8 index registers' table values, against 64 with the earlier lane-mask plane
+  // (callgrind, 512x1024 M=1: 3-bit kernel instructions -21%, 2-bit -5%; benchmarks/CPU_NOTES.md
+  // item 45).
+  const __m256i m0F = _mm256_set1_epi8(0x0F), m03 = _mm256_set1_epi8(0x03), m0C = _mm256_set1_epi8(0x0C);
+  // 3 bits: byte b of the high plane (32 bytes, in the index registers' byte order) holds the high
+  // bits of the 8 index registers (part p, register reg) at byte b, bit kHighBit[p][reg]. One AND
+  // keeps a part's pair (0x44 or 0x11, after a 1-bit shift for p = 2, 3): reg 0 uses it as is (the
+  // other bit lands on an ignored index bit), reg 1 after a 4-bit shift (its 16-bit carry lands on
+  // ignored bits 4-6 too, and bit 7 stays clear).
+  const __m256i m44 = _mm256_set1_epi8(0x44), m11 = _mm256_set1_epi8(0x11);
   const int64_t M = a.M, nb = a.nblocks;
   __m256 facc[NR][MC];
   for (int r = 0; r < NR; ++r)
@@ -112,28 +121,32 @@ inline void rows_int8(const Int8Args& a, const uint8_t* tile, int r0, const Scal
       const __m256i c0 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
       const __m256i c1 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
       __m256i u0[P], u1[P];
-      __m256i U[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-      if (BITS == 3) {
-        const __m256i B0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 64)));
-        const __m256i B1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 80)));
-        const __m256i lo = _mm256_unpacklo_epi16(B0, B1), hi = _mm256_unpackhi_epi16(B0, B1);
-        U[0] = _mm256_unpacklo_epi32(lo, hi);  // qword 0: uint16 0, 8, 4, 12; qword 1: 1, 9, 5, 13
-        U[1] = _mm256_unpackhi_epi32(lo, hi);  // qword 0: 2, 10, 6, 14; qword 1: 3, 11, 7, 15
-      }
-      for (int p = 0; p < P; ++p) {
-        __m256i i0, i1;
-        if (BITS == 3) {  // the 2-bit field to bits 1-2 (the mask drops what crosses bytes), plus the high bit
-          i0 = _mm256_and_si256(p == 0 ? _mm256_slli_epi16(c0, 1) : _mm256_srli_epi16(c0, 2 * p - 1), mask);
-          i1 = _mm256_and_si256(p == 0 ? _mm256_slli_epi16(c1, 1) : _mm256_srli_epi16(c1, 2 * p - 1), mask);
-          const __m256i g = U[p / 2];
-          i0 = _mm256_or_si256(i0, _mm256_min_epu8(_mm256_and_si256(_mm256_shuffle_epi8(g, HSEL[0][p % 2]), HBIT), one8));
-          i1 = _mm256_or_si256(i1, _mm256_min_epu8(_mm256_and_si256(_mm256_shuffle_epi8(g, HSEL[1][p % 2]), HBIT), one8));
-        } else {
-          i0 = _mm256_and_si256(_mm256_srli_epi16(c0, SH * p), mask);
-          i1 = _mm256_and_si256(_mm256_srli_epi16(c1, SH * p), mask);
+      if (BITS == 4) {
+        u0[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c0, m0F));
+        u1[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c1, m0F));
+        u0[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c0, 4), m0F));
+        u1[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c1, 4), m0F));
+      } else {
+        const __m256i c0s = _mm256_srli_epi16(c0, 4), c1s = _mm256_srli_epi16(c1, 4);
+        __m256i hp[4];
+        if (BITS == 3) {
+          const __m256i H = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64));
+          const __m256i H1 = _mm256_srli_epi16(H, 1);
+          hp[0] = _mm256_and_si256(H, m44);
+          hp[1] = _mm256_and_si256(H, m11);
+          hp[2] = _mm256_and_si256(H1, m44);
+          hp[3] = _mm256_and_si256(H1, m11);
         }
-        u0[p] = _mm256_shuffle_epi8(T, i0);
-        u1[p] = _mm256_shuffle_epi8(T, i1);
+        for (int p = 0; p < P; ++p) {
+          const __m256i m = p % 2 ? m0C : m03;
+          __m256i i0 = _mm256_and_si256(p < 2 ? c0 : c0s, m), i1 = _mm256_and_si256(p < 2 ? c1 : c1s, m);
+          if (BITS == 3) {
+            i0 = _mm256_or_si256(i0, hp[p]);
+            i1 = _mm256_or_si256(i1, _mm256_srli_epi16(hp[p], 4));
+          }
+          u0[p] = _mm256_shuffle_epi8(p % 2 ? TB : TA, i0);
+          u1[p] = _mm256_shuffle_epi8(p % 2 ? TB : TA, i1);
+        }
       }
       const __m256 wv = load_scales<SRC>(sm.WS, (r0 + r) * sm.ngp + sm.g0[b]);
       const int32_t* gi = sm.gidx + b * P * 8;
@@ -200,7 +213,7 @@ inline void scaled_row_f32(const void* src, int stype, int64_t n, int64_t ng, fl
 // Row tiles [t0, t1) with their scales read as SRC says (see ScaleMap; kBuffered converts each
 // tile's 4 rows into WSp first).
 template <int BITS, int Q, int SRC>
-void tiles_int8(const Int8Args& a, int64_t t0, int64_t t1, float* WSp, float* off) {
+void tiles_int8(const Int8Args& a, const Tables& tab, int64_t t0, int64_t t1, float* WSp, float* off) {
   constexpr int BB = BITS == 3 ? 96 : 64;
   const int64_t ng = a.ng, nb = a.nblocks;
   const int64_t ngp = SRC == kBuffered ? ng + 8 : ng;
@@ -222,16 +235,16 @@ void tiles_int8(const Int8Args& a, int64_t t0, int64_t t1, float* WSp, float* of
     for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
       const int64_t mc = min64(4, a.M - m0);
       switch (mc) {
-        case 1: rows_int8<BITS, Q, SRC, 4, 1>(a, tile, 0, sm, m0, res); break;
+        case 1: rows_int8<BITS, Q, SRC, 4, 1>(a, tab, tile, 0, sm, m0, res); break;
         case 2:
-          rows_int8<BITS, Q, SRC, 2, 2>(a, tile, 0, sm, m0, res);
-          rows_int8<BITS, Q, SRC, 2, 2>(a, tile, 2, sm, m0, res);
+          rows_int8<BITS, Q, SRC, 2, 2>(a, tab, tile, 0, sm, m0, res);
+          rows_int8<BITS, Q, SRC, 2, 2>(a, tab, tile, 2, sm, m0, res);
           break;
         case 3:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 3>(a, tile, r, sm, m0, res);
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 3>(a, tab, tile, r, sm, m0, res);
           break;
         default:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 4>(a, tile, r, sm, m0, res);
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 4>(a, tab, tile, r, sm, m0, res);
       }
       if (!a.offsets && 4 * t + 4 <= a.N) {  // a whole tile: 4 outputs per activation row
         for (int64_t i = 0; i < mc; ++i) _mm_storeu_ps(a.out + (m0 + i) * a.N + 4 * t, _mm_load_ps(res[i]));
@@ -254,6 +267,7 @@ void tiles_int8(const Int8Args& a, int64_t t0, int64_t t1, float* WSp, float* of
 
 template <int BITS, int Q>
 void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
+  const Tables tab = make_tables<BITS>(a.tu);
   const int64_t ng = a.ng;
   const int64_t ngp = ng + 8;
   // Per-tile scales (buffered tiles) and offsets of 4 rows: on the stack for up to ~1000 groups per
@@ -274,10 +288,10 @@ void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
     if (t_direct < t0) t_direct = t0;
   }
   if (t_direct > t0) {
-    if (a.stype == kBF16) tiles_int8<BITS, Q, kDirectBF16>(a, t0, t_direct, WSp, off);
-    else tiles_int8<BITS, Q, kDirectF32>(a, t0, t_direct, WSp, off);
+    if (a.stype == kBF16) tiles_int8<BITS, Q, kDirectBF16>(a, tab, t0, t_direct, WSp, off);
+    else tiles_int8<BITS, Q, kDirectF32>(a, tab, t0, t_direct, WSp, off);
   }
-  if (t_direct < t1) tiles_int8<BITS, Q, kBuffered>(a, t_direct, t1, WSp, off);
+  if (t_direct < t1) tiles_int8<BITS, Q, kBuffered>(a, tab, t_direct, t1, WSp, off);
 }
 
 // One instantiation per bit width and merge width Q (parts added as int32: see Int8Args).

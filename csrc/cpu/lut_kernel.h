@@ -8,8 +8,11 @@
 // The CPU layout (see flute/cpu_layout.py): rows in tiles of 4, K in blocks of KB = 32*C columns
 // (C = 4 chunks for 4 bits, 8 for 2/3 bits), stream [tile][block][row][BB bytes], BB = 4*C*bits.
 // A row's block is 16 uint32 lanes; slot s of lane j (bits SH*s.., SH = 4 or 2) is the code of
-// column 32*(s % C) + 2*j + s / C. 3 bits: 64 bytes of low two bits, then 16 uint16 of high bits
-// (uint16 s, bit j).
+// column 32*(s % C) + 2*j + s / C. 3 bits: 64 bytes of low two bits, then 32 bytes of high bits in
+// the int8 kernel's byte order: the high bit of lane j = 8*reg + 4*h + i, slot s = 4*q + p is bit
+// kHighBit[p][reg] of byte 16*h + 4*q + i (see Int8Args). The SIMD exact kernels read the high
+// bits as 16 uint16 lane masks instead ("legacy" plane: uint16 s, bit j), made per tile by
+// legacy_high_plane_avx2.
 //
 // The activations the gemm kernels read are "chunk-permuted" and vector-major: within each
 // 32-column chunk, the 16 even columns form vector 2*chunk, the 16 odd ones vector 2*chunk + 1, and
@@ -89,8 +92,11 @@ struct DecodeArgs {
 // of column 32*(s % C) + 2*j + s / C of the block. So dword (h, q) of part p only ever meets
 // chunk (P*q + p) % C, and the activation bytes are stored in exactly this order:
 // xq[block][m][reg][p][h][q][i] (32 * 2 * P = block-column bytes per block and row). 3 bits: the
-// 2-bit plane as for 2 bits, plus the high bit of slot s, lane j (bit j of uint16 s of the plane
-// that follows) expanded to the same byte positions.
+// 2-bit plane as for 2 bits, then 32 bytes of high bits in the same byte positions (h, q, i), the
+// 8 (part, reg) pairs in the 8 bits of each byte: bit kHighBit[p][reg]. The pairs of a part sit 4
+// bits apart at bits 2 and 6 (p = 0), 0 and 4 (1), 3 and 7 (2), 1 and 5 (3), so that one AND keeps a
+// part's two bits and one 4-bit shift moves reg 1's bit onto reg 0's place (the kernel's index
+// bits 0-3 never see the other one).
 struct Int8Args {
   const uint8_t* qw;      // CPU layout
   int bits;               // 2, 3 or 4
@@ -117,6 +123,8 @@ struct Int8Args {
 
 // Column within its block of byte (reg, h, q, i), part p (see Int8Args).
 static inline int int8_parts(int bits) { return bits == 4 ? 2 : 4; }
+// 3 bits: the bit of a high-plane byte that holds part p of register reg (see Int8Args).
+constexpr int kHighBit[4][2] = {{2, 6}, {0, 4}, {3, 7}, {1, 5}};
 
 static inline int int8_col(int bits, int reg, int p, int h, int q, int i) {
   const int P = int8_parts(bits), C = bits == 4 ? 4 : 8;
@@ -164,6 +172,9 @@ void gemm_int8_avx2(const Int8Args&, int64_t, int64_t);
 // n floats to bf16 as f32_to_bf16 does (the op's bf16 output: ~8 scalar instructions an element)
 void f32_to_bf16_avx2(const float* src, uint16_t* dst, int64_t n);
 bool quantize_x_int8_avx2(const float*, int, int8_t*, int16_t*, int16_t*, float*);
+// 3 bits: `rowblocks` row-blocks of 96 bytes from the CPU layout into dst with the high-bit plane in
+// the legacy lane-mask form (uint16 s, bit j) that the SIMD exact kernels read.
+void legacy_high_plane_avx2(const uint8_t* src, uint8_t* dst, int64_t rowblocks);
 void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
@@ -257,10 +268,9 @@ static inline int code_at(const uint8_t* rb, int bits, int j, int s) {
   std::memcpy(&lane, rb + 4 * j, 4);
   if (bits == 4) return (lane >> (4 * s)) & 15;
   int c = (lane >> (2 * s)) & 3;
-  if (bits == 3) {
-    uint16_t hi;
-    std::memcpy(&hi, rb + 64 + 2 * s, 2);
-    c |= ((hi >> j) & 1) << 2;
+  if (bits == 3) {  // lane j = 8 reg + 4 h + i, slot s = 4 q + p: bit kHighBit[p][reg] of byte (h, q, i)
+    const uint8_t hb = rb[64 + 16 * ((j >> 2) & 1) + 4 * (s >> 2) + (j & 3)];
+    c |= ((hb >> kHighBit[s & 3][j >> 3]) & 1) << 2;
   }
   return c;
 }
