@@ -3,7 +3,8 @@
 Derived at load time from the canonical codes (nothing on disk changes), like the GPU layout of
 :mod:`flute.layout`; the two are told apart by dtype (GPU: int32, CPU: uint8). Table, scales and
 offsets are not in it. It depends only on ``(bits, N, K)``, never on the ISA: the AVX-512, AVX2 and
-portable kernels read the same bytes.
+portable kernels read the same bytes (the SIMD exact kernels read 3-bit tiles through a per-tile
+copy whose high plane is in an older lane-mask form, see below).
 
 * Rows are taken in **tiles of 4** (``N`` padded to a multiple of 4 with code 0); ``K`` is cut into
   **blocks** of ``KB`` columns (128 for 4 bits, 256 for 2 and 3 bits; ``K`` padded with code 0).

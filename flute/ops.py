@@ -148,6 +148,27 @@ def dequantize_reference(qweight, scales, offsets, table, bits, group_size, in_f
 CPU_KERNEL_ERROR = ""
 
 
+def cpu_extension_file(package_dir: str) -> Optional[str]:
+    """The compiled ``_cpu`` extension in ``package_dir`` (any of this Python's extension
+    suffixes, ``.abi3.so`` included), or None when the install has none."""
+    import importlib.machinery
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(package_dir, "_cpu" + suffix)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def cpu_extension_error(exc: BaseException, package_dir: str) -> str:
+    """Why ``flute._cpu`` did not load, for the warning: "not built" when ``package_dir`` holds
+    no compiled extension (Python's own message for a missing submodule of a package being
+    imported blames a circular import), else the import error itself."""
+    if cpu_extension_file(package_dir) is None:
+        return ("not built: this install has no compiled flute/_cpu extension (reinstall on a "
+                "machine with a C++ compiler: pip install --no-build-isolation -e .)")
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _load_cpu_extension() -> bool:
     """Import ``flute._cpu`` (registers flute::cpu_lut_gemm & co.); False, with a one-line warning,
     when it was not built or does not load."""
@@ -155,7 +176,7 @@ def _load_cpu_extension() -> bool:
     try:
         from . import _cpu  # noqa: F401
     except (ImportError, OSError) as exc:
-        CPU_KERNEL_ERROR = f"{type(exc).__name__}: {exc}"
+        CPU_KERNEL_ERROR = cpu_extension_error(exc, os.path.dirname(os.path.abspath(__file__)))
         warnings.warn(f"flute: CPU kernel flute._cpu not available ({CPU_KERNEL_ERROR}); the CPU op "
                       f"runs the slow reference", RuntimeWarning, stacklevel=2)
         return False

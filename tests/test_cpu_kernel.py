@@ -284,6 +284,20 @@ def test_bf16_mode_close_and_deterministic(bits, bf16_mode, rng):
         ops.set_cpu_mode("int3")
 
 
+def test_a_missing_extension_is_reported_as_not_built(tmp_path):
+    import importlib.machinery
+    exc = ImportError("cannot import name '_cpu' from partially initialized module 'flute' "
+                      "(most likely due to a circular import)")
+    assert ops.cpu_extension_file(str(tmp_path)) is None
+    msg = ops.cpu_extension_error(exc, str(tmp_path))
+    assert msg.startswith("not built") and "circular" not in msg
+    (tmp_path / ("_cpu" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"")
+    assert ops.cpu_extension_file(str(tmp_path)).startswith(str(tmp_path))
+    assert ops.cpu_extension_error(OSError("bad ELF"), str(tmp_path)) == "OSError: bad ELF"
+    if ops.HAS_CPU_KERNEL:  # this install's own extension is found
+        assert ops.cpu_extension_file(os.path.dirname(ops.__file__)) is not None
+
+
 def test_import_without_the_extension_warns_once_and_falls_back():
     code = ("import sys, warnings; sys.modules['flute._cpu'] = None\n"
             "import torch, flute\n"
