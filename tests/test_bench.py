@@ -301,6 +301,57 @@ def test_cpu_benchmark_records_unbuildable_llamacpp(tmp_path, monkeypatch):
     assert not any(p["kernel"] == "llamacpp" for p in doc["points"])
 
 
+def test_cpu_rounds_median_rejects_one_slow_round():
+    """A point is the median of its rounds' medians: one slow round (a busy moment of the machine)
+    does not move it; the spread keeps the extremes and the samples add up."""
+    rounds = [dict(median_ms=1.0, p10_ms=0.9, p90_ms=1.2, runs=10),
+              dict(median_ms=5.0, p10_ms=4.0, p90_ms=6.0, runs=4),
+              dict(median_ms=1.1, p10_ms=1.0, p90_ms=1.3, runs=9)]
+    got = cpu.combine_rounds(rounds)
+    assert got == dict(median_ms=1.1, p10_ms=0.9, p90_ms=6.0, runs=23, rounds_ms=[1.0, 5.0, 1.1])
+    assert cpu.combine_rounds(rounds[:2])["median_ms"] == 3.0  # even count: the middle two's mean
+
+
+def test_cpu_benchmark_rounds_are_interleaved(tmp_path, monkeypatch):
+    """With --rounds 3 every kernel (torch-side and llama.cpp) is timed once per round, rounds
+    alternate between them (not all rounds of one kernel first), each round gets a third of the
+    point's time, and each point keeps its 3 round medians, its median_ms their median."""
+    monkeypatch.setattr(llamacpp, "build", lambda **kw: ("/fake/ggml_matmul", {"cache": "/fake"}))
+    seq = []
+    real_time_cpu = cpu.time_cpu
+
+    def spy_time_cpu(calls, **kw):
+        seq.append(("torch", kw["target_ms"]))
+        return real_time_cpu(calls, **kw)
+
+    def fake_run(exe, ty, N, K, Ms, threads, copies, repack=False, hot=False, **kw):
+        seq.append(("llama", kw["target_ms"]))
+        ms = 1.0 + 0.5 * sum(1 for s in seq if s[0] == "llama")  # a different time every round
+        return [{"type": ty, "layout": "plain", "N": N, "K": K, "M": m, "threads": t,
+                 "copies": 1 if hot else copies, "cache": "hot" if hot else "cold",
+                 "weight_bytes": llamacpp.weight_bytes(ty, N, K), "median_ms": ms,
+                 "p10_ms": ms, "p90_ms": ms, "runs": 3} for t in threads for m in Ms]
+    monkeypatch.setattr(cpu, "time_cpu", spy_time_cpu)
+    monkeypatch.setattr(llamacpp, "run", fake_run)
+    _, doc = _tiny_cpu_bench(tmp_path, "--ggml-types", "f32", "--rounds", "3", "--target-ms", "3",
+                             kernels=("fp32", "llamacpp", "flute"))
+    assert doc["method"]["rounds"] == 3
+    kinds = [k for k, _ in seq]
+    # torch points, then llama.cpp (cold + hot), three times over
+    changes = [i for i in range(1, len(kinds)) if kinds[i] != kinds[i - 1]]
+    assert len(changes) == 5 and kinds[0] == "torch" and kinds[-1] == "llama"
+    assert all(math.isclose(t, 1.0) for _, t in seq)  # 3 ms per point over 3 rounds
+    for p in doc["points"]:
+        assert len(p["rounds_ms"]) == 3 and p["median_ms"] == sorted(p["rounds_ms"])[1]
+    lc = [p for p in doc["points"] if p["kernel"] == "llamacpp" and p["cache"] == "cold"]
+    assert lc and all(p["rounds_ms"] == [1.5, 2.5, 3.5] and p["median_ms"] == 2.5 for p in lc)
+
+
+def test_cpu_benchmark_rejects_zero_rounds(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["--device", "cpu", "--rounds", "0", "--out", str(tmp_path)])
+
+
 def test_cpu_rotation_exceeds_l3():
     l3 = 105 << 20
     for n, k in shapes.CPU_SHAPES:

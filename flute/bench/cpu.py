@@ -14,6 +14,10 @@ threads (``torch.set_num_threads``; llama.cpp gets the same thread count):
 - timing: warm-up, then the median of many calls (``time.perf_counter``; the driver uses
   ``std::chrono::steady_clock``); a point whose calls are too slow for ``--min-runs`` within
   ``--point-budget-ms`` gets fewer samples (at least one), timed on one weight copy, with a note;
+- rounds (``--rounds``, 3): each shape's kernels are timed in interleaved rounds, every kernel at
+  every (threads, M) once per round with a share of the point's time, and a point is the median
+  of its rounds' medians (``rounds_ms`` keeps each), so a slow moment of a shared machine lands in
+  one round of a few points instead of deciding a ratio;
 - roofline: read bandwidth measured in the same run (:func:`flute.bench.roofline.measure_read_bandwidth`),
   per thread count; ``roofline_pct`` = the point's bytes / time over it.
 
@@ -27,9 +31,11 @@ evaluated on the same document when that file is present. The command line is :m
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -65,6 +71,7 @@ class CpuConfig:
     mem_free: int = 0
     check: bool = True
     deadline: Optional[float] = None
+    rounds: int = 3
 
 
 def _ms(call) -> float:
@@ -73,7 +80,39 @@ def _ms(call) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def combine_rounds(rounds: List[Dict[str, object]]) -> Dict[str, object]:
+    """One point from its rounds (each ``{median_ms, p10_ms, p90_ms, runs}``, one per round):
+    ``median_ms`` is the median of the rounds' medians, so a slow moment of the machine that hits
+    one round of one kernel does not decide the point; ``p10_ms`` / ``p90_ms`` are the lowest p10
+    and highest p90 of the rounds; ``runs`` all samples; ``rounds_ms`` each round's median."""
+    meds = [float(r["median_ms"]) for r in rounds]
+    return dict(median_ms=statistics.median(meds), p10_ms=min(float(r["p10_ms"]) for r in rounds),
+                p90_ms=max(float(r["p90_ms"]) for r in rounds),
+                runs=sum(int(r["runs"]) for r in rounds), rounds_ms=meds)
+
+
+@dataclass
+class _Source:
+    """One torch-side kernel of a shape (fp32, bf16, torch_int4 or flute at one bit width and
+    activation dtype), its rotated weight copies built once for all rounds."""
+    kernel: str
+    dtype: str
+    make_calls: Callable
+    w_bytes: int
+    copies: int
+    bits: Optional[int] = None
+    group: Optional[int] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+    failed: bool = False
+
+
 class CpuBench:
+    """Runs the grid shape by shape. Each shape's kernels are timed in ``cfg.rounds`` interleaved
+    rounds: a round times every kernel at every (threads, M) once, with a ``1 / rounds`` share of
+    the point's time, and a point is the median of its rounds (:func:`combine_rounds`). This
+    machine class (a shared VM) moves 1.5-2x within minutes, and a point timed in one window could
+    catch a slow moment that its baseline missed."""
+
     def __init__(self, cfg: CpuConfig, bw: Dict[str, float], log=print):
         self.cfg, self.bw, self.log = cfg, bw, log
         self.points: List[Dict[str, object]] = []
@@ -105,87 +144,73 @@ class CpuBench:
         self.points.append(p)
         label = kernel + (f" {extra['ggml_type']}/{extra.get('layout')}" if kernel == "llamacpp"
                           else f" {bits}b" if bits else "")
+        spread = (f" rounds {'/'.join(f'{v:.4g}' for v in extra['rounds_ms'])}"
+                  if len(extra.get("rounds_ms") or ()) > 1 else "")
         self.log(f"  {label:22s} {dtype:4s} T={threads} M={M:4d} {cache:4s} {median_ms:10.4f} ms "
-                 f"{gbps:6.1f} GB/s" + (f" {p['roofline_pct']:5.1f}%" if bw else "")
+                 f"{gbps:6.1f} GB/s" + (f" {p['roofline_pct']:5.1f}%" if bw else "") + spread
                  + (f" [{extra['note']}]" if extra.get("note") else ""))
         return p
 
-    # -- torch-side kernels (fp32, bf16, torch_int4, flute) ------------------------------------
-    def time_calls(self, calls) -> Timing:
-        """Warm-up and timing. A call slower than ``slow_call_ms`` (the reference op, big M) keeps
-        its first timed call as a sample and adds samples on one copy while the point budget lasts."""
+    # -- one round's timing --------------------------------------------------------------------
+    def round_share(self) -> Tuple[float, int, float]:
+        """``(target_ms, min_runs, point_budget_ms)`` of one round: the point's over the rounds."""
         c = self.cfg
+        r = max(1, c.rounds)
+        return c.target_ms / r, max(2, math.ceil(c.min_runs / r)), c.point_budget_ms / r
+
+    def time_calls(self, calls) -> Timing:
+        """Warm-up and one round's timing. A call slower than ``slow_call_ms`` (the reference op,
+        big M) keeps its first timed call as a sample and adds samples on one copy while the
+        round's share of the point budget lasts."""
+        c = self.cfg
+        target_ms, min_runs, budget_ms = self.round_share()
         calls[0]()
         one_ms = _ms(calls[1 % len(calls)])
         if one_ms > c.slow_call_ms:
             samples = [one_ms]
-            while len(samples) < c.min_runs and sum(samples) + one_ms <= c.point_budget_ms:
+            while len(samples) < min_runs and sum(samples) + one_ms <= budget_ms:
                 samples.append(_ms(calls[0]))
             med, p10, p90 = quantiles([v * 1e3 for v in samples])
             return Timing(med, p10, p90, len(samples), 1, "perf_counter",
-                          f"slow calls: {len(samples)} sample(s) within the "
-                          f"{c.point_budget_ms:.0f} ms point budget, on one or two weight copies")
-        return time_cpu(calls, target_ms=c.target_ms, min_runs=c.min_runs, max_runs=c.max_runs,
-                        warmup=min(len(calls), 4), budget_ms=c.point_budget_ms)
-
-    def sweep_torch(self, kernel, N, K, make_calls, dtype_name, w_bytes, copies, bits=None,
-                    group=None, extra=None):
-        c = self.cfg
-        xdtype = ACT_DTYPES[dtype_name]
-        act_bytes = torch.empty(0, dtype=xdtype).element_size()
-        for t in c.threads:
-            torch.set_num_threads(t)
-            for M in c.Ms:
-                if self.past_deadline():
-                    return
-                x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(xdtype)
-                calls = make_calls(x)
-                runs = [("cold", calls)] + ([("hot", calls[:1])] if M in c.hot_Ms else [])
-                for cache, cs in runs:
-                    try:
-                        tm = self.time_calls(cs)
-                    except Exception as e:  # noqa: BLE001 - one failing point must not end the run
-                        self.skip(kernel, N, K, f"failed: {type(e).__name__}: {str(e)[:300]}",
-                                  M=M, threads=t, bits=bits, dtype=dtype_name)
-                        break
-                    ex = dict(extra or {}, copies=len(cs), runs=tm.runs,
-                              p10_ms=tm.p10_us / 1e3, p90_ms=tm.p90_us / 1e3)
-                    if tm.note:
-                        ex["note"] = tm.note
-                    self.record(kernel, N, K, M, t, cache, dtype_name, tm.median_us / 1e3, w_bytes,
-                                act_bytes, bits, group, **ex)
+                          f"slow calls: {len(samples)} sample(s) per round within the "
+                          f"{budget_ms:.0f} ms round budget, on one or two weight copies")
+        return time_cpu(calls, target_ms=target_ms, min_runs=min_runs, max_runs=c.max_runs,
+                        warmup=min(len(calls), 4), budget_ms=budget_ms)
 
     def copies(self, w_bytes: int) -> int:
         return cpu_rotation_copies(w_bytes, self.cfg.l3_bytes, self.cfg.mem_free or None,
                                    self.cfg.rotation_min_bytes)
 
-    def run_dense(self, N, K, kernel):
+    # -- the torch-side kernels of a shape (fp32, bf16, torch_int4, flute) ---------------------
+    def dense_source(self, N, K, kernel) -> _Source:
         w = weight_bytes(kernel, N, K)
         n = self.copies(w)
         make, _ = peers.dense(N, K, kernel, n)
-        self.sweep_torch(kernel, N, K, make, kernel, w, n)
+        return _Source(kernel, kernel, make, w, n)
 
-    def run_int4(self, N, K):
+    def int4_source(self, N, K) -> Optional[_Source]:
         g = self.cfg.group_size
         why = peers.torch_int4_support(N, K, g)
         if why:
-            return self.skip("torch_int4", N, K, why, group_size=g)
+            self.skip("torch_int4", N, K, why, group_size=g)
+            return None
         w = weight_bytes("torch_int4", N, K, 4, g)
         n = self.copies(w)
         make, _ = peers.torch_int4(N, K, g, n)
-        self.sweep_torch("torch_int4", N, K, make, "bf16", w, n, 4, g)
+        return _Source("torch_int4", "bf16", make, w, n, 4, g)
 
-    def run_flute(self, N, K, bits):
+    def flute_sources(self, N, K, bits) -> List[_Source]:
         g, c = self.cfg.group_size, self.cfg
         try:
             q, rw = flute_cpu_linear(N, K, bits, g, torch.bfloat16, seed=7 * bits)
         except Exception as e:  # noqa: BLE001
-            return self.skip("flute", N, K, f"building the layer failed: {type(e).__name__}: {e}",
-                             bits=bits)
+            self.skip("flute", N, K, f"building the layer failed: {type(e).__name__}: {e}", bits=bits)
+            return []
         w = weight_bytes("flute", N, K, bits, g)
         layers = [q] + [copy.deepcopy(q) for _ in range(self.copies(w) - 1)]
         args = [qgemm_args(m) for m in layers]
         op = torch.ops.flute.qgemm
+        out = []
         for dt in c.flute_dtypes:
             extra = {}
             if c.check:
@@ -195,60 +220,126 @@ class CpuBench:
                 if not extra["rel_err"] < MAX_REL_ERR:
                     self.log(f"  WARNING: flute {bits}b {dt} differs from the float64 reference: "
                              f"rel_err={extra['rel_err']:.3e}")
-            self.sweep_torch("flute", N, K, lambda x: [(lambda a=a: op(x, *a)) for a in args],
-                             dt, w, len(args), bits, g, extra)
+            out.append(_Source("flute", dt, lambda x, args=args: [(lambda a=a: op(x, *a)) for a in args],
+                               w, len(args), bits, g, extra))
+        return out
+
+    def torch_round(self, N, K, sources, acc) -> None:
+        """Every source at every (threads, M) once, kernels back to back per (threads, M)."""
+        c = self.cfg
+        xs: Dict[Tuple[int, str], torch.Tensor] = {}
+        for t in c.threads:
+            torch.set_num_threads(t)
+            for M in c.Ms:
+                for i, s in enumerate(sources):
+                    if s.failed or self.past_deadline():
+                        continue
+                    if (M, s.dtype) not in xs:
+                        xs[(M, s.dtype)] = torch.randn(
+                            M, K, generator=torch.Generator().manual_seed(M)).to(ACT_DTYPES[s.dtype])
+                    calls = s.make_calls(xs[(M, s.dtype)])
+                    for cache, cs in [("cold", calls)] + ([("hot", calls[:1])] if M in c.hot_Ms else []):
+                        try:
+                            tm = self.time_calls(cs)
+                        except Exception as e:  # noqa: BLE001 - one failing point must not end the run
+                            self.skip(s.kernel, N, K, f"failed: {type(e).__name__}: {str(e)[:300]}",
+                                      M=M, threads=t, bits=s.bits, dtype=s.dtype)
+                            s.failed = True
+                            break
+                        acc.setdefault((i, t, M, cache, len(cs)), []).append(
+                            dict(median_ms=tm.median_us / 1e3, p10_ms=tm.p10_us / 1e3,
+                                 p90_ms=tm.p90_us / 1e3, runs=tm.runs, note=tm.note))
+
+    def record_torch(self, N, K, sources, acc) -> None:
+        for (i, t, M, cache, n), rounds in acc.items():
+            s = sources[i]
+            act_bytes = torch.empty(0, dtype=ACT_DTYPES[s.dtype]).element_size()
+            notes = sorted({r["note"] for r in rounds if r["note"]})
+            ex = dict(s.extra, copies=n, **combine_rounds(rounds))
+            if notes:
+                ex["note"] = "; ".join(notes)
+            med = ex.pop("median_ms")
+            self.record(s.kernel, N, K, M, t, cache, s.dtype, med, s.w_bytes, act_bytes, s.bits,
+                        s.group, **ex)
 
     # -- llama.cpp ------------------------------------------------------------------------------
-    def run_llamacpp(self, N, K):
+    def llamacpp_round(self, N, K, acc, dead) -> None:
+        """One driver run per (type, layout) and cache: all its (threads, M) points of one round.
+        ``dead`` holds the (type, layout) pairs that cannot run this shape (skipped once)."""
         c = self.cfg
+        target_ms, min_runs, budget_ms = self.round_share()
+        hot = [m for m in c.hot_Ms if m in c.Ms]
         for ty in c.ggml_types:
             for layout in (("plain", "repack") if ty in llamacpp.REPACK_TYPES else ("plain",)):
-                if self.past_deadline():
-                    return
+                if (ty, layout) in dead or self.past_deadline():
+                    continue
                 if K % (llamacpp.BLOCK[ty] or 1):
                     self.skip("llamacpp", N, K, f"K={K} is not a multiple of the {ty} block "
                               f"({llamacpp.BLOCK[ty]})", ggml_type=ty, layout=layout)
+                    dead.update((ty, lay) for lay in ("plain", "repack"))
                     break
                 n = self.copies(llamacpp.weight_bytes(ty, N, K))
+                kw = dict(repack=layout == "repack", target_ms=target_ms, min_runs=min_runs,
+                          max_runs=c.max_runs, budget_ms=budget_ms)
                 try:
-                    rows = llamacpp.run(self.llamacpp_exe, ty, N, K, c.Ms, c.threads, n,
-                                        repack=layout == "repack", target_ms=c.target_ms,
-                                        min_runs=c.min_runs, max_runs=c.max_runs,
-                                        budget_ms=c.point_budget_ms)
-                    hot = [m for m in c.hot_Ms if m in c.Ms]
+                    rows = llamacpp.run(self.llamacpp_exe, ty, N, K, c.Ms, c.threads, n, **kw)
                     if hot:
                         rows += llamacpp.run(self.llamacpp_exe, ty, N, K, hot, c.threads, 1,
-                                             repack=layout == "repack", hot=True,
-                                             target_ms=c.target_ms, min_runs=c.min_runs,
-                                             max_runs=c.max_runs, budget_ms=c.point_budget_ms)
+                                             hot=True, **kw)
                 except Exception as e:  # noqa: BLE001
                     self.skip("llamacpp", N, K, f"{type(e).__name__}: {e}", ggml_type=ty,
                               layout=layout)
+                    dead.add((ty, layout))
                     continue
                 for r in rows:
-                    self.record("llamacpp", N, K, r["M"], r["threads"], r["cache"], "fp32",
-                                r["median_ms"], r["weight_bytes"], 4, llamacpp.TYPES[ty],
-                                llamacpp.BLOCK[ty], ggml_type=ty, layout=r["layout"],
-                                copies=r["copies"], runs=r["runs"], p10_ms=r["p10_ms"],
-                                p90_ms=r["p90_ms"])
+                    key = (ty, r["layout"], r["M"], r["threads"], r["cache"], r["copies"],
+                           r["weight_bytes"])
+                    acc.setdefault(key, []).append(r)
+
+    def record_llamacpp(self, N, K, acc) -> None:
+        for (ty, layout, M, t, cache, n, wb), rounds in acc.items():
+            ex = combine_rounds(rounds)
+            med = ex.pop("median_ms")
+            self.record("llamacpp", N, K, M, t, cache, "fp32", med, wb, 4, llamacpp.TYPES[ty],
+                        llamacpp.BLOCK[ty], ggml_type=ty, layout=layout, copies=n, **ex)
+
+    # -- the grid ------------------------------------------------------------------------------
+    def run_shape(self, N, K) -> None:
+        c = self.cfg
+        sources: List[_Source] = []
+        for kernel in ("fp32", "bf16"):
+            if kernel in c.kernels:
+                sources.append(self.dense_source(N, K, kernel))
+        if "torch_int4" in c.kernels:
+            s = self.int4_source(N, K)
+            sources += [s] if s else []
+        for bits in c.bits if "flute" in c.kernels else ():
+            sources += self.flute_sources(N, K, bits)
+        use_llama = "llamacpp" in c.kernels and self.llamacpp_exe
+        acc_t: Dict[tuple, list] = {}
+        acc_l: Dict[tuple, list] = {}
+        dead: set = set()
+        for r in range(max(1, c.rounds)):
+            if self.past_deadline():
+                break
+            t0 = time.monotonic()
+            self.torch_round(N, K, sources, acc_t)
+            if use_llama:
+                self.llamacpp_round(N, K, acc_l, dead)
+            self.log(f"  round {r + 1}/{c.rounds} in {time.monotonic() - t0:.1f} s")
+        # dense and torch int4 first, then llama.cpp, then flute (the order of earlier records)
+        first = {k: v for k, v in acc_t.items() if sources[k[0]].kernel != "flute"}
+        self.record_torch(N, K, sources, first)
+        self.record_llamacpp(N, K, acc_l)
+        self.record_torch(N, K, sources, {k: v for k, v in acc_t.items() if k not in first})
 
     def run(self, on_shape_done=None):
-        c = self.cfg
-        for N, K in c.shapes:
+        for N, K in self.cfg.shapes:
             if self.past_deadline():
                 break
             self.log(f"N={N} K={K}")
             t0 = time.monotonic()
-            for kernel in ("fp32", "bf16"):
-                if kernel in c.kernels and not self.past_deadline():
-                    self.run_dense(N, K, kernel)
-            if "torch_int4" in c.kernels and not self.past_deadline():
-                self.run_int4(N, K)
-            if "llamacpp" in c.kernels and self.llamacpp_exe and not self.past_deadline():
-                self.run_llamacpp(N, K)
-            for bits in c.bits if "flute" in c.kernels else ():
-                if not self.past_deadline():
-                    self.run_flute(N, K, bits)
+            self.run_shape(N, K)
             fill_ratios(self.points)
             self.shape_seconds[f"{N}x{K}"] = round(time.monotonic() - t0, 1)
             if on_shape_done:

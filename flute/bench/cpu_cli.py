@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-runs", type=int, default=None, help="fewest samples per point (15)")
     p.add_argument("--max-runs", type=int, default=2000)
     p.add_argument("--point-budget-ms", type=float, default=1500.0, help="cap on a slow point")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per shape; a point is "
+                   "the median of its rounds (3)")
     p.add_argument("--read-bw-mib", type=int, default=None, help="read-bandwidth buffer (max(1024, 8 x L3))")
     p.add_argument("--read-bw-runs", type=int, default=7)
     p.add_argument("--l3-mib", type=float, default=None, help="L3 size for the rotation (sysfs)")
@@ -72,13 +74,17 @@ def make_config(a, info: Dict[str, object]) -> CpuConfig:
         hot_Ms=[1] if a.hot_M is None else a.hot_M,
         target_ms=a.target_ms if a.target_ms is not None else (100.0 if a.quick else 200.0),
         min_runs=a.min_runs or 15, max_runs=a.max_runs, point_budget_ms=a.point_budget_ms,
+        rounds=a.rounds,
         l3_bytes=l3, rotation_min_bytes=int(a.rotation_mib * 2 ** 20),
         mem_free=int(info.get("mem_available_bytes") or 0), check=not a.no_check,
         deadline=time.monotonic() + 60 * minutes if minutes else None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {a.rounds}")
     log = lambda *x: print(*x, flush=True)  # noqa: E731
     t_start = time.monotonic()
     prev_threads = torch.get_num_threads()
@@ -98,6 +104,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                method={"timing": "time.perf_counter per call (llama.cpp: steady_clock in the "
                                  "driver); warm-up, then the median", "target_ms": cfg.target_ms,
                        "min_runs": cfg.min_runs, "point_budget_ms": cfg.point_budget_ms,
+                       "rounds": cfg.rounds,
+                       "rounds_method": "each shape's kernels timed in interleaved rounds (every "
+                                        "kernel at every threads x M once per round, with 1/rounds "
+                                        "of target_ms, min_runs and point_budget_ms); median_ms = "
+                                        "the median of the rounds' medians (rounds_ms), p10/p90 = "
+                                        "the lowest p10 and highest p90 of the rounds",
                        "rotation": f"cache-cold points rotate weight copies holding >= 2 x L3 "
                                    f"({cfg.l3_bytes >> 20} MiB) and >= "
                                    f"{cfg.rotation_min_bytes >> 20} MiB, at most a quarter of free "
