@@ -357,6 +357,21 @@ def test_int8_mode_matches_its_spec(isa, threads, int8_mode):
             assert normwise_error(y, reference_qgemm(x, w, group), x, w, group) > 1e-4, case
 
 
+def test_int8_mode_groups_of_64_every_block_kind(int8_mode, rng):
+    """Groups of 64 (the default) take their scales by a broadcast of the block's 2 or 4 groups:
+    against the spec for every bit width, scale dtype (bf16 and fp32 read in place, fp16 and the
+    last tiles buffered), K with whole and partial last blocks (the partial one on the general
+    path) and M = 1..5 (every row-tile shape of the kernel)."""
+    for bits in (2, 3, 4):
+        for sdtype in (torch.bfloat16, torch.float32, torch.float16):
+            for k in (64, 130, 576, 1000):
+                w = random_quantized(67, k, bits, 64, offsets=False, dtype=sdtype, generator=rng)
+                for m in (1, 2, 3, 4, 5):
+                    x = torch.randn(m, k, generator=rng)
+                    err = normwise_error(run(x, w, bits, 64, 67, k), reference_qgemm_int8(x, w, 64), x, w, 64)
+                    assert err < TOL[torch.float32], (bits, sdtype, k, m, err)
+
+
 def test_int8_chunk_scales_follow_each_chunk(int8_mode, rng):
     """Each 32-column chunk is rounded on its own scale (k * u, k fitted to the chunk), not one
     scale per block: with one large chunk per block and the others 100x smaller, the small chunks'

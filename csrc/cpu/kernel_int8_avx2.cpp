@@ -9,6 +9,9 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <cstring>
+#include <type_traits>
+
 #include "avx2_common.h"
 
 namespace flute_cpu {
@@ -80,7 +83,44 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-template <int BITS, int Q, int SRC, int NR, int MC>
+// Groups of 64 columns (G64, the library's default; Q = 2): dword q (of either half) of merge j
+// (parts 2j and 2j + 1) meets chunk (P*q + 2j + 1) % C, so its groups are, relative to the
+// block's first, 0, 1, 0, 1 (4 bits, one merge) or 0, 2, 0, 2 (j = 0) and 1, 3, 1, 3 (j = 1)
+// (2 and 3 bits). So each merge's 8 scales come from one broadcast load of the block's 2 or 4
+// scales and one in-lane operation, instead of widening 8 scales and one lane-crossing `vpermps`
+// per merge and activation row: the scale epilogue was ~15-20% of an M = 1 call
+// (benchmarks/CPU_NOTES.md item 52). Used for every block whose groups lie inside the row (a
+// direct load must not leave it), the general path for the rest.
+template <int BITS, int SRC>
+inline void group_scales64(const ScaleMap& sm, int64_t row, int64_t b, __m256 (&wg)[BITS == 4 ? 1 : 2]) {
+  constexpr int GPB = BITS == 4 ? 2 : 4;  // groups of 64 per block
+  const int64_t i = row * sm.ngp + GPB * b;
+  if (SRC == kDirectBF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(sm.WS) + i;
+    if (BITS == 4) {  // dword (s1 << 16 | s0) everywhere; words interleaved with zeros: s0, s1, s0, s1
+      int32_t v;
+      std::memcpy(&v, s, 4);
+      wg[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), _mm256_set1_epi32(v)));
+    } else {  // qword (s3 s2 s1 s0): << 16 per dword gives s0, s2; the high words s1, s3
+      int64_t v;
+      std::memcpy(&v, s, 8);
+      const __m256i y = _mm256_set1_epi64x(v);
+      wg[0] = _mm256_castsi256_ps(_mm256_slli_epi32(y, 16));
+      wg[1] = _mm256_castsi256_ps(_mm256_and_si256(y, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+    }
+  } else {
+    const float* f = static_cast<const float*>(sm.WS) + i;
+    if (BITS == 4) {
+      wg[0] = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(f)));
+    } else {
+      const __m256 z = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(f));
+      wg[0] = _mm256_permute_ps(z, 0x88);  // s0 s2 s0 s2
+      wg[1] = _mm256_permute_ps(z, 0xDD);  // s1 s3 s1 s3
+    }
+  }
+}
+
+template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
 inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
                       int64_t m0, float (*res)[4]) {
   const __m256i TA = tab.A, TB = tab.B;
@@ -109,7 +149,8 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
     for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm256_setzero_ps();
   // the table scale goes with the activation unit when the scales are read in place
   const __m256 tsv = _mm256_set1_ps(SRC == kBuffered ? 1.f : a.tscale);
-  for (int64_t b = 0; b < nb; ++b) {
+  auto block = [&](int64_t b, auto fast_c) {
+    constexpr bool FAST = decltype(fast_c)::value;
     __m256 ub[MC];  // the block's activation unit per row (times the table scale)
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm256_mul_ps(_mm256_broadcast_ss(a.xu + b * M + m0 + mc), tsv);
     if (r0 == 0) {  // the first pass over a tile fetches 2 KB ahead (the next tile past the end)
@@ -148,7 +189,9 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
           u1[p] = _mm256_shuffle_epi8(p % 2 ? TB : TA, i1);
         }
       }
-      const __m256 wv = load_scales<SRC>(sm.WS, (r0 + r) * sm.ngp + sm.g0[b]);
+      __m256 wv, wg[BITS == 4 ? 1 : 2];
+      if constexpr (FAST) group_scales64<BITS, SRC>(sm, r0 + r, b, wg);
+      else wv = load_scales<SRC>(sm.WS, (r0 + r) * sm.ngp + sm.g0[b]);
       const int32_t* gi = sm.gidx + b * P * 8;
       for (int mc = 0; mc < MC; ++mc) {
         const int64_t bm = b * M + m0 + mc;
@@ -156,7 +199,8 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
         const int16_t* xc = a.xcorr + bm * P * 16;
         const int16_t* xk = a.xk + bm * P * 16;
         // weight scale * table scale * the block's activation unit, per group
-        const __m256 wu = _mm256_mul_ps(wv, ub[mc]);
+        __m256 wu = ub[mc];
+        if constexpr (!FAST) wu = _mm256_mul_ps(wv, wu);
         __m256i isum = _mm256_setzero_si256();
         for (int p = 0; p < P; ++p) {
           const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + p * 32));
@@ -169,14 +213,25 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
           // x the chunk factor k: every dword in the block's unit (int32 bounds: see Int8Args)
           isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + p * 16))));
           if (p % Q == Q - 1) {  // parts p-Q+1 .. p have their dwords in the same groups
-            const __m256 ws = _mm256_permutevar8x32_ps(wu, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gi + p * 8)));
+            __m256 ws;
+            if constexpr (FAST) ws = _mm256_mul_ps(wg[p / 2], wu);
+            else ws = _mm256_permutevar8x32_ps(wu, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gi + p * 8)));
             facc[r][mc] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), ws, facc[r][mc]);
             isum = _mm256_setzero_si256();
           }
         }
       }
     }
+  };
+  int64_t b = 0;
+  // Not for 2 activation rows (2 weight rows x 2 rows of x: the 2 extra scale registers spill,
+  // 3 bits measured +3..8%, benchmarks/CPU_NOTES.md item 52).
+  if constexpr (G64 && MC != 2) {
+    // blocks whose 2 or 4 group scales lie inside the row (buffered rows are zero-padded by 8)
+    const int64_t nfast = SRC == kBuffered ? nb : min64(nb, a.ng / (BITS == 4 ? 2 : 4));
+    for (; b < nfast; ++b) block(b, std::true_type{});
   }
+  for (; b < nb; ++b) block(b, std::false_type{});
   if (NR == 4) {
     for (int mc = 0; mc < MC; ++mc)
       _mm_storeu_ps(res[mc], hsum4(facc[0][mc], facc[1 % NR][mc], facc[2 % NR][mc], facc[3 % NR][mc]));
@@ -212,7 +267,7 @@ inline void scaled_row_f32(const void* src, int stype, int64_t n, int64_t ng, fl
 
 // Row tiles [t0, t1) with their scales read as SRC says (see ScaleMap; kBuffered converts each
 // tile's 4 rows into WSp first).
-template <int BITS, int Q, int SRC>
+template <int BITS, int Q, int SRC, bool G64>
 void tiles_int8(const Int8Args& a, const Tables& tab, int64_t t0, int64_t t1, float* WSp, float* off) {
   constexpr int BB = BITS == 3 ? 96 : 64;
   const int64_t ng = a.ng, nb = a.nblocks;
@@ -235,16 +290,16 @@ void tiles_int8(const Int8Args& a, const Tables& tab, int64_t t0, int64_t t1, fl
     for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
       const int64_t mc = min64(4, a.M - m0);
       switch (mc) {
-        case 1: rows_int8<BITS, Q, SRC, 4, 1>(a, tab, tile, 0, sm, m0, res); break;
+        case 1: rows_int8<BITS, Q, SRC, 4, 1, G64>(a, tab, tile, 0, sm, m0, res); break;
         case 2:
-          rows_int8<BITS, Q, SRC, 2, 2>(a, tab, tile, 0, sm, m0, res);
-          rows_int8<BITS, Q, SRC, 2, 2>(a, tab, tile, 2, sm, m0, res);
+          rows_int8<BITS, Q, SRC, 2, 2, G64>(a, tab, tile, 0, sm, m0, res);
+          rows_int8<BITS, Q, SRC, 2, 2, G64>(a, tab, tile, 2, sm, m0, res);
           break;
         case 3:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 3>(a, tab, tile, r, sm, m0, res);
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 3, G64>(a, tab, tile, r, sm, m0, res);
           break;
         default:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 4>(a, tab, tile, r, sm, m0, res);
+          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 4, G64>(a, tab, tile, r, sm, m0, res);
       }
       if (!a.offsets && 4 * t + 4 <= a.N) {  // a whole tile: 4 outputs per activation row
         for (int64_t i = 0; i < mc; ++i) _mm_storeu_ps(a.out + (m0 + i) * a.N + 4 * t, _mm_load_ps(res[i]));
@@ -265,7 +320,7 @@ void tiles_int8(const Int8Args& a, const Tables& tab, int64_t t0, int64_t t1, fl
   }
 }
 
-template <int BITS, int Q>
+template <int BITS, int Q, bool G64>
 void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
   const Tables tab = make_tables<BITS>(a.tu);
   const int64_t ng = a.ng;
@@ -288,23 +343,26 @@ void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
     if (t_direct < t0) t_direct = t0;
   }
   if (t_direct > t0) {
-    if (a.stype == kBF16) tiles_int8<BITS, Q, kDirectBF16>(a, tab, t0, t_direct, WSp, off);
-    else tiles_int8<BITS, Q, kDirectF32>(a, tab, t0, t_direct, WSp, off);
+    if (a.stype == kBF16) tiles_int8<BITS, Q, kDirectBF16, G64>(a, tab, t0, t_direct, WSp, off);
+    else tiles_int8<BITS, Q, kDirectF32, G64>(a, tab, t0, t_direct, WSp, off);
   }
-  if (t_direct < t1) tiles_int8<BITS, Q, kBuffered>(a, tab, t_direct, t1, WSp, off);
+  if (t_direct < t1) tiles_int8<BITS, Q, kBuffered, G64>(a, tab, t_direct, t1, WSp, off);
 }
 
-// One instantiation per bit width and merge width Q (parts added as int32: see Int8Args).
+// One instantiation per bit width and merge width Q (parts added as int32: see Int8Args), and one
+// more for groups of 64 (group_scales64).
 template <int BITS>
 void gemm_int8_merge(const Int8Args& a, int64_t t0, int64_t t1) {
   if (a.merge == 1) {
-    gemm_int8_bits<BITS, 1>(a, t0, t1);
+    gemm_int8_bits<BITS, 1, false>(a, t0, t1);
+  } else if (a.merge == 2 && a.G == 64) {
+    gemm_int8_bits<BITS, 2, true>(a, t0, t1);
   } else if constexpr (BITS == 4) {
-    gemm_int8_bits<BITS, 2>(a, t0, t1);
+    gemm_int8_bits<BITS, 2, false>(a, t0, t1);
   } else if (a.merge == 2) {
-    gemm_int8_bits<BITS, 2>(a, t0, t1);
+    gemm_int8_bits<BITS, 2, false>(a, t0, t1);
   } else {
-    gemm_int8_bits<BITS, 4>(a, t0, t1);
+    gemm_int8_bits<BITS, 4, false>(a, t0, t1);
   }
 }
 
