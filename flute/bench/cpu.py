@@ -158,24 +158,27 @@ class CpuBench:
         r = max(1, c.rounds)
         return c.target_ms / r, max(2, math.ceil(c.min_runs / r)), c.point_budget_ms / r
 
-    def time_calls(self, calls) -> Timing:
+    def time_calls(self, calls, probe_ms: Optional[float] = None) -> Timing:
         """Warm-up and one round's timing. A call slower than ``slow_call_ms`` (the reference op,
         big M) keeps its first timed call as a sample and adds samples on one copy while the
-        round's share of the point budget lasts."""
+        round's share of the point budget lasts (at least one). ``probe_ms``: the point's median
+        from its first round; later rounds then take one warm-up call instead of a probe and up
+        to 4 more (weights and code were warmed in round 1; with the full warm-up every round a
+        14336x4096 round took 190 s)."""
         c = self.cfg
         target_ms, min_runs, budget_ms = self.round_share()
         calls[0]()
-        one_ms = _ms(calls[1 % len(calls)])
+        one_ms = _ms(calls[1 % len(calls)]) if probe_ms is None else probe_ms
         if one_ms > c.slow_call_ms:
-            samples = [one_ms]
-            while len(samples) < min_runs and sum(samples) + one_ms <= budget_ms:
+            samples = [one_ms] if probe_ms is None else []
+            while not samples or (len(samples) < min_runs and sum(samples) + one_ms <= budget_ms):
                 samples.append(_ms(calls[0]))
             med, p10, p90 = quantiles([v * 1e3 for v in samples])
             return Timing(med, p10, p90, len(samples), 1, "perf_counter",
                           f"slow calls: {len(samples)} sample(s) per round within the "
                           f"{budget_ms:.0f} ms round budget, on one or two weight copies")
         return time_cpu(calls, target_ms=target_ms, min_runs=min_runs, max_runs=c.max_runs,
-                        warmup=min(len(calls), 4), budget_ms=budget_ms)
+                        warmup=min(len(calls), 4) if probe_ms is None else 1, budget_ms=budget_ms)
 
     def copies(self, w_bytes: int) -> int:
         return cpu_rotation_copies(w_bytes, self.cfg.l3_bytes, self.cfg.mem_free or None,
@@ -239,16 +242,18 @@ class CpuBench:
                             M, K, generator=torch.Generator().manual_seed(M)).to(ACT_DTYPES[s.dtype])
                     calls = s.make_calls(xs[(M, s.dtype)])
                     for cache, cs in [("cold", calls)] + ([("hot", calls[:1])] if M in c.hot_Ms else []):
+                        key = (i, t, M, cache, len(cs))
                         try:
-                            tm = self.time_calls(cs)
+                            tm = self.time_calls(cs, acc[key][0]["probe_ms"] if key in acc else None)
                         except Exception as e:  # noqa: BLE001 - one failing point must not end the run
                             self.skip(s.kernel, N, K, f"failed: {type(e).__name__}: {str(e)[:300]}",
                                       M=M, threads=t, bits=s.bits, dtype=s.dtype)
                             s.failed = True
                             break
-                        acc.setdefault((i, t, M, cache, len(cs)), []).append(
+                        acc.setdefault(key, []).append(
                             dict(median_ms=tm.median_us / 1e3, p10_ms=tm.p10_us / 1e3,
-                                 p90_ms=tm.p90_us / 1e3, runs=tm.runs, note=tm.note))
+                                 p90_ms=tm.p90_us / 1e3, runs=tm.runs, note=tm.note,
+                                 probe_ms=tm.median_us / 1e3))
 
     def record_torch(self, N, K, sources, acc) -> None:
         for (i, t, M, cache, n), rounds in acc.items():
@@ -324,9 +329,11 @@ class CpuBench:
                 break
             t0 = time.monotonic()
             self.torch_round(N, K, sources, acc_t)
+            t1 = time.monotonic()
             if use_llama:
                 self.llamacpp_round(N, K, acc_l, dead)
-            self.log(f"  round {r + 1}/{c.rounds} in {time.monotonic() - t0:.1f} s")
+            self.log(f"  round {r + 1}/{c.rounds} in {time.monotonic() - t0:.1f} s"
+                     + (f" (llama.cpp {time.monotonic() - t1:.1f} s)" if use_llama else ""))
         # dense and torch int4 first, then llama.cpp, then flute (the order of earlier records)
         first = {k: v for k, v in acc_t.items() if sources[k[0]].kernel != "flute"}
         self.record_torch(N, K, sources, first)
