@@ -163,8 +163,7 @@ class CpuBench:
         big M) keeps its first timed call as a sample and adds samples on one copy while the
         round's share of the point budget lasts (at least one). ``probe_ms``: the point's median
         from its first round; later rounds then take one warm-up call instead of a probe and up
-        to 4 more (weights and code were warmed in round 1; with the full warm-up every round a
-        14336x4096 round took 190 s)."""
+        to 4 more (weights and code were warmed in round 1)."""
         c = self.cfg
         target_ms, min_runs, budget_ms = self.round_share()
         calls[0]()
