@@ -409,6 +409,27 @@ def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
 
 
 @pytest.mark.parametrize("mode", ["int8", "exact"])
+def test_call_scratch_reused_across_sizes(mode, rng):
+    """The per-thread scratch (activations, fp32 output of bf16 calls) grows, shrinks and is
+    reused call after call; an output above its 16 MB cache (31 x 135300 fp32) comes from a
+    tensor. Every call matches the reference, so no call reads another's leftovers."""
+    old = ops.get_cpu_mode()
+    ops.set_cpu_mode(mode)
+    ref = reference_qgemm_int8 if mode == "int8" else reference_qgemm
+    try:
+        sizes = [(1, 37, 192), (5, 301, 777), (1, 37, 192), (31, 135300, 40), (3, 64, 130)]
+        for m, n, k in sizes if mode == "int8" else sizes[:3]:
+            w = random_quantized(n, k, 4, 64 if k % 64 == 0 else -1, generator=rng)
+            g = 64 if k % 64 == 0 else -1
+            x = torch.randn(m, k, generator=rng).to(torch.bfloat16)
+            y = run(x, w, 4, g, n, k)
+            assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+            assert relative_error(y.float(), ref(x.float(), w, g)) < 1e-2, (mode, m, n, k)
+    finally:
+        ops.set_cpu_mode(old)
+
+
+@pytest.mark.parametrize("mode", ["int8", "exact"])
 def test_bf16_output_is_the_fp32_result_rounded(isa, mode, rng):
     """bf16 activations give the fp32 result of the same values rounded to nearest even (the
     output conversion is vectorized on AVX2: 16 at a time, then a scalar tail)."""

@@ -332,33 +332,35 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
     }
     return out_t.t().to(xt).contiguous().view(out_shape);
   }
-  at::Tensor x2 = x.reshape({M, K});
-  if (!x2.is_contiguous() || (xt != at::kFloat && xt != at::kBFloat16 && xt != at::kHalf))
-    x2 = x2.to(xt == at::kBFloat16 || xt == at::kHalf ? xt : at::kFloat).contiguous();
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  // x as the kernels read it: contiguous fp32, bf16 or fp16, any leading dimensions (no reshape:
+  // each dispatched view or allocation is ~1-2.5K instructions of a small call's ~16K).
+  const bool half = xt == at::kBFloat16 || xt == at::kHalf;
+  at::Tensor x2 = x;
+  if (!x2.is_contiguous() || !(half || xt == at::kFloat)) x2 = x.to(half ? xt : at::kFloat).contiguous();
+  // fp32 results straight into the output; for bf16 / fp16 x into scratch, converted below (one
+  // fewer dispatched op per call: ~5-10 us on small layers).
+  at::Tensor y = at::empty(out_shape, x.options().dtype(half ? xt : at::kFloat));
+  at::Tensor hold;
+  float* out = half ? reinterpret_cast<float*>(call_scratch(1, M * N * 4, hold)) : y.data_ptr<float>();
   if (!(g_mode.load() == 2 && int8_gemm(x2, w, isa, out))) exact_gemm(x2, w, isa, g_mode.load() == 1 && g_has_bf16, out);
-  // Output in x's dtype, converted here (one fewer dispatched op per call: ~5-10 us on small layers).
-  if (xt == at::kBFloat16 || xt == at::kHalf) {
-    at::Tensor y = at::empty(out_shape, x.options());
-    const float* src = out.data_ptr<float>();
+  if (half) {
     const int64_t total = M * N;
     if (xt == at::kBFloat16) {
       auto* dst = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
 #if defined(__x86_64__) || defined(_M_X64)
       if (isa >= kAvx2) {
-        f32_to_bf16_avx2(src, dst, total);
+        f32_to_bf16_avx2(out, dst, total);
         return y;
       }
 #endif
-      for (int64_t i = 0; i < total; ++i) dst[i] = f32_to_bf16(src[i]);
+      for (int64_t i = 0; i < total; ++i) dst[i] = f32_to_bf16(out[i]);
     } else {
       auto* dst = y.data_ptr<c10::Half>();
-      for (int64_t i = 0; i < total; ++i) dst[i] = c10::Half(src[i]);
+      for (int64_t i = 0; i < total; ++i) dst[i] = c10::Half(out[i]);
     }
     return y;
   }
-  if (xt != at::kFloat) out = out.to(xt);
-  return out.view(out_shape);
+  return xt == at::kFloat ? y : y.to(xt);
 }
 
 // flute::qgemm / flute::dequantize on CPU: the kernel for the CPU layout (uint8), the Python

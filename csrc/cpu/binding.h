@@ -46,12 +46,21 @@ void for_legacy_tiles(const uint8_t* qw, int64_t nblocks, int64_t t0, int64_t t1
 #endif
 }
 
-// The fused kernel's int8 mode into out [M, N] fp32 (x2: [M, K] contiguous fp32, bf16 or fp16);
-// false, with out unwritten, when x is not finite: the caller then takes the exact path.
-bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out);
+// The fused kernel's int8 mode into out [M, N] fp32 (x2: contiguous fp32, bf16 or fp16 with last
+// dimension K, M rows in all); false, with out unwritten, when x is not finite: the caller then
+// takes the exact path.
+bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out);
 
 // The fused kernel's exact (fp32) mode, or with bf16 = true on an AVX-512 path its bf16 mode
-// (AVX512_BF16 CPUs), into out [M, N] fp32.
-void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, at::Tensor& out);
+// (AVX512_BF16 CPUs), into out [M, N] fp32 (x2 as for int8_gemm).
+void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float* out);
+
+// Per-call temporaries of the fused path (slot 0: the int8 activations, fused_gemm.cpp; slot 1: the
+// fp32 output before its conversion to bf16 or fp16, binding.cpp): `bytes` from a grow-only buffer
+// of the calling thread, 64-byte aligned, or above 16 MB from a tensor put in `hold`. Each
+// at::empty and its release cost ~2.5K instructions, and a small decode call (4x128) made three of
+// them in ~16K (callgrind). The buffer is only used during the call (the kernels never call back
+// into torch), and each thread calling the op has its own.
+char* call_scratch(int slot, int64_t bytes, at::Tensor& hold);
 
 }  // namespace flute_cpu::binding

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <unordered_map>
@@ -193,17 +194,41 @@ int64_t align64(int64_t off) { return (off + 63) / 64 * 64; }
 
 }  // namespace
 
-bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) {
-  const int64_t M = x2.size(0), nb = w.nblocks;
+char* call_scratch(int slot, int64_t bytes, at::Tensor& hold) {
+  constexpr int64_t kMaxCached = int64_t(16) << 20;
+  if (bytes > kMaxCached) {
+    hold = at::empty({bytes + 64}, at::TensorOptions().dtype(at::kByte));
+    return reinterpret_cast<char*>(align64(reinterpret_cast<intptr_t>(hold.data_ptr())));
+  }
+  struct Buffer {
+    void* p = nullptr;
+    int64_t n = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer bufs[2];
+  Buffer& b = bufs[slot];
+  if (bytes > b.n) {
+    const int64_t n = std::max<int64_t>(4096, (bytes + 4095) / 4096 * 4096);
+    void* p = std::aligned_alloc(64, n);
+    TORCH_CHECK(p, "flute: out of memory allocating ", n, " bytes of CPU scratch");
+    std::free(b.p);
+    b.p = p;
+    b.n = n;
+  }
+  return static_cast<char*>(b.p);
+}
+
+bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
+  const int64_t M = x2.numel() / w.K, nb = w.nblocks;
   const int P = int8_parts(w.bits), C = chunks_per_block(w.bits);
-  // One scratch allocation per call (small calls are dominated by fixed costs): activations,
-  // their corrections and scales, group sums and the scale map.
+  // One scratch buffer (small calls are dominated by fixed costs): activations, their corrections
+  // and scales, group sums and the scale map.
   const int64_t o_corr = align64(nb * M * 64 * P), o_k = align64(o_corr + nb * M * P * 16 * 2),
                 o_u = align64(o_k + nb * M * P * 16 * 2), o_sum = align64(o_u + nb * M * 4),
                 o_g0 = align64(o_sum + M * w.ng * 4),
                 o_gidx = align64(o_g0 + nb * 8), total = o_gidx + nb * P * 8 * 4;
-  at::Tensor scratch = at::empty({total + 64}, x2.options().dtype(at::kByte));
-  char* base = reinterpret_cast<char*>(align64(reinterpret_cast<intptr_t>(scratch.data_ptr())));
+  at::Tensor hold;
+  char* base = call_scratch(0, total, hold);
   int8_t* xq = reinterpret_cast<int8_t*>(base);
   int16_t* xcorr = reinterpret_cast<int16_t*>(base + o_corr);
   int16_t* xk = reinterpret_cast<int16_t*>(base + o_k);
@@ -226,6 +251,8 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) 
     default: ok = int8_x(x2.data_ptr<float>(), M, w, quant, xq, xcorr, xk, xu, xs);
   }
   if (!ok) return false;
+  const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
+  for (int64_t i = 0; i < nb * M; ++i) xu[i] *= t7.scale;  // see Int8Args::xu
   // The scale map: no division per tile in the kernel.
   for (int64_t b = 0; b < nb; ++b) {
     g0[b] = std::min<int64_t>(b * C * 32 / w.G, w.ng - 1);
@@ -259,37 +286,32 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, at::Tensor& out) 
   a.xsum = xs;
   a.g0 = g0;
   a.gidx = gidx;
-  const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
   std::memcpy(a.tu, t7.tu, 16);
-  a.tscale = t7.scale;
-  a.out = out.data_ptr<float>();
+  a.out = out;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
   for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
   return true;
 }
 
-void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, at::Tensor& out) {
-  const int64_t M = x2.size(0);
-  at::Tensor xp = at::empty({M, w.K_pad}, x2.options().dtype(at::kFloat));
-  at::Tensor xsum;
-  if (w.offsets.defined()) xsum = at::empty({M, w.ng}, x2.options().dtype(at::kFloat));
-  float* xs = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
+void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float* out) {
+  const int64_t M = x2.numel() / w.K;
+  // scratch: the permuted fp32 activations, their group sums (offsets), bf16 activations (bf16 mode)
+  const int64_t o_sum = align64(M * w.K_pad * 4), o_xb = align64(o_sum + M * w.ng * 4);
+  at::Tensor hold;
+  char* base = call_scratch(0, o_xb + M * w.K_pad * 2, hold);
+  float* xp = reinterpret_cast<float*>(base);
+  float* xs = w.offsets.defined() ? reinterpret_cast<float*>(base + o_sum) : nullptr;
   switch (x2.scalar_type()) {
-    case at::kBFloat16:
-      permute_x(x2.data_ptr<c10::BFloat16>(), M, w.K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
-      break;
-    case at::kHalf:
-      permute_x(x2.data_ptr<c10::Half>(), M, w.K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
-      break;
-    default:
-      permute_x(x2.data_ptr<float>(), M, w.K, w.K_pad, w.G, w.ng, xp.data_ptr<float>(), xs);
+    case at::kBFloat16: permute_x(x2.data_ptr<c10::BFloat16>(), M, w.K, w.K_pad, w.G, w.ng, xp, xs); break;
+    case at::kHalf: permute_x(x2.data_ptr<c10::Half>(), M, w.K, w.K_pad, w.G, w.ng, xp, xs); break;
+    default: permute_x(x2.data_ptr<float>(), M, w.K, w.K_pad, w.G, w.ng, xp, xs);
   }
   GemmFn fn = gemm_fn(isa);
-  at::Tensor xb;
+  const uint16_t* xb = nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
   if (bf16 && isa == kAvx512) {
-    xb = at::empty({w.K_pad * M}, x2.options().dtype(at::kShort));
-    auto* dst = reinterpret_cast<uint16_t*>(xb.data_ptr<int16_t>());
+    auto* dst = reinterpret_cast<uint16_t*>(base + o_xb);
+    xb = dst;
     switch (x2.scalar_type()) {
       case at::kBFloat16: bf16_x(x2.data_ptr<c10::BFloat16>(), M, w.K, w.K_pad, dst); break;
       case at::kHalf: bf16_x(x2.data_ptr<c10::Half>(), M, w.K, w.K_pad, dst); break;
@@ -299,7 +321,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, at::T
   }
 #endif
   GemmArgs a;
-  a.xb = xb.defined() ? reinterpret_cast<const uint16_t*>(xb.data_ptr<int16_t>()) : nullptr;
+  a.xb = xb;
   a.qw = w.qweight.data_ptr<uint8_t>();
   a.bits = w.bits;
   a.K = w.K;
@@ -307,7 +329,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, at::T
   a.K_pad = w.K_pad;
   a.N_pad = w.N_pad;
   a.nblocks = w.nblocks;
-  a.x = xp.data_ptr<float>();
+  a.x = xp;
   a.M = M;
   a.scales = w.scales.data_ptr();
   a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
@@ -317,7 +339,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, at::T
   a.ngp = w.K_pad / 32 / a.cpg + 2;
   a.xsum = xs;
   a.table = w.table.data_ptr<float>();
-  a.out = out.data_ptr<float>();
+  a.out = out;
   const int64_t tiles = w.N_pad / 4;
   // ~64K weights per task at least, so small layers run on one thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));

@@ -36,9 +36,9 @@ inline __m256i bytes_by_position(__m256i v) {
 // Weight scales: row r's scales start at WS + r * ngp, in the form SRC says; the 8 dwords of part p
 // of block b take scale g0[b] + gidx[b][p][d] of the row (one vpermps of 8 consecutive group
 // scales: a block spans at most 8 groups; gidx never points past the row's last group).
-//   kBuffered: fp32 (scale * table scale), rows copied per tile and zero-padded by 8;
-//   kDirectBF16 / kDirectF32: the op's own [N, ng] scales tensor (ngp = ng), read in place, the
-//   table scale going with the activation unit. An 8-scale load may run past the row's end into
+//   kBuffered: fp32, rows copied per tile and zero-padded by 8;
+//   kDirectBF16 / kDirectF32: the op's own [N, ng] scales tensor (ngp = ng), read in place. An
+//   8-scale load may run past the row's end into
 //   the next row (lanes vpermps never selects), so the tiles whose loads could leave the tensor
 //   (its last one or two) are buffered. Converting every tile's rows (and the per-row output
 //   loop) cost ~25% of a 1536x576 call's kernel instructions (callgrind; benchmarks/CPU_NOTES.md
@@ -97,10 +97,14 @@ inline void group_scales64(const ScaleMap& sm, int64_t row, int64_t b, __m256 (&
   const int64_t i = row * sm.ngp + GPB * b;
   if (SRC == kDirectBF16) {
     const uint16_t* s = static_cast<const uint16_t*>(sm.WS) + i;
-    if (BITS == 4) {  // dword (s1 << 16 | s0) everywhere; words interleaved with zeros: s0, s1, s0, s1
+    if (BITS == 4) {  // dword (s1 << 16 | s0) everywhere; each word to the top of its own dword
+      // (one byte shuffle whose mask stays in memory: unpacking with zeros held a zero register,
+      // and the M = 1 loop has none to spare, see rows_int8)
       int32_t v;
       std::memcpy(&v, s, 4);
-      wg[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), _mm256_set1_epi32(v)));
+      const __m256i spread = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 0, 1, -1, -1, 2, 3,
+                                              -1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 0, 1, -1, -1, 2, 3);
+      wg[0] = _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_set1_epi32(v), spread));
     } else {  // qword (s3 s2 s1 s0): << 16 per dword gives s0, s2; the high words s1, s3
       int64_t v;
       std::memcpy(&v, s, 8);
@@ -147,12 +151,10 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
   __m256 facc[NR][MC];
   for (int r = 0; r < NR; ++r)
     for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm256_setzero_ps();
-  // the table scale goes with the activation unit when the scales are read in place
-  const __m256 tsv = _mm256_set1_ps(SRC == kBuffered ? 1.f : a.tscale);
   auto block = [&](int64_t b, auto fast_c) {
     constexpr bool FAST = decltype(fast_c)::value;
     __m256 ub[MC];  // the block's activation unit per row (times the table scale)
-    for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm256_mul_ps(_mm256_broadcast_ss(a.xu + b * M + m0 + mc), tsv);
+    for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm256_broadcast_ss(a.xu + b * M + m0 + mc);
     if (r0 == 0) {  // the first pass over a tile fetches 2 KB ahead (the next tile past the end)
       const char* ahead = reinterpret_cast<const char*>(tile + b * 4 * BB) + kPrefetchBytes;
       for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
@@ -167,6 +169,20 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
         u1[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c1, m0F));
         u0[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c0, 4), m0F));
         u1[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c1, 4), m0F));
+      } else if (BITS == 2) {
+        // TA ignores index bits 2-3 and TB bits 0-1 (make_tables), so parts 0 and 1 (and 2 and 3)
+        // share one index register: 4 ANDs per 256 weights instead of 8.
+        const __m256i i0 = _mm256_and_si256(c0, m0F), i1 = _mm256_and_si256(c1, m0F);
+        const __m256i j0 = _mm256_and_si256(_mm256_srli_epi16(c0, 4), m0F);
+        const __m256i j1 = _mm256_and_si256(_mm256_srli_epi16(c1, 4), m0F);
+        u0[0] = _mm256_shuffle_epi8(TA, i0);
+        u1[0] = _mm256_shuffle_epi8(TA, i1);
+        u0[1] = _mm256_shuffle_epi8(TB, i0);
+        u1[1] = _mm256_shuffle_epi8(TB, i1);
+        u0[2] = _mm256_shuffle_epi8(TA, j0);
+        u1[2] = _mm256_shuffle_epi8(TA, j1);
+        u0[3] = _mm256_shuffle_epi8(TB, j0);
+        u1[3] = _mm256_shuffle_epi8(TB, j1);
       } else {
         const __m256i c0s = _mm256_srli_epi16(c0, 4), c1s = _mm256_srli_epi16(c1, 4);
         __m256i hp[4];
@@ -241,28 +257,21 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
   }
 }
 
-// Row n of the [N, ng] scales as fp32 times s into dst[0:ng]: one scale per 64 weights, and the
-// scalar loops (bf16 widening, then the multiply) were ~15% of a 4-bit M = 1 call's kernel
-// instructions (callgrind, 1536x576: 546K -> 506K per call). The same products as load_row_f32
-// then *= s.
-inline void scaled_row_f32(const void* src, int stype, int64_t n, int64_t ng, float s, float* dst) {
-  const __m256 sv = _mm256_set1_ps(s);
-  int64_t i = 0;
-  if (stype == kBF16) {
-    const uint16_t* p = static_cast<const uint16_t*>(src) + n * ng;
-    for (; i + 8 <= ng; i += 8) {
-      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)));
-      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), sv));
-    }
-    for (; i < ng; ++i) dst[i] = bf16_to_f32(p[i]) * s;
-  } else if (stype == kF32) {
-    const float* p = static_cast<const float*>(src) + n * ng;
-    for (; i + 8 <= ng; i += 8) _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_loadu_ps(p + i), sv));
-    for (; i < ng; ++i) dst[i] = p[i] * s;
-  } else {
+// Row n of the [N, ng] scales as fp32 into dst[0:ng], as load_row_f32 with the bf16 widening
+// vectorized: one scale per 64 weights, and the scalar loops were ~15% of a 4-bit M = 1 call's
+// kernel instructions (callgrind, 1536x576: 546K -> 506K per call).
+inline void row_f32(const void* src, int stype, int64_t n, int64_t ng, float* dst) {
+  if (stype != kBF16) {
     load_row_f32(src, stype, n, ng, dst);
-    for (; i < ng; ++i) dst[i] *= s;
+    return;
   }
+  const uint16_t* p = static_cast<const uint16_t*>(src) + n * ng;
+  int64_t i = 0;
+  for (; i + 8 <= ng; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; i < ng; ++i) dst[i] = bf16_to_f32(p[i]);
 }
 
 // Row tiles [t0, t1) with their scales read as SRC says (see ScaleMap; kBuffered converts each
@@ -283,7 +292,7 @@ void tiles_int8(const Int8Args& a, const Tables& tab, int64_t t0, int64_t t1, fl
           for (int64_t i = 0; i < ng; ++i) WSp[r * ngp + i] = 0.f;
         continue;
       }
-      if (SRC == kBuffered) scaled_row_f32(a.scales, a.stype, n, ng, a.tscale, WSp + r * ngp);
+      if (SRC == kBuffered) row_f32(a.scales, a.stype, n, ng, WSp + r * ngp);
       if (a.offsets) load_row_f32(a.offsets, a.stype, n, ng, off + r * ng);
     }
     const uint8_t* tile = a.qw + t * nb * 4 * BB;

@@ -79,7 +79,7 @@ void gemm_int8_portable(const Int8Args& a, int64_t t0, int64_t t1) {
                 const int64_t g = min64((b * C + (P * q + p) % C) * 32 / a.G, a.ng - 1);
                 const int64_t w = ((b * a.M + m) * P + p) * 16 + h * 8 + 2 * q;  // int16 2q of half h
                 const int32_t v = (isum - a.xcorr[w] - a.xcorr[w + 1]) * a.xk[w];
-                tot += static_cast<float>(v) * (ws[g] * a.tscale * a.xu[b * a.M + m]);
+                tot += static_cast<float>(v) * (ws[g] * a.xu[b * a.M + m]);
               }
         }
         if (a.offsets) {

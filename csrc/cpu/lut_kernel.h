@@ -105,7 +105,8 @@ struct Int8Args {
   const int16_t* xcorr;   // [nblocks][M][P][16]: 64 * sum of the 4 xq bytes of int16 (h, w) of part p
                           // (bytes 2w, 2w + 1 of half h of both registers)
   const int16_t* xk;      // [nblocks][M][P][16]: k of the chunk of int16 (h, w) of part p
-  const float* xu;        // [nblocks][M]: the block's activation unit u
+  const float* xu;        // [nblocks][M]: the block's activation unit u times the table scale
+                          // (one product per block and row, none per tile and weight row)
   int merge;              // Q: parts added as int32 (1, 2, or 4 for 2 and 3 bits; see above)
   const void* scales;     // [N, ng] in stype
   const void* offsets;    // [N, ng] in stype or nullptr
@@ -117,7 +118,6 @@ struct Int8Args {
   const int64_t* g0;      // [nblocks]
   const int32_t* gidx;    // [nblocks][P][8]
   uint8_t tu[16];         // u = t7 + 64 per code (2 bits: entries 0..3)
-  float tscale;           // table scale: t ~ t7 * tscale
   float* out;             // [M, N] fp32
 };
 
