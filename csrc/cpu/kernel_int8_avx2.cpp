@@ -285,7 +285,10 @@ void tiles_int8(const Int8Args& a, const Tables& tab, int64_t t0, int64_t t1, fl
   for (int64_t t = t0; t < t1; ++t) {
     ScaleMap sm{WSp, ngp, a.g0, a.gidx};
     if (SRC != kBuffered) sm.WS = static_cast<const char*>(a.scales) + 4 * t * ng * (SRC == kDirectBF16 ? 2 : 4);
-    for (int r = 0; r < 4; ++r) {
+    // Rows to prepare: buffered scales, offsets or padding rows; none for a whole tile read in place
+    // (per-tile work counts on short rows: K = 576 is 5 blocks per tile at 4 bits).
+    const bool prep = SRC == kBuffered || a.offsets || 4 * t + 4 > a.N;
+    for (int r = 0; r < 4 && prep; ++r) {
       const int64_t n = 4 * t + r;
       if (n >= a.N) {  // padding rows of the last tile: computed (codes 0), never written
         if (SRC == kBuffered)
