@@ -324,8 +324,11 @@ def test_cpu_benchmark_rounds_are_interleaved(tmp_path, monkeypatch):
         seq.append(("torch", kw["target_ms"]))
         return real_time_cpu(calls, **kw)
 
+    qcaches = []
+
     def fake_run(exe, ty, N, K, Ms, threads, copies, repack=False, hot=False, **kw):
         seq.append(("llama", kw["target_ms"]))
+        qcaches.append(kw["qcache"])
         ms = 1.0 + 0.5 * sum(1 for s in seq if s[0] == "llama")  # a different time every round
         return [{"type": ty, "layout": "plain", "N": N, "K": K, "M": m, "threads": t,
                  "copies": 1 if hot else copies, "cache": "hot" if hot else "cold",
@@ -345,6 +348,12 @@ def test_cpu_benchmark_rounds_are_interleaved(tmp_path, monkeypatch):
         assert len(p["rounds_ms"]) == 3 and p["median_ms"] == sorted(p["rounds_ms"])[1]
     lc = [p for p in doc["points"] if p["kernel"] == "llamacpp" and p["cache"] == "cold"]
     assert lc and all(p["rounds_ms"] == [1.5, 2.5, 3.5] and p["median_ms"] == 2.5 for p in lc)
+    # every run of a shape and type shares one quantized-weight file, removed after the shape
+    per_shape = {}
+    for q in qcaches:
+        per_shape.setdefault(os.path.basename(q), set()).add(q)
+    assert per_shape and all(len(v) == 1 and k.startswith("f32-") for k, v in per_shape.items())
+    assert not any(os.path.exists(os.path.dirname(q)) for q in qcaches)
 
 
 def test_cpu_benchmark_rejects_zero_rounds(tmp_path):

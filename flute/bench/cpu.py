@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -267,9 +269,10 @@ class CpuBench:
                         s.group, **ex)
 
     # -- llama.cpp ------------------------------------------------------------------------------
-    def llamacpp_round(self, N, K, acc, dead) -> None:
+    def llamacpp_round(self, N, K, acc, dead, qdir=None) -> None:
         """One driver run per (type, layout) and cache: all its (threads, M) points of one round.
-        ``dead`` holds the (type, layout) pairs that cannot run this shape (skipped once)."""
+        ``dead`` holds the (type, layout) pairs that cannot run this shape (skipped once). ``qdir``:
+        a folder where the driver keeps each type's quantized weight for the later rounds."""
         c = self.cfg
         target_ms, min_runs, budget_ms = self.round_share()
         hot = [m for m in c.hot_Ms if m in c.Ms]
@@ -284,7 +287,8 @@ class CpuBench:
                     break
                 n = self.copies(llamacpp.weight_bytes(ty, N, K))
                 kw = dict(repack=layout == "repack", target_ms=target_ms, min_runs=min_runs,
-                          max_runs=c.max_runs, budget_ms=budget_ms)
+                          max_runs=c.max_runs, budget_ms=budget_ms,
+                          qcache=os.path.join(qdir, f"{ty}-{N}x{K}.bin") if qdir else None)
                 try:
                     rows = llamacpp.run(self.llamacpp_exe, ty, N, K, c.Ms, c.threads, n, **kw)
                     if hot:
@@ -323,16 +327,18 @@ class CpuBench:
         acc_t: Dict[tuple, list] = {}
         acc_l: Dict[tuple, list] = {}
         dead: set = set()
-        for r in range(max(1, c.rounds)):
-            if self.past_deadline():
-                break
-            t0 = time.monotonic()
-            self.torch_round(N, K, sources, acc_t)
-            t1 = time.monotonic()
-            if use_llama:
-                self.llamacpp_round(N, K, acc_l, dead)
-            self.log(f"  round {r + 1}/{c.rounds} in {time.monotonic() - t0:.1f} s"
-                     + (f" (llama.cpp {time.monotonic() - t1:.1f} s)" if use_llama else ""))
+        # the quantized llama.cpp weights of this shape, kept for its later rounds, then removed
+        with tempfile.TemporaryDirectory(prefix="flute-ggml-") as qdir:
+            for r in range(max(1, c.rounds)):
+                if self.past_deadline():
+                    break
+                t0 = time.monotonic()
+                self.torch_round(N, K, sources, acc_t)
+                t1 = time.monotonic()
+                if use_llama:
+                    self.llamacpp_round(N, K, acc_l, dead, qdir)
+                self.log(f"  round {r + 1}/{c.rounds} in {time.monotonic() - t0:.1f} s"
+                         + (f" (llama.cpp {time.monotonic() - t1:.1f} s)" if use_llama else ""))
         # dense and torch int4 first, then llama.cpp, then flute (the order of earlier records)
         first = {k: v for k, v in acc_t.items() if sources[k[0]].kernel != "flute"}
         self.record_torch(N, K, sources, first)

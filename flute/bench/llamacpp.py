@@ -143,15 +143,18 @@ def build(version: str = VERSION, src: Optional[str] = None, log=print, jobs: Op
 def run(exe: str, ggml_type: str, N: int, K: int, Ms: Sequence[int], threads: Sequence[int],
         copies: int, repack: bool = False, hot: bool = False, target_ms: float = 300.0,
         min_runs: int = 10, max_runs: int = 2000, budget_ms: Optional[float] = None,
-        timeout: int = 1800) -> List[Dict[str, object]]:
+        qcache: Optional[str] = None, timeout: int = 1800) -> List[Dict[str, object]]:
     """Time ``y = x @ W.T`` for one ggml type and shape at every (threads, M); one dict per point
-    (``median_ms``, ``weight_bytes``, ``runs``, ...). Raises RuntimeError with the driver's reason."""
+    (``median_ms``, ``weight_bytes``, ``runs``, ...). Raises RuntimeError with the driver's reason.
+    ``qcache``: a file for the quantized weight of this type and shape (read when present, else
+    written), so that repeated runs skip the quantization."""
     cmd = [exe, "--type", ggml_type, "--n", str(N), "--k", str(K), "--m", ",".join(map(str, Ms)),
            "--threads", ",".join(map(str, threads)), "--copies", str(copies),
            "--target-ms", str(target_ms), "--min-runs", str(min_runs), "--max-runs", str(max_runs)]
     cmd += ["--budget-ms", str(budget_ms)] if budget_ms else []
     cmd += ["--repack"] if repack else []
     cmd += ["--hot"] if hot else []
+    cmd += ["--qcache", qcache] if qcache else []
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     if r.returncode != 0:

@@ -12,9 +12,12 @@
 //
 // Usage: ggml_matmul --type q4_0 --n 4096 --k 4096 --m 1,16 --threads 1,2 --copies 8
 //                    [--repack] [--target-ms 300] [--min-runs 10] [--max-runs 2000]
-//                    [--budget-ms 3000] [--hot]
+//                    [--budget-ms 3000] [--hot] [--qcache PATH]
 // --budget-ms caps a slow point: fewer than --min-runs samples (at least one) when one call takes
-// so long that --min-runs of them would exceed it.
+// so long that --min-runs of them would exceed it. --qcache: the quantized weight's bytes are read
+// from PATH when it holds exactly their size, else quantized and written there. Quantizing is most
+// of a large shape's run (14336x4096: ~140 s of a ~150 s round for the 4 types), and the bytes
+// are the same every time (fixed seed), so later rounds of one benchmark reuse them.
 // Output: one JSON object per line and (threads, M, cache) point on stdout; errors on stderr.
 #include "ggml.h"
 #include "ggml-alloc.h"
@@ -90,6 +93,7 @@ int main(int argc, char **argv) {
     int copies = 1, min_runs = 10, max_runs = 2000;
     double target_ms = 300.0, budget_ms = 1e30;
     bool repack = false, hot = false;
+    std::string qcache;
     for (int i = 1; i < argc; ++i) {
         std::string a = argv[i];
         auto next = [&]() -> const char * {
@@ -108,6 +112,7 @@ int main(int argc, char **argv) {
         else if (a == "--budget-ms") budget_ms = std::atof(next());
         else if (a == "--repack") repack = true;
         else if (a == "--hot") hot = true;
+        else if (a == "--qcache") qcache = next();
         else { std::fprintf(stderr, "unknown argument %s\n", a.c_str()); return 2; }
     }
     ggml_type type = parse_type(type_name);
@@ -128,13 +133,27 @@ int main(int argc, char **argv) {
     const size_t row_bytes = ggml_row_size(type, K);
     const size_t w_bytes = row_bytes * (size_t) N;
     std::vector<uint8_t> qdata(w_bytes);
-    {
+    bool cached = false;
+    if (!qcache.empty()) {
+        if (FILE *f = std::fopen(qcache.c_str(), "rb")) {
+            cached = std::fread(qdata.data(), 1, w_bytes, f) == w_bytes && std::fgetc(f) == EOF;
+            std::fclose(f);
+        }
+    }
+    if (!cached) {
         std::vector<float> src((size_t) N * K);
         std::mt19937 rng(1234);
         std::normal_distribution<float> nd(0.0f, 0.02f);
         for (auto &v : src) v = nd(rng);
         size_t got = ggml_quantize_chunk(type, src.data(), qdata.data(), 0, N, K, nullptr);
         if (got != w_bytes) { std::fprintf(stderr, "quantize wrote %zu bytes, expected %zu\n", got, w_bytes); return 4; }
+        if (!qcache.empty()) {  // written whole, then renamed: a reader never sees a partial file
+            const std::string tmp = qcache + ".part";
+            FILE *f = std::fopen(tmp.c_str(), "wb");
+            const bool ok = f && std::fwrite(qdata.data(), 1, w_bytes, f) == w_bytes;
+            if (f) std::fclose(f);
+            if (!ok || std::rename(tmp.c_str(), qcache.c_str()) != 0) std::remove(tmp.c_str());
+        }
     }
 
     ggml_backend_buffer_type_t buft = ggml_backend_cpu_buffer_type();
