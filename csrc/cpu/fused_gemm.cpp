@@ -68,9 +68,15 @@ void bf16_x(const T* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
 // corrections and chunk factors); exact group sums when there are offsets.
 // False (nothing usable) when x holds a NaN or an Inf: the caller then takes the exact path, which
 // propagates them as the float math would.
+using Bf16ToF32Fn = void (*)(const uint16_t*, float*, int64_t);
+
+void bf16_to_f32_portable(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
 template <typename T>
-bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, int8_t* xq, int16_t* xcorr,
-            int16_t* xk, float* xu, float* xsum) {
+bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, Bf16ToF32Fn widen, int8_t* xq,
+            int16_t* xcorr, int16_t* xk, float* xu, float* xsum) {
   const int bits = w.bits, P = int8_parts(bits), cols = 64 * P;
   const int64_t K = w.K, nb = w.nblocks;
   alignas(32) float xf[256];
@@ -80,6 +86,8 @@ bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, int8_t* xq, 
       const float* src = xf;
       if (std::is_same_v<T, float> && (b + 1) * cols <= K) {
         src = reinterpret_cast<const float*>(xr + b * cols);  // a whole block of fp32: no copy
+      } else if (std::is_same_v<T, c10::BFloat16> && (b + 1) * cols <= K) {
+        widen(reinterpret_cast<const uint16_t*>(xr + b * cols), xf, cols);
       } else {
         for (int c = 0; c < cols; ++c) {
           const int64_t k = b * cols + c;
@@ -238,17 +246,19 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
   int32_t* gidx = reinterpret_cast<int32_t*>(base + o_gidx);
   QuantXFn quant = quantize_x_int8_portable;
   Int8Fn fn = gemm_int8_portable;
+  Bf16ToF32Fn widen = bf16_to_f32_portable;
 #if defined(__x86_64__) || defined(_M_X64)
   if (isa >= kAvx2) {
     quant = quantize_x_int8_avx2;
     fn = gemm_int8_avx2;
+    widen = bf16_to_f32_avx2;
   }
 #endif
   bool ok;
   switch (x2.scalar_type()) {
-    case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, w, quant, xq, xcorr, xk, xu, xs); break;
-    case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, w, quant, xq, xcorr, xk, xu, xs); break;
-    default: ok = int8_x(x2.data_ptr<float>(), M, w, quant, xq, xcorr, xk, xu, xs);
+    case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, w, quant, widen, xq, xcorr, xk, xu, xs); break;
+    case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, w, quant, widen, xq, xcorr, xk, xu, xs); break;
+    default: ok = int8_x(x2.data_ptr<float>(), M, w, quant, widen, xq, xcorr, xk, xu, xs);
   }
   if (!ok) return false;
   const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);

@@ -208,6 +208,15 @@ void f32_to_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
+void bf16_to_f32_avx2(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
 void legacy_high_plane_avx2(const uint8_t* src, uint8_t* dst, int64_t rowblocks) {
   // Byte (h, q, i) of the plane (dword 4h + q) to position 8q + 4h + i (dword 2q + h): then the
   // movemask of bit kHighBit[p][reg] of every byte has, in its byte q, the bits of lanes

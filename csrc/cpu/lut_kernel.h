@@ -122,7 +122,7 @@ struct Int8Args {
 };
 
 // Column within its block of byte (reg, h, q, i), part p (see Int8Args).
-static inline int int8_parts(int bits) { return bits == 4 ? 2 : 4; }
+static constexpr int int8_parts(int bits) { return bits == 4 ? 2 : 4; }
 // 3 bits: the bit of a high-plane byte that holds part p of register reg (see Int8Args).
 constexpr int kHighBit[4][2] = {{2, 6}, {0, 4}, {3, 7}, {1, 5}};
 
@@ -171,6 +171,8 @@ void decode_avx2(const DecodeArgs&, int64_t, int64_t);
 void gemm_int8_avx2(const Int8Args&, int64_t, int64_t);
 // n floats to bf16 as f32_to_bf16 does (the op's bf16 output: ~8 scalar instructions an element)
 void f32_to_bf16_avx2(const float* src, uint16_t* dst, int64_t n);
+// n bf16 to floats (the int8 mode's bf16 activations: ~1.5 scalar instructions an element)
+void bf16_to_f32_avx2(const uint16_t* src, float* dst, int64_t n);
 bool quantize_x_int8_avx2(const float*, int, int8_t*, int16_t*, int16_t*, float*);
 // 3 bits: `rowblocks` row-blocks of 96 bytes from the CPU layout into dst with the high-bit plane in
 // the legacy lane-mask form (uint16 s, bit j) that the SIMD exact kernels read.
@@ -203,7 +205,7 @@ using FloatBuf = Buf<float>;
 using Int64Buf = Buf<int64_t>;
 using Int32Buf = Buf<int32_t>;
 
-static inline int chunks_per_block(int bits) { return bits == 4 ? 4 : 8; }
+static constexpr int chunks_per_block(int bits) { return bits == 4 ? 4 : 8; }
 static inline int block_bytes(int bits) { return 4 * chunks_per_block(bits) * bits; }
 
 static inline float bf16_to_f32(uint16_t h) {
