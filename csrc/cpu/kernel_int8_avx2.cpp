@@ -292,6 +292,11 @@ void tiles_int8(const Int8Args& a, const Tables& tab, int64_t t0, int64_t t1, fl
       if (a.offsets) load_row_f32(a.offsets, a.stype, n, ng, off + r * ng);
     }
     const uint8_t* tile = a.qw + t * nb * 4 * BB;
+    if (a.M == 1 && !prep) {  // decode, a whole tile without offsets: its 4 outputs stored directly
+      rows_int8<BITS, Q, SRC, 4, 1, G64>(a, tab, tile, 0, sm, 0, res);
+      _mm_storeu_ps(a.out + 4 * t, _mm_load_ps(res[0]));
+      continue;
+    }
     for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
       const int64_t mc = min64(4, a.M - m0);
       switch (mc) {
