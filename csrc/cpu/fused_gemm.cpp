@@ -63,17 +63,19 @@ void bf16_x(const T* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
   }
 }
 
-// The int8 mode's activations (see Int8Args): each block of each row through the ISA's QuantXFn
-// (int8 per 32-column chunk on the block's unit, in the kernel's byte order, with the int16
-// corrections and chunk factors); exact group sums when there are offsets.
-// False (nothing usable) when x holds a NaN or an Inf: the caller then takes the exact path, which
-// propagates them as the float math would.
+// bf16 activations widened to fp32 (the int8 mode's quantizers read fp32): the ISA's version
+// (bf16_to_f32_avx2) or this one.
 using Bf16ToF32Fn = void (*)(const uint16_t*, float*, int64_t);
 
 void bf16_to_f32_portable(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
 }
 
+// The int8 mode's activations (see Int8Args): each block of each row through the ISA's QuantXFn
+// (int8 per 32-column chunk on the block's unit, in the kernel's byte order, with the int16
+// corrections and chunk factors); exact group sums when there are offsets.
+// False (nothing usable) when x holds a NaN or an Inf: the caller then takes the exact path, which
+// propagates them as the float math would.
 template <typename T>
 bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, Bf16ToF32Fn widen, int8_t* xq,
             int16_t* xcorr, int16_t* xk, float* xu, float* xsum) {

@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..huge_pages import huge_page_copy
 from . import llamacpp, peers
 from .roofline import MIN_ROTATION_BYTES_CPU, cpu_rotation_copies, weight_bytes
 from .shapes import CPU_GROUP
@@ -211,7 +212,11 @@ class CpuBench:
             self.skip("flute", N, K, f"building the layer failed: {type(e).__name__}: {e}", bits=bits)
             return []
         w = weight_bytes("flute", N, K, bits, g)
+        # Each copy's layout placed as QuantLinear.prepare places it (flute.huge_pages); torch's
+        # own copy (deepcopy) would not ask for huge pages.
         layers = [q] + [copy.deepcopy(q) for _ in range(self.copies(w) - 1)]
+        for m in layers[1:]:
+            m.qweight = huge_page_copy(m.qweight)
         args = [qgemm_args(m) for m in layers]
         op = torch.ops.flute.qgemm
         out = []

@@ -109,13 +109,15 @@ def mem_available_bytes() -> int:
 
 
 def cpu_info() -> Dict[str, object]:
-    """CPU model, core count, ISA flags of interest, L2/L3 sizes, available memory."""
+    """CPU model, core count, ISA flags of interest, L2/L3 sizes, available memory, the
+    transparent huge page mode (flute's CPU layouts ask for huge pages: :mod:`flute.huge_pages`)."""
+    from ..huge_pages import thp_setting
     info = _cpuinfo()
     flags: List[str] = (info.get("flags") or info.get("Features") or "").split()
     return {"cpu_model": info.get("model name") or platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "isa_flags": [f for f in ISA_FLAGS if f in flags],
             "l2_bytes_per_core": _cache_bytes(2), "l3_bytes": _cache_bytes(3),
-            "mem_available_bytes": mem_available_bytes()}
+            "mem_available_bytes": mem_available_bytes(), "transparent_hugepage": thp_setting()}
 
 
 def environment(device: torch.device, commit: Optional[str] = None) -> Dict[str, object]:
