@@ -2,7 +2,7 @@
 
 A decode call reads each code once, front to back. With 4 KiB pages a 4096x4096 4-bit layer
 (8.4 MB) is ~2,000 pages, each a TLB miss, and in a virtual machine every miss is a two-level
-page walk. Backing the stream with 2 MiB pages made the cache-cold M = 1 calls 3-10% faster on
+page walk. Backing the stream with 2 MiB pages made the cache-cold M = 1 calls 3-7% faster on
 this project's AVX2 VM (benchmarks/CPU_NOTES.md item 68). Linux only hands huge pages to
 anonymous memory that asks for them when ``/sys/kernel/mm/transparent_hugepage/enabled`` is
 ``madvise`` (the usual default); :func:`huge_page_copy` asks, with ``madvise(MADV_HUGEPAGE)``,
