@@ -36,7 +36,7 @@ import math
 import torch
 
 from .codebooks import check_bits
-from .huge_pages import huge_page_copy
+from .huge_pages import place_for_streaming
 
 #: Rows of W interleaved in the stream.
 TILE_ROWS = 4
@@ -77,9 +77,9 @@ def _slots(bits: int):
 
 
 def to_cpu_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes ``[N, K]`` to the CPU layout (1-D uint8), on the codes' device. On the CPU a
-    layout of 4 MiB or more is placed in memory advised for transparent huge pages
-    (:mod:`flute.huge_pages`)."""
+    """uint8 codes ``[N, K]`` to the CPU layout (1-D uint8), on the codes' device. On the CPU the
+    layout is placed in memory advised for transparent huge pages (:func:`flute.huge_pages.place_for_streaming`:
+    its own from 4 MiB, a chunk shared with other small layouts from 64 KiB)."""
     check_bits(bits)
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
@@ -99,19 +99,19 @@ def to_cpu_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 4:  # byte 4j + s//2 of the lane: slots 2i (low nibble) and 2i+1 (high nibble)
         q = q.reshape(nt, nb, TILE_ROWS, LANES, 4, 2)
         out = q[..., 0] | (q[..., 1] << 4)
-        return huge_page_copy(out.reshape(-1).contiguous())
+        return place_for_streaming(out.reshape(-1).contiguous())
     low = (q & 3).reshape(nt, nb, TILE_ROWS, LANES, 4, 4)  # byte 4j + s//4, bits 2 (s%4)
     low = low[..., 0] | (low[..., 1] << 2) | (low[..., 2] << 4) | (low[..., 3] << 6)
     low = low.reshape(nt, nb, TILE_ROWS, 64)
     if bits == 2:
-        return huge_page_copy(low.reshape(-1).contiguous())
+        return place_for_streaming(low.reshape(-1).contiguous())
     # lane j = (reg, h, i), slot s = (q, p) -> byte (h, q, i), bit HIGH_BIT[p][reg]
     hi = (q >> 2).reshape(nt, nb, TILE_ROWS, 2, 2, 4, 4, 4)  # [.., reg, h, i, q, p]
     hi = hi.permute(0, 1, 2, 4, 6, 5, 7, 3).reshape(nt, nb, TILE_ROWS, 32, 8)  # [.., byte, (p, reg)]
     weights = torch.tensor([1 << b for pair in HIGH_BIT for b in pair], dtype=torch.uint8,
                            device=c.device)
     hi = (hi * weights).sum(dim=-1, dtype=torch.uint8)        # bits are disjoint: sum == or
-    return huge_page_copy(torch.cat([low, hi], dim=-1).reshape(-1).contiguous())
+    return place_for_streaming(torch.cat([low, hi], dim=-1).reshape(-1).contiguous())
 
 
 def from_cpu_layout(qweight: torch.Tensor, bits: int, in_features: int,

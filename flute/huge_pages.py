@@ -9,14 +9,18 @@ anonymous memory that asks for them when ``/sys/kernel/mm/transparent_hugepage/e
 before the memory is first written.
 
 Only the 2 MiB-aligned part of an allocation is advised: nothing is over-allocated, so memory stays
-the layout's size, and a layout under ~4 MiB may get no huge page at all. Elsewhere (another OS,
-THP disabled, madvise refused) the copy is plain memory with the same contents.
+the layout's size. A layout under 4 MiB could hold no whole aligned page of its own, so
+:func:`place_for_streaming` packs those (a model's small layers, e.g. all of SmolLM2's) one after
+another into shared chunks that are huge-page backed (:class:`SmallTensorArena`). Elsewhere (another
+OS, THP disabled, madvise refused) the copies are plain memory with the same contents.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import sys
+import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -85,3 +89,75 @@ def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     advise_huge_pages(out)
     out.copy_(t)
     return out
+
+
+class SmallTensorArena:
+    """Copies of small CPU tensors packed one after another into shared chunks whose memory is
+    advised for huge pages, so that layers too small to hold a 2 MiB page of their own still stream
+    from huge pages (a decode step reads every layer of the model once).
+
+    Each chunk is one allocation of ``chunk_bytes`` plus 2 MiB; copies start at its first 2 MiB
+    boundary, 64-byte aligned, so every page they touch is a huge page. The head before that
+    boundary and the chunk's unused end are never written, so Linux gives them no memory. A copy is
+    a view of its chunk: the chunk is freed when the last of its views is. The arena itself holds
+    only a weak reference to the newest view, so it keeps no memory alive; when that view is gone,
+    the next copy starts a new chunk (the old chunk's unused end is then never filled)."""
+
+    ALIGN = 64
+
+    def __init__(self, chunk_bytes: int = 32 << 20):
+        if chunk_bytes <= 0 or chunk_bytes % HUGE_PAGE_BYTES:
+            raise ValueError(f"chunk_bytes must be a positive multiple of {HUGE_PAGE_BYTES}, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes
+        self._lock = threading.Lock()
+        self._newest = None  # weakref to the newest view, or None
+        self._end = 0  # storage byte offset just past the newest view
+        self._limit = 0  # storage byte offset where the newest view's chunk ends
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of CPU tensor ``t`` (``t.numel() * t.element_size() <= chunk_bytes``)
+        placed in the arena."""
+        if t.device.type != "cpu":
+            raise ValueError(f"SmallTensorArena.copy: needs a CPU tensor, got one on {t.device}")
+        nbytes = t.numel() * t.element_size()
+        if nbytes > self.chunk_bytes:
+            raise ValueError(f"SmallTensorArena.copy: {nbytes} bytes do not fit a chunk of {self.chunk_bytes}")
+        if nbytes == 0:
+            return torch.empty(t.shape, dtype=t.dtype)
+        with self._lock:
+            newest = self._newest() if self._newest is not None else None
+            start = -(-self._end // self.ALIGN) * self.ALIGN
+            if newest is None or start + nbytes > self._limit:
+                base = torch.empty(self.chunk_bytes + HUGE_PAGE_BYTES, dtype=torch.uint8)
+                aligned, length = aligned_span(base.data_ptr(), base.numel())
+                fn = _madvise()
+                if fn is not None and length:
+                    fn(aligned, length, _MADV_HUGEPAGE)
+                start = aligned - base.data_ptr()
+                self._limit = start + self.chunk_bytes
+                storage = base.untyped_storage()
+            else:
+                storage = newest.untyped_storage()
+            out = torch.empty(0, dtype=torch.uint8).set_(storage, start, (nbytes,))
+            out = out.view(t.dtype).view(t.shape)
+            self._newest = weakref.ref(out)  # the tensor handed out: it lives as long as the copy
+            self._end = start + nbytes
+        return out.copy_(t)
+
+
+_ARENA = SmallTensorArena()
+#: Smallest tensor :func:`place_for_streaming` puts in the shared arena: below a few pages the
+#: TLB misses saved do not matter.
+ARENA_MIN_BYTES = 64 << 10
+
+
+def place_for_streaming(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a CPU layout the kernel will stream) copied into huge-page memory: its own allocation
+    (:func:`huge_page_copy`) from 4 MiB up, the shared :class:`SmallTensorArena` from
+    :data:`ARENA_MIN_BYTES` up, else (and for tensors on other devices) ``t`` itself."""
+    nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or nbytes < ARENA_MIN_BYTES:
+        return t
+    if nbytes >= 2 * HUGE_PAGE_BYTES:
+        return huge_page_copy(t)
+    return _ARENA.copy(t)

@@ -1,6 +1,9 @@
-"""flute.huge_pages: which memory is advised, that contents survive, and that the CPU layout of a
-large layer asks for huge pages (checked in the kernel's own record of the advice)."""
+"""flute.huge_pages: which memory is advised, that contents survive, how the arena packs small
+copies (and frees them), and that the CPU layouts of large and small layers ask for huge pages
+(checked in the kernel's own record of the advice)."""
+import gc
 import sys
+import weakref
 
 import pytest
 import torch
@@ -8,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flute.cpu_layout import from_cpu_layout, to_cpu_layout
-from flute.huge_pages import (HUGE_PAGE_BYTES, advise_huge_pages, aligned_span, huge_page_copy,
-                              thp_setting)
+from flute.huge_pages import (ARENA_MIN_BYTES, HUGE_PAGE_BYTES, SmallTensorArena, advise_huge_pages,
+                              aligned_span, huge_page_copy, place_for_streaming, thp_setting)
 
 linux_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or thp_setting() in (None, "never"),
                                reason="needs Linux with transparent huge pages not disabled")
@@ -71,3 +74,71 @@ def test_large_cpu_layout_asks_for_huge_pages_and_round_trips():
     start, length = aligned_span(layout.data_ptr(), layout.numel())
     assert length > 0 and "hg" in _vm_flags(start)
     assert torch.equal(from_cpu_layout(layout, bits, K, N), codes)
+
+
+def test_arena_packs_copies_into_one_chunk_and_keeps_contents():
+    arena = SmallTensorArena(4 << 20)
+    g = torch.Generator().manual_seed(2)
+    srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in (100_000, 70_001, 5)]
+    srcs.append(torch.randn(3, 1000, generator=g))  # any dtype and shape
+    outs = [arena.copy(s) for s in srcs]
+    for s, o in zip(srcs, outs):
+        assert o.shape == s.shape and o.dtype == s.dtype and torch.equal(o, s)
+        assert o.is_contiguous() and o.data_ptr() % SmallTensorArena.ALIGN == 0
+    storage = outs[0].untyped_storage().data_ptr()
+    assert all(o.untyped_storage().data_ptr() == storage for o in outs)
+    assert outs[0].data_ptr() % HUGE_PAGE_BYTES == 0  # a chunk's copies start on a huge page
+    spans = sorted((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()) for o in outs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two copies overlap
+    outs[1].fill_(7)  # writing one copy leaves the others alone
+    assert torch.equal(outs[0], srcs[0]) and torch.equal(outs[2], srcs[2])
+
+
+def test_arena_starts_a_new_chunk_when_full_or_when_the_newest_copy_is_gone():
+    arena = SmallTensorArena(2 << 20)
+    a = arena.copy(torch.ones(1 << 20, dtype=torch.uint8))
+    b = arena.copy(torch.ones(1 << 20, dtype=torch.uint8))  # fills the chunk exactly
+    assert b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+    c = arena.copy(torch.ones(1, dtype=torch.uint8))  # does not fit
+    assert c.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+    del c
+    gc.collect()
+    d = arena.copy(torch.ones(1, dtype=torch.uint8))  # the arena held c only weakly
+    assert d.untyped_storage().data_ptr() != a.untyped_storage().data_ptr() and int(d) == 1
+    with pytest.raises(ValueError, match="do not fit"):
+        arena.copy(torch.ones((2 << 20) + 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="CPU tensor"):
+        arena.copy(torch.ones(4, device="meta"))
+    with pytest.raises(ValueError, match="multiple of"):
+        SmallTensorArena(1000)
+
+
+def test_arena_keeps_no_memory_alive_after_its_copies_are_gone():
+    arena = SmallTensorArena(2 << 20)
+    ref = weakref.ref(arena.copy(torch.ones(1000, dtype=torch.uint8)))
+    gc.collect()
+    assert ref() is None and arena._newest() is None
+
+
+def test_place_for_streaming_picks_by_size():
+    tiny = torch.ones(ARENA_MIN_BYTES - 1, dtype=torch.uint8)
+    assert place_for_streaming(tiny) is tiny
+    small = torch.arange(ARENA_MIN_BYTES, dtype=torch.int64) % 251
+    placed = place_for_streaming(small.to(torch.uint8))
+    assert torch.equal(placed, small.to(torch.uint8)) and placed.untyped_storage().nbytes() > 2 * HUGE_PAGE_BYTES
+    meta = torch.empty(1 << 20, dtype=torch.uint8, device="meta")
+    assert place_for_streaming(meta) is meta
+
+
+@linux_thp
+def test_small_cpu_layouts_share_an_advised_chunk_and_round_trip():
+    g = torch.Generator().manual_seed(3)
+    layouts, codes = [], []
+    for N, K, bits in ((1536, 576, 4), (576, 1536, 3), (576, 576, 2)):  # SmolLM2's shapes
+        c = torch.randint(0, 2 ** bits, (N, K), dtype=torch.uint8, generator=g)
+        codes.append((c, bits, N, K))
+        layouts.append(to_cpu_layout(c, bits))
+    for layout, (c, bits, N, K) in zip(layouts, codes):
+        assert "hg" in _vm_flags(layout.data_ptr())
+        assert torch.equal(from_cpu_layout(layout, bits, K, N), c)
+    assert len({t.untyped_storage().data_ptr() for t in layouts}) == 1

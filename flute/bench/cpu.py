@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..huge_pages import huge_page_copy
+from ..huge_pages import place_for_streaming
 from . import llamacpp, peers
 from .roofline import MIN_ROTATION_BYTES_CPU, cpu_rotation_copies, weight_bytes
 from .shapes import CPU_GROUP
@@ -212,11 +212,13 @@ class CpuBench:
             self.skip("flute", N, K, f"building the layer failed: {type(e).__name__}: {e}", bits=bits)
             return []
         w = weight_bytes("flute", N, K, bits, g)
-        # Each copy's layout placed as QuantLinear.prepare places it (flute.huge_pages); torch's
-        # own copy (deepcopy) would not ask for huge pages.
-        layers = [q] + [copy.deepcopy(q) for _ in range(self.copies(w) - 1)]
+        # Each copy's layout placed as QuantLinear.prepare places it (flute.huge_pages: small
+        # layouts packed one after another, as a model's layers are); the deepcopy shares the
+        # layout (a small one is a view of a whole shared chunk) and is then given its own.
+        layers = [q] + [copy.deepcopy(q, {id(q.qweight): q.qweight}) for _ in range(self.copies(w) - 1)]
         for m in layers[1:]:
-            m.qweight = huge_page_copy(m.qweight)
+            placed = place_for_streaming(m.qweight)  # below 64 KiB: the same tensor, so clone
+            m.qweight = placed.clone() if placed is q.qweight else placed
         args = [qgemm_args(m) for m in layers]
         op = torch.ops.flute.qgemm
         out = []
