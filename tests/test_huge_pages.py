@@ -142,3 +142,16 @@ def test_small_cpu_layouts_share_an_advised_chunk_and_round_trip():
         assert "hg" in _vm_flags(layout.data_ptr())
         assert torch.equal(from_cpu_layout(layout, bits, K, N), c)
     assert len({t.untyped_storage().data_ptr() for t in layouts}) == 1
+
+
+def test_arena_copies_made_in_and_out_of_inference_mode_share_a_chunk_and_stay_writable():
+    # a model's layers may be prepared lazily under torch.inference_mode() and used outside it
+    arena = SmallTensorArena(2 << 20)
+    with torch.inference_mode():
+        inside = arena.copy(torch.arange(1000, dtype=torch.int32))
+    outside = arena.copy(torch.arange(10, dtype=torch.int32))
+    assert outside.untyped_storage().data_ptr() == inside.untyped_storage().data_ptr()
+    assert inside.is_inference() and not outside.is_inference()
+    outside.add_(1)  # an ordinary tensor: in-place updates outside inference mode are allowed
+    assert torch.equal(outside, torch.arange(1, 11, dtype=torch.int32))
+    assert torch.equal(inside, torch.arange(1000, dtype=torch.int32))
