@@ -8,8 +8,9 @@ anonymous memory that asks for them when ``/sys/kernel/mm/transparent_hugepage/e
 ``madvise`` (the usual default); :func:`huge_page_copy` asks, with ``madvise(MADV_HUGEPAGE)``,
 before the memory is first written.
 
-Only the 2 MiB-aligned part of an allocation is advised: nothing is over-allocated, so memory stays
-the layout's size. A layout under 4 MiB could hold no whole aligned page of its own, so
+:func:`huge_page_copy` advises only the 2 MiB-aligned part of its allocation: nothing is
+over-allocated, so memory stays the layout's size. A layout under 4 MiB could hold no whole aligned
+page of its own, so
 :func:`place_for_streaming` packs those (a model's small layers, e.g. all of SmolLM2's) one after
 another into shared chunks that are huge-page backed (:class:`SmallTensorArena`). Elsewhere (another
 OS, THP disabled, madvise refused) the copies are plain memory with the same contents.
@@ -98,7 +99,8 @@ class SmallTensorArena:
 
     Each chunk is one allocation of ``chunk_bytes`` plus 2 MiB; copies start at its first 2 MiB
     boundary, 64-byte aligned, so every page they touch is a huge page. The head before that
-    boundary and the chunk's unused end are never written, so Linux gives them no memory. A copy is
+    boundary and the chunk's unused end are never written, so Linux gives them no memory (beyond the
+copies, at most the rest of the last huge page they touch). A copy is
     a view of its chunk: the chunk is freed when the last of its views is. The arena itself holds
     only a weak reference to the newest view, so it keeps no memory alive; when that view is gone,
     the next copy starts a new chunk (the old chunk's unused end is then never filled)."""
@@ -129,11 +131,8 @@ class SmallTensorArena:
             start = -(-self._end // self.ALIGN) * self.ALIGN
             if newest is None or start + nbytes > self._limit:
                 base = torch.empty(self.chunk_bytes + HUGE_PAGE_BYTES, dtype=torch.uint8)
-                aligned, length = aligned_span(base.data_ptr(), base.numel())
-                fn = _madvise()
-                if fn is not None and length:
-                    fn(aligned, length, _MADV_HUGEPAGE)
-                start = aligned - base.data_ptr()
+                advise_huge_pages(base)
+                start = aligned_span(base.data_ptr(), base.numel())[0] - base.data_ptr()
                 self._limit = start + self.chunk_bytes
                 storage = base.untyped_storage()
             else:
