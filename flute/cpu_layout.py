@@ -18,14 +18,18 @@ copy whose high plane is in an older lane-mask form, see below).
   Slots ``s`` and ``s + C`` are the even and odd columns of one 32-column chunk, so a chunk never
   straddles a group of 32 or more columns, and one shift gives the pair (low word, high word) of
   adjacent columns for a 16-bit lookup (``vpermw``) in natural column order.
-* 3 bits = the 2-bit block above of the low two bits (64 bytes) followed by the high bits (32
-  bytes) in the byte order of the int8 kernel's index registers: the high bit of lane
-  ``j = 8 reg + 4 h + i``, slot ``s = 4 q + p`` is bit ``HIGH_BIT[p][reg]`` of byte
-  ``16 h + 4 q + i``. ``p`` is the 2-bit field of a code byte, ``reg`` the 32-byte half of the
-  block and ``(h, q, i)`` the position the kernel's byte shuffle gives byte ``q`` of lane
-  ``j`` (``csrc/cpu/lut_kernel.h``, Int8Args). A part's two bits sit 4 apart, so one AND and one
-  shift give both registers' high bits. Dense: 3 bits per weight. (The SIMD exact kernels convert
-  it per tile to 16 uint16 lane masks, ``uint16 s`` bit ``j``.)
+* 3 bits: 96 bytes per block row, three 32-byte registers ``R0 | R1 | R2`` in the byte order of
+  the int8 kernel's index registers. Write ``c[p][reg]`` for the 3-bit codes of part ``p`` (the
+  2-bit field of the 2-bit layout's code bytes, slot ``s = 4 q + p``) and 32-byte half ``reg`` of
+  the block (lane ``j = 8 reg + 4 h + i``), byte ``16 h + 4 q + i`` of each register
+  (``csrc/cpu/lut_kernel.h``, Int8Args). ``R0`` holds ``c[0][0]`` at bits 0-2 and ``c[0][1]`` at
+  bits 4-6, ``R1`` holds ``c[1][0]`` at bits 1-3 and ``c[1][1]`` at bits 5-7, ``R2`` the low two bits
+  of ``c[2][0]``, ``c[3][0]``, ``c[2][1]``, ``c[3][1]`` at bits 0-1, 2-3, 4-5, 6-7, and their high bits
+  fill the four spare bits: ``R0`` bits 3 and 7, ``R1`` bits 0 and 4. So four of the eight index
+  registers are one AND (and a shared 4-bit shift) of ``R0`` or ``R1``, the other four an AND of
+  ``R2``, an AND of a spare bit and an OR (CPU_NOTES item 80). Dense: 3 bits per weight. (The SIMD
+  exact kernels convert each tile to an older form: the 2-bit block above of the low two bits, then
+  16 uint16 lane masks of the high bits, ``uint16 s`` bit ``j``.)
 
 Size: ``N_pad * K_pad * bits / 8`` bytes, 1-D uint8.
 """
@@ -42,9 +46,6 @@ from .huge_pages import place_for_streaming
 TILE_ROWS = 4
 #: Lanes (uint32 words) per block row.
 LANES = 16
-#: 3 bits: the bit of a high-plane byte holding part ``p`` (2-bit field of a code byte) of the
-#: block's 32-byte half ``reg``: ``HIGH_BIT[p][reg]`` (kHighBit in csrc/cpu/lut_kernel.h).
-HIGH_BIT = ((2, 6), (0, 4), (3, 7), (1, 5))
 
 
 def block_cols(bits: int) -> int:
@@ -76,6 +77,27 @@ def _slots(bits: int):
     return c, 2 * c
 
 
+def pack_3bit_registers(c: torch.Tensor) -> torch.Tensor:
+    """3 bits: uint8 codes ``[..., p, reg, 32]`` (part, 32-byte half, byte in the index registers'
+    order) to the block row's 96 bytes ``R0 | R1 | R2`` (see the module docstring)."""
+    c00, c01, c10, c11 = c[..., 0, 0, :], c[..., 0, 1, :], c[..., 1, 0, :], c[..., 1, 1, :]
+    c20, c21, c30, c31 = c[..., 2, 0, :], c[..., 2, 1, :], c[..., 3, 0, :], c[..., 3, 1, :]
+    r0 = c00 | c01 << 4 | (c20 >> 2) << 3 | (c21 >> 2) << 7
+    r1 = c10 << 1 | c11 << 5 | c30 >> 2 | (c31 >> 2) << 4
+    r2 = (c20 & 3) | (c30 & 3) << 2 | (c21 & 3) << 4 | (c31 & 3) << 6
+    return torch.cat([r0, r1, r2], dim=-1)
+
+
+def unpack_3bit_registers(b: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_3bit_registers`: 96 bytes ``[..., 96]`` to codes ``[..., 4, 2, 32]``."""
+    r0, r1, r2 = b[..., :32], b[..., 32:64], b[..., 64:]
+    c = [[r0 & 7, (r0 >> 4) & 7],
+         [(r1 >> 1) & 7, r1 >> 5],
+         [(r2 & 3) | ((r0 >> 3) & 1) << 2, ((r2 >> 4) & 3) | (r0 >> 7) << 2],
+         [((r2 >> 2) & 3) | (r1 & 1) << 2, (r2 >> 6) | ((r1 >> 4) & 1) << 2]]
+    return torch.stack([torch.stack(pair, dim=-2) for pair in c], dim=-3)
+
+
 def to_cpu_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes ``[N, K]`` to the CPU layout (1-D uint8), on the codes' device. On the CPU the
     layout is placed in memory advised for transparent huge pages (:func:`flute.huge_pages.place_for_streaming`:
@@ -100,18 +122,14 @@ def to_cpu_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
         q = q.reshape(nt, nb, TILE_ROWS, LANES, 4, 2)
         out = q[..., 0] | (q[..., 1] << 4)
         return place_for_streaming(out.reshape(-1).contiguous())
-    low = (q & 3).reshape(nt, nb, TILE_ROWS, LANES, 4, 4)  # byte 4j + s//4, bits 2 (s%4)
+    if bits == 3:
+        # lane j = (reg, h, i), slot s = (q, p) -> part p, register reg, byte (h, q, i)
+        c3 = q.reshape(nt, nb, TILE_ROWS, 2, 2, 4, 4, 4)       # [.., reg, h, i, q, p]
+        c3 = c3.permute(0, 1, 2, 7, 3, 4, 6, 5).reshape(nt, nb, TILE_ROWS, 4, 2, 32)
+        return place_for_streaming(pack_3bit_registers(c3).reshape(-1).contiguous())
+    low = q.reshape(nt, nb, TILE_ROWS, LANES, 4, 4)  # byte 4j + s//4, bits 2 (s%4)
     low = low[..., 0] | (low[..., 1] << 2) | (low[..., 2] << 4) | (low[..., 3] << 6)
-    low = low.reshape(nt, nb, TILE_ROWS, 64)
-    if bits == 2:
-        return place_for_streaming(low.reshape(-1).contiguous())
-    # lane j = (reg, h, i), slot s = (q, p) -> byte (h, q, i), bit HIGH_BIT[p][reg]
-    hi = (q >> 2).reshape(nt, nb, TILE_ROWS, 2, 2, 4, 4, 4)  # [.., reg, h, i, q, p]
-    hi = hi.permute(0, 1, 2, 4, 6, 5, 7, 3).reshape(nt, nb, TILE_ROWS, 32, 8)  # [.., byte, (p, reg)]
-    weights = torch.tensor([1 << b for pair in HIGH_BIT for b in pair], dtype=torch.uint8,
-                           device=c.device)
-    hi = (hi * weights).sum(dim=-1, dtype=torch.uint8)        # bits are disjoint: sum == or
-    return place_for_streaming(torch.cat([low, hi], dim=-1).reshape(-1).contiguous())
+    return place_for_streaming(low.reshape(-1).contiguous())
 
 
 def from_cpu_layout(qweight: torch.Tensor, bits: int, in_features: int,
@@ -130,15 +148,12 @@ def from_cpu_layout(qweight: torch.Tensor, bits: int, in_features: int,
     if bits == 4:
         lane = b.reshape(nt, nb, TILE_ROWS, LANES, 4)
         q = torch.stack([lane & 15, lane >> 4], dim=-1)       # [..., j, s//2, s%2]
+    elif bits == 3:
+        c3 = unpack_3bit_registers(b).reshape(nt, nb, TILE_ROWS, 4, 2, 2, 4, 4)  # [.., p, reg, h, q, i]
+        q = c3.permute(0, 1, 2, 4, 5, 7, 6, 3)                                # [.., reg, h, i, q, p]
     else:
-        lane = b[..., :64].reshape(nt, nb, TILE_ROWS, LANES, 4)
+        lane = b.reshape(nt, nb, TILE_ROWS, LANES, 4)
         q = torch.stack([(lane >> (2 * i)) & 3 for i in range(4)], dim=-1)
-        if bits == 3:
-            hb = b[..., 64:]                                  # [.., byte (h, q, i)]
-            hi = torch.stack([(hb >> bit) & 1 for pair in HIGH_BIT for bit in pair], dim=-1)
-            hi = hi.reshape(nt, nb, TILE_ROWS, 2, 4, 4, 4, 2)  # [.., h, q, i, p, reg]
-            hi = hi.permute(0, 1, 2, 7, 3, 5, 4, 6).reshape(nt, nb, TILE_ROWS, LANES, ns)
-            q = q.reshape(nt, nb, TILE_ROWS, LANES, ns) | (hi << 2)
     q = q.reshape(nt, nb, TILE_ROWS, LANES, 2, nc)            # s = e*C + chunk
     q = q.permute(0, 2, 1, 5, 3, 4)                           # [tile, row, block, chunk, j, e]
     codes = q.reshape(n_pad, k_pad)

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import flute
-from flute.cpu_layout import (HIGH_BIT, block_cols, codes_from_layout, cpu_layout_shape,
+from flute.cpu_layout import (block_cols, codes_from_layout, cpu_layout_shape,
                               cpu_padded_shape, device_layout, from_cpu_layout, layout_dtype,
                               to_cpu_layout)
 from flute.layout import from_kernel_layout, to_kernel_layout
@@ -24,6 +24,21 @@ def test_round_trip_is_the_identity(bits, n, k, seed):
     assert torch.equal(from_cpu_layout(q, bits, k, n), codes)
 
 
+def _code_3bit(row_block, j, s):
+    """Code of lane j, slot s of one 3-bit block row (96 bytes R0 | R1 | R2), written out from the
+    layout's contract (flute/cpu_layout.py) independently of pack_3bit_registers."""
+    reg, p = j >> 3, s & 3
+    b = 16 * ((j >> 2) & 1) + 4 * (s >> 2) + (j & 3)
+    r0, r1, r2 = row_block[:, b], row_block[:, 32 + b], row_block[:, 64 + b]
+    if p == 0:
+        return (r0 >> (4 * reg)) & 7
+    if p == 1:
+        return (r1 >> (1 + 4 * reg)) & 7
+    if p == 2:
+        return ((r2 >> (4 * reg)) & 3) | ((r0 >> (3 + 4 * reg)) & 1) << 2
+    return ((r2 >> (2 + 4 * reg)) & 3) | ((r1 >> (4 * reg)) & 1) << 2
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_slot_order_matches_the_kernel_contract(bits, rng):
     """Slot s of lane j of a row block holds column 32 (s % C) + 2 j + s // C (lut_kernel.h)."""
@@ -36,12 +51,25 @@ def test_slot_order_matches_the_kernel_contract(bits, rng):
     sh = 4 if bits == 4 else 2
     for s in range(2 * c_chunks):
         cols = [32 * (s % c_chunks) + 2 * j + s // c_chunks for j in range(16)]
-        got = (lane >> (sh * s)) & (2 ** sh - 1)
-        if bits == 3:  # lane j = 8 reg + 4 h + i, slot s = 4 q + p: byte (h, q, i), HIGH_BIT[p][reg]
-            hi = [(q[:, 64 + 16 * ((j >> 2) & 1) + 4 * (s >> 2) + (j & 3)] >> HIGH_BIT[s & 3][j >> 3]) & 1
-                  for j in range(16)]
-            got = got | torch.stack(hi, 1) << 2
+        if bits == 3:
+            got = torch.stack([_code_3bit(q, j, s) for j in range(16)], 1)
+        else:
+            got = (lane >> (sh * s)) & (2 ** sh - 1)
         assert torch.equal(got, codes[:, cols].long()), s
+
+
+def test_3bit_registers_use_every_bit(rng):
+    """3 bits are dense: every one of the 768 bits of a block row carries a code bit, so flipping
+    any one of them changes exactly one code (by one of its bits)."""
+    codes = torch.randint(0, 8, (4, 256), generator=rng, dtype=torch.uint8)
+    q = to_cpu_layout(codes, 3).view(4, 96)
+    for byte in range(0, 96, 7):
+        for bit in range(8):
+            flipped = q.clone().reshape(-1)
+            flipped.view(4, 96)[0, byte] ^= 1 << bit
+            diff = from_cpu_layout(flipped, 3, 256, 4).int() ^ codes.int()
+            assert int((diff != 0).sum()) == 1, (byte, bit)
+            assert int(diff.max()) in (1, 2, 4)
 
 
 def test_padding_is_code_zero_and_rows_stream_in_tiles(rng):

@@ -26,7 +26,7 @@ struct Weight {
 
 // 3 bits on the SIMD exact kernels (gemm_avx2/avx512/avx512bf16, decode_avx2/avx512), which read
 // the high-bit plane in its legacy lane-mask form: tiles [t0, t1) one at a time, each converted
-// into a buffer (legacy_high_plane_avx2), fn(base, t) with a layout base pointer that places tile
+// into a buffer (legacy_3bit_tile_avx2), fn(base, t) with a layout base pointer that places tile
 // t at the buffer (the kernels address tile t at base + t * tile bytes; the base itself is never
 // dereferenced). The conversion adds ~6% to those kernels' instructions for 3 bits at M = 1
 // (callgrind, 1024x1024), less at larger M; the int8 mode and the portable kernels read the layout
@@ -38,7 +38,7 @@ void for_legacy_tiles(const uint8_t* qw, int64_t nblocks, int64_t t0, int64_t t1
   at::Tensor buf = at::empty({tile_bytes}, at::TensorOptions().dtype(at::kByte));
   uint8_t* b = buf.data_ptr<uint8_t>();
   for (int64_t t = t0; t < t1; ++t) {
-    legacy_high_plane_avx2(qw + t * tile_bytes, b, 4 * nblocks);
+    legacy_3bit_tile_avx2(qw + t * tile_bytes, b, 4 * nblocks);
     fn(reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(b) - static_cast<uintptr_t>(t * tile_bytes)), t);
   }
 #else

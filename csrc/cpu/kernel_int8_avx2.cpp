@@ -1,6 +1,7 @@
 // flute CPU kernel, int8 mode (see Int8Args in lut_kernel.h), AVX2: one byte shuffle per 32 bytes of
-// codes puts each dword on one chunk, the table lookup is `vpshufb` on nibbles (4 bits) or 2-bit
-// fields in place (3 bits: plus the high bit, one AND of the high plane per two registers), the products
+// codes puts each dword on one chunk (3 bits: the layout stores them so), the table lookup is
+// `vpshufb` on nibbles (4 bits), 2-bit fields in place (2 bits) or 3-bit codes in place (3 bits: half
+// of them with their high bit joined by one AND and OR, see rows_int8), the products
 // `vpmaddubsw` (u8 table value x s8 activation, pairs into int16),
 // the two registers' pairs added and corrected in int16, `vpmaddwd` by the chunks' integer scale
 // factors (into int32, one unit per block), the parts in the same weight groups added as int32, one
@@ -54,20 +55,31 @@ struct ScaleMap {
 };
 
 // The lookup tables of the bit width (see rows_int8), built once per call. A: 4 bits, index = code;
-// 2 bits, index bits 0-1; 3 bits, index bits 0-1 the low field and bit 2 the high bit (u[i & 7]). B
-// (2 and 3 bits): index bits 2-3 the low field, 3 bits with the high bit at bit 0.
+// 2 bits, index bits 0-1; B (2 bits): index bits 2-3. 3 bits: the four index forms of the layout,
+// A code at bits 0-2, B code at bits 1-3, C low field at bits 0-1 and high bit at bit 3, D low field
+// at bits 2-3 and high bit at bit 0 (each form ignores its other bits below bit 4).
 struct Tables {
-  __m256i A, B;
+  __m256i A, B, C, D;
 };
 template <int BITS>
 inline Tables make_tables(const uint8_t* tu) {
-  alignas(16) uint8_t ta[16], tb[16];
+  alignas(16) uint8_t ta[16], tb[16], tc[16], td[16];
   for (int i = 0; i < 16; ++i) {
-    ta[i] = BITS == 4 ? tu[i] : BITS == 3 ? tu[i & 7] : tu[i & 3];
-    tb[i] = BITS == 3 ? tu[((i >> 2) & 3) + 4 * (i & 1)] : tu[(i >> 2) & 3];
+    if (BITS == 3) {  // the four index forms of the 3-bit layout (see rows_int8)
+      ta[i] = tu[i & 7];                              // code at bits 0-2
+      tb[i] = tu[i >> 1];                             // code at bits 1-3
+      tc[i] = tu[(i & 3) | ((i >> 3) << 2)];          // low field at bits 0-1, high bit at bit 3
+      td[i] = tu[((i >> 2) & 3) | ((i & 1) << 2)];    // low field at bits 2-3, high bit at bit 0
+    } else {
+      ta[i] = BITS == 4 ? tu[i] : tu[i & 3];
+      tb[i] = tu[(i >> 2) & 3];
+      tc[i] = td[i] = 0;
+    }
   }
-  return {_mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(ta))),
-          _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(tb)))};
+  auto bc = [](const uint8_t* t) {
+    return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+  };
+  return {bc(ta), bc(tb), bc(tc), bc(td)};
 }
 
 template <int SRC>
@@ -132,23 +144,16 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
   const __m256i TA = tab.A, TB = tab.B;
   constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P;
   static_assert(P % Q == 0, "merged parts come in whole groups of Q");
-  // Table lookups by `vpshufb` (index bits 0-3; bit 7 must be clear, bits 4-6 are ignored). The
-  // 2-bit fields of parts 0 and 2 are taken in place at bits 0-1 (part 2 after one 4-bit shift that
-  // also serves part 3), those of parts 1 and 3 at bits 2-3: table TA is indexed by bits 0-1
-  // (3 bits: + 4 * the high bit at bit 2), TB by bits 2-3 (3 bits: + the high bit at bit 0), see
-  // make_tables. One shift per 32 bytes of codes instead of three. 3 bits: the high plane's bits
-  // (kHighBit) are placed so that each part's pair needs one AND (parts 2 and 3 after one shared
-  // 1-bit shift) and register 1 one more 4-bit shift: 37 vector operations per 256 weights to
-  // build the 8 index registers' table values, against 64 with the earlier lane-mask plane
-  // (callgrind, 512x1024 M=1: 3-bit kernel instructions -21%, 2-bit -5%; benchmarks/CPU_NOTES.md
-  // item 45).
+  // Table lookups by `vpshufb` (index bits 0-3; bit 7 must be clear, bits 4-6 are ignored). 2 bits:
+  // the fields of parts 0 and 2 are taken in place at bits 0-1 (part 2 after one 4-bit shift that
+  // also serves part 3), those of parts 1 and 3 at bits 2-3: table TA is indexed by bits 0-1, TB by
+  // bits 2-3 (make_tables). One shift per 32 bytes of codes instead of three. 3 bits: the layout
+  // (R0 | R1 | R2, already in the registers' byte order) makes four index registers one AND of R0
+  // or R1 (after one shared 4-bit shift for register 1) and the other four an AND of R2, an AND of
+  // a spare bit of R0 or R1 and an OR, each form with its own table: 19 vector operations per 256
+  // weights for the 8 index registers, against 29 with a separate high-bit plane (and no byte
+  // shuffle): kernel instructions -9% (callgrind, 512x1024 M = 1; benchmarks/CPU_NOTES.md item 80).
   const __m256i m0F = _mm256_set1_epi8(0x0F), m03 = _mm256_set1_epi8(0x03), m0C = _mm256_set1_epi8(0x0C);
-  // 3 bits: byte b of the high plane (32 bytes, in the index registers' byte order) holds the high
-  // bits of the 8 index registers (part p, register reg) at byte b, bit kHighBit[p][reg]. One AND
-  // keeps a part's pair (0x44 or 0x11, after a 1-bit shift for p = 2, 3): reg 0 uses it as is (the
-  // other bit lands on an ignored index bit), reg 1 after a 4-bit shift (its 16-bit carry lands on
-  // ignored bits 4-6 too, and bit 7 stays clear).
-  const __m256i m44 = _mm256_set1_epi8(0x44), m11 = _mm256_set1_epi8(0x11);
   const int64_t M = a.M, nb = a.nblocks;
   __m256 facc[NR][MC];
   for (int r = 0; r < NR; ++r)
@@ -163,48 +168,49 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
     }
     for (int r = 0; r < NR; ++r) {
       const uint8_t* rb = tile + (b * 4 + r0 + r) * BB;
-      const __m256i c0 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
-      const __m256i c1 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
       __m256i u0[P], u1[P];
-      if (BITS == 4) {
-        u0[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c0, m0F));
-        u1[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c1, m0F));
-        u0[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c0, 4), m0F));
-        u1[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c1, 4), m0F));
-      } else if (BITS == 2) {
-        // TA ignores index bits 2-3 and TB bits 0-1 (make_tables), so parts 0 and 1 (and 2 and 3)
-        // share one index register: 4 ANDs per 256 weights instead of 8.
-        const __m256i i0 = _mm256_and_si256(c0, m0F), i1 = _mm256_and_si256(c1, m0F);
-        const __m256i j0 = _mm256_and_si256(_mm256_srli_epi16(c0, 4), m0F);
-        const __m256i j1 = _mm256_and_si256(_mm256_srli_epi16(c1, 4), m0F);
-        u0[0] = _mm256_shuffle_epi8(TA, i0);
-        u1[0] = _mm256_shuffle_epi8(TA, i1);
-        u0[1] = _mm256_shuffle_epi8(TB, i0);
-        u1[1] = _mm256_shuffle_epi8(TB, i1);
-        u0[2] = _mm256_shuffle_epi8(TA, j0);
-        u1[2] = _mm256_shuffle_epi8(TA, j1);
-        u0[3] = _mm256_shuffle_epi8(TB, j0);
-        u1[3] = _mm256_shuffle_epi8(TB, j1);
+      if (BITS == 3) {
+        // R0 | R1 | R2, each 32 bytes in the index registers' byte order: R0 holds parts (0, reg 0)
+        // and (0, reg 1) as whole codes at bits 0-2 and 4-6, R1 parts (1, reg 0/1) at bits 1-3 and
+        // 5-7, R2 the low fields of parts 2 and 3 (bits 0-1 / 4-5 and 2-3 / 6-7) whose high bits are
+        // the spare bits of R0 (3, 7) and R1 (0, 4). Tables A and B ignore the spare bit beside
+        // their code (bit 3, bit 0), C and D index bits 0-1 + 3 and 2-3 + 0 (make_tables).
+        const __m256i R0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb));
+        const __m256i R1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32));
+        const __m256i R2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64));
+        const __m256i R0s = _mm256_srli_epi16(R0, 4), R1s = _mm256_srli_epi16(R1, 4), R2s = _mm256_srli_epi16(R2, 4);
+        // (C ignores index bit 2 and D bit 1, so R0's bit 2 and R1's bit 1 may ride along: the three
+        // masks of the 2-bit kernel serve, and the M = 1 loop holds no more constants)
+        u0[0] = _mm256_shuffle_epi8(tab.A, _mm256_and_si256(R0, m0F));
+        u1[0] = _mm256_shuffle_epi8(tab.A, _mm256_and_si256(R0s, m0F));
+        u0[1] = _mm256_shuffle_epi8(tab.B, _mm256_and_si256(R1, m0F));
+        u1[1] = _mm256_shuffle_epi8(tab.B, _mm256_and_si256(R1s, m0F));
+        u0[2] = _mm256_shuffle_epi8(tab.C, _mm256_or_si256(_mm256_and_si256(R2, m03), _mm256_and_si256(R0, m0C)));
+        u1[2] = _mm256_shuffle_epi8(tab.C, _mm256_or_si256(_mm256_and_si256(R2s, m03), _mm256_and_si256(R0s, m0C)));
+        u0[3] = _mm256_shuffle_epi8(tab.D, _mm256_or_si256(_mm256_and_si256(R2, m0C), _mm256_and_si256(R1, m03)));
+        u1[3] = _mm256_shuffle_epi8(tab.D, _mm256_or_si256(_mm256_and_si256(R2s, m0C), _mm256_and_si256(R1s, m03)));
       } else {
-        const __m256i c0s = _mm256_srli_epi16(c0, 4), c1s = _mm256_srli_epi16(c1, 4);
-        __m256i hp[4];
-        if (BITS == 3) {
-          const __m256i H = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64));
-          const __m256i H1 = _mm256_srli_epi16(H, 1);
-          hp[0] = _mm256_and_si256(H, m44);
-          hp[1] = _mm256_and_si256(H, m11);
-          hp[2] = _mm256_and_si256(H1, m44);
-          hp[3] = _mm256_and_si256(H1, m11);
-        }
-        for (int p = 0; p < P; ++p) {
-          const __m256i m = p % 2 ? m0C : m03;
-          __m256i i0 = _mm256_and_si256(p < 2 ? c0 : c0s, m), i1 = _mm256_and_si256(p < 2 ? c1 : c1s, m);
-          if (BITS == 3) {
-            i0 = _mm256_or_si256(i0, hp[p]);
-            i1 = _mm256_or_si256(i1, _mm256_srli_epi16(hp[p], 4));
-          }
-          u0[p] = _mm256_shuffle_epi8(p % 2 ? TB : TA, i0);
-          u1[p] = _mm256_shuffle_epi8(p % 2 ? TB : TA, i1);
+        const __m256i c0 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
+        const __m256i c1 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
+        if (BITS == 4) {
+          u0[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c0, m0F));
+          u1[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c1, m0F));
+          u0[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c0, 4), m0F));
+          u1[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c1, 4), m0F));
+        } else {
+          // TA ignores index bits 2-3 and TB bits 0-1 (make_tables), so parts 0 and 1 (and 2 and 3)
+          // share one index register: 4 ANDs per 256 weights instead of 8.
+          const __m256i i0 = _mm256_and_si256(c0, m0F), i1 = _mm256_and_si256(c1, m0F);
+          const __m256i j0 = _mm256_and_si256(_mm256_srli_epi16(c0, 4), m0F);
+          const __m256i j1 = _mm256_and_si256(_mm256_srli_epi16(c1, 4), m0F);
+          u0[0] = _mm256_shuffle_epi8(TA, i0);
+          u1[0] = _mm256_shuffle_epi8(TA, i1);
+          u0[1] = _mm256_shuffle_epi8(TB, i0);
+          u1[1] = _mm256_shuffle_epi8(TB, i1);
+          u0[2] = _mm256_shuffle_epi8(TA, j0);
+          u1[2] = _mm256_shuffle_epi8(TA, j1);
+          u0[3] = _mm256_shuffle_epi8(TB, j0);
+          u1[3] = _mm256_shuffle_epi8(TB, j1);
         }
       }
       __m256 wv, wg[BITS == 4 ? 1 : 2];

@@ -8,11 +8,11 @@
 // The CPU layout (see flute/cpu_layout.py): rows in tiles of 4, K in blocks of KB = 32*C columns
 // (C = 4 chunks for 4 bits, 8 for 2/3 bits), stream [tile][block][row][BB bytes], BB = 4*C*bits.
 // A row's block is 16 uint32 lanes; slot s of lane j (bits SH*s.., SH = 4 or 2) is the code of
-// column 32*(s % C) + 2*j + s / C. 3 bits: 64 bytes of low two bits, then 32 bytes of high bits in
-// the int8 kernel's byte order: the high bit of lane j = 8*reg + 4*h + i, slot s = 4*q + p is bit
-// kHighBit[p][reg] of byte 16*h + 4*q + i (see Int8Args). The SIMD exact kernels read the high
-// bits as 16 uint16 lane masks instead ("legacy" plane: uint16 s, bit j), made per tile by
-// legacy_high_plane_avx2.
+// column 32*(s % C) + 2*j + s / C. 3 bits: three 32-byte registers R0 | R1 | R2 in the int8 kernel's
+// byte order (see Int8Args): the code of lane j = 8*reg + 4*h + i, slot s = 4*q + p is at byte
+// 16*h + 4*q + i, as code_at below reads it. The SIMD exact kernels read each tile converted into
+// the older form (the 2-bit block of the low two bits, then the high bits as 16 uint16 lane masks,
+// uint16 s bit j), made by legacy_3bit_tile_avx2.
 //
 // The activations the gemm kernels read are "chunk-permuted" and vector-major: within each
 // 32-column chunk, the 16 even columns form vector 2*chunk, the 16 odd ones vector 2*chunk + 1, and
@@ -92,11 +92,10 @@ struct DecodeArgs {
 // of column 32*(s % C) + 2*j + s / C of the block. So dword (h, q) of part p only ever meets
 // chunk (P*q + p) % C, and the activation bytes are stored in exactly this order:
 // xq[block][m][reg][p][h][q][i] (32 * 2 * P = block-column bytes per block and row). 3 bits: the
-// 2-bit plane as for 2 bits, then 32 bytes of high bits in the same byte positions (h, q, i), the
-// 8 (part, reg) pairs in the 8 bits of each byte: bit kHighBit[p][reg]. The pairs of a part sit 4
-// bits apart at bits 2 and 6 (p = 0), 0 and 4 (1), 3 and 7 (2), 1 and 5 (3), so that one AND keeps a
-// part's two bits and one 4-bit shift moves reg 1's bit onto reg 0's place (the kernel's index
-// bits 0-3 never see the other one).
+// layout stores the codes of part p, register reg already in this byte order (no byte shuffle),
+// in three registers: R0 holds parts (0, 0) and (0, 1) at bits 0-2 and 4-6, R1 parts (1, 0) and
+// (1, 1) at bits 1-3 and 5-7, R2 the low two bits of (2, 0), (3, 0), (2, 1), (3, 1) at bits 0-1,
+// 2-3, 4-5, 6-7, whose high bits are R0's bits 3 and 7 and R1's bits 0 and 4 (flute/cpu_layout.py).
 struct Int8Args {
   const uint8_t* qw;      // CPU layout
   int bits;               // 2, 3 or 4
@@ -123,8 +122,6 @@ struct Int8Args {
 
 // Column within its block of byte (reg, h, q, i), part p (see Int8Args).
 static constexpr int int8_parts(int bits) { return bits == 4 ? 2 : 4; }
-// 3 bits: the bit of a high-plane byte that holds part p of register reg (see Int8Args).
-constexpr int kHighBit[4][2] = {{2, 6}, {0, 4}, {3, 7}, {1, 5}};
 
 static inline int int8_col(int bits, int reg, int p, int h, int q, int i) {
   const int P = int8_parts(bits), C = bits == 4 ? 4 : 8;
@@ -174,9 +171,10 @@ void f32_to_bf16_avx2(const float* src, uint16_t* dst, int64_t n);
 // n bf16 to floats (the int8 mode's bf16 activations: ~1.5 scalar instructions an element)
 void bf16_to_f32_avx2(const uint16_t* src, float* dst, int64_t n);
 bool quantize_x_int8_avx2(const float*, int, int8_t*, int16_t*, int16_t*, float*);
-// 3 bits: `rowblocks` row-blocks of 96 bytes from the CPU layout into dst with the high-bit plane in
-// the legacy lane-mask form (uint16 s, bit j) that the SIMD exact kernels read.
-void legacy_high_plane_avx2(const uint8_t* src, uint8_t* dst, int64_t rowblocks);
+// 3 bits: `rowblocks` row-blocks of 96 bytes from the CPU layout into dst in the older form that the
+// SIMD exact kernels read: the 2-bit block of the low two bits (64 bytes, lane order), then the
+// high bits as 16 uint16 lane masks (uint16 s, bit j).
+void legacy_3bit_tile_avx2(const uint8_t* src, uint8_t* dst, int64_t rowblocks);
 void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
@@ -266,15 +264,20 @@ static inline const uint8_t* row_codes(const uint8_t* qw, int64_t nblocks, int b
 
 // Code of (row-block pointer, lane j, slot s).
 static inline int code_at(const uint8_t* rb, int bits, int j, int s) {
+  if (bits == 3) {  // part p = s % 4 of half reg = j / 8 at byte (h, q, i) of R0 | R1 | R2 (kernel_int8_avx2.cpp)
+    const int b = 16 * ((j >> 2) & 1) + 4 * (s >> 2) + (j & 3), reg = j >> 3;
+    const int r0 = rb[b], r1 = rb[32 + b], r2 = rb[64 + b];
+    switch (s & 3) {
+      case 0: return (r0 >> (4 * reg)) & 7;
+      case 1: return (r1 >> (1 + 4 * reg)) & 7;
+      case 2: return ((r2 >> (4 * reg)) & 3) | ((r0 >> (3 + 4 * reg)) & 1) << 2;
+      default: return ((r2 >> (2 + 4 * reg)) & 3) | ((r1 >> (4 * reg)) & 1) << 2;
+    }
+  }
   uint32_t lane;
   std::memcpy(&lane, rb + 4 * j, 4);
   if (bits == 4) return (lane >> (4 * s)) & 15;
-  int c = (lane >> (2 * s)) & 3;
-  if (bits == 3) {  // lane j = 8 reg + 4 h + i, slot s = 4 q + p: bit kHighBit[p][reg] of byte (h, q, i)
-    const uint8_t hb = rb[64 + 16 * ((j >> 2) & 1) + 4 * (s >> 2) + (j & 3)];
-    c |= ((hb >> kHighBit[s & 3][j >> 3]) & 1) << 2;
-  }
-  return c;
+  return (lane >> (2 * s)) & 3;
 }
 
 }  // namespace
