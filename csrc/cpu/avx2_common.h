@@ -16,6 +16,14 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// In each 128-bit half, dword q <- byte q of each of the 4 lanes (out byte 4q + i = in byte 4i + q):
+// the int8 kernel's byte order (Int8Args). A 4x4 byte transpose per half, so its own inverse.
+inline __m256i bytes_by_position(__m256i v) {
+  const __m256i perm = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm256_shuffle_epi8(v, perm);
+}
+
 // The table as two 8-entry vectors for `vpermps`: 4 bits: entries 0-7 and 8-15 (index bit 3
 // selects); 3 bits: entries 0-3 and 4-7, each repeated (the high-bit plane selects); 2 bits:
 // entries 0-3 repeated (TB unused).

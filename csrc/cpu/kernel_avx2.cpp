@@ -220,16 +220,14 @@ void bf16_to_f32_avx2(const uint16_t* src, float* dst, int64_t n) {
 void legacy_3bit_tile_avx2(const uint8_t* src, uint8_t* dst, int64_t rowblocks) {
   // Low plane: byte (h, q, i) of register reg (half reg of the 2-bit block after the int8 kernel's
   // byte shuffle) holds the low fields of parts 0-3 at bits 0-1, 2-3, 4-5, 6-7, here gathered from
-  // R0 | R1 | R2 (flute/cpu_layout.py), then put back in lane order by the same shuffle (a 4x4 byte
-  // transpose in each half is its own inverse).
-  const __m256i by_q = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  // R0 | R1 | R2 (flute/cpu_layout.py), then put back in lane order by that shuffle
+  // (bytes_by_position is its own inverse).
   const __m256i m03 = _mm256_set1_epi8(0x03), m0C = _mm256_set1_epi8(0x0C), mF0 = _mm256_set1_epi8(static_cast<char>(0xF0));
   // High plane: with the bytes (h, q, i) (dword 4h + q) moved to position 8q + 4h + i (dword 2q + h),
   // the movemask of the bit holding part p's high bit in every byte has, in its byte q, the bits of
   // lanes 8 reg .. 8 reg + 7 of slot 4q + p: byte reg of legacy uint16 4q + p, i.e. byte 8q + d of
   // the legacy plane for d = 2p + reg. With the 8 masks as dwords d of V, that is the 8x4 byte
-  // transpose V byte 4d + q -> 8q + d: a byte shuffle in each half (d < 4, d >= 4) and a dword
+  // transpose V byte 4d + q -> 8q + d: bytes_by_position in each half (d < 4, d >= 4) and a dword
   // interleave of the halves.
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t rb = 0; rb < rowblocks; ++rb, src += 96, dst += 96) {
@@ -242,8 +240,8 @@ void legacy_3bit_tile_avx2(const uint8_t* src, uint8_t* dst, int64_t rowblocks) 
     const __m256i L1 = _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(R0, 4), m03),
                                                        _mm256_and_si256(_mm256_srli_epi16(R1, 3), m0C)),
                                        _mm256_and_si256(R2, mF0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_shuffle_epi8(L0, by_q));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), _mm256_shuffle_epi8(L1, by_q));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bytes_by_position(L0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), bytes_by_position(L1));
     const __m256i H0 = _mm256_permutevar8x32_epi32(R0, order), H1 = _mm256_permutevar8x32_epi32(R1, order);
     // bit k of each byte to bit 7 (the 16-bit shift carries the low byte's bits into the high
     // byte's low bits only, below bit 7). High bits: (0, 0) R0 bit 2, (0, 1) R0 bit 6, (1, 0) R1
@@ -253,7 +251,7 @@ void legacy_3bit_tile_avx2(const uint8_t* src, uint8_t* dst, int64_t rowblocks) 
                                         FLUTE_MASK(H0, 3), FLUTE_MASK(H0, 7), FLUTE_MASK(H1, 0), FLUTE_MASK(H1, 4));
 #undef FLUTE_MASK
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64),
-                        _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(V, by_q), order));
+                        _mm256_permutevar8x32_epi32(bytes_by_position(V), order));
   }
 }
 

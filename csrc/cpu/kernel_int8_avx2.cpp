@@ -26,13 +26,6 @@ namespace {
 // the noise, and in-cache shapes were unchanged (CPU_NOTES item 62).
 constexpr int kPrefetchBytes = 8192;
 
-// In each 128-bit half, dword q <- byte q of each of the 4 lanes (out byte 4q + i = in byte 4i + q).
-inline __m256i bytes_by_position(__m256i v) {
-  const __m256i perm = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm256_shuffle_epi8(v, perm);
-}
-
 // NR weight rows of a tile (rows r0 .., all blocks) against activation rows m0 .. m0 + MC - 1, into
 // res[mc][r]. NR * MC <= 4 float accumulators; NR = 4 at M = 1 reads the tile front to back (the 4
 // rows are interleaved block by block), so the weight stream is one sequential run per thread.
@@ -152,7 +145,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
   // or R1 (after one shared 4-bit shift for register 1) and the other four an AND of R2, an AND of
   // a spare bit of R0 or R1 and an OR, each form with its own table: 19 vector operations per 256
   // weights for the 8 index registers, against 29 with a separate high-bit plane (and no byte
-  // shuffle): kernel instructions -9% (callgrind, 512x1024 M = 1; benchmarks/CPU_NOTES.md item 80).
+  // shuffle): kernel instructions -8% (callgrind, 512x1024 M = 1; benchmarks/CPU_NOTES.md item 80).
   const __m256i m0F = _mm256_set1_epi8(0x0F), m03 = _mm256_set1_epi8(0x03), m0C = _mm256_set1_epi8(0x0C);
   const int64_t M = a.M, nb = a.nblocks;
   __m256 facc[NR][MC];
