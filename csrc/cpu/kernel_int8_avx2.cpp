@@ -159,7 +159,13 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
       const char* ahead = reinterpret_cast<const char*>(tile + b * 4 * BB) + kPrefetchBytes;
       for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
     }
-    auto row = [&](int r) __attribute__((always_inline)) {
+    // The rows unrolled. Though the unrolled M = 1 loop spills more (tables and index registers),
+    // its accumulators stay in registers and the 4 rows' loads overlap: a 14336-column call
+    // streamed from DRAM at 1 thread took 3-7% less time (2, 3 and 4 bits; benchmarks/CPU_NOTES.md
+    // item 82; the same unrolling written as a lambda called from an unrolled loop measured only
+    // 0-4%, with the same instruction count).
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
       const uint8_t* rb = tile + (b * 4 + r0 + r) * BB;
       __m256i u0[P], u1[P];
       if (BITS == 3) {
@@ -238,16 +244,6 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
           }
         }
       }
-    };
-    if constexpr (NR == 4 && MC == 1) {
-      // decode: the 4 rows unrolled. Though it spills more (tables and index registers), the
-      // accumulators stay in registers and the loads of the 4 rows overlap: a 14336-column call
-      // streamed from DRAM at 1 thread took 4-5% less time (2, 3 and 4 bits; benchmarks/CPU_NOTES.md
-      // item 82). Not for 2-4 activation rows (NR <= 2: no gain measured).
-#pragma GCC unroll 4
-      for (int r = 0; r < NR; ++r) row(r);
-    } else {
-      for (int r = 0; r < NR; ++r) row(r);
     }
   };
   int64_t b = 0;
