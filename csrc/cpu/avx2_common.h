@@ -16,6 +16,12 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The 4 rows' sums of 8 floats each, in row order.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
 // In each 128-bit half, dword q <- byte q of each of the 4 lanes (out byte 4q + i = in byte 4i + q):
 // the int8 kernel's byte order (Int8Args). A 4x4 byte transpose per half, so its own inverse.
 inline __m256i bytes_by_position(__m256i v) {

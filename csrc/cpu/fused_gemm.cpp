@@ -199,6 +199,20 @@ void for_tiles(int64_t tiles, int64_t grain, const F& fn) {
   });
 }
 
+// AVX-512 VBMI and VNNI: the int8 mode's AVX-512 kernel (kernel_int8_avx512.cpp); other AVX-512
+// CPUs run the AVX2 int8 kernel.
+bool has_vbmi_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
+  }();
+  return v;
+#else
+  return false;
+#endif
+}
+
 // Bytes from `off` rounded up to a 64-byte boundary (the int8 scratch buffer's parts).
 int64_t align64(int64_t off) { return (off + 63) / 64 * 64; }
 
@@ -236,7 +250,8 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
   const int64_t o_corr = align64(nb * M * 64 * P), o_k = align64(o_corr + nb * M * P * 16 * 2),
                 o_u = align64(o_k + nb * M * P * 16 * 2), o_sum = align64(o_u + nb * M * 4),
                 o_g0 = align64(o_sum + M * w.ng * 4),
-                o_gidx = align64(o_g0 + nb * 8), total = o_gidx + nb * P * 8 * 4;
+                o_gidx = align64(o_g0 + nb * 8), o_k2 = align64(o_gidx + nb * P * 8 * 4),
+                o_init = align64(o_k2 + nb * M * P * 32 * 2), total = o_init + nb * M * P * 16 * 4;
   at::Tensor hold;
   char* base = call_scratch(0, total, hold);
   int8_t* xq = reinterpret_cast<int8_t*>(base);
@@ -255,6 +270,10 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
     fn = gemm_int8_avx2;
     widen = bf16_to_f32_avx2;
   }
+  const bool avx512 = isa == kAvx512 && has_vbmi_vnni();
+  if (avx512) fn = gemm_int8_avx512;
+#else
+  const bool avx512 = false;
 #endif
   bool ok;
   switch (x2.scalar_type()) {
@@ -300,6 +319,15 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
   a.gidx = gidx;
   std::memcpy(a.tu, t7.tu, 16);
   a.out = out;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (avx512) {
+    int16_t* xk2 = reinterpret_cast<int16_t*>(base + o_k2);
+    int32_t* xinit = reinterpret_cast<int32_t*>(base + o_init);
+    int8_prepare_avx512(w.bits, a.merge, nb * M, xq, xk, xk2, xinit);
+    a.xk2 = xk2;
+    a.xinit = xinit;
+  }
+#endif
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
   for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
   return true;

@@ -5,8 +5,8 @@
 // `vpmaddubsw` (u8 table value x s8 activation, pairs into int16),
 // the two registers' pairs added and corrected in int16, `vpmaddwd` by the chunks' integer scale
 // factors (into int32, one unit per block), the parts in the same weight groups added as int32, one
-// float FMA per 8 dwords and group. Also used on AVX-512 machines (the same instructions on 256
-// bits; an AVX-512 VNNI variant is future work).
+// float FMA per 8 dwords and group. Also used on AVX-512 machines without VNNI and VBMI
+// (kernel_int8_avx512.cpp is the path of those with them). The loop over tiles is int8_tiles.h.
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -14,38 +14,10 @@
 #include <type_traits>
 
 #include "avx2_common.h"
+#include "int8_tiles.h"
 
 namespace flute_cpu {
 namespace {
-
-
-// Software prefetch distance in the weight stream: the hardware prefetchers alone left the 4-bit
-// M = 1 call at ~40% of read bandwidth (the same fix took the AVX-512 exact kernel from 6.1 to
-// 2.7 ms, benchmarks/CPU_NOTES.md). 8 KB rather than 2 KB: a 117 MB stream at 1 thread (A/B in
-// one process, 6 runs, both slot orders) took 2-7% fewer cycles at 4 bits, 2 and 3 bits within
-// the noise, and in-cache shapes were unchanged (CPU_NOTES item 62).
-constexpr int kPrefetchBytes = 8192;
-
-// NR weight rows of a tile (rows r0 .., all blocks) against activation rows m0 .. m0 + MC - 1, into
-// res[mc][r]. NR * MC <= 4 float accumulators; NR = 4 at M = 1 reads the tile front to back (the 4
-// rows are interleaved block by block), so the weight stream is one sequential run per thread.
-// Weight scales: row r's scales start at WS + r * ngp, in the form SRC says; the 8 dwords of part p
-// of block b take scale g0[b] + gidx[b][p][d] of the row (one vpermps of 8 consecutive group
-// scales: a block spans at most 8 groups; gidx never points past the row's last group).
-//   kBuffered: fp32, rows copied per tile and zero-padded by 8;
-//   kDirectBF16 / kDirectF32: the op's own [N, ng] scales tensor (ngp = ng), read in place. An
-//   8-scale load may run past the row's end into
-//   the next row (lanes vpermps never selects), so the tiles whose loads could leave the tensor
-//   (its last one or two) are buffered. Converting every tile's rows (and the per-row output
-//   loop) cost ~25% of a 1536x576 call's kernel instructions (callgrind; benchmarks/CPU_NOTES.md
-//   item 37).
-enum ScaleSrc : int { kBuffered = 0, kDirectBF16 = 1, kDirectF32 = 2 };
-struct ScaleMap {
-  const void* WS;
-  int64_t ngp;
-  const int64_t* g0;   // [nblocks]: first group of the block
-  const int32_t* gidx;  // [nblocks][P][8]: group of each dword, relative to g0
-};
 
 // The lookup tables of the bit width (see rows_int8), built once per call. A: 4 bits, index = code;
 // 2 bits, index bits 0-1; B (2 bits): index bits 2-3. 3 bits: the four index forms of the layout,
@@ -82,12 +54,6 @@ inline __m256 load_scales(const void* WS, int64_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
   return _mm256_loadu_ps(static_cast<const float*>(WS) + i);
-}
-
-// The 4 rows' sums of 8 floats each, in row order.
-inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
 // Groups of 64 columns (G64, the library's default; Q = 2): dword q (of either half) of merge j
@@ -131,6 +97,9 @@ inline void group_scales64(const ScaleMap& sm, int64_t row, int64_t b, __m256 (&
   }
 }
 
+// NR weight rows of a tile (rows r0 .., all blocks) against activation rows m0 .. m0 + MC - 1, into
+// res[mc][r]. NR * MC <= 4 float accumulators; NR = 4 at M = 1 reads the tile front to back (the 4
+// rows are interleaved block by block), so the weight stream is one sequential run per thread.
 template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
 inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
                       int64_t m0, float (*res)[4]) {
@@ -264,122 +233,17 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
   }
 }
 
-// Row n of the [N, ng] scales as fp32 into dst[0:ng], the bf16 widening vectorized: one scale per
-// 64 weights, and the scalar loops were ~15% of a 4-bit M = 1 call's kernel instructions
-// (callgrind, 1536x576: 546K -> 506K per call).
-inline void row_f32(const void* src, int stype, int64_t n, int64_t ng, float* dst) {
-  if (stype == kBF16) bf16_to_f32_avx2(static_cast<const uint16_t*>(src) + n * ng, dst, ng);
-  else load_row_f32(src, stype, n, ng, dst);
-}
-
-// Row tiles [t0, t1) with their scales read as SRC says (see ScaleMap; kBuffered converts each
-// tile's 4 rows into WSp first).
-template <int BITS, int Q, int SRC, bool G64>
-void tiles_int8(const Int8Args& a, const Tables& tab, int64_t t0, int64_t t1, float* WSp, float* off) {
-  constexpr int BB = BITS == 3 ? 96 : 64;
-  const int64_t ng = a.ng, nb = a.nblocks;
-  const int64_t ngp = SRC == kBuffered ? ng + 8 : ng;
-  alignas(16) float res[4][4];  // [mc][row of the tile]
-  for (int64_t t = t0; t < t1; ++t) {
-    ScaleMap sm{WSp, ngp, a.g0, a.gidx};
-    if (SRC != kBuffered) sm.WS = static_cast<const char*>(a.scales) + 4 * t * ng * (SRC == kDirectBF16 ? 2 : 4);
-    // Rows to prepare: buffered scales, offsets or padding rows; none for a whole tile read in place
-    // (per-tile work counts on short rows: K = 576 is 5 blocks per tile at 4 bits).
-    const bool prep = SRC == kBuffered || a.offsets || 4 * t + 4 > a.N;
-    for (int r = 0; r < 4 && prep; ++r) {
-      const int64_t n = 4 * t + r;
-      if (n >= a.N) {  // padding rows of the last tile: computed (codes 0), never written
-        if (SRC == kBuffered)
-          for (int64_t i = 0; i < ng; ++i) WSp[r * ngp + i] = 0.f;
-        continue;
-      }
-      if (SRC == kBuffered) row_f32(a.scales, a.stype, n, ng, WSp + r * ngp);
-      if (a.offsets) load_row_f32(a.offsets, a.stype, n, ng, off + r * ng);
-    }
-    const uint8_t* tile = a.qw + t * nb * 4 * BB;
-    if (a.M == 1 && !prep) {  // decode, a whole tile without offsets: its 4 outputs stored directly
-      rows_int8<BITS, Q, SRC, 4, 1, G64>(a, tab, tile, 0, sm, 0, res);
-      _mm_storeu_ps(a.out + 4 * t, _mm_load_ps(res[0]));
-      continue;
-    }
-    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-      const int64_t mc = min64(4, a.M - m0);
-      switch (mc) {
-        case 1: rows_int8<BITS, Q, SRC, 4, 1, G64>(a, tab, tile, 0, sm, m0, res); break;
-        case 2:
-          rows_int8<BITS, Q, SRC, 2, 2, G64>(a, tab, tile, 0, sm, m0, res);
-          rows_int8<BITS, Q, SRC, 2, 2, G64>(a, tab, tile, 2, sm, m0, res);
-          break;
-        case 3:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 3, G64>(a, tab, tile, r, sm, m0, res);
-          break;
-        default:
-          for (int r = 0; r < 4; ++r) rows_int8<BITS, Q, SRC, 1, 4, G64>(a, tab, tile, r, sm, m0, res);
-      }
-      if (!a.offsets && 4 * t + 4 <= a.N) {  // a whole tile: 4 outputs per activation row
-        for (int64_t i = 0; i < mc; ++i) _mm_storeu_ps(a.out + (m0 + i) * a.N + 4 * t, _mm_load_ps(res[i]));
-        continue;
-      }
-      for (int r = 0; r < 4 && 4 * t + r < a.N; ++r) {
-        for (int64_t i = 0; i < mc; ++i) {
-          float v = res[i][r];
-          if (a.offsets) {
-            float o = 0.f;
-            for (int64_t g = 0; g < ng; ++g) o += off[r * ng + g] * a.xsum[(m0 + i) * ng + g];
-            v += o;
-          }
-          a.out[(m0 + i) * a.N + 4 * t + r] = v;
-        }
-      }
-    }
+// The AVX2 kernel as int8_tiles.h's driver calls it.
+struct Avx2Int8 {
+  using Tables = flute_cpu::Tables;
+  template <int BITS>
+  static Tables tables(const uint8_t* tu) { return make_tables<BITS>(tu); }
+  template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
+  static void rows(const Int8Args& a, const Tables& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
+                   int64_t m0, float (*res)[4]) {
+    rows_int8<BITS, Q, SRC, NR, MC, G64>(a, tab, tile, r0, sm, m0, res);
   }
-}
-
-template <int BITS, int Q, bool G64>
-void gemm_int8_bits(const Int8Args& a, int64_t t0, int64_t t1) {
-  const Tables tab = make_tables<BITS>(a.tu);
-  const int64_t ng = a.ng;
-  const int64_t ngp = ng + 8;
-  // Per-tile scales (buffered tiles) and offsets of 4 rows: on the stack for up to ~1000 groups per
-  // row (a small call should not pay for heap allocations), else on the heap.
-  constexpr int64_t kStackFloats = 4096;
-  float stack_buf[kStackFloats];
-  const int64_t need = 4 * ngp + 4 * ng;
-  FloatBuf heap(need > kStackFloats ? need : 0);
-  float* const WSp = need > kStackFloats ? heap.data() : stack_buf;
-  float* const off = WSp + 4 * ngp;
-  for (int64_t i = 0; i < 4 * ngp; ++i) WSp[i] = 0.f;  // the 8 padding scales per row stay zero
-  // Tiles whose 8-scale loads stay inside the scales tensor read it in place: the last row's
-  // loads reach at most 7 scales past its last group.
-  int64_t t_direct = t0;
-  if (a.stype != kF16) {
-    const int64_t last_ok = (a.N * ng - 7) / ng - 4;  // (4 t + 4) * ng + 7 <= N * ng
-    t_direct = last_ok < 0 ? t0 : min64(t1, last_ok / 4 + 1);
-    if (t_direct < t0) t_direct = t0;
-  }
-  if (t_direct > t0) {
-    if (a.stype == kBF16) tiles_int8<BITS, Q, kDirectBF16, G64>(a, tab, t0, t_direct, WSp, off);
-    else tiles_int8<BITS, Q, kDirectF32, G64>(a, tab, t0, t_direct, WSp, off);
-  }
-  if (t_direct < t1) tiles_int8<BITS, Q, kBuffered, G64>(a, tab, t_direct, t1, WSp, off);
-}
-
-// One instantiation per bit width and merge width Q (parts added as int32: see Int8Args), and one
-// more for groups of 64 (group_scales64).
-template <int BITS>
-void gemm_int8_merge(const Int8Args& a, int64_t t0, int64_t t1) {
-  if (a.merge == 1) {
-    gemm_int8_bits<BITS, 1, false>(a, t0, t1);
-  } else if (a.merge == 2 && a.G == 64) {
-    gemm_int8_bits<BITS, 2, true>(a, t0, t1);
-  } else if constexpr (BITS == 4) {
-    gemm_int8_bits<BITS, 2, false>(a, t0, t1);
-  } else if (a.merge == 2) {
-    gemm_int8_bits<BITS, 2, false>(a, t0, t1);
-  } else {
-    gemm_int8_bits<BITS, 4, false>(a, t0, t1);
-  }
-}
+};
 
 }  // namespace
 
@@ -459,13 +323,7 @@ bool quantize_x_int8_avx2(const float* xf, int bits, int8_t* dst, int16_t* corr,
   }
 }
 
-void gemm_int8_avx2(const Int8Args& a, int64_t t0, int64_t t1) {
-  switch (a.bits) {
-    case 2: gemm_int8_merge<2>(a, t0, t1); break;
-    case 3: gemm_int8_merge<3>(a, t0, t1); break;
-    default: gemm_int8_merge<4>(a, t0, t1); break;
-  }
-}
+void gemm_int8_avx2(const Int8Args& a, int64_t t0, int64_t t1) { gemm_int8_dispatch<Avx2Int8>(a, t0, t1); }
 
 }  // namespace flute_cpu
 #endif

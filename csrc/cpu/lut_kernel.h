@@ -1,7 +1,7 @@
 // flute CPU lookup-table kernel: the interface shared by the ISA paths and the torch binding.
 //
 // Plain C++ (no torch headers), so each ISA path is its own translation unit compiled with its own
-// flags (kernel_avx512.cpp, kernel_avx2.cpp, kernel_portable.cpp). Everything defined in this
+// flags (kernel_avx512.cpp, kernel_avx2.cpp, kernel_int8_*.cpp, kernel_portable.cpp). Everything defined in this
 // header is `static` (internal linkage): a helper compiled with -mavx512f in one TU can never be
 // picked by the linker for another TU.
 //
@@ -118,6 +118,12 @@ struct Int8Args {
   const int32_t* gidx;    // [nblocks][P][8]
   uint8_t tu[16];         // u = t7 + 64 per code (2 bits: entries 0..3)
   float* out;             // [M, N] fp32
+  // The AVX-512 VNNI kernel only (int8_prepare_avx512 fills them and reorders xq into
+  // [nblocks][M][P][reg][32]): the chunk factor of each int16 of a part's 64-byte register
+  // [nblocks][M][P][32], and each merge's int32 start value, minus 64 * the sum over its parts of
+  // k * (the 4 activation bytes of the dword), [nblocks][M][P / Q][16].
+  const int16_t* xk2 = nullptr;
+  const int32_t* xinit = nullptr;
 };
 
 // Column within its block of byte (reg, h, q, i), part p (see Int8Args).
@@ -176,6 +182,11 @@ bool quantize_x_int8_avx2(const float*, int, int8_t*, int16_t*, int16_t*, float*
 // high bits as 16 uint16 lane masks (uint16 s, bit j).
 void legacy_3bit_tile_avx2(const uint8_t* src, uint8_t* dst, int64_t rowblocks);
 void gemm_avx512(const GemmArgs&, int64_t, int64_t);
+// The int8 mode on AVX-512 with VBMI and VNNI (kernel_int8_avx512.cpp), after
+// int8_prepare_avx512 over the call's nblocks * M block-rows of activations.
+void gemm_int8_avx512(const Int8Args&, int64_t, int64_t);
+void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const int16_t* xk, int16_t* xk2,
+                         int32_t* xinit);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
 #endif

@@ -1,0 +1,246 @@
+// flute CPU kernel, int8 mode (see Int8Args in lut_kernel.h), AVX-512 with VBMI and VNNI (Ice Lake,
+// Sapphire Rapids, Zen 4 and later). The integer sums are those of the AVX2 kernel; per 64-byte
+// register it needs far fewer operations:
+// - One zmm holds both 32-byte registers (reg 0 in the low 256 bits, reg 1 in the high) of one part,
+//   so every operation covers 64 weights.
+// - The lookup is `vpermb` on a 64-entry table, which ignores index bits 6-7, and each table
+//   ignores the other index bits it does not need (make_tables): no AND per index register.
+//   3 bits: each 32-byte register R0, R1, R2 of the layout is loaded broadcast into both halves
+//   and the high half shifted by 4 (one masked shift), which gives reg 0 and reg 1 of its parts;
+//   the parts 2 and 3 take their high bit by one `vpternlogd` bit select.
+// - `vpmaddubsw` (u8 table value x s8 activation, pairs into int16, no saturation: see Int8Args),
+//   then `vpdpwssd` multiplies the int16 pairs by the chunk factor k and adds them into int32:
+//   two operations per part where AVX2 needs six for half the width.
+// - The correction 64 * sum(x8 * k) enters as the int32 start value of each merge (xinit, computed
+//   once per call): the uncorrected int32 sums may wrap in between, but wrapping arithmetic is
+//   exact modulo 2^32 and the corrected total fits (Int8Args), so the result is exact.
+// - The float epilogue stays per merge (one conversion, scale product and FMA on 16 dwords).
+// The activations are read in their own order, [block][m][part][reg][32 bytes] (int8_prepare_avx512
+// reorders the AVX2 order in place).
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "avx2_common.h"
+#include "int8_tiles.h"
+
+namespace flute_cpu {
+namespace {
+
+// The lookup tables as 64-entry `vpermb` tables. 4 bits: index bits 0-3 (the high nibble arrives
+// with the next byte's low bits at 4-7 after a 16-bit shift; 4-5 ignored here, 6-7 by vpermb).
+// 2 bits: A bits 0-1, B bits 2-3 (the same register serves two parts). 3 bits: the layout's four
+// index forms as in the AVX2 kernel: A code at bits 0-2, B at bits 1-3, C low field at bits 0-1
+// and high bit at bit 3, D low field at bits 2-3 and high bit at bit 0.
+struct Tables512 {
+  __m512i A, B, C, D;
+};
+template <int BITS>
+inline Tables512 make_tables512(const uint8_t* tu) {
+  alignas(64) uint8_t ta[64], tb[64], tc[64], td[64];
+  for (int i = 0; i < 64; ++i) {
+    if (BITS == 3) {
+      ta[i] = tu[i & 7];
+      tb[i] = tu[(i >> 1) & 7];
+      tc[i] = tu[(i & 3) | ((i >> 3) & 1) << 2];
+      td[i] = tu[((i >> 2) & 3) | (i & 1) << 2];
+    } else {
+      ta[i] = BITS == 4 ? tu[i & 15] : tu[i & 3];
+      tb[i] = tu[(i >> 2) & 3];
+      tc[i] = td[i] = 0;
+    }
+  }
+  return {_mm512_load_si512(ta), _mm512_load_si512(tb), _mm512_load_si512(tc), _mm512_load_si512(td)};
+}
+
+// 8 consecutive group scales (the general path's vpermps source), fp32.
+template <int SRC>
+inline __m256 load_scales8(const void* WS, int64_t i) {
+  if (SRC == kDirectBF16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(WS) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(WS) + i);
+}
+
+// Groups of 64 columns: the group pattern of each merge's dwords as in the AVX2 kernel's
+// group_scales64 (4 bits: 0, 1, 0, 1 per 128-bit lane; 2 and 3 bits: 0, 2, 0, 2 and 1, 3, 1, 3),
+// the same in all four lanes.
+template <int BITS, int SRC>
+inline void group_scales64_512(const ScaleMap& sm, int64_t row, int64_t b, __m512 (&wg)[BITS == 4 ? 1 : 2]) {
+  constexpr int GPB = BITS == 4 ? 2 : 4;
+  const int64_t i = row * sm.ngp + GPB * b;
+  if (SRC == kDirectBF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(sm.WS) + i;
+    if (BITS == 4) {
+      int32_t v;
+      std::memcpy(&v, s, 4);
+      const __m512i spread = _mm512_set4_epi32(0x03020000 | 0xFFFF, 0x01000000 | 0xFFFF, 0x03020000 | 0xFFFF,
+                                               0x01000000 | 0xFFFF);
+      wg[0] = _mm512_castsi512_ps(_mm512_shuffle_epi8(_mm512_set1_epi32(v), spread));
+    } else {
+      int64_t v;
+      std::memcpy(&v, s, 8);
+      const __m512i y = _mm512_set1_epi64(v);
+      wg[0] = _mm512_castsi512_ps(_mm512_slli_epi32(y, 16));
+      wg[1] = _mm512_castsi512_ps(_mm512_and_si512(y, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+    }
+  } else {
+    const float* f = static_cast<const float*>(sm.WS) + i;
+    if (BITS == 4) {
+      double d;
+      std::memcpy(&d, f, 8);
+      wg[0] = _mm512_castpd_ps(_mm512_set1_pd(d));
+    } else {
+      const __m512 z = _mm512_broadcast_f32x4(_mm_loadu_ps(f));
+      wg[0] = _mm512_permute_ps(z, 0x88);
+      wg[1] = _mm512_permute_ps(z, 0xDD);
+    }
+  }
+}
+
+inline __m256 fold(__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
+
+// NR weight rows of a tile against MC activation rows (as the AVX2 kernel's rows_int8).
+template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
+inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
+                          int64_t m0, float (*res)[4]) {
+  constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P, NM = P / Q;
+  static_assert(P % Q == 0, "merged parts come in whole groups of Q");
+  // In each 128-bit lane, dword q <- byte q of each of the lane's 4 code dwords (bytes_by_position).
+  const __m512i by_pos = _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400);
+  const __m512i m03 = _mm512_set1_epi8(0x03), m0C = _mm512_set1_epi8(0x0C);
+  constexpr __mmask32 kHigh = 0xFFFF0000u;  // the words of the upper 256 bits (reg 1)
+  const int64_t M = a.M, nb = a.nblocks;
+  __m512 facc[NR][MC];
+  for (int r = 0; r < NR; ++r)
+    for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm512_setzero_ps();
+  auto block = [&](int64_t b, auto fast_c) {
+    constexpr bool FAST = decltype(fast_c)::value;
+    __m512 ub[MC];
+    for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm512_set1_ps(a.xu[b * M + m0 + mc]);
+    if (r0 == 0) {
+      const char* ahead = reinterpret_cast<const char*>(tile + b * 4 * BB) + kPrefetchBytes;
+      for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* rb = tile + (b * 4 + r0 + r) * BB;
+      __m512i u[P];
+      if (BITS == 3) {
+        // [R | R >> 4]: reg 0's codes in the low half, reg 1's (4 bits up in the same bytes) in the high
+        const __m512i B0 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
+        const __m512i B1 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
+        const __m512i B2 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64)));
+        const __m512i i0 = _mm512_mask_srli_epi16(B0, kHigh, B0, 4);
+        const __m512i i1 = _mm512_mask_srli_epi16(B1, kHigh, B1, 4);
+        const __m512i i2 = _mm512_mask_srli_epi16(B2, kHigh, B2, 4);
+        u[0] = _mm512_permutexvar_epi8(i0, tab.A);
+        u[1] = _mm512_permutexvar_epi8(i1, tab.B);
+        // bit select (0xCA: mask ? i2 : other): the low field from R2, the high bit from R0 / R1
+        u[2] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(m03, i2, i0, 0xCA), tab.C);
+        u[3] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(m0C, i2, i1, 0xCA), tab.D);
+      } else {
+        const __m512i c = _mm512_shuffle_epi8(_mm512_loadu_si512(rb), by_pos);
+        const __m512i cs = _mm512_srli_epi16(c, 4);
+        if (BITS == 4) {
+          u[0] = _mm512_permutexvar_epi8(c, tab.A);
+          u[1] = _mm512_permutexvar_epi8(cs, tab.A);
+        } else {
+          u[0] = _mm512_permutexvar_epi8(c, tab.A);
+          u[1] = _mm512_permutexvar_epi8(c, tab.B);
+          u[2] = _mm512_permutexvar_epi8(cs, tab.A);
+          u[3] = _mm512_permutexvar_epi8(cs, tab.B);
+        }
+      }
+      __m256 wv;
+      __m512 wg[BITS == 4 ? 1 : 2];
+      if constexpr (FAST) group_scales64_512<BITS, SRC>(sm, r0 + r, b, wg);
+      else wv = load_scales8<SRC>(sm.WS, (r0 + r) * sm.ngp + sm.g0[b]);
+      const int32_t* gi = sm.gidx + b * P * 8;
+      for (int mc = 0; mc < MC; ++mc) {
+        const int64_t bm = b * M + m0 + mc;
+        const int8_t* xb = a.xq + bm * COLS;
+        const int16_t* xk = a.xk2 + bm * P * 32;
+        const int32_t* xi = a.xinit + bm * NM * 16;
+        __m512 wu = ub[mc];
+        if constexpr (!FAST) wu = _mm512_mul_ps(_mm512_castps256_ps512(wv), wu);
+        for (int j = 0; j < NM; ++j) {
+          __m512i isum = _mm512_loadu_si512(xi + j * 16);
+          for (int p = j * Q; p < j * Q + Q; ++p) {
+            const __m512i s16 = _mm512_maddubs_epi16(u[p], _mm512_loadu_si512(xb + p * 64));
+            isum = _mm512_dpwssd_epi32(isum, s16, _mm512_loadu_si512(xk + p * 32));
+          }
+          __m512 ws;
+          if constexpr (FAST) {
+            ws = _mm512_mul_ps(wg[j], wu);
+          } else {
+            const __m512i gidx = _mm512_broadcast_i32x8(
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gi + (j * Q + Q - 1) * 8)));
+            ws = _mm512_permutexvar_ps(gidx, wu);
+          }
+          facc[r][mc] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), ws, facc[r][mc]);
+        }
+      }
+    }
+  };
+  int64_t b = 0;
+  if constexpr (G64 && MC != 2) {
+    const int64_t nfast = SRC == kBuffered ? nb : min64(nb, a.ng / (BITS == 4 ? 2 : 4));
+    for (; b < nfast; ++b) block(b, std::true_type{});
+  }
+  for (; b < nb; ++b) block(b, std::false_type{});
+  if (NR == 4) {
+    for (int mc = 0; mc < MC; ++mc)
+      _mm_storeu_ps(res[mc], hsum4(fold(facc[0][mc]), fold(facc[1 % NR][mc]), fold(facc[2 % NR][mc]),
+                                   fold(facc[3 % NR][mc])));
+  } else {
+    for (int r = 0; r < NR; ++r)
+      for (int mc = 0; mc < MC; ++mc) res[mc][r0 + r] = hsum(fold(facc[r][mc]));
+  }
+}
+
+struct Avx512Int8 {
+  using Tables = Tables512;
+  template <int BITS>
+  static Tables tables(const uint8_t* tu) { return make_tables512<BITS>(tu); }
+  template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
+  static void rows(const Int8Args& a, const Tables& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
+                   int64_t m0, float (*res)[4]) {
+    rows_int8_512<BITS, Q, SRC, NR, MC, G64>(a, tab, tile, r0, sm, m0, res);
+  }
+};
+
+}  // namespace
+
+void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const int16_t* xk, int16_t* xk2,
+                         int32_t* xinit) {
+  const int P = int8_parts(bits), NM = P / merge, COLS = 64 * P;
+  alignas(64) int8_t tmp[256];
+  for (int64_t br = 0; br < rows; ++br) {
+    int8_t* x = xq + br * COLS;
+    const int16_t* k = xk + br * P * 16;
+    std::memcpy(tmp, x, COLS);
+    for (int p = 0; p < P; ++p)
+      for (int reg = 0; reg < 2; ++reg) std::memcpy(x + (2 * p + reg) * 32, tmp + (reg * P + p) * 32, 32);
+    for (int p = 0; p < P; ++p)
+      for (int w = 0; w < 32; ++w) xk2[(br * P + p) * 32 + w] = k[p * 16 + (w & 15)];
+    for (int j = 0; j < NM; ++j)
+      for (int d = 0; d < 16; ++d) {  // dword d of the zmm: reg d / 8, half (d / 4) % 2, dword q = d % 4
+        const int reg = d >> 3, h = (d >> 2) & 1, q = d & 3;
+        int32_t c = 0;
+        for (int p = j * merge; p < j * merge + merge; ++p) {
+          const int8_t* xb = x + (2 * p + reg) * 32 + 16 * h + 4 * q;
+          c += k[p * 16 + 8 * h + 2 * q] * (xb[0] + xb[1] + xb[2] + xb[3]);
+        }
+        xinit[(br * NM + j) * 16 + d] = -64 * c;
+      }
+  }
+}
+
+void gemm_int8_avx512(const Int8Args& a, int64_t t0, int64_t t1) { gemm_int8_dispatch<Avx512Int8>(a, t0, t1); }
+
+}  // namespace flute_cpu
+#endif
