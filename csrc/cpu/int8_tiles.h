@@ -8,6 +8,10 @@
 //   static void rows(const Int8Args&, const Tables&, const uint8_t* tile, int r0, const ScaleMap&,
 //                    int64_t m0, float (*res)[4]);  NR weight rows from r0 against MC activation
 //                                                   rows from m0, into res[mc][r]
+//   static constexpr bool kTilePairs;               whether it has pair(): M = 1, tiles t and
+//   template <int BITS, int Q, int SRC, bool G64>   t + dt read together, into res[0] and res[1]
+//   static void pair(const Int8Args&, const Tables&, const uint8_t* tile, int64_t dt, const ScaleMap&,
+//                    float (*res)[4]);
 // Included only from translation units compiled for x86 SIMD; internal linkage (lut_kernel.h).
 #pragma once
 #if defined(__x86_64__) || defined(_M_X64)
@@ -59,6 +63,23 @@ void tiles_int8(const Int8Args& a, const typename KER::Tables& tab, int64_t t0, 
   const int64_t ng = a.ng, nb = a.nblocks;
   const int64_t ngp = SRC == kBuffered ? ng + 8 : ng;
   alignas(16) float res[4][4];  // [mc][row of the tile]
+  if constexpr (KER::kTilePairs && SRC != kBuffered) {
+    // Decode without offsets: tiles t and t + H in one pass over their blocks (KER::pair), two
+    // sequential streams far apart per thread. One core of a Sapphire Rapids VM streams 10-11 GB/s
+    // from one run and 12-13 GB/s from two; the AVX-512 kernel took 8-15% less time at 4 bits and
+    // 4-10% at 2 and 3 bits (benchmarks/CPU_NOTES.md item 89).
+    const int64_t H = (t1 - t0) / 2;
+    if (a.M == 1 && !a.offsets && H > 0 && 4 * (t0 + 2 * H) <= a.N) {
+      const int64_t tile_bytes = nb * 4 * BB, row_scales = 4 * ng * (SRC == kDirectBF16 ? 2 : 4);
+      for (int64_t t = t0; t < t0 + H; ++t) {
+        const ScaleMap sm{static_cast<const char*>(a.scales) + t * row_scales, ng, a.g0, a.gidx};
+        KER::template pair<BITS, Q, SRC, G64>(a, tab, a.qw + t * tile_bytes, H, sm, res);
+        _mm_storeu_ps(a.out + 4 * t, _mm_load_ps(res[0]));
+        _mm_storeu_ps(a.out + 4 * (t + H), _mm_load_ps(res[1]));
+      }
+      t0 += 2 * H;
+    }
+  }
   for (int64_t t = t0; t < t1; ++t) {
     ScaleMap sm{WSp, ngp, a.g0, a.gidx};
     if (SRC != kBuffered) sm.WS = static_cast<const char*>(a.scales) + 4 * t * ng * (SRC == kDirectBF16 ? 2 : 4);

@@ -236,6 +236,9 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
 // The AVX2 kernel as int8_tiles.h's driver calls it.
 struct Avx2Int8 {
   using Tables = flute_cpu::Tables;
+  static constexpr bool kTilePairs = false;  // two streams per thread measured slower on Zen 3 (CPU_NOTES 83c)
+  template <int BITS, int Q, int SRC, bool G64>
+  static void pair(const Int8Args&, const Tables&, const uint8_t*, int64_t, const ScaleMap&, float (*)[4]) {}
   template <int BITS>
   static Tables tables(const uint8_t* tu) { return make_tables<BITS>(tu); }
   template <int BITS, int Q, int SRC, int NR, int MC, bool G64>

@@ -15,6 +15,7 @@
 //   once per call): the uncorrected int32 sums may wrap in between, but wrapping arithmetic is
 //   exact modulo 2^32 and the corrected total fits (Int8Args), so the result is exact.
 // - The float epilogue stays per merge (one conversion, scale product and FMA on 16 dwords).
+// - Decode reads two tiles far apart in one pass (pair(), int8_tiles.h): two streams per thread.
 // The activations are read in their own order, [block][m][part][reg][32 bytes] (int8_prepare_avx512
 // reorders the AVX2 order in place).
 #if defined(__x86_64__) || defined(_M_X64)
@@ -104,9 +105,11 @@ inline void group_scales64_512(const ScaleMap& sm, int64_t row, int64_t b, __m51
 inline __m256 fold(__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
 
 // NR weight rows of a tile against MC activation rows (as the AVX2 kernel's rows_int8).
-template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
+// NT = 2 (M = 1, NR = 4): tile + dt tiles as well, its rows' sums into res[1].
+template <int BITS, int Q, int SRC, int NR, int MC, bool G64, int NT = 1>
 inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
-                          int64_t m0, float (*res)[4]) {
+                          int64_t m0, float (*res)[4], int64_t dt = 0) {
+  static_assert(NT == 1 || (NR == 4 && MC == 1), "tile pairs only for decode");
   constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P, NM = P / Q;
   static_assert(P % Q == 0, "merged parts come in whole groups of Q");
   // In each 128-bit lane, dword q <- byte q of each of the lane's 4 code dwords (bytes_by_position).
@@ -114,20 +117,25 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
   const __m512i m03 = _mm512_set1_epi8(0x03), m0C = _mm512_set1_epi8(0x0C);
   constexpr __mmask32 kHigh = 0xFFFF0000u;  // the words of the upper 256 bits (reg 1)
   const int64_t M = a.M, nb = a.nblocks;
-  __m512 facc[NR][MC];
-  for (int r = 0; r < NR; ++r)
+  const int64_t tile_bytes = nb * 4 * BB;
+  __m512 facc[NT * NR][MC];
+  for (int r = 0; r < NT * NR; ++r)
     for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm512_setzero_ps();
   auto block = [&](int64_t b, auto fast_c) {
     constexpr bool FAST = decltype(fast_c)::value;
     __m512 ub[MC];
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm512_set1_ps(a.xu[b * M + m0 + mc]);
     if (r0 == 0) {
-      const char* ahead = reinterpret_cast<const char*>(tile + b * 4 * BB) + kPrefetchBytes;
-      for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
+      for (int tt = 0; tt < NT; ++tt) {
+        const char* ahead = reinterpret_cast<const char*>(tile + tt * dt * tile_bytes + b * 4 * BB) + kPrefetchBytes;
+        for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
+      }
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* rb = tile + (b * 4 + r0 + r) * BB;
+#pragma GCC unroll 8
+    for (int rr = 0; rr < NT * NR; ++rr) {
+      const int tt = rr / NR, r = rr % NR;  // tile pairs: the second tile's rows are 4 * dt further
+      const uint8_t* rb = tile + tt * dt * tile_bytes + (b * 4 + r0 + r) * BB;
+      const int64_t srow = r0 + r + 4 * dt * tt;
       __m512i u[P];
       if (BITS == 3) {
         // [R | R >> 4]: reg 0's codes in the low half, reg 1's (4 bits up in the same bytes) in the high
@@ -157,8 +165,8 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
       }
       __m256 wv;
       __m512 wg[BITS == 4 ? 1 : 2];
-      if constexpr (FAST) group_scales64_512<BITS, SRC>(sm, r0 + r, b, wg);
-      else wv = load_scales8<SRC>(sm.WS, (r0 + r) * sm.ngp + sm.g0[b]);
+      if constexpr (FAST) group_scales64_512<BITS, SRC>(sm, srow, b, wg);
+      else wv = load_scales8<SRC>(sm.WS, srow * sm.ngp + sm.g0[b]);
       const int32_t* gi = sm.gidx + b * P * 8;
       for (int mc = 0; mc < MC; ++mc) {
         const int64_t bm = b * M + m0 + mc;
@@ -181,7 +189,7 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gi + (j * Q + Q - 1) * 8)));
             ws = _mm512_permutexvar_ps(gidx, wu);
           }
-          facc[r][mc] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), ws, facc[r][mc]);
+          facc[rr][mc] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), ws, facc[rr][mc]);
         }
       }
     }
@@ -193,9 +201,10 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
   }
   for (; b < nb; ++b) block(b, std::false_type{});
   if (NR == 4) {
-    for (int mc = 0; mc < MC; ++mc)
-      _mm_storeu_ps(res[mc], hsum4(fold(facc[0][mc]), fold(facc[1 % NR][mc]), fold(facc[2 % NR][mc]),
-                                   fold(facc[3 % NR][mc])));
+    for (int tt = 0; tt < NT; ++tt)
+      for (int mc = 0; mc < MC; ++mc)
+        _mm_storeu_ps(res[tt + mc], hsum4(fold(facc[4 * tt][mc]), fold(facc[4 * tt + 1][mc]),
+                                          fold(facc[4 * tt + 2][mc]), fold(facc[4 * tt + 3][mc])));
   } else {
     for (int r = 0; r < NR; ++r)
       for (int mc = 0; mc < MC; ++mc) res[mc][r0 + r] = hsum(fold(facc[r][mc]));
@@ -204,6 +213,12 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
 
 struct Avx512Int8 {
   using Tables = Tables512;
+  static constexpr bool kTilePairs = true;
+  template <int BITS, int Q, int SRC, bool G64>
+  static void pair(const Int8Args& a, const Tables& tab, const uint8_t* tile, int64_t dt, const ScaleMap& sm,
+                   float (*res)[4]) {
+    rows_int8_512<BITS, Q, SRC, 4, 1, G64, 2>(a, tab, tile, 0, sm, 0, res, dt);
+  }
   template <int BITS>
   static Tables tables(const uint8_t* tu) { return make_tables512<BITS>(tu); }
   template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
