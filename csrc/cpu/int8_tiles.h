@@ -47,6 +47,35 @@ struct ScaleMap {
   const int32_t* gidx;  // [nblocks][P][8]: group of each dword, relative to g0
 };
 
+// Entry i of lookup table `which` (0-3: A, B, C, D) of the bit width, as both kernels build them:
+// 4 bits, A indexed by the code in bits 0-3; 2 bits, A by bits 0-1 and B by bits 2-3; 3 bits, the
+// layout's four index forms: A code at bits 0-2, B code at bits 1-3, C low field at bits 0-1 and high
+// bit at bit 3, D low field at bits 2-3 and high bit at bit 0. Each ignores its other index bits
+// (i < 16 for vpshufb, < 64 for vpermb).
+template <int BITS>
+inline uint8_t int8_table_entry(const uint8_t* tu, int which, int i) {
+  if (BITS == 3) {
+    switch (which) {
+      case 0: return tu[i & 7];
+      case 1: return tu[(i >> 1) & 7];
+      case 2: return tu[(i & 3) | ((i >> 3) & 1) << 2];
+      default: return tu[((i >> 2) & 3) | (i & 1) << 2];
+    }
+  }
+  if (which == 0) return BITS == 4 ? tu[i & 15] : tu[i & 3];
+  return which == 1 && BITS == 2 ? tu[(i >> 2) & 3] : 0;
+}
+
+// 8 consecutive group scales of a row as fp32 (the general path's vpermps source).
+template <int SRC>
+inline __m256 load_scales8(const void* WS, int64_t i) {
+  if (SRC == kDirectBF16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(WS) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(WS) + i);
+}
+
 // Row n of the [N, ng] scales as fp32 into dst[0:ng], the bf16 widening vectorized: one scale per
 // 64 weights, and the scalar loops were ~15% of a 4-bit M = 1 call's kernel instructions
 // (callgrind, 1536x576: 546K -> 506K per call).

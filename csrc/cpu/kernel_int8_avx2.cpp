@@ -28,32 +28,13 @@ struct Tables {
 };
 template <int BITS>
 inline Tables make_tables(const uint8_t* tu) {
-  alignas(16) uint8_t ta[16], tb[16], tc[16], td[16];
-  for (int i = 0; i < 16; ++i) {
-    if (BITS == 3) {  // the four index forms of the 3-bit layout (see rows_int8)
-      ta[i] = tu[i & 7];                              // code at bits 0-2
-      tb[i] = tu[i >> 1];                             // code at bits 1-3
-      tc[i] = tu[(i & 3) | ((i >> 3) << 2)];          // low field at bits 0-1, high bit at bit 3
-      td[i] = tu[((i >> 2) & 3) | ((i & 1) << 2)];    // low field at bits 2-3, high bit at bit 0
-    } else {
-      ta[i] = BITS == 4 ? tu[i] : tu[i & 3];
-      tb[i] = tu[(i >> 2) & 3];
-      tc[i] = td[i] = 0;
-    }
-  }
+  alignas(16) uint8_t t[4][16];
+  for (int w = 0; w < 4; ++w)
+    for (int i = 0; i < 16; ++i) t[w][i] = int8_table_entry<BITS>(tu, w, i);
   auto bc = [](const uint8_t* t) {
     return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
   };
-  return {bc(ta), bc(tb), bc(tc), bc(td)};
-}
-
-template <int SRC>
-inline __m256 load_scales(const void* WS, int64_t i) {
-  if (SRC == kDirectBF16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(WS) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  return _mm256_loadu_ps(static_cast<const float*>(WS) + i);
+  return {bc(t[0]), bc(t[1]), bc(t[2]), bc(t[3])};
 }
 
 // Groups of 64 columns (G64, the library's default; Q = 2): dword q (of either half) of merge j
@@ -183,7 +164,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
       }
       __m256 wv, wg[BITS == 4 ? 1 : 2];
       if constexpr (FAST) group_scales64<BITS, SRC>(sm, r0 + r, b, wg);
-      else wv = load_scales<SRC>(sm.WS, (r0 + r) * sm.ngp + sm.g0[b]);
+      else wv = load_scales8<SRC>(sm.WS, (r0 + r) * sm.ngp + sm.g0[b]);
       const int32_t* gi = sm.gidx + b * P * 8;
       for (int mc = 0; mc < MC; ++mc) {
         const int64_t bm = b * M + m0 + mc;

@@ -40,30 +40,10 @@ struct Tables512 {
 };
 template <int BITS>
 inline Tables512 make_tables512(const uint8_t* tu) {
-  alignas(64) uint8_t ta[64], tb[64], tc[64], td[64];
-  for (int i = 0; i < 64; ++i) {
-    if (BITS == 3) {
-      ta[i] = tu[i & 7];
-      tb[i] = tu[(i >> 1) & 7];
-      tc[i] = tu[(i & 3) | ((i >> 3) & 1) << 2];
-      td[i] = tu[((i >> 2) & 3) | (i & 1) << 2];
-    } else {
-      ta[i] = BITS == 4 ? tu[i & 15] : tu[i & 3];
-      tb[i] = tu[(i >> 2) & 3];
-      tc[i] = td[i] = 0;
-    }
-  }
-  return {_mm512_load_si512(ta), _mm512_load_si512(tb), _mm512_load_si512(tc), _mm512_load_si512(td)};
-}
-
-// 8 consecutive group scales (the general path's vpermps source), fp32.
-template <int SRC>
-inline __m256 load_scales8(const void* WS, int64_t i) {
-  if (SRC == kDirectBF16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(WS) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  return _mm256_loadu_ps(static_cast<const float*>(WS) + i);
+  alignas(64) uint8_t t[4][64];
+  for (int w = 0; w < 4; ++w)
+    for (int i = 0; i < 64; ++i) t[w][i] = int8_table_entry<BITS>(tu, w, i);
+  return {_mm512_load_si512(t[0]), _mm512_load_si512(t[1]), _mm512_load_si512(t[2]), _mm512_load_si512(t[3])};
 }
 
 // Groups of 64 columns: the group pattern of each merge's dwords as in the AVX2 kernel's
