@@ -206,6 +206,23 @@ def set_cpu_isa(name: str) -> str:
     return torch.ops.flute.cpu_set_isa(name)
 
 
+def get_cpu_amx() -> bool:
+    """Whether bf16 activations of 16 to 192 rows take the CPU kernel's AMX path (CPUs with
+    AMX-BF16, e.g. Sapphire Rapids: decoded weight tiles multiplied by ``tdpbf16ps``; weights
+    ``bf16(table[q] * s + o)`` as in the panel path, fp32 sums). On where the CPU and Linux offer
+    AMX tiles unless the environment variable ``FLUTE_CPU_AMX=0`` was set at import; only on the
+    ``"avx512"`` path."""
+    return bool(torch.ops.flute.cpu_amx()) if HAS_CPU_KERNEL else False
+
+
+def set_cpu_amx(on: bool) -> bool:
+    """Turn the CPU kernel's AMX path (see :func:`get_cpu_amx`) on or off. Raises if turned on
+    where the CPU or its Linux kernel offers no AMX-BF16 tiles. Returns the new state."""
+    if not HAS_CPU_KERNEL:
+        raise RuntimeError(f"flute: the CPU kernel is not built ({CPU_KERNEL_ERROR})")
+    return bool(torch.ops.flute.cpu_set_amx(bool(on)))
+
+
 def get_cpu_mode() -> str:
     """The arithmetic of the CPU kernel's fused path (batches below the panel threshold):
 

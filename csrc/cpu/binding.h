@@ -55,6 +55,10 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out);
 // (AVX512_BF16 CPUs), into out [M, N] fp32 (x2 as for int8_gemm).
 void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float* out);
 
+// The AMX path (kernel_amx.cpp) into out [M, N] fp32: x2 contiguous bf16 with last dimension K, M
+// rows in all; groups of a multiple of 32 columns or one group; only where amx_request() is true.
+void amx_gemm(const at::Tensor& x2, const Weight& w, float* out);
+
 // Per-call temporaries of the fused path (slot 0: the int8 activations, fused_gemm.cpp; slot 1: the
 // fp32 output before its conversion to bf16 or fp16, binding.cpp): `bytes` from a grow-only buffer
 // of the calling thread, 64-byte aligned, or above 16 MB from a tensor put in `hold`. Each

@@ -396,4 +396,36 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
   for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
 }
 
+void amx_gemm(const at::Tensor& x2, const Weight& w, float* out) {
+#if defined(__x86_64__) || defined(_M_X64)
+  const int64_t M = x2.numel() / w.K, mbs = (M + 15) / 16;
+  at::Tensor hold;
+  auto* xb = reinterpret_cast<uint16_t*>(call_scratch(0, w.K_pad * mbs * 16 * 2, hold));
+  amx_prepare_x(reinterpret_cast<const uint16_t*>(x2.data_ptr<c10::BFloat16>()), M, w.K, w.K_pad, xb);
+  GemmArgs a{};
+  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.bits = w.bits;
+  a.K = w.K;
+  a.N = w.N;
+  a.K_pad = w.K_pad;
+  a.N_pad = w.N_pad;
+  a.nblocks = w.nblocks;
+  a.xb = xb;
+  a.M = M;
+  a.scales = w.scales.data_ptr();
+  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.stype = w.stype;
+  a.ng = w.ng;
+  a.cpg = w.ng == 1 ? w.K_pad / 32 : w.G / 32;
+  a.ngp = w.K_pad / 32 / a.cpg + 2;
+  a.table = w.table.data_ptr<float>();
+  a.out = out;
+  const int64_t blocks = (w.N_pad + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(w.K_pad, 1));
+  for_tiles(blocks, grain, [&](int64_t b0, int64_t b1) { gemm_amx(a, b0, b1); });
+#else
+  (void)x2, (void)w, (void)out;
+#endif
+}
+
 }  // namespace flute_cpu::binding

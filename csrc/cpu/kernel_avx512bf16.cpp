@@ -10,55 +10,10 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
-#include "lut_kernel.h"
+#include "avx512bf16_common.h"
 
 namespace flute_cpu {
 namespace {
-
-inline void load_row(const void* src, int stype, int64_t n, int64_t ng, float* dst) {
-  if (stype == kF32) {
-    std::memcpy(dst, static_cast<const float*>(src) + n * ng, ng * sizeof(float));
-    return;
-  }
-  const uint16_t* s = static_cast<const uint16_t*>(src) + n * ng;
-  for (int64_t g = 0; g < ng; g += 16) {
-    const int64_t left = ng - g;
-    const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-    const __m256i h = _mm256_maskz_loadu_epi16(k, s + g);
-    const __m512 v = stype == kBF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-                                    : _mm512_cvtph_ps(h);
-    _mm512_mask_storeu_ps(dst + g, k, v);
-  }
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const int64_t left = n - i;
-    const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-// 16 fp32 values times s, rounded to bf16, repeated twice: a 32-entry vpermw table (index bit 4
-// ignored). 2 and 3 bits: the values already repeat every 4 entries.
-inline __m512i word_table(__m512 t, float s) {
-  const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(t, _mm512_set1_ps(s)));
-  const __m256i hi = (__m256i)h;
-  return _mm512_inserti64x4(_mm512_castsi256_si512(hi), hi, 1);
-}
-
-template <int BITS>
-inline void tables(const float* table, __m512* lo, __m512* hi) {
-  alignas(64) float t[16], h[16];
-  for (int i = 0; i < 16; ++i) {
-    t[i] = BITS == 4 ? table[i] : table[i & 3];
-    h[i] = BITS == 3 ? table[4 + (i & 3)] : 0.f;
-  }
-  *lo = _mm512_load_ps(t);
-  *hi = _mm512_load_ps(h);
-}
 
 constexpr int64_t kPrefetchBytes = 2048;
 
@@ -70,16 +25,10 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const uint8_t* row
                                            const uint16_t* x, const float* sc, float* res,
                                            bool prefetch) {
   constexpr int C = BITS == 4 ? 4 : 8;
-  constexpr int SH = BITS == 4 ? 4 : 2;
   constexpr int BB = 4 * C * BITS;
   __m512 T, TH;
   tables<BITS>(a.table, &T, &TH);
   const int64_t vs = a.M * 32, ngp = a.ngp, cpg = a.cpg;  // x: [K_pad/32 chunks][M][32] bf16
-  // word 2j and 2j + 1 -> shift count j (3-bit high-bit masks)
-  const __m512i hcnt = _mm512_setr_epi32(0, 0x10001, 0x20002, 0x30003, 0x40004, 0x50005, 0x60006,
-                                          0x70007, 0x80008, 0x90009, 0xa000a, 0xb000b, 0xc000c,
-                                          0xd000d, 0xe000e, 0xf000f);
-  const __m512i one16 = _mm512_set1_epi16(1);
   __m512 acc[R][MB];
   __m512 tot[ST ? 1 : R][ST ? 1 : MB];
   __m512i tw[R], th[BITS == 3 ? R : 1];
@@ -110,18 +59,7 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const uint8_t* row
       const uint16_t* xv = x + (b * C + c) * vs;
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const __m512i idx = c ? _mm512_srli_epi32(d[r], SH * c) : d[r];
-        __m512i w = _mm512_permutexvar_epi16(idx, tw[r]);
-        if constexpr (BITS == 3) {
-          // high bits of slots c (low words) and c + C (high words): both uint16 masks in every
-          // lane, word 2j / 2j + 1 shifted right by j, bit 0 tested -> the 32-bit word mask
-          uint16_t m0, m1;
-          std::memcpy(&m0, blk + r * BB + 64 + 2 * c, 2);
-          std::memcpy(&m1, blk + r * BB + 64 + 2 * (c + C), 2);
-          const __m512i hb = _mm512_set1_epi32(int(uint32_t(m0) | (uint32_t(m1) << 16)));
-          const __mmask32 k = _mm512_test_epi16_mask(_mm512_srlv_epi16(hb, hcnt), one16);
-          w = _mm512_mask_permutexvar_epi16(w, k, idx, th[r]);
-        }
+        const __m512i w = decode_chunk<BITS>(blk + r * BB, d[r], c, tw[r], th[BITS == 3 ? r : 0]);
 #pragma GCC unroll 16
         for (int m = 0; m < MB; ++m)
           acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)w,

@@ -189,6 +189,13 @@ void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const in
                          int32_t* xinit);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
+// kernel_amx.cpp (CPUs with AMX-BF16 and AVX512_BF16): amx_request asks Linux for the AMX tile
+// state once per process (true when granted); amx_prepare_x lays bf16 activations [M, K] out as
+// AMX B tiles (a.xb, K_pad * ceil(M / 16) * 16 bf16); gemm_amx computes blocks [b0, b1) of 16
+// weight rows (groups of a multiple of 32 columns, or one group).
+bool amx_request();
+void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb);
+void gemm_amx(const GemmArgs&, int64_t b0, int64_t b1);
 #endif
 
 // ---- small helpers (internal linkage in every TU) ------------------------------------------------
