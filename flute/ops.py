@@ -236,7 +236,8 @@ def get_cpu_mode() -> str:
     * ``"exact"``: fp32 decode and accumulation, matches the float64 reference to ~1e-6.
     * ``"bf16"`` (AVX512_BF16 CPUs): activations and table values rounded to bf16, fp32 sums.
 
-    Batches at or above the panel threshold (32 rows) are exact in every mode.
+    Batches at or above the panel threshold (32 rows) are exact in every mode. On CPUs with AMX
+    (:func:`get_cpu_amx`), bf16 activations of 16 to 192 rows take the AMX path in every mode.
     """
     return torch.ops.flute.cpu_mode() if HAS_CPU_KERNEL else "exact"
 

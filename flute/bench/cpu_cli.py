@@ -97,6 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doc: Dict[str, object] = dict(env, kind="cpu-kernels", mode="quick" if a.quick else "full", **info)
     doc.update(device=f"cpu ({info['cpu_model']})", threads=cfg.threads,
                flute_cpu_mode=ops.get_cpu_mode(), flute_cpu_isa=ops.get_cpu_isa(),
+               flute_cpu_amx=ops.get_cpu_amx(),
                grid={"shapes": [f"{n}x{k}" for n, k in cfg.shapes], "M": cfg.Ms,
                      "bits": cfg.bits, "group_size": cfg.group_size,
                      "flute_dtypes": cfg.flute_dtypes, "kernels": cfg.kernels,
@@ -118,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        "weights": "random (speed only); flute checked against a float64 reference"})
     log(f"flute bench --device cpu on {platform.node()} | {info['cpu_model']} | "
         f"{' '.join(info['isa_flags'])} | L3 {info['l3_bytes'] >> 20} MiB | torch {env['torch']} | "
-        f"flute CPU path {ops.get_cpu_isa()}, mode {ops.get_cpu_mode()} | "
+        f"flute CPU path {ops.get_cpu_isa()}, mode {ops.get_cpu_mode()}, AMX {ops.get_cpu_amx()} | "
         f"commit {env['commit']}{' (dirty tree)' if env.get('dirty') else ''}")
     try:
         doc.update(measure_read_bandwidth(cfg.threads, cfg.l3_bytes, log,
