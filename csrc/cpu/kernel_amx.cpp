@@ -140,6 +140,25 @@ void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_
   store_c<NMB>(cbuf);
 }
 
+// r[i][j] <- r[j][i] for 16 vectors of 16 dwords: four butterfly rounds, each swapping the
+// off-diagonal s x s blocks (s = 8, 4, 2, 1) of row pairs (i, i + s) with two `vpermt2d`.
+inline void transpose16(__m512i* r) {
+  for (int s = 8; s >= 1; s >>= 1) {
+    alignas(64) int32_t lo[16], hi[16];
+    for (int c = 0; c < 16; ++c) {
+      lo[c] = (c & s) ? 16 + c - s : c;  // row i keeps its columns without bit s, takes row i + s's
+      hi[c] = (c & s) ? 16 + c : c + s;
+    }
+    const __m512i il = _mm512_load_si512(lo), ih = _mm512_load_si512(hi);
+    for (int i = 0; i < 16; ++i) {
+      if (i & s) continue;
+      const __m512i a = r[i], b = r[i + s];
+      r[i] = _mm512_permutex2var_epi32(a, il, b);
+      r[i + s] = _mm512_permutex2var_epi32(a, ih, b);
+    }
+  }
+}
+
 template <int BITS>
 void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
   constexpr int BB = 4 * (BITS == 4 ? 4 : 8) * BITS;
@@ -187,12 +206,16 @@ void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
         case 4: block_product<BITS, 4>(a, rows, nr, tile_bytes, sc.data(), ofp, mb0, mbs, abuf, acache.data(), pass, cbuf); break;
         default: block_product<BITS, 5>(a, rows, nr, tile_bytes, sc.data(), ofp, mb0, mbs, abuf, acache.data(), pass, cbuf); break;
       }
+      // C tile i is [weight row][activation row]: transposed into out's rows
       const int nv = static_cast<int>(min64(kRows, a.N - n0));
+      const __mmask16 kn = nv >= 16 ? __mmask16(0xffff) : __mmask16((1u << nv) - 1);
       for (int i = 0; i < nmb; ++i) {
         const int64_t m0 = (mb0 + i) * 16;
         const int mv = static_cast<int>(min64(16, a.M - m0));
-        for (int m = 0; m < mv; ++m)
-          for (int r = 0; r < nv; ++r) a.out[(m0 + m) * a.N + n0 + r] = cbuf[i * 256 + r * 16 + m];
+        __m512i t[16];
+        for (int r = 0; r < 16; ++r) t[r] = _mm512_load_si512(cbuf + i * 256 + r * 16);
+        transpose16(t);
+        for (int m = 0; m < mv; ++m) _mm512_mask_storeu_epi32(a.out + (m0 + m) * a.N + n0, kn, t[m]);
       }
     }
   }
@@ -216,24 +239,23 @@ bool amx_request() {
 }
 
 void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
-  // xb [K_pad/32 chunks][ceil(M/16) blocks][16 column pairs][16 rows][2]: B tiles in order
+  // xb [K_pad/32 chunks][ceil(M/16) blocks][16 column pairs][16 rows][2]: B tiles in order. Each
+  // tile is the 16x16 dword transpose of 16 rows' 32 columns.
   const int64_t mbs = (M + 15) / 16, chunks = K_pad / 32;
-  auto* dst = reinterpret_cast<uint32_t*>(xb);
-  for (int64_t kc = 0; kc < chunks; ++kc)
+  for (int64_t kc = 0; kc < chunks; ++kc) {
+    const int64_t col = kc * 32, nv = col < K ? min64(32, K - col) : 0;
+    const __mmask32 km = nv >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << nv) - 1);
     for (int64_t mb = 0; mb < mbs; ++mb) {
-      uint32_t* t = dst + (kc * mbs + mb) * 256;
+      __m512i r[16];
       for (int m = 0; m < 16; ++m) {
-        const int64_t row = mb * 16 + m, col = kc * 32;
-        alignas(64) uint16_t v[32] = {};
-        if (row < M && col < K) {
-          const int64_t nv = min64(32, K - col);
-          std::memcpy(v, x + row * K + col, nv * sizeof(uint16_t));
-        }
-        uint32_t p[16];
-        std::memcpy(p, v, sizeof(p));
-        for (int q = 0; q < 16; ++q) t[q * 16 + m] = p[q];
+        const int64_t row = mb * 16 + m;
+        r[m] = row < M ? _mm512_maskz_loadu_epi16(km, x + row * K + col) : _mm512_setzero_si512();
       }
+      transpose16(r);
+      uint16_t* t = xb + (kc * mbs + mb) * kTileElems;
+      for (int q = 0; q < 16; ++q) _mm512_storeu_si512(t + q * 32, r[q]);
     }
+  }
 }
 
 void gemm_amx(const GemmArgs& a, int64_t b0, int64_t b1) {
