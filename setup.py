@@ -106,8 +106,8 @@ def cpu_extensions():
         # pragma is ignored and every call runs on one thread whatever torch.set_num_threads says.
         extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"] + openmp},
         extra_link_args=openmp,
-        depends=[os.path.join(cpu_dir, h) for h in ("lut_kernel.h", "avx2_common.h", "avx512bf16_common.h", "int8_tiles.h",
-                                                  "binding.h")],
+        depends=[os.path.join(cpu_dir, h) for h in ("lut_kernel.h", "avx2_common.h", "avx512_common.h",
+                                                  "avx512bf16_common.h", "int8_tiles.h", "binding.h")],
         py_limited_api=True,
         optional=True,  # a failed build (no compiler) skips it: flute then warns and runs the reference
     )

@@ -1,40 +1,15 @@
-// Helpers of the two kernels that decode rows to bf16 with `vpermw` (kernel_avx512bf16.cpp and
-// kernel_amx.cpp), both compiled with AVX-512 F/BW/VL/DQ and AVX512_BF16 flags. Internal linkage
-// only (an anonymous namespace): never shared with a translation unit compiled with other flags.
+// Helpers (beyond avx512_common.h) of the two kernels that decode rows to bf16 with `vpermw`
+// (kernel_avx512bf16.cpp and kernel_amx.cpp), both compiled with AVX-512 F/BW/VL/DQ and
+// AVX512_BF16 flags. Internal linkage only (an anonymous namespace): never shared with a
+// translation unit compiled with other flags.
 #pragma once
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
-#include "lut_kernel.h"
+#include "avx512_common.h"
 
 namespace flute_cpu {
 namespace {
-
-inline void load_row(const void* src, int stype, int64_t n, int64_t ng, float* dst) {
-  if (stype == kF32) {
-    std::memcpy(dst, static_cast<const float*>(src) + n * ng, ng * sizeof(float));
-    return;
-  }
-  const uint16_t* s = static_cast<const uint16_t*>(src) + n * ng;
-  for (int64_t g = 0; g < ng; g += 16) {
-    const int64_t left = ng - g;
-    const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-    const __m256i h = _mm256_maskz_loadu_epi16(k, s + g);
-    const __m512 v = stype == kBF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-                                    : _mm512_cvtph_ps(h);
-    _mm512_mask_storeu_ps(dst + g, k, v);
-  }
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const int64_t left = n - i;
-    const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
 
 // 16 fp32 values times s plus o (a multiply, then an add: the panel decode's rounding), rounded to
 // bf16, repeated twice: a 32-entry vpermw table (index bit 4 ignored). 2 and 3 bits: the values

@@ -333,6 +333,28 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
   return true;
 }
 
+// The weight's part of GemmArgs (activation pointers null), for M rows into out.
+static GemmArgs gemm_args(const Weight& w, int64_t M, float* out) {
+  GemmArgs a{};
+  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.bits = w.bits;
+  a.K = w.K;
+  a.N = w.N;
+  a.K_pad = w.K_pad;
+  a.N_pad = w.N_pad;
+  a.nblocks = w.nblocks;
+  a.M = M;
+  a.scales = w.scales.data_ptr();
+  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.stype = w.stype;
+  a.ng = w.ng;
+  a.cpg = w.ng == 1 ? w.K_pad / 32 : w.G / 32;
+  a.ngp = w.K_pad / 32 / a.cpg + 2;
+  a.table = w.table.data_ptr<float>();
+  a.out = out;
+  return a;
+}
+
 void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float* out) {
   const int64_t M = x2.numel() / w.K;
   // scratch: the permuted fp32 activations, their group sums (offsets), bf16 activations (bf16 mode)
@@ -360,26 +382,10 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
     fn = gemm_avx512bf16;
   }
 #endif
-  GemmArgs a;
+  GemmArgs a = gemm_args(w, M, out);
   a.xb = xb;
-  a.qw = w.qweight.data_ptr<uint8_t>();
-  a.bits = w.bits;
-  a.K = w.K;
-  a.N = w.N;
-  a.K_pad = w.K_pad;
-  a.N_pad = w.N_pad;
-  a.nblocks = w.nblocks;
   a.x = xp;
-  a.M = M;
-  a.scales = w.scales.data_ptr();
-  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
-  a.stype = w.stype;
-  a.ng = w.ng;
-  a.cpg = w.ng == 1 ? w.K_pad / 32 : w.G / 32;
-  a.ngp = w.K_pad / 32 / a.cpg + 2;
   a.xsum = xs;
-  a.table = w.table.data_ptr<float>();
-  a.out = out;
   const int64_t tiles = w.N_pad / 4;
   // ~64K weights per task at least, so small layers run on one thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
@@ -402,24 +408,8 @@ void amx_gemm(const at::Tensor& x2, const Weight& w, float* out) {
   at::Tensor hold;
   auto* xb = reinterpret_cast<uint16_t*>(call_scratch(0, w.K_pad * mbs * 16 * 2, hold));
   amx_prepare_x(reinterpret_cast<const uint16_t*>(x2.data_ptr<c10::BFloat16>()), M, w.K, w.K_pad, xb);
-  GemmArgs a{};
-  a.qw = w.qweight.data_ptr<uint8_t>();
-  a.bits = w.bits;
-  a.K = w.K;
-  a.N = w.N;
-  a.K_pad = w.K_pad;
-  a.N_pad = w.N_pad;
-  a.nblocks = w.nblocks;
+  GemmArgs a = gemm_args(w, M, out);
   a.xb = xb;
-  a.M = M;
-  a.scales = w.scales.data_ptr();
-  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
-  a.stype = w.stype;
-  a.ng = w.ng;
-  a.cpg = w.ng == 1 ? w.K_pad / 32 : w.G / 32;
-  a.ngp = w.K_pad / 32 / a.cpg + 2;
-  a.table = w.table.data_ptr<float>();
-  a.out = out;
   const int64_t blocks = (w.N_pad + 15) / 16;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(w.K_pad, 1));
   for_tiles(blocks, grain, [&](int64_t b0, int64_t b1) { gemm_amx(a, b0, b1); });

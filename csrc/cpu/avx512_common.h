@@ -1,0 +1,47 @@
+// Helpers of the AVX-512 kernels that read group scales row by row (kernel_avx512.cpp,
+// kernel_avx512bf16.cpp, kernel_amx.cpp), all compiled with AVX-512 F/BW/VL/DQ and F16C. Internal
+// linkage only (an anonymous namespace): never shared with a translation unit compiled with other
+// flags.
+#pragma once
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include "lut_kernel.h"
+
+namespace flute_cpu {
+namespace {
+
+// Row n of [N, ng] scales/offsets as fp32 (vectorized conversion).
+inline void load_row(const void* src, int stype, int64_t n, int64_t ng, float* dst) {
+  if (stype == kF32) {
+    std::memcpy(dst, static_cast<const float*>(src) + n * ng, ng * sizeof(float));
+    return;
+  }
+  const uint16_t* s = static_cast<const uint16_t*>(src) + n * ng;
+  for (int64_t g = 0; g < ng; g += 16) {
+    const int64_t left = ng - g;
+    const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    const __m256i h = _mm256_maskz_loadu_epi16(k, s + g);
+    __m512 v;
+    if (stype == kBF16) {
+      v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      v = _mm512_cvtph_ps(h);
+    }
+    _mm512_mask_storeu_ps(dst + g, k, v);
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t left = n - i;
+    const __mmask16 k = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+}  // namespace
+}  // namespace flute_cpu
+#endif
