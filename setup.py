@@ -94,8 +94,10 @@ def cpu_extensions():
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avx2.cpp")] = ["-mavx2", "-mfma"]
         avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-ffp-contract=off"]
         isa_flags[os.path.join(cpu_dir, "kernel_avx512.cpp")] = avx512
-        isa_flags[os.path.join(cpu_dir, "kernel_avx512bf16.cpp")] = avx512 + ["-mavx512bf16"]
-        isa_flags[os.path.join(cpu_dir, "kernel_amx.cpp")] = avx512 + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+        # the bf16 decoders (avx512bf16_common.h) gather 3-bit codes with vpermb (VBMI)
+        bf16 = avx512 + ["-mavx512bf16", "-mavx512vbmi"]
+        isa_flags[os.path.join(cpu_dir, "kernel_avx512bf16.cpp")] = bf16
+        isa_flags[os.path.join(cpu_dir, "kernel_amx.cpp")] = bf16 + ["-mamx-tile", "-mamx-bf16"]
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avx512.cpp")] = avx512 + ["-mavx512vbmi", "-mavx512vnni"]
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     ext = CppExtension(

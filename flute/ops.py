@@ -234,7 +234,7 @@ def get_cpu_mode() -> str:
       SmolLM2, measured, is within +-0.5% (``benchmarks/results/int8-quality-*.json``). Other
       group sizes and non-finite activations compute exactly.
     * ``"exact"``: fp32 decode and accumulation, matches the float64 reference to ~1e-6.
-    * ``"bf16"`` (AVX512_BF16 CPUs): activations and table values rounded to bf16, fp32 sums.
+    * ``"bf16"`` (AVX512_BF16 + VBMI CPUs): activations and table values rounded to bf16, fp32 sums.
 
     Batches at or above the panel threshold (32 rows) are exact in every mode. On CPUs with AMX
     (:func:`get_cpu_amx`), bf16 activations of 16 to 192 rows take the AMX path in every mode.
@@ -244,8 +244,8 @@ def get_cpu_mode() -> str:
 
 def set_cpu_mode(name: str) -> str:
     """Select the arithmetic of the CPU kernel's fused path (see :func:`get_cpu_mode`; the
-    environment variable ``FLUTE_CPU_MODE`` sets it at import). On CPUs without AVX512_BF16, and on
-    the AVX2 and portable paths, "bf16" computes exactly. The large-batch path (panels multiplied by
+    environment variable ``FLUTE_CPU_MODE`` sets it at import). On CPUs without AVX512_BF16 and
+    VBMI, and on the AVX2 and portable paths, "bf16" computes exactly. The large-batch path (panels multiplied by
     torch) is the same in every mode. Returns the mode now in use."""
     if not HAS_CPU_KERNEL:
         raise RuntimeError(f"flute: the CPU kernel is not built ({CPU_KERNEL_ERROR})")

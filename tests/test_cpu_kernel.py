@@ -258,7 +258,7 @@ def test_reference_fallback_without_the_extension(monkeypatch, rng):
 @pytest.fixture
 def bf16_mode():
     if not torch.ops.flute.cpu_has_bf16():
-        pytest.skip("this CPU lacks AVX512_BF16: the bf16 mode computes exactly")
+        pytest.skip("this CPU lacks AVX512_BF16 or VBMI: the bf16 mode computes exactly")
     ops.set_cpu_isa("avx512")
     ops.set_cpu_mode("bf16")
     yield

@@ -15,7 +15,7 @@
 //   cpu_mode() -> str, cpu_set_mode(str) -> str, cpu_has_bf16() -> bool: the fused kernel's
 //       arithmetic: "int8" (the default; int8 activations and a 7-bit table, llama.cpp's approach;
 //       any bit width), "exact" (fp32; FLUTE_CPU_MODE=exact) or "bf16"
-//       (FLUTE_CPU_MODE=bf16; AVX512_BF16 CPUs only, other paths stay exact).
+//       (FLUTE_CPU_MODE=bf16; AVX512_BF16 + VBMI CPUs only, other paths stay exact).
 //   cpu_amx() -> bool, cpu_set_amx(bool) -> bool: whether bf16 activations of amx_m() to
 //       kAmxMaxM rows take the AMX path (kernel_amx.cpp; CPUs with AMX-BF16; FLUTE_CPU_AMX=0 off).
 //
@@ -91,7 +91,9 @@ const int g_best = detect_isa();
 
 bool detect_bf16() {
 #if defined(__x86_64__) || defined(_M_X64)
-  return g_best == kAvx512 && __builtin_cpu_supports("avx512bf16");
+  // VBMI too: the bf16 decoders gather 3-bit codes with vpermb (every AVX512_BF16 CPU but Cooper
+  // Lake has it; there the bf16 paths stay off and fp32 ones run)
+  return g_best == kAvx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
 #else
   return false;
 #endif

@@ -369,6 +369,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
     default: permute_x(x2.data_ptr<float>(), M, w.K, w.K_pad, w.G, w.ng, xp, xs);
   }
   GemmFn fn = gemm_fn(isa);
+  bool legacy3 = w.bits == 3 && fn != gemm_portable;
   const uint16_t* xb = nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
   if (bf16 && isa == kAvx512) {
@@ -380,6 +381,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
       default: bf16_x(x2.data_ptr<float>(), M, w.K, w.K_pad, dst);
     }
     fn = gemm_avx512bf16;
+    legacy3 = false;  // decodes the layout as it is
   }
 #endif
   GemmArgs a = gemm_args(w, M, out);
@@ -389,7 +391,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
   const int64_t tiles = w.N_pad / 4;
   // ~64K weights per task at least, so small layers run on one thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
-  if (w.bits == 3 && fn != gemm_portable) {  // the SIMD kernels read the legacy high-bit plane
+  if (legacy3) {  // the SIMD exact kernels read 3 bits in the legacy high-bit form
     for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) {
       for_legacy_tiles(a.qw, a.nblocks, t0, t1, [&](const uint8_t* base, int64_t t) {
         GemmArgs at = a;

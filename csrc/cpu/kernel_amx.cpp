@@ -9,7 +9,8 @@
 //
 // The product is computed transposed, C^T = W x^T, per block of 16 weight rows (4 layout tiles):
 //   A (tile 0): 16 weight rows x 32 columns, bf16, row-major: one 64-byte row is exactly what one
-//     shift and one `vpermw` decode from a row's block chunk (decode_chunk: natural column order),
+//     shift (3 bits: one `vpermb`) and one `vpermw` decode from a row's block chunk (decode_chunk:
+//     natural column order), read from the CPU layout as it is,
 //     from the row's table scaled (and offset) for the chunk's group and rounded to bf16 once, so
 //     W = bf16(table[q] * s + o): the panel path's weights;
 //   B (tiles 1, 2, alternating so that a load overlaps the previous product): 32 columns x 16
@@ -90,16 +91,11 @@ void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_
                    uint16_t* acache, APass pass, float* cbuf) {
   constexpr int C = BITS == 4 ? 4 : 8;
   constexpr int BB = 4 * C * BITS;
-  __m512 T, TH;
-  tables<BITS>(a.table, &T, &TH);
+  const __m512 T = tables<BITS>(a.table);
   const int64_t ngp = a.ngp, cpg = a.cpg;
-  alignas(64) __m512i tw[kRows], th[BITS == 3 ? kRows : 1];
+  alignas(64) __m512i tw[kRows];
   auto set_tables = [&](int64_t g) {
-    for (int r = 0; r < nr; ++r) {
-      const float s = sc[r * ngp + g], o = of ? of[r * ngp + g] : 0.f;
-      tw[r] = word_table(T, s, o);
-      if constexpr (BITS == 3) th[r] = word_table(TH, s, o);
-    }
+    for (int r = 0; r < nr; ++r) tw[r] = word_table(T, sc[r * ngp + g], of ? of[r * ngp + g] : 0.f);
   };
   zero_c<NMB>();
   if (pass == kCached) {
@@ -118,14 +114,23 @@ void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_
       const char* pf = reinterpret_cast<const char*>(rows + t * tile_bytes + b * 4 * BB + kPrefetchBytes);
       for (int i = 0; i < 4 * BB; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
     }
+    auto row_of = [&](int r) { return rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * BB; };
+    // 3 bits: each row's block split into its part vectors once, for all 8 chunks (in L1)
+    alignas(64) __m512i parts[BITS == 3 ? kRows : 1][kBlockVecs<BITS>];
+    if constexpr (BITS == 3)
+      for (int r = 0; r < nr; ++r) load_block<BITS>(row_of(r), parts[r]);
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       uint16_t* ab = pass == kDecodeKeep ? acache + (b * C + c) * kTileElems : abuf + (c & 1) * kTileElems;
 #pragma GCC unroll 16
       for (int r = 0; r < nr; ++r) {
-        const uint8_t* row = rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * BB;
-        const __m512i w = decode_chunk<BITS>(row, _mm512_loadu_si512(row), c, tw[r],
-                                             th[BITS == 3 ? r : 0]);
+        __m512i w;
+        if constexpr (BITS == 3) {
+          w = decode_chunk<BITS>(parts[r], c, tw[r]);
+        } else {
+          const __m512i d = _mm512_loadu_si512(row_of(r));
+          w = decode_chunk<BITS>(&d, c, tw[r]);
+        }
         _mm512_storeu_si512(ab + r * 32, w);
       }
       _tile_loadd(0, ab, 64);
@@ -174,7 +179,6 @@ void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
   alignas(64) uint16_t abuf[2 * kTileElems];  // decoded A tiles, double-buffered
   alignas(64) float cbuf[kMaxMB * 256];
   Buf<uint16_t> acache(mbs > kMaxMB ? a.K_pad * kRows : 0);
-  Buf<uint8_t> legacy(BITS == 3 ? 4 * tile_bytes : 1);
   for (int64_t nb = b0; nb < b1; ++nb) {
     const int64_t n0 = nb * kRows;
     const int nr = static_cast<int>(min64(kRows, a.N_pad - n0));  // rows in the layout
@@ -190,10 +194,6 @@ void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
     }
     std::memset(abuf, 0, sizeof(abuf));  // rows past the layout stay zero
     const uint8_t* rows = a.qw + (n0 / 4) * tile_bytes;
-    if constexpr (BITS == 3) {  // the SIMD exact kernels' form: low 2-bit block, high-bit masks
-      legacy_3bit_tile_avx2(rows, legacy.data(), nr * a.nblocks);
-      rows = legacy.data();
-    }
     const float* ofp = a.offsets ? of.data() : nullptr;
     if (mbs > kMaxMB && nr < kRows) std::memset(acache.data(), 0, a.K_pad * kRows * sizeof(uint16_t));
     for (int64_t mb0 = 0; mb0 < mbs; mb0 += kMaxMB) {

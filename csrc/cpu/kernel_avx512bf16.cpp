@@ -26,18 +26,13 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const uint8_t* row
                                            bool prefetch) {
   constexpr int C = BITS == 4 ? 4 : 8;
   constexpr int BB = 4 * C * BITS;
-  __m512 T, TH;
-  tables<BITS>(a.table, &T, &TH);
+  const __m512 T = tables<BITS>(a.table);
   const int64_t vs = a.M * 32, ngp = a.ngp, cpg = a.cpg;  // x: [K_pad/32 chunks][M][32] bf16
   __m512 acc[R][MB];
   __m512 tot[ST ? 1 : R][ST ? 1 : MB];
-  __m512i tw[R], th[BITS == 3 ? R : 1];
+  __m512i tw[R];
   auto set_tables = [&](int64_t g) {
-    for (int r = 0; r < R; ++r) {
-      const float s = ST ? sc[r * ngp + g] : 1.f;
-      tw[r] = word_table(T, s);
-      if constexpr (BITS == 3) th[r] = word_table(TH, s);
-    }
+    for (int r = 0; r < R; ++r) tw[r] = word_table(T, ST ? sc[r * ngp + g] : 1.f);
   };
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -52,14 +47,14 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const uint8_t* row
       const char* pf = reinterpret_cast<const char*>(tile + b * 4 * BB + kPrefetchBytes);
       for (int i = 0; i < 4 * BB; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
     }
-    __m512i d[R];
-    for (int r = 0; r < R; ++r) d[r] = _mm512_loadu_si512(blk + r * BB);
+    __m512i d[R][kBlockVecs<BITS>];
+    for (int r = 0; r < R; ++r) load_block<BITS>(blk + r * BB, d[r]);
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       const uint16_t* xv = x + (b * C + c) * vs;
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const __m512i w = decode_chunk<BITS>(blk + r * BB, d[r], c, tw[r], th[BITS == 3 ? r : 0]);
+        const __m512i w = decode_chunk<BITS>(d[r], c, tw[r]);
 #pragma GCC unroll 16
         for (int m = 0; m < MB; ++m)
           acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)w,
