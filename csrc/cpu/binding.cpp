@@ -48,6 +48,17 @@
 
 #include "binding.h"
 
+// Least weights per task when the fused kernels split a call over threads (FLUTE_CPU_TASK_KW, in
+// units of 1024 weights, overrides, for tuning).
+int64_t flute_cpu::binding::task_weights() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FLUTE_CPU_TASK_KW");
+    const long kw = env ? std::atol(env) : 0;
+    return kw > 0 ? int64_t(kw) << 10 : int64_t(64) << 10;
+  }();
+  return v;
+}
+
 namespace {
 
 using namespace flute_cpu;

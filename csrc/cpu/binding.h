@@ -24,13 +24,14 @@ struct Weight {
   int stype;
 };
 
-// 3 bits on the SIMD exact kernels (gemm_avx2/avx512/avx512bf16, decode_avx2/avx512), which read
+// 3 bits on the SIMD exact kernels (gemm_avx2/avx512, decode_avx2/avx512), which read
 // the older 3-bit form (the 2-bit block of the low bits, then lane masks of the high bits): tiles
 // [t0, t1) one at a time, each converted into a buffer (legacy_3bit_tile_avx2), fn(base, t) with a
 // layout base pointer that places tile t at the buffer (the kernels address tile t at base + t *
 // tile bytes; the base itself is never dereferenced). The conversion is ~8% of those kernels'
 // instructions for 3 bits at M = 1 (callgrind, 512x1024 exact AVX2; ~6% when it only converted
-// the high plane), less at larger M; the int8 mode and the portable kernels read the layout as it is.
+// the high plane), less at larger M; the int8 mode, the bf16 decoders (avx512bf16_common.h) and the
+// portable kernels read the layout as it is.
 template <typename F>
 void for_legacy_tiles(const uint8_t* qw, int64_t nblocks, int64_t t0, int64_t t1, const F& fn) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -45,6 +46,9 @@ void for_legacy_tiles(const uint8_t* qw, int64_t nblocks, int64_t t0, int64_t t1
   (void)qw, (void)nblocks, (void)t0, (void)t1, (void)fn;
 #endif
 }
+
+// Least weights (rows x K_pad) per task of the fused kernels' thread split (binding.cpp).
+int64_t task_weights();
 
 // The fused kernel's int8 mode into out [M, N] fp32 (x2: contiguous fp32, bf16 or fp16 with last
 // dimension K, M rows in all); false, with out unwritten, when x is not finite: the caller then

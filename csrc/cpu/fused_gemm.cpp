@@ -328,7 +328,7 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
     a.xinit = xinit;
   }
 #endif
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
+  const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
   for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
   return true;
 }
@@ -390,7 +390,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
   a.xsum = xs;
   const int64_t tiles = w.N_pad / 4;
   // ~64K weights per task at least, so small layers run on one thread.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K_pad, 1));
+  const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
   if (legacy3) {  // the SIMD exact kernels read 3 bits in the legacy high-bit form
     for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) {
       for_legacy_tiles(a.qw, a.nblocks, t0, t1, [&](const uint8_t* base, int64_t t) {
