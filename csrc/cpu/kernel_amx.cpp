@@ -109,11 +109,17 @@ void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_
   }
   set_tables(0);
   int64_t g = 0, cc = 0;
+  // The next block of 16 rows (4 tiles, contiguous) is fetched into L2 a slice per K block while
+  // this one is decoded: a whole block ahead, across its 4 KB pages, which the hardware
+  // prefetchers do not cross (K = 2048, 4 bits: one page per tile).
+  const char* next = reinterpret_cast<const char*>(rows + 4 * tile_bytes);
+  const int64_t slice = (4 * tile_bytes / a.nblocks + 63) / 64 * 64;
   for (int64_t b = 0; b < a.nblocks; ++b) {
     for (int t = 0; t < (nr + 3) / 4; ++t) {
       const char* pf = reinterpret_cast<const char*>(rows + t * tile_bytes + b * 4 * BB + kPrefetchBytes);
       for (int i = 0; i < 4 * BB; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
     }
+    for (int64_t i = 0; i < slice; i += 64) _mm_prefetch(next + b * slice + i, _MM_HINT_T1);
     auto row_of = [&](int r) { return rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * BB; };
     // 3 bits: each row's block split into its part vectors once, for all 8 chunks (in L1)
     alignas(64) __m512i parts[BITS == 3 ? kRows : 1][kBlockVecs<BITS>];
