@@ -115,9 +115,10 @@ def test_smollm2_perplexity_bounds(smol, bits):
     assert ppl / base - 1 < bound
     assert ppl > base  # a quantized model that beats the original on this text would be suspect
     if bits == 3:
-        # 3-bit g64 with scale search measured 20.5 s on an idle 2-core machine; the bound leaves
-        # room for a loaded CI machine while still catching an order-of-magnitude regression.
-        assert seconds < 120
+        # 3-bit g64 with scale search measured 20.5 s on the idle AVX2 VM of sessions 3-13, 70.7 s
+        # on the idle AVX-512 VM of sessions 14-16 and 120.4 s in a CI run there; the bound leaves
+        # room for a loaded CI machine while still catching a several-fold regression.
+        assert seconds < 300
 
 
 def test_decode_speeds_times_the_models_in_turn():
