@@ -408,6 +408,40 @@ def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
         assert torch.equal(y8, ye) or (y8.isnan().all() and ye.isnan().all()), (bits, group, m)
 
 
+def test_panel_path_many_panels_match_the_reference():
+    """The panel path (M >= 32) writes each decoded panel's product into its columns of the
+    output (an ldc of N) from a panel buffer kept between calls. With 64 KB panels
+    (FLUTE_CPU_PANEL_KB, read once per process) a 203 x 1000 weight takes 13 fp32 panels (16 rows)
+    or 7 bf16 ones (32 rows, the last of 11): every column of every panel, fp32 / bf16 / fp16
+    activations (AMX off, so that bf16 takes bf16 panels too), with offsets, and a larger weight
+    then a smaller one again (the kept buffer reused), against the float64 reference."""
+    code = """
+import torch, flute
+from flute.testing import random_quantized, reference_qgemm, relative_error
+from flute.cpu_layout import to_cpu_layout
+g = torch.Generator().manual_seed(3)
+worst = {}
+for n, k in ((203, 1000), (450, 1000), (203, 1000)):
+    for bits in (2, 3, 4):
+        w = random_quantized(n, k, bits, 64, offsets=bits == 3, dtype=torch.bfloat16, generator=g)
+        q = to_cpu_layout(w.codes, bits)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(40, k, generator=g).to(dtype)
+            y = torch.ops.flute.qgemm(x, q, w.scales, w.offsets, w.table, bits, 64, k, n)
+            assert y.shape == (40, n) and y.dtype == dtype
+            e = relative_error(y, reference_qgemm(x, w, 64))
+            worst[str(dtype)] = max(worst.get(str(dtype), 0.0), e)
+print(worst)
+"""
+    env = dict(os.environ, FLUTE_CPU_PANEL_KB="64", FLUTE_CPU_AMX="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    worst = eval(out.stdout.strip().splitlines()[-1])
+    assert worst["torch.float32"] < TOL[torch.float32], worst
+    assert worst["torch.float16"] < TOL[torch.float16], worst
+    assert worst["torch.bfloat16"] < TOL[torch.bfloat16], worst
+
+
 @pytest.mark.parametrize("mode", ["int8", "exact"])
 def test_call_scratch_reused_across_sizes(mode, rng):
     """The per-thread scratch (activations, fp32 output of bf16 calls) grows, shrinks and is
@@ -451,22 +485,23 @@ def test_int8_mode_simd_paths_equal_portable(group, int8_mode, rng):
     """The integer sums are identical on every path (AVX2; AVX-512, which runs its VBMI + VNNI
     kernel where the CPU has them; portable); only float32 summation order differs. Every merge
     width (groups of 32: one part per float FMA, 64: two, 128 and one group: four) and every
-    configuration of activation rows (1-4, 5 = 4 + 1, 17)."""
+    configuration of activation rows (1-4, 5 = 4 + 1, 17). K = 544 leaves 32 columns in the last
+    block, whose parts that meet only padding the AVX-512 kernel skips (Int8Args::last_half)."""
     isas = [i for i in ("avx512", "avx2") if available(i)]
     if not isas:
         pytest.skip("this CPU lacks AVX2")
     for bits in (2, 3, 4):
-        for m in (1, 2, 3, 5, 17):
-            w = random_quantized(203, 1000, bits, group, offsets=m == 5, dtype=torch.bfloat16, generator=rng)
-            x = torch.randn(m, 1000, generator=rng)
+        for m, k in ((1, 1000), (2, 1000), (3, 1000), (5, 1000), (17, 1000), (1, 544), (5, 544)):
+            w = random_quantized(203, k, bits, group, offsets=m == 5, dtype=torch.bfloat16, generator=rng)
+            x = torch.randn(m, k, generator=rng)
             q = to_cpu_layout(w.codes, bits)
             ys = {}
             for isa in isas + ["portable"]:
                 ops.set_cpu_isa(isa)
-                ys[isa] = run(x, w, bits, group, 203, 1000, q)
+                ys[isa] = run(x, w, bits, group, 203, k, q)
             ops.set_cpu_isa("auto")
             for isa in isas:
-                assert relative_error(ys[isa], ys["portable"]) < 1e-6, (isa, bits, group, m)
+                assert relative_error(ys[isa], ys["portable"]) < 1e-6, (isa, bits, group, m, k)
 
 
 @pytest.mark.parametrize("codebook", ["int", "fp4"])

@@ -63,12 +63,13 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
 // rows in all; groups of a multiple of 32 columns or one group; only where amx_request() is true.
 void amx_gemm(const at::Tensor& x2, const Weight& w, float* out);
 
-// Per-call temporaries of the fused path (slot 0: the int8 activations, fused_gemm.cpp; slot 1: the
-// fp32 output before its conversion to bf16 or fp16, binding.cpp): `bytes` from a grow-only buffer
-// of the calling thread, 64-byte aligned, or above 16 MB from a tensor put in `hold`. Each
+// Per-call temporaries (slot 0: the fused path's activations, fused_gemm.cpp; slot 1: the
+// fp32 output before its conversion to bf16 or fp16; slot 2: the panel path's decoded panel,
+// binding.cpp): `bytes` from a grow-only buffer of the calling thread, 64-byte aligned, or above
+// max_cached from a tensor put in `hold`. Each
 // at::empty and its release cost ~2.5K instructions, and a small decode call (4x128) made three of
 // them in ~16K (callgrind). The buffer is only used during the call (the kernels never call back
 // into torch), and each thread calling the op has its own.
-char* call_scratch(int slot, int64_t bytes, at::Tensor& hold);
+char* call_scratch(int slot, int64_t bytes, at::Tensor& hold, int64_t max_cached = int64_t(16) << 20);
 
 }  // namespace flute_cpu::binding

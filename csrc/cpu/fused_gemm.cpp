@@ -178,8 +178,9 @@ const Table7& table7(const float* t, int n) {
 // threads take chunks of tiles from a shared counter (dynamic balancing, as llama.cpp's CPU backend
 // does) rather than one static share each, because on a shared or virtualized machine one core is
 // often slowed down and a static split waits for it (measured, 14336x4096 4-bit M=1, 2 threads:
-// 2.27 -> 2.12 ms on a quiet VM, 5.59 -> 4.48 ms with the other core busy). Small calls keep the
-// static split (chunks under 4 grains cost more than they balance: 1536x576 67 -> 76 us).
+// 2.27 -> 2.12 ms on a quiet VM, 5.59 -> 4.48 ms with the other core busy). Calls with room for
+// fewer than two chunks of 4 grains per thread keep the static split (smaller chunks cost more
+// than they balance: 1536x576 67 -> 76 us).
 template <typename F>
 void for_tiles(int64_t tiles, int64_t grain, const F& fn) {
   const int64_t nt = at::get_num_threads();
@@ -187,11 +188,14 @@ void for_tiles(int64_t tiles, int64_t grain, const F& fn) {
     fn(0, tiles);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(4 * grain, tiles / (8 * nt));
-  if (tiles < 2 * nt * chunk) {
+  // Chunks of at least 4 grains, the same number for each thread (2 to 8): 384 tiles in chunks of
+  // 84 gave one of 2 threads 216 tiles, 4 chunks of 96 give each 192 (CPU_NOTES item 106).
+  const int64_t per = std::min<int64_t>(8, tiles / (nt * 4 * grain));
+  if (per < 2) {
     at::parallel_for(0, tiles, grain, fn);
     return;
   }
+  const int64_t chunk = (tiles + nt * per - 1) / (nt * per);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
     for (int64_t t0 = next.fetch_add(chunk); t0 < tiles; t0 = next.fetch_add(chunk))
@@ -218,9 +222,8 @@ int64_t align64(int64_t off) { return (off + 63) / 64 * 64; }
 
 }  // namespace
 
-char* call_scratch(int slot, int64_t bytes, at::Tensor& hold) {
-  constexpr int64_t kMaxCached = int64_t(16) << 20;
-  if (bytes > kMaxCached) {
+char* call_scratch(int slot, int64_t bytes, at::Tensor& hold, int64_t max_cached) {
+  if (bytes > max_cached) {
     hold = at::empty({bytes + 64}, at::TensorOptions().dtype(at::kByte));
     return reinterpret_cast<char*>(align64(reinterpret_cast<intptr_t>(hold.data_ptr())));
   }
@@ -229,7 +232,7 @@ char* call_scratch(int slot, int64_t bytes, at::Tensor& hold) {
     int64_t n = 0;
     ~Buffer() { std::free(p); }
   };
-  thread_local Buffer bufs[2];
+  thread_local Buffer bufs[3];
   Buffer& b = bufs[slot];
   if (bytes > b.n) {
     const int64_t n = std::max<int64_t>(4096, (bytes + 4095) / 4096 * 4096);
@@ -309,6 +312,7 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
   a.merge = 1;
   if (w.ng == 1 || w.G % 64 == 0) a.merge = 2;
   if (w.bits != 4 && (w.ng == 1 || w.G % 128 == 0)) a.merge = 4;
+  a.last_half = w.K - (nb - 1) * 64 * P <= 32 * P / 2;
   a.scales = w.scales.data_ptr();
   a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
   a.stype = w.stype;

@@ -101,8 +101,10 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
   __m512 facc[NT * NR][MC];
   for (int r = 0; r < NT * NR; ++r)
     for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm512_setzero_ps();
-  auto block = [&](int64_t b, auto fast_c) {
-    constexpr bool FAST = decltype(fast_c)::value;
+  // HALF: the last block when only its first P / 2 parts meet columns of K (Int8Args::last_half).
+  auto block = [&](int64_t b, auto fast_c, auto half_c) {
+    constexpr bool FAST = decltype(fast_c)::value, HALF = decltype(half_c)::value;
+    constexpr int PU = HALF ? P / 2 : P;  // parts computed
     __m512 ub[MC];
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm512_set1_ps(a.xu[b * M + m0 + mc]);
     if (r0 == 0) {
@@ -121,15 +123,17 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
         // [R | R >> 4]: reg 0's codes in the low half, reg 1's (4 bits up in the same bytes) in the high
         const __m512i B0 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
         const __m512i B1 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
-        const __m512i B2 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64)));
+        const __m512i B2 = HALF ? B0 : _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64)));
         const __m512i i0 = _mm512_mask_srli_epi16(B0, kHigh, B0, 4);
         const __m512i i1 = _mm512_mask_srli_epi16(B1, kHigh, B1, 4);
-        const __m512i i2 = _mm512_mask_srli_epi16(B2, kHigh, B2, 4);
         u[0] = _mm512_permutexvar_epi8(i0, tab.A);
         u[1] = _mm512_permutexvar_epi8(i1, tab.B);
-        // bit select (0xCA: mask ? i2 : other): the low field from R2, the high bit from R0 / R1
-        u[2] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(m03, i2, i0, 0xCA), tab.C);
-        u[3] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(m0C, i2, i1, 0xCA), tab.D);
+        if constexpr (!HALF) {
+          const __m512i i2 = _mm512_mask_srli_epi16(B2, kHigh, B2, 4);
+          // bit select (0xCA: mask ? i2 : other): the low field from R2, the high bit from R0 / R1
+          u[2] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(m03, i2, i0, 0xCA), tab.C);
+          u[3] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(m0C, i2, i1, 0xCA), tab.D);
+        }
       } else {
         const __m512i c = _mm512_shuffle_epi8(_mm512_loadu_si512(rb), by_pos);
         const __m512i cs = _mm512_srli_epi16(c, 4);
@@ -139,8 +143,10 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
         } else {
           u[0] = _mm512_permutexvar_epi8(c, tab.A);
           u[1] = _mm512_permutexvar_epi8(c, tab.B);
-          u[2] = _mm512_permutexvar_epi8(cs, tab.A);
-          u[3] = _mm512_permutexvar_epi8(cs, tab.B);
+          if constexpr (!HALF) {
+            u[2] = _mm512_permutexvar_epi8(cs, tab.A);
+            u[3] = _mm512_permutexvar_epi8(cs, tab.B);
+          }
         }
       }
       __m256 wv;
@@ -155,9 +161,9 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
         const int32_t* xi = a.xinit + bm * NM * 16;
         __m512 wu = ub[mc];
         if constexpr (!FAST) wu = _mm512_mul_ps(_mm512_castps256_ps512(wv), wu);
-        for (int j = 0; j < NM; ++j) {
+        for (int j = 0; j * Q < PU; ++j) {
           __m512i isum = _mm512_loadu_si512(xi + j * 16);
-          for (int p = j * Q; p < j * Q + Q; ++p) {
+          for (int p = j * Q; p < j * Q + Q && p < PU; ++p) {
             const __m512i s16 = _mm512_maddubs_epi16(u[p], _mm512_loadu_si512(xb + p * 64));
             isum = _mm512_dpwssd_epi32(isum, s16, _mm512_loadu_si512(xk + p * 32));
           }
@@ -174,12 +180,17 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
       }
     }
   };
-  int64_t b = 0;
+  const int64_t nfull = nb - a.last_half;
+  int64_t b = 0, nfast = 0;
   if constexpr (G64 && MC != 2) {
-    const int64_t nfast = SRC == kBuffered ? nb : min64(nb, a.ng / (BITS == 4 ? 2 : 4));
-    for (; b < nfast; ++b) block(b, std::true_type{});
+    nfast = SRC == kBuffered ? nb : min64(nb, a.ng / (BITS == 4 ? 2 : 4));
+    for (; b < min64(nfast, nfull); ++b) block(b, std::true_type{}, std::false_type{});
   }
-  for (; b < nb; ++b) block(b, std::false_type{});
+  for (; b < nfull; ++b) block(b, std::false_type{}, std::false_type{});
+  if (a.last_half) {
+    if (nb - 1 < nfast) block(nb - 1, std::true_type{}, std::true_type{});
+    else block(nb - 1, std::false_type{}, std::true_type{});
+  }
   if (NR == 4) {
     for (int tt = 0; tt < NT; ++tt)
       for (int mc = 0; mc < MC; ++mc)
