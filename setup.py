@@ -77,6 +77,10 @@ def cpu_extensions():
     :func:`_build_ext_class`): AVX-512 and AVX2 on x86-64, the portable one with none; the binding
     picks a path at run time from cpuid, so the build is not ``-march=native`` and runs on any
     x86-64 (aarch64 builds the portable path only). ``py_limited_api``: one build for CPython 3.10+.
+
+    Units whose flags an older compiler lacks (``OPTIONAL_KERNELS``) are probed first and left out
+    when the compiler rejects them; ``kernel_fallbacks.cpp`` stands in for them and the binding
+    runs the other paths. ``FLUTE_CPU_WITHOUT=kernel_amx.cpp,...`` leaves units out on purpose.
     """
     if os.environ.get("FLUTE_BUILD_CPU", "").strip() == "0":
         return []
@@ -99,6 +103,7 @@ def cpu_extensions():
         isa_flags[os.path.join(cpu_dir, "kernel_avx512bf16.cpp")] = bf16
         isa_flags[os.path.join(cpu_dir, "kernel_amx.cpp")] = bf16 + ["-mamx-tile", "-mamx-bf16"]
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avx512.cpp")] = avx512 + ["-mavx512vbmi", "-mavx512vnni"]
+        isa_flags[os.path.join(cpu_dir, "kernel_fallbacks.cpp")] = []
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     ext = CppExtension(
         name="flute._cpu",
@@ -117,19 +122,67 @@ def cpu_extensions():
     return [ext]
 
 
+# Translation units a compiler may be too old for: the stand-in's macro, and a probe that uses the
+# unit's newest instructions (so that an assembler too old for them fails the probe as well).
+OPTIONAL_KERNELS = {
+    "kernel_amx.cpp": ("FLUTE_WITHOUT_KERNEL_AMX",
+                       "void f(const void* p) { _tile_loadd(0, p, 64); _tile_dpbf16ps(1, 0, 2); _tile_release(); }"),
+    "kernel_avx512bf16.cpp": ("FLUTE_WITHOUT_KERNEL_AVX512BF16",
+                              "__m512 f(__m512 a, __m512 b) { return _mm512_dpbf16_ps(a, _mm512_cvtne2ps_pbh(a, b), "
+                              "_mm512_cvtne2ps_pbh(b, a)); }"),
+    "kernel_int8_avx512.cpp": ("FLUTE_WITHOUT_KERNEL_INT8_AVX512",
+                               "__m512i f(__m512i a, __m512i b) { return _mm512_dpwssd_epi32(a, _mm512_permutexvar_epi8(a, b), b); }"),
+}
+
+
 def _build_ext_class(base):
     """``base`` (torch's BuildExtension) compiling the sources listed in an extension's
     ``isa_flags`` one by one with their own extra flags (plain C++, no torch headers)."""
     class BuildExt(base):
+        def compiler_accepts(self, flags, code):
+            """Whether the compiler (and assembler) build ``code`` with ``flags``."""
+            import tempfile
+            try:
+                from setuptools.errors import CompileError
+            except ImportError:  # setuptools < 59
+                from distutils.errors import CompileError
+            with tempfile.TemporaryDirectory() as tmp:
+                src = os.path.join(tmp, "probe.cpp")
+                with open(src, "w") as f:
+                    f.write("#include <immintrin.h>\n" + code + "\n")
+                try:
+                    self.compiler.compile([src], output_dir=tmp, extra_postargs=["-std=c++17", "-w"] + flags)
+                    return True
+                except CompileError:
+                    return False
+
         def build_extension(self, ext):
             isa = getattr(ext, "isa_flags", None)
             if isa:
+                isa = dict(isa)
+                unwanted = {u.strip() for u in os.environ.get("FLUTE_CPU_WITHOUT", "").split(",") if u.strip()}
+                without = []
+                for src in list(isa):
+                    name = os.path.basename(src)
+                    if name not in OPTIONAL_KERNELS:
+                        continue
+                    macro, code = OPTIONAL_KERNELS[name]
+                    if name in unwanted or not self.compiler_accepts(isa[src], code):
+                        print(f"flute: building without {name} ("
+                              + ("FLUTE_CPU_WITHOUT" if name in unwanted else
+                                 f"the compiler rejects {' '.join(isa[src])}")
+                              + "): its CPU path is off, the others run", file=sys.stderr)
+                        without.append(macro)
+                        del isa[src]
+                fallbacks = [s for s in isa if os.path.basename(s) == "kernel_fallbacks.cpp"]
+                for src in fallbacks:
+                    isa[src] = isa[src] + [f"-D{m}" for m in without]
                 objects = []
                 for src, flags in isa.items():
                     objects += self.compiler.compile(
                         [src], output_dir=self.build_temp, include_dirs=list(ext.include_dirs),
                         extra_postargs=["-O3", "-std=c++17", "-fPIC"] + flags, depends=ext.depends)
-                ext.sources = [s for s in ext.sources if s not in isa]
+                ext.sources = [s for s in ext.sources if s not in ext.isa_flags]
                 ext.extra_objects = list(ext.extra_objects or []) + objects
                 ext.isa_flags = None
             super().build_extension(ext)

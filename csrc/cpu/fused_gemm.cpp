@@ -209,7 +209,8 @@ bool has_vbmi_vnni() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool v = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
+    return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni") &&
+           kernel_int8_avx512_built();
   }();
   return v;
 #else

@@ -23,10 +23,7 @@
 // Padding: rows past N decode through zero scales (zero weights), columns past K meet zero
 // activations, activation rows past M are zero and their outputs are not written.
 #if defined(__x86_64__) || defined(_M_X64)
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "avx512bf16_common.h"
 
@@ -230,19 +227,7 @@ void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
 
 }  // namespace
 
-bool amx_request() {
-  static const bool ok = [] {
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
-    if (!amx_bf16 || !amx_tile) return false;
-    // Linux hands out AMX tile state per process on request (arch_prctl ARCH_REQ_XCOMP_PERM for
-    // XFEATURE_XTILEDATA); a tile instruction without it dies of SIGILL. Fails on kernels < 5.16.
-    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
-  }();
-  return ok;
-}
+bool kernel_amx_built() { return true; }
 
 void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
   // xb [K_pad/32 chunks][ceil(M/16) blocks][16 column pairs][16 rows][2]: B tiles in order. Each

@@ -147,6 +147,8 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
 
 }  // namespace
 
+bool kernel_avx512bf16_built() { return true; }
+
 void gemm_avx512bf16(const GemmArgs& a, int64_t t0, int64_t t1) {
   switch (a.bits) {
     case 2: gemm_bits<2>(a, t0, t1); break;

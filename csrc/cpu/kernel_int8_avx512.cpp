@@ -221,6 +221,8 @@ struct Avx512Int8 {
 
 }  // namespace
 
+bool kernel_int8_avx512_built() { return true; }
+
 void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const int16_t* xk, int16_t* xk2,
                          int32_t* xinit) {
   const int P = int8_parts(bits), NM = P / merge, COLS = 64 * P;

@@ -194,13 +194,18 @@ void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const in
                          int32_t* xinit);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
-// kernel_amx.cpp (CPUs with AMX-BF16 and AVX512_BF16): amx_request asks Linux for the AMX tile
-// state once per process (true when granted); amx_prepare_x lays bf16 activations [M, K] out as
-// AMX B tiles (a.xb, K_pad * ceil(M / 16) * 16 bf16); gemm_amx computes blocks [b0, b1) of 16
-// weight rows (groups of a multiple of 32 columns, or one group).
-bool amx_request();
+// kernel_amx.cpp (CPUs with AMX-BF16 and AVX512_BF16): amx_prepare_x lays bf16 activations [M, K]
+// out as AMX B tiles (a.xb, K_pad * ceil(M / 16) * 16 bf16); gemm_amx computes blocks [b0, b1) of
+// 16 weight rows (groups of a multiple of 32 columns, or one group).
 void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb);
 void gemm_amx(const GemmArgs&, int64_t b0, int64_t b1);
+// Whether each translation unit whose flags a compiler may lack was built: true in the unit
+// itself, false in kernel_fallbacks.cpp, which stands in for it when setup.py's probe of its flags
+// fails (-mamx-tile needs GCC 11 / Clang 12, -mavx512bf16 GCC 10 / Clang 9). The binding never
+// calls a unit that says false.
+bool kernel_amx_built();
+bool kernel_avx512bf16_built();
+bool kernel_int8_avx512_built();
 #endif
 
 // ---- small helpers (internal linkage in every TU) ------------------------------------------------
