@@ -1,0 +1,67 @@
+"""setup.py's optional CPU units (kernel_amx.cpp, kernel_avx512bf16.cpp, kernel_int8_avx512.cpp):
+a compiler that rejects their flags builds the extension with csrc/cpu/kernel_fallbacks.cpp in
+their place, whose stand-ins must define each unit's functions with the very signatures the
+binding links against."""
+import os
+import platform
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from flute import ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_DIR = os.path.join(ROOT, "csrc", "cpu")
+MACROS = ["FLUTE_WITHOUT_KERNEL_AMX", "FLUTE_WITHOUT_KERNEL_AVX512BF16", "FLUTE_WITHOUT_KERNEL_INT8_AVX512"]
+# The functions of the optional units the binding calls (lut_kernel.h), by unit.
+UNIT_FUNCTIONS = {
+    "FLUTE_WITHOUT_KERNEL_AMX": {"kernel_amx_built", "amx_prepare_x", "gemm_amx"},
+    "FLUTE_WITHOUT_KERNEL_AVX512BF16": {"kernel_avx512bf16_built", "gemm_avx512bf16"},
+    "FLUTE_WITHOUT_KERNEL_INT8_AVX512": {"kernel_int8_avx512_built", "gemm_int8_avx512", "int8_prepare_avx512"},
+}
+
+pytestmark = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or not shutil.which("c++") or not shutil.which("nm"),
+    reason="x86-64 with a C++ compiler and nm only")
+
+
+def defined_functions(path):
+    """{function name: demangled signature} of the flute_cpu:: functions defined (text symbols)
+    in an object or shared library, anonymous namespaces excluded."""
+    out = subprocess.run(["nm", "-C", "--defined-only", path], capture_output=True, text=True,
+                         check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        m = re.match(r"^[0-9a-f]+ [Tt] (flute_cpu::(\w+)\(.*\))$", line.strip())
+        if m and "anonymous" not in line:
+            found[m.group(2)] = m.group(1)
+    return found
+
+
+@pytest.mark.parametrize("macro", MACROS)
+def test_fallbacks_stand_in_for_each_unit(tmp_path, macro):
+    """kernel_fallbacks.cpp with one unit's macro defines that unit's functions and no others
+    (with none, nothing: a normal build must not get a duplicate)."""
+    obj = tmp_path / "fallbacks.o"
+    src = os.path.join(CPU_DIR, "kernel_fallbacks.cpp")
+    subprocess.run(["c++", "-std=c++17", "-c", f"-D{macro}", "-I", CPU_DIR, src, "-o", str(obj)],
+                   check=True)
+    assert set(defined_functions(str(obj))) == UNIT_FUNCTIONS[macro]
+    subprocess.run(["c++", "-std=c++17", "-c", "-I", CPU_DIR, src, "-o", str(obj)], check=True)
+    assert defined_functions(str(obj)) == {}
+
+
+@pytest.mark.skipif(not ops.HAS_CPU_KERNEL, reason="flute._cpu not built")
+def test_fallback_signatures_match_the_built_units(tmp_path):
+    """Every stand-in has the signature of the function the built extension defines (a stand-in
+    that drifted would leave an older compiler's build with an undefined symbol)."""
+    obj = tmp_path / "fallbacks.o"
+    subprocess.run(["c++", "-std=c++17", "-c", *[f"-D{m}" for m in MACROS], "-I", CPU_DIR,
+                    os.path.join(CPU_DIR, "kernel_fallbacks.cpp"), "-o", str(obj)], check=True)
+    stand_ins = defined_functions(str(obj))
+    built = defined_functions(ops.cpu_extension_file(os.path.dirname(ops.__file__)))
+    assert set(stand_ins) == set().union(*UNIT_FUNCTIONS.values())
+    for name, signature in stand_ins.items():
+        assert built.get(name) == signature, (name, signature, built.get(name))
