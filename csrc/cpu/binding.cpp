@@ -88,6 +88,9 @@ int64_t large_m() {
 // 64 MB panels against 97 / 85 / 74 ms for torch's bf16 matmul in the same runs (CPU_NOTES item 107).
 // The panel's memory is kept by the calling thread between calls (call_scratch slot 2): a fresh
 // 117 MB buffer costs ~28 ms of page faults on this project's VM, more than its decode (~11 ms).
+// The panel buffer is kept between calls up to this size (a larger one, from a few panels of a
+// large layer at a large M, is allocated per call): a 14336x4096 bf16 weight whole.
+constexpr int64_t kPanelCachedBytes = int64_t(128) << 20;
 int64_t panel_bytes() {
   static const int64_t v = [] {
     const char* env = std::getenv("FLUTE_CPU_PANEL_KB");
@@ -402,9 +405,15 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
     const auto pdt = (xt == at::kBFloat16 && M >= large_m() && g_has_bf16) ? at::kBFloat16 : at::kFloat;
     const at::Tensor xin = x.reshape({M, K}).to(pdt).contiguous();
     const int64_t esz = pdt == at::kBFloat16 ? 2 : 4;
-    const int64_t rows = std::min<int64_t>(N, std::max<int64_t>(16, panel_bytes() / (K * esz)) / 4 * 4);
+    // Rows per panel: panel_bytes() of them, but at most N / (4 M) panels, because each product
+    // packs all of x again (M x K), and with long rows that outweighs the panel: 4096x14336 at
+    // 512 rows took 7 panels of 16 MB, each packing a 14.7 MB x (CPU_NOTES item 109).
+    int64_t rows = std::max<int64_t>(16, panel_bytes() / (K * esz));
+    const int64_t most_panels = std::max<int64_t>(1, N / (4 * M));
+    rows = std::max(rows, (N + most_panels - 1) / most_panels);
+    rows = std::min<int64_t>(N, (rows + 3) / 4 * 4);
     at::Tensor hold;
-    char* pbuf = call_scratch(2, rows * K * esz, hold, panel_bytes() + (int64_t(64) << 10));
+    char* pbuf = call_scratch(2, rows * K * esz, hold, std::max(panel_bytes(), kPanelCachedBytes));
     at::Tensor panel = at::from_blob(pbuf, {rows, K}, x.options().dtype(pdt));
     // out [M, N] column panel by column panel (an ldc of N): the decoded panel is the product's
     // weight operand, as a bf16 nn.Linear's would be, and no transpose of the result is needed.
