@@ -60,7 +60,7 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out);
 void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float* out);
 
 // The AMX path (kernel_amx.cpp) into out [M, N] fp32: x2 contiguous bf16 with last dimension K, M
-// rows in all; groups of a multiple of 32 columns or one group; only where amx_request() is true.
+// rows in all; groups of a multiple of 32 columns or one group; only where g_has_amx (binding.cpp) is true.
 void amx_gemm(const at::Tensor& x2, const Weight& w, float* out);
 
 // Per-call temporaries (slot 0: the fused path's activations, fused_gemm.cpp; slot 1: the
