@@ -1,4 +1,5 @@
-"""The CPU kernel's AMX path (csrc/cpu/kernel_amx.cpp): bf16 activations, 16 to 192 rows."""
+"""The CPU kernel's AMX paths (csrc/cpu/kernel_amx.cpp): bf16 activations from 16 rows, streamed
+(gemm_amx, up to 64 rows) or blocked (gemm_amx_rows, more)."""
 import itertools
 import subprocess
 import sys
@@ -36,9 +37,12 @@ def test_amx_matches_reference(bits, group, offsets, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        # odd N and K (row and column padding), one pass (16-80 rows) and two (81-160 rows)
-        for (n, k), m in [((37, 300), 16), ((130, 515), 17), ((64, 256), 80), ((13, 100), 81),
-                          ((40, 333), 192)]:
+        # odd N and K (row and column padding); the streamed path (16-64 rows) and the blocked
+        # one: an odd number of 16-row blocks (65, 81), rows split across tasks (13 x 100 at 300
+        # rows), several 128-row blocks with a short last one (300 x 2600, 97 rows) and K beyond
+        # one 2048-column K block (2600)
+        for (n, k), m in [((37, 300), 16), ((130, 515), 17), ((64, 256), 64), ((13, 100), 65),
+                          ((40, 333), 81), ((300, 2600), 97), ((13, 100), 300)]:
             w = random_quantized(n, k, bits, group, offsets=offsets, dtype=torch.bfloat16,
                                  seed=1000 * bits + n + k + m)
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(torch.bfloat16)
@@ -54,16 +58,19 @@ def test_amx_matches_reference(bits, group, offsets, threads):
 
 
 @needs_amx
-def test_amx_deterministic_across_threads_and_calls():
-    w = random_quantized(300, 1000, 4, 64, dtype=torch.bfloat16, seed=3)
-    x = torch.randn(48, 1000).to(torch.bfloat16)
+@pytest.mark.parametrize("m", [48, 200])
+def test_amx_deterministic_across_threads_and_calls(m):
+    """Bitwise equal across calls and thread counts (the blocked path's task split, which depends
+    on the thread count, never changes the order of a sum)."""
+    w = random_quantized(300, 2500, 4, 64, dtype=torch.bfloat16, seed=3)
+    x = torch.randn(m, 2500).to(torch.bfloat16)
     q = to_cpu_layout(w.codes, 4)
     outs = []
     old = torch.get_num_threads()
     try:
         for t in (1, 2, 1):
             torch.set_num_threads(t)
-            outs.append(torch.ops.flute.qgemm(x, q, w.scales, None, w.table, 4, 64, 1000, 300))
+            outs.append(torch.ops.flute.qgemm(x, q, w.scales, None, w.table, 4, 64, 2500, 300))
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
@@ -71,10 +78,10 @@ def test_amx_deterministic_across_threads_and_calls():
 
 @needs_amx
 def test_amx_leaves_other_dtypes_and_sizes_alone():
-    """fp32 activations, and bf16 ones outside 16..192 rows, never take the AMX path: their
+    """fp32 and fp16 activations, and bf16 ones under 16 rows, never take an AMX path: their
     results do not depend on the switch."""
     w = random_quantized(70, 256, 4, 64, dtype=torch.bfloat16, seed=5)
-    for dtype, m in [(torch.float32, 32), (torch.float16, 32), (torch.bfloat16, 15), (torch.bfloat16, 193)]:
+    for dtype, m in [(torch.float32, 32), (torch.float16, 32), (torch.float32, 300), (torch.bfloat16, 15)]:
         x = torch.randn(m, 256).to(dtype)
         ya, yo = both_paths(x, w, 4, 64, 70, 256)
         assert torch.equal(ya, yo), (dtype, m)

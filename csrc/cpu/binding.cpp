@@ -158,10 +158,11 @@ const bool g_has_amx = false;
 // The AMX path (kernel_amx.cpp) for bf16 activations from amx_m() rows: on unless FLUTE_CPU_AMX=0.
 std::atomic<bool> g_amx{g_has_amx && !(std::getenv("FLUTE_CPU_AMX") && std::string(std::getenv("FLUTE_CPU_AMX")) == "0")};
 
-// Activation rows up to which bf16 activations take the AMX path: beyond, its passes over the
-// weights (kMaxMB = 80 rows each, re-reading the activations from L3) lost to the panel path
-// (14336x4096 4-bit, 1 thread, same process: M = 160 41 vs 48 ms, M = 256 74 vs 57 ms).
-constexpr int64_t kAmxMaxM = 192;
+// Activation rows up to which bf16 activations take the AMX path that streams the weights once
+// (gemm_amx, one pass of up to 4 C tiles); beyond, the blocked AMX kernel (gemm_amx_rows). In one
+// process at 2 threads, 14336x4096 4-bit, x bf16 matmul: M = 80 1.40 vs 1.14, M = 128 1.04 vs
+// 0.78, M = 192 1.05 vs 0.66 (gemm_amx_rows vs gemm_amx; CPU_NOTES item 112).
+constexpr int64_t kAmxMaxM = 64;
 // Activation rows from which bf16 activations take the AMX path (FLUTE_CPU_AMX_M overrides, for
 // tuning).
 int64_t amx_m() {
@@ -398,6 +399,13 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   const int isa = g_isa.load();
   const bool fused = w.G % 32 == 0 || w.ng == 1;
   const bool amx = fused && xt == at::kBFloat16 && isa == kAvx512 && M >= amx_m() && M <= kAmxMaxM && g_amx.load();
+  if (fused && xt == at::kBFloat16 && isa == kAvx512 && M > kAmxMaxM && g_amx.load()) {
+    // many rows on AMX: blocked like a bf16 GEMM, the output written in bf16 (kernel_amx.cpp)
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty(out_shape, x.options());
+    amx_gemm_rows(xc, w, reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>()));
+    return y;
+  }
   if (!amx && (!fused || M >= large_m())) {
     // Panel path: decode a few rows at a time, let at::mm (oneDNN / MKL) multiply.
     // bf16 panels only where the CPU multiplies bf16 natively (AVX512_BF16 / AMX): elsewhere oneDNN

@@ -62,6 +62,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
 // The AMX path (kernel_amx.cpp) into out [M, N] fp32: x2 contiguous bf16 with last dimension K, M
 // rows in all; groups of a multiple of 32 columns or one group; only where g_has_amx (binding.cpp) is true.
 void amx_gemm(const at::Tensor& x2, const Weight& w, float* out);
+void amx_gemm_rows(const at::Tensor& x2, const Weight& w, uint16_t* out);
 
 // Per-call temporaries (slot 0: the fused path's activations, fused_gemm.cpp; slot 1: the
 // fp32 output before its conversion to bf16 or fp16; slot 2: the panel path's decoded panel,

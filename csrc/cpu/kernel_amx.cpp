@@ -1,5 +1,5 @@
 // flute CPU kernel, AMX path: bf16 activations on CPUs with AMX-BF16 (Sapphire Rapids and later),
-// from 16 activation rows (binding.cpp: amx_m). Compiled in its own translation unit with the
+// from 16 activation rows (binding.cpp: amx_m; gemm_amx up to 64 rows, gemm_amx_rows beyond). Compiled in its own translation unit with the
 // AVX-512 flags plus -mavx512bf16 -mamx-tile -mamx-bf16.
 //
 // Why: torch's bf16 matmul runs on AMX on these CPUs, so at 16+ rows it is bound by reading its
@@ -17,7 +17,7 @@
 //     activation rows in AMX's pair-interleaved form, 16 rows of 64 bytes (column pair p: the 2
 //     bf16 of each of the 16 activation rows), prepared once per call (amx_prepare_x);
 //   C (tiles 3 ..): 16 weight rows x 16 activation rows, fp32, one tile per 16 activation rows,
-//     up to kMaxMB of them per pass (more rows: another pass over the weights).
+//     up to kMaxMB of them (one pass over the weights; more rows take gemm_amx_rows below).
 // Every chunk of 32 columns lies in one group (groups of a multiple of 32 columns, or one group),
 // so the tables change only between chunks and no partial sums are kept outside the tiles.
 // Padding: rows past N decode through zero scales (zero weights), columns past K meet zero
@@ -25,13 +25,16 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <new>
+
 #include "avx512bf16_common.h"
 
 namespace flute_cpu {
 namespace {
 
 constexpr int kRows = 16;        // weight rows per block: one A tile, 4 layout tiles
-constexpr int kMaxMB = 5;        // C tiles: 8 tile registers minus A and two B
+constexpr int kMaxMB = 4;        // C tiles (up to 5 fit: 8 tile registers minus A and two B);
+                                 // binding.cpp sends at most 64 rows here (kAmxMaxM)
 constexpr int64_t kTileElems = 16 * 32;  // bf16 elements of an A or B tile (1 KiB)
 constexpr int64_t kPrefetchBytes = 2048;
 
@@ -53,7 +56,6 @@ inline void products(const uint16_t* xv) {
   if constexpr (NMB > 1) { _tile_loadd(2, xv + kTileElems, 64); _tile_dpbf16ps(4, 0, 2); }
   if constexpr (NMB > 2) { _tile_loadd(1, xv + 2 * kTileElems, 64); _tile_dpbf16ps(5, 0, 1); }
   if constexpr (NMB > 3) { _tile_loadd(2, xv + 3 * kTileElems, 64); _tile_dpbf16ps(6, 0, 2); }
-  if constexpr (NMB > 4) { _tile_loadd(1, xv + 4 * kTileElems, 64); _tile_dpbf16ps(7, 0, 1); }
 }
 
 template <int NMB>
@@ -62,7 +64,6 @@ inline void zero_c() {
   if constexpr (NMB > 1) _tile_zero(4);
   if constexpr (NMB > 2) _tile_zero(5);
   if constexpr (NMB > 3) _tile_zero(6);
-  if constexpr (NMB > 4) _tile_zero(7);
 }
 
 template <int NMB>
@@ -71,21 +72,14 @@ inline void store_c(float* cbuf) {
   if constexpr (NMB > 1) _tile_stored(4, cbuf + 256, 64);
   if constexpr (NMB > 2) _tile_stored(5, cbuf + 512, 64);
   if constexpr (NMB > 3) _tile_stored(6, cbuf + 768, 64);
-  if constexpr (NMB > 4) _tile_stored(7, cbuf + 1024, 64);
 }
 
 // One block of 16 weight rows (`rows`: its first layout tile, in the form decode_chunk reads;
-// nr of its rows exist) times NMB blocks of 16 activation rows from activation block mb0; the C
-// tiles go to cbuf [NMB][16 weight rows][16 activation rows].
-// More than kMaxMB activation blocks take several passes: the first (mode kDecodeKeep) decodes
-// into `acache` (the block's rows over all K: 16 x K_pad bf16, in L2), the later ones (kCached)
-// only load from it. A single pass (kDecode) decodes into a double-buffered L1 tile.
-enum APass { kDecode, kDecodeKeep, kCached };
-
+// nr of its rows exist) times NMB blocks of 16 activation rows; the C tiles go to cbuf [NMB][16
+// weight rows][16 activation rows]. Each chunk is decoded into a double-buffered L1 tile.
 template <int BITS, int NMB>
 void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_bytes,
-                   const float* sc, const float* of, int64_t mb0, int64_t mbs, uint16_t* abuf,
-                   uint16_t* acache, APass pass, float* cbuf) {
+                   const float* sc, const float* of, int64_t mbs, uint16_t* abuf, float* cbuf) {
   constexpr int C = BITS == 4 ? 4 : 8;
   constexpr int BB = 4 * C * BITS;
   const __m512 T = tables<BITS>(a.table);
@@ -95,15 +89,6 @@ void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_
     for (int r = 0; r < nr; ++r) tw[r] = word_table(T, sc[r * ngp + g], of ? of[r * ngp + g] : 0.f);
   };
   zero_c<NMB>();
-  if (pass == kCached) {
-    const int64_t chunks = a.nblocks * C;
-    for (int64_t k = 0; k < chunks; ++k) {
-      _tile_loadd(0, acache + k * kTileElems, 64);
-      products<NMB>(a.xb + (k * mbs + mb0) * kTileElems);
-    }
-    store_c<NMB>(cbuf);
-    return;
-  }
   set_tables(0);
   int64_t g = 0, cc = 0;
   // The next block of 16 rows (4 tiles, contiguous) is fetched into L2 a slice per K block while
@@ -124,7 +109,7 @@ void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_
       for (int r = 0; r < nr; ++r) load_block<BITS>(row_of(r), parts[r]);
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      uint16_t* ab = pass == kDecodeKeep ? acache + (b * C + c) * kTileElems : abuf + (c & 1) * kTileElems;
+      uint16_t* ab = abuf + (c & 1) * kTileElems;
 #pragma GCC unroll 16
       for (int r = 0; r < nr; ++r) {
         __m512i w;
@@ -137,7 +122,7 @@ void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_
         _mm512_storeu_si512(ab + r * 32, w);
       }
       _tile_loadd(0, ab, 64);
-      products<NMB>(a.xb + ((b * C + c) * mbs + mb0) * kTileElems);
+      products<NMB>(a.xb + (b * C + c) * mbs * kTileElems);
       if (++cc == cpg) {
         ++g;
         cc = 0;
@@ -149,15 +134,27 @@ void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_
 }
 
 // r[i][j] <- r[j][i] for 16 vectors of 16 dwords: four butterfly rounds, each swapping the
-// off-diagonal s x s blocks (s = 8, 4, 2, 1) of row pairs (i, i + s) with two `vpermt2d`.
+// off-diagonal s x s blocks (s = 8, 4, 2, 1) of row pairs (i, i + s) with two `vpermt2d`. The
+// index vectors are constants: built per call, they cost as much as the permutes.
+struct TransposeIndex {
+  alignas(64) int32_t lo[4][16], hi[4][16];  // round j: s = 8 >> j
+  constexpr TransposeIndex() : lo{}, hi{} {
+    for (int j = 0; j < 4; ++j)
+      for (int c = 0; c < 16; ++c) {
+        const int s = 8 >> j;
+        lo[j][c] = (c & s) ? 16 + c - s : c;  // row i keeps its columns without bit s, takes row i + s's
+        hi[j][c] = (c & s) ? 16 + c : c + s;
+      }
+  }
+};
+constexpr TransposeIndex kTransposeIndex{};
+
 inline void transpose16(__m512i* r) {
-  for (int s = 8; s >= 1; s >>= 1) {
-    alignas(64) int32_t lo[16], hi[16];
-    for (int c = 0; c < 16; ++c) {
-      lo[c] = (c & s) ? 16 + c - s : c;  // row i keeps its columns without bit s, takes row i + s's
-      hi[c] = (c & s) ? 16 + c : c + s;
-    }
-    const __m512i il = _mm512_load_si512(lo), ih = _mm512_load_si512(hi);
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const int s = 8 >> j;
+    const __m512i il = _mm512_load_si512(kTransposeIndex.lo[j]), ih = _mm512_load_si512(kTransposeIndex.hi[j]);
+#pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) {
       if (i & s) continue;
       const __m512i a = r[i], b = r[i + s];
@@ -181,7 +178,6 @@ void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
   FloatBuf sc(kRows * ngp), of(a.offsets ? kRows * ngp : 1);
   alignas(64) uint16_t abuf[2 * kTileElems];  // decoded A tiles, double-buffered
   alignas(64) float cbuf[kMaxMB * 256];
-  Buf<uint16_t> acache(mbs > kMaxMB ? a.K_pad * kRows : 0);
   for (int64_t nb = b0; nb < b1; ++nb) {
     const int64_t n0 = nb * kRows;
     const int nr = static_cast<int>(min64(kRows, a.N_pad - n0));  // rows in the layout
@@ -198,27 +194,216 @@ void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
     std::memset(abuf, 0, sizeof(abuf));  // rows past the layout stay zero
     const uint8_t* rows = a.qw + (n0 / 4) * tile_bytes;
     const float* ofp = a.offsets ? of.data() : nullptr;
-    if (mbs > kMaxMB && nr < kRows) std::memset(acache.data(), 0, a.K_pad * kRows * sizeof(uint16_t));
-    for (int64_t mb0 = 0; mb0 < mbs; mb0 += kMaxMB) {
-      const int nmb = static_cast<int>(min64(kMaxMB, mbs - mb0));
-      const APass pass = mbs <= kMaxMB ? kDecode : mb0 == 0 ? kDecodeKeep : kCached;
-      switch (nmb) {
-        case 1: block_product<BITS, 1>(a, rows, nr, tile_bytes, sc.data(), ofp, mb0, mbs, abuf, acache.data(), pass, cbuf); break;
-        case 2: block_product<BITS, 2>(a, rows, nr, tile_bytes, sc.data(), ofp, mb0, mbs, abuf, acache.data(), pass, cbuf); break;
-        case 3: block_product<BITS, 3>(a, rows, nr, tile_bytes, sc.data(), ofp, mb0, mbs, abuf, acache.data(), pass, cbuf); break;
-        case 4: block_product<BITS, 4>(a, rows, nr, tile_bytes, sc.data(), ofp, mb0, mbs, abuf, acache.data(), pass, cbuf); break;
-        default: block_product<BITS, 5>(a, rows, nr, tile_bytes, sc.data(), ofp, mb0, mbs, abuf, acache.data(), pass, cbuf); break;
+    const int nmb = static_cast<int>(mbs);  // 1 to kMaxMB
+    switch (nmb) {
+      case 1: block_product<BITS, 1>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
+      case 2: block_product<BITS, 2>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
+      case 3: block_product<BITS, 3>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
+      default: block_product<BITS, 4>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
+    }
+    // C tile i is [weight row][activation row]: transposed into out's rows
+    const int nv = static_cast<int>(min64(kRows, a.N - n0));
+    const __mmask16 kn = nv >= 16 ? __mmask16(0xffff) : __mmask16((1u << nv) - 1);
+    for (int i = 0; i < nmb; ++i) {
+      const int64_t m0 = i * 16;
+      const int mv = static_cast<int>(min64(16, a.M - m0));
+      __m512i t[16];
+      for (int r = 0; r < 16; ++r) t[r] = _mm512_load_si512(cbuf + i * 256 + r * 16);
+      transpose16(t);
+      for (int m = 0; m < mv; ++m) _mm512_mask_storeu_epi32(a.out + (m0 + m) * a.N + n0, kn, t[m]);
+    }
+  }
+  _tile_release();
+}
+
+// ---- Many activation rows (binding.cpp: more than kAmxMaxM) ------------------------------------
+// The path above reads every activation tile again for each 16 weight rows, from L3 once the
+// activations outgrow L2 (512 x 4096 bf16: 4 MB), and lost to oneDNN's bf16 matmul from ~200 rows.
+// Here the loops are blocked as a bf16 GEMM's are, with the decode folded into packing A:
+//   - a block of R weight rows (thread task) is decoded one K block at a time into `acache`
+//     (R x kc bf16, <= kABytes, in L2), once per K block for all activation rows;
+//   - 2 x 2 register blocking: A tiles 0 and 1 (32 weight rows), B tiles 2 and 3 (32 activation
+//     rows), C tiles 4-7: 4 products per 4 tile loads (the path above: 5 per 6 loads with only 1
+//     of them an A tile, so its activation tiles stream from wherever they are);
+//   - the activations are laid out block-row-major (amx_prepare_x, by_block): one 32-row pair's
+//     tiles for a K block are 2 x kc / 16 contiguous KB, loaded from L3 once per weight block and
+//     then from L2 for the block's other R / 32 - 1 A pairs;
+//   - the C tiles are accumulated across K blocks in `cacc` (R x M_pad fp32) and written to the
+//     bf16 output, transposed, after the last.
+constexpr int64_t kABytes = 512 * 1024;  // decoded weights per K block: a quarter of a 2 MB L2
+
+// Per-thread buffers kept between calls (slot 0: decoded A tiles, 512 KB; slot 1: C tiles, R x M
+// fp32): allocated and zeroed per call, they cost page faults and a memset on every prefill call.
+struct ThreadBuffer {
+  char* p = nullptr;
+  int64_t cap = 0;
+  ~ThreadBuffer() { ::operator delete[](p, std::align_val_t(64)); }
+};
+char* thread_buffer(int slot, int64_t bytes) {
+  thread_local ThreadBuffer bufs[2];
+  ThreadBuffer& b = bufs[slot];
+  if (bytes > b.cap) {
+    ::operator delete[](b.p, std::align_val_t(64));
+    b.p = static_cast<char*>(::operator new[](bytes, std::align_val_t(64)));
+    b.cap = bytes;
+  }
+  return b.p;
+}
+
+// 16 weight rows (`rows`: their first layout tile; nr exist) over layout blocks [blk0, blk1) into
+// dst [chunk][16 rows][32] bf16, the A tiles of successive 32-column chunks. Rows past nr are not
+// written (the caller zeroes them).
+template <int BITS>
+void decode_a_tiles(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_bytes, const float* sc,
+                    const float* of, int64_t blk0, int64_t blk1, uint16_t* dst) {
+  constexpr int C = BITS == 4 ? 4 : 8;
+  constexpr int BB = 4 * C * BITS;
+  const __m512 T = tables<BITS>(a.table);
+  const int64_t ngp = a.ngp, cpg = a.cpg;
+  alignas(64) __m512i tw[kRows];
+  int64_t g = blk0 * C / cpg, cc = blk0 * C % cpg;
+  auto set_tables = [&]() {
+    for (int r = 0; r < nr; ++r) tw[r] = word_table(T, sc[r * ngp + g], of ? of[r * ngp + g] : 0.f);
+  };
+  set_tables();
+  for (int64_t b = blk0; b < blk1; ++b) {
+    for (int t = 0; t < (nr + 3) / 4; ++t) {
+      const char* pf = reinterpret_cast<const char*>(rows + t * tile_bytes + b * 4 * BB + kPrefetchBytes);
+      for (int i = 0; i < 4 * BB; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+    }
+    auto row_of = [&](int r) { return rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * BB; };
+    alignas(64) __m512i parts[kRows][kBlockVecs<BITS>];
+    for (int r = 0; r < nr; ++r) load_block<BITS>(row_of(r), parts[r]);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      uint16_t* ab = dst + ((b - blk0) * C + c) * kTileElems;
+      for (int r = 0; r < nr; ++r) _mm512_storeu_si512(ab + r * 32, decode_chunk<BITS>(parts[r], c, tw[r]));
+      if (++cc == cpg) {
+        ++g;
+        cc = 0;
+        set_tables();
       }
-      // C tile i is [weight row][activation row]: transposed into out's rows
-      const int nv = static_cast<int>(min64(kRows, a.N - n0));
-      const __mmask16 kn = nv >= 16 ? __mmask16(0xffff) : __mmask16((1u << nv) - 1);
-      for (int i = 0; i < nmb; ++i) {
-        const int64_t m0 = (mb0 + i) * 16;
-        const int mv = static_cast<int>(min64(16, a.M - m0));
-        __m512i t[16];
-        for (int r = 0; r < 16; ++r) t[r] = _mm512_load_si512(cbuf + i * 256 + r * 16);
-        transpose16(t);
-        for (int m = 0; m < mv; ++m) _mm512_mask_storeu_epi32(a.out + (m0 + m) * a.N + n0, kn, t[m]);
+    }
+  }
+}
+
+// C tiles 4..7 += (A tiles a0, a1) x (B tiles b0, b1) over kc chunks (tiles 1 KiB apart in each).
+inline void pair_products(const uint16_t* a0, const uint16_t* a1, const uint16_t* b0, const uint16_t* b1,
+                          int64_t kc) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const int64_t o = k * kTileElems;
+    _tile_loadd(0, a0 + o, 64);
+    _tile_loadd(2, b0 + o, 64);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_loadd(3, b1 + o, 64);
+    _tile_dpbf16ps(5, 0, 3);
+    _tile_loadd(1, a1 + o, 64);
+    _tile_dpbf16ps(6, 1, 2);
+    _tile_dpbf16ps(7, 1, 3);
+  }
+}
+
+// Task t: weight block t / S of R rows times activation part t % S (of S, whole 32-row pairs).
+template <int BITS>
+void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t t1) {
+  constexpr int C = BITS == 4 ? 4 : 8;
+  constexpr int BB = 4 * C * BITS;
+  const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp, ng = a.ng;
+  const int64_t mbs = (a.M + 31) / 32 * 2;  // activation blocks, even (the last pair zero-padded)
+  const int64_t part = (mbs / 2 + S - 1) / S * 2;  // activation blocks per part
+  const int64_t chunks = a.nblocks * C, at = R / 16;
+  // K blocks: whole layout blocks, R x kc decoded bf16 within kABytes
+  const int64_t kblocks = max64(1, kABytes / (R * 2) / (32 * C));
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  FloatBuf sc(R * ngp), of(a.offsets ? R * ngp : 1);
+  // decoded A tiles [A tile][chunk of the K block][16][32] and the C tiles [A tile][activation
+  // block of the part][16 weight rows][16] (both fully written before they are read)
+  uint16_t* acache = reinterpret_cast<uint16_t*>(thread_buffer(0, at * kblocks * C * kTileElems * 2));
+  float* cacc = reinterpret_cast<float*>(thread_buffer(1, at * part * 256 * 4));
+  for (int64_t task = t0; task < t1; ++task) {
+    const int64_t n0 = task / S * R, mb0 = task % S * part, mb1 = min64(mbs, mb0 + part);
+    if (mb0 >= mb1) continue;
+    for (int64_t r = 0; r < R; ++r) {
+      float* s = sc.data() + r * ngp;
+      for (int64_t i = 0; i < ngp; ++i) s[i] = 0.f;
+      if (a.offsets)
+        for (int64_t i = 0; i < ngp; ++i) of[r * ngp + i] = 0.f;
+      if (n0 + r < a.N) {
+        load_row(a.scales, a.stype, n0 + r, ng, s);
+        if (a.offsets) load_row(a.offsets, a.stype, n0 + r, ng, of.data() + r * ngp);
+      }
+    }
+    // A pairs with a row in the layout (the last block's others would only multiply zeros)
+    const int64_t pairs = min64(R / 32, (a.N_pad - n0 + 31) / 32);
+    for (int64_t k0 = 0; k0 < a.nblocks; k0 += kblocks) {
+      const int64_t k1 = min64(a.nblocks, k0 + kblocks), kc = (k1 - k0) * C;
+      for (int64_t t = 0; t < 2 * pairs; ++t) {
+        uint16_t* dst = acache + t * kc * kTileElems;
+        const int nr = static_cast<int>(max64(0, min64(16, a.N_pad - n0 - 16 * t)));
+        if (nr < 16) std::memset(dst, 0, kc * kTileElems * sizeof(uint16_t));
+        if (nr > 0)
+          decode_a_tiles<BITS>(a, a.qw + ((n0 + 16 * t) / 4) * tile_bytes, nr, tile_bytes, sc.data() + 16 * t * ngp,
+                               a.offsets ? of.data() + 16 * t * ngp : nullptr, k0, k1, dst);
+      }
+      // each B pair (2 x kc KiB) is loaded from L3 once, then from L2 for the block's other A pairs
+      for (int64_t mb = mb0; mb < mb1; mb += 2) {
+        const uint16_t* xb0 = a.xb + (mb * chunks + k0 * C) * kTileElems;
+        const uint16_t* xb1 = xb0 + chunks * kTileElems;
+        for (int64_t p = 0; p < pairs; ++p) {
+          float* c00 = cacc + ((2 * p) * part + mb - mb0) * 256;
+          float* c10 = c00 + part * 256;
+          if (k0 == 0) {
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_zero(6);
+            _tile_zero(7);
+          } else {
+            _tile_loadd(4, c00, 64);
+            _tile_loadd(5, c00 + 256, 64);
+            _tile_loadd(6, c10, 64);
+            _tile_loadd(7, c10 + 256, 64);
+          }
+          const uint16_t* a0 = acache + 2 * p * kc * kTileElems;
+          pair_products(a0, a0 + kc * kTileElems, xb0, xb1, kc);
+          _tile_stored(4, c00, 64);
+          _tile_stored(5, c00 + 256, 64);
+          _tile_stored(6, c10, 64);
+          _tile_stored(7, c10 + 256, 64);
+        }
+      }
+    }
+    // C tile (t, mb) is [weight row][activation row]: transposed into out's rows, rounded to bf16,
+    // the two tiles of an A pair together, so each row gets one 64-byte store (by activation block
+    // first: 16 rows' lines written whole, not half now and half 32 blocks later)
+    for (int64_t mb = mb0; mb < mb1; ++mb) {
+      const int64_t m0 = mb * 16;
+      const int mv = static_cast<int>(min64(16, a.M - m0));
+      if (mv <= 0) break;
+      for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t nc = n0 + 32 * p;
+        const int nv = static_cast<int>(min64(32, a.N - nc));
+        if (nv <= 0) break;
+        const __mmask32 kn = nv >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << nv) - 1);
+        __m512i v0[16], v1[16];
+        const float* c0 = cacc + (2 * p * part + mb - mb0) * 256;
+        const float* c1 = c0 + part * 256;
+        for (int r = 0; r < 16; ++r) {
+          v0[r] = _mm512_loadu_si512(c0 + r * 16);
+          v1[r] = _mm512_loadu_si512(c1 + r * 16);
+        }
+        transpose16(v0);
+        transpose16(v1);
+        for (int m = 0; m < mv; ++m) {
+          const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(v0[m]));
+          const __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(v1[m]));
+          _mm512_mask_storeu_epi16(a.outb + (m0 + m) * a.N + nc, kn,
+                                   _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+        }
       }
     }
   }
@@ -229,10 +414,11 @@ void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
 
 bool kernel_amx_built() { return true; }
 
-void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb) {
-  // xb [K_pad/32 chunks][ceil(M/16) blocks][16 column pairs][16 rows][2]: B tiles in order. Each
-  // tile is the 16x16 dword transpose of 16 rows' 32 columns.
-  const int64_t mbs = (M + 15) / 16, chunks = K_pad / 32;
+void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb, bool by_block) {
+  // xb: B tiles of 16 column pairs x 16 rows x 2 bf16, each the 16x16 dword transpose of 16 rows'
+  // 32 columns; [K_pad/32 chunks][ceil(M/16) blocks] in order (gemm_amx), or by_block
+  // [ceil(M/32) * 2 blocks][K_pad/32 chunks] (gemm_amx_rows; the odd last block all zero).
+  const int64_t mbs = by_block ? (M + 31) / 32 * 2 : (M + 15) / 16, chunks = K_pad / 32;
   for (int64_t kc = 0; kc < chunks; ++kc) {
     const int64_t col = kc * 32, nv = col < K ? min64(32, K - col) : 0;
     const __mmask32 km = nv >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << nv) - 1);
@@ -243,7 +429,7 @@ void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint1
         r[m] = row < M ? _mm512_maskz_loadu_epi16(km, x + row * K + col) : _mm512_setzero_si512();
       }
       transpose16(r);
-      uint16_t* t = xb + (kc * mbs + mb) * kTileElems;
+      uint16_t* t = xb + (by_block ? mb * chunks + kc : kc * mbs + mb) * kTileElems;
       for (int q = 0; q < 16; ++q) _mm512_storeu_si512(t + q * 32, r[q]);
     }
   }
@@ -254,6 +440,14 @@ void gemm_amx(const GemmArgs& a, int64_t b0, int64_t b1) {
     case 2: gemm_bits<2>(a, b0, b1); break;
     case 3: gemm_bits<3>(a, b0, b1); break;
     default: gemm_bits<4>(a, b0, b1); break;
+  }
+}
+
+void gemm_amx_rows(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t t1) {
+  switch (a.bits) {
+    case 2: gemm_rows_bits<2>(a, R, S, t0, t1); break;
+    case 3: gemm_rows_bits<3>(a, R, S, t0, t1); break;
+    default: gemm_rows_bits<4>(a, R, S, t0, t1); break;
   }
 }
 

@@ -12,8 +12,9 @@ namespace flute_cpu {
 
 #if defined(FLUTE_WITHOUT_KERNEL_AMX)
 bool kernel_amx_built() { return false; }
-void amx_prepare_x(const uint16_t*, int64_t, int64_t, int64_t, uint16_t*) {}
+void amx_prepare_x(const uint16_t*, int64_t, int64_t, int64_t, uint16_t*, bool) {}
 void gemm_amx(const GemmArgs&, int64_t, int64_t) {}
+void gemm_amx_rows(const GemmArgs&, int64_t, int64_t, int64_t, int64_t) {}
 #endif
 
 #if defined(FLUTE_WITHOUT_KERNEL_AVX512BF16)

@@ -44,6 +44,7 @@ struct GemmArgs {
   const float* xsum;      // [M, ng] group sums of x (when offsets)
   const float* table;     // [2**bits] fp32
   float* out;             // [M, N] fp32
+  uint16_t* outb;         // [M, N] bf16 (gemm_amx_rows, instead of out)
 };
 
 struct DecodeArgs {
@@ -195,10 +196,14 @@ void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const in
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
 // kernel_amx.cpp (CPUs with AMX-BF16 and AVX512_BF16): amx_prepare_x lays bf16 activations [M, K]
-// out as AMX B tiles (a.xb, K_pad * ceil(M / 16) * 16 bf16); gemm_amx computes blocks [b0, b1) of
-// 16 weight rows (groups of a multiple of 32 columns, or one group).
-void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb);
+// out as AMX B tiles (a.xb, K_pad * ceil(M / 16) * 16 bf16, or by_block K_pad * ceil(M / 32) * 32);
+// gemm_amx computes blocks [b0, b1) of 16 weight rows into a.out (groups of a multiple of 32
+// columns, or one group); gemm_amx_rows, for many activation rows (xb by_block), tasks [t0, t1)
+// into a.outb: task t is weight rows [t / S * R, + R) (R a multiple of 32) times part t % S of
+// the activation rows (S parts of whole 32-row pairs).
+void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb, bool by_block);
 void gemm_amx(const GemmArgs&, int64_t b0, int64_t b1);
+void gemm_amx_rows(const GemmArgs&, int64_t R, int64_t S, int64_t t0, int64_t t1);
 // Whether each translation unit whose flags a compiler may lack was built: true in the unit
 // itself, false in kernel_fallbacks.cpp, which stands in for it when setup.py's probe of its flags
 // fails (-mamx-tile needs GCC 11 / Clang 12, -mavx512bf16 GCC 10 / Clang 9). The binding never
@@ -214,6 +219,7 @@ bool kernel_int8_avx512_built();
 namespace {
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // A zero-initialized buffer (a class template in the anonymous namespace: internal linkage);
 // n <= 0 allocates nothing (data() is null).
