@@ -439,12 +439,19 @@ void amx_gemm_rows(const at::Tensor& x2, const Weight& w, uint16_t* out) {
   GemmArgs a = gemm_args(w, M, nullptr);
   a.xb = xb;
   a.outb = out;
-  // Tasks: blocks of R = 128 weight rows (each decoded K block serves 4 A pairs) times S parts of
-  // the activation rows, S > 1 where the blocks are under 4 per thread (576 weight rows at 2
-  // threads: 5 blocks, 2 parts).
-  const int64_t want = 4 * at::get_num_threads(), R = 128;
+  // Tasks: blocks of R weight rows times S parts of the activation rows, S > 1 where the blocks
+  // are under 4 per thread. R = 128 (each decoded K block serves 4 A pairs) unless 96 or 64 rows
+  // give the threads less work each: 576 weight rows at 2 threads are 5 blocks of 128 in 10 tasks,
+  // 5 of them one thread's (20 of 36 pair-parts), or 6 blocks of 96 in 12 tasks (18 each).
+  const int64_t nt = at::get_num_threads(), want = 4 * nt;
+  int64_t R = 128, S = 1, best = -1;
+  for (int64_t r : {128, 96, 64}) {
+    const int64_t blocks = (w.N_pad + r - 1) / r;
+    const int64_t s = std::min<int64_t>(pairs, (want + blocks - 1) / blocks);
+    const int64_t load = (blocks * s + nt - 1) / nt * r / s;  // weight rows x parts of a thread
+    if (best < 0 || load < best) R = r, S = s, best = load;
+  }
   const int64_t blocks = (w.N_pad + R - 1) / R;
-  const int64_t S = std::min<int64_t>(pairs, (want + blocks - 1) / blocks);
   for_tiles(blocks * S, 1, [&](int64_t t0, int64_t t1) { gemm_amx_rows(a, R, S, t0, t1); });
 #else
   (void)x2, (void)w, (void)out;
