@@ -16,10 +16,11 @@
 //       arithmetic: "int8" (the default; int8 activations and a 7-bit table, llama.cpp's approach;
 //       any bit width), "exact" (fp32; FLUTE_CPU_MODE=exact) or "bf16"
 //       (FLUTE_CPU_MODE=bf16; AVX512_BF16 + VBMI CPUs only, other paths stay exact).
-//   cpu_amx() -> bool, cpu_set_amx(bool) -> bool: whether bf16 activations of amx_m() to
-//       kAmxMaxM rows take the AMX path (kernel_amx.cpp; CPUs with AMX-BF16; FLUTE_CPU_AMX=0 off).
+//   cpu_amx() -> bool, cpu_set_amx(bool) -> bool: whether bf16 activations from amx_m() rows
+//       take the AMX kernels (kernel_amx.cpp; CPUs with AMX-BF16; FLUTE_CPU_AMX=0 off).
 //
-// Paths: bf16 x of 16 to 192 rows on an AMX CPU (avx512 path): the AMX kernel. Otherwise, M <
+// Paths: bf16 x on an AMX CPU (avx512 path): 16 to kAmxMaxM = 64 rows the streamed AMX kernel
+// (gemm_amx), more rows the blocked one (gemm_amx_rows, bf16 output). Otherwise, M <
 // kLargeM and groups of a multiple of 32 columns (or one group): the fused kernel, in the int8
 // mode (finite x) or exact fp32 (fused_gemm.cpp: activations prepared once per call, threads over
 // row tiles). Otherwise: rows decoded in panels (fp32, or bf16 for bf16 activations on CPUs with

@@ -45,6 +45,30 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// Every tile 16 rows of 64 bytes (palette 1), for this thread.
+inline void configure_tiles() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// The scales (and offsets, if of) of weight rows [n0, n0 + rows) as fp32, a.ngp slots per row;
+// rows past N and slots past the row's groups zero (zero weights).
+inline void load_scale_rows(const GemmArgs& a, int64_t n0, int64_t rows, float* sc, float* of) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < a.ngp; ++i) sc[r * a.ngp + i] = 0.f;
+    if (of)
+      for (int64_t i = 0; i < a.ngp; ++i) of[r * a.ngp + i] = 0.f;
+    if (n0 + r < a.N) {
+      load_row(a.scales, a.stype, n0 + r, a.ng, sc + r * a.ngp);
+      if (of) load_row(a.offsets, a.stype, n0 + r, a.ng, of + r * a.ngp);
+    }
+  }
+}
+
 // The tile register numbers are assembler immediates (GCC's _tile_* macros paste them into the
 // instruction text), hence one line per C tile. B tiles alternate between registers 1 and 2 so a
 // load overlaps the previous product; the C tile of activation block i is register 3 + i.
@@ -167,30 +191,16 @@ inline void transpose16(__m512i* r) {
 template <int BITS>
 void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
   constexpr int BB = 4 * (BITS == 4 ? 4 : 8) * BITS;
-  const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp, ng = a.ng;
+  const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp;
   const int64_t mbs = (a.M + 15) / 16;  // activation blocks
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = 16;
-  }
-  _tile_loadconfig(&cfg);
+  configure_tiles();
   FloatBuf sc(kRows * ngp), of(a.offsets ? kRows * ngp : 1);
   alignas(64) uint16_t abuf[2 * kTileElems];  // decoded A tiles, double-buffered
   alignas(64) float cbuf[kMaxMB * 256];
   for (int64_t nb = b0; nb < b1; ++nb) {
     const int64_t n0 = nb * kRows;
     const int nr = static_cast<int>(min64(kRows, a.N_pad - n0));  // rows in the layout
-    for (int r = 0; r < kRows; ++r) {
-      float* s = sc.data() + r * ngp;
-      for (int64_t i = 0; i < ngp; ++i) s[i] = 0.f;
-      if (a.offsets)
-        for (int64_t i = 0; i < ngp; ++i) of[r * ngp + i] = 0.f;
-      if (n0 + r < a.N) {
-        load_row(a.scales, a.stype, n0 + r, ng, s);
-        if (a.offsets) load_row(a.offsets, a.stype, n0 + r, ng, of.data() + r * ngp);
-      }
-    }
+    load_scale_rows(a, n0, kRows, sc.data(), a.offsets ? of.data() : nullptr);
     std::memset(abuf, 0, sizeof(abuf));  // rows past the layout stay zero
     const uint8_t* rows = a.qw + (n0 / 4) * tile_bytes;
     const float* ofp = a.offsets ? of.data() : nullptr;
@@ -308,18 +318,13 @@ template <int BITS>
 void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t t1) {
   constexpr int C = BITS == 4 ? 4 : 8;
   constexpr int BB = 4 * C * BITS;
-  const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp, ng = a.ng;
+  const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp;
   const int64_t mbs = (a.M + 31) / 32 * 2;  // activation blocks, even (the last pair zero-padded)
   const int64_t part = (mbs / 2 + S - 1) / S * 2;  // activation blocks per part
   const int64_t chunks = a.nblocks * C, at = R / 16;
   // K blocks: whole layout blocks, R x kc decoded bf16 within kABytes
   const int64_t kblocks = max64(1, kABytes / (R * 2) / (32 * C));
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = 16;
-  }
-  _tile_loadconfig(&cfg);
+  configure_tiles();
   FloatBuf sc(R * ngp), of(a.offsets ? R * ngp : 1);
   // decoded A tiles [A tile][chunk of the K block][16][32] and the C tiles [A tile][activation
   // block of the part][16 weight rows][16] (both fully written before they are read)
@@ -328,16 +333,7 @@ void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t
   for (int64_t task = t0; task < t1; ++task) {
     const int64_t n0 = task / S * R, mb0 = task % S * part, mb1 = min64(mbs, mb0 + part);
     if (mb0 >= mb1) continue;
-    for (int64_t r = 0; r < R; ++r) {
-      float* s = sc.data() + r * ngp;
-      for (int64_t i = 0; i < ngp; ++i) s[i] = 0.f;
-      if (a.offsets)
-        for (int64_t i = 0; i < ngp; ++i) of[r * ngp + i] = 0.f;
-      if (n0 + r < a.N) {
-        load_row(a.scales, a.stype, n0 + r, ng, s);
-        if (a.offsets) load_row(a.offsets, a.stype, n0 + r, ng, of.data() + r * ngp);
-      }
-    }
+    load_scale_rows(a, n0, R, sc.data(), a.offsets ? of.data() : nullptr);
     // A pairs with a row in the layout (the last block's others would only multiply zeros)
     const int64_t pairs = min64(R / 32, (a.N_pad - n0 + 31) / 32);
     for (int64_t k0 = 0; k0 < a.nblocks; k0 += kblocks) {
