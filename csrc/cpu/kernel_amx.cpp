@@ -313,7 +313,10 @@ inline void pair_products(const uint16_t* a0, const uint16_t* a1, const uint16_t
   }
 }
 
-// Task t: weight block t / S of R rows times activation part t % S (of S, whole 32-row pairs).
+// Task t: weight block t % blocks of R rows times activation part t / blocks (of S, whole 32-row
+// pairs). Part-major, so that a thread's consecutive tasks share their activations, which the
+// same thread laid out when the split matches (576 x 1536 at 512 rows, 2 threads, 61 rounds in
+// one process: 0.89-0.90x bf16 against 0.78-0.80x block-major).
 template <int BITS>
 void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t t1) {
   constexpr int C = BITS == 4 ? 4 : 8;
@@ -321,7 +324,7 @@ void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t
   const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp;
   const int64_t mbs = (a.M + 31) / 32 * 2;  // activation blocks, even (the last pair zero-padded)
   const int64_t part = (mbs / 2 + S - 1) / S * 2;  // activation blocks per part
-  const int64_t chunks = a.nblocks * C, at = R / 16;
+  const int64_t chunks = a.nblocks * C, at = R / 16, blocks = (a.N_pad + R - 1) / R;
   // K blocks: whole layout blocks, R x kc decoded bf16 within kABytes
   const int64_t kblocks = max64(1, kABytes / (R * 2) / (32 * C));
   configure_tiles();
@@ -331,7 +334,7 @@ void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t
   uint16_t* acache = reinterpret_cast<uint16_t*>(thread_buffer(0, at * kblocks * C * kTileElems * 2));
   float* cacc = reinterpret_cast<float*>(thread_buffer(1, at * part * 256 * 4));
   for (int64_t task = t0; task < t1; ++task) {
-    const int64_t n0 = task / S * R, mb0 = task % S * part, mb1 = min64(mbs, mb0 + part);
+    const int64_t n0 = task % blocks * R, mb0 = task / blocks * part, mb1 = min64(mbs, mb0 + part);
     if (mb0 >= mb1) continue;
     load_scale_rows(a, n0, R, sc.data(), a.offsets ? of.data() : nullptr);
     // A pairs with a row in the layout (the last block's others would only multiply zeros)

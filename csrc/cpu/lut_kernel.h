@@ -199,8 +199,8 @@ void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
 // out as AMX B tiles (a.xb, K_pad * ceil(M / 16) * 16 bf16, or by_block K_pad * ceil(M / 32) * 32);
 // gemm_amx computes blocks [b0, b1) of 16 weight rows into a.out (groups of a multiple of 32
 // columns, or one group); gemm_amx_rows, for many activation rows (xb by_block), tasks [t0, t1)
-// into a.outb: task t is weight rows [t / S * R, + R) (R a multiple of 32) times part t % S of
-// the activation rows (S parts of whole 32-row pairs).
+// into a.outb: task t is weight rows [t % B * R, + R) (R a multiple of 32, B = ceil(N_pad / R)
+// blocks) times part t / B of the activation rows (S parts of whole 32-row pairs).
 void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint16_t* xb, bool by_block);
 void gemm_amx(const GemmArgs&, int64_t b0, int64_t b1);
 void gemm_amx_rows(const GemmArgs&, int64_t R, int64_t S, int64_t t0, int64_t t1);
