@@ -207,9 +207,11 @@ def set_cpu_isa(name: str) -> str:
 
 
 def get_cpu_amx() -> bool:
-    """Whether bf16 activations of 16 to 192 rows take the CPU kernel's AMX path (CPUs with
-    AMX-BF16, e.g. Sapphire Rapids: decoded weight tiles multiplied by ``tdpbf16ps``; weights
-    ``bf16(table[q] * s + o)`` as in the panel path, fp32 sums). On where the CPU and Linux offer
+    """Whether bf16 activations from 16 rows take the CPU kernel's AMX paths (CPUs with AMX-BF16,
+    e.g. Sapphire Rapids: decoded weight tiles multiplied by ``tdpbf16ps``; weights
+    ``bf16(table[q] * s + o)`` as in the panel path, fp32 sums, bf16 output). Up to 64 rows the
+    weights stream through once; from 65 rows a blocked kernel (prefill) decodes 128 rows at a
+    time into L2. On where the CPU and Linux offer
     AMX tiles unless the environment variable ``FLUTE_CPU_AMX=0`` was set at import; only on the
     ``"avx512"`` path."""
     return bool(torch.ops.flute.cpu_amx()) if HAS_CPU_KERNEL else False
@@ -237,7 +239,7 @@ def get_cpu_mode() -> str:
     * ``"bf16"`` (AVX512_BF16 + VBMI CPUs): activations and table values rounded to bf16, fp32 sums.
 
     Batches at or above the panel threshold (32 rows) are exact in every mode. On CPUs with AMX
-    (:func:`get_cpu_amx`), bf16 activations of 16 to 192 rows take the AMX path in every mode.
+    (:func:`get_cpu_amx`), bf16 activations from 16 rows take the AMX paths in every mode.
     """
     return torch.ops.flute.cpu_mode() if HAS_CPU_KERNEL else "exact"
 
