@@ -238,8 +238,9 @@ void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
 //   - the activations are laid out block-row-major (amx_prepare_x, by_block): one 32-row pair's
 //     tiles for a K block are 2 x kc / 16 contiguous KB, loaded from L3 once per weight block and
 //     then from L2 for the block's other R / 32 - 1 A pairs;
-//   - the C tiles are accumulated across K blocks in `cacc` (R x M_pad fp32) and written to the
-//     bf16 output, transposed, after the last.
+//   - the C tiles are accumulated across K blocks in `cacc` (R x part fp32; K > 2048 at R = 128)
+//     and, after the last, rounded to bf16 and written to the output, transposed, straight from
+//     the tile registers (write_pair_tiles).
 constexpr int64_t kABytes = 512 * 1024;  // decoded weights per K block: a quarter of a 2 MB L2
 
 // Per-thread buffers kept between calls (slot 0: decoded A tiles, 512 KB; slot 1: C tiles, R x M
@@ -313,6 +314,48 @@ inline void pair_products(const uint16_t* a0, const uint16_t* a1, const uint16_t
   }
 }
 
+// Word permutes of the write-out: kPairWords puts word j of each half side by side (dword j = the
+// two weight rows' values of activation row j), kSplitWords undoes it after the transpose.
+struct WritePermutes {
+  alignas(64) uint16_t pair[32], split[32];
+  constexpr WritePermutes() : pair{}, split{} {
+    for (int i = 0; i < 32; ++i) {
+      pair[i] = static_cast<uint16_t>((i & 1) * 16 + i / 2);
+      split[i] = static_cast<uint16_t>(i < 16 ? 2 * i : 2 * (i - 16) + 1);
+    }
+  }
+};
+constexpr WritePermutes kWritePermutes{};
+
+// C tiles 4..7 (an A pair's 32 weight rows x a B pair's 32 activation rows, fp32, transposed)
+// rounded to bf16 into out[m0 .. m0 + 31][nc .. nc + 31]. Rounding first halves the transposes:
+// weight rows r and r + 16 share a dword, so one 16 x 16 dword transpose turns 32 weight rows
+// into 32 output columns (two transposes of fp32 before, and 40 live vectors that spilled).
+inline void write_pair_tiles(const GemmArgs& a, int64_t m0, int64_t nc) {
+  alignas(64) float ct[4][256];  // tiles 4, 5, 6, 7: (A0, B0), (A0, B1), (A1, B0), (A1, B1)
+  _tile_stored(4, ct[0], 64);
+  _tile_stored(5, ct[1], 64);
+  _tile_stored(6, ct[2], 64);
+  _tile_stored(7, ct[3], 64);
+  const int nv = static_cast<int>(min64(32, a.N - nc));
+  const __mmask32 kn = nv >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << nv) - 1);
+  const __m512i pair = _mm512_load_si512(kWritePermutes.pair), split = _mm512_load_si512(kWritePermutes.split);
+  for (int b = 0; b < 2; ++b) {
+    const int mv = static_cast<int>(min64(16, a.M - m0 - 16 * b));
+    if (mv <= 0) break;
+    const float* lo = ct[b];      // weight rows 0-15
+    const float* hi = ct[2 + b];  // weight rows 16-31
+    __m512i v[16];
+    for (int r = 0; r < 16; ++r) {
+      const __m512i w = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(hi + r * 16), _mm512_load_ps(lo + r * 16));
+      v[r] = _mm512_permutexvar_epi16(pair, w);
+    }
+    transpose16(v);
+    uint16_t* o = a.outb + (m0 + 16 * b) * a.N + nc;
+    for (int m = 0; m < mv; ++m) _mm512_mask_storeu_epi16(o + m * a.N, kn, _mm512_permutexvar_epi16(split, v[m]));
+  }
+}
+
 // Task t: weight block t % blocks of R rows times activation part t / blocks (of S, whole 32-row
 // pairs). Part-major, so that a thread's consecutive tasks share their activations, which the
 // same thread laid out when the split matches (576 x 1536 at 512 rows, 2 threads, 61 rounds in
@@ -329,18 +372,20 @@ void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t
   const int64_t kblocks = max64(1, kABytes / (R * 2) / (32 * C));
   configure_tiles();
   FloatBuf sc(R * ngp), of(a.offsets ? R * ngp : 1);
-  // decoded A tiles [A tile][chunk of the K block][16][32] and the C tiles [A tile][activation
-  // block of the part][16 weight rows][16] (both fully written before they are read)
+  // decoded A tiles [A tile][chunk of the K block][16][32], and, when K spans more than one K
+  // block, the C tiles kept between them [A tile][activation block of the part][16 weight rows][16]
+  // (both fully written before they are read)
   uint16_t* acache = reinterpret_cast<uint16_t*>(thread_buffer(0, at * kblocks * C * kTileElems * 2));
-  float* cacc = reinterpret_cast<float*>(thread_buffer(1, at * part * 256 * 4));
+  float* cacc = a.nblocks > kblocks ? reinterpret_cast<float*>(thread_buffer(1, at * part * 256 * 4)) : nullptr;
   for (int64_t task = t0; task < t1; ++task) {
     const int64_t n0 = task % blocks * R, mb0 = task / blocks * part, mb1 = min64(mbs, mb0 + part);
     if (mb0 >= mb1) continue;
     load_scale_rows(a, n0, R, sc.data(), a.offsets ? of.data() : nullptr);
-    // A pairs with a row in the layout (the last block's others would only multiply zeros)
-    const int64_t pairs = min64(R / 32, (a.N_pad - n0 + 31) / 32);
+    // A pairs with an output column (the last block's others would only multiply zeros)
+    const int64_t pairs = min64(R / 32, (a.N - n0 + 31) / 32);
     for (int64_t k0 = 0; k0 < a.nblocks; k0 += kblocks) {
       const int64_t k1 = min64(a.nblocks, k0 + kblocks), kc = (k1 - k0) * C;
+      const bool last = k1 == a.nblocks;
       // chunks that meet a column below K: the rest of the last layout block is padding, zero
       // activations (K = 576 at 3 bits: 18 of 24 chunks)
       const int64_t kuse = min64(kc, (a.K + 31) / 32 - k0 * C);
@@ -352,13 +397,15 @@ void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t
           decode_a_tiles<BITS>(a, a.qw + ((n0 + 16 * t) / 4) * tile_bytes, nr, tile_bytes, sc.data() + 16 * t * ngp,
                                a.offsets ? of.data() + 16 * t * ngp : nullptr, k0, k1, dst);
       }
-      // each B pair (2 x kc KiB) is loaded from L3 once, then from L2 for the block's other A pairs
+      // each B pair (2 x kc KiB) is loaded from L3 once, then from L2 for the block's other A pairs;
+      // after the last K block the C tiles go straight to the output (from L1, written whole
+      // 64-byte row pieces, a B pair's 32 rows at a time)
       for (int64_t mb = mb0; mb < mb1; mb += 2) {
         const uint16_t* xb0 = a.xb + (mb * chunks + k0 * C) * kTileElems;
         const uint16_t* xb1 = xb0 + chunks * kTileElems;
         for (int64_t p = 0; p < pairs; ++p) {
-          float* c00 = cacc + ((2 * p) * part + mb - mb0) * 256;
-          float* c10 = c00 + part * 256;
+          float* c00 = cacc ? cacc + ((2 * p) * part + mb - mb0) * 256 : nullptr;
+          float* c10 = c00 ? c00 + part * 256 : nullptr;
           if (k0 == 0) {
             _tile_zero(4);
             _tile_zero(5);
@@ -372,39 +419,14 @@ void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t
           }
           const uint16_t* a0 = acache + 2 * p * kc * kTileElems;
           pair_products(a0, a0 + kc * kTileElems, xb0, xb1, kuse);
-          _tile_stored(4, c00, 64);
-          _tile_stored(5, c00 + 256, 64);
-          _tile_stored(6, c10, 64);
-          _tile_stored(7, c10 + 256, 64);
-        }
-      }
-    }
-    // C tile (t, mb) is [weight row][activation row]: transposed into out's rows, rounded to bf16,
-    // the two tiles of an A pair together, so each row gets one 64-byte store (by activation block
-    // first: 16 rows' lines written whole, not half now and half 32 blocks later)
-    for (int64_t mb = mb0; mb < mb1; ++mb) {
-      const int64_t m0 = mb * 16;
-      const int mv = static_cast<int>(min64(16, a.M - m0));
-      if (mv <= 0) break;
-      for (int64_t p = 0; p < pairs; ++p) {
-        const int64_t nc = n0 + 32 * p;
-        const int nv = static_cast<int>(min64(32, a.N - nc));
-        if (nv <= 0) break;
-        const __mmask32 kn = nv >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << nv) - 1);
-        __m512i v0[16], v1[16];
-        const float* c0 = cacc + (2 * p * part + mb - mb0) * 256;
-        const float* c1 = c0 + part * 256;
-        for (int r = 0; r < 16; ++r) {
-          v0[r] = _mm512_loadu_si512(c0 + r * 16);
-          v1[r] = _mm512_loadu_si512(c1 + r * 16);
-        }
-        transpose16(v0);
-        transpose16(v1);
-        for (int m = 0; m < mv; ++m) {
-          const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(v0[m]));
-          const __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(v1[m]));
-          _mm512_mask_storeu_epi16(a.outb + (m0 + m) * a.N + nc, kn,
-                                   _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+          if (last) {
+            write_pair_tiles(a, mb * 16, n0 + 32 * p);
+          } else {
+            _tile_stored(4, c00, 64);
+            _tile_stored(5, c00 + 256, 64);
+            _tile_stored(6, c10, 64);
+            _tile_stored(7, c10 + 256, 64);
+          }
         }
       }
     }
