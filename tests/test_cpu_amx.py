@@ -58,6 +58,30 @@ def test_amx_matches_reference(bits, group, offsets, threads):
 
 
 @needs_amx
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_amx_long_k_blocks_of_256_rows(bits):
+    """Beyond K = 4096 the blocked path takes 256 weight rows per task where that splits as evenly
+    (fused_gemm.cpp: 1024 rows at 1 and 2 threads): matches the reference, with the K blocks and
+    the ragged last one (4160 = 4 x 1024 + 64), and is bitwise equal across thread counts."""
+    n, k, m = 1024, 4160, 70
+    w = random_quantized(n, k, bits, 64, offsets=bits == 3, dtype=torch.bfloat16, seed=77 + bits)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(bits)).to(torch.bfloat16)
+    ref = reference_qgemm(x, w, 64)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            ya, yo = both_paths(x, w, bits, 64, n, k)
+            err_a, err_o = relative_error(ya, ref), relative_error(yo, ref)
+            assert err_a < 1e-2 and err_a <= 1.5 * err_o + 1e-3, (t, err_a, err_o)
+            outs.append(ya)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_amx
 @pytest.mark.parametrize("m", [48, 200])
 def test_amx_deterministic_across_threads_and_calls(m):
     """Bitwise equal across calls and thread counts (the blocked path's task split, which depends

@@ -466,9 +466,13 @@ void amx_gemm_rows(const at::Tensor& x2, const Weight& w, uint16_t* out) {
   // are under 4 per thread. R = 128 (each decoded K block serves 4 A pairs) unless 96 or 64 rows
   // give the threads less work each: 576 weight rows at 2 threads are 5 blocks of 128 in 10 tasks,
   // 5 of them one thread's (20 of 36 pair-parts), or 6 blocks of 96 in 12 tasks (18 each).
+  // Beyond K = 4096, where R = 128 already spans 3+ K blocks, R = 256 when it splits as evenly:
+  // each activation tile read from L3 then serves 8 A pairs, not 4 (4096 x 14336 at 512 rows:
+  // +3-22%; at K = 2048-4096 its extra K blocks cost 3-9%, CPU_NOTES item 118).
   const int64_t nt = at::get_num_threads(), want = 4 * nt;
   int64_t R = 128, S = 1, best = -1;
-  for (int64_t r : {128, 96, 64}) {
+  for (int64_t r : {256, 128, 96, 64}) {
+    if (r == 256 && w.K <= 4096) continue;
     const int64_t blocks = (w.N_pad + r - 1) / r;
     const int64_t s = std::min<int64_t>(pairs, (want + blocks - 1) / blocks);
     const int64_t load = (blocks * s + nt - 1) / nt * r / s;  // weight rows x parts of a thread

@@ -327,8 +327,8 @@ inline void pair_products(const uint16_t* a0, const uint16_t* a1, const uint16_t
   _tile_dpbf16ps(7, 1, 3);
 }
 
-// Word permutes of the write-out: kPairWords puts word j of each half side by side (dword j = the
-// two weight rows' values of activation row j), kSplitWords undoes it after the transpose.
+// Word permutes of the write-out: `pair` puts word j of each half side by side (dword j = the two
+// weight rows' values of activation row j), `split` undoes it after the transpose.
 struct WritePermutes {
   alignas(64) uint16_t pair[32], split[32];
   constexpr WritePermutes() : pair{}, split{} {
