@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from flute.bench import baselines, cli, cpu, llamacpp, plots, report, roofline, shapes, sweep
+from flute.bench import baselines, cli, cpu, llamacpp, plots, report, roofline, shapes, sweep, timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_L2 = 50 * 2 ** 20
@@ -354,6 +354,45 @@ def test_cpu_benchmark_rounds_are_interleaved(tmp_path, monkeypatch):
         per_shape.setdefault(os.path.basename(q), set()).add(q)
     assert per_shape and all(len(v) == 1 and k.startswith("f32-") for k, v in per_shape.items())
     assert not any(os.path.exists(os.path.dirname(q)) for q in qcaches)
+
+
+def test_interleaved_timer_takes_calls_in_turn():
+    """Sample j of every kernel before sample j + 1 of any, the first kernel rotating each turn;
+    each kernel cycles through its own copies and stops at its own run count."""
+    log = []
+    lists = [[lambda k=k, c=c: log.append((k, c)) for c in range(n)] for k, n in enumerate((2, 1, 3))]
+    samples = timing.time_cpu_interleaved(lists, [4, 2, 3])
+    assert [len(v) for v in samples] == [4, 2, 3] and all(us >= 0 for v in samples for us in v)
+    assert log == [(0, 0), (1, 0), (2, 0),   # turn 0 starts with kernel 0
+                   (1, 0), (2, 1), (0, 1),   # turn 1 with kernel 1
+                   (2, 2), (0, 0),           # turn 2 with kernel 2 (kernel 1 is done)
+                   (0, 1)]                   # turn 3: only kernel 0 is left
+    assert timing.time_cpu_interleaved([], []) == []
+
+
+def test_cpu_benchmark_interleaves_cold_calls(tmp_path, monkeypatch):
+    """With --interleave-calls every torch-side cache-cold point of a (threads, M) is timed in one
+    interleaved pass, the hot points back to back; the method is recorded and the ratios still
+    come from the document's own medians."""
+    passes = []
+    real = cpu.time_cpu_interleaved
+
+    def spy(lists, runs):
+        passes.append(len(lists))
+        return real(lists, runs)
+    monkeypatch.setattr(cpu, "time_cpu_interleaved", spy)
+    _, doc = _tiny_cpu_bench(tmp_path, "--interleave-calls", "--rounds", "2", kernels=("fp32", "bf16", "flute"))
+    assert doc["method"]["interleave_calls"] is True and cpu.validate_cpu_result(doc) == []
+    # 2 rounds x 2 M values, each pass over fp32, bf16 and flute 4-bit in bf16 and fp32
+    assert passes == [4, 4, 4, 4]
+    cold = [p for p in doc["points"] if p["cache"] == "cold"]
+    assert {p["kernel"] for p in cold} == {"fp32", "bf16", "flute"} and len(cold) == 8
+    assert all(len(p["rounds_ms"]) == 2 and p["median_ms"] > 0 for p in cold)
+    assert any(p["cache"] == "hot" for p in doc["points"])
+    fp32 = {(p["M"], p["threads"]): p["median_ms"] for p in cold if p["kernel"] == "fp32"}
+    for p in cold:
+        if p["kernel"] == "flute":
+            assert math.isclose(p["speedup_vs_fp32"], fp32[(p["M"], p["threads"])] / p["median_ms"])
 
 
 def test_cpu_benchmark_rejects_zero_rounds(tmp_path):

@@ -17,7 +17,9 @@ threads (``torch.set_num_threads``; llama.cpp gets the same thread count):
 - rounds (``--rounds``, 3): each shape's kernels are timed in interleaved rounds, every kernel at
   every (threads, M) once per round with a share of the point's time, and a point is the median
   of its rounds' medians (``rounds_ms`` keeps each), so a slow moment of a shared machine lands in
-  one round of a few points instead of deciding a ratio;
+  one round of a few points instead of deciding a ratio; with ``--interleave-calls`` the
+  torch-side kernels' cache-cold calls within a round go in turn, call by call, so their ratios
+  come from the same minutes (:func:`flute.bench.timing.time_cpu_interleaved`);
 - roofline: read bandwidth measured in the same run (:func:`flute.bench.roofline.measure_read_bandwidth`),
   per thread count; ``roofline_pct`` = the point's bytes / time over it.
 
@@ -45,7 +47,7 @@ from ..huge_pages import place_for_streaming
 from . import llamacpp, peers
 from .roofline import MIN_ROTATION_BYTES_CPU, cpu_rotation_copies, weight_bytes
 from .shapes import CPU_GROUP
-from .timing import Timing, quantiles, time_cpu
+from .timing import Timing, quantiles, reps, time_cpu, time_cpu_interleaved
 from .weights import flute_cpu_linear, qgemm_args
 
 KERNELS = ("fp32", "bf16", "torch_int4", "llamacpp", "flute")
@@ -75,6 +77,7 @@ class CpuConfig:
     check: bool = True
     deadline: Optional[float] = None
     rounds: int = 3
+    interleave_calls: bool = False
 
 
 def _ms(call) -> float:
@@ -236,21 +239,27 @@ class CpuBench:
         return out
 
     def torch_round(self, N, K, sources, acc) -> None:
-        """Every source at every (threads, M) once, kernels back to back per (threads, M)."""
+        """Every source at every (threads, M) once, kernels back to back per (threads, M), or,
+        with ``interleave_calls``, their cache-cold calls taken in turn (:meth:`interleaved_cold`)."""
         c = self.cfg
         xs: Dict[Tuple[int, str], torch.Tensor] = {}
         for t in c.threads:
             torch.set_num_threads(t)
             for M in c.Ms:
+                live = []
                 for i, s in enumerate(sources):
                     if s.failed or self.past_deadline():
                         continue
                     if (M, s.dtype) not in xs:
                         xs[(M, s.dtype)] = torch.randn(
                             M, K, generator=torch.Generator().manual_seed(M)).to(ACT_DTYPES[s.dtype])
-                    calls = s.make_calls(xs[(M, s.dtype)])
+                    live.append((i, s, s.make_calls(xs[(M, s.dtype)])))
+                done = self.interleaved_cold(N, K, t, M, live, acc) if c.interleave_calls else set()
+                for i, s, calls in live:
                     for cache, cs in [("cold", calls)] + ([("hot", calls[:1])] if M in c.hot_Ms else []):
                         key = (i, t, M, cache, len(cs))
+                        if key in done:
+                            continue
                         try:
                             tm = self.time_calls(cs, acc[key][0]["probe_ms"] if key in acc else None)
                         except Exception as e:  # noqa: BLE001 - one failing point must not end the run
@@ -258,10 +267,48 @@ class CpuBench:
                                       M=M, threads=t, bits=s.bits, dtype=s.dtype)
                             s.failed = True
                             break
-                        acc.setdefault(key, []).append(
-                            dict(median_ms=tm.median_us / 1e3, p10_ms=tm.p10_us / 1e3,
-                                 p90_ms=tm.p90_us / 1e3, runs=tm.runs, note=tm.note,
-                                 probe_ms=tm.median_us / 1e3))
+                        self.add_timing(acc, key, tm)
+
+    @staticmethod
+    def add_timing(acc, key, tm: Timing) -> None:
+        acc.setdefault(key, []).append(
+            dict(median_ms=tm.median_us / 1e3, p10_ms=tm.p10_us / 1e3, p90_ms=tm.p90_us / 1e3,
+                 runs=tm.runs, note=tm.note, probe_ms=tm.median_us / 1e3))
+
+    def interleaved_cold(self, N, K, t, M, live, acc) -> set:
+        """The cache-cold points of one (threads, M), timed call by call in turn
+        (:func:`flute.bench.timing.time_cpu_interleaved`) so that each ratio between them comes
+        from the same minutes. Each kernel is warmed up and probed alone first; one slower than
+        ``slow_call_ms``, or one that fails, is left to the back-to-back timing. Returns the keys
+        timed here."""
+        c = self.cfg
+        target_ms, min_runs, budget_ms = self.round_share()
+        keys, lists, runs = [], [], []
+        for i, s, calls in live:
+            key = (i, t, M, "cold", len(calls))
+            try:
+                calls[0]()
+                one_ms = acc[key][0]["probe_ms"] if key in acc else _ms(calls[1 % len(calls)])
+            except Exception:  # noqa: BLE001 - the back-to-back timing reports it
+                continue
+            if one_ms > c.slow_call_ms:
+                continue
+            n = reps(one_ms, target_ms, min_runs, c.max_runs)
+            n = max(1, min(n, int(budget_ms // max(one_ms, 1e-6))))
+            keys.append(key)
+            lists.append(calls)
+            runs.append(n)
+        if not keys:
+            return set()
+        try:
+            samples = time_cpu_interleaved(lists, runs)
+        except Exception:  # noqa: BLE001 - the back-to-back timing reports it
+            return set()
+        for key, us, n in zip(keys, samples, runs):
+            med, p10, p90 = quantiles(us)
+            note = f"slow point: {n} sample(s) within the {budget_ms:.0f} ms budget" if n < min_runs else ""
+            self.add_timing(acc, key, Timing(med, p10, p90, n, 1, "perf_counter, interleaved", note))
+        return set(keys)
 
     def record_torch(self, N, K, sources, acc) -> None:
         for (i, t, M, cache, n), rounds in acc.items():

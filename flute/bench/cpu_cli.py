@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point-budget-ms", type=float, default=1500.0, help="cap on a slow point")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per shape; a point is "
                    "the median of its rounds (3)")
+    p.add_argument("--interleave-calls", action="store_true", help="within a round, time the "
+                   "torch-side kernels' cache-cold calls in turn, call by call, so each ratio comes "
+                   "from the same minutes of a drifting machine (default: each kernel's calls back "
+                   "to back)")
     p.add_argument("--read-bw-mib", type=int, default=None, help="read-bandwidth buffer (max(1024, 8 x L3))")
     p.add_argument("--read-bw-runs", type=int, default=7)
     p.add_argument("--l3-mib", type=float, default=None, help="L3 size for the rotation (sysfs)")
@@ -74,7 +78,7 @@ def make_config(a, info: Dict[str, object]) -> CpuConfig:
         hot_Ms=[1] if a.hot_M is None else a.hot_M,
         target_ms=a.target_ms if a.target_ms is not None else (100.0 if a.quick else 200.0),
         min_runs=a.min_runs or 15, max_runs=a.max_runs, point_budget_ms=a.point_budget_ms,
-        rounds=a.rounds,
+        rounds=a.rounds, interleave_calls=a.interleave_calls,
         l3_bytes=l3, rotation_min_bytes=int(a.rotation_mib * 2 ** 20),
         mem_free=int(info.get("mem_available_bytes") or 0), check=not a.no_check,
         deadline=time.monotonic() + 60 * minutes if minutes else None)
@@ -106,6 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  "driver); warm-up, then the median", "target_ms": cfg.target_ms,
                        "min_runs": cfg.min_runs, "point_budget_ms": cfg.point_budget_ms,
                        "rounds": cfg.rounds,
+                       "interleave_calls": cfg.interleave_calls,
                        "rounds_method": "each shape's kernels timed in interleaved rounds (every "
                                         "kernel at every threads x M once per round, with 1/rounds "
                                         "of target_ms, min_runs and point_budget_ms); median_ms = "

@@ -64,6 +64,28 @@ def time_cpu(calls: Sequence[Callable[[], object]], target_ms: float = 50.0, min
     return Timing(med, p10, p90, n, 1, "perf_counter", note)
 
 
+def time_cpu_interleaved(call_lists: Sequence[Sequence[Callable[[], object]]],
+                         runs: Sequence[int]) -> List[List[float]]:
+    """Samples (us) of several kernels timed call by call in turn, ``runs[i]`` of kernel ``i``
+    (each cycling through its own ``call_lists[i]``, its rotated weight copies).
+
+    Sample j of every kernel is taken before sample j + 1 of any, so the kernels' medians cover
+    the same minutes of a machine whose speed drifts; the kernel that goes first rotates with j,
+    so none always runs right after the same other one (on a 2-core VM the second of two
+    back-to-back variants measured 1-15% faster: CPU_NOTES item 118). No warm-up here."""
+    k = len(call_lists)
+    samples: List[List[float]] = [[] for _ in range(k)]
+    for j in range(max(runs, default=0)):
+        for o in range(k):
+            i = (j + o) % k
+            if j < runs[i]:
+                calls = call_lists[i]
+                t0 = time.perf_counter()
+                calls[j % len(calls)]()
+                samples[i].append((time.perf_counter() - t0) * 1e6)
+    return samples
+
+
 def time_cuda(calls: Sequence[Callable[[], object]], use_graph: bool = True, target_ms: float = 30.0,
               min_runs: int = 10, max_runs: int = 1000, warmup: int = 3) -> Timing:
     """CUDA-event timing of ``calls`` (one closure per rotated weight copy).
