@@ -487,7 +487,8 @@ def test_int8_mode_simd_paths_equal_portable(group, int8_mode, rng):
     kernel where the CPU has them; portable); only float32 summation order differs. Every merge
     width (groups of 32: one part per float FMA, 64: two, 128 and one group: four) and every
     configuration of activation rows (1-4, 5 = 4 + 1, 17). K = 544 leaves 32 columns in the last
-    block, whose parts that meet only padding the AVX-512 kernel skips (Int8Args::last_half)."""
+    block, whose parts that meet only padding the AVX-512 and AVX2 kernels skip
+    (Int8Args::last_half)."""
     isas = [i for i in ("avx512", "avx2") if available(i)]
     if not isas:
         pytest.skip("this CPU lacks AVX2")

@@ -101,8 +101,11 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
   __m256 facc[NR][MC];
   for (int r = 0; r < NR; ++r)
     for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm256_setzero_ps();
-  auto block = [&](int64_t b, auto fast_c) {
-    constexpr bool FAST = decltype(fast_c)::value;
+  // HALF: the last block when only its first P / 2 parts meet columns of K (Int8Args::last_half):
+  // the other parts' sums are exactly 0, so their codes are not decoded nor their products taken.
+  auto block = [&](int64_t b, auto fast_c, auto half_c) {
+    constexpr bool FAST = decltype(fast_c)::value, HALF = decltype(half_c)::value;
+    constexpr int PU = HALF ? P / 2 : P;  // parts computed
     __m256 ub[MC];  // the block's activation unit per row (times the table scale)
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm256_broadcast_ss(a.xu + b * M + m0 + mc);
     if (r0 == 0) {  // the first pass over a tile fetches kPrefetchBytes ahead (into the next tiles)
@@ -126,18 +129,21 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
         // their code (bit 3, bit 0), C and D index bits 0-1 + 3 and 2-3 + 0 (make_tables).
         const __m256i R0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb));
         const __m256i R1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32));
-        const __m256i R2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64));
-        const __m256i R0s = _mm256_srli_epi16(R0, 4), R1s = _mm256_srli_epi16(R1, 4), R2s = _mm256_srli_epi16(R2, 4);
+        const __m256i R0s = _mm256_srli_epi16(R0, 4), R1s = _mm256_srli_epi16(R1, 4);
         // (C ignores index bit 2 and D bit 1, so R0's bit 2 and R1's bit 1 may ride along: the three
         // masks of the 2-bit kernel serve, and the M = 1 loop holds no more constants)
         u0[0] = _mm256_shuffle_epi8(tab.A, _mm256_and_si256(R0, m0F));
         u1[0] = _mm256_shuffle_epi8(tab.A, _mm256_and_si256(R0s, m0F));
         u0[1] = _mm256_shuffle_epi8(tab.B, _mm256_and_si256(R1, m0F));
         u1[1] = _mm256_shuffle_epi8(tab.B, _mm256_and_si256(R1s, m0F));
-        u0[2] = _mm256_shuffle_epi8(tab.C, _mm256_or_si256(_mm256_and_si256(R2, m03), _mm256_and_si256(R0, m0C)));
-        u1[2] = _mm256_shuffle_epi8(tab.C, _mm256_or_si256(_mm256_and_si256(R2s, m03), _mm256_and_si256(R0s, m0C)));
-        u0[3] = _mm256_shuffle_epi8(tab.D, _mm256_or_si256(_mm256_and_si256(R2, m0C), _mm256_and_si256(R1, m03)));
-        u1[3] = _mm256_shuffle_epi8(tab.D, _mm256_or_si256(_mm256_and_si256(R2s, m0C), _mm256_and_si256(R1s, m03)));
+        if constexpr (!HALF) {
+          const __m256i R2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64));
+          const __m256i R2s = _mm256_srli_epi16(R2, 4);
+          u0[2] = _mm256_shuffle_epi8(tab.C, _mm256_or_si256(_mm256_and_si256(R2, m03), _mm256_and_si256(R0, m0C)));
+          u1[2] = _mm256_shuffle_epi8(tab.C, _mm256_or_si256(_mm256_and_si256(R2s, m03), _mm256_and_si256(R0s, m0C)));
+          u0[3] = _mm256_shuffle_epi8(tab.D, _mm256_or_si256(_mm256_and_si256(R2, m0C), _mm256_and_si256(R1, m03)));
+          u1[3] = _mm256_shuffle_epi8(tab.D, _mm256_or_si256(_mm256_and_si256(R2s, m0C), _mm256_and_si256(R1s, m03)));
+        }
       } else {
         const __m256i c0 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
         const __m256i c1 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
@@ -156,10 +162,12 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
           u1[0] = _mm256_shuffle_epi8(TA, i1);
           u0[1] = _mm256_shuffle_epi8(TB, i0);
           u1[1] = _mm256_shuffle_epi8(TB, i1);
-          u0[2] = _mm256_shuffle_epi8(TA, j0);
-          u1[2] = _mm256_shuffle_epi8(TA, j1);
-          u0[3] = _mm256_shuffle_epi8(TB, j0);
-          u1[3] = _mm256_shuffle_epi8(TB, j1);
+          if constexpr (!HALF) {
+            u0[2] = _mm256_shuffle_epi8(TA, j0);
+            u1[2] = _mm256_shuffle_epi8(TA, j1);
+            u0[3] = _mm256_shuffle_epi8(TB, j0);
+            u1[3] = _mm256_shuffle_epi8(TB, j1);
+          }
         }
       }
       __m256 wv, wg[BITS == 4 ? 1 : 2];
@@ -175,7 +183,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
         __m256 wu = ub[mc];
         if constexpr (!FAST) wu = _mm256_mul_ps(wv, wu);
         __m256i isum = _mm256_setzero_si256();
-        for (int p = 0; p < P; ++p) {
+        for (int p = 0; p < PU; ++p) {
           const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + p * 32));
           const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + (P + p) * 32));
           // int16 pairs cannot saturate (u <= 127, |x| <= 127); the two registers' pairs are added
@@ -185,10 +193,10 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + p * 16)));
           // x the chunk factor k: every dword in the block's unit (int32 bounds: see Int8Args)
           isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + p * 16))));
-          if (p % Q == Q - 1) {  // parts p-Q+1 .. p have their dwords in the same groups
+          if (p % Q == Q - 1 || p == PU - 1) {  // a merge's parts have their dwords in the same groups
             __m256 ws;
             if constexpr (FAST) ws = _mm256_mul_ps(wg[p / 2], wu);
-            else ws = _mm256_permutevar8x32_ps(wu, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gi + p * 8)));
+            else ws = _mm256_permutevar8x32_ps(wu, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gi + (p | (Q - 1)) * 8)));
             facc[r][mc] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), ws, facc[r][mc]);
             isum = _mm256_setzero_si256();
           }
@@ -196,15 +204,20 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
       }
     }
   };
-  int64_t b = 0;
+  const int64_t nfull = nb - a.last_half;
+  int64_t b = 0, nfast = 0;
   // Not for 2 activation rows (2 weight rows x 2 rows of x: the 2 extra scale registers spill,
   // 3 bits measured +3..8%, benchmarks/CPU_NOTES.md item 52).
   if constexpr (G64 && MC != 2) {
     // blocks whose 2 or 4 group scales lie inside the row (buffered rows are zero-padded by 8)
-    const int64_t nfast = SRC == kBuffered ? nb : min64(nb, a.ng / (BITS == 4 ? 2 : 4));
-    for (; b < nfast; ++b) block(b, std::true_type{});
+    nfast = SRC == kBuffered ? nb : min64(nb, a.ng / (BITS == 4 ? 2 : 4));
+    for (; b < min64(nfast, nfull); ++b) block(b, std::true_type{}, std::false_type{});
   }
-  for (; b < nb; ++b) block(b, std::false_type{});
+  for (; b < nfull; ++b) block(b, std::false_type{}, std::false_type{});
+  if (a.last_half) {
+    if (nb - 1 < nfast) block(nb - 1, std::true_type{}, std::true_type{});
+    else block(nb - 1, std::false_type{}, std::true_type{});
+  }
   if (NR == 4) {
     for (int mc = 0; mc < MC; ++mc)
       _mm_storeu_ps(res[mc], hsum4(facc[0][mc], facc[1 % NR][mc], facc[2 % NR][mc], facc[3 % NR][mc]));

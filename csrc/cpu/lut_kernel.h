@@ -128,7 +128,8 @@ struct Int8Args {
   // The last block holds at most 32 * P / 2 columns of K (the rest is padding: 1536x576 at 2 and 3
   // bits is 2.25 blocks of 256 per row). Part p meets chunks p and P + p only (int8_col), so parts
   // P / 2 .. P - 1 of that block meet padding alone: x8 = 0 there and their int32 sums, start
-  // values included, are exactly 0. The AVX-512 kernel skips them; the others compute them.
+  // values included, are exactly 0. The AVX-512 and AVX2 kernels skip them; the portable one
+  // computes them.
   bool last_half = false;
 };
 
