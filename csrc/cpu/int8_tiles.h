@@ -17,6 +17,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "lut_kernel.h"
 
 namespace flute_cpu {
@@ -82,6 +84,26 @@ inline __m256 load_scales8(const void* WS, int64_t i) {
 inline void row_f32(const void* src, int stype, int64_t n, int64_t ng, float* dst) {
   if (stype == kBF16) bf16_to_f32_avx2(static_cast<const uint16_t*>(src) + n * ng, dst, ng);
   else load_row_f32(src, stype, n, ng, dst);
+}
+
+// A tile's blocks in the order KER::rows runs them: block(b, fast, half) with std::true_type /
+// std::false_type. fast: the block's 2 or 4 group scales lie inside the row (group_scales64; G64
+// only, buffered rows are zero-padded by 8). Not for 2 activation rows (2 weight rows x 2 rows of
+// x: the 2 extra scale registers spill, 3 bits measured +3..8%, benchmarks/CPU_NOTES.md item 52).
+// half: the last block when only its first P / 2 parts meet columns of K (Int8Args::last_half).
+template <int BITS, int SRC, bool G64, int MC, class Block>
+inline void for_blocks(const Int8Args& a, Block&& block) {
+  const int64_t nb = a.nblocks, nfull = nb - a.last_half;
+  int64_t b = 0, nfast = 0;
+  if constexpr (G64 && MC != 2) {
+    nfast = SRC == kBuffered ? nb : min64(nb, a.ng / (BITS == 4 ? 2 : 4));
+    for (; b < min64(nfast, nfull); ++b) block(b, std::true_type{}, std::false_type{});
+  }
+  for (; b < nfull; ++b) block(b, std::false_type{}, std::false_type{});
+  if (a.last_half) {
+    if (nb - 1 < nfast) block(nb - 1, std::true_type{}, std::true_type{});
+    else block(nb - 1, std::false_type{}, std::true_type{});
+  }
 }
 
 // Row tiles [t0, t1) with their scales read as SRC says (see ScaleMap; kBuffered converts each

@@ -97,7 +97,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
   // weights for the 8 index registers, against 29 with a separate high-bit plane (and no byte
   // shuffle): kernel instructions -8% (callgrind, 512x1024 M = 1; benchmarks/CPU_NOTES.md item 80).
   const __m256i m0F = _mm256_set1_epi8(0x0F), m03 = _mm256_set1_epi8(0x03), m0C = _mm256_set1_epi8(0x0C);
-  const int64_t M = a.M, nb = a.nblocks;
+  const int64_t M = a.M;
   __m256 facc[NR][MC];
   for (int r = 0; r < NR; ++r)
     for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm256_setzero_ps();
@@ -204,20 +204,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
       }
     }
   };
-  const int64_t nfull = nb - a.last_half;
-  int64_t b = 0, nfast = 0;
-  // Not for 2 activation rows (2 weight rows x 2 rows of x: the 2 extra scale registers spill,
-  // 3 bits measured +3..8%, benchmarks/CPU_NOTES.md item 52).
-  if constexpr (G64 && MC != 2) {
-    // blocks whose 2 or 4 group scales lie inside the row (buffered rows are zero-padded by 8)
-    nfast = SRC == kBuffered ? nb : min64(nb, a.ng / (BITS == 4 ? 2 : 4));
-    for (; b < min64(nfast, nfull); ++b) block(b, std::true_type{}, std::false_type{});
-  }
-  for (; b < nfull; ++b) block(b, std::false_type{}, std::false_type{});
-  if (a.last_half) {
-    if (nb - 1 < nfast) block(nb - 1, std::true_type{}, std::true_type{});
-    else block(nb - 1, std::false_type{}, std::true_type{});
-  }
+  for_blocks<BITS, SRC, G64, MC>(a, block);
   if (NR == 4) {
     for (int mc = 0; mc < MC; ++mc)
       _mm_storeu_ps(res[mc], hsum4(facc[0][mc], facc[1 % NR][mc], facc[2 % NR][mc], facc[3 % NR][mc]));

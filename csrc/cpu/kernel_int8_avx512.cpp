@@ -180,17 +180,7 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
       }
     }
   };
-  const int64_t nfull = nb - a.last_half;
-  int64_t b = 0, nfast = 0;
-  if constexpr (G64 && MC != 2) {
-    nfast = SRC == kBuffered ? nb : min64(nb, a.ng / (BITS == 4 ? 2 : 4));
-    for (; b < min64(nfast, nfull); ++b) block(b, std::true_type{}, std::false_type{});
-  }
-  for (; b < nfull; ++b) block(b, std::false_type{}, std::false_type{});
-  if (a.last_half) {
-    if (nb - 1 < nfast) block(nb - 1, std::true_type{}, std::true_type{});
-    else block(nb - 1, std::false_type{}, std::true_type{});
-  }
+  for_blocks<BITS, SRC, G64, MC>(a, block);
   if (NR == 4) {
     for (int tt = 0; tt < NT; ++tt)
       for (int mc = 0; mc < MC; ++mc)
