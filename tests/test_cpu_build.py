@@ -71,7 +71,7 @@ def test_fallback_signatures_match_the_built_units(tmp_path):
 def test_int8_block_loop_is_inlined_into_every_kernel():
     """int8_tiles.h's for_blocks is always inlined: GCC 12 once left it out of line for the 4-bit
     decode (AVX2) and the pair decode (AVX-512), and the block body then kept its accumulators in
-    memory: the 4-bit M = 1 call took 14-28% longer (benchmarks/CPU_NOTES.md item 122)."""
+    memory: the 4-bit M = 1 call took 10-21% longer (benchmarks/CPU_NOTES.md item 122)."""
     out = subprocess.run(["nm", "-C", ops.cpu_extension_file(os.path.dirname(ops.__file__))],
                          capture_output=True, text=True, check=True).stdout
     outlined = [line.strip()[:160] for line in out.splitlines() if "for_blocks<" in line]

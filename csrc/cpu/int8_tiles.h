@@ -93,7 +93,7 @@ inline void row_f32(const void* src, int stype, int64_t n, int64_t ng, float* ds
 // half: the last block when only its first P / 2 parts meet columns of K (Int8Args::last_half).
 // Always inlined: GCC 12 left the 4-bit decode instantiations (rows_int8<4, 2, SRC, 4, 1, true>)
 // as calls, their accumulators then updated through the closure in memory with many scalar
-// spills, and the 4-bit M = 1 call took 14-28% longer (benchmarks/CPU_NOTES.md item 122).
+// spills, and the 4-bit M = 1 call took 10-21% longer (benchmarks/CPU_NOTES.md item 122).
 template <int BITS, int SRC, bool G64, int MC, class Block>
 __attribute__((always_inline)) inline void for_blocks(const Int8Args& a, Block&& block) {
   const int64_t nb = a.nblocks, nfull = nb - a.last_half;
