@@ -104,6 +104,18 @@ def cpu_extensions():
         isa_flags[os.path.join(cpu_dir, "kernel_amx.cpp")] = bf16 + ["-mamx-tile", "-mamx-bf16"]
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avx512.cpp")] = avx512 + ["-mavx512vbmi", "-mavx512vnni"]
         isa_flags[os.path.join(cpu_dir, "kernel_fallbacks.cpp")] = []
+    emulate = os.environ.get("FLUTE_CPU_EMULATE_AVX512", "").strip() == "1"
+    if emulate:
+        # Test builds only (.ci/avx512_emulated.sh): the AVX-512 units with their intrinsics in
+        # software (csrc/cpu/emulation/immintrin.h, SIMDe), on an AVX2 CPU; AMX has no software form.
+        # -O1: at -O3 GCC spent over 7 minutes on one unit (the kernels' forced unrolling of
+        # SIMDe's portable code); at -O1 the three take ~1.5 minutes
+        emu = ["-O1", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-Wno-psabi",
+               "-I" + os.path.join(HERE, cpu_dir, "emulation")]
+        for name in ("kernel_avx512.cpp", "kernel_avx512bf16.cpp", "kernel_int8_avx512.cpp"):
+            isa_flags[os.path.join(cpu_dir, name)] = emu
+        del isa_flags[os.path.join(cpu_dir, "kernel_amx.cpp")]
+        isa_flags[os.path.join(cpu_dir, "kernel_fallbacks.cpp")] = ["-DFLUTE_WITHOUT_KERNEL_AMX"]
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     ext = CppExtension(
         name="flute._cpu",
@@ -111,7 +123,8 @@ def cpu_extensions():
         include_dirs=[os.path.join(HERE, cpu_dir)],
         # -fopenmp: at::parallel_for is inlined from ATen's OpenMP backend; without the flag its
         # pragma is ignored and every call runs on one thread whatever torch.set_num_threads says.
-        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"] + openmp},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"] + openmp
+                            + (["-DFLUTE_CPU_EMULATED_AVX512"] if emulate else [])},
         extra_link_args=openmp,
         depends=[os.path.join(cpu_dir, h) for h in ("lut_kernel.h", "avx2_common.h", "avx512_common.h",
                                                   "avx512bf16_common.h", "int8_tiles.h", "binding.h")],

@@ -104,10 +104,10 @@ int64_t panel_bytes() {
 int detect_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+  if (FLUTE_CPU_SUPPORTS("avx512f") && FLUTE_CPU_SUPPORTS("avx512bw") &&
+      FLUTE_CPU_SUPPORTS("avx512vl") && FLUTE_CPU_SUPPORTS("avx512dq"))
     return kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  if (FLUTE_CPU_SUPPORTS("avx2") && FLUTE_CPU_SUPPORTS("fma")) return kAvx2;
 #endif
   return kPortable;
 }
@@ -118,7 +118,7 @@ bool detect_bf16() {
 #if defined(__x86_64__) || defined(_M_X64)
   // VBMI too: the bf16 decoders gather 3-bit codes with vpermb (every AVX512_BF16 CPU but Cooper
   // Lake has it; there the bf16 paths stay off and fp32 ones run)
-  return g_best == kAvx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+  return g_best == kAvx512 && FLUTE_CPU_SUPPORTS("avx512bf16") && FLUTE_CPU_SUPPORTS("avx512vbmi");
 #else
   return false;
 #endif

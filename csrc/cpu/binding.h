@@ -11,6 +11,16 @@
 
 namespace flute_cpu::binding {
 
+// __builtin_cpu_supports(feature), except in a test build whose AVX-512 units run in software
+// (setup.py with FLUTE_CPU_EMULATE_AVX512=1, csrc/cpu/emulation/immintrin.h): there every AVX-512
+// feature counts as present, so that the AVX-512 paths run and are tested on an AVX2 CPU.
+#ifdef FLUTE_CPU_EMULATED_AVX512
+#define FLUTE_CPU_SUPPORTS(feature) \
+  (__builtin_strncmp(feature, "avx512", 6) == 0 || __builtin_cpu_supports(feature))
+#else
+#define FLUTE_CPU_SUPPORTS(feature) __builtin_cpu_supports(feature)
+#endif
+
 // The kernel paths, best last (FLUTE_CPU_ISA / flute.set_cpu_isa pick one).
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 

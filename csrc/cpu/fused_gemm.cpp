@@ -234,7 +234,7 @@ bool has_vbmi_vnni() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool v = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni") &&
+    return FLUTE_CPU_SUPPORTS("avx512vbmi") && FLUTE_CPU_SUPPORTS("avx512vnni") &&
            kernel_int8_avx512_built();
   }();
   return v;
