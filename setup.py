@@ -104,7 +104,8 @@ def cpu_extensions():
         isa_flags[os.path.join(cpu_dir, "kernel_amx.cpp")] = bf16 + ["-mamx-tile", "-mamx-bf16"]
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avx512.cpp")] = avx512 + ["-mavx512vbmi", "-mavx512vnni"]
         isa_flags[os.path.join(cpu_dir, "kernel_fallbacks.cpp")] = []
-    emulate = os.environ.get("FLUTE_CPU_EMULATE_AVX512", "").strip() == "1"
+    emulate = (os.environ.get("FLUTE_CPU_EMULATE_AVX512", "").strip() == "1"
+               and os.path.join(cpu_dir, "kernel_amx.cpp") in isa_flags)  # x86-64 only
     if emulate:
         # Test builds only (.ci/avx512_emulated.sh): the AVX-512 units with their intrinsics in
         # software (csrc/cpu/emulation/immintrin.h, SIMDe), on an AVX2 CPU; AMX has no software form.
