@@ -232,7 +232,10 @@ def test_cpu_benchmark_schema_and_ratios(tmp_path):
                 "read_bw_gbps", "read_bw_method", "l3_bytes"):
         assert key in doc
     assert doc["threads"] == [1] and doc["read_bw_gbps"]["1"] > 0
-    assert doc["read_bw_method"]["1"] in ("torch_sum_fp32", "c_xor_reader")
+    assert doc["read_bw_method"]["1"] in ("torch_sum_fp32",) + tuple(
+        roofline.reader_method(s) for s in roofline.READER_STREAMS)
+    all1 = doc["read_bw_all"]["1"]
+    assert doc["read_bw_gbps"]["1"] == max(all1.values()) == all1[doc["read_bw_method"]["1"]]
     kernels = {(p["kernel"], p["dtype"], p["cache"]) for p in doc["points"]}
     assert {("fp32", "fp32", "cold"), ("bf16", "bf16", "cold"), ("torch_int4", "bf16", "cold"),
             ("flute", "bf16", "cold"), ("flute", "fp32", "cold"), ("flute", "bf16", "hot")} <= kernels
@@ -412,6 +415,29 @@ def test_cpu_rotation_exceeds_l3():
     assert roofline.cpu_rotation_copies(1 << 30, l3, free_bytes=2 << 30) == 2
     assert llamacpp.weight_bytes("q4_0", 4096, 4096) == 4096 * 128 * 18
     assert llamacpp.weight_bytes("q2_K", 4096, 4096) == 4096 * 16 * 84
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_bw_reader_reads_every_word_once(threads):
+    """The C reader's checksum is the XOR of the whole buffer at every stream count, an odd size
+    included: a word skipped or read twice by the split into runs would change it."""
+    import numpy as np
+    from flute.bench import toolchain
+    exe, why = toolchain.build_read_bw()
+    if exe is None:
+        pytest.skip(f"C reader not built: {why}")
+    mib = 3
+    words = np.arange((mib << 20) // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    want = int(np.bitwise_xor.reduce(words))
+    for s in roofline.READER_STREAMS:
+        out = subprocess.run([exe, str(mib), str(threads), "1", str(s)], capture_output=True,
+                             text=True, check=True).stdout
+        doc = json.loads(out.strip().splitlines()[-1])
+        assert (doc["streams"], doc["threads"]) == (s, threads)
+        assert doc["checksum"] == want, f"{s} streams"
+        assert doc["median_gbps"] > 0
+    bad = subprocess.run([exe, str(mib), "1", "1", "9"], capture_output=True)
+    assert bad.returncode == 2  # more streams than the reader holds
 
 
 def test_cpu_targets_logic():

@@ -3,8 +3,11 @@ and how many weight copies to rotate through so that every timed call reads from
 
 GPU: the ceiling is a device-to-device copy (bytes read + written over its median time).
 CPU: the ceiling is a read-only sweep over a buffer much larger than the last-level cache, with 1
-and 2 threads, by two methods -- ``torch.Tensor.sum`` over float32 and a small C reader
-(``native/read_bw.c``, when a C compiler is present); the faster is the roofline.
+and 2 threads, by ``torch.Tensor.sum`` over float32 and by a small C reader (``native/read_bw.c``,
+when a C compiler is present) reading each thread's slice as 1 to 4 sequential runs at once; the
+fastest is the roofline. One run per thread is not enough: one Zen 3 core read ~50% more from
+three runs than from one, and torch's fp32 matrix-vector product, which reads several rows at
+once, beat the one-run figure by 20% (benchmarks/CPU_NOTES.md item 128).
 """
 from __future__ import annotations
 
@@ -141,18 +144,29 @@ def torch_read_gbps(nbytes: int, threads: int, runs: int = 7) -> float:
         torch.set_num_threads(prev)
 
 
-def c_read_gbps(exe: str, nbytes: int, threads: int, runs: int = 7) -> float:
-    """Read bandwidth of the C reader (``native/read_bw.c``) over ``nbytes`` (median)."""
-    r = subprocess.run([exe, str(nbytes >> 20), str(threads), str(runs)], capture_output=True,
-                       text=True, timeout=600, check=True)
+def c_read_gbps(exe: str, nbytes: int, threads: int, runs: int = 7, streams: int = 1) -> float:
+    """Read bandwidth of the C reader (``native/read_bw.c``) over ``nbytes`` (median), each thread
+    reading its slice as ``streams`` sequential runs in turn."""
+    r = subprocess.run([exe, str(nbytes >> 20), str(threads), str(runs), str(streams)],
+                       capture_output=True, text=True, timeout=600, check=True)
     return float(json.loads(r.stdout.strip().splitlines()[-1])["median_gbps"])
+
+
+#: Sequential runs per thread tried by the C reader (see the module docstring).
+READER_STREAMS = (1, 2, 3, 4)
+
+
+def reader_method(streams: int) -> str:
+    """The name of the C reader's figure at ``streams`` runs per thread in ``read_bw_all``."""
+    return "c_xor_reader" if streams == 1 else f"c_xor_reader_{streams}streams"
 
 
 def measure_read_bandwidth(threads: Sequence[int], l3_bytes: int, log=print,
                            nbytes: Optional[int] = None, runs: int = 7) -> Dict[str, object]:
     """The CPU roofline: read-only sweeps over a buffer of ``max(1 GiB, 8 x L3)`` bytes at each
-    thread count, by ``torch.sum`` (float32) and by the C reader when it builds; per thread count
-    the faster method is the roofline (``read_bw_gbps``: ``{threads: GB/s}``)."""
+    thread count, by ``torch.sum`` (float32) and by the C reader when it builds (1 to 4 runs per
+    thread, :data:`READER_STREAMS`); per thread count the fastest method is the roofline
+    (``read_bw_gbps``: ``{threads: GB/s}``; every figure in ``read_bw_all``)."""
     from .toolchain import build_read_bw
     nbytes = nbytes or max(READ_BW_BYTES, 8 * l3_bytes)
     exe, why = build_read_bw()
@@ -161,14 +175,16 @@ def measure_read_bandwidth(threads: Sequence[int], l3_bytes: int, log=print,
     method: Dict[str, str] = {}
     for t in threads:
         row = {"torch_sum_fp32": torch_read_gbps(nbytes, t, runs)}
-        if exe:
+        for s in READER_STREAMS if exe else ():
             try:
-                row["c_xor_reader"] = c_read_gbps(exe, nbytes, t, runs)
+                row[reader_method(s)] = c_read_gbps(exe, nbytes, t, runs, s)
             except (OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
                 why = f"C reader failed: {type(e).__name__}: {str(e)[:200]}"
+                break
         per[str(t)] = row
         method[str(t)], best[str(t)] = max(row.items(), key=lambda kv: kv[1])
         log(f"read bandwidth, {t} thread(s): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in row.items()))
     return {"read_bw_gbps": best, "read_bw_method": method, "read_bw_all": per,
             "read_bw_bytes": nbytes, "read_bw_runs": runs,
-            "read_bw_note": why or "roofline = the faster of torch.sum (float32) and the C reader"}
+            "read_bw_note": why or ("roofline = the fastest of torch.sum (float32) and the C reader "
+                                    "at 1-4 sequential runs per thread")}
