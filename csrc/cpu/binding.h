@@ -1,11 +1,13 @@
-// Shared by the two translation units of the CPU op's torch binding: binding.cpp (settings,
-// argument checks, the panel path, op registration) and fused_gemm.cpp (the fused kernel's calls).
+// Shared by the translation units of the CPU op's torch binding: settings.cpp (run-time settings),
+// binding.cpp (argument checks, the panel path, op registration) and fused_gemm.cpp (the fused
+// kernel's calls).
 // Not a kernel header: it includes ATen (the kernels' interface is lut_kernel.h, torch-free).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <string>
 
 #include "lut_kernel.h"
 
@@ -57,8 +59,36 @@ void for_legacy_tiles(const uint8_t* qw, int64_t nblocks, int64_t t0, int64_t t1
 #endif
 }
 
-// Least weights (rows x K_pad) per task of the fused kernels' thread split (binding.cpp).
-int64_t task_weights();
+// Run-time settings, decided once in settings.cpp.
+// Arithmetic mode of the fused kernel: exact (fp32), bf16 (opt-in, AVX512_BF16 CPUs) or int8 (the
+// default: int8 activations and a 7-bit table; see Int8Args).
+enum Mode : int { kModeExact = 0, kModeBf16 = 1, kModeInt8 = 2 };
+int active_isa();          // Isa in use (flute.set_cpu_isa, FLUTE_CPU_ISA; the best by default)
+int active_mode();         // Mode in use (flute.set_cpu_mode, FLUTE_CPU_MODE)
+bool has_native_bf16();    // AVX512_BF16 and VBMI on an AVX-512 CPU
+bool has_bf16_kernel();    // ... and the bf16 mode's kernel built
+int64_t task_weights();    // least weights (rows x K_pad) per task of the fused kernels' thread split
+int64_t large_m();         // activation rows from which the panel path (decode + at::mm) is used
+int64_t panel_bytes();     // bytes of one decoded panel
+int64_t amx_m();           // activation rows from which bf16 activations take the AMX path
+// The op's settings as flute._cpu exposes them (torch.ops.flute.cpu_*; flute/ops.py wraps them).
+std::string cpu_isa();
+std::string cpu_set_isa(const std::string& name);
+std::string cpu_mode();
+std::string cpu_set_mode(const std::string& name);
+bool cpu_amx();
+bool cpu_set_amx(bool on);
+
+// Activation rows up to which bf16 activations take the AMX path that streams the weights once
+// (gemm_amx, one pass of up to 4 C tiles); beyond, the blocked AMX kernel (gemm_amx_rows). In one
+// process at 2 threads, 14336x4096 4-bit, x bf16 matmul: M = 80 1.40 vs 1.14, M = 128 1.04 vs
+// 0.78, M = 192 1.05 vs 0.66 (gemm_amx_rows vs gemm_amx; CPU_NOTES item 112).
+constexpr int64_t kAmxMaxM = 64;
+// The panel path's buffer is kept by the calling thread between calls (call_scratch slot 2) up to
+// this size: a fresh 117 MB buffer costs ~28 ms of page faults on this project's VM, more than its
+// decode (~11 ms). A larger one, from a few panels of a large layer at a large M, is allocated per
+// call; this holds a 14336x4096 bf16 weight whole.
+constexpr int64_t kPanelCachedBytes = int64_t(128) << 20;
 
 // The fused kernel's int8 mode into out [M, N] fp32 (x2: contiguous fp32, bf16 or fp16 with last
 // dimension K, M rows in all); false, with out unwritten, when x is not finite: the caller then
@@ -70,7 +100,7 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out);
 void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float* out);
 
 // The AMX path (kernel_amx.cpp) into out [M, N] fp32: x2 contiguous bf16 with last dimension K, M
-// rows in all; groups of a multiple of 32 columns or one group; only where g_has_amx (binding.cpp) is true.
+// rows in all; groups of a multiple of 32 columns or one group; only where cpu_amx() is true.
 void amx_gemm(const at::Tensor& x2, const Weight& w, float* out);
 void amx_gemm_rows(const at::Tensor& x2, const Weight& w, uint16_t* out);
 

@@ -1,5 +1,5 @@
 // flute CPU kernel, AMX path: bf16 activations on CPUs with AMX-BF16 (Sapphire Rapids and later),
-// from 16 activation rows (binding.cpp: amx_m; gemm_amx up to 64 rows, gemm_amx_rows beyond). Compiled in its own translation unit with the
+// from 16 activation rows (settings.cpp: amx_m; gemm_amx up to 64 rows, gemm_amx_rows beyond). Compiled in its own translation unit with the
 // AVX-512 flags plus -mavx512bf16 -mamx-tile -mamx-bf16.
 //
 // Why: torch's bf16 matmul runs on AMX on these CPUs, so at 16+ rows it is bound by reading its

