@@ -112,51 +112,41 @@ int initial_isa() {
 
 std::atomic<int> g_isa{initial_isa()};
 
+// The tuning overrides below: a positive integer from environment variable `name`, else
+// `fallback`; read once, on first use.
+int64_t env_positive(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  const long v = env ? std::atol(env) : 0;
+  return v > 0 ? int64_t(v) : fallback;
+}
+
 }  // namespace
 
 // Least weights per task when the fused kernels split a call over threads (FLUTE_CPU_TASK_KW, in
-// units of 1024 weights, overrides, for tuning).
+// units of 1024 weights).
 int64_t task_weights() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("FLUTE_CPU_TASK_KW");
-    const long kw = env ? std::atol(env) : 0;
-    return kw > 0 ? int64_t(kw) << 10 : int64_t(64) << 10;
-  }();
+  static const int64_t v = env_positive("FLUTE_CPU_TASK_KW", 64) << 10;
   return v;
 }
 
-// Activation rows from which the panel path (decode + at::mm) is used (FLUTE_CPU_LARGE_M
-// overrides, for tuning).
+// Activation rows from which the panel path (decode + at::mm) is used (FLUTE_CPU_LARGE_M).
 int64_t large_m() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("FLUTE_CPU_LARGE_M");
-    const long m = env ? std::atol(env) : 0;
-    return m > 0 ? int64_t(m) : int64_t(32);
-  }();
+  static const int64_t v = env_positive("FLUTE_CPU_LARGE_M", 32);
   return v;
 }
 
-// Bytes of one decoded panel (FLUTE_CPU_PANEL_KB overrides, for tuning). Each at::mm call has its
-// own fixed cost (oneDNN packs its operands per call), so a panel is the size of a last-level
-// cache, not of L2: 14336x4096 at 512 bf16 rows, 2 threads, took 150 / 106 / 108 ms with 4 / 16 /
-// 64 MB panels against 97 / 85 / 74 ms for torch's bf16 matmul in the same runs (CPU_NOTES item 107).
+// Bytes of one decoded panel (FLUTE_CPU_PANEL_KB, in KB). Each at::mm call has its own fixed cost
+// (oneDNN packs its operands per call), so a panel is the size of a last-level cache, not of L2:
+// 14336x4096 at 512 bf16 rows, 2 threads, took 150 / 106 / 108 ms with 4 / 16 / 64 MB panels
+// against 97 / 85 / 74 ms for torch's bf16 matmul in the same runs (CPU_NOTES item 107).
 int64_t panel_bytes() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("FLUTE_CPU_PANEL_KB");
-    const long kb = env ? std::atol(env) : 0;
-    return kb > 0 ? int64_t(kb) << 10 : int64_t(16384) << 10;
-  }();
+  static const int64_t v = env_positive("FLUTE_CPU_PANEL_KB", 16384) << 10;
   return v;
 }
 
-// Activation rows from which bf16 activations take the AMX path (FLUTE_CPU_AMX_M overrides, for
-// tuning).
+// Activation rows from which bf16 activations take the AMX path (FLUTE_CPU_AMX_M).
 int64_t amx_m() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("FLUTE_CPU_AMX_M");
-    const long m = env ? std::atol(env) : 0;
-    return m > 0 ? int64_t(m) : int64_t(16);
-  }();
+  static const int64_t v = env_positive("FLUTE_CPU_AMX_M", 16);
   return v;
 }
 
