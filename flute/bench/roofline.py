@@ -5,9 +5,9 @@ GPU: the ceiling is a device-to-device copy (bytes read + written over its media
 CPU: the ceiling is a read-only sweep over a buffer much larger than the last-level cache, with 1
 and 2 threads, by ``torch.Tensor.sum`` over float32 and by a small C reader (``native/read_bw.c``,
 when a C compiler is present) reading each thread's slice as 1 to 4 sequential runs at once; the
-fastest is the roofline. One run per thread is not enough: one Zen 3 core read ~50% more from
+fastest is the roofline. One run per thread is not enough: one Zen 3 core read 1.4-1.7x more from
 three runs than from one, and torch's fp32 matrix-vector product, which reads several rows at
-once, beat the one-run figure by 20% (benchmarks/CPU_NOTES.md item 128).
+once, beat the one-run figure by up to 20% (benchmarks/CPU_NOTES.md item 128).
 """
 from __future__ import annotations
 

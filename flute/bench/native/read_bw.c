@@ -7,10 +7,10 @@
  * the sweep is bound by memory reads, not by arithmetic.
  *
  * STREAMS (default 1) splits each thread's slice into that many equal parts read in turn, one
- * 64-byte line of each per step (the parts SKEW_WORDS apart, so that their addresses do not alias), so a core keeps STREAMS sequential runs in flight. One core of a Zen 3 VM
- * read 15.5 GB/s from one run and 18.9 GB/s from two, about what torch's own fp32 matrix-vector
- * product reached there (19.7 GB/s), so a one-run sweep alone understates what a core can read
- * (benchmarks/CPU_NOTES.md item 128).
+ * 64-byte line of each per step, the parts SKEW_WORDS apart so that their addresses do not alias.
+ * One core of a Zen 3 VM read 1.4-1.7x more from three runs than from one (15.7-25.7 against
+ * 9.3-18.6 GB/s), about what torch's fp32 matrix-vector product reads there, so a one-run sweep
+ * understates what a core can read (benchmarks/CPU_NOTES.md item 128).
  *
  * Usage: read_bw MIB THREADS RUNS [STREAMS]  ->  one JSON line: {"bytes", "threads", "streams",
  *        "runs", "median_gbps", "best_gbps", "checksum" (the XOR of all words)}
@@ -33,7 +33,8 @@ static double now_s(void) {
 #endif
 
 /* XOR of the words [b, e) read as `streams` equal runs in turn, one 64-byte line of each per
- * step (the fixed 8-word inner loop vectorizes; the rest of an uneven split goes last, in one run). */
+ * step (the fixed 8-word inner loop vectorizes); the skew gaps and the rest of an uneven split
+ * are read last. */
 static uint64_t sweep(const uint64_t *buf, size_t b, size_t e, int streams) {
     uint64_t acc[8] = {0};
     size_t skew = streams > 1 ? SKEW_WORDS : 0;
@@ -64,7 +65,8 @@ int main(int argc, char **argv) {
     }
     size_t bytes = (size_t)atol(argv[1]) << 20;
     int threads = atoi(argv[2]), runs = atoi(argv[3]), streams = argc > 4 ? atoi(argv[4]) : 1;
-    if (threads < 1 || runs < 1 || bytes < (1u << 20) || streams < 1 || streams > MAX_STREAMS) return 2;
+    if (threads < 1 || runs < 1 || bytes < (1u << 20) || streams < 1 || streams > MAX_STREAMS)
+        return 2;
     size_t n = bytes / sizeof(uint64_t);
     uint64_t *buf = NULL;
     if (posix_memalign((void **)&buf, 4096, n * sizeof(uint64_t))) return 3;
@@ -87,8 +89,8 @@ int main(int argc, char **argv) {
     }
     qsort(t, runs, sizeof(double), cmp);
     double med = runs % 2 ? t[runs / 2] : 0.5 * (t[runs / 2 - 1] + t[runs / 2]);
-    printf("{\"bytes\": %zu, \"threads\": %d, \"streams\": %d, \"runs\": %d, \"median_gbps\": %.3f, "
-           "\"best_gbps\": %.3f, \"checksum\": %llu}\n",
+    printf("{\"bytes\": %zu, \"threads\": %d, \"streams\": %d, \"runs\": %d, "
+           "\"median_gbps\": %.3f, \"best_gbps\": %.3f, \"checksum\": %llu}\n",
            n * sizeof(uint64_t), threads, streams, runs, n * sizeof(uint64_t) / med / 1e9,
            n * sizeof(uint64_t) / t[0] / 1e9, (unsigned long long)xor_all);
     free(t);
