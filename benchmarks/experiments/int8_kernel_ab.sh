@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# A/B of two versions of csrc/cpu/kernel_int8_avx2.cpp in one process (int8_kernel_ab.cpp), ~1 minute
+# to build instead of rebuilding the extension. A and B are files or git revisions (REV:path is taken
+# from git); the headers come from csrc/cpu of the working tree.
+#   bash benchmarks/experiments/int8_kernel_ab.sh A B [BITS N K COPIES REPS]
+#   e.g. bash benchmarks/experiments/int8_kernel_ab.sh HEAD csrc/cpu/kernel_int8_avx2.cpp 3 4096 14336 14 100
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[ $# -ge 2 ] || { sed -n 2,6p "$0"; exit 2; }
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+flags=(-O3 -std=c++17 -mavx2 -mfma -Icsrc/cpu)
+for v in a b; do
+  src=$([ $v = a ] && echo "$1" || echo "$2")
+  if [ -f "$src" ]; then cp "$src" "$tmp/$v.cpp"; else git show "$src:csrc/cpu/kernel_int8_avx2.cpp" > "$tmp/$v.cpp"; fi
+  cat >> "$tmp/$v.cpp" <<CPP
+namespace flute_cpu {
+void bf16_to_f32_avx2(const uint16_t* s, float* d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) { uint32_t u = uint32_t(s[i]) << 16; std::memcpy(d + i, &u, 4); }
+}
+}  // namespace flute_cpu
+extern "C" void run_$v(const void* a, long t0, long t1) {
+  flute_cpu::gemm_int8_avx2(*static_cast<const flute_cpu::Int8Args*>(a), t0, t1);
+}
+CPP
+  # each version in its own namespace: the kernels' internal-linkage helpers cannot collide
+  g++ "${flags[@]}" -Dflute_cpu=flute_ab_$v -c "$tmp/$v.cpp" -o "$tmp/$v.o" &
+done
+g++ "${flags[@]}" -c benchmarks/experiments/int8_kernel_ab.cpp -o "$tmp/main.o"
+wait
+g++ "$tmp/main.o" "$tmp/a.o" "$tmp/b.o" -o "$tmp/ab"
+shift 2
+if [ $# -ge 5 ]; then "$tmp/ab" "$@"; exit; fi
+for bits in 2 3 4; do
+  "$tmp/ab" $bits 256 4096 1 400            # hot (L2)
+  "$tmp/ab" $bits 4096 14336 $((300 / (4096 * 14336 * bits / 8 / 1000000) + 1)) 100  # from DRAM
+done
