@@ -15,6 +15,8 @@
 // the scales, as the shipped layout. The lookup table of step s is 64 bytes: the 16 entries of pairs
 // 4s, 4s + 1 (one per 128-bit lane: register Tlo) and 4s + 2, 4s + 3 (Thi).
 //
+// M > 1 (gemm_pair_lut): one table per activation row; passes of 2 rows share each step's index split.
+//
 // Accumulation: the two lookups of a step (pairs 4s + L and 4s + 2 + L for the same 16 rows) are
 // interleaved byte-wise (`vpunpck[lh]bw`) and summed pairwise into int16 by `vpmaddubsw` with ones
 // (no correction term: the table entries are signed, the ones unsigned); int16 holds the sums of a
@@ -139,6 +141,65 @@ static void gemv_pair_lut(const uint8_t* w, int64_t K, const int8_t* lut, const 
   }
 }
 
+// M > 1 activation rows, in passes of MC rows: each pass re-reads the group's codes (from L1) and
+// splits their indices once for its MC rows; one table per activation row (lut + m * lut_stride).
+// facc [M][16] per tile lives in memory, updated once per group.
+template <int MC>
+static void pass_pair_lut(const uint8_t* p, const int8_t* lut, int64_t lut_stride, const float* lsc, int64_t lsc_stride,
+                          int64_t g, const __m256 (&ws)[2], float (*facc)[16]) {
+  const __m256i m0F = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi8(1);
+  __m256 f[MC][2];
+  for (auto& r : f) r[0] = r[1] = _mm256_setzero_ps();
+#pragma GCC unroll 2
+  for (int c = 0; c < kChunks; ++c) {
+    __m256i acc[MC][2];
+    for (auto& r : acc) r[0] = r[1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int s = c * kStepsPerChunk; s < (c + 1) * kStepsPerChunk; ++s) {
+      const __m256i code = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + s * 32));
+      const __m256i lo = _mm256_and_si256(code, m0F), hi = _mm256_and_si256(_mm256_srli_epi16(code, 4), m0F);
+      for (int m = 0; m < MC; ++m) {
+        const int8_t* ls = lut + m * lut_stride + (g * kSteps + s) * 64;
+        const __m256i r1 = _mm256_shuffle_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(ls)), lo);
+        const __m256i r2 = _mm256_shuffle_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(ls + 32)), hi);
+        acc[m][0] = _mm256_add_epi16(acc[m][0], _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r1, r2)));
+        acc[m][1] = _mm256_add_epi16(acc[m][1], _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(r1, r2)));
+      }
+    }
+    for (int m = 0; m < MC; ++m) {
+      const __m256 lsv = _mm256_broadcast_ss(lsc + m * lsc_stride + g * kChunks + c);
+      for (int h = 0; h < 2; ++h) {
+        const __m128i s16 = _mm_add_epi16(_mm256_castsi256_si128(acc[m][h]), _mm256_extracti128_si256(acc[m][h], 1));
+        f[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(s16)), lsv, f[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_ps(facc[m] + 8 * h, _mm256_fmadd_ps(f[m][h], ws[h], _mm256_loadu_ps(facc[m] + 8 * h)));
+}
+
+static void gemm_pair_lut(const uint8_t* w, int64_t N, int64_t K, int64_t M, const int8_t* lut, const float* lsc, float* out,
+                          int64_t t0, int64_t t1) {
+  const int64_t ng = K / 64, lut_stride = ng * 512, lsc_stride = K / CHUNK;
+  alignas(32) float facc[64][16];
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int i = 0; i < 16; ++i) facc[m][i] = 0.f;
+    for (int64_t g = 0; g < ng; ++g) {
+      const uint8_t* p = w + (t * ng + g) * kGroupBytes;
+      for (int i = 0; i < 5; ++i) _mm_prefetch(reinterpret_cast<const char*>(p) + 4096 + 64 * i, _MM_HINT_T0);
+      const __m256 ws[2] = {
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 256))), 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 272))), 16))};
+      int64_t m0 = 0;
+      for (; m0 + 2 <= M; m0 += 2) pass_pair_lut<2>(p, lut + m0 * lut_stride, lut_stride, lsc + m0 * lsc_stride, lsc_stride, g, ws, facc + m0);
+      if (m0 < M) pass_pair_lut<1>(p, lut + m0 * lut_stride, lut_stride, lsc + m0 * lsc_stride, lsc_stride, g, ws, facc + m0);
+    }
+    for (int64_t m = 0; m < M; ++m) std::memcpy(out + m * N + t * kRows, facc[m], sizeof(facc[m]));
+  }
+}
+
 static uint8_t* huge_buffer(size_t bytes) {
   const size_t al = (bytes + (2u << 20) - 1) / (2u << 20) * (2u << 20);
   auto* p = static_cast<uint8_t*>(std::aligned_alloc(2u << 20, al));
@@ -146,11 +207,13 @@ static uint8_t* huge_buffer(size_t bytes) {
   return p;
 }
 
-// pair_lut_2bit N K REPS THREADS: one JSON line (times in us, per round).
+// pair_lut_2bit N K REPS THREADS [M]: one JSON line (times in us, per round).
 int main(int argc, char** argv) {
-  if (argc < 5) { std::fprintf(stderr, "usage: %s N K REPS THREADS\n", argv[0]); return 2; }
+  if (argc < 5) { std::fprintf(stderr, "usage: %s N K REPS THREADS [M]\n", argv[0]); return 2; }
   const int64_t N = std::atol(argv[1]), K = std::atol(argv[2]);
   const int reps = std::atoi(argv[3]), threads = std::atoi(argv[4]);
+  const int64_t M = argc > 5 ? std::atol(argv[5]) : 1;
+  if (M < 1 || M > 64) { std::fprintf(stderr, "M in 1..64\n"); return 2; }
   if (N % kRows || K % 64) { std::fprintf(stderr, "N must be a multiple of 16, K of 64\n"); return 2; }
   omp_set_num_threads(threads);
   const int64_t ng = K / 64, nb = (K + 255) / 256;
@@ -160,7 +223,7 @@ int main(int argc, char** argv) {
   std::vector<uint16_t> sc(N * ng);
   for (auto& s : sc) s = f2bf(0.01f * (1 + (rand() % 100) / 50.f));
   const float tab[4] = {-1.f, -0.3f, 0.35f, 1.f};
-  std::vector<float> x(K);
+  std::vector<float> x(M * K);
   for (auto& v : x) {  // N(0, 1) by Box-Muller
     const float u1 = (rand() + 1.f) / (RAND_MAX + 2.f), u2 = rand() / float(RAND_MAX);
     v = std::sqrt(-2 * std::log(u1)) * std::cos(6.2831853f * u2);
@@ -180,30 +243,30 @@ int main(int argc, char** argv) {
       std::memcpy(qw[c], qw[0], wbytes);
     }
   }
-  int8_t* lut = static_cast<int8_t*>(std::aligned_alloc(64, ng * 512));
-  std::vector<float> lsc(K / CHUNK), out(N), out8(N);
+  int8_t* lut = static_cast<int8_t*>(std::aligned_alloc(64, M * ng * 512));
+  std::vector<float> lsc(M * (K / CHUNK)), out(M * N), out8(M * N);
   // The shipped kernel's arguments for a whole-tile, bf16-scale, groups-of-64 call (its M = 1 path).
-  static int8_t xq[1 << 20];
-  static int16_t xc[1 << 18], xk[1 << 18];
-  static float xu[1 << 16];
-  for (int64_t i = 0; i < nb * 256; ++i) xq[i] = int8_t(rand() % 255 - 127);
-  for (int64_t i = 0; i < nb * 64; ++i) { xc[i] = int16_t(rand() % 1000); xk[i] = int16_t(1 + rand() % 100); }
-  for (int64_t i = 0; i < nb; ++i) xu[i] = 1e-3f;
+  std::vector<int8_t> xq(nb * M * 256);
+  std::vector<int16_t> xc(nb * M * 64), xk(nb * M * 64);
+  std::vector<float> xu(nb * M, 1e-3f);
+  for (auto& v : xq) v = int8_t(rand() % 255 - 127);
+  for (size_t i = 0; i < xc.size(); ++i) { xc[i] = int16_t(rand() % 1000); xk[i] = int16_t(1 + rand() % 100); }
   std::vector<int64_t> g0(nb);
   for (int64_t b = 0; b < nb; ++b) g0[b] = 4 * b;
   std::vector<int32_t> gidx(nb * 32, 0);
   flute_cpu::Int8Args a{};
-  a.bits = 2; a.N = N; a.nblocks = nb; a.M = 1; a.xq = xq; a.xcorr = xc; a.xk = xk; a.xu = xu; a.merge = 2;
+  a.bits = 2; a.N = N; a.nblocks = nb; a.M = M; a.xq = xq.data(); a.xcorr = xc.data(); a.xk = xk.data(); a.xu = xu.data(); a.merge = 2;
   a.last_half = K - (nb - 1) * 256 <= 64;  // as fused_gemm.cpp sets it
   a.scales = sc.data(); a.stype = flute_cpu::kBF16; a.ng = ng; a.G = 64; a.g0 = g0.data(); a.gidx = gidx.data();
   for (int i = 0; i < 16; ++i) a.tu[i] = uint8_t(40 + 5 * i);
   a.out = out8.data();
   auto call_lut = [&](int c) {
-    build_lut(x.data(), tab, K, lut, lsc.data());
+    for (int64_t m = 0; m < M; ++m) build_lut(x.data() + m * K, tab, K, lut + m * ng * 512, lsc.data() + m * (K / CHUNK));
 #pragma omp parallel
     {
       const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num(), tiles = N / kRows;
-      gemv_pair_lut(lw[c], K, lut, lsc.data(), out.data(), tiles * id / nt, tiles * (id + 1) / nt);
+      if (M == 1) gemv_pair_lut(lw[c], K, lut, lsc.data(), out.data(), tiles * id / nt, tiles * (id + 1) / nt);
+      else gemm_pair_lut(lw[c], N, K, M, lut, lsc.data(), out.data(), tiles * id / nt, tiles * (id + 1) / nt);
     }
   };
   auto call_int8 = [&](int c) {
@@ -217,16 +280,17 @@ int main(int argc, char** argv) {
   };
   call_lut(0);
   double num = 0, den = 0;  // against float64
-  for (int64_t n = 0; n < N; ++n) {
-    double y = 0;
-    for (int64_t g = 0; g < ng; ++g) {
-      double s = 0;
-      for (int k = 0; k < 64; ++k) s += double(tab[codes[n * K + g * 64 + k]]) * x[g * 64 + k];
-      y += s * bf2f(sc[n * ng + g]);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double y = 0;
+      for (int64_t g = 0; g < ng; ++g) {
+        double s = 0;
+        for (int k = 0; k < 64; ++k) s += double(tab[codes[n * K + g * 64 + k]]) * x[m * K + g * 64 + k];
+        y += s * bf2f(sc[n * ng + g]);
+      }
+      num += (out[m * N + n] - y) * (out[m * N + n] - y);
+      den += y * y;
     }
-    num += (out[n] - y) * (out[n] - y);
-    den += y * y;
-  }
   auto now = [] { return std::chrono::steady_clock::now(); };
   auto us = [](auto d) { return std::chrono::duration<double, std::micro>(d).count(); };
   double tb = 0;
@@ -240,8 +304,8 @@ int main(int argc, char** argv) {
       (run_lut ? tl : t8).push_back(us(now() - s));
     }
   }
-  std::printf("{\"N\": %ld, \"K\": %ld, \"threads\": %d, \"chunk\": %d, \"copies\": %d, \"rel_err\": %.4e, \"lut_build_us\": %.2f, \"pair_lut_us\": [",
-              long(N), long(K), threads, CHUNK, copies, std::sqrt(num / den), tb / 20);
+  std::printf("{\"M\": %ld, \"N\": %ld, \"K\": %ld, \"threads\": %d, \"chunk\": %d, \"copies\": %d, \"rel_err\": %.4e, \"lut_build_us\": %.2f, \"pair_lut_us\": [",
+              long(M), long(N), long(K), threads, CHUNK, copies, std::sqrt(num / den), tb / 20);
   for (int r = 0; r < reps; ++r) std::printf("%s%.1f", r ? ", " : "", tl[r]);
   std::printf("], \"int8_kernel_us\": [");
   for (int r = 0; r < reps; ++r) std::printf("%s%.1f", r ? ", " : "", t8[r]);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds benchmarks/experiments/pair_lut_2bit.cpp against the shipped int8 AVX2 kernel and times both
-# (2 bits, M = 1, groups of 64, weights rotated through DRAM) at 1 and 2 threads; writes
+# (2 bits, M = 1 and a few M = 4 / 16 points, groups of 64, weights rotated through DRAM) at 1 and 2
+# threads; writes
 # benchmarks/results/pair-lut-2bit-<host>-<date>.json. An experiment (CPU_NOTES item 129), not a test.
 #   bash benchmarks/experiments/pair_lut_2bit.sh [REPS]
 set -euo pipefail
@@ -32,6 +33,9 @@ out=benchmarks/results/pair-lut-2bit-$(hostname | cut -c1-12)-$(date -u +%Y%m%d-
     for shape in "1536 576" "576 1536" "8192 2048" "4096 4096" "14336 4096" "4096 14336"; do
       for c in 32 64; do OMP_PROC_BIND=close "$tmp/lut$c" $shape "$reps" "$threads"; done
     done
+    for m in 4 16; do  # batches: one table per activation row
+      for shape in "1536 576" "4096 4096"; do OMP_PROC_BIND=close "$tmp/lut32" $shape "$reps" "$threads" $m; done
+    done
   done
 } > "$tmp/runs.jsonl"
 python3 - "$tmp/runs.jsonl" "$out" "$reps" <<'PY'
@@ -43,9 +47,9 @@ for r in runs:
     r["pair_lut_median_us"] = statistics.median(r["pair_lut_us"])
     r["int8_kernel_median_us"] = statistics.median(r["int8_kernel_us"])
     r["ratio_median"] = statistics.median(a / b for a, b in zip(r["pair_lut_us"], r["int8_kernel_us"]))
-    print(f"{r['N']:>5}x{r['K']:<5} T{r['threads']} chunk {r['chunk']}: pair-LUT {r['pair_lut_median_us']:8.1f} us, "
+    print(f"M={r['M']:<2} {r['N']:>5}x{r['K']:<5} T{r['threads']} chunk {r['chunk']}: pair-LUT {r['pair_lut_median_us']:8.1f} us, "
           f"int8 kernel {r['int8_kernel_median_us']:8.1f} us, per-round ratio {r['ratio_median']:.3f}, rel_err {r['rel_err']:.2e}")
-json.dump({"what": "2-bit pair-LUT GEMV prototype vs the shipped int8 AVX2 kernel, M = 1, g64, weights from DRAM "
+json.dump({"what": "2-bit pair-LUT GEMV prototype vs the shipped int8 AVX2 kernel, g64, weights from DRAM "
                    "(benchmarks/experiments/pair_lut_2bit.cpp; the pair-LUT time includes building its table)",
            "commit": commit, "cpu_model": cpu, "command": "bash benchmarks/experiments/pair_lut_2bit.sh " + sys.argv[3],
            "runs": runs}, open(sys.argv[2], "w"), indent=1)
