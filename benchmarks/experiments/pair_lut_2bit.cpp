@@ -100,6 +100,8 @@ static void build_lut(const float* x, const float* tab, int64_t K, int8_t* lut, 
   }
 }
 
+static const uint16_t* g_scales;  // SCALES_IN_PLACE: the canonical [N, ng] bf16 scales
+
 // Row tiles [t0, t1) into out.
 static void gemv_pair_lut(const uint8_t* w, int64_t K, const int8_t* lut, const float* lsc, float* out, int64_t t0, int64_t t1) {
   const int64_t ng = K / 64;
@@ -109,9 +111,19 @@ static void gemv_pair_lut(const uint8_t* w, int64_t K, const int8_t* lut, const 
     for (int64_t g = 0; g < ng; ++g) {
       const uint8_t* p = w + (t * ng + g) * kGroupBytes;
       for (int i = 0; i < 5; ++i) _mm_prefetch(reinterpret_cast<const char*>(p) + 4096 + 64 * i, _MM_HINT_T0);
+#ifdef SCALES_IN_PLACE
+      // the rows' group scales gathered from the canonical [N, ng] bf16 tensor: the dword at each
+      // scale's address holds it in its low half
+      const char* sb = reinterpret_cast<const char*>(g_scales + (t * kRows) * ng + g);
+      const __m256i rows8 = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(2 * ng)));
+      const __m256 ws[2] = {
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_i32gather_epi32(reinterpret_cast<const int*>(sb), rows8, 1), 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_i32gather_epi32(reinterpret_cast<const int*>(sb + 16 * ng), rows8, 1), 16))};
+#else
       const __m256 ws[2] = {  // the rows' group scales
           _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 256))), 16)),
           _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 272))), 16))};
+#endif
       __m256 f[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
 #pragma GCC unroll 2
       for (int c = 0; c < kChunks; ++c) {
@@ -243,6 +255,7 @@ int main(int argc, char** argv) {
       std::memcpy(qw[c], qw[0], wbytes);
     }
   }
+  g_scales = sc.data();
   int8_t* lut = static_cast<int8_t*>(std::aligned_alloc(64, M * ng * 512));
   std::vector<float> lsc(M * (K / CHUNK)), out(M * N), out8(M * N);
   // The shipped kernel's arguments for a whole-tile, bf16-scale, groups-of-64 call (its M = 1 path).
