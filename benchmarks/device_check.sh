@@ -18,7 +18,7 @@
 #   memcheck   compute-sanitizer memcheck on small shapes (caching allocator off)
 #   racecheck  compute-sanitizer racecheck (shared-memory hazards) on small shapes
 #   matrix     tests/test_cuda_kernel.py without the large/compile tests (junit counts in the JSON)
-#   bench      CUDA-graph-timed calls with weights rotated beyond L2, vs fp16 torch.matmul
+#   bench      CUDA-graph-timed calls (M = 1, 16, 64) with weights rotated beyond L2, vs fp16 torch.matmul
 #   large      the large-shape and torch.compile tests
 #
 # A missing or broken flute._C on a machine with a GPU fails (never skips): the build step fails,
@@ -39,6 +39,7 @@ DEADLINE=${DEVICE_CHECK_DEADLINE:-550}   # seconds for the whole script
 LOGS=$(mktemp -d)/logs
 mkdir -p "$OUT" "$LOGS"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OUT
+export DEVICE_CHECK_COMMAND="STEPS='${STEPS# }' DEVICE_CHECK_DEADLINE=$DEADLINE bash benchmarks/device_check.sh"
 T0=$(date +%s)
 REC="$OUT/device_check.json"
 FAILED=0
@@ -112,6 +113,7 @@ except Exception:
 r.update({
     "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "commit": os.environ.get("FLUTE_COMMIT") or sh("git rev-parse HEAD 2>/dev/null") or "unknown",
+    "command": os.environ.get("DEVICE_CHECK_COMMAND", ""),
     "python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
     "nvcc": sh("nvcc --version | tail -1"),
     "driver": sh("nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1"),
@@ -345,7 +347,7 @@ for (n, k) in ((28672, 8192), (8192, 8192), (4096, 4096)):
     w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
     c16 = max(2, -(-3 * l2 // (n * k * 2)))
     ws16 = [w16] + [w16.clone() for _ in range(c16 - 1)]
-    for M in (1, 16):
+    for M in (1, 16, 64):
         x = torch.randn(M, k, device=dev, dtype=torch.float16)
         tt = graph_time(lambda x, w: torch.matmul(x, w.t()), [(x, w) for w in ws16])
         med = statistics.median(tt)
@@ -361,7 +363,7 @@ for (n, k) in ((28672, 8192), (8192, 8192), (4096, 4096)):
         wbytes = q.numel() * 4 + scales.numel() * 2
         copies = max(2, -(-3 * l2 // wbytes))
         qs = [(q, scales)] + [(q.clone(), scales.clone()) for _ in range(copies - 1)]
-        for M in (1, 16):
+        for M in (1, 16, 64):
             x = torch.randn(M, k, device=dev, dtype=torch.float16)
             fn = lambda x, q, s: torch.ops.flute.qgemm(x, q, s, None, table, bits, g, k, n)
             try:
@@ -378,7 +380,7 @@ for (n, k) in ((28672, 8192), (8192, 8192), (4096, 4096)):
                 print("flute error:", str(exc)[:300])
         del qs
     torch.cuda.empty_cache()
-json.dump(rec, open(os.path.join(os.environ["OUT"], "bench.json"), "w"), indent=1)
+    json.dump(rec, open(os.path.join(os.environ["OUT"], "bench.json"), "w"), indent=1)  # per shape: a timeout keeps what ran
 PY
 want bench && run_step bench 75 "$PY" "$WORK/bench.py"
 
