@@ -114,7 +114,7 @@ cp "$so" "$ABI3_DIR/_C.abi3.so"
 ( cd "$REPO" && git rev-parse HEAD 2>/dev/null || echo unknown ) >"$ABI3_DIR/COMMIT"
 echo "$ARCHS" >"$ABI3_DIR/ARCHS"
 # device_check.sh reuses the build only for the same kernel sources (same hash as it computes)
-( cd "$WORK/src" && cat $(ls csrc/cuda/* | sort) | sha256sum | cut -d' ' -f1 ) >"$ABI3_DIR/SOURCES_SHA256"
+( cd "$WORK/src" && cat $(ls csrc/cuda/* | LC_ALL=C sort) | sha256sum | cut -d' ' -f1 ) >"$ABI3_DIR/SOURCES_SHA256"
 say "copied to $ABI3_DIR/_C.abi3.so (device_check.sh reuses it when carried and loadable)"
 
 # ---- 4. dry run of the device check: must stop where it needs a GPU, with exit code 77 ---------

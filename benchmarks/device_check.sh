@@ -145,7 +145,9 @@ for op in ("flute::qgemm", "flute::dequantize"):
         sys.exit(f"{op}: CUDA kernel not registered by the binding: {dump}")
 print("flute._C loaded from", sys.modules["flute._C"].__file__, "| torch", torch.__version__)
 PY
-src_hash() { cat $(ls csrc/cuda/* | sort) | sha256sum | cut -d' ' -f1; }
+# sha256 of csrc/cuda/* concatenated in byte order of the names (= .ci/cuda_binding.sh's
+# `cat $(ls csrc/cuda/* | LC_ALL=C sort) | sha256sum`), in Python: the device image may lack sha256sum.
+src_hash() { "$PY" -c 'import glob, hashlib; print(hashlib.sha256(b"".join(open(f, "rb").read() for f in sorted(glob.glob("csrc/cuda/*")))).hexdigest())'; }
 build_or_reuse() {
   rm -f flute/_C*.so
   local pre=build/cuda-abi3/_C.abi3.so
@@ -219,7 +221,8 @@ def case(bits, dtype, n_out, k, group, offsets, ms, seed=0):
             print("FAIL", tag, err, flush=True)
     return q, s, o, t, w
 
-for bits in (2, 3, 4):
+WIDTHS = [int(b) for b in sys.argv[1:]] or [2, 3, 4]  # one width per process in the smoke step
+for bits in WIDTHS:
     for dtype in (torch.float16, torch.bfloat16):
         case(bits, dtype, 333, 1000, 128, False, (1, 17, 33, 300))
         case(bits, dtype, 197, 2000, 48, False, (1, 17))
@@ -227,9 +230,15 @@ for bits in (2, 3, 4):
         case(bits, dtype, 250, 1024, 32, True, (3, 300))
     print(f"bits={bits} done, {n} cases, {time.time() - t0:.1f}s", flush=True)
 
+if 3 in WIDTHS:
+    case(3, torch.bfloat16, 4096, 4096, 128, False, (1,))
+if 4 not in WIDTHS:
+    print(f"smoke {WIDTHS}: {n} cases in {time.time() - t0:.1f}s; failures: {len(fails)}")
+    for f in fails[:30]:
+        print("  ", f)
+    sys.exit(1 if fails else 0)
 # one large shape whose tiles are split across many CTAs (N=256: 2 tiles, K=16384: 128 k-tiles)
 q, s, o, t, w = case(4, torch.float16, 256, 16384, 128, False, (1, 16))
-case(3, torch.bfloat16, 4096, 4096, 128, False, (1,))
 # determinism: same inputs, same bits, across calls and streams
 x = torch.randn(5, 16384, dtype=torch.float16, device="cuda")
 ys = []
@@ -255,12 +264,25 @@ for i in range(3):
         fails.append(f"graph replay {i}: rel err {err:.2e}")
     if not torch.equal(yg, torch.ops.flute.qgemm(x, q, s, o, t, 4, 128, 16384, 256)):
         fails.append(f"graph replay {i} differs from the eager call")
-print(f"smoke: {n} cases + determinism + graph replay in {time.time() - t0:.1f}s; failures: {len(fails)}")
+print(f"smoke {WIDTHS}: {n} cases + determinism + graph replay in {time.time() - t0:.1f}s; failures: {len(fails)}")
 for f in fails[:30]:
     print("  ", f)
 sys.exit(1 if fails else 0)
 PY
-want smoke && run_step smoke 90 "$PY" "$WORK/smoke.py"
+# per_width LOGNAME CMD...: run CMD once per bit width (4, 3, 2) in parallel, FLUTE_TEST_BITS and the
+# width as the last argument set; each in its own process (a sticky CUDA error in one kernel poisons
+# only its process); prints each log; fails when any fails.
+per_width() {
+  local name=$1; shift
+  local pids=() rc=0 b
+  for b in 4 3 2; do
+    FLUTE_TEST_BITS=$b "$@" "$b" >"$LOGS/${name}_b$b.log" 2>&1 & pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  for b in 4 3 2; do echo "== ${name} bits=$b"; tail -n 25 "$LOGS/${name}_b$b.log"; done
+  return $rc
+}
+want smoke && run_step smoke 90 bash -c "$(declare -f per_width); LOGS='$LOGS' per_width smoke '$PY' '$WORK/smoke.py'"
 
 # ---------------------------------------------------------------------------------------------
 cat >"$WORK/sanitize.py" <<'PY'
@@ -288,18 +310,25 @@ want racecheck && run_step racecheck 75 "${SAN[@]}" --tool racecheck --racecheck
 
 # ---------------------------------------------------------------------------------------------
 if want matrix; then
-  run_step matrix 150 "$PY" -m pytest tests/test_cuda_kernel.py -q -p no:cacheprovider -rfE \
-    -k "not large and not compile" --junitxml="$LOGS/pytest_matrix.xml"
-  "$PY" - "$REC" "$LOGS/pytest_matrix.xml" <<'PY' || true
+  cat >"$WORK/matrix.sh" <<SH
+exec "$PY" -m pytest tests/test_cuda_kernel.py -q -p no:cacheprovider -rfE \\
+  -k "not large and not compile" --junitxml="$LOGS/pytest_matrix_b\$1.xml"
+SH
+  run_step matrix 150 bash -c "$(declare -f per_width); LOGS='$LOGS' per_width matrix bash '$WORK/matrix.sh'"
+  "$PY" - "$REC" "$LOGS"/pytest_matrix_b*.xml <<'PY' || true
 import json, sys, xml.etree.ElementTree as ET
 r = json.load(open(sys.argv[1]))
-t = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
-try:
-    for ts in ET.parse(sys.argv[2]).getroot().iter("testsuite"):
-        n, f, e, s = (int(ts.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
-        t["failed"] += f; t["errors"] += e; t["skipped"] += s; t["passed"] += n - f - e - s
-except Exception as exc:
-    t["note"] = f"no junit xml: {exc}"
+t = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "by_bits": {}}
+for path in sys.argv[2:]:
+    try:
+        for ts in ET.parse(path).getroot().iter("testsuite"):
+            n, f, e, s = (int(ts.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+            t["failed"] += f; t["errors"] += e; t["skipped"] += s; t["passed"] += n - f - e - s
+            t["by_bits"][path.rsplit("_b", 1)[1][:1]] = {"passed": n - f - e - s, "failed": f + e, "skipped": s}
+    except Exception as exc:
+        t.setdefault("notes", []).append(f"{path}: no junit xml: {exc}")
+if len(sys.argv) < 5:
+    t.setdefault("notes", []).append(f"junit files for {len(sys.argv) - 2} of 3 widths")
 r["tests"] = t
 json.dump(r, open(sys.argv[1], "w"), indent=1)
 print("matrix tests:", t)
@@ -385,8 +414,10 @@ PY
 want bench && run_step bench 75 "$PY" "$WORK/bench.py"
 
 # ---------------------------------------------------------------------------------------------
-want large && run_step large 120 "$PY" -m pytest tests/test_cuda_kernel.py -q -p no:cacheprovider -rfE \
-  -k "large or compile"
+cat >"$WORK/large.sh" <<SH
+exec "$PY" -m pytest tests/test_cuda_kernel.py -q -p no:cacheprovider -rfE -k "large or compile"
+SH
+want large && run_step large 120 bash -c "$(declare -f per_width); LOGS='$LOGS' per_width large bash '$WORK/large.sh'"
 
 log "done in $(elapsed)s; results in $OUT (device_check.json, logs.tgz, bench.json)"
 pack

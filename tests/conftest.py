@@ -27,7 +27,27 @@ except ImportError:  # hypothesis is a test dependency; without it test_properti
     pass
 
 
+def _test_bits(item):
+    """The bit width a test exercises: its `bits` parameter, else its `bits` marker, else None."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "bits" in callspec.params:
+        return callspec.params["bits"]
+    marker = item.get_closest_marker("bits")
+    return marker.args[0] if marker else None
+
+
 def pytest_collection_modifyitems(config, items):
+    # FLUTE_TEST_BITS=3 (or "3,4"): keep only the tests of those bit widths (deselected, not
+    # skipped), so that the GPU check runs each width in its own process: a sticky CUDA error in one
+    # kernel poisons only its own process's context.
+    only = os.environ.get("FLUTE_TEST_BITS")
+    if only:
+        keep = {int(b) for b in only.split(",")}
+        chosen = [it for it in items if _test_bits(it) is None or _test_bits(it) in keep]
+        dropped = [it for it in items if it not in chosen]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = chosen
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA device")

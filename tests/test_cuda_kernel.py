@@ -18,7 +18,7 @@ from flute.layout import to_kernel_layout
 pytestmark = pytest.mark.cuda
 
 DEV = "cuda"
-BITS = (2, 3, 4)
+BITS = (2, 3, 4)  # FLUTE_TEST_BITS selects some (tests/conftest.py); tests without a bits parameter carry @pytest.mark.bits
 GROUPS = (32, 48, 64, 96, 128, 192, 256, -1)  # 48/96/192: scale windows straddle k-tiles
 DTYPES = (torch.float16, torch.bfloat16)
 MS = (1, 2, 3, 7, 16, 17, 31, 33, 64, 65, 127, 128, 255, 512, 1024)
@@ -112,6 +112,7 @@ def test_dequantize_bit_exact(bits, dtype, offsets, group):
     assert torch.equal(got.cpu(), ref)
 
 
+@pytest.mark.bits(4)
 def test_leading_dims_and_odd_k():
     bits, n, k = 4, 130, 1000  # K % 8 != 0 is padded by the binding; N odd tiles
     codes, scales, _, table = random_quantized(n, k, bits, -1, dtype=torch.float16, offsets=False)
@@ -126,6 +127,7 @@ def test_leading_dims_and_odd_k():
     check_close(y, reference_qgemm(xt, RandomWeight(codes, scales, None, table), -1).cpu(), torch.float16, k)
 
 
+@pytest.mark.bits(3)
 def test_unsupported_group_uses_dequant_path():
     bits, n, k, group = 3, 96, 200, 24  # 24 % 16 != 0: dequantize + matmul
     codes, scales, _, table = random_quantized(n, k, bits, group, dtype=torch.float16, offsets=False)
@@ -134,6 +136,7 @@ def test_unsupported_group_uses_dequant_path():
     check_close(y, reference_qgemm(x.to(DEV), RandomWeight(codes, scales, None, table), group).cpu(), torch.float16, k)
 
 
+@pytest.mark.bits(4)
 def test_deterministic_across_streams():
     bits, n, k = 4, 4096, 4096
     codes, scales, _, table = random_quantized(n, k, bits, 128, dtype=torch.float16, offsets=False)
@@ -171,6 +174,7 @@ def test_streamk_split_tiles(bits, n, k, group, offsets):
         assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
 
 
+@pytest.mark.bits(3)
 def test_cuda_graph_capture_and_replay():
     bits, n, k = 3, 2048, 1536
     codes, scales, _, table = random_quantized(n, k, bits, 64, dtype=torch.bfloat16, offsets=False)
@@ -192,6 +196,7 @@ def test_cuda_graph_capture_and_replay():
         check_close(y, reference_qgemm(x.cpu().to(DEV), RandomWeight(codes, scales, None, table), 64).cpu(), torch.bfloat16, k)
 
 
+@pytest.mark.bits(4)
 def test_torch_compile_quantlinear():
     lin = torch.nn.Linear(576, 192, bias=True).half()
     ql = flute.QuantLinear.from_linear(lin, bits=4, group_size=64).to(DEV)
@@ -202,6 +207,7 @@ def test_torch_compile_quantlinear():
     assert torch.allclose(out, eager, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.bits(4)
 def test_bad_inputs_raise_clear_errors():
     bits, n, k = 4, 64, 128
     codes, scales, _, table = random_quantized(n, k, bits, 64, dtype=torch.float16, offsets=False)
