@@ -293,7 +293,8 @@ from flute.testing import random_quantized
 assert flute.ops.HAS_CUDA_KERNEL, flute.ops.CUDA_KERNEL_ERROR
 for bits, dtype, n, k, group, offs, M in ((4, torch.float16, 130, 1000, -1, False, 3),
                                           (3, torch.bfloat16, 64, 2048, 48, True, 17),
-                                          (2, torch.float16, 40, 4096, 128, False, 33)):
+                                          (2, torch.float16, 40, 4096, 128, False, 33),
+                                          (2, torch.bfloat16, 333, 1000, 128, False, 1)):
     w = random_quantized(n, k, bits, group, offsets=offs, dtype=dtype)
     q = to_kernel_layout(w.codes.cuda(), bits)
     o = None if w.offsets is None else w.offsets.cuda()
@@ -308,6 +309,34 @@ SAN=("${SAN_BIN:-compute-sanitizer}" --error-exitcode 13 --print-limit 20)
 want memcheck && run_step memcheck 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${SAN[@]}" --tool memcheck "$PY" "$WORK/sanitize.py"
 want racecheck && run_step racecheck 75 "${SAN[@]}" --tool racecheck --racecheck-report hazard "$PY" "$WORK/sanitize.py"
 
+# merge_junit: GPU test counts of every pytest step so far (matrix, large; one junit file per bit
+# width) into the record: tests = {passed, failed, skipped, errors, by_step: {step: {bits: ...}}}.
+merge_junit() {
+  "$PY" - "$REC" "$LOGS"/pytest_*_b*.xml <<'PY' || true
+import json, os, re, sys, xml.etree.ElementTree as ET
+r = json.load(open(sys.argv[1]))
+t = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "by_step": {}}
+for path in sys.argv[2:]:
+    m = re.search(r"pytest_(\w+)_b(\d)\.xml$", os.path.basename(path))
+    if not m:
+        continue
+    step, bits = m.groups()
+    try:
+        for ts in ET.parse(path).getroot().iter("testsuite"):
+            n, f, e, s = (int(ts.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+            t["failed"] += f; t["errors"] += e; t["skipped"] += s; t["passed"] += n - f - e - s
+            t["by_step"].setdefault(step, {})[bits] = {"passed": n - f - e - s, "failed": f + e, "skipped": s}
+    except Exception as exc:
+        t.setdefault("notes", []).append(f"{path}: no junit xml: {exc}")
+for step, widths in t["by_step"].items():
+    if len(widths) < 3:
+        t.setdefault("notes", []).append(f"{step}: junit files for {len(widths)} of 3 widths")
+r["tests"] = t
+json.dump(r, open(sys.argv[1], "w"), indent=1)
+print("GPU tests so far:", {k: v for k, v in t.items() if k != "by_step"}, t["by_step"])
+PY
+}
+
 # ---------------------------------------------------------------------------------------------
 if want matrix; then
   cat >"$WORK/matrix.sh" <<SH
@@ -315,24 +344,7 @@ exec "$PY" -m pytest tests/test_cuda_kernel.py -q -p no:cacheprovider -rfE \\
   -k "not large and not compile" --junitxml="$LOGS/pytest_matrix_b\$1.xml"
 SH
   run_step matrix 150 bash -c "$(declare -f per_width); LOGS='$LOGS' per_width matrix bash '$WORK/matrix.sh'"
-  "$PY" - "$REC" "$LOGS"/pytest_matrix_b*.xml <<'PY' || true
-import json, sys, xml.etree.ElementTree as ET
-r = json.load(open(sys.argv[1]))
-t = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "by_bits": {}}
-for path in sys.argv[2:]:
-    try:
-        for ts in ET.parse(path).getroot().iter("testsuite"):
-            n, f, e, s = (int(ts.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
-            t["failed"] += f; t["errors"] += e; t["skipped"] += s; t["passed"] += n - f - e - s
-            t["by_bits"][path.rsplit("_b", 1)[1][:1]] = {"passed": n - f - e - s, "failed": f + e, "skipped": s}
-    except Exception as exc:
-        t.setdefault("notes", []).append(f"{path}: no junit xml: {exc}")
-if len(sys.argv) < 5:
-    t.setdefault("notes", []).append(f"junit files for {len(sys.argv) - 2} of 3 widths")
-r["tests"] = t
-json.dump(r, open(sys.argv[1], "w"), indent=1)
-print("matrix tests:", t)
-PY
+  merge_junit
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -415,9 +427,13 @@ want bench && run_step bench 75 "$PY" "$WORK/bench.py"
 
 # ---------------------------------------------------------------------------------------------
 cat >"$WORK/large.sh" <<SH
-exec "$PY" -m pytest tests/test_cuda_kernel.py -q -p no:cacheprovider -rfE -k "large or compile"
+exec "$PY" -m pytest tests/test_cuda_kernel.py -q -p no:cacheprovider -rfE -k "large or compile" \\
+  --junitxml="$LOGS/pytest_large_b\$1.xml"
 SH
-want large && run_step large 120 bash -c "$(declare -f per_width); LOGS='$LOGS' per_width large bash '$WORK/large.sh'"
+if want large; then
+  run_step large 120 bash -c "$(declare -f per_width); LOGS='$LOGS' per_width large bash '$WORK/large.sh'"
+  merge_junit
+fi
 
 log "done in $(elapsed)s; results in $OUT (device_check.json, logs.tgz, bench.json)"
 pack

@@ -6,7 +6,7 @@
 // (stream-K, at most 4 parts of >= 8 k-tiles) and their partial sums reduced through a workspace
 // (see WorkList below and StreamK in flute_config.cuh). Per iteration:
 //
-//   global --cp.async--> shared (multi-stage ring):  x tile (swizzled), codes (evict-first),
+//   global --cp.async--> shared (multi-stage ring):  x tile (swizzled), codes,
 //                                                      scale/offset windows
 //   shared --ldmatrix--> A fragments;  shared --lds.128--> each lane's own code words
 //   codes --masks/shifts--> pair indices --one lds each--> half2 (two weights) x scale --> B reg
@@ -42,7 +42,7 @@ struct GemmKernel {
 
   // ---- producer: issue the cp.asyncs of one iteration (tile, ktile) into stage st --------------
   static __device__ __forceinline__ void load_stage(const GemmParams& p, const Smem& sm, int st,
-                                                    int tile, int ktile, int tid, uint64_t policy) {
+                                                    int tile, int ktile, int tid) {
     const int m_tile = tile % p.m_tiles;
     const int n_tile = tile / p.m_tiles;
 
@@ -84,8 +84,11 @@ struct GemmKernel {
         const int ka = ktile * C::kAtomsK + off / (C::kChunks * 32);
         const bool in = na < p.n_atoms && ka < p.k_atoms;
         const size_t g = ((size_t)na * p.k_atoms + (size_t)ktile * C::kAtomsK) * (C::kChunks * 32) + off;
-        cp_async16_policy(cs + i * 16, in ? static_cast<const void*>(qg + g) : p.qweight,
-                          in ? 16 : 0, policy);
+        // No L2 evict-first hint here: with `cp.async ... L2::cache_hint` ptxas 13.0 emitted, for
+        // the 2-bit 16-row kernels only, an LDGSTS with a uniform-register address and an unset
+        // descriptor register (`[R+UR0+imm], desc[UR1]`) that faults with "illegal instruction" on
+        // an H200 (benchmarks/NOTES.md, first GPU run). .ci/nvcc_check.sh scans the SASS for it.
+        cp_async16(cs + i * 16, in ? static_cast<const void*>(qg + g) : p.qweight, in ? 16 : 0);
       }
     }
     // Scale (and offset) windows: thread tid loads row tid of the tile, scale_words aligned words
@@ -322,14 +325,13 @@ struct GemmKernel {
     // Prologue: the first S-1 stages' loads go out first, the pair table is built while they fly.
     // Stages are not zeroed: x rows >= M are never loaded and only feed accumulator rows that are
     // never stored (an mma row depends on its own A row only); everything else is always written.
-    const uint64_t policy = evict_first_policy();
     Cursor ld, cu;
     ld.start(wl);
     cu = ld;
     const int S = p.stages;
     for (int s = 0; s < S - 1; ++s) {
       if (s < count) {
-        load_stage(p, sm, s, ld.tile, ld.k, tid, policy);
+        load_stage(p, sm, s, ld.tile, ld.k, tid);
         ld.advance(wl);
       }
       cp_async_commit();
@@ -346,7 +348,7 @@ struct GemmKernel {
       cp_async_wait_dyn(S - 2);  // iteration f's group has landed (for this thread)
       __syncthreads();           // ... for all threads; and stage wr is no longer being read
       if (f + S - 1 < count) {
-        load_stage(p, sm, wr, ld.tile, ld.k, tid, policy);
+        load_stage(p, sm, wr, ld.tile, ld.k, tid);
         ld.advance(wl);
       }
       cp_async_commit();
