@@ -56,13 +56,15 @@ def cuda_extensions():
         if arch:
             gencode += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     limited = ["-DPy_LIMITED_API=0x030A0000"]  # CPython 3.10 stable ABI: one _C for 3.10+
+    # Tuning experiments only (benchmarks/NOTES.md): e.g. FLUTE_CUDA_DEFINES="FLUTE_PAIR_COPIES_WIDE=8"
+    defines = [f"-D{d}" for d in os.environ.get("FLUTE_CUDA_DEFINES", "").split() if d]
     ext = CUDAExtension(
         name="flute._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, cuda_dir)],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17"] + limited,
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + limited + gencode,
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + limited + gencode + defines,
         },
         py_limited_api=True,
     )

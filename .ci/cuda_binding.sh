@@ -10,6 +10,7 @@
 #                    runs; rebuilt when absent or broken. One builder at a time (flock).
 # FLUTE_CUDA_PYTHON  interpreter that creates it (default python3.11, else python3)
 # FLUTE_CUDA_ARCHS   SM targets of the build (default "90a;80")
+# FLUTE_CUDA_DEFINES tuning-experiment macros (e.g. "FLUTE_PAIR_COPIES_WIDE=8"), recorded in DEFINES
 # FLUTE_ABI3_DIR     where the built library is copied (default build/cuda-abi3): a Python-version-
 #                    independent _C.abi3.so that device_check.sh reuses on the GPU machine (carry
 #                    `build/cuda-abi3` in the device call; see benchmarks/device_check.sh).
@@ -113,6 +114,7 @@ mkdir -p "$ABI3_DIR"
 cp "$so" "$ABI3_DIR/_C.abi3.so"
 ( cd "$REPO" && git rev-parse HEAD 2>/dev/null || echo unknown ) >"$ABI3_DIR/COMMIT"
 echo "$ARCHS" >"$ABI3_DIR/ARCHS"
+echo "${FLUTE_CUDA_DEFINES:-}" >"$ABI3_DIR/DEFINES"  # empty for the product build
 # device_check.sh reuses the build only for the same kernel sources (same hash as it computes)
 ( cd "$WORK/src" && cat $(ls csrc/cuda/* | LC_ALL=C sort) | sha256sum | cut -d' ' -f1 ) >"$ABI3_DIR/SOURCES_SHA256"
 say "copied to $ABI3_DIR/_C.abi3.so (device_check.sh reuses it when carried and loadable)"

@@ -151,7 +151,9 @@ src_hash() { "$PY" -c 'import glob, hashlib; print(hashlib.sha256(b"".join(open(
 build_or_reuse() {
   rm -f flute/_C*.so
   local pre=build/cuda-abi3/_C.abi3.so
-  if [[ -f "$pre" ]]; then
+  if [[ -f "$pre" && -n "$(cat build/cuda-abi3/DEFINES 2>/dev/null)" ]]; then
+    echo "the carried build is a tuning experiment (DEFINES: $(cat build/cuda-abi3/DEFINES)): building from source"
+  elif [[ -f "$pre" ]]; then
     if [[ "$(cat build/cuda-abi3/SOURCES_SHA256 2>/dev/null)" == "$(src_hash)" ]]; then
       cp "$pre" flute/_C.abi3.so
       if "$PY" "$WORK/load_check.py"; then
@@ -348,82 +350,7 @@ SH
 fi
 
 # ---------------------------------------------------------------------------------------------
-cat >"$WORK/bench.py" <<'PY'
-import json, os, statistics, sys
-import torch
-import flute
-from flute.layout import to_kernel_layout
-assert flute.ops.HAS_CUDA_KERNEL, flute.ops.CUDA_KERNEL_ERROR
-dev = "cuda"
-props = torch.cuda.get_device_properties(0)
-l2 = getattr(props, "L2_cache_size", 60 << 20) or (60 << 20)
-CALLS = 20  # back-to-back calls per graph replay, each on the next weight copy
-
-def graph_time(fn, args_list, reps=7):
-    """Microseconds per call: CALLS calls captured in one CUDA graph (weights rotated), replayed
-    `reps` times between CUDA events; the median over replays."""
-    for a in args_list[:2]:
-        fn(*a)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(CALLS):
-            fn(*args_list[i % len(args_list)])
-    g.replay(); torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); g.replay(); e.record(); e.synchronize()
-        times.append(s.elapsed_time(e) * 1000.0 / CALLS)
-    return times
-
-# copy bandwidth (the ceiling)
-buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev); dst = torch.empty_like(buf)
-t = graph_time(lambda a, b: b.copy_(a), [(buf, dst)], reps=5)
-copy_gbps = 2 * buf.numel() / statistics.median(t) / 1e3
-del buf, dst
-rec = {"device": props.name, "l2_bytes": l2, "copy_gbps": copy_gbps, "calls_per_replay": CALLS, "rows": []}
-print(f"{props.name}: device-to-device copy {copy_gbps:.0f} GB/s (read + write)")
-for (n, k) in ((28672, 8192), (8192, 8192), (4096, 4096)):
-    w16 = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
-    c16 = max(2, -(-3 * l2 // (n * k * 2)))
-    ws16 = [w16] + [w16.clone() for _ in range(c16 - 1)]
-    for M in (1, 16, 64):
-        x = torch.randn(M, k, device=dev, dtype=torch.float16)
-        tt = graph_time(lambda x, w: torch.matmul(x, w.t()), [(x, w) for w in ws16])
-        med = statistics.median(tt)
-        rec["rows"].append({"impl": "fp16 matmul", "N": n, "K": k, "M": M, "median_us": med, "raw_us": tt})
-        print(f"fp16 matmul N={n} K={k} M={M}: {med:.1f} us")
-    del ws16, w16
-    for bits in (4, 3, 2):
-        g = 128
-        codes = torch.randint(0, 2 ** bits, (n, k), device=dev, dtype=torch.uint8)
-        q = to_kernel_layout(codes, bits)
-        scales = (torch.rand(n, k // g, device=dev) * 0.01 + 0.01).half()
-        table = torch.randn(2 ** bits, device=dev)
-        wbytes = q.numel() * 4 + scales.numel() * 2
-        copies = max(2, -(-3 * l2 // wbytes))
-        qs = [(q, scales)] + [(q.clone(), scales.clone()) for _ in range(copies - 1)]
-        for M in (1, 16, 64):
-            x = torch.randn(M, k, device=dev, dtype=torch.float16)
-            fn = lambda x, q, s: torch.ops.flute.qgemm(x, q, s, None, table, bits, g, k, n)
-            try:
-                tt = graph_time(fn, [(x, a, b) for a, b in qs])
-                med = statistics.median(tt)
-                gbps = wbytes / med / 1e3
-                rec["rows"].append({"impl": f"flute {bits}-bit g{g}", "N": n, "K": k, "M": M,
-                                    "bits": bits, "copies": copies, "bytes": wbytes, "median_us": med,
-                                    "gbps": gbps, "of_copy_bw": gbps / copy_gbps, "raw_us": tt})
-                print(f"flute {bits}-bit N={n} K={k} M={M}: {med:.1f} us  {gbps:.0f} GB/s "
-                      f"({100 * gbps / copy_gbps:.0f}% of copy)")
-            except Exception as exc:
-                rec["rows"].append({"impl": f"flute {bits}-bit", "N": n, "K": k, "M": M, "error": str(exc)[:500]})
-                print("flute error:", str(exc)[:300])
-        del qs
-    torch.cuda.empty_cache()
-    json.dump(rec, open(os.path.join(os.environ["OUT"], "bench.json"), "w"), indent=1)  # per shape: a timeout keeps what ran
-PY
-want bench && run_step bench 75 "$PY" "$WORK/bench.py"
+want bench && run_step bench 75 "$PY" benchmarks/device_bench.py --json "$OUT/bench.json"
 
 # ---------------------------------------------------------------------------------------------
 cat >"$WORK/large.sh" <<SH

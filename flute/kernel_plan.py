@@ -141,10 +141,14 @@ def scale_words(p: Problem, cfg: Config) -> int:
 # -- flute_config.cuh: host-side choices and the Stream-K schedule ----------------------------------
 
 def choose_pipeline(smem_per_sm: int, smem_per_block: int, table_bytes: int, stage_bytes: int,
-                    min_stages: int = Config.min_stages, max_stages: int = Config.max_stages):
-    """``choose_pipeline``: (resident CTAs per SM, stages) from the shared memory (stages 0: no fit)."""
+                    min_stages: int = Config.min_stages, max_stages: int = Config.max_stages,
+                    max_ctas: int = StreamK.max_ctas_per_sm):
+    """``choose_pipeline``: (resident CTAs per SM, stages) from the shared memory (stages 0: no fit);
+    ``max_ctas`` caps the CTAs per SM (the FLUTE_CUDA_MAX_CTAS_PER_SM experiment)."""
     reserve = 1024
-    for c in range(StreamK.max_ctas_per_sm, 0, -1):
+    if not 1 <= max_ctas <= StreamK.max_ctas_per_sm:
+        max_ctas = StreamK.max_ctas_per_sm
+    for c in range(max_ctas, 0, -1):
         avail = min(smem_per_sm // c - reserve, smem_per_block) - table_bytes
         s = min(max_stages, avail // stage_bytes if avail > 0 else 0)
         if s >= StreamK.min_stages_shared or (c == 1 and s >= min_stages):
@@ -226,16 +230,18 @@ def max_workspace_bytes(sms: int) -> int:
 
 
 def plan_qgemm(M: int, N: int, K: int, bits: int, group_size: int, has_offsets: bool, sms: int,
-               smem_per_sm: int, smem_per_block: int, occupancy: Optional[int] = None) -> Optional[GemmPlan]:
+               smem_per_sm: int, smem_per_block: int, occupancy: Optional[int] = None,
+               max_ctas: int = 0) -> Optional[GemmPlan]:
     """``qgemm_plan`` of dispatch.cu for a device with ``sms`` SMs and the given shared memory;
-    ``occupancy``: what cudaOccupancyMaxActiveBlocksPerMultiprocessor reports (None: not limiting).
+    ``occupancy``: what cudaOccupancyMaxActiveBlocksPerMultiprocessor reports (None: not limiting);
+    ``max_ctas``: the FLUTE_CUDA_MAX_CTAS_PER_SM cap of the binding (0: none).
     None when the op takes the dequantize + matmul path."""
     p = Problem.make(bits, group_size, K, N)
     if not fused_supports_group(p.group, p.ngroups) or M > FUSED_MAX_M:
         return None
     cfg = Config(bits, batch_tile(M))
     ctas, stages = choose_pipeline(smem_per_sm, smem_per_block, cfg.table_bytes,
-                                   cfg.stage_bytes(has_offsets))
+                                   cfg.stage_bytes(has_offsets), max_ctas=max_ctas or StreamK.max_ctas_per_sm)
     assert stages >= cfg.min_stages, "the tile does not fit in shared memory"
     if occupancy is not None:
         ctas = min(ctas, occupancy)

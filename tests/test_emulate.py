@@ -275,11 +275,11 @@ int main() {
   std::printf("misc m_options=%d,%d,%d dequant_warps=%d\n", kMTileOptions[0], kMTileOptions[1],
               kMTileOptions[2], kDequantWarps);
   char op[16];
-  int a, b, c, d, e, f;
+  int a, b, c, d, e, f, g;
   while (std::scanf("%15s", op) == 1) {
     if (op[0] == 'p') {  // pipeline
-      std::scanf("%d %d %d %d %d %d", &a, &b, &c, &d, &e, &f);
-      PipelineChoice pc = choose_pipeline(a, b, c, d, e, f);
+      std::scanf("%d %d %d %d %d %d %d", &a, &b, &c, &d, &e, &f, &g);
+      PipelineChoice pc = choose_pipeline(a, b, c, d, e, f, g);
       std::printf("pipe %d %d\n", pc.ctas, pc.stages);
     } else if (op[0] == 'w' && op[1] == 's') {  // workspace layout
       std::scanf("%d", &a);
@@ -386,9 +386,11 @@ def test_host_arithmetic_matches_header(header_probe):
             for mt in M_TILE_OPTIONS:
                 c = Config(bits, mt)
                 for off in (False, True):
-                    args = (smem_sm, smem_block, c.table_bytes, c.stage_bytes(off), c.min_stages, c.max_stages)
-                    queries.append("pipe " + " ".join(map(str, args)))
-                    want.append("pipe %d %d" % choose_pipeline(*args))
+                    for cap in (4, 3, 2, 1, 0):  # 0: out of range, the default cap
+                        args = (smem_sm, smem_block, c.table_bytes, c.stage_bytes(off), c.min_stages,
+                                c.max_stages, cap)
+                        queries.append("pipe " + " ".join(map(str, args)))
+                        want.append("pipe %d %d" % choose_pipeline(*args))
     for sms, _, _ in GPUS.values():
         queries.append(f"ws {sms}")
         gp = plan_qgemm(1, 4096, 4096, 4, 128, False, sms, 228 * 1024, 227 * 1024)
@@ -437,3 +439,16 @@ def test_gpu_tests_fail_without_the_kernel(tmp_path):
     assert r.returncode == 1, out
     assert ("1 failed" in out or "1 error" in out) and "skipped" not in out, out  # fixture: error
     assert "did not load on a machine with a GPU" in out and flute.ops.CUDA_KERNEL_ERROR in out, out
+
+
+def test_max_ctas_cap_trades_ctas_for_stages():
+    """The FLUTE_CUDA_MAX_CTAS_PER_SM experiment: on an H200, a 4-bit 16-row tile gets 3 CTAs of 3
+    stages by default; capped at 2 CTAs it gets 5 stages (the bytes-in-flight hypothesis of
+    benchmarks/NOTES.md, v0), capped at 1 the most stages the kernel takes."""
+    h200 = (132, 228 * 1024, 227 * 1024)
+    assert plan_qgemm(1, 28672, 8192, 4, 128, False, *h200).ctas_per_sm == 3
+    assert plan_qgemm(1, 28672, 8192, 4, 128, False, *h200).stages == 3
+    two = plan_qgemm(1, 28672, 8192, 4, 128, False, *h200, max_ctas=2)
+    one = plan_qgemm(1, 28672, 8192, 4, 128, False, *h200, max_ctas=1)
+    assert (two.ctas_per_sm, two.stages) == (2, 5)
+    assert (one.ctas_per_sm, one.stages) == (1, Config(4, 1).max_stages)

@@ -85,13 +85,15 @@ cudaError_t device_cache(int device, DeviceCache** out) {
 // Pipeline choice for one configuration, both offset variants at once: the kernel's shared-memory
 // limit is raised once, to the larger of the two.
 template <typename C>
-cudaError_t kernel_config(DeviceCache& d, DTypeId dtype, bool has_offsets, KernelConfig* out) {
+cudaError_t kernel_config(DeviceCache& d, DTypeId dtype, bool has_offsets, int max_ctas,
+                          KernelConfig* out) {
   KernelConfig* both = d.cfg[C::kBits - 2][static_cast<int>(dtype)][C::kMIndex];
   if (!both[has_offsets].ready) {
     int max_smem = 0;
     for (int o = 0; o < 2; ++o) {
       const PipelineChoice pc = choose_pipeline(d.smem_per_sm, d.smem_per_block, C::kTableBytes,
-                                                C::stage_bytes(o == 1), C::kMinStages, C::kMaxStages);
+                                                C::stage_bytes(o == 1), C::kMinStages, C::kMaxStages,
+                                                max_ctas > 0 ? max_ctas : StreamK::kMaxCtasPerSm);
       if (pc.stages < C::kMinStages) return cudaErrorInvalidConfiguration;
       both[o].stages = pc.stages;
       both[o].smem = C::kTableBytes + pc.stages * C::stage_bytes(o == 1);
@@ -165,7 +167,8 @@ cudaError_t qgemm_plan(const QGemmProblem& prob, int device, QGemmPlan* plan) {
     {
       std::lock_guard<std::mutex> lock(g_mutex);
       cudaError_t err = device_cache(device, &d);
-      if (err == cudaSuccess) err = kernel_config<C>(*d, prob.dtype, prob.has_offsets, &kc);
+      if (err == cudaSuccess)
+        err = kernel_config<C>(*d, prob.dtype, prob.has_offsets, prob.max_ctas_per_sm, &kc);
       if (err != cudaSuccess) return err;
     }
     plan->m_tiles16 = C::kMTiles;

@@ -15,6 +15,12 @@
 #define FLUTE_HD inline
 #endif
 
+#ifndef FLUTE_PAIR_COPIES_WIDE
+#define FLUTE_PAIR_COPIES_WIDE 32  // copies of the 3- and 4-bit pair tables (LayoutTraits)
+#endif
+static_assert(FLUTE_PAIR_COPIES_WIDE >= 1 && FLUTE_PAIR_COPIES_WIDE <= 32,
+              "FLUTE_PAIR_COPIES_WIDE: 1 to 32 copies");
+
 namespace flute {
 
 // ---------------------------------------------------------------------------------------------
@@ -43,8 +49,11 @@ struct LayoutTraits {
   // Copies of the pair table, interleaved word by word: entry e of copy c is word e * copies + c
   // and lane L reads copy L % copies. With 32 copies every lane reads its own bank, so a warp's
   // 32 lookups never conflict. 2-bit needs none: its 16 entries already sit in 16 distinct banks.
-  static constexpr int kPairCopies = kBits == 2 ? 1 : 32;
-  static constexpr int kLogPairCopies = kBits == 2 ? 0 : 5;
+  // FLUTE_PAIR_COPIES_WIDE (default 32; a tuning experiment builds 8 or 16, benchmarks/NOTES.md):
+  // fewer copies free shared memory for pipeline stages at the price of bank conflicts.
+  static constexpr int kPairCopies = kBits == 2 ? 1 : FLUTE_PAIR_COPIES_WIDE;
+  static constexpr int kLogPairCopies = kPairCopies >= 32 ? 5 : kPairCopies >= 16 ? 4 : kPairCopies >= 8 ? 3
+                                        : kPairCopies >= 4 ? 2 : kPairCopies >= 2 ? 1 : 0;
   static_assert((1 << kLogPairCopies) == kPairCopies, "copies must be a power of two");
   static constexpr int kPairBytes = kPairEntries * kPairCopies * 4;  // 64 B, 8 KB, 32 KB
 };
@@ -162,14 +171,17 @@ struct GemmParams {
 // Pipeline depth and resident CTAs per SM from the shared memory: the most CTAs per SM
 // (kMaxCtasPerSm..1) that still get kMinStagesShared stages; within that, as many stages as fit,
 // up to kMaxStages. One CTA alone may run with kMinStages. 1 KB per CTA is reserved by the system
-// on sm_80+. stages == 0: the tile does not fit.
+// on sm_80+. stages == 0: the tile does not fit. `max_ctas` (1..kMaxCtasPerSm) lowers the first
+// count tried: fewer CTAs per SM, more stages each (the FLUTE_CUDA_MAX_CTAS_PER_SM experiment).
 struct PipelineChoice {
   int ctas, stages;
 };
 inline PipelineChoice choose_pipeline(int smem_per_sm, int smem_per_block, int table_bytes,
-                                      int stage_bytes, int min_stages, int max_stages) {
+                                      int stage_bytes, int min_stages, int max_stages,
+                                      int max_ctas = StreamK::kMaxCtasPerSm) {
   const int reserve = 1024;
-  for (int c = StreamK::kMaxCtasPerSm; c >= 1; --c) {
+  if (max_ctas < 1 || max_ctas > StreamK::kMaxCtasPerSm) max_ctas = StreamK::kMaxCtasPerSm;
+  for (int c = max_ctas; c >= 1; --c) {
     int avail = smem_per_sm / c - reserve;
     if (avail > smem_per_block) avail = smem_per_block;
     avail -= table_bytes;

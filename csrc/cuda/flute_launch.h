@@ -20,6 +20,10 @@ struct QGemmProblem {
   int ngroups;         // ceil(K / group)
   bool has_offsets;
   DTypeId dtype;
+  // Tuning experiment: at most this many resident CTAs per SM (1..4; 0 = the heuristic's own).
+  // The binding reads it once per process from FLUTE_CUDA_MAX_CTAS_PER_SM: the per-device cache of
+  // pipeline choices assumes it never changes within a process.
+  int max_ctas_per_sm = 0;
 };
 
 // What qgemm_plan decided; pass it unchanged to qgemm_run.

@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -117,6 +118,21 @@ Weight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
   return w;
 }
 
+// FLUTE_CUDA_MAX_CTAS_PER_SM (1..4, unset = the heuristic): a tuning experiment's cap on resident
+// CTAs per SM, read once per process (benchmarks/device_tune.py runs each value in its own).
+int max_ctas_per_sm_from_env() {
+  static const int value = [] {
+    const char* s = std::getenv("FLUTE_CUDA_MAX_CTAS_PER_SM");
+    if (s == nullptr || *s == '\0') return 0;
+    char* end = nullptr;
+    const long v = std::strtol(s, &end, 10);
+    TORCH_CHECK(end != s && *end == '\0' && v >= 1 && v <= 4,
+                "flute: FLUTE_CUDA_MAX_CTAS_PER_SM must be 1, 2, 3 or 4, got '", s, "'");
+    return (int)v;
+  }();
+  return value;
+}
+
 const void* offsets_ptr(const Weight& w) {
   return w.offsets.has_value() ? w.offsets->data_ptr() : nullptr;
 }
@@ -181,6 +197,7 @@ at::Tensor qgemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::
   prob.ngroups = w.ngroups;
   prob.has_offsets = w.offsets.has_value();
   prob.dtype = dtype_id(x.scalar_type());
+  prob.max_ctas_per_sm = max_ctas_per_sm_from_env();
   flute::QGemmPlan plan;
   check_cuda(flute::qgemm_plan(prob, x.device().index(), &plan), "qgemm_plan");
 
