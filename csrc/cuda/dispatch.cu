@@ -93,7 +93,7 @@ cudaError_t kernel_config(DeviceCache& d, DTypeId dtype, bool has_offsets, int m
     for (int o = 0; o < 2; ++o) {
       const PipelineChoice pc = choose_pipeline(d.smem_per_sm, d.smem_per_block, C::kTableBytes,
                                                 C::stage_bytes(o == 1), C::kMinStages, C::kMaxStages,
-                                                max_ctas > 0 ? max_ctas : StreamK::kMaxCtasPerSm);
+                                                max_ctas);  // 0: no cap
       if (pc.stages < C::kMinStages) return cudaErrorInvalidConfiguration;
       both[o].stages = pc.stages;
       both[o].smem = C::kTableBytes + pc.stages * C::stage_bytes(o == 1);

@@ -171,8 +171,9 @@ struct GemmParams {
 // Pipeline depth and resident CTAs per SM from the shared memory: the most CTAs per SM
 // (kMaxCtasPerSm..1) that still get kMinStagesShared stages; within that, as many stages as fit,
 // up to kMaxStages. One CTA alone may run with kMinStages. 1 KB per CTA is reserved by the system
-// on sm_80+. stages == 0: the tile does not fit. `max_ctas` (1..kMaxCtasPerSm) lowers the first
-// count tried: fewer CTAs per SM, more stages each (the FLUTE_CUDA_MAX_CTAS_PER_SM experiment).
+// on sm_80+. stages == 0: the tile does not fit. `max_ctas` (1..kMaxCtasPerSm; other values: no
+// cap) lowers the first count tried: fewer CTAs per SM, more stages each (the
+// FLUTE_CUDA_MAX_CTAS_PER_SM experiment).
 struct PipelineChoice {
   int ctas, stages;
 };

@@ -87,7 +87,7 @@ struct GemmKernel {
         // No L2 evict-first hint here: with `cp.async ... L2::cache_hint` ptxas 13.0 emitted, for
         // the 2-bit 16-row kernels only, an LDGSTS with a uniform-register address and an unset
         // descriptor register (`[R+UR0+imm], desc[UR1]`) that faults with "illegal instruction" on
-        // an H200 (benchmarks/NOTES.md, first GPU run). .ci/nvcc_check.sh scans the SASS for it.
+        // an H200 (benchmarks/NOTES.md, first GPU run). .ci/sass_check.sh scans the SASS for it.
         cp_async16(cs + i * 16, in ? static_cast<const void*>(qg + g) : p.qweight, in ? 16 : 0);
       }
     }
