@@ -54,9 +54,9 @@ def step_pair_indices(bits: int, atoms_k: int, w: List[torch.Tensor], s: int):
     return (lo & 0x0F0F0F0F) | (h0 & 0x30303030), ((lo >> 4) & 0x0F0F0F0F) | (h1 & 0x30303030)
 
 
-def build_pair_table(table: torch.Tensor, bits: int) -> torch.Tensor:
+def build_pair_table(table: torch.Tensor, cfg: Config) -> torch.Tensor:
     """``build_pair_table``: shared words ``[entries * copies, 2]`` (lo, hi value), float32."""
-    cfg = Config(bits)
+    bits = cfg.bits
     i = torch.arange(cfg.pair_entries * cfg.pair_copies)
     e = i >> cfg.log_pair_copies
     lo, hi = pair_codes(bits)
@@ -163,7 +163,7 @@ def decode_b_fragments(qweight, scales, offsets, table, p: Problem, cfg: Config,
     codes = load_stage_codes(qweight, p, cfg, n_tile, ktile)
     sc_smem = load_stage_scales(scales, p, cfg, n_tile, ktile)
     of_smem = None if offsets is None else load_stage_scales(offsets, p, cfg, n_tile, ktile)
-    pt = build_pair_table(table, p.bits)
+    pt = build_pair_table(table, cfg)
     pt_lane = lane & (cfg.pair_copies - 1)
     w = lane_words(codes, cfg, warp, lane)
 
@@ -232,14 +232,15 @@ def a_fragment_source(cfg: Config, s: int, mt: int, lane):
 
 def emulate_qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   offsets: Optional[torch.Tensor], table: torch.Tensor, bits: int, group_size: int,
-                  in_features: int, out_features: int, slots: int, m_tiles16: int = 1) -> torch.Tensor:
+                  in_features: int, out_features: int, slots: int, m_tiles16: int = 1,
+                  pair_copies_wide: int = 32) -> torch.Tensor:
     """Run the fused kernel's algorithm on CPU: Stream-K schedule for ``slots`` resident CTAs,
     stage loads, per-thread B decode, ldmatrix A fragments, fp64 "mma", fixed-order reduction,
     predicated stores into a NaN-poisoned output. Returns y [M, N] (float64). Slow: for small
-    shapes only."""
+    shapes only. ``pair_copies_wide``: the FLUTE_PAIR_COPIES_WIDE of the build emulated."""
     assert qweight.shape == kernel_layout_shape(bits, in_features, out_features)
     p = Problem.make(bits, group_size, in_features, out_features)
-    cfg = Config(bits, m_tiles16)
+    cfg = Config(bits, m_tiles16, pair_copies_wide)
     M = x.shape[0]
     m_tiles = max(1, math.ceil(M / cfg.bm))
     n_tiles, k_tiles = p.n_tiles(cfg), p.k_tiles(cfg)

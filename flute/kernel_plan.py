@@ -31,6 +31,8 @@ class Config:
     """``GemmConfig<kBits, kMTiles>`` (flute_config.cuh)."""
     bits: int
     m_tiles16: int = 1
+    #: FLUTE_PAIR_COPIES_WIDE of the build (copies of the 3/4-bit pair tables; 32 in the product)
+    pair_copies_wide: int = 32
 
     warps = 4
     threads = 128
@@ -59,9 +61,9 @@ class Config:
     @property
     def pair_entries(self): return 1 << (2 * self.bits)
     @property
-    def pair_copies(self): return 1 if self.bits == 2 else 32
+    def pair_copies(self): return 1 if self.bits == 2 else self.pair_copies_wide
     @property
-    def log_pair_copies(self): return 0 if self.bits == 2 else 5
+    def log_pair_copies(self): return self.pair_copies.bit_length() - 1
     @property
     def x_chunks_per_row(self): return self.bk * 2 // 16
     @property

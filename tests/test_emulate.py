@@ -143,10 +143,21 @@ def test_pair_table_lookups_conflict_free(rng):
     (2, 5, 300, 2100, 48, True, 2, 1),     # a full wave of whole tiles, the last tile split 2 ways
 ])
 def test_emulated_kernel_matches_reference(bits, M, n, k, group, offsets, slots, mt, rng):
+    check_emulated_kernel(bits, M, n, k, group, offsets, slots, mt, rng)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_emulated_8_copies_build_matches_reference(bits, rng):
+    """The pc8 tuning build's pair-table indexing (8 interleaved copies) decodes the same weights."""
+    check_emulated_kernel(bits, 3, 40, 300, 64, bits == 3, 3, 1, rng, pair_copies_wide=8)
+
+
+def check_emulated_kernel(bits, M, n, k, group, offsets, slots, mt, rng, pair_copies_wide=32):
     codes, scales, offs, table = random_quantized(n, k, bits, group, offsets=offsets, dtype=torch.float16, generator=rng)
     x = torch.randn(M, k, generator=rng).to(torch.float16)
     q = to_kernel_layout(codes, bits)
-    y = emulate_qgemm(x, q, scales, offs, table, bits, group, k, n, slots=slots, m_tiles16=mt)
+    y = emulate_qgemm(x, q, scales, offs, table, bits, group, k, n, slots=slots, m_tiles16=mt,
+                      pair_copies_wide=pair_copies_wide)
     w = dequantize_codes(codes, scales, offs, table, group).double()  # float32 weights, as decoded
     ref = x.double() @ w.t()
     assert torch.allclose(y, ref, rtol=1e-9, atol=1e-9)
@@ -314,9 +325,9 @@ int main() {
 """
 
 
-@pytest.fixture(scope="module")
-def header_probe(tmp_path_factory):
-    """flute_config.cuh compiled with the host C++ compiler (it is plain C++ too)."""
+def compile_header_probe(d, defines=()):
+    """flute_config.cuh compiled with the host C++ compiler (it is plain C++ too), with `defines`
+    (the FLUTE_CUDA_DEFINES of a tuning build); returns a function that runs it on queries."""
     import os
     import shutil
     import subprocess
@@ -324,10 +335,10 @@ def header_probe(tmp_path_factory):
     if cxx is None:
         pytest.fail("no C++ compiler (c++/g++) to compile csrc/cuda/flute_config.cuh")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    d = tmp_path_factory.mktemp("probe")
     (d / "probe.cpp").write_text(HEADER_PROBE)
     subprocess.run([cxx, "-std=c++17", "-O1", "-I", os.path.join(root, "csrc", "cuda"),
-                    str(d / "probe.cpp"), "-o", str(d / "probe")], check=True)
+                    *[f"-D{x}" for x in defines], str(d / "probe.cpp"), "-o", str(d / "probe")],
+                   check=True)
 
     def run(queries: str) -> str:
         return subprocess.run([str(d / "probe")], input=queries, capture_output=True, text=True,
@@ -335,15 +346,31 @@ def header_probe(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def header_probe(tmp_path_factory):
+    return compile_header_probe(tmp_path_factory.mktemp("probe"))
+
+
 def test_tile_constants_match_header(header_probe):
-    out = header_probe("")
+    check_tile_constants(header_probe(""), pair_copies_wide=32)
+
+
+def test_tile_constants_of_the_8_copies_build_match_header(tmp_path):
+    """The tuning build FLUTE_PAIR_COPIES_WIDE=8 (benchmarks/device_tune.py's pc8): the header's
+    constants equal Config(..., pair_copies_wide=8), so the emulator below emulates that build."""
+    out = compile_header_probe(tmp_path, ["FLUTE_PAIR_COPIES_WIDE=8"])("")
+    check_tile_constants(out, pair_copies_wide=8)
+    assert Config(4, 1, 8).pair_bytes == 8 * 1024 and Config(3, 1, 8).log_pair_copies == 3
+
+
+def check_tile_constants(out, pair_copies_wide):
     seen = 0
     for line in out.splitlines():
         tag, *rest = line.split()
         if tag == "cfg":
             bits, mt = int(rest[0]), int(rest[1])
             got = {kv.split("=")[0]: int(kv.split("=")[1]) for kv in rest[2:]}
-            c = Config(bits, mt)
+            c = Config(bits, mt, pair_copies_wide)
             want = {
                 "atom_n": ATOM_N, "atom_k": c.atom_k, "chunks": c.chunks,
                 "pair_entries": c.pair_entries, "pair_copies": c.pair_copies,
