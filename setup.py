@@ -92,14 +92,17 @@ def cpu_extensions():
         return []
     import platform
     cpu_dir = os.path.join("csrc", "cpu")
-    isa_flags = {os.path.join(cpu_dir, "kernel_portable.cpp"): []}
+    isa_flags = {os.path.join(cpu_dir, "kernel_portable.cpp"): [],
+                 os.path.join(cpu_dir, "kernel_pair_portable.cpp"): []}
     if platform.machine().lower() in ("x86_64", "amd64"):
         # -ffp-contract=off: the panel decodes round like the portable path (mul, then add: the
         # same bits on every path); FMAs stay where the intrinsics ask for them
         isa_flags[os.path.join(cpu_dir, "kernel_avx2.cpp")] = ["-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avx2.cpp")] = ["-mavx2", "-mfma"]
+        isa_flags[os.path.join(cpu_dir, "kernel_pair_avx2.cpp")] = ["-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
         avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-ffp-contract=off"]
         isa_flags[os.path.join(cpu_dir, "kernel_avx512.cpp")] = avx512
+        isa_flags[os.path.join(cpu_dir, "kernel_pair_avx512.cpp")] = avx512
         # the bf16 decoders (avx512bf16_common.h) gather 3-bit codes with vpermb (VBMI)
         bf16 = avx512 + ["-mavx512bf16", "-mavx512vbmi"]
         isa_flags[os.path.join(cpu_dir, "kernel_avx512bf16.cpp")] = bf16
@@ -115,7 +118,7 @@ def cpu_extensions():
         # SIMDe's portable code); at -O1 the three take ~1.5 minutes
         emu = ["-O1", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-Wno-psabi",
                "-I" + os.path.join(HERE, cpu_dir, "emulation")]
-        for name in ("kernel_avx512.cpp", "kernel_avx512bf16.cpp", "kernel_int8_avx512.cpp"):
+        for name in ("kernel_avx512.cpp", "kernel_avx512bf16.cpp", "kernel_int8_avx512.cpp", "kernel_pair_avx512.cpp"):
             isa_flags[os.path.join(cpu_dir, name)] = emu
         del isa_flags[os.path.join(cpu_dir, "kernel_amx.cpp")]
         isa_flags[os.path.join(cpu_dir, "kernel_fallbacks.cpp")] = ["-DFLUTE_WITHOUT_KERNEL_AMX"]
@@ -130,7 +133,7 @@ def cpu_extensions():
                             + (["-DFLUTE_CPU_EMULATED_AVX512"] if emulate else [])},
         extra_link_args=openmp,
         depends=[os.path.join(cpu_dir, h) for h in ("lut_kernel.h", "avx2_common.h", "avx512_common.h",
-                                                  "avx512bf16_common.h", "int8_tiles.h", "binding.h")],
+                                                  "avx512bf16_common.h", "int8_tiles.h", "pair_lut.h", "binding.h")],
         py_limited_api=True,
         optional=True,  # a failed build (no compiler) skips it: flute then warns and runs the reference
     )

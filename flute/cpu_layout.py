@@ -31,6 +31,12 @@ copy whose high plane is in an older lane-mask form, see below).
   exact kernels convert each tile to an older form: the 2-bit block above of the low two bits, then
   16 uint16 lane masks of the high bits, ``uint16 s`` bit ``j``.)
 
+* 2 bits: the **pair layout** (``csrc/cpu/pair_lut.h``; CPU_NOTES items 129-130): rows in tiles of
+  16, ``K`` in chunks of 32 columns, stream ``[tile][chunk][step 0..3][32 bytes]``. Byte ``16 L + i``
+  of step ``s`` is row ``i``'s index of pair ``4 s + L`` of the chunk in bits 0-3 and of pair
+  ``4 s + 2 + L`` in bits 4-7, pair ``p`` being the chunk's columns ``2 p`` (index bits 0-1) and
+  ``2 p + 1`` (bits 2-3): one ``vpshufb`` of a pair's 16-entry table looks up 16 rows at once.
+
 Size: ``N_pad * K_pad * bits / 8`` bytes, 1-D uint8.
 """
 from __future__ import annotations
@@ -42,27 +48,36 @@ import torch
 from .codebooks import check_bits
 from .huge_pages import place_for_streaming
 
-#: Rows of W interleaved in the stream.
+#: Rows of W interleaved in the stream (3 and 4 bits; 2 bits: :data:`PAIR_TILE_ROWS`).
 TILE_ROWS = 4
+#: Rows per tile and columns per chunk of the 2-bit pair layout.
+PAIR_TILE_ROWS = 16
+PAIR_CHUNK_COLS = 32
 #: Lanes (uint32 words) per block row.
 LANES = 16
 
 
 def block_cols(bits: int) -> int:
-    """Columns of W per block: 128 (4 bits) or 256 (2 and 3 bits)."""
+    """Columns of W per block: 128 (4 bits), 256 (3 bits) or 32 (2 bits: a pair-layout chunk)."""
     check_bits(bits)
-    return 128 if bits == 4 else 256
+    return {4: 128, 3: 256, 2: PAIR_CHUNK_COLS}[bits]
 
 
 def block_bytes(bits: int) -> int:
-    """Bytes of one row's block: 64 (4 and 2 bits) or 96 (3 bits: 64 low-bit + 32 high-bit)."""
+    """Bytes of one row's block: 64 (4 bits), 96 (3 bits: 64 low-bit + 32 high-bit) or 8 (2 bits)."""
     return block_cols(bits) * bits // 8
+
+
+def tile_rows(bits: int) -> int:
+    """Rows per tile: 16 for 2 bits (the pair layout), 4 for 3 and 4 bits."""
+    check_bits(bits)
+    return PAIR_TILE_ROWS if bits == 2 else TILE_ROWS
 
 
 def cpu_padded_shape(bits: int, in_features: int, out_features: int) -> tuple:
     """``(N_pad, K_pad)``: the weight shape rounded up to whole row tiles and blocks."""
-    kb = block_cols(bits)
-    return (math.ceil(out_features / TILE_ROWS) * TILE_ROWS, math.ceil(in_features / kb) * kb)
+    kb, tr = block_cols(bits), tile_rows(bits)
+    return (math.ceil(out_features / tr) * tr, math.ceil(in_features / kb) * kb)
 
 
 def cpu_layout_shape(bits: int, in_features: int, out_features: int) -> tuple:
@@ -98,6 +113,25 @@ def unpack_3bit_registers(b: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack(pair, dim=-2) for pair in c], dim=-3)
 
 
+def _to_pair_layout(c: torch.Tensor) -> torch.Tensor:
+    """Padded 2-bit codes ``[N_pad, K_pad]`` to the pair layout (1-D uint8, see the module docstring)."""
+    n_pad, k_pad = c.shape
+    nt, nc = n_pad // PAIR_TILE_ROWS, k_pad // PAIR_CHUNK_COLS
+    # column 32 c + 8 s + 4 hi + 2 L + odd of row 16 t + i -> [t, c, s, L, i, hi, odd]
+    q = c.reshape(nt, PAIR_TILE_ROWS, nc, 4, 2, 2, 2).permute(0, 2, 3, 5, 1, 4, 6)
+    b = q[..., 0, 0] | q[..., 0, 1] << 2 | q[..., 1, 0] << 4 | q[..., 1, 1] << 6
+    return b.reshape(-1).contiguous()
+
+
+def _from_pair_layout(qweight: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
+    """Inverse of :func:`_to_pair_layout`: uint8 codes ``[N_pad, K_pad]``."""
+    nt, nc = n_pad // PAIR_TILE_ROWS, k_pad // PAIR_CHUNK_COLS
+    b = qweight.reshape(nt, nc, 4, 2, PAIR_TILE_ROWS)                 # [t, c, s, L, i]
+    q = torch.stack([(b >> (2 * f)) & 3 for f in range(4)], dim=-1)   # [.., i, (hi, odd)]
+    q = q.reshape(nt, nc, 4, 2, PAIR_TILE_ROWS, 2, 2)                 # [t, c, s, L, i, hi, odd]
+    return q.permute(0, 4, 1, 2, 5, 3, 6).reshape(n_pad, k_pad)
+
+
 def to_cpu_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes ``[N, K]`` to the CPU layout (1-D uint8), on the codes' device. On the CPU the
     layout is placed in memory advised for transparent huge pages (:func:`flute.huge_pages.place_for_streaming`:
@@ -113,6 +147,8 @@ def to_cpu_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if (n_pad, k_pad) != (n, k):
         c = torch.zeros(n_pad, k_pad, dtype=torch.uint8, device=codes.device)
         c[:n, :k] = codes
+    if bits == 2:
+        return place_for_streaming(_to_pair_layout(c))
     nc, ns = _slots(bits)
     nt, nb = n_pad // TILE_ROWS, k_pad // block_cols(bits)
     # [tile, row, block, chunk, lane j, parity e] -> [tile, block, row, lane j, slot s = e*C + chunk]
@@ -142,6 +178,8 @@ def from_cpu_layout(qweight: torch.Tensor, bits: int, in_features: int,
                          f"{out_features}x{in_features} {bits}-bit weight), got {qweight.dtype} "
                          f"{tuple(qweight.shape)}")
     n_pad, k_pad = cpu_padded_shape(bits, in_features, out_features)
+    if bits == 2:
+        return _from_pair_layout(qweight, n_pad, k_pad)[:out_features, :in_features].contiguous()
     nc, ns = _slots(bits)
     nt, nb = n_pad // TILE_ROWS, k_pad // block_cols(bits)
     b = qweight.reshape(nt, nb, TILE_ROWS, block_bytes(bits))

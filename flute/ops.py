@@ -231,15 +231,18 @@ def get_cpu_mode() -> str:
     * ``"int8"`` (the default; groups of a multiple of 32 or -1): llama.cpp's approach.
       Activations rounded to int8 per 32 columns (chunk scales: integer multiples of one unit per
       block, so that integer sums of a block share a scale), the table to 7-bit integers, integer
-      dot products;
+      dot products. 2 bits: per pair of activation columns the 16 sums of two table entries
+      times the two activations, rounded to int8 per 32 columns, looked up by pairs of codes;
       :func:`flute.testing.reference_qgemm_int8` is its executable spec. Its perplexity cost on
       SmolLM2, measured, is within +-0.5% (``benchmarks/results/int8-quality-*.json``). Other
       group sizes and non-finite activations compute exactly.
     * ``"exact"``: fp32 decode and accumulation, matches the float64 reference to ~1e-6.
-    * ``"bf16"`` (AVX512_BF16 + VBMI CPUs): activations and table values rounded to bf16, fp32 sums.
+    * ``"bf16"`` (AVX512_BF16 + VBMI CPUs; 3 and 4 bits, 2 bits compute exactly): activations and
+      table values rounded to bf16, fp32 sums.
 
     Batches at or above the panel threshold (32 rows) are exact in every mode. On CPUs with AMX
-    (:func:`get_cpu_amx`), bf16 activations from 16 rows take the AMX paths in every mode.
+    (:func:`get_cpu_amx`), bf16 activations from 16 rows take the AMX paths in every mode (3 and 4
+    bits).
     """
     return torch.ops.flute.cpu_mode() if HAS_CPU_KERNEL else "exact"
 

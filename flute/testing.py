@@ -67,14 +67,54 @@ def table7_scale(table: torch.Tensor) -> torch.Tensor:
     return scale
 
 
+def pair_tables(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The 2-bit int8 mode's pair tables (``csrc/cpu/pair_lut.h``) of activations ``x [rows, K]``,
+    float64 ``[rows, ceil(K / 32) * 16, 16]``: for each pair of columns ``(x0, x1)`` and 4-bit index
+    ``e``, ``v = t[e & 3] * x0 + t[e >> 2] * x1`` (float32: two products, then their sum), rounded to
+    int8 per 32-column chunk with the scale ``mx / 127`` (``mx``: the chunk's max |v|; ties to even),
+    times that scale."""
+    rows, k = x.shape
+    xp = torch.nn.functional.pad(x.float(), (0, -k % 32))
+    t, e = table.float(), torch.arange(16)
+    v = t[e & 3] * xp[:, 0::2, None] + t[e >> 2] * xp[:, 1::2, None]
+    vc = v.reshape(rows, -1, 16, 16)
+    mx = vc.abs().amax(dim=(-1, -2), keepdim=True)
+    q = torch.round(vc * torch.where(mx > 0, 127.0 / mx, torch.zeros_like(mx)))
+    return (q.double() * (mx / 127.0).double()).reshape(rows, -1, 16)
+
+
+def reference_qgemm_pair(x: torch.Tensor, w: RandomWeight, group_size: int) -> torch.Tensor:
+    """The CPU kernel's int8 mode for 2 bits (the pair tables of :func:`pair_tables`), executable in
+    float64: each weight row's pair index selects an entry of each pair's table, times the row's
+    group scale; offsets multiply the exact ``x``."""
+    k = x.shape[-1]
+    xf = x.float().reshape(-1, k)
+    e = pair_tables(xf, w.table)                               # [rows, pairs, 16]
+    n = w.codes.shape[0]
+    c = torch.nn.functional.pad(w.codes.long(), (0, -k % 32))
+    idx = c[:, 0::2] | (c[:, 1::2] << 2)                      # [N, pairs]
+    g = torch.clamp(torch.arange(idx.shape[1]) * 2 // (group_size if group_size > 0 else k),
+                    max=w.scales.shape[1] - 1)
+    onehot = torch.zeros(n, idx.shape[1], 16, dtype=torch.float64)
+    onehot.scatter_(2, idx.unsqueeze(-1), w.scales.double()[:, g].unsqueeze(-1))
+    y = e.reshape(e.shape[0], -1) @ onehot.reshape(n, -1).t()
+    if w.offsets is not None:
+        zeros = torch.zeros_like(w.table, dtype=torch.float32)  # table of zeros: only the offsets
+        y = y + xf.double() @ dequantize_codes(w.codes, w.scales, w.offsets, zeros, group_size,
+                                               torch.float64).t()
+    return y.reshape(*x.shape[:-1], -1)
+
+
 def reference_qgemm_int8(x: torch.Tensor, w: RandomWeight, group_size: int) -> torch.Tensor:
     """The CPU kernel's "int8" mode (``flute.set_cpu_mode("int8")``), executable: float64 ``x @ W.T``
-    after the two roundings that mode makes. The table becomes 7-bit integers times one scale
+    after the two roundings that mode makes (2 bits: :func:`reference_qgemm_pair`). The table becomes 7-bit integers times one scale
     (:func:`table7_scale`). Each row of ``x`` is rounded to int8 per 32-column chunk with the chunk
     scale ``k * u`` of its block (128 columns for 4 bits, 256 for 2 and 3): ``u = bmax / 127 / 8191``
     for the block's max|x|, ``k = min(8191, ceil(cmax / (bmax / 8191)))`` for the chunk's max|x|
     (float32 arithmetic, ties to even, as the kernel). Offsets multiply the exact ``x`` (their group
     sums are exact in the kernel too)."""
+    if w.bits == 2:
+        return reference_qgemm_pair(x, w, group_size)
     t = w.table.float()
     tscale = table7_scale(t)
     t7 = torch.round(t / tscale).clamp(-63, 63) * tscale if tscale > 0 else torch.zeros_like(t)

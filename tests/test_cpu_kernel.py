@@ -573,3 +573,60 @@ def test_default_mode_is_int8_below_the_panel_threshold():
                 assert float(int8_err) < 1e-6 < 1e-4 < float(exact_err), line
             else:
                 assert float(exact_err) < 1e-6, line
+
+
+@pytest.mark.parametrize("mode", ["int8", "exact"])
+def test_pair_layout_kernels_equal_bitwise_on_every_path(mode, rng):
+    """2 bits run on the pair layout (csrc/cpu/pair_lut.h), whose portable, AVX2 and AVX-512 kernels
+    make the same float operations in the same order: the same bits on every ISA and thread count,
+    equal to the spec (int8 mode: the pair tables of reference_qgemm_pair). The cases cover a tile
+    with fewer than 16 rows, several tiles (the AVX-512 kernel reads two tiles at once at M = 1),
+    K blocks (17 rows: 30 chunks of the tables per block, so K = 1100 takes two), a ragged last
+    chunk, groups spanning several chunks or one, every scale dtype and offsets."""
+    old_mode = ops.get_cpu_mode()
+    ops.set_cpu_mode(mode)
+    isas = [i for i in ISAS if available(i)]
+    try:
+        for n, k, group, m, sdtype, offsets in [(5, 33, 32, 1, torch.float32, False),
+                                                (203, 1100, 64, 17, torch.bfloat16, True),
+                                                (203, 1100, 64, 1, torch.bfloat16, False),
+                                                (64, 512, 128, 2, torch.float16, True),
+                                                (33, 300, -1, 3, torch.bfloat16, False),
+                                                (48, 96, 96, 31, torch.float32, True)]:
+            w = random_quantized(n, k, 2, group, offsets=offsets, dtype=sdtype, generator=rng)
+            x = torch.randn(m, k, generator=rng)
+            q = to_cpu_layout(w.codes, 2)
+            outs = []
+            for isa in isas:
+                ops.set_cpu_isa(isa)
+                outs += at_thread_counts(lambda: run(x, w, 2, group, n, k, q), [1, 2])
+            ops.set_cpu_isa("auto")
+            case = (mode, n, k, group, m, sdtype, offsets)
+            for y in outs[1:]:
+                assert torch.equal(y, outs[0]), case
+            ref = reference_qgemm_int8(x, w, group) if mode == "int8" else reference_qgemm(x, w, group)
+            assert normwise_error(outs[0], ref, x, w, group) < TOL[torch.float32], case
+    finally:
+        ops.set_cpu_isa("auto")
+        ops.set_cpu_mode(old_mode)
+
+
+def test_pair_tables_spec_rounds_each_chunk_on_its_own_scale(rng):
+    """The 2-bit int8 mode's spec (flute.testing.pair_tables): each 32-column chunk's 256 entries on
+    the scale max|v| / 127 of that chunk alone, integers of magnitude at most 127, and a chunk's
+    largest entry exactly 127 steps; 2-bit weights through them stay within int8 rounding (~1%) of
+    the exact product, not the exact product itself."""
+    from flute.testing import pair_tables, reference_qgemm_pair
+    x = torch.randn(3, 70, generator=rng)
+    x[:, 32:64] *= 1e-3  # one chunk far below the others keeps its own resolution
+    t = torch.randn(4, generator=rng)
+    e = pair_tables(x, t).reshape(3, 3, 256)  # [rows, chunks, 16 pairs x 16 entries]
+    step = e.abs().amax(-1, keepdim=True) / 127
+    q = e / step
+    assert torch.allclose(q, q.round(), atol=1e-3) and float(q.abs().max()) <= 127 + 1e-3
+    exact = (t[torch.arange(16) & 3, None] * x[:, None, 0:64:2] + t[torch.arange(16) >> 2, None] * x[:, None, 1:64:2])
+    assert torch.allclose(e[:, 1].reshape(3, 16, 16).double(), exact.permute(0, 2, 1)[:, 16:].double(),
+                          rtol=0, atol=float(step[:, 1].max()) * 0.5 + 1e-12)
+    w = random_quantized(40, 70, 2, 32, generator=rng)._replace(table=t)
+    err = relative_error(reference_qgemm_pair(x, w, 32), reference_qgemm(x, w, 32))
+    assert 1e-5 < err < 0.05, err

@@ -39,7 +39,7 @@ def _code_3bit(row_block, j, s):
     return ((r2 >> (2 + 4 * reg)) & 3) | ((r1 >> (4 * reg)) & 1) << 2
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [3, 4])
 def test_slot_order_matches_the_kernel_contract(bits, rng):
     """Slot s of lane j of a row block holds column 32 (s % C) + 2 j + s // C (lut_kernel.h)."""
     kb = block_cols(bits)
@@ -56,6 +56,27 @@ def test_slot_order_matches_the_kernel_contract(bits, rng):
         else:
             got = (lane >> (sh * s)) & (2 ** sh - 1)
         assert torch.equal(got, codes[:, cols].long()), s
+
+
+def test_pair_layout_matches_the_kernel_contract(rng):
+    """2 bits (csrc/cpu/pair_lut.h): 16-row tiles, 32-column chunks, 128 bytes per tile and chunk;
+    byte 16 L + i of step s holds, from bit 0 up, row i's codes of the chunk's columns 8s + 2L,
+    8s + 2L + 1, 8s + 2L + 4, 8s + 2L + 5 (so each nibble is one column pair's 4-bit index)."""
+    codes = torch.randint(0, 4, (35, 70), generator=rng, dtype=torch.uint8)
+    q = to_cpu_layout(codes, 2)
+    n_pad, k_pad = cpu_padded_shape(2, 70, 35)
+    assert (n_pad, k_pad) == (48, 96)
+    full = torch.zeros(n_pad, k_pad, dtype=torch.uint8)
+    full[:35, :70] = codes
+    b = q.view(3, 3, 4, 2, 16).long()  # [tile, chunk, step, L, row]
+    for t in range(3):
+        for c in range(3):
+            for s in range(4):
+                for L in range(2):
+                    cols = [32 * c + 8 * s + 2 * L + d for d in (0, 1, 4, 5)]
+                    want = full[16 * t:16 * t + 16, cols].long()
+                    got = torch.stack([(b[t, c, s, L] >> (2 * f)) & 3 for f in range(4)], 1)
+                    assert torch.equal(got, want), (t, c, s, L)
 
 
 def test_3bit_registers_use_every_bit(rng):

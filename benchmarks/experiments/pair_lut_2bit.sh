@@ -3,6 +3,8 @@
 # (2 bits, M = 1 and a few M = 4 / 16 points, groups of 64, weights rotated through DRAM) at 1 and 2
 # threads; writes
 # benchmarks/results/pair-lut-2bit-<host>-<date>.json. An experiment (CPU_NOTES item 129), not a test.
+# Since item 131 the shipped int8 kernel has no 2-bit path (2 bits run on the pair layout): build it
+# from revision 96068b4 to repeat this comparison.
 #   bash benchmarks/experiments/pair_lut_2bit.sh [REPS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."

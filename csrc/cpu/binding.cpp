@@ -19,7 +19,10 @@
 //   cpu_amx() -> bool, cpu_set_amx(bool) -> bool: whether bf16 activations from amx_m() rows
 //       take the AMX kernels (kernel_amx.cpp; CPUs with AMX-BF16; FLUTE_CPU_AMX=0 off).
 //
-// Paths: bf16 x on an AMX CPU (avx512 path): 16 to kAmxMaxM = 64 rows the streamed AMX kernel
+// Paths: 2 bits (the pair layout, pair_lut.h): below kLargeM rows with groups of a multiple of 32
+// columns (or one group) the pair-table kernel in the int8 mode or the pair layout's exact kernel
+// (fused_gemm.cpp: pair_gemm), else the panel path; 3 and 4 bits:
+// bf16 x on an AMX CPU (avx512 path): 16 to kAmxMaxM = 64 rows the streamed AMX kernel
 // (gemm_amx), more rows the blocked one (gemm_amx_rows, bf16 output). Otherwise, M <
 // kLargeM and groups of a multiple of 32 columns (or one group): the fused kernel, in the int8
 // mode (finite x) or exact fp32 (fused_gemm.cpp: activations prepared once per call, threads over
@@ -60,10 +63,22 @@ DecodeFn decode_fn(int isa) {
   return decode_portable;
 }
 
+DecodeFn decode_pair_fn(int isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa >= kAvx2) return decode_pair_avx2;
+#endif
+  return decode_pair_portable;
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The CPU layout's padded shape: 2 bits the pair layout (16-row tiles, 32-column chunks, pair_lut.h),
+// 3 and 4 bits 4-row tiles and blocks of 256 or 128 columns (lut_kernel.h).
+int64_t cpu_n_pad(int64_t bits, int64_t N) { return bits == 2 ? ceil_div(N, 16) * 16 : ceil_div(N, 4) * 4; }
+int64_t cpu_k_unit(int64_t bits) { return bits == 2 ? 32 : bits == 4 ? 128 : 256; }
+
 std::string layout_error(const at::Tensor& qweight, int64_t bits, int64_t K, int64_t N) {
-  const int64_t cpu = ceil_div(N, 4) * 4 * ceil_div(K, bits == 4 ? 128 : 256) * (bits == 4 ? 128 : 256) * bits / 8;
+  const int64_t cpu = cpu_n_pad(bits, N) * ceil_div(K, cpu_k_unit(bits)) * cpu_k_unit(bits) * bits / 8;
   const int64_t ka = bits == 3 ? 128 : 64;
   const int64_t gpu = ceil_div(N, 32) * 32 * ceil_div(K, ka) * ka * bits / 32;
   std::ostringstream os;
@@ -92,9 +107,9 @@ Weight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
   w.bits = static_cast<int>(bits);
   w.K = K;
   w.N = N;
-  const int64_t kb = bits == 4 ? 128 : 256;
+  const int64_t kb = cpu_k_unit(bits);  // 2 bits: nblocks counts the pair layout's chunks
   w.K_pad = ceil_div(K, kb) * kb;
-  w.N_pad = ceil_div(N, 4) * 4;
+  w.N_pad = cpu_n_pad(bits, N);
   w.nblocks = w.K_pad / kb;
   w.G = group_size == -1 ? K : group_size;
   w.ng = ceil_div(K, w.G);
@@ -160,6 +175,7 @@ void decode_rows(const Weight& w, const at::Tensor& qweight, int64_t r0, int64_t
   d.bf16 = dst.scalar_type() == at::kBFloat16;
   d.ld = dst.stride(0);
   DecodeFn fn = decode_fn(active_isa());
+  if (w.bits == 2) fn = decode_pair_fn(active_isa());
 #if defined(__x86_64__) || defined(_M_X64)
   // decode_avx2's own fallback for groups that split a 32-column chunk, taken here so that it gets
   // the layout as it is (not the legacy 3-bit plane below)
@@ -213,8 +229,10 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   const auto xt = x.scalar_type();
   const int isa = active_isa();
   const bool fused = w.G % 32 == 0 || w.ng == 1;
-  const bool amx = fused && xt == at::kBFloat16 && isa == kAvx512 && M >= amx_m() && M <= kAmxMaxM && cpu_amx();
-  if (fused && xt == at::kBFloat16 && isa == kAvx512 && M > kAmxMaxM && cpu_amx()) {
+  // 2 bits: the pair layout's kernels (pair_gemm) below kLargeM rows, the panel path from there; the
+  // AMX kernels read the 3/4-bit layout only
+  const bool amx = fused && w.bits != 2 && xt == at::kBFloat16 && isa == kAvx512 && M >= amx_m() && M <= kAmxMaxM && cpu_amx();
+  if (fused && w.bits != 2 && xt == at::kBFloat16 && isa == kAvx512 && M > kAmxMaxM && cpu_amx()) {
     // many rows on AMX: blocked like a bf16 GEMM, the output written in bf16 (kernel_amx.cpp)
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty(out_shape, x.options());
@@ -262,7 +280,9 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   float* out = half ? reinterpret_cast<float*>(call_scratch(1, M * N * 4, hold)) : y.data_ptr<float>();
   if (amx)
     amx_gemm(x2, w, out);
-  else if (!(active_mode() == kModeInt8 && int8_gemm(x2, w, isa, out)))
+  else if (w.bits == 2) {
+    if (!(active_mode() == kModeInt8 && pair_gemm(x2, w, isa, false, out))) pair_gemm(x2, w, isa, true, out);
+  } else if (!(active_mode() == kModeInt8 && int8_gemm(x2, w, isa, out)))
     exact_gemm(x2, w, isa, active_mode() == kModeBf16 && has_bf16_kernel(), out);
   if (half) {
     const int64_t total = M * N;

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "lut_kernel.h"
+#include "pair_lut.h"
 
 namespace flute_cpu::binding {
 
@@ -98,6 +99,10 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out);
 // The fused kernel's exact (fp32) mode, or with bf16 = true on an AVX-512 path its bf16 mode
 // (AVX512_BF16 CPUs), into out [M, N] fp32 (x2 as for int8_gemm).
 void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float* out);
+
+// 2 bits (the pair layout, pair_lut.h) into out [M, N] fp32, x2 as for int8_gemm: the int8 mode's
+// pair tables (exact = false; false, with out unwritten, when x is not finite) or the exact mode.
+bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float* out);
 
 // The AMX path (kernel_amx.cpp) into out [M, N] fp32: x2 contiguous bf16 with last dimension K, M
 // rows in all; groups of a multiple of 32 columns or one group; only where cpu_amx() is true.

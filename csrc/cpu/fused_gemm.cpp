@@ -434,6 +434,104 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
   for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
 }
 
+bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float* out) {
+  const int64_t M = x2.numel() / w.K, K = w.K, chunks = w.K_pad / kPairChunkCols;
+  // scratch: fp32 activations (exact: [M][K_pad] zero-padded; int8 mode: [M][K], none for fp32 x),
+  // the chunks' groups, the tables, their scales and the group sums of x
+  const bool f32 = x2.scalar_type() == at::kFloat;
+  const int64_t xcols = exact ? w.K_pad : K;
+  const int64_t o_cg = align64(exact || !f32 ? M * xcols * 4 : 0), o_lut = align64(o_cg + chunks * 4),
+                o_lsc = align64(o_lut + (exact ? 0 : M * chunks * kPairLutBytes)),
+                o_sum = align64(o_lsc + (exact ? 0 : M * chunks * 4)), total = o_sum + M * w.ng * 4;
+  at::Tensor hold;
+  char* base = call_scratch(0, total, hold);
+  const float* xf = f32 ? x2.data_ptr<float>() : nullptr;
+  if (exact || !f32) {
+    float* dst = reinterpret_cast<float*>(base);
+    const auto* xb = reinterpret_cast<const uint16_t*>(x2.data_ptr());
+    for (int64_t m = 0; m < M; ++m) {
+      float* d = dst + m * xcols;
+      if (f32) {
+        std::memcpy(d, xf + m * K, K * 4);
+      } else if (x2.scalar_type() == at::kBFloat16) {
+#if defined(__x86_64__) || defined(_M_X64)
+        if (isa >= kAvx2) bf16_to_f32_avx2(xb + m * K, d, K);
+        else
+#endif
+          bf16_to_f32_portable(xb + m * K, d, K);
+      } else {
+        for (int64_t k = 0; k < K; ++k) d[k] = f16_to_f32(xb[m * K + k]);
+      }
+      for (int64_t k = K; k < xcols; ++k) d[k] = 0.f;
+    }
+    xf = dst;
+  }
+  int32_t* cg = reinterpret_cast<int32_t*>(base + o_cg);
+  for (int64_t c = 0; c < chunks; ++c) cg[c] = static_cast<int32_t>(std::min<int64_t>(c * kPairChunkCols / w.G, w.ng - 1));
+  PairArgs a{};
+  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.N = w.N;
+  a.K = K;
+  a.chunks = chunks;
+  a.M = M;
+  a.cg = cg;
+  a.scales = w.scales.data_ptr();
+  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.stype = w.stype;
+  a.ng = w.ng;
+  a.out = out;
+  PairGemmFn fn = exact ? exact_pair_portable : gemm_pair_portable;
+  PairLutFn lut_fn = pair_lut_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa >= kAvx2) {
+    fn = exact ? exact_pair_avx2 : gemm_pair_avx2;
+    lut_fn = pair_lut_avx2;
+  }
+  if (isa == kAvx512 && !exact) {
+    fn = gemm_pair_avx512;
+    lut_fn = pair_lut_avx2_zmm;
+  }
+#endif
+  if (exact) {
+    a.x = xf;
+    a.table = w.table.data_ptr<float>();
+  } else {
+    int8_t* lut = reinterpret_cast<int8_t*>(base + o_lut);
+    float* lsc = reinterpret_cast<float*>(base + o_lsc);
+    // the tables by all threads, in parts of up to 64 chunks of a row
+    const int64_t per = 64, parts = (chunks + per - 1) / per;
+    std::atomic<bool> finite{true};
+    const float* table = w.table.data_ptr<float>();
+    at::parallel_for(0, M * parts, 4, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t m = u / parts, c0 = (u % parts) * per, nc = std::min(per, chunks - c0);
+        const int64_t k0 = c0 * kPairChunkCols;
+        if (!lut_fn(xf + m * K + k0, K - k0, nc, table, lut + (m * chunks + c0) * kPairLutBytes, lsc + m * chunks + c0))
+          finite = false;
+      }
+    });
+    if (!finite) return false;
+    a.lut = lut;
+    a.lsc = lsc;
+    if (a.offsets) {
+      float* xs = reinterpret_cast<float*>(base + o_sum);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < w.ng; ++g) {
+          float s = 0.f;
+          for (int64_t k = g * w.G; k < std::min(K, (g + 1) * w.G); ++k) s += xf[m * K + k];
+          xs[m * w.ng + g] = s;
+        }
+      a.xsum = xs;
+    }
+    // the M rows' tables of a K block: ~128 KB (half of a small L2)
+    a.kbc = std::max<int64_t>(8, 512 / M);
+  }
+  const int64_t tiles = w.N_pad / kPairTileRows;
+  const int64_t grain = std::max<int64_t>(1, task_weights() / kPairTileRows / std::max<int64_t>(w.K_pad, 1));
+  for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  return true;
+}
+
 void amx_gemm(const at::Tensor& x2, const Weight& w, float* out) {
 #if defined(__x86_64__) || defined(_M_X64)
   const int64_t M = x2.numel() / w.K, mbs = (M + 15) / 16;

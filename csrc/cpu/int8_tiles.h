@@ -238,7 +238,7 @@ void gemm_int8_merge(const Int8Args& a, int64_t t0, int64_t t1) {
 template <class KER>
 void gemm_int8_dispatch(const Int8Args& a, int64_t t0, int64_t t1) {
   switch (a.bits) {
-    case 2: gemm_int8_merge<KER, 2>(a, t0, t1); break;
+    // 2 bits never come here: they run on the pair layout (pair_lut.h)
     case 3: gemm_int8_merge<KER, 3>(a, t0, t1); break;
     default: gemm_int8_merge<KER, 4>(a, t0, t1); break;
   }

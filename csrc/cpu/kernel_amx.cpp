@@ -475,7 +475,7 @@ void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint1
 
 void gemm_amx(const GemmArgs& a, int64_t b0, int64_t b1) {
   switch (a.bits) {
-    case 2: gemm_bits<2>(a, b0, b1); break;
+    // 2 bits never come here: they run on the pair layout (pair_lut.h)
     case 3: gemm_bits<3>(a, b0, b1); break;
     default: gemm_bits<4>(a, b0, b1); break;
   }
@@ -483,7 +483,7 @@ void gemm_amx(const GemmArgs& a, int64_t b0, int64_t b1) {
 
 void gemm_amx_rows(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t t1) {
   switch (a.bits) {
-    case 2: gemm_rows_bits<2>(a, R, S, t0, t1); break;
+    // 2 bits never come here: they run on the pair layout (pair_lut.h)
     case 3: gemm_rows_bits<3>(a, R, S, t0, t1); break;
     default: gemm_rows_bits<4>(a, R, S, t0, t1); break;
   }

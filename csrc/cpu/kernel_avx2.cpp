@@ -192,7 +192,7 @@ void decode_avx2(const DecodeArgs& a, int64_t r0, int64_t r1) {
     return;
   }
   switch (a.bits) {
-    case 2: decode_bits<2>(a, r0, r1); break;
+    // 2 bits never come here: they run on the pair layout (pair_lut.h)
     case 3: decode_bits<3>(a, r0, r1); break;
     default: decode_bits<4>(a, r0, r1); break;
   }
@@ -257,7 +257,7 @@ void legacy_3bit_tile_avx2(const uint8_t* src, uint8_t* dst, int64_t rowblocks) 
 
 void gemm_avx2(const GemmArgs& a, int64_t t0, int64_t t1) {
   switch (a.bits) {
-    case 2: gemm_bits<2>(a, t0, t1); break;
+    // 2 bits never come here: they run on the pair layout (pair_lut.h)
     case 3: gemm_bits<3>(a, t0, t1); break;
     default: gemm_bits<4>(a, t0, t1); break;
   }

@@ -355,7 +355,7 @@ void decode_bits_bf16(const DecodeArgs& a, int64_t r0, int64_t r1) {
 
 void gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1) {
   switch (a.bits) {
-    case 2: gemm_bits<2>(a, t0, t1); break;
+    // 2 bits never come here: they run on the pair layout (pair_lut.h)
     case 3: gemm_bits<3>(a, t0, t1); break;
     default: gemm_bits<4>(a, t0, t1); break;
   }
@@ -364,13 +364,13 @@ void gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1) {
 void decode_avx512(const DecodeArgs& a, int64_t r0, int64_t r1) {
   if (a.bf16 && (a.G % 32 == 0 || a.ng == 1)) {
     switch (a.bits) {
-      case 2: decode_bits_bf16<2>(a, r0, r1); return;
+      // 2 bits never come here: they run on the pair layout (pair_lut.h)
       case 3: decode_bits_bf16<3>(a, r0, r1); return;
       default: decode_bits_bf16<4>(a, r0, r1); return;
     }
   }
   switch (a.bits) {
-    case 2: decode_bits<2>(a, r0, r1); break;
+    // 2 bits never come here: they run on the pair layout (pair_lut.h)
     case 3: decode_bits<3>(a, r0, r1); break;
     default: decode_bits<4>(a, r0, r1); break;
   }

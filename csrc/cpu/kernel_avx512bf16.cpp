@@ -151,7 +151,7 @@ bool kernel_avx512bf16_built() { return true; }
 
 void gemm_avx512bf16(const GemmArgs& a, int64_t t0, int64_t t1) {
   switch (a.bits) {
-    case 2: gemm_bits<2>(a, t0, t1); break;
+    // 2 bits never come here: they run on the pair layout (pair_lut.h)
     case 3: gemm_bits<3>(a, t0, t1); break;
     default: gemm_bits<4>(a, t0, t1); break;
   }

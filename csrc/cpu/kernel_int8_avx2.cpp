@@ -301,7 +301,7 @@ bool quantize_x_int8_bits(const float* xf, int8_t* dst, int16_t* corr, int16_t* 
 
 bool quantize_x_int8_avx2(const float* xf, int bits, int8_t* dst, int16_t* corr, int16_t* k, float* u) {
   switch (bits) {
-    case 2: return quantize_x_int8_bits<2>(xf, dst, corr, k, u);
+    // 2 bits never come here: they run on the pair layout (pair_lut.h)
     case 3: return quantize_x_int8_bits<3>(xf, dst, corr, k, u);
     default: return quantize_x_int8_bits<4>(xf, dst, corr, k, u);
   }

@@ -5,7 +5,8 @@
 // header is `static` (internal linkage): a helper compiled with -mavx512f in one TU can never be
 // picked by the linker for another TU.
 //
-// The CPU layout (see flute/cpu_layout.py): rows in tiles of 4, K in blocks of KB = 32*C columns
+// The CPU layout of 3 and 4 bits (see flute/cpu_layout.py; 2 bits have the pair layout of
+// pair_lut.h, and only its kernels read them): rows in tiles of 4, K in blocks of KB = 32*C columns
 // (C = 4 chunks for 4 bits, 8 for 2/3 bits), stream [tile][block][row][BB bytes], BB = 4*C*bits.
 // A row's block is 16 uint32 lanes; slot s of lane j (bits SH*s.., SH = 4 or 2) is the code of
 // column 32*(s % C) + 2*j + s / C. 3 bits: three 32-byte registers R0 | R1 | R2 in the int8 kernel's

@@ -172,6 +172,8 @@ inline simde__m512i mask_srli_epi16(simde__m512i src, simde__mmask32 k, simde__m
   flute_emulation::map<int16_t, int32_t, 16, simde__m256i>(a, [](int32_t v) { return static_cast<int16_t>(v); })
 #define _mm512_cvtepu16_epi32(a) \
   flute_emulation::map<uint32_t, uint16_t, 16, simde__m512i>(a, [](uint16_t v) { return uint32_t{v}; })
+#define _mm512_cvtepi16_epi32(a) \
+  flute_emulation::map<int32_t, int16_t, 16, simde__m512i>(a, [](int16_t v) { return int32_t{v}; })
 #define _mm512_cvtneps_pbh(a) flute_emulation::cvtneps_pbh(a)
 #define _mm512_cvtne2ps_pbh(a, b) flute_emulation::cvtne2ps_pbh(a, b)
 #define _mm512_cvtph_ps(a) flute_emulation::cvtph_ps(a)
@@ -181,6 +183,7 @@ inline simde__m512i mask_srli_epi16(simde__m512i src, simde__mmask32 k, simde__m
 #define _mm512_mask_storeu_epi16(p, k, a) flute_emulation::mask_store<uint16_t, 32>(p, k, a)
 #define _mm256_mask_storeu_epi16(p, k, a) flute_emulation::mask_store<uint16_t, 16>(p, k, a)
 #define _mm512_shuffle_i64x2(a, b, imm) flute_emulation::shuffle_i64x2(a, b, imm)
+#define _mm512_shuffle_i32x4(a, b, imm) flute_emulation::shuffle_i64x2(a, b, imm)  // the same 128-bit lane moves
 #define _mm512_permute_ps(a, imm) flute_emulation::permute_ps(a, imm)
 #define _mm512_permutevar_ps(a, idx) flute_emulation::permutevar_ps(a, idx)
 #define _mm512_mask_permutevar_ps(src, k, a, idx) flute_emulation::mask_permutevar_ps(src, k, a, idx)

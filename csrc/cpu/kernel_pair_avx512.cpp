@@ -1,0 +1,178 @@
+// flute CPU kernel for 2 bits on the pair layout (pair_lut.h), AVX-512 (F, BW, VL, DQ): the int8
+// mode's pair-table kernel with 512-bit registers, two steps of a chunk per register, and the 16
+// rows of a tile in one float vector. Its tables come in their own order (pair_lut_avx2_zmm); the
+// integer sums and the float operations per row are those of the portable and AVX2 kernels, so the
+// results are the same bits. The exact mode and the decodes of AVX-512 CPUs are the AVX2 ones.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include "pair_lut.h"
+
+namespace flute_cpu {
+namespace {
+
+// The weight stream's software prefetch distance: 8 KB, as int8_tiles.h (on this project's Zen 5
+// VM, 4096 x 4096 at M = 1 from DRAM: 2 KB 232-245 us, 4 KB 199-213, 8 KB 165-177, 16 KB 192-198;
+// CPU_NOTES item 131)
+constexpr int kPrefetchBytes = 8192;
+
+
+// The 16 rows' fp32 scales of groups [g0, g1) of tile t into buf [g1 - g0][16] (rows past N: 0):
+// 16 groups of the 16 rows' contiguous scales at a time, transposed (the kernel needs the 16 rows
+// of one group side by side; gathering them costs a vpgatherdd per group, ~20% of a 4096 x 4096
+// call in a profile, against ~0.5 instructions per scale here).
+inline void tile_scales(const PairArgs& a, int64_t t, int64_t g0, int64_t g1, float* buf) {
+  const int64_t n0 = kPairTileRows * t;
+  for (int64_t gb = g0; gb < g1; gb += 16) {
+    const int nh = static_cast<int>(min64(16, g1 - gb));
+    const __mmask16 km = static_cast<__mmask16>(nh == 16 ? 0xffff : (1u << nh) - 1);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+      if (n0 + i >= a.N) {
+        r[i] = _mm512_setzero_si512();
+        continue;
+      }
+      const int64_t e = (n0 + i) * a.ng + gb;
+      if (a.stype == kF32) {
+        r[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(km, static_cast<const float*>(a.scales) + e));
+      } else {
+        const __m256i h = _mm256_maskz_loadu_epi16(km, static_cast<const uint16_t*>(a.scales) + e);
+        r[i] = a.stype == kBF16 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16) : _mm512_castps_si512(_mm512_cvtph_ps(h));
+      }
+    }
+    // 16 x 16 transpose: pairs of rows interleaved, then quads, then 128-bit lanes
+    __m512i u[16], v[16];
+    for (int k = 0; k < 8; ++k) {
+      u[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+      u[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; ++k) {  // v[4k + j], lane l: rows 4k..4k+3 of group 4l + j
+      v[4 * k + 0] = _mm512_unpacklo_epi64(u[4 * k], u[4 * k + 2]);
+      v[4 * k + 1] = _mm512_unpackhi_epi64(u[4 * k], u[4 * k + 2]);
+      v[4 * k + 2] = _mm512_unpacklo_epi64(u[4 * k + 1], u[4 * k + 3]);
+      v[4 * k + 3] = _mm512_unpackhi_epi64(u[4 * k + 1], u[4 * k + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m512i xl = _mm512_shuffle_i32x4(v[j], v[4 + j], _MM_SHUFFLE(2, 0, 2, 0));
+      const __m512i xh = _mm512_shuffle_i32x4(v[j], v[4 + j], _MM_SHUFFLE(3, 1, 3, 1));
+      const __m512i yl = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], _MM_SHUFFLE(2, 0, 2, 0));
+      const __m512i yh = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], _MM_SHUFFLE(3, 1, 3, 1));
+      const __m512i col[4] = {_mm512_shuffle_i32x4(xl, yl, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_i32x4(xh, yh, _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_i32x4(xl, yl, _MM_SHUFFLE(3, 1, 3, 1)), _mm512_shuffle_i32x4(xh, yh, _MM_SHUFFLE(3, 1, 3, 1))};
+      for (int l = 0; l < 4; ++l)
+        if (4 * l + j < nh) _mm512_store_si512(buf + (gb - g0 + 4 * l + j) * 16, col[l]);
+    }
+  }
+}
+
+// MC activation rows (m0 ..) of NT tiles (t, t + dt: NT = 2 only with MC = 1, two weight streams
+// sharing each table load) over chunks [c0, c1); sbuf + k * sstride: tile k's scales (tile_scales)
+// from group cg[c0] on. Results into out (rows < N), starting from out's values when c0 > 0.
+template <int MC, int NT>
+inline void pair_pass(const PairArgs& a, int64_t t, int64_t dt, int64_t c0, int64_t c1, int64_t m0, const float* sbuf,
+                      int64_t sstride, float* row_buf) {
+  static_assert(NT == 1 || MC == 1, "two tiles at once only for one activation row");
+  int64_t n0[NT];
+  __mmask16 rows[NT];
+  const uint8_t* tp[NT];
+  for (int k = 0; k < NT; ++k) {
+    n0[k] = kPairTileRows * (t + k * dt);
+    rows[k] = static_cast<__mmask16>(n0[k] + kPairTileRows <= a.N ? 0xffff : (1u << (a.N - n0[k])) - 1);
+    tp[k] = pair_tile(a.qw, a.chunks, t + k * dt);
+  }
+  const __m512i m0F = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
+  __m512 facc[NT][MC], f[NT][MC], ws[NT];
+  for (int k = 0; k < NT; ++k)
+    for (int m = 0; m < MC; ++m) {
+      facc[k][m] = c0 > 0 ? _mm512_maskz_loadu_ps(rows[k], a.out + (m0 + m) * a.N + n0[k]) : _mm512_setzero_ps();
+      f[k][m] = _mm512_setzero_ps();
+    }
+  const int64_t gf = a.cg[c0];
+  int64_t g = gf;
+  for (int k = 0; k < NT; ++k) ws[k] = _mm512_load_ps(sbuf + k * sstride);
+  for (int64_t c = c0; c < c1; ++c) {
+    if (a.cg[c] != g) {
+      g = a.cg[c];
+      for (int k = 0; k < NT; ++k) {
+        for (int m = 0; m < MC; ++m) {
+          facc[k][m] = _mm512_fmadd_ps(f[k][m], ws[k], facc[k][m]);
+          f[k][m] = _mm512_setzero_ps();
+        }
+        ws[k] = _mm512_load_ps(sbuf + k * sstride + (g - gf) * 16);
+      }
+    }
+    __m512i acc[NT][MC][2];
+    for (int k = 0; k < NT; ++k) {
+      const char* ahead = reinterpret_cast<const char*>(tp[k] + c * kPairChunkBytes) + kPrefetchBytes;
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + 64, _MM_HINT_T0);
+      for (int m = 0; m < MC; ++m) acc[k][m][0] = acc[k][m][1] = _mm512_setzero_si512();
+    }
+    for (int sp = 0; sp < 2; ++sp) {  // steps 2 sp, 2 sp + 1: one per 256-bit half
+      __m512i lo[NT], hi[NT];
+      for (int k = 0; k < NT; ++k) {
+        const __m512i code = _mm512_loadu_si512(tp[k] + c * kPairChunkBytes + 64 * sp);
+        lo[k] = _mm512_and_si512(code, m0F);
+        hi[k] = _mm512_and_si512(_mm512_srli_epi16(code, 4), m0F);
+      }
+      for (int m = 0; m < MC; ++m) {
+        const int8_t* lt = a.lut + ((m0 + m) * a.chunks + c) * kPairLutBytes + 128 * sp;
+        const __m512i tlo = _mm512_loadu_si512(lt), thi = _mm512_loadu_si512(lt + 64);
+        for (int k = 0; k < NT; ++k) {
+          const __m512i r1 = _mm512_shuffle_epi8(tlo, lo[k]), r2 = _mm512_shuffle_epi8(thi, hi[k]);
+          acc[k][m][0] = _mm512_add_epi16(acc[k][m][0], _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r1, r2)));
+          acc[k][m][1] = _mm512_add_epi16(acc[k][m][1], _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r1, r2)));
+        }
+      }
+    }
+    for (int m = 0; m < MC; ++m) {
+      const __m512 l = _mm512_set1_ps(a.lsc[(m0 + m) * a.chunks + c]);
+      for (int k = 0; k < NT; ++k) {
+        // acc[k][m][0]: rows 0-7 in each 128-bit quarter, [1]: rows 8-15; the quarters added
+        const __m512i x = _mm512_add_epi16(_mm512_shuffle_i32x4(acc[k][m][0], acc[k][m][1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                           _mm512_shuffle_i32x4(acc[k][m][0], acc[k][m][1], _MM_SHUFFLE(3, 1, 3, 1)));
+        const __m512i z = _mm512_add_epi16(x, _mm512_shuffle_i32x4(x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+        const __m256i s16 = _mm512_castsi512_si256(_mm512_shuffle_i32x4(z, z, _MM_SHUFFLE(2, 0, 2, 0)));
+        f[k][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(s16)), l, f[k][m]);
+      }
+    }
+  }
+  const bool last = c1 == a.chunks;
+  for (int k = 0; k < NT; ++k) {
+    float o[MC][kPairTileRows];
+    if (last) pair_offset_terms(a, t + k * dt, row_buf, o, m0, MC);
+    for (int m = 0; m < MC; ++m) {
+      facc[k][m] = _mm512_fmadd_ps(f[k][m], ws[k], facc[k][m]);
+      if (last && a.offsets) facc[k][m] = _mm512_add_ps(facc[k][m], _mm512_loadu_ps(o[m]));
+      _mm512_mask_storeu_ps(a.out + (m0 + m) * a.N + n0[k], rows[k], facc[k][m]);
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_pair_avx512(const PairArgs& a, int64_t t0, int64_t t1) {
+  const int64_t sstride = 16 * (a.ng + 16);
+  FloatBuf row_buf(a.ng), sraw(2 * sstride + 16);
+  float* sbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sraw.data()) + 63) & ~uintptr_t(63));
+  // One activation row: tiles t and t + H in one pass, two weight streams per thread, as the 3/4-bit
+  // AVX-512 int8 kernel (int8_tiles.h)
+  const int64_t H = a.M == 1 ? (t1 - t0) / 2 : 0;
+  for (int64_t c0 = 0; c0 < a.chunks; c0 += a.kbc) {
+    const int64_t c1 = min64(a.chunks, c0 + a.kbc), g0 = a.cg[c0], g1 = a.cg[c1 - 1] + 1;
+    for (int64_t t = t0; t < t0 + H; ++t) {
+      tile_scales(a, t, g0, g1, sbuf);
+      tile_scales(a, t + H, g0, g1, sbuf + sstride);
+      pair_pass<1, 2>(a, t, H, c0, c1, 0, sbuf, sstride, row_buf.data());
+    }
+    for (int64_t t = t0 + 2 * H; t < t1; ++t) {
+      tile_scales(a, t, g0, g1, sbuf);
+      int64_t m = 0;
+      for (; m + 2 <= a.M; m += 2) pair_pass<2, 1>(a, t, 0, c0, c1, m, sbuf, 0, row_buf.data());
+      if (m < a.M) pair_pass<1, 1>(a, t, 0, c0, c1, m, sbuf, 0, row_buf.data());
+    }
+  }
+}
+
+}  // namespace flute_cpu
+#endif
