@@ -4,7 +4,7 @@
 
 One JSON line per process: for each shape and batch, the median time (us) of --reps calls of
 torch.ops.flute.qgemm at 2 bits (g64, bf16 activations and scales, the default int8 mode), weights
-rotated through more than --rotate-mb so that every call reads DRAM. Processes of the two builds
+rotated (codes and scales) through more than --rotate-mb so that every call reads DRAM. Processes of the two builds
 alternate, so both see the same machine state.
 """
 import argparse
@@ -33,10 +33,10 @@ for shape in args.shapes.split(","):
     n, k = map(int, shape.split("x"))
     w = random_quantized(n, k, args.bits, 64, dtype=torch.bfloat16, seed=0)
     q = to_cpu_layout(w.codes, args.bits)
-    copies = [q] + [q.clone() for _ in range(max(1, args.rotate_mb * 2 ** 20 // q.numel()))]
+    copies = [(q, w.scales)] + [(q.clone(), w.scales.clone()) for _ in range(max(1, args.rotate_mb * 2 ** 20 // q.numel()))]
     for m in map(int, args.batches.split(",")):
         x = torch.randn(m, k).to(torch.bfloat16)
-        f = lambda c: torch.ops.flute.qgemm(x, c, w.scales, None, w.table, args.bits, 64, k, n)
+        f = lambda c: torch.ops.flute.qgemm(x, c[0], c[1], None, w.table, args.bits, 64, k, n)
         for c in copies[:3]:
             f(c)
         ts = []

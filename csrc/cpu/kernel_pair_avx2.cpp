@@ -69,7 +69,7 @@ inline void tile_scales(const PairArgs& a, int64_t t, int64_t g0, int64_t g1, fl
 // out (rows < N), starting from out's values when c0 > 0.
 template <int MC, int NT>
 inline void pair_pass(const PairArgs& a, int64_t t, int64_t dt, int64_t c0, int64_t c1, int64_t m0, const float* sbuf,
-                      int64_t sstride, float* row_buf) {
+                      int64_t sstride, float* row_buf, const ScaleLines* next) {
   static_assert(NT == 1 || MC == 1, "two tiles at once only for one activation row");
   int64_t n0[NT];
   bool full[NT];
@@ -121,6 +121,7 @@ inline void pair_pass(const PairArgs& a, int64_t t, int64_t dt, int64_t c0, int6
       const char* ahead = reinterpret_cast<const char*>(tp[k] + c * kPairChunkBytes) + kPrefetchBytes;
       _mm_prefetch(ahead, _MM_HINT_T0);
       _mm_prefetch(ahead + 64, _MM_HINT_T0);
+      if (c - c0 < next[k].lines) _mm_prefetch(next[k].p + 64 * (c - c0), _MM_HINT_T0);
       for (int m = 0; m < MC; ++m) acc[k][m][0] = acc[k][m][1] = _mm256_setzero_si256();
     }
 #pragma GCC unroll 4
@@ -262,15 +263,17 @@ void gemm_pair_avx2(const PairArgs& a, int64_t t0, int64_t t1) {
   for (int64_t c0 = 0; c0 < a.chunks; c0 += a.kbc) {
     const int64_t c1 = min64(a.chunks, c0 + a.kbc), g0 = a.cg[c0], g1 = a.cg[c1 - 1] + 1;
     for (int64_t t = t0; t < t0 + H; ++t) {
+      const ScaleLines next[2] = {tile_scale_lines(a, t + 1), tile_scale_lines(a, t + H + 1)};
       tile_scales(a, t, g0, g1, sbuf);
       tile_scales(a, t + H, g0, g1, sbuf + sstride);
-      pair_pass<1, 2>(a, t, H, c0, c1, 0, sbuf, sstride, row_buf.data());
+      pair_pass<1, 2>(a, t, H, c0, c1, 0, sbuf, sstride, row_buf.data(), next);
     }
     for (int64_t t = t0 + 2 * H; t < t1; ++t) {
+      const ScaleLines next[1] = {tile_scale_lines(a, t + 1)}, none[1] = {};
       tile_scales(a, t, g0, g1, sbuf);
-      int64_t m = 0;
-      for (; m + 2 <= a.M; m += 2) pair_pass<2, 1>(a, t, 0, c0, c1, m, sbuf, 0, row_buf.data());
-      if (m < a.M) pair_pass<1, 1>(a, t, 0, c0, c1, m, sbuf, 0, row_buf.data());
+      int64_t m = 0;  // the next tile's scales prefetched in the first pass only
+      for (; m + 2 <= a.M; m += 2) pair_pass<2, 1>(a, t, 0, c0, c1, m, sbuf, 0, row_buf.data(), m == 0 ? next : none);
+      if (m < a.M) pair_pass<1, 1>(a, t, 0, c0, c1, m, sbuf, 0, row_buf.data(), m == 0 ? next : none);
     }
   }
 }
@@ -311,7 +314,7 @@ void decode_pair_avx2(const DecodeArgs& a, int64_t r0, int64_t r1) {
         _mm256_store_ps(w + 8 * s, y);
       }
       if (a.bf16) {
-        for (int64_t k = 0; k < kn; ++k) dh[k0 + k] = f32_to_bf16(w[k]);
+        f32_to_bf16_avx2(w, dh + k0, kn);  // 16 at a time, then a scalar tail (kernel_avx2.cpp)
       } else if (kn == kPairChunkCols) {
         for (int s = 0; s < 4; ++s) _mm256_storeu_ps(df + k0 + 8 * s, _mm256_load_ps(w + 8 * s));
       } else {
