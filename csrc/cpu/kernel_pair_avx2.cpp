@@ -176,16 +176,15 @@ inline void pair_pass(const PairArgs& a, int64_t t, int64_t dt, int64_t c0, int6
   }
 }
 
-// Row i's chunk as 32 fp32 weights, natural column order: step s's two bytes (16L + i) hold the
-// codes of columns 8s + {0, 1, 4, 5} (L = 0) and 8s + {2, 3, 6, 7} (L = 1) from bit 0 up, so as
-// one 16-bit value the code of column 8s + j is at bit kShift[j].
-inline void decode_chunk_avx2(const uint8_t* cp, int i, const __m256 tab, __m256 sc, __m256 off, float* dst) {
+// Step s of row i's chunk as 8 fp32 weights in natural column order: table value times scale, plus
+// offset (mul, then add). The step's two bytes (16L + i) hold the codes of columns 8s + {0, 1, 4, 5}
+// (L = 0) and 8s + {2, 3, 6, 7} (L = 1) from bit 0 up, so as one 16-bit value the code of column
+// 8s + j is at bit shift[j]; vpermps reads index bits 0-2 (tab: entries 0-3 twice).
+inline __m256 decode_step_avx2(const uint8_t* cp, int i, int s, __m256 tab, __m256 sc, __m256 off) {
   const __m256i shift = _mm256_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14);
-  for (int s = 0; s < 4; ++s) {
-    const int v = cp[32 * s + i] | cp[32 * s + 16 + i] << 8;
-    const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(v), shift);  // vpermps reads bits 0-2
-    _mm256_storeu_ps(dst + 8 * s, _mm256_add_ps(_mm256_mul_ps(_mm256_permutevar8x32_ps(tab, idx), sc), off));
-  }
+  const int v = cp[32 * s + i] | cp[32 * s + 16 + i] << 8;
+  const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(v), shift);
+  return _mm256_add_ps(_mm256_mul_ps(_mm256_permutevar8x32_ps(tab, idx), sc), off);
 }
 
 inline __m256 table8(const float* table) {  // entries 0-3 twice (vpermps reads 3 index bits)
@@ -254,34 +253,18 @@ bool pair_lut_avx2_zmm(const float* x, int64_t K, int64_t chunks, const float* t
 }
 
 void gemm_pair_avx2(const PairArgs& a, int64_t t0, int64_t t1) {
-  const int64_t sstride = 16 * (a.ng + 8);
-  FloatBuf row_buf(a.ng), sraw(2 * sstride + 16);
-  float* sbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sraw.data()) + 63) & ~uintptr_t(63));
-  // One activation row: tiles t and t + H in one pass (two weight streams; each table load serves
-  // both tiles), as kernel_pair_avx512.cpp
-  const int64_t H = a.M == 1 ? (t1 - t0) / 2 : 0;
-  for (int64_t c0 = 0; c0 < a.chunks; c0 += a.kbc) {
-    const int64_t c1 = min64(a.chunks, c0 + a.kbc), g0 = a.cg[c0], g1 = a.cg[c1 - 1] + 1;
-    for (int64_t t = t0; t < t0 + H; ++t) {
-      const ScaleLines next[2] = {tile_scale_lines(a, t + 1), tile_scale_lines(a, t + H + 1)};
-      tile_scales(a, t, g0, g1, sbuf);
-      tile_scales(a, t + H, g0, g1, sbuf + sstride);
-      pair_pass<1, 2>(a, t, H, c0, c1, 0, sbuf, sstride, row_buf.data(), next);
-    }
-    for (int64_t t = t0 + 2 * H; t < t1; ++t) {
-      const ScaleLines next[1] = {tile_scale_lines(a, t + 1)}, none[1] = {};
-      tile_scales(a, t, g0, g1, sbuf);
-      int64_t m = 0;  // the next tile's scales prefetched in the first pass only
-      for (; m + 2 <= a.M; m += 2) pair_pass<2, 1>(a, t, 0, c0, c1, m, sbuf, 0, row_buf.data(), m == 0 ? next : none);
-      if (m < a.M) pair_pass<1, 1>(a, t, 0, c0, c1, m, sbuf, 0, row_buf.data(), m == 0 ? next : none);
-    }
-  }
+  pair_tile_loop(
+      a, t0, t1, 16 * (a.ng + 8), [&](int64_t t, int64_t g0, int64_t g1, float* buf) { tile_scales(a, t, g0, g1, buf); },
+      [&](auto mc, auto nt, int64_t t, int64_t dt, int64_t c0, int64_t c1, int64_t m0, const float* sbuf, int64_t sstride,
+          float* row_buf, const ScaleLines* next) {
+        pair_pass<decltype(mc)::value, decltype(nt)::value>(a, t, dt, c0, c1, m0, sbuf, sstride, row_buf, next);
+      });
 }
 
 void exact_pair_avx2(const PairArgs& a, int64_t t0, int64_t t1) {
   const __m256 tab = table8(a.table);
   exact_pair_impl(a, t0, t1, [&](const uint8_t* cp, int i, const float*, float sc, float off, float* dst) {
-    decode_chunk_avx2(cp, i, tab, _mm256_set1_ps(sc), _mm256_set1_ps(off), dst);
+    for (int st = 0; st < 4; ++st) _mm256_storeu_ps(dst + 8 * st, decode_step_avx2(cp, i, st, tab, _mm256_set1_ps(sc), _mm256_set1_ps(off)));
   });
 }
 
@@ -292,26 +275,14 @@ void decode_pair_avx2(const DecodeArgs& a, int64_t r0, int64_t r1) {
   }
   const int64_t chunks = a.K_pad / kPairChunkCols;
   const __m256 tab = table8(a.table);
-  FloatBuf sc(a.ng), off(a.ng);
-  alignas(32) float w[kPairChunkCols];
-  for (int64_t n = r0; n < r1; ++n) {
-    pair_row_scales(a, n, sc.data(), off.data());
-    const uint8_t* tp = pair_tile(a.qw, chunks, n / kPairTileRows);
-    const int i = static_cast<int>(n % kPairTileRows);
-    float* df = static_cast<float*>(a.dst) + (n - r0) * a.ld;
-    uint16_t* dh = static_cast<uint16_t*>(a.dst) + (n - r0) * a.ld;
+  for_decode_rows(a, r0, r1, [&](const uint8_t* tp, int i, const float* sc, const float* off, float* df, uint16_t* dh) {
+    alignas(32) float w[kPairChunkCols];
     for (int64_t c = 0; c < chunks; ++c) {
       const uint8_t* cp = tp + c * kPairChunkBytes;
       const int64_t k0 = c * kPairChunkCols, kn = min64(kPairChunkCols, a.K - k0);
-      // 8 columns share a group (G % 8 == 0): one scale per step
-      const __m256i shift = _mm256_setr_epi32(0, 2, 8, 10, 4, 6, 12, 14);
-      for (int s = 0; s < 4 && 8 * s < kn; ++s) {
+      for (int s = 0; s < 4 && 8 * s < kn; ++s) {  // 8 columns share a group (G % 8 == 0)
         const int64_t g = min64((k0 + 8 * s) / a.G, a.ng - 1);
-        const int v = cp[32 * s + i] | cp[32 * s + 16 + i] << 8;
-        const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(v), shift);
-        const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_permutevar8x32_ps(tab, idx), _mm256_set1_ps(sc[g])),
-                                       _mm256_set1_ps(off[g]));
-        _mm256_store_ps(w + 8 * s, y);
+        _mm256_store_ps(w + 8 * s, decode_step_avx2(cp, i, s, tab, _mm256_set1_ps(sc[g]), _mm256_set1_ps(off[g])));
       }
       if (a.bf16) {
         f32_to_bf16_avx2(w, dh + k0, kn);  // 16 at a time, then a scalar tail (kernel_avx2.cpp)
@@ -321,7 +292,7 @@ void decode_pair_avx2(const DecodeArgs& a, int64_t r0, int64_t r1) {
         for (int64_t k = 0; k < kn; ++k) df[k0 + k] = w[k];
       }
     }
-  }
+  });
 }
 
 }  // namespace flute_cpu

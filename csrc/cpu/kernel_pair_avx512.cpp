@@ -153,28 +153,12 @@ inline void pair_pass(const PairArgs& a, int64_t t, int64_t dt, int64_t c0, int6
 }  // namespace
 
 void gemm_pair_avx512(const PairArgs& a, int64_t t0, int64_t t1) {
-  const int64_t sstride = 16 * (a.ng + 16);
-  FloatBuf row_buf(a.ng), sraw(2 * sstride + 16);
-  float* sbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sraw.data()) + 63) & ~uintptr_t(63));
-  // One activation row: tiles t and t + H in one pass, two weight streams per thread, as the 3/4-bit
-  // AVX-512 int8 kernel (int8_tiles.h)
-  const int64_t H = a.M == 1 ? (t1 - t0) / 2 : 0;
-  for (int64_t c0 = 0; c0 < a.chunks; c0 += a.kbc) {
-    const int64_t c1 = min64(a.chunks, c0 + a.kbc), g0 = a.cg[c0], g1 = a.cg[c1 - 1] + 1;
-    for (int64_t t = t0; t < t0 + H; ++t) {
-      const ScaleLines next[2] = {tile_scale_lines(a, t + 1), tile_scale_lines(a, t + H + 1)};
-      tile_scales(a, t, g0, g1, sbuf);
-      tile_scales(a, t + H, g0, g1, sbuf + sstride);
-      pair_pass<1, 2>(a, t, H, c0, c1, 0, sbuf, sstride, row_buf.data(), next);
-    }
-    for (int64_t t = t0 + 2 * H; t < t1; ++t) {
-      const ScaleLines next[1] = {tile_scale_lines(a, t + 1)}, none[1] = {};
-      tile_scales(a, t, g0, g1, sbuf);
-      int64_t m = 0;  // the next tile's scales prefetched in the first pass only
-      for (; m + 2 <= a.M; m += 2) pair_pass<2, 1>(a, t, 0, c0, c1, m, sbuf, 0, row_buf.data(), m == 0 ? next : none);
-      if (m < a.M) pair_pass<1, 1>(a, t, 0, c0, c1, m, sbuf, 0, row_buf.data(), m == 0 ? next : none);
-    }
-  }
+  pair_tile_loop(
+      a, t0, t1, 16 * (a.ng + 16), [&](int64_t t, int64_t g0, int64_t g1, float* buf) { tile_scales(a, t, g0, g1, buf); },
+      [&](auto mc, auto nt, int64_t t, int64_t dt, int64_t c0, int64_t c1, int64_t m0, const float* sbuf, int64_t sstride,
+          float* row_buf, const ScaleLines* next) {
+        pair_pass<decltype(mc)::value, decltype(nt)::value>(a, t, dt, c0, c1, m0, sbuf, sstride, row_buf, next);
+      });
 }
 
 }  // namespace flute_cpu

@@ -96,20 +96,13 @@ void decode_chunk_portable(const uint8_t* cp, int i, const float* table, float s
 void exact_pair_portable(const PairArgs& a, int64_t t0, int64_t t1) { exact_pair_impl(a, t0, t1, decode_chunk_portable); }
 
 void decode_pair_portable(const DecodeArgs& a, int64_t r0, int64_t r1) {
-  const int64_t chunks = a.K_pad / kPairChunkCols;
-  FloatBuf sc(a.ng), off(a.ng);
-  for (int64_t n = r0; n < r1; ++n) {
-    pair_row_scales(a, n, sc.data(), off.data());
-    const uint8_t* tp = pair_tile(a.qw, chunks, n / kPairTileRows);
-    const int i = static_cast<int>(n % kPairTileRows);
-    float* df = static_cast<float*>(a.dst) + (n - r0) * a.ld;
-    uint16_t* dh = static_cast<uint16_t*>(a.dst) + (n - r0) * a.ld;
+  for_decode_rows(a, r0, r1, [&](const uint8_t* tp, int i, const float* sc, const float* off, float* df, uint16_t* dh) {
     for (int64_t k = 0; k < a.K; ++k) {
       const int64_t g = min64(k / a.G, a.ng - 1);
       const float v = a.table[pair_code_at(tp + (k / kPairChunkCols) * kPairChunkBytes, i, static_cast<int>(k % kPairChunkCols))] * sc[g] + off[g];
       if (a.bf16) dh[k] = f32_to_bf16(v); else df[k] = v;
     }
-  }
+  });
 }
 
 }  // namespace flute_cpu

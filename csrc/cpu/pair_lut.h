@@ -143,6 +143,57 @@ static inline void pair_offset_terms(const PairArgs& a, int64_t t, float* row_bu
   }
 }
 
+template <int N>
+struct IntC {  // a compile-time int for the generic lambdas below (no std:: templates in ISA units)
+  static constexpr int value = N;
+};
+
+// The int8 mode's loop over tiles [t0, t1), shared by the SIMD units: K blocks of a.kbc chunks
+// (outermost, so that the M rows' tables of a block stay in L2), then tiles; at M = 1 tiles t and
+// t + H in one pass (two weight streams per thread, each table load serving both, as the 4-row
+// AVX-512 int8 kernel reads two tiles, CPU_NOTES item 89), else one tile in passes of 2 and 1
+// activation rows. scales(t, g0, g1, buf) fills a tile's transposed scales ([g1 - g0][16], buf
+// rows of sstride floats); pass(IntC<MC>, IntC<NT>, t, dt, c0, c1, m0, sbuf, sstride, row_buf,
+// next) runs MC activation rows of NT tiles t, t + dt over chunks [c0, c1) and prefetches the
+// next tiles' scales (next[NT]) a line per chunk.
+template <class Scales, class Pass>
+static void pair_tile_loop(const PairArgs& a, int64_t t0, int64_t t1, int64_t sstride, const Scales& scales,
+                           const Pass& pass) {
+  FloatBuf row_buf(a.ng), sraw(2 * sstride + 16);
+  float* sbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sraw.data()) + 63) & ~uintptr_t(63));
+  const int64_t H = a.M == 1 ? (t1 - t0) / 2 : 0;
+  for (int64_t c0 = 0; c0 < a.chunks; c0 += a.kbc) {
+    const int64_t c1 = min64(a.chunks, c0 + a.kbc), g0 = a.cg[c0], g1 = a.cg[c1 - 1] + 1;
+    for (int64_t t = t0; t < t0 + H; ++t) {
+      const ScaleLines next[2] = {tile_scale_lines(a, t + 1), tile_scale_lines(a, t + H + 1)};
+      scales(t, g0, g1, sbuf);
+      scales(t + H, g0, g1, sbuf + sstride);
+      pass(IntC<1>{}, IntC<2>{}, t, H, c0, c1, int64_t(0), sbuf, sstride, row_buf.data(), next);
+    }
+    for (int64_t t = t0 + 2 * H; t < t1; ++t) {
+      const ScaleLines next[1] = {tile_scale_lines(a, t + 1)}, none[1] = {};
+      scales(t, g0, g1, sbuf);
+      int64_t m = 0;  // the next tile's scales prefetched in the first pass only
+      for (; m + 2 <= a.M; m += 2)
+        pass(IntC<2>{}, IntC<1>{}, t, int64_t(0), c0, c1, m, sbuf, int64_t(0), row_buf.data(), m == 0 ? next : none);
+      if (m < a.M) pass(IntC<1>{}, IntC<1>{}, t, int64_t(0), c0, c1, m, sbuf, int64_t(0), row_buf.data(), m == 0 ? next : none);
+    }
+  }
+}
+
+// Rows [r0, r1) of a pair-layout decode (DecodeArgs: dst [rows, ld], fp32 or bf16): fn(tile pointer,
+// row in the tile, the row's fp32 scales and offsets [ng], its fp32 and bf16 destination rows).
+template <class F>
+static void for_decode_rows(const DecodeArgs& a, int64_t r0, int64_t r1, const F& fn) {
+  const int64_t chunks = a.K_pad / kPairChunkCols;
+  FloatBuf sc(a.ng), off(a.ng);
+  for (int64_t n = r0; n < r1; ++n) {
+    pair_row_scales(a, n, sc.data(), off.data());
+    fn(pair_tile(a.qw, chunks, n / kPairTileRows), static_cast<int>(n % kPairTileRows), sc.data(), off.data(),
+       static_cast<float*>(a.dst) + (n - r0) * a.ld, static_cast<uint16_t*>(a.dst) + (n - r0) * a.ld);
+  }
+}
+
 // The exact mode on the pair layout, shared by the ISA units (each compiles it with its own flags):
 // per tile, K blocks of up to 8 chunks decoded (decode_chunk: a row's chunk into 32 fp32 weights,
 // table value times scale plus offset, as the dequantized weight) into a 16 x 256 buffer, then each
