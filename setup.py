@@ -108,6 +108,7 @@ def cpu_extensions():
         isa_flags[os.path.join(cpu_dir, "kernel_avx512bf16.cpp")] = bf16
         isa_flags[os.path.join(cpu_dir, "kernel_amx.cpp")] = bf16 + ["-mamx-tile", "-mamx-bf16"]
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avx512.cpp")] = avx512 + ["-mavx512vbmi", "-mavx512vnni"]
+        isa_flags[os.path.join(cpu_dir, "kernel_int8_rows16_avx512.cpp")] = avx512 + ["-mavx512vbmi", "-mavx512vnni"]
         isa_flags[os.path.join(cpu_dir, "kernel_fallbacks.cpp")] = []
     emulate = (os.environ.get("FLUTE_CPU_EMULATE_AVX512", "").strip() == "1"
                and os.path.join(cpu_dir, "kernel_amx.cpp") in isa_flags)  # x86-64 only
@@ -118,7 +119,8 @@ def cpu_extensions():
         # SIMDe's portable code); at -O1 the three take ~1.5 minutes
         emu = ["-O1", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-Wno-psabi",
                "-I" + os.path.join(HERE, cpu_dir, "emulation")]
-        for name in ("kernel_avx512.cpp", "kernel_avx512bf16.cpp", "kernel_int8_avx512.cpp", "kernel_pair_avx512.cpp"):
+        for name in ("kernel_avx512.cpp", "kernel_avx512bf16.cpp", "kernel_int8_avx512.cpp",
+                     "kernel_int8_rows16_avx512.cpp", "kernel_pair_avx512.cpp"):
             isa_flags[os.path.join(cpu_dir, name)] = emu
         del isa_flags[os.path.join(cpu_dir, "kernel_amx.cpp")]
         isa_flags[os.path.join(cpu_dir, "kernel_fallbacks.cpp")] = ["-DFLUTE_WITHOUT_KERNEL_AMX"]
@@ -133,7 +135,8 @@ def cpu_extensions():
                             + (["-DFLUTE_CPU_EMULATED_AVX512"] if emulate else [])},
         extra_link_args=openmp,
         depends=[os.path.join(cpu_dir, h) for h in ("lut_kernel.h", "avx2_common.h", "avx512_common.h",
-                                                  "avx512bf16_common.h", "int8_tiles.h", "pair_lut.h", "binding.h")],
+                                                  "avx512bf16_common.h", "int8_tiles.h", "pair_lut.h", "tile16_avx512.h",
+                                                  "binding.h")],
         py_limited_api=True,
         optional=True,  # a failed build (no compiler) skips it: flute then warns and runs the reference
     )
@@ -151,6 +154,9 @@ OPTIONAL_KERNELS = {
                               "_mm512_cvtne2ps_pbh(b, a)); }"),
     "kernel_int8_avx512.cpp": ("FLUTE_WITHOUT_KERNEL_INT8_AVX512",
                                "__m512i f(__m512i a, __m512i b) { return _mm512_dpwssd_epi32(a, _mm512_permutexvar_epi8(a, b), b); }"),
+    "kernel_int8_rows16_avx512.cpp": ("FLUTE_WITHOUT_KERNEL_INT8_ROWS16",
+                                      "__m512i f(__m512i a, __m512i b) { return _mm512_dpbusd_epi32(a, "
+                                      "_mm512_permutex2var_epi8(a, b, a), b); }"),
 }
 
 

@@ -394,8 +394,9 @@ def test_int8_chunk_scales_follow_each_chunk(int8_mode, rng):
 def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
     """Groups that are not a multiple of 32, non-finite activations and M >= the panel threshold
     take the exact path in int8 mode: bitwise the exact mode's result."""
-    cases = [(3, 48, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn), (4, 64, 40, torch.randn),
-             (4, 64, 1, lambda *s, generator: torch.full(s, float("nan")))]
+    cases = [(3, 48, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn), (3, 64, 40, torch.randn),
+             (4, 64, 300, torch.randn), (4, 64, 1, lambda *s, generator: torch.full(s, float("nan"))),
+             (4, 64, 20, lambda *s, generator: torch.full(s, float("inf")))]
     for bits, group, m, make in cases:
         n, k = 40, 333
         w = random_quantized(n, k, bits, group, generator=rng)
@@ -506,6 +507,40 @@ def test_int8_mode_simd_paths_equal_portable(group, int8_mode, rng):
                 assert relative_error(ys[isa], ys["portable"]) < 1e-6, (isa, bits, group, m, k)
 
 
+def test_int8_rows16_kernel_matches_spec_and_portable(threads, int8_mode):
+    """4 bits from cpu_rows16_m() rows run on the 16-row kernel where the CPU has AVX-512 VBMI +
+    VNNI (weight rows along the vector, each K block decoded once for up to 16 activation rows):
+    against the spec and the portable int8 path (the same integers, float32 sums in another order),
+    for N not a multiple of 16 (a partial tile, layout tiles past N), K with partial blocks and
+    chunks past K, every group kind, offsets, every scale and activation dtype, and activation rows
+    in passes of 1 to 16 (M up to 300: 19 passes; 255 the last row count before the panel path)."""
+    m_min = int(torch.ops.flute.cpu_rows16_m())
+    if not m_min:
+        pytest.skip("this CPU or build has no 16-row int8 kernel (AVX-512 VBMI + VNNI)")
+    r = random.Random(zlib.crc32(f"rows16-{threads}".encode()))
+    g = torch.Generator().manual_seed(16)
+    for i in range(24):
+        n, k = r.choice([1, 5, 16, 17, 67, 301]), r.choice([32, 100, 128, 544, 1000, 1312])
+        group, m = r.choice([32, 64, 128, -1]), r.choice([m_min, 8, 16, 17, 31, 40, 255]) if i else 255
+        dtype = r.choice([torch.float32, torch.bfloat16, torch.float16])
+        w = random_quantized(n, k, 4, group, offsets=r.random() < 0.4,
+                             dtype=r.choice([torch.float32, torch.bfloat16, torch.float16]), generator=g)
+        x = torch.randn(m, k, generator=g).to(dtype)
+        q = to_cpu_layout(w.codes, 4)
+        y = run(x, w, 4, group, n, k, q)
+        case = (n, k, group, m, dtype, w.scales.dtype, w.offsets is not None)
+        assert normwise_error(y, reference_qgemm_int8(x, w, group), x, w, group) < TOL[dtype], case
+        if dtype == torch.float32 and m < 32:  # the portable path's int8 mode ends at 32 rows
+            ops.set_cpu_isa("portable")
+            try:
+                yp = run(x, w, 4, group, n, k, q)
+            finally:
+                ops.set_cpu_isa("auto")
+            assert relative_error(y, yp) < 1e-6, case
+        if dtype == torch.float32 and k >= 64:  # really the int8 arithmetic, not the exact path
+            assert normwise_error(y, reference_qgemm(x, w, group), x, w, group) > 1e-5, case
+
+
 @pytest.mark.parametrize("codebook", ["int", "fp4"])
 def test_int8_mode_uniform_tables_are_exact(codebook, int8_mode, rng):
     """The table scale search puts uniform tables (int, fp4) on the 7-bit grid exactly, so with
@@ -549,14 +584,15 @@ def test_decode_bitwise_equal_on_every_path(bits, rng):
 
 def test_default_mode_is_int8_below_the_panel_threshold():
     """Without FLUTE_CPU_MODE the kernel runs the int8 mode (its spec, not the exact result) for
-    small batches, and exactly from 32 rows on; FLUTE_CPU_MODE=exact restores exact everywhere."""
+    small batches, and exactly from 32 rows on (256 where 4 bits run on the 16-row kernel);
+    FLUTE_CPU_MODE=exact restores exact everywhere."""
     code = ("import torch, flute\n"
             "from flute.cpu_layout import to_cpu_layout\n"
             "from flute.testing import random_quantized, reference_qgemm, reference_qgemm_int8, relative_error\n"
-            "print(flute.get_cpu_mode())\n"
+            "print(flute.get_cpu_mode(), torch.ops.flute.cpu_rows16_m())\n"
             "w = random_quantized(96, 512, 4, 64, seed=3)\n"
             "q = to_cpu_layout(w.codes, 4)\n"
-            "for m in (1, 16, 40):\n"
+            "for m in (1, 16, 40, 300):\n"
             "    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))\n"
             "    y = torch.ops.flute.qgemm(x, q, w.scales, None, w.table, 4, 64, 512, 96)\n"
             "    print(m, relative_error(y, reference_qgemm(x, w, 64)), relative_error(y, reference_qgemm_int8(x, w, 64)))\n")
@@ -566,10 +602,11 @@ def test_default_mode_is_int8_below_the_panel_threshold():
             env["FLUTE_CPU_MODE"] = env_mode
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env=env).stdout.split("\n")
-        assert out[0] == want
-        for line in out[1:4]:
+        mode, rows16 = out[0].split()
+        assert mode == want
+        for line in out[1:5]:
             m, exact_err, int8_err = line.split()
-            if want == "int8" and int(m) < 32:
+            if want == "int8" and int(m) < (256 if int(rows16) else 32):
                 assert float(int8_err) < 1e-6 < 1e-4 < float(exact_err), line
             else:
                 assert float(exact_err) < 1e-6, line

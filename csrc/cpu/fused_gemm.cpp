@@ -243,6 +243,20 @@ bool has_vbmi_vnni() {
 #endif
 }
 
+}  // namespace
+
+bool rows16_available(int bits, int isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool built = kernel_int8_rows16_built();
+  return bits == 4 && isa == kAvx512 && built && has_vbmi_vnni();
+#else
+  (void)bits, (void)isa;
+  return false;
+#endif
+}
+
+namespace {
+
 // Bytes from `off` rounded up to a 64-byte boundary (the int8 scratch buffer's parts).
 int64_t align64(int64_t off) { return (off + 63) / 64 * 64; }
 
@@ -270,6 +284,61 @@ char* call_scratch(int slot, int64_t bytes, at::Tensor& hold, int64_t max_cached
   }
   return static_cast<char*>(b.p);
 }
+
+#if defined(__x86_64__) || defined(_M_X64)
+// The int8 mode's 16-row kernel (Rows16Args): the activations of int8_x (xq in the 4-row kernels'
+// byte order, their chunk factors xk and units xu, times the table scale) in column order, with
+// each chunk's correction and float factor.
+static void rows16_gemm(const Weight& w, int64_t M, const int8_t* xq, const int16_t* xk, const float* xu, const float* xs,
+                 const Table7& t7, float* out) {
+  const int64_t nb = w.nblocks, cols = nb * 128, cpr = nb * 4, chunks = (w.K + 31) / 32;
+  const int64_t o_init = align64(M * cols), o_f = align64(o_init + M * cpr * 4), o_cg = align64(o_f + M * cpr * 4),
+                total = o_cg + cpr * 4;
+  at::Tensor hold;
+  char* base = call_scratch(2, total, hold);
+  int8_t* x8 = reinterpret_cast<int8_t*>(base);
+  int32_t* xinit = reinterpret_cast<int32_t*>(base + o_init);
+  float* xf = reinterpret_cast<float*>(base + o_f);
+  int32_t* cg = reinterpret_cast<int32_t*>(base + o_cg);
+  const int16_t* pos = int8_positions(4);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < nb; ++b) {
+        const int8_t* src = xq + (b * M + m) * 128;
+        int8_t* dst = x8 + m * cols + b * 128;
+        for (int c = 0; c < 128; ++c) dst[c] = src[pos[c]];
+        for (int c = 0; c < 4; ++c) {  // chunk c's factor k: int16 w = 2 * (c / 2) of part c % 2
+          int sum = 0;
+          for (int i = 0; i < 32; ++i) sum += dst[32 * c + i];
+          xinit[m * cpr + 4 * b + c] = -64 * sum;
+          xf[m * cpr + 4 * b + c] = static_cast<float>(xk[(b * M + m) * 32 + (c % 2) * 16 + 2 * (c / 2)]) * xu[b * M + m];
+        }
+      }
+  });
+  for (int64_t c = 0; c < chunks; ++c) cg[c] = static_cast<int32_t>(std::min<int64_t>(c * 32 / w.G, w.ng - 1));
+  Rows16Args a{};
+  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.N = w.N;
+  a.N_pad = w.N_pad;
+  a.nblocks = nb;
+  a.M = M;
+  a.chunks = chunks;
+  a.x8 = x8;
+  a.xinit = xinit;
+  a.xf = xf;
+  a.cg = cg;
+  a.scales = w.scales.data_ptr();
+  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.stype = w.stype;
+  a.ng = w.ng;
+  a.xsum = xs;
+  std::memcpy(a.tu, t7.tu, 16);
+  a.out = out;
+  const int64_t tiles = (w.N + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, task_weights() / 16 / std::max<int64_t>(w.K_pad, 1));
+  for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { gemm_int8_rows16_avx512(a, t0, t1); });
+}
+#endif
 
 bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
   const int64_t M = x2.numel() / w.K, nb = w.nblocks;
@@ -313,6 +382,12 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
   if (!ok) return false;
   const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
   for (int64_t i = 0; i < nb * M; ++i) xu[i] *= t7.scale;  // see Int8Args::xu
+#if defined(__x86_64__) || defined(_M_X64)
+  if (M >= rows16_m() && rows16_available(w.bits, isa)) {
+    rows16_gemm(w, M, xq, xk, xu, xs, t7, out);
+    return true;
+  }
+#endif
   // The scale map: no division per tile in the kernel.
   for (int64_t b = 0; b < nb; ++b) {
     g0[b] = std::min<int64_t>(b * C * 32 / w.G, w.ng - 1);

@@ -1,7 +1,8 @@
 // Stand-ins for the ISA translation units a compiler could not build. setup.py probes each
 // optional unit's flags (kernel_amx.cpp: -mamx-tile -mamx-bf16, GCC 11 / Clang 12;
-// kernel_avx512bf16.cpp: -mavx512bf16, GCC 10 / Clang 9; kernel_int8_avx512.cpp: -mavx512vnni
-// -mavx512vbmi) and, for each one the compiler rejects, leaves the unit out and compiles this file
+// kernel_avx512bf16.cpp: -mavx512bf16, GCC 10 / Clang 9; kernel_int8_avx512.cpp and
+// kernel_int8_rows16_avx512.cpp: -mavx512vnni -mavx512vbmi) and, for each one the compiler rejects,
+// leaves the unit out and compiles this file
 // with its FLUTE_WITHOUT_* macro. The unit's *_built() then says false, so the binding takes the
 // other paths (fp32 and the AVX2 int8 kernel) and never calls the stand-ins below; the extension
 // still builds and links instead of failing whole. Plain C++: no ISA flags.
@@ -26,6 +27,11 @@ void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t) {}
 bool kernel_int8_avx512_built() { return false; }
 void gemm_int8_avx512(const Int8Args&, int64_t, int64_t) {}
 void int8_prepare_avx512(int, int, int64_t, int8_t*, const int16_t*, int16_t*, int32_t*) {}
+#endif
+
+#if defined(FLUTE_WITHOUT_KERNEL_INT8_ROWS16)
+bool kernel_int8_rows16_built() { return false; }
+void gemm_int8_rows16_avx512(const Rows16Args&, int64_t, int64_t) {}
 #endif
 
 }  // namespace flute_cpu

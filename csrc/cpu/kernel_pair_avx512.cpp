@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include "pair_lut.h"
+#include "tile16_avx512.h"
 
 namespace flute_cpu {
 namespace {
@@ -16,54 +17,6 @@ namespace {
 // CPU_NOTES item 131)
 constexpr int kPrefetchBytes = 8192;
 
-
-// The 16 rows' fp32 scales of groups [g0, g1) of tile t into buf [g1 - g0][16] (rows past N: 0):
-// 16 groups of the 16 rows' contiguous scales at a time, transposed (the kernel needs the 16 rows
-// of one group side by side; gathering them costs a vpgatherdd per group, ~20% of a 4096 x 4096
-// call in a profile, against ~0.5 instructions per scale here).
-inline void tile_scales(const PairArgs& a, int64_t t, int64_t g0, int64_t g1, float* buf) {
-  const int64_t n0 = kPairTileRows * t;
-  for (int64_t gb = g0; gb < g1; gb += 16) {
-    const int nh = static_cast<int>(min64(16, g1 - gb));
-    const __mmask16 km = static_cast<__mmask16>(nh == 16 ? 0xffff : (1u << nh) - 1);
-    __m512i r[16];
-    for (int i = 0; i < 16; ++i) {
-      if (n0 + i >= a.N) {
-        r[i] = _mm512_setzero_si512();
-        continue;
-      }
-      const int64_t e = (n0 + i) * a.ng + gb;
-      if (a.stype == kF32) {
-        r[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(km, static_cast<const float*>(a.scales) + e));
-      } else {
-        const __m256i h = _mm256_maskz_loadu_epi16(km, static_cast<const uint16_t*>(a.scales) + e);
-        r[i] = a.stype == kBF16 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16) : _mm512_castps_si512(_mm512_cvtph_ps(h));
-      }
-    }
-    // 16 x 16 transpose: pairs of rows interleaved, then quads, then 128-bit lanes
-    __m512i u[16], v[16];
-    for (int k = 0; k < 8; ++k) {
-      u[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
-      u[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
-    }
-    for (int k = 0; k < 4; ++k) {  // v[4k + j], lane l: rows 4k..4k+3 of group 4l + j
-      v[4 * k + 0] = _mm512_unpacklo_epi64(u[4 * k], u[4 * k + 2]);
-      v[4 * k + 1] = _mm512_unpackhi_epi64(u[4 * k], u[4 * k + 2]);
-      v[4 * k + 2] = _mm512_unpacklo_epi64(u[4 * k + 1], u[4 * k + 3]);
-      v[4 * k + 3] = _mm512_unpackhi_epi64(u[4 * k + 1], u[4 * k + 3]);
-    }
-    for (int j = 0; j < 4; ++j) {
-      const __m512i xl = _mm512_shuffle_i32x4(v[j], v[4 + j], _MM_SHUFFLE(2, 0, 2, 0));
-      const __m512i xh = _mm512_shuffle_i32x4(v[j], v[4 + j], _MM_SHUFFLE(3, 1, 3, 1));
-      const __m512i yl = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], _MM_SHUFFLE(2, 0, 2, 0));
-      const __m512i yh = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], _MM_SHUFFLE(3, 1, 3, 1));
-      const __m512i col[4] = {_mm512_shuffle_i32x4(xl, yl, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_i32x4(xh, yh, _MM_SHUFFLE(2, 0, 2, 0)),
-                              _mm512_shuffle_i32x4(xl, yl, _MM_SHUFFLE(3, 1, 3, 1)), _mm512_shuffle_i32x4(xh, yh, _MM_SHUFFLE(3, 1, 3, 1))};
-      for (int l = 0; l < 4; ++l)
-        if (4 * l + j < nh) _mm512_store_si512(buf + (gb - g0 + 4 * l + j) * 16, col[l]);
-    }
-  }
-}
 
 // MC activation rows (m0 ..) of NT tiles (t, t + dt: NT = 2 only with MC = 1, two weight streams
 // sharing each table load) over chunks [c0, c1); sbuf + k * sstride: tile k's scales (tile_scales)
@@ -154,7 +107,7 @@ inline void pair_pass(const PairArgs& a, int64_t t, int64_t dt, int64_t c0, int6
 
 void gemm_pair_avx512(const PairArgs& a, int64_t t0, int64_t t1) {
   pair_tile_loop(
-      a, t0, t1, 16 * (a.ng + 16), [&](int64_t t, int64_t g0, int64_t g1, float* buf) { tile_scales(a, t, g0, g1, buf); },
+      a, t0, t1, 16 * (a.ng + 16), [&](int64_t t, int64_t g0, int64_t g1, float* buf) { tile16_rows(a.scales, a.stype, a.N, a.ng, kPairTileRows * t, g0, g1, buf); },
       [&](auto mc, auto nt, int64_t t, int64_t dt, int64_t c0, int64_t c1, int64_t m0, const float* sbuf, int64_t sstride,
           float* row_buf, const ScaleLines* next) {
         pair_pass<decltype(mc)::value, decltype(nt)::value>(a, t, dt, c0, c1, m0, sbuf, sstride, row_buf, next);

@@ -134,6 +134,29 @@ struct Int8Args {
   bool last_half = false;
 };
 
+// The int8 mode's 16-row kernel (4 bits, AVX-512 VBMI + VNNI, kernel_int8_rows16_avx512.cpp), for
+// calls of several activation rows: the same integers as Int8Args (x8, k, u, t7; the spec is
+// flute.testing.reference_qgemm_int8), with weight rows instead of columns along the vector. Per
+// 32-column chunk c of activation row m, the exact int32 sum S = sum(u * x8) + xinit (xinit =
+// -64 * sum(x8): S is then sum(t7 * x8), |S| <= 32 * 63 * 127, exact in float32), and
+// y += float(S) * (scale of the chunk's group * xf), xf = k * u * table scale; offsets as Int8Args.
+struct Rows16Args {
+  const uint8_t* qw;      // the 4-bit CPU layout (tiles of 4 rows, blocks of 128 columns)
+  int64_t N, N_pad, nblocks, M;
+  int64_t chunks;         // chunks holding columns of K (ceil(K / 32)); rows of x8 hold nblocks * 4
+  const int8_t* x8;       // [M][nblocks * 128] in column order, 0 beyond K
+  const int32_t* xinit;   // [M][nblocks * 4]
+  const float* xf;        // [M][nblocks * 4]
+  const int32_t* cg;      // [chunks] group of each chunk
+  const void* scales;     // [N, ng] in stype
+  const void* offsets;    // [N, ng] in stype or nullptr
+  int stype;
+  int64_t ng;
+  const float* xsum;      // [M, ng] exact group sums of x (when offsets)
+  uint8_t tu[16];         // u = t7 + 64 per code
+  float* out;             // [M, N] fp32
+};
+
 // Column within its block of byte (reg, h, q, i), part p (see Int8Args).
 static constexpr int int8_parts(int bits) { return bits == 4 ? 2 : 4; }
 
@@ -196,6 +219,8 @@ void gemm_int8_avx512(const Int8Args&, int64_t, int64_t);
 void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const int16_t* xk, int16_t* xk2,
                          int32_t* xinit);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
+// Tiles [t0, t1) of 16 weight rows (Rows16Args).
+void gemm_int8_rows16_avx512(const Rows16Args&, int64_t t0, int64_t t1);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
 // kernel_amx.cpp (CPUs with AMX-BF16 and AVX512_BF16): amx_prepare_x lays bf16 activations [M, K]
 // out as AMX B tiles (a.xb, K_pad * ceil(M / 16) * 16 bf16, or by_block K_pad * ceil(M / 32) * 32);
@@ -213,6 +238,7 @@ void gemm_amx_rows(const GemmArgs&, int64_t R, int64_t S, int64_t t0, int64_t t1
 bool kernel_amx_built();
 bool kernel_avx512bf16_built();
 bool kernel_int8_avx512_built();
+bool kernel_int8_rows16_built();
 #endif
 
 // ---- small helpers (internal linkage in every TU) ------------------------------------------------

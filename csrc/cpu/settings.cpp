@@ -135,6 +135,24 @@ int64_t large_m() {
   return v;
 }
 
+// Activation rows from which the int8 mode runs 4 bits on the 16-row kernel where it is built and
+// the CPU has AVX-512 VBMI + VNNI (kernel_int8_rows16_avx512.cpp; FLUTE_CPU_ROWS16_M).
+// From 3 rows it beat the 4-row int8 kernel on this project's Zen 5 VM (14336x4096, 1 thread: 2.18
+// against 2.34 ms; 4096x14336 2.57 against 3.96), at 2 rows it did not (CPU_NOTES item 133).
+int64_t rows16_m() {
+  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_M", 3);
+  return v;
+}
+
+// Activation rows from which such weights take the panel path after all (FLUTE_CPU_ROWS16_LARGE_M):
+// at 2 threads on that VM the 16-row kernel against decode + bf16 at::mm took 1.19 / 2.75 ms
+// (4096x4096, 32 rows), 4.06 / 6.52 (128 rows), 21.9 / 22.2 (512 rows); 1536x576 at 128 rows
+// 0.365 / 0.298 (CPU_NOTES item 133).
+int64_t rows16_large_m() {
+  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_LARGE_M", 256);
+  return v;
+}
+
 // Bytes of one decoded panel (FLUTE_CPU_PANEL_KB, in KB). Each at::mm call has its own fixed cost
 // (oneDNN packs its operands per call), so a panel is the size of a last-level cache, not of L2:
 // 14336x4096 at 512 bf16 rows, 2 threads, took 150 / 106 / 108 ms with 4 / 16 / 64 MB panels
@@ -171,6 +189,8 @@ std::string cpu_set_mode(const std::string& name) {
   g_mode.store(i);
   return cpu_mode();
 }
+
+int64_t cpu_rows16_m() { return rows16_available(4, active_isa()) ? rows16_m() : 0; }
 
 std::string cpu_isa() { return kIsaNames[g_isa.load()]; }
 
