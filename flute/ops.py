@@ -15,7 +15,7 @@ per row. The same arguments serve every backend:
 
 - CPU, CPU layout: the lookup-table kernel of ``flute._cpu`` (csrc/cpu: AVX-512, AVX2 or portable
   C++, picked from cpuid; :func:`set_cpu_isa` forces one), registered in C++ for the CPU key.
-  Below 32 rows of x (4 bits on AVX-512 VBMI + VNNI CPUs: below 256), int8 activations and
+  Below 32 rows of x (3 and 4 bits on AVX-512 VBMI + VNNI CPUs: below 256), int8 activations and
   integer dot products (llama.cpp's approach; the "int8" mode of :func:`get_cpu_mode`), exact fp32
   otherwise; ``set_cpu_mode("exact")`` makes every call exact.
 - CPU, GPU layout (or ``flute._cpu`` not built): the reference below: the codes are decoded every
@@ -240,7 +240,7 @@ def get_cpu_mode() -> str:
     * ``"bf16"`` (AVX512_BF16 + VBMI CPUs; 3 and 4 bits, 2 bits compute exactly): activations and
       table values rounded to bf16, fp32 sums.
 
-    Batches at or above the panel threshold (32 rows; 256 for 4 bits where the int8 mode has its
+    Batches at or above the panel threshold (32 rows; 256 for 3 and 4 bits where the int8 mode has its
     16-row kernel, ``torch.ops.flute.cpu_rows16_m()`` > 0) are exact in every mode. On CPUs with AMX
     (:func:`get_cpu_amx`), bf16 activations from 16 rows take the AMX paths in every mode (3 and 4
     bits).

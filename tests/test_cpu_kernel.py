@@ -394,8 +394,8 @@ def test_int8_chunk_scales_follow_each_chunk(int8_mode, rng):
 def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
     """Groups that are not a multiple of 32, non-finite activations and M >= the panel threshold
     take the exact path in int8 mode: bitwise the exact mode's result."""
-    cases = [(3, 48, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn), (3, 64, 40, torch.randn),
-             (4, 64, 300, torch.randn), (4, 64, 1, lambda *s, generator: torch.full(s, float("nan"))),
+    cases = [(3, 48, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn), (2, 64, 40, torch.randn),
+             (3, 64, 300, torch.randn), (4, 64, 300, torch.randn), (4, 64, 1, lambda *s, generator: torch.full(s, float("nan"))),
              (4, 64, 20, lambda *s, generator: torch.full(s, float("inf")))]
     for bits, group, m, make in cases:
         n, k = 40, 333
@@ -508,8 +508,8 @@ def test_int8_mode_simd_paths_equal_portable(group, int8_mode, rng):
 
 
 def test_int8_rows16_kernel_matches_spec_and_portable(threads, int8_mode):
-    """4 bits from cpu_rows16_m() rows run on the 16-row kernel where the CPU has AVX-512 VBMI +
-    VNNI (weight rows along the vector, each K block decoded once for up to 16 activation rows):
+    """3 and 4 bits from cpu_rows16_m() rows run on the 16-row kernel where the CPU has AVX-512
+    VBMI + VNNI (weight rows along the vector, each K block decoded once for up to 16 activation rows):
     against the spec and the portable int8 path (the same integers, float32 sums in another order),
     for N not a multiple of 16 (a partial tile, layout tiles past N), K with partial blocks and
     chunks past K, every group kind, offsets, every scale and activation dtype, and activation rows
@@ -519,21 +519,22 @@ def test_int8_rows16_kernel_matches_spec_and_portable(threads, int8_mode):
         pytest.skip("this CPU or build has no 16-row int8 kernel (AVX-512 VBMI + VNNI)")
     r = random.Random(zlib.crc32(f"rows16-{threads}".encode()))
     g = torch.Generator().manual_seed(16)
-    for i in range(24):
+    for i in range(32):
+        bits = 3 + i % 2
         n, k = r.choice([1, 5, 16, 17, 67, 301]), r.choice([32, 100, 128, 544, 1000, 1312])
-        group, m = r.choice([32, 64, 128, -1]), r.choice([m_min, 8, 16, 17, 31, 40, 255]) if i else 255
+        group, m = r.choice([32, 64, 128, -1]), r.choice([m_min, 8, 16, 17, 31, 40, 255]) if i > 1 else 255
         dtype = r.choice([torch.float32, torch.bfloat16, torch.float16])
-        w = random_quantized(n, k, 4, group, offsets=r.random() < 0.4,
+        w = random_quantized(n, k, bits, group, offsets=r.random() < 0.4,
                              dtype=r.choice([torch.float32, torch.bfloat16, torch.float16]), generator=g)
         x = torch.randn(m, k, generator=g).to(dtype)
-        q = to_cpu_layout(w.codes, 4)
-        y = run(x, w, 4, group, n, k, q)
-        case = (n, k, group, m, dtype, w.scales.dtype, w.offsets is not None)
+        q = to_cpu_layout(w.codes, bits)
+        y = run(x, w, bits, group, n, k, q)
+        case = (bits, n, k, group, m, dtype, w.scales.dtype, w.offsets is not None)
         assert normwise_error(y, reference_qgemm_int8(x, w, group), x, w, group) < TOL[dtype], case
         if dtype == torch.float32 and m < 32:  # the portable path's int8 mode ends at 32 rows
             ops.set_cpu_isa("portable")
             try:
-                yp = run(x, w, 4, group, n, k, q)
+                yp = run(x, w, bits, group, n, k, q)
             finally:
                 ops.set_cpu_isa("auto")
             assert relative_error(y, yp) < 1e-6, case
@@ -584,7 +585,7 @@ def test_decode_bitwise_equal_on_every_path(bits, rng):
 
 def test_default_mode_is_int8_below_the_panel_threshold():
     """Without FLUTE_CPU_MODE the kernel runs the int8 mode (its spec, not the exact result) for
-    small batches, and exactly from 32 rows on (256 where 4 bits run on the 16-row kernel);
+    small batches, and exactly from 32 rows on (256 where 3 and 4 bits run on the 16-row kernel);
     FLUTE_CPU_MODE=exact restores exact everywhere."""
     code = ("import torch, flute\n"
             "from flute.cpu_layout import to_cpu_layout\n"

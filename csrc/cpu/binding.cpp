@@ -18,8 +18,8 @@
 //       (FLUTE_CPU_MODE=bf16; AVX512_BF16 + VBMI CPUs only, other paths stay exact).
 //   cpu_amx() -> bool, cpu_set_amx(bool) -> bool: whether bf16 activations from amx_m() rows
 //       take the AMX kernels (kernel_amx.cpp; CPUs with AMX-BF16; FLUTE_CPU_AMX=0 off).
-//   cpu_rows16_m() -> int: the activation rows from which the int8 mode runs 4 bits on the 16-row
-//       kernel (kernel_int8_rows16_avx512.cpp) on the active path, 0 where it does not.
+//   cpu_rows16_m() -> int: the activation rows from which the int8 mode runs 3 and 4 bits on the
+//       16-row kernel (kernel_int8_rows16_avx512.cpp) on the active path, 0 where it does not.
 //
 // Paths: 2 bits (the pair layout, pair_lut.h): below kLargeM rows with groups of a multiple of 32
 // columns (or one group) the pair-table kernel in the int8 mode or the pair layout's exact kernel
@@ -27,7 +27,7 @@
 // bf16 x on an AMX CPU (avx512 path): 16 to kAmxMaxM = 64 rows the streamed AMX kernel
 // (gemm_amx), more rows the blocked one (gemm_amx_rows, bf16 output). Otherwise, M <
 // large_m() and groups of a multiple of 32 columns (or one group): the fused kernel, in the int8
-// mode (finite x; 4 bits from rows16_m() to rows16_large_m() rows on the 16-row kernel where the
+// mode (finite x; 3 and 4 bits from rows16_m() to rows16_large_m() rows on the 16-row kernel where the
 // CPU has AVX-512 VBMI + VNNI) or exact fp32 (fused_gemm.cpp: activations prepared once per call, threads over
 // row tiles). Otherwise: rows decoded in panels (fp32, or bf16 for bf16 activations on CPUs with
 // native bf16) and multiplied by at::mm (oneDNN/MKL), exactly.
@@ -242,7 +242,7 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
     amx_gemm_rows(xc, w, reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>()));
     return y;
   }
-  // the int8 mode's 16-row kernel (4 bits, AVX-512 VBMI + VNNI) outruns the panel path to more rows
+  // the int8 mode's 16-row kernel (3 and 4 bits, AVX-512 VBMI + VNNI) outruns the panel path to more rows
   const int64_t panel_m = active_mode() == kModeInt8 && rows16_available(w.bits, isa) ? rows16_large_m() : large_m();
   if (!amx && (!fused || M >= panel_m)) {
     // Panel path: decode a few rows at a time, let at::mm (oneDNN / MKL) multiply.

@@ -248,7 +248,7 @@ bool has_vbmi_vnni() {
 bool rows16_available(int bits, int isa) {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool built = kernel_int8_rows16_built();
-  return bits == 4 && isa == kAvx512 && built && has_vbmi_vnni();
+  return bits != 2 && isa == kAvx512 && built && has_vbmi_vnni();
 #else
   (void)bits, (void)isa;
   return false;
@@ -289,9 +289,18 @@ char* call_scratch(int slot, int64_t bytes, at::Tensor& hold, int64_t max_cached
 // The int8 mode's 16-row kernel (Rows16Args): the activations of int8_x (xq in the 4-row kernels'
 // byte order, their chunk factors xk and units xu, times the table scale) in column order, with
 // each chunk's correction and float factor.
+// Column (within its 32-column chunk) of activation byte j of the chunk in the 16-row kernel's order:
+// dword k = j / 4 meets the columns of weight vector k (kernel_int8_rows16_avx512.cpp's decoders).
+static int rows16_col(int bits, int j) {
+  if (bits == 4) return j;
+  const int k = j / 4, i = j % 4, e = k / 4, reg = (k / 2) % 2, h = k % 2;
+  return 16 * reg + 8 * h + e + 2 * i;
+}
+
 static void rows16_gemm(const Weight& w, int64_t M, const int8_t* xq, const int16_t* xk, const float* xu, const float* xs,
-                 const Table7& t7, float* out) {
-  const int64_t nb = w.nblocks, cols = nb * 128, cpr = nb * 4, chunks = (w.K + 31) / 32;
+                        const Table7& t7, float* out) {
+  const int P = int8_parts(w.bits), C = chunks_per_block(w.bits), bc = 64 * P;
+  const int64_t nb = w.nblocks, cols = nb * bc, cpr = nb * C, chunks = (w.K + 31) / 32;
   const int64_t o_init = align64(M * cols), o_f = align64(o_init + M * cpr * 4), o_cg = align64(o_f + M * cpr * 4),
                 total = o_cg + cpr * 4;
   at::Tensor hold;
@@ -300,24 +309,27 @@ static void rows16_gemm(const Weight& w, int64_t M, const int8_t* xq, const int1
   int32_t* xinit = reinterpret_cast<int32_t*>(base + o_init);
   float* xf = reinterpret_cast<float*>(base + o_f);
   int32_t* cg = reinterpret_cast<int32_t*>(base + o_cg);
-  const int16_t* pos = int8_positions(4);
+  const int16_t* pos = int8_positions(w.bits);
+  int16_t src_of[256];  // byte j of a block in the kernel's order <- byte src_of[j] of xq's block
+  for (int j = 0; j < bc; ++j) src_of[j] = pos[j / 32 * 32 + rows16_col(w.bits, j % 32)];
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t b = 0; b < nb; ++b) {
-        const int8_t* src = xq + (b * M + m) * 128;
-        int8_t* dst = x8 + m * cols + b * 128;
-        for (int c = 0; c < 128; ++c) dst[c] = src[pos[c]];
-        for (int c = 0; c < 4; ++c) {  // chunk c's factor k: int16 w = 2 * (c / 2) of part c % 2
+        const int8_t* src = xq + (b * M + m) * bc;
+        int8_t* dst = x8 + m * cols + b * bc;
+        for (int j = 0; j < bc; ++j) dst[j] = src[src_of[j]];
+        for (int c = 0; c < C; ++c) {  // chunk c's factor k: int16 w = 2 * (c / P) of part c % P
           int sum = 0;
           for (int i = 0; i < 32; ++i) sum += dst[32 * c + i];
-          xinit[m * cpr + 4 * b + c] = -64 * sum;
-          xf[m * cpr + 4 * b + c] = static_cast<float>(xk[(b * M + m) * 32 + (c % 2) * 16 + 2 * (c / 2)]) * xu[b * M + m];
+          xinit[m * cpr + C * b + c] = -64 * sum;
+          xf[m * cpr + C * b + c] = static_cast<float>(xk[(b * M + m) * P * 16 + (c % P) * 16 + 2 * (c / P)]) * xu[b * M + m];
         }
       }
   });
   for (int64_t c = 0; c < chunks; ++c) cg[c] = static_cast<int32_t>(std::min<int64_t>(c * 32 / w.G, w.ng - 1));
   Rows16Args a{};
   a.qw = w.qweight.data_ptr<uint8_t>();
+  a.bits = w.bits;
   a.N = w.N;
   a.N_pad = w.N_pad;
   a.nblocks = nb;

@@ -1,12 +1,12 @@
-// flute CPU kernel, the int8 mode for several activation rows (Rows16Args in lut_kernel.h), 4 bits,
-// AVX-512 with VBMI and VNNI. The 4-row kernels (kernel_int8_avx512.cpp) put K along the vector:
+// flute CPU kernel, the int8 mode for several activation rows (Rows16Args in lut_kernel.h), 3 and 4
+// bits, AVX-512 with VBMI and VNNI. The 4-row kernels (kernel_int8_avx512.cpp) put K along the vector:
 // every activation row redoes the lookups and the multiply-adds of `vpmaddubsw` + `vpdpwssd`, so at
 // 16 rows they ran at 0.41-0.44x torch's bf16 matmul on a Zen 5 (CPU_NOTES item 131). Here the
 // vector holds 16 weight rows instead, each dword 4 consecutive columns of one chunk, so one
 // decoded weight vector serves every activation row through one `vpdpbusd` with the row's 4
 // activation bytes broadcast: 64 multiply-adds per instruction and row, the lookups done once.
 //
-// Decode of a K block (128 columns) of 16 weight rows (the layout's 4-row tiles 4T .. 4T + 3), from
+// 4-bit decode of a K block (128 columns) of 16 weight rows (the layout's 4-row tiles 4T .. 4T + 3), from
 // the layout as it is (lut_kernel.h): row n's block is 16 dwords; dword j holds in its bytes
 // b0 = (chunk 0, column 2j | chunk 1, column 2j) as low | high nibble, b1 = chunks 2 | 3 at 2j,
 // b2 = chunks 0 | 1 at 2j + 1, b3 = chunks 2 | 3 at 2j + 1. So bytes b0, b2 of dwords 2i and
@@ -18,23 +18,22 @@
 //   those two dwords into dword n: codes of chunks 0 | 1 (or 2 | 3), columns 4i .. 4i + 3.
 // - `vpermb` looks the low nibbles up in a 64-entry table (index bits 4-5 ignored by the table,
 //   6-7 by the instruction), and the high nibbles after a 16-bit shift by 4.
-// A block decodes to 32 weight vectors (2 KB) in ~110 instructions, stored to an L1 buffer of
-// kRange blocks; the activation rows then run over it in passes of up to 16 (one float accumulator
-// each: 16 + 8 weight vectors + temporaries fit the 32 registers).
+// A block decodes to 32 weight vectors (2 KB) in ~110 instructions (3 bits: Decoder<3>), stored to
+// an L1 buffer of kRangeCols columns; the activation rows then run over it in passes of up to 16
+// (one float accumulator each: 16 + 8 weight vectors + temporaries fit the 32 registers).
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
 #include "lut_kernel.h"
+#include "int8_tiles.h"
 #include "tile16_avx512.h"
 
 namespace flute_cpu {
 namespace {
 
 constexpr int kRows = 16;
-constexpr int kRange = 8;  // K blocks decoded at once: 8 x 2 KB of weight vectors, in L1
-// Software prefetch distance in each of the 4 weight streams (one per layout tile; see
-// Decoder::block), 8 KB as the other int8 kernels (int8_tiles.h).
-constexpr int kPrefetchBytes = 8192;
+constexpr int kRangeCols = 1024;  // K columns decoded at once: 16 KB of weight vectors, in L1
+// The weight streams are prefetched kPrefetchBytes ahead (int8_tiles.h; see Streams).
 
 // Rows 0-7 (or 8-15) of a block, 8 qwords each, transposed: o[i] = qword i of the 8 rows.
 inline void transpose8x8_qwords(const __m512i* r, __m512i* o) {
@@ -55,7 +54,44 @@ inline void transpose8x8_qwords(const __m512i* r, __m512i* o) {
   }
 }
 
-struct Decoder {
+// The 16 rows' streams of one K block: load(n, off) reads bytes of row n's block (zeros past
+// N_pad), with the prefetch kPrefetchBytes ahead in each of the 4 layout tiles' streams, into the
+// next 16-row tile's streams (next) near the end of a row: a tile's 4 streams lie nb * block bytes
+// apart, so a plain 8 KB ahead would fetch the lines the next stream is reading now whenever they
+// are that close (4 bits, K <= 4096: 4096 x 4096 at M = 1 read DRAM at ~11 GB/s that way).
+template <int BITS>
+struct Streams {
+  static constexpr int64_t kRowBytes = (BITS == 4 ? 128 : 256) * BITS / 8;  // a row's block: 64 or 96 bytes
+  static constexpr int64_t kBlockBytes = 4 * kRowBytes;                       // the 4-row tile's
+  const uint8_t* p[4];
+  Streams(const uint8_t* const* tiles, const uint8_t* const* next, int64_t b, int64_t nb) {
+    constexpr int64_t D = kPrefetchBytes / kBlockBytes;
+    for (int j = 0; j < 4; ++j) {
+      p[j] = tiles[j] ? tiles[j] + b * kBlockBytes : nullptr;
+      const uint8_t* pf = !tiles[j] ? nullptr : b + D < nb ? p[j] + D * kBlockBytes
+                                              : next[j] ? next[j] + (b + D - nb) * kBlockBytes : nullptr;
+      if (pf)
+        for (int l = 0; l < kBlockBytes / 64; ++l) _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * l), _MM_HINT_T0);
+    }
+  }
+  __m512i row64(int n, int off) const {
+    return p[n / 4] ? _mm512_loadu_si512(p[n / 4] + (n % 4) * kRowBytes + off) : _mm512_setzero_si512();
+  }
+  __m256i row32(int n, int off) const {
+    return p[n / 4] ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[n / 4] + (n % 4) * kRowBytes + off))
+                    : _mm256_setzero_si256();
+  }
+};
+
+// The decoders: block b of the 16 rows into w[c * 8 + k], chunk c of the block, weight vector k
+// (lane n: row n's u = t7 + 64 of the chunk's 4 columns that activation dword k of the chunk holds,
+// rows16_col in fused_gemm.cpp).
+template <int BITS>
+struct Decoder;
+
+// 4 bits (see the top of the file): k = i, columns 4i .. 4i + 3 in order.
+template <>
+struct Decoder<4> {
   __m512i table, pick_even, pick_odd;
   explicit Decoder(const uint8_t* tu) {
     alignas(64) uint8_t t[64], e[64], o[64];
@@ -69,26 +105,9 @@ struct Decoder {
     pick_even = _mm512_load_si512(e);
     pick_odd = _mm512_load_si512(o);
   }
-  // Block b of the 16 rows (tiles: each layout tile's stream, nullptr past N_pad; nb blocks per
-  // row) into w[c * 8 + i] for chunk c, dword i. Prefetched kPrefetchBytes ahead in each stream,
-  // into the next 16-row tile's streams (next) near the end of a row: a tile's 4 streams lie
-  // nb * 256 bytes apart, so a plain 8 KB ahead would fetch the lines the next stream is reading
-  // now whenever nb <= 32 (K <= 4096: 4096 x 4096 at M = 1 read DRAM at ~11 GB/s that way).
-  void block(const uint8_t* const* tiles, const uint8_t* const* next, int64_t b, int64_t nb, __m512i* w) const {
-    constexpr int64_t D = kPrefetchBytes / 256;
+  void block(const Streams<4>& st, __m512i* w) const {
     __m512i r[kRows], lo[8], hi[8];
-    for (int j = 0; j < 4; ++j) {
-      if (!tiles[j]) {
-        for (int rr = 0; rr < 4; ++rr) r[4 * j + rr] = _mm512_setzero_si512();
-        continue;
-      }
-      const uint8_t* p = tiles[j] + b * 256;
-      const uint8_t* pf = b + D < nb ? p + D * 256 : next[j] ? next[j] + (b + D - nb) * 256 : nullptr;
-      for (int rr = 0; rr < 4; ++rr) {
-        if (pf) _mm_prefetch(reinterpret_cast<const char*>(pf + rr * 64), _MM_HINT_T0);
-        r[4 * j + rr] = _mm512_loadu_si512(p + rr * 64);
-      }
-    }
+    for (int n = 0; n < kRows; ++n) r[n] = st.row64(n, 0);
     transpose8x8_qwords(r, lo);
     transpose8x8_qwords(r + 8, hi);
     for (int i = 0; i < 8; ++i) {
@@ -102,12 +121,58 @@ struct Decoder {
   }
 };
 
+// 3 bits: a row's block is R0 | R1 | R2 (flute/cpu_layout.py), each 32 bytes in the int8 kernel's
+// byte order: byte 16h + 4q + i holds, for part p (R0: p = 0, R1: p = 1, R2 with the spare bits of
+// R0 and R1: p = 2, 3) and half reg (low or high nibble), the code of lane j = 8 reg + 4h + i,
+// slot s = 4q + p, i.e. column 32 (s % 8) + 2j + s / 8. So each dword (h, q) of a register holds
+// for each (p, reg) 4 columns of one chunk c = s % 8 (parity e = s / 8, stride 2): weight vector
+// k = 4e + 2 reg + h of chunk c. The 16 rows' R0 | R1 are transposed as dwords (64 shuffles), R2
+// likewise (32), and each (h, q) gives 8 weight vectors by the layout's four index forms (the
+// tables of int8_table_entry<3>: A, B from R0, R1 directly, C and D after one bit select).
+template <>
+struct Decoder<3> {
+  __m512i ta, tb, tc, td;
+  explicit Decoder(const uint8_t* tu) {
+    alignas(64) uint8_t t[4][64];
+    for (int which = 0; which < 4; ++which)
+      for (int i = 0; i < 64; ++i) t[which][i] = int8_table_entry<3>(tu, which, i);
+    ta = _mm512_load_si512(t[0]);
+    tb = _mm512_load_si512(t[1]);
+    tc = _mm512_load_si512(t[2]);
+    td = _mm512_load_si512(t[3]);
+  }
+  void block(const Streams<3>& st, __m512i* w) const {
+    __m512i r[kRows], t01[16], t2[8];
+    __m256i r2[kRows];
+    for (int n = 0; n < kRows; ++n) {
+      r[n] = st.row64(n, 0);
+      r2[n] = st.row32(n, 64);
+    }
+    transpose16x16_epi32(r, t01);  // t01[4h + q]: R0's dword (h, q); t01[8 + 4h + q]: R1's
+    transpose16x8_epi32(r2, t2);
+    const __m512i m88 = _mm512_set1_epi8(static_cast<char>(0x88)), m11 = _mm512_set1_epi8(0x11);
+    for (int h = 0; h < 2; ++h)
+      for (int q = 0; q < 4; ++q) {
+        const __m512i R0 = t01[4 * h + q], R1 = t01[8 + 4 * h + q], R2 = t2[4 * h + q];
+        const __m512i c = _mm512_ternarylogic_epi32(m88, R0, R2, 0xCA);  // R0's bits 3, 7, R2's others
+        const __m512i d = _mm512_ternarylogic_epi32(m11, R1, R2, 0xCA);  // R1's bits 0, 4, R2's others
+        const __m512i src[4] = {R0, R1, c, d}, tab[4] = {ta, tb, tc, td};
+        for (int p = 0; p < 4; ++p) {
+          const int s = 4 * q + p, ch = s % 8, e = s / 8;
+          _mm512_store_si512(w + ch * 8 + 4 * e + h, _mm512_permutexvar_epi8(src[p], tab[p]));
+          _mm512_store_si512(w + ch * 8 + 4 * e + 2 + h,
+                             _mm512_permutexvar_epi8(_mm512_srli_epi16(src[p], 4), tab[p]));
+        }
+      }
+  }
+};
+
 // MC activation rows from m0 over global chunks [c0, c1) (w: their weight vectors, 8 per chunk;
 // sbuf: the tile's scales [ng][16]); accumulators in acc [MC][16].
 template <int MC>
 void rows_pass(const Rows16Args& a, const __m512i* w, int64_t c0, int64_t c1, int64_t m0, const float* sbuf,
                float* acc_mem) {
-  const int64_t xs = a.nblocks * 128, cs = a.nblocks * 4;
+  const int64_t cs = a.nblocks * (a.bits == 4 ? 4 : 8), xs = 32 * cs;  // x8 and per-chunk row strides
   __m512 acc[MC];
   for (int m = 0; m < MC; ++m) acc[m] = _mm512_load_ps(acc_mem + 16 * m);
   for (int64_t c = c0; c < c1; ++c, w += 8) {
@@ -138,16 +203,17 @@ const PassFn kPasses[kRows] = {rows_pass<1>,  rows_pass<2>,  rows_pass<3>,  rows
                                rows_pass<7>,  rows_pass<8>,  rows_pass<9>,  rows_pass<10>, rows_pass<11>, rows_pass<12>,
                                rows_pass<13>, rows_pass<14>, rows_pass<15>, rows_pass<16>};
 
-}  // namespace
-
-void gemm_int8_rows16_avx512(const Rows16Args& a, int64_t t0, int64_t t1) {
-  const Decoder dec(a.tu);
+template <int BITS>
+void rows16_tiles(const Rows16Args& a, int64_t t0, int64_t t1) {
+  constexpr int64_t C = BITS == 4 ? 4 : 8, range = kRangeCols / (32 * C);  // chunks per block, blocks per range
+  constexpr int64_t tile_block_bytes = Streams<BITS>::kBlockBytes;
+  const Decoder<BITS> dec(a.tu);
   const int64_t ltiles = a.N_pad / 4, M = a.M;
   const int64_t np = (M + kRows - 1) / kRows;  // passes of activation rows, as equal as can be
-  FloatBuf raw(16 * (2 * a.ng + M) + 16 + kRange * 32 * 16);
+  FloatBuf raw(16 * (2 * a.ng + M) + 16 + range * C * 8 * 16);
   float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
   __m512i* w = reinterpret_cast<__m512i*>(base);
-  float* sbuf = base + kRange * 32 * 16;
+  float* sbuf = base + range * C * 8 * 16;
   float* obuf = sbuf + 16 * a.ng;
   float* acc = obuf + 16 * a.ng;
   for (int64_t t = t0; t < t1; ++t) {
@@ -155,15 +221,15 @@ void gemm_int8_rows16_avx512(const Rows16Args& a, int64_t t0, int64_t t1) {
     const uint8_t* tiles[4];
     const uint8_t* next[4];
     for (int j = 0; j < 4; ++j) {
-      tiles[j] = 4 * t + j < ltiles ? a.qw + (4 * t + j) * a.nblocks * 256 : nullptr;
-      next[j] = 4 * t + 4 + j < ltiles && t + 1 < t1 ? a.qw + (4 * t + 4 + j) * a.nblocks * 256 : nullptr;
+      tiles[j] = 4 * t + j < ltiles ? a.qw + (4 * t + j) * a.nblocks * tile_block_bytes : nullptr;
+      next[j] = 4 * t + 4 + j < ltiles && t + 1 < t1 ? a.qw + (4 * t + 4 + j) * a.nblocks * tile_block_bytes : nullptr;
     }
     tile16_rows(a.scales, a.stype, a.N, a.ng, n0, 0, a.ng, sbuf);
     for (int64_t i = 0; i < 16 * M; ++i) acc[i] = 0.f;
-    for (int64_t b0 = 0; b0 < a.nblocks; b0 += kRange) {
-      const int64_t b1 = min64(a.nblocks, b0 + kRange);
-      for (int64_t b = b0; b < b1; ++b) dec.block(tiles, next, b, a.nblocks, w + (b - b0) * 32);
-      const int64_t c0 = 4 * b0, c1 = min64(a.chunks, 4 * b1);  // chunks past K: x8 = 0, skipped
+    for (int64_t b0 = 0; b0 < a.nblocks; b0 += range) {
+      const int64_t b1 = min64(a.nblocks, b0 + range);
+      for (int64_t b = b0; b < b1; ++b) dec.block(Streams<BITS>(tiles, next, b, a.nblocks), w + (b - b0) * C * 8);
+      const int64_t c0 = C * b0, c1 = min64(a.chunks, C * b1);  // chunks past K: x8 = 0, skipped
       for (int64_t p = 0, m0 = 0; p < np; ++p) {
         const int64_t mc = (M - m0) / (np - p);
         kPasses[mc - 1](a, w, c0, c1, m0, sbuf, acc + 16 * m0);
@@ -182,6 +248,13 @@ void gemm_int8_rows16_avx512(const Rows16Args& a, int64_t t0, int64_t t1) {
     const __mmask16 rows = static_cast<__mmask16>(n0 + kRows <= a.N ? 0xffff : (1u << (a.N - n0)) - 1);
     for (int64_t m = 0; m < M; ++m) _mm512_mask_storeu_ps(a.out + m * a.N + n0, rows, _mm512_load_ps(acc + 16 * m));
   }
+}
+
+}  // namespace
+
+void gemm_int8_rows16_avx512(const Rows16Args& a, int64_t t0, int64_t t1) {
+  if (a.bits == 3) rows16_tiles<3>(a, t0, t1);
+  else rows16_tiles<4>(a, t0, t1);
 }
 
 bool kernel_int8_rows16_built() { return true; }

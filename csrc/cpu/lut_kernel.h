@@ -134,19 +134,21 @@ struct Int8Args {
   bool last_half = false;
 };
 
-// The int8 mode's 16-row kernel (4 bits, AVX-512 VBMI + VNNI, kernel_int8_rows16_avx512.cpp), for
+// The int8 mode's 16-row kernel (3 and 4 bits, AVX-512 VBMI + VNNI, kernel_int8_rows16_avx512.cpp), for
 // calls of several activation rows: the same integers as Int8Args (x8, k, u, t7; the spec is
 // flute.testing.reference_qgemm_int8), with weight rows instead of columns along the vector. Per
 // 32-column chunk c of activation row m, the exact int32 sum S = sum(u * x8) + xinit (xinit =
 // -64 * sum(x8): S is then sum(t7 * x8), |S| <= 32 * 63 * 127, exact in float32), and
 // y += float(S) * (scale of the chunk's group * xf), xf = k * u * table scale; offsets as Int8Args.
 struct Rows16Args {
-  const uint8_t* qw;      // the 4-bit CPU layout (tiles of 4 rows, blocks of 128 columns)
+  const uint8_t* qw;      // the 3- or 4-bit CPU layout (tiles of 4 rows, blocks of C = 8 or 4 chunks)
+  int bits;
   int64_t N, N_pad, nblocks, M;
-  int64_t chunks;         // chunks holding columns of K (ceil(K / 32)); rows of x8 hold nblocks * 4
-  const int8_t* x8;       // [M][nblocks * 128] in column order, 0 beyond K
-  const int32_t* xinit;   // [M][nblocks * 4]
-  const float* xf;        // [M][nblocks * 4]
+  int64_t chunks;         // chunks holding columns of K (ceil(K / 32)); rows of x8 hold nblocks * C
+  const int8_t* x8;       // [M][nblocks * C * 32], each chunk's 32 bytes in the kernel's order (4 bits:
+                          // column order), 0 beyond K
+  const int32_t* xinit;   // [M][nblocks * C]
+  const float* xf;        // [M][nblocks * C]
   const int32_t* cg;      // [chunks] group of each chunk
   const void* scales;     // [N, ng] in stype
   const void* offsets;    // [N, ng] in stype or nullptr

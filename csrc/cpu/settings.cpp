@@ -135,7 +135,7 @@ int64_t large_m() {
   return v;
 }
 
-// Activation rows from which the int8 mode runs 4 bits on the 16-row kernel where it is built and
+// Activation rows from which the int8 mode runs 3 and 4 bits on the 16-row kernel where it is built and
 // the CPU has AVX-512 VBMI + VNNI (kernel_int8_rows16_avx512.cpp; FLUTE_CPU_ROWS16_M).
 // From 3 rows it beat the 4-row int8 kernel on this project's Zen 5 VM (14336x4096, 1 thread: 2.18
 // against 2.34 ms; 4096x14336 2.57 against 3.96), at 2 rows it did not (CPU_NOTES item 133).

@@ -10,6 +10,57 @@
 namespace flute_cpu {
 namespace {
 
+// 16 rows of 16 dwords transposed: out[d], lane n = dword d of r[n]. Pairs of rows interleaved,
+// then quads, then 128-bit lanes: 64 shuffles.
+inline void transpose16x16_epi32(const __m512i* r, __m512i* out) {
+  __m512i u[16], v[16];
+  for (int k = 0; k < 8; ++k) {
+    u[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    u[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // v[4k + j], lane l: rows 4k..4k+3 of dword 4l + j
+    v[4 * k + 0] = _mm512_unpacklo_epi64(u[4 * k], u[4 * k + 2]);
+    v[4 * k + 1] = _mm512_unpackhi_epi64(u[4 * k], u[4 * k + 2]);
+    v[4 * k + 2] = _mm512_unpacklo_epi64(u[4 * k + 1], u[4 * k + 3]);
+    v[4 * k + 3] = _mm512_unpackhi_epi64(u[4 * k + 1], u[4 * k + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i xl = _mm512_shuffle_i32x4(v[j], v[4 + j], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512i xh = _mm512_shuffle_i32x4(v[j], v[4 + j], _MM_SHUFFLE(3, 1, 3, 1));
+    const __m512i yl = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512i yh = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], _MM_SHUFFLE(3, 1, 3, 1));
+    out[j] = _mm512_shuffle_i32x4(xl, yl, _MM_SHUFFLE(2, 0, 2, 0));
+    out[4 + j] = _mm512_shuffle_i32x4(xh, yh, _MM_SHUFFLE(2, 0, 2, 0));
+    out[8 + j] = _mm512_shuffle_i32x4(xl, yl, _MM_SHUFFLE(3, 1, 3, 1));
+    out[12 + j] = _mm512_shuffle_i32x4(xh, yh, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// 16 rows of 8 dwords (r[n]) transposed: out[d], lane n = dword d of r[n]. Two rows per register
+// (rows k, k + 4 and 8 + k, 12 + k), then the first two stages of transpose16x16_epi32 and one
+// shuffle of 128-bit lanes: 8 inserts and 24 shuffles.
+inline void transpose16x8_epi32(const __m256i* r, __m512i* out) {
+  __m512i y[8], u[8], v[8];
+  for (int k = 0; k < 4; ++k) {
+    y[k] = _mm512_inserti64x4(_mm512_castsi256_si512(r[k]), r[k + 4], 1);
+    y[4 + k] = _mm512_inserti64x4(_mm512_castsi256_si512(r[8 + k]), r[12 + k], 1);
+  }
+  for (int k = 0; k < 4; ++k) {
+    u[2 * k] = _mm512_unpacklo_epi32(y[2 * k], y[2 * k + 1]);
+    u[2 * k + 1] = _mm512_unpackhi_epi32(y[2 * k], y[2 * k + 1]);
+  }
+  for (int k = 0; k < 2; ++k) {  // v[4k + j], lane l: registers 4k..4k+3, dword 4 (l % 2) + j
+    v[4 * k + 0] = _mm512_unpacklo_epi64(u[4 * k], u[4 * k + 2]);
+    v[4 * k + 1] = _mm512_unpackhi_epi64(u[4 * k], u[4 * k + 2]);
+    v[4 * k + 2] = _mm512_unpacklo_epi64(u[4 * k + 1], u[4 * k + 3]);
+    v[4 * k + 3] = _mm512_unpackhi_epi64(u[4 * k + 1], u[4 * k + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    out[j] = _mm512_shuffle_i32x4(v[j], v[4 + j], _MM_SHUFFLE(2, 0, 2, 0));
+    out[4 + j] = _mm512_shuffle_i32x4(v[j], v[4 + j], _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
 // Rows n0 .. n0 + 15 of an [N, ng] tensor of scales or offsets (stype), groups [g0, g1), as fp32
 // into buf [g1 - g0][16] (rows past N: 0): 16 groups of the 16 rows' contiguous values at a time,
 // transposed. The kernels need the 16 rows of one group side by side; gathering them costs a
@@ -34,28 +85,9 @@ inline void tile16_rows(const void* src, int stype, int64_t N, int64_t ng, int64
         r[i] = stype == kBF16 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16) : _mm512_castps_si512(_mm512_cvtph_ps(h));
       }
     }
-    // 16 x 16 transpose: pairs of rows interleaved, then quads, then 128-bit lanes
-    __m512i u[16], v[16];
-    for (int k = 0; k < 8; ++k) {
-      u[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
-      u[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
-    }
-    for (int k = 0; k < 4; ++k) {  // v[4k + j], lane l: rows 4k..4k+3 of group 4l + j
-      v[4 * k + 0] = _mm512_unpacklo_epi64(u[4 * k], u[4 * k + 2]);
-      v[4 * k + 1] = _mm512_unpackhi_epi64(u[4 * k], u[4 * k + 2]);
-      v[4 * k + 2] = _mm512_unpacklo_epi64(u[4 * k + 1], u[4 * k + 3]);
-      v[4 * k + 3] = _mm512_unpackhi_epi64(u[4 * k + 1], u[4 * k + 3]);
-    }
-    for (int j = 0; j < 4; ++j) {
-      const __m512i xl = _mm512_shuffle_i32x4(v[j], v[4 + j], _MM_SHUFFLE(2, 0, 2, 0));
-      const __m512i xh = _mm512_shuffle_i32x4(v[j], v[4 + j], _MM_SHUFFLE(3, 1, 3, 1));
-      const __m512i yl = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], _MM_SHUFFLE(2, 0, 2, 0));
-      const __m512i yh = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], _MM_SHUFFLE(3, 1, 3, 1));
-      const __m512i col[4] = {_mm512_shuffle_i32x4(xl, yl, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_i32x4(xh, yh, _MM_SHUFFLE(2, 0, 2, 0)),
-                              _mm512_shuffle_i32x4(xl, yl, _MM_SHUFFLE(3, 1, 3, 1)), _mm512_shuffle_i32x4(xh, yh, _MM_SHUFFLE(3, 1, 3, 1))};
-      for (int l = 0; l < 4; ++l)
-        if (4 * l + j < nh) _mm512_store_si512(buf + (gb - g0 + 4 * l + j) * 16, col[l]);
-    }
+    __m512i col[16];
+    transpose16x16_epi32(r, col);
+    for (int d = 0; d < nh; ++d) _mm512_store_si512(buf + (gb - g0 + d) * 16, col[d]);
   }
 }
 
