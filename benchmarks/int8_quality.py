@@ -4,8 +4,11 @@
 
 For each format: quantize (the demo's data-free recipes; with --gptq also the demo's GPTQ-LUT recipe),
 then perplexity on flute's built-in text with the fused kernel in "exact" and in "int8" mode. The
-fused kernel serves every batch size here (FLUTE_CPU_LARGE_M is raised before flute loads), so the
-whole 1,747-token window runs through the int8 arithmetic, as decode would. The issue's rule: int8
+fused kernel serves every batch size here (FLUTE_CPU_LARGE_M and FLUTE_CPU_ROWS16_LARGE_M are raised
+before flute loads), so the whole 1,747-token window runs through the int8 arithmetic, as decode
+would. 2 bits: where the CPU has the 16-row kernel (AVX-512 VBMI + VNNI) that window runs its int8
+activations, while decode (below cpu_rows16_m(2) rows) runs pair tables; FLUTE_CPU_ROWS16_M2=1000000
+measures the pair tables instead. The record says which ran ("int8_2bit"). The issue's rule: int8
 becomes a default only if it costs < 0.5% perplexity.
 """
 from __future__ import annotations
@@ -20,7 +23,8 @@ import subprocess
 import sys
 import time
 
-os.environ["FLUTE_CPU_LARGE_M"] = "1000000"  # read once by flute._cpu: no panel path in this run
+# read once by flute._cpu: no panel path in this run
+os.environ["FLUTE_CPU_LARGE_M"] = os.environ["FLUTE_CPU_ROWS16_LARGE_M"] = "1000000"
 
 import torch  # noqa: E402
 
@@ -28,6 +32,7 @@ import flute  # noqa: E402
 from flute import ops, smollm2  # noqa: E402
 from flute.calibrate import calibration_samples, quantize_model_calibrated  # noqa: E402
 from flute.evaluate import builtin_text, perplexity  # noqa: E402
+from flute.testing import int8_uses_pair_tables  # noqa: E402
 
 FORMATS = [  # (label, bits, quantize_model kwargs): the demo's data-free recipes, g64
     ("4-bit NF absmax g64", 4, dict(codebook="nf", scale_method="absmax")),
@@ -80,6 +85,7 @@ def main():
               "command": "python benchmarks/int8_quality.py " + " ".join(sys.argv[1:]),
               "machine": platform.processor() or platform.machine(), "isa": ops.get_cpu_isa(),
               "torch": torch.__version__, "tokens": int(ids.numel()), "float32_perplexity": base,
+              "int8_2bit": "pair tables" if int8_uses_pair_tables(2, int(ids.numel())) else "int8 activations",
               "rows": rows}
     out = a.out or f"benchmarks/results/int8-quality-{datetime.date.today():%Y%m%d}.json"
     with open(out, "w") as f:

@@ -15,7 +15,7 @@ per row. The same arguments serve every backend:
 
 - CPU, CPU layout: the lookup-table kernel of ``flute._cpu`` (csrc/cpu: AVX-512, AVX2 or portable
   C++, picked from cpuid; :func:`set_cpu_isa` forces one), registered in C++ for the CPU key.
-  Below 32 rows of x (3 and 4 bits on AVX-512 VBMI + VNNI CPUs: below 256), int8 activations and
+  Below 32 rows of x (below 256 on AVX-512 VBMI + VNNI CPUs), int8 activations and
   integer dot products (llama.cpp's approach; the "int8" mode of :func:`get_cpu_mode`), exact fp32
   otherwise; ``set_cpu_mode("exact")`` makes every call exact.
 - CPU, GPU layout (or ``flute._cpu`` not built): the reference below: the codes are decoded every
@@ -232,16 +232,18 @@ def get_cpu_mode() -> str:
       Activations rounded to int8 per 32 columns (chunk scales: integer multiples of one unit per
       block, so that integer sums of a block share a scale), the table to 7-bit integers, integer
       dot products. 2 bits: per pair of activation columns the 16 sums of two table entries
-      times the two activations, rounded to int8 per 32 columns, looked up by pairs of codes;
-      :func:`flute.testing.reference_qgemm_int8` is its executable spec. Its perplexity cost on
+      times the two activations, rounded to int8 per 32 columns, looked up by pairs of codes
+      (from 4 rows on AVX-512 VBMI + VNNI CPUs the int8 activations of 3 and 4 bits instead:
+      :func:`flute.testing.int8_uses_pair_tables`); :func:`flute.testing.reference_qgemm_int8` is
+      its executable spec. Its perplexity cost on
       SmolLM2, measured, is within +-0.5% (``benchmarks/results/int8-quality-*.json``). Other
       group sizes and non-finite activations compute exactly.
     * ``"exact"``: fp32 decode and accumulation, matches the float64 reference to ~1e-6.
     * ``"bf16"`` (AVX512_BF16 + VBMI CPUs; 3 and 4 bits, 2 bits compute exactly): activations and
       table values rounded to bf16, fp32 sums.
 
-    Batches at or above the panel threshold (32 rows; 256 for 3 and 4 bits where the int8 mode has its
-    16-row kernel, ``torch.ops.flute.cpu_rows16_m()`` > 0) are exact in every mode. On CPUs with AMX
+    Batches at or above the panel threshold (32 rows; 256 where the int8 mode has its 16-row
+    kernel, ``torch.ops.flute.cpu_rows16_m(bits)`` > 0) are exact in every mode. On CPUs with AMX
     (:func:`get_cpu_amx`), bf16 activations from 16 rows take the AMX paths in every mode (3 and 4
     bits).
     """

@@ -105,15 +105,29 @@ def reference_qgemm_pair(x: torch.Tensor, w: RandomWeight, group_size: int) -> t
     return y.reshape(*x.shape[:-1], -1)
 
 
-def reference_qgemm_int8(x: torch.Tensor, w: RandomWeight, group_size: int) -> torch.Tensor:
+def int8_uses_pair_tables(bits: int, rows: int) -> bool:
+    """Whether the CPU kernel's int8 mode computes a batch of ``rows`` activation rows of a
+    ``bits``-bit weight on pair tables (:func:`reference_qgemm_pair`): 2 bits below the row count
+    from which the CPU's 16-row kernel takes over (``torch.ops.flute.cpu_rows16_m(2)``; CPUs with
+    AVX-512 VBMI + VNNI), every 2-bit batch elsewhere."""
+    if bits != 2:
+        return False
+    from . import ops  # the extension's own choice, where it is built
+    start = int(torch.ops.flute.cpu_rows16_m(2)) if ops.HAS_CPU_KERNEL else 0
+    return not start or rows < start
+
+
+def reference_qgemm_int8(x: torch.Tensor, w: RandomWeight, group_size: int,
+                         pair: Optional[bool] = None) -> torch.Tensor:
     """The CPU kernel's "int8" mode (``flute.set_cpu_mode("int8")``), executable: float64 ``x @ W.T``
-    after the two roundings that mode makes (2 bits: :func:`reference_qgemm_pair`). The table becomes 7-bit integers times one scale
+    after the two roundings that mode makes. 2 bits with ``pair`` (default: as the kernel does for
+    this batch, :func:`int8_uses_pair_tables`): :func:`reference_qgemm_pair`. The table becomes 7-bit integers times one scale
     (:func:`table7_scale`). Each row of ``x`` is rounded to int8 per 32-column chunk with the chunk
     scale ``k * u`` of its block (128 columns for 4 bits, 256 for 2 and 3): ``u = bmax / 127 / 8191``
     for the block's max|x|, ``k = min(8191, ceil(cmax / (bmax / 8191)))`` for the chunk's max|x|
     (float32 arithmetic, ties to even, as the kernel). Offsets multiply the exact ``x`` (their group
     sums are exact in the kernel too)."""
-    if w.bits == 2:
+    if pair if pair is not None else int8_uses_pair_tables(w.bits, x.numel() // x.shape[-1]):
         return reference_qgemm_pair(x, w, group_size)
     t = w.table.float()
     tscale = table7_scale(t)

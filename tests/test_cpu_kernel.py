@@ -12,8 +12,8 @@ import flute
 from flute import ops
 from flute.cpu_layout import to_cpu_layout
 from flute.format import dequantize_codes
-from flute.testing import (RandomWeight, random_quantized, reference_qgemm, reference_qgemm_int8,
-                           relative_error)
+from flute.testing import (RandomWeight, int8_uses_pair_tables, random_quantized, reference_qgemm,
+                           reference_qgemm_int8, relative_error)
 
 pytestmark = pytest.mark.skipif(not ops.HAS_CPU_KERNEL, reason="flute._cpu not built")
 
@@ -394,8 +394,8 @@ def test_int8_chunk_scales_follow_each_chunk(int8_mode, rng):
 def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
     """Groups that are not a multiple of 32, non-finite activations and M >= the panel threshold
     take the exact path in int8 mode: bitwise the exact mode's result."""
-    cases = [(3, 48, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn), (2, 64, 40, torch.randn),
-             (3, 64, 300, torch.randn), (4, 64, 300, torch.randn), (4, 64, 1, lambda *s, generator: torch.full(s, float("nan"))),
+    cases = [(3, 48, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn),
+             (2, 64, 300, torch.randn), (3, 64, 300, torch.randn), (4, 64, 300, torch.randn), (4, 64, 1, lambda *s, generator: torch.full(s, float("nan"))),
              (4, 64, 20, lambda *s, generator: torch.full(s, float("inf")))]
     for bits, group, m, make in cases:
         n, k = 40, 333
@@ -489,7 +489,8 @@ def test_int8_mode_simd_paths_equal_portable(group, int8_mode, rng):
     width (groups of 32: one part per float FMA, 64: two, 128 and one group: four) and every
     configuration of activation rows (1-4, 5 = 4 + 1, 17). K = 544 leaves 32 columns in the last
     block, whose parts that meet only padding the AVX-512 and AVX2 kernels skip
-    (Int8Args::last_half)."""
+    (Int8Args::last_half). 2 bits where the AVX-512 path runs its 16-row kernel (int8 activations,
+    not the pair tables of the other paths): against that spec instead."""
     isas = [i for i in ("avx512", "avx2") if available(i)]
     if not isas:
         pytest.skip("this CPU lacks AVX2")
@@ -498,31 +499,38 @@ def test_int8_mode_simd_paths_equal_portable(group, int8_mode, rng):
             w = random_quantized(203, k, bits, group, offsets=m == 5, dtype=torch.bfloat16, generator=rng)
             x = torch.randn(m, k, generator=rng)
             q = to_cpu_layout(w.codes, bits)
-            ys = {}
+            ys, pair = {}, {}
             for isa in isas + ["portable"]:
                 ops.set_cpu_isa(isa)
-                ys[isa] = run(x, w, bits, group, 203, k, q)
+                ys[isa], pair[isa] = run(x, w, bits, group, 203, k, q), int8_uses_pair_tables(bits, m)
             ops.set_cpu_isa("auto")
             for isa in isas:
-                assert relative_error(ys[isa], ys["portable"]) < 1e-6, (isa, bits, group, m, k)
+                case = (isa, bits, group, m, k)
+                if pair[isa] == pair["portable"]:
+                    assert relative_error(ys[isa], ys["portable"]) < 1e-6, case
+                else:
+                    ref = reference_qgemm_int8(x, w, group, pair=False)
+                    assert normwise_error(ys[isa], ref, x, w, group) < TOL[torch.float32], case
 
 
 def test_int8_rows16_kernel_matches_spec_and_portable(threads, int8_mode):
-    """3 and 4 bits from cpu_rows16_m() rows run on the 16-row kernel where the CPU has AVX-512
-    VBMI + VNNI (weight rows along the vector, each K block decoded once for up to 16 activation rows):
-    against the spec and the portable int8 path (the same integers, float32 sums in another order),
+    """Every bit width from cpu_rows16_m(bits) rows runs on the 16-row kernel where the CPU has
+    AVX-512 VBMI + VNNI (weight rows along the vector, each K block decoded once for up to 16
+    activation rows; 2 bits read from the pair layout, with the int8 activations of 3 and 4 bits):
+    against the spec and the portable int8 path (3 and 4 bits: the same integers, float32 sums in
+    another order),
     for N not a multiple of 16 (a partial tile, layout tiles past N), K with partial blocks and
     chunks past K, every group kind, offsets, every scale and activation dtype, and activation rows
     in passes of 1 to 16 (M up to 300: 19 passes; 255 the last row count before the panel path)."""
-    m_min = int(torch.ops.flute.cpu_rows16_m())
-    if not m_min:
+    if not torch.ops.flute.cpu_rows16_m(4):
         pytest.skip("this CPU or build has no 16-row int8 kernel (AVX-512 VBMI + VNNI)")
     r = random.Random(zlib.crc32(f"rows16-{threads}".encode()))
     g = torch.Generator().manual_seed(16)
-    for i in range(32):
-        bits = 3 + i % 2
+    for i in range(36):
+        bits = 2 + i % 3
+        m_min = int(torch.ops.flute.cpu_rows16_m(bits))
         n, k = r.choice([1, 5, 16, 17, 67, 301]), r.choice([32, 100, 128, 544, 1000, 1312])
-        group, m = r.choice([32, 64, 128, -1]), r.choice([m_min, 8, 16, 17, 31, 40, 255]) if i > 1 else 255
+        group, m = r.choice([32, 64, 128, -1]), r.choice([m_min, 8, 16, 17, 31, 40, 255]) if i > 2 else 255
         dtype = r.choice([torch.float32, torch.bfloat16, torch.float16])
         w = random_quantized(n, k, bits, group, offsets=r.random() < 0.4,
                              dtype=r.choice([torch.float32, torch.bfloat16, torch.float16]), generator=g)
@@ -530,8 +538,9 @@ def test_int8_rows16_kernel_matches_spec_and_portable(threads, int8_mode):
         q = to_cpu_layout(w.codes, bits)
         y = run(x, w, bits, group, n, k, q)
         case = (bits, n, k, group, m, dtype, w.scales.dtype, w.offsets is not None)
+        assert not int8_uses_pair_tables(bits, m)
         assert normwise_error(y, reference_qgemm_int8(x, w, group), x, w, group) < TOL[dtype], case
-        if dtype == torch.float32 and m < 32:  # the portable path's int8 mode ends at 32 rows
+        if dtype == torch.float32 and m < 32 and bits != 2:  # portable: int8 to 32 rows, 2 bits on pairs
             ops.set_cpu_isa("portable")
             try:
                 yp = run(x, w, bits, group, n, k, q)
@@ -590,7 +599,7 @@ def test_default_mode_is_int8_below_the_panel_threshold():
     code = ("import torch, flute\n"
             "from flute.cpu_layout import to_cpu_layout\n"
             "from flute.testing import random_quantized, reference_qgemm, reference_qgemm_int8, relative_error\n"
-            "print(flute.get_cpu_mode(), torch.ops.flute.cpu_rows16_m())\n"
+            "print(flute.get_cpu_mode(), torch.ops.flute.cpu_rows16_m(4))\n"
             "w = random_quantized(96, 512, 4, 64, seed=3)\n"
             "q = to_cpu_layout(w.codes, 4)\n"
             "for m in (1, 16, 40, 300):\n"
@@ -620,7 +629,9 @@ def test_pair_layout_kernels_equal_bitwise_on_every_path(mode, rng):
     equal to the spec (int8 mode: the pair tables of reference_qgemm_pair). The cases cover a tile
     with fewer than 16 rows, several tiles (the AVX-512 kernel reads two tiles at once at M = 1),
     K blocks (17 rows: 30 chunks of the tables per block, so K = 1100 takes two), a ragged last
-    chunk, groups spanning several chunks or one, every scale dtype and offsets."""
+    chunk, groups spanning several chunks or one, every scale dtype and offsets. Batches that the
+    AVX-512 path runs on the 16-row kernel instead (int8 mode, from cpu_rows16_m(2) rows) are left
+    to test_int8_rows16_kernel_matches_spec_and_portable."""
     old_mode = ops.get_cpu_mode()
     ops.set_cpu_mode(mode)
     isas = [i for i in ISAS if available(i)]
@@ -637,12 +648,14 @@ def test_pair_layout_kernels_equal_bitwise_on_every_path(mode, rng):
             outs = []
             for isa in isas:
                 ops.set_cpu_isa(isa)
+                if mode == "int8" and not int8_uses_pair_tables(2, m):
+                    continue
                 outs += at_thread_counts(lambda: run(x, w, 2, group, n, k, q), [1, 2])
             ops.set_cpu_isa("auto")
             case = (mode, n, k, group, m, sdtype, offsets)
             for y in outs[1:]:
                 assert torch.equal(y, outs[0]), case
-            ref = reference_qgemm_int8(x, w, group) if mode == "int8" else reference_qgemm(x, w, group)
+            ref = reference_qgemm_int8(x, w, group, pair=True) if mode == "int8" else reference_qgemm(x, w, group)
             assert normwise_error(outs[0], ref, x, w, group) < TOL[torch.float32], case
     finally:
         ops.set_cpu_isa("auto")

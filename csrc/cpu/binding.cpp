@@ -18,16 +18,17 @@
 //       (FLUTE_CPU_MODE=bf16; AVX512_BF16 + VBMI CPUs only, other paths stay exact).
 //   cpu_amx() -> bool, cpu_set_amx(bool) -> bool: whether bf16 activations from amx_m() rows
 //       take the AMX kernels (kernel_amx.cpp; CPUs with AMX-BF16; FLUTE_CPU_AMX=0 off).
-//   cpu_rows16_m() -> int: the activation rows from which the int8 mode runs 3 and 4 bits on the
-//       16-row kernel (kernel_int8_rows16_avx512.cpp) on the active path, 0 where it does not.
+//   cpu_rows16_m(bits) -> int: the activation rows from which the int8 mode runs that bit width on
+//       the 16-row kernel (kernel_int8_rows16_avx512.cpp) on the active path, 0 where it does not.
 //
 // Paths: 2 bits (the pair layout, pair_lut.h): below kLargeM rows with groups of a multiple of 32
-// columns (or one group) the pair-table kernel in the int8 mode or the pair layout's exact kernel
-// (fused_gemm.cpp: pair_gemm), else the panel path; 3 and 4 bits:
+// columns (or one group) the pair-table kernel in the int8 mode (from rows16_m(2) rows the 16-row
+// kernel where the CPU has AVX-512 VBMI + VNNI, to rows16_large_m()) or the pair layout's exact
+// kernel (fused_gemm.cpp: pair_gemm), else the panel path; 3 and 4 bits:
 // bf16 x on an AMX CPU (avx512 path): 16 to kAmxMaxM = 64 rows the streamed AMX kernel
 // (gemm_amx), more rows the blocked one (gemm_amx_rows, bf16 output). Otherwise, M <
 // large_m() and groups of a multiple of 32 columns (or one group): the fused kernel, in the int8
-// mode (finite x; 3 and 4 bits from rows16_m() to rows16_large_m() rows on the 16-row kernel where the
+// mode (finite x; from rows16_m() to rows16_large_m() rows on the 16-row kernel where the
 // CPU has AVX-512 VBMI + VNNI) or exact fp32 (fused_gemm.cpp: activations prepared once per call, threads over
 // row tiles). Otherwise: rows decoded in panels (fp32, or bf16 for bf16 activations on CPUs with
 // native bf16) and multiplied by at::mm (oneDNN/MKL), exactly.
@@ -286,7 +287,10 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   if (amx)
     amx_gemm(x2, w, out);
   else if (w.bits == 2) {
-    if (!(active_mode() == kModeInt8 && pair_gemm(x2, w, isa, false, out))) pair_gemm(x2, w, isa, true, out);
+    const bool int8 = active_mode() == kModeInt8;
+    const bool rows16 = int8 && M >= rows16_m(2) && rows16_available(2, isa);
+    if (!(int8 && (rows16 ? int8_gemm(x2, w, isa, out) : pair_gemm(x2, w, isa, false, out))))
+      pair_gemm(x2, w, isa, true, out);
   } else if (!(active_mode() == kModeInt8 && int8_gemm(x2, w, isa, out)))
     exact_gemm(x2, w, isa, active_mode() == kModeBf16 && has_bf16_kernel(), out);
   if (half) {
@@ -427,7 +431,7 @@ TORCH_LIBRARY_FRAGMENT(flute, m) {
   m.def("cpu_has_bf16() -> bool", &has_bf16_kernel);
   m.def("cpu_amx() -> bool", &cpu_amx);
   m.def("cpu_set_amx(bool on) -> bool", &cpu_set_amx);
-  m.def("cpu_rows16_m() -> int", &cpu_rows16_m);
+  m.def("cpu_rows16_m(int bits) -> int", &cpu_rows16_m);
 }
 
 TORCH_LIBRARY_IMPL(flute, CPU, m) {

@@ -69,10 +69,10 @@ int active_mode();         // Mode in use (flute.set_cpu_mode, FLUTE_CPU_MODE)
 bool has_native_bf16();    // AVX512_BF16 and VBMI on an AVX-512 CPU
 bool has_bf16_kernel();    // ... and the bf16 mode's kernel built
 int64_t task_weights();    // least weights (rows x K_pad) per task of the fused kernels' thread split
-int64_t rows16_m();        // activation rows from which the int8 mode's 16-row kernel runs 3 and 4 bits
-int64_t rows16_large_m();  // ... and up to which (not included) it runs instead of the panel path
-bool rows16_available(int bits, int isa);  // the 16-row kernel built, for this weight and path
-int64_t cpu_rows16_m();    // rows16_m() where 3 and 4 bits run on it on the active path, else 0
+int64_t rows16_m(int bits);  // activation rows from which the int8 mode runs the 16-row kernel
+int64_t rows16_large_m();    // ... and up to which (not included) it runs instead of the panel path
+bool rows16_available(int bits, int isa);  // the 16-row kernel built and supported on this path
+int64_t cpu_rows16_m(int64_t bits);  // rows16_m(bits) where it runs on the active path, else 0
 int64_t large_m();         // activation rows from which the panel path (decode + at::mm) is used
 int64_t panel_bytes();     // bytes of one decoded panel
 int64_t amx_m();           // activation rows from which bf16 activations take the AMX path

@@ -248,7 +248,7 @@ bool has_vbmi_vnni() {
 bool rows16_available(int bits, int isa) {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool built = kernel_int8_rows16_built();
-  return bits != 2 && isa == kAvx512 && built && has_vbmi_vnni();
+  return isa == kAvx512 && built && has_vbmi_vnni();
 #else
   (void)bits, (void)isa;
   return false;
@@ -293,6 +293,7 @@ char* call_scratch(int slot, int64_t bytes, at::Tensor& hold, int64_t max_cached
 // dword k = j / 4 meets the columns of weight vector k (kernel_int8_rows16_avx512.cpp's decoders).
 static int rows16_col(int bits, int j) {
   if (bits == 4) return j;
+  if (bits == 2) return 8 * (j / 8) + 2 * (j / 4 % 2) + (j & 1) + 4 * (j / 2 % 2);  // k = 2s + L, i
   const int k = j / 4, i = j % 4, e = k / 4, reg = (k / 2) % 2, h = k % 2;
   return 16 * reg + 8 * h + e + 2 * i;
 }
@@ -352,7 +353,10 @@ static void rows16_gemm(const Weight& w, int64_t M, const int8_t* xq, const int1
 }
 #endif
 
-bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
+bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
+  // 2 bits (the 16-row kernel only): the activations in blocks of 256 columns, as 3 bits
+  Weight w = w_in;
+  if (w.bits == 2) w.nblocks = (w.K + 255) / 256;
   const int64_t M = x2.numel() / w.K, nb = w.nblocks;
   const int P = int8_parts(w.bits), C = chunks_per_block(w.bits);
   // One scratch buffer (small calls are dominated by fixed costs): activations, their corrections
@@ -395,7 +399,7 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out) {
   const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
   for (int64_t i = 0; i < nb * M; ++i) xu[i] *= t7.scale;  // see Int8Args::xu
 #if defined(__x86_64__) || defined(_M_X64)
-  if (M >= rows16_m() && rows16_available(w.bits, isa)) {
+  if (w.bits == 2 || (M >= rows16_m(w.bits) && rows16_available(w.bits, isa))) {  // 2 bits: see the caller
     rows16_gemm(w, M, xq, xk, xu, xs, t7, out);
     return true;
   }

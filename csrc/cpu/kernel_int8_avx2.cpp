@@ -301,7 +301,8 @@ bool quantize_x_int8_bits(const float* xf, int8_t* dst, int16_t* corr, int16_t* 
 
 bool quantize_x_int8_avx2(const float* xf, int bits, int8_t* dst, int16_t* corr, int16_t* k, float* u) {
   switch (bits) {
-    // 2 bits never come here: they run on the pair layout (pair_lut.h)
+    // 2 bits (the 16-row kernel's activations only): blocks of 256 columns, as 3 bits
+    case 2:
     case 3: return quantize_x_int8_bits<3>(xf, dst, corr, k, u);
     default: return quantize_x_int8_bits<4>(xf, dst, corr, k, u);
   }

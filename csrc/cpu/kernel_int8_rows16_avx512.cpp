@@ -26,6 +26,7 @@
 
 #include "lut_kernel.h"
 #include "int8_tiles.h"
+#include "pair_lut.h"
 #include "tile16_avx512.h"
 
 namespace flute_cpu {
@@ -121,6 +122,47 @@ struct Decoder<4> {
   }
 };
 
+// 2 bits, on the pair layout (pair_lut.h): one stream per 16-row tile, [chunk][step s][32 bytes];
+// byte 16 L + n of step s holds row n's codes of the chunk's columns 8s + 2L, 8s + 2L + 1,
+// 8s + 2L + 4, 8s + 2L + 5 at bits 0-1, 2-3, 4-5, 6-7: weight vector k = 2s + L, lane n, is that
+// byte spread over 4 bytes (`vpermb`), each shifted to its field (`vpmultishiftqb`, per byte bit
+// offset 8b + 2 (b % 4) of its qword) and looked up (a table of tu[x & 3]): 3 instructions a vector,
+// no transpose. A block is 8 chunks (256 columns, the int8 activations' block), each prefetched
+// kPrefetchBytes ahead in the stream.
+template <>
+struct Decoder<2> {
+  __m512i table, spread[2], shift;
+  explicit Decoder(const uint8_t* tu) {
+    alignas(64) uint8_t t[64], sp[2][64], sh[64];
+    for (int i = 0; i < 64; ++i) {
+      t[i] = tu[i & 3];
+      for (int L = 0; L < 2; ++L) sp[L][i] = static_cast<uint8_t>(16 * L + i / 4);
+      sh[i] = static_cast<uint8_t>(8 * (i % 8) + 2 * (i % 4));
+    }
+    table = _mm512_load_si512(t);
+    spread[0] = _mm512_load_si512(sp[0]);
+    spread[1] = _mm512_load_si512(sp[1]);
+    shift = _mm512_load_si512(sh);
+  }
+  // Chunks [c0, c1) of the tile at tp into w[(c - c0) * 8 + k].
+  void chunks(const uint8_t* tp, int64_t c0, int64_t c1, __m512i* w) const {
+    for (int64_t c = c0; c < c1; ++c, w += 8) {
+      const uint8_t* p = tp + c * kPairChunkBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes + 64), _MM_HINT_T0);
+      for (int half = 0; half < 2; ++half) {  // steps 2 half, 2 half + 1
+        const __m512i v = _mm512_loadu_si512(p + 64 * half);
+        for (int k = 0; k < 4; ++k) {  // k = 2 (s % 2) + L: bytes 32 (s % 2) + 16 L + n
+          __m512i idx = spread[k % 2];
+          if (k >= 2) idx = _mm512_add_epi8(idx, _mm512_set1_epi8(32));
+          const __m512i f = _mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(idx, v));
+          _mm512_store_si512(w + 4 * half + k, _mm512_permutexvar_epi8(f, table));
+        }
+      }
+    }
+  }
+};
+
 // 3 bits: a row's block is R0 | R1 | R2 (flute/cpu_layout.py), each 32 bytes in the int8 kernel's
 // byte order: byte 16h + 4q + i holds, for part p (R0: p = 0, R1: p = 1, R2 with the spare bits of
 // R0 and R1: p = 2, 3) and half reg (low or high nibble), the code of lane j = 8 reg + 4h + i,
@@ -183,14 +225,26 @@ void rows_pass(const Rows16Args& a, const __m512i* w, int64_t c0, int64_t c1, in
     for (int m = 0; m < MC; ++m) {
       const int32_t* x = reinterpret_cast<const int32_t*>(a.x8 + (m0 + m) * xs + c * 32);
       __m512i s = _mm512_set1_epi32(a.xinit[(m0 + m) * cs + c]);
-      s = _mm512_dpbusd_epi32(s, w0, _mm512_set1_epi32(x[0]));
-      s = _mm512_dpbusd_epi32(s, w1, _mm512_set1_epi32(x[1]));
-      s = _mm512_dpbusd_epi32(s, w2, _mm512_set1_epi32(x[2]));
-      s = _mm512_dpbusd_epi32(s, w3, _mm512_set1_epi32(x[3]));
-      s = _mm512_dpbusd_epi32(s, w4, _mm512_set1_epi32(x[4]));
-      s = _mm512_dpbusd_epi32(s, w5, _mm512_set1_epi32(x[5]));
-      s = _mm512_dpbusd_epi32(s, w6, _mm512_set1_epi32(x[6]));
-      s = _mm512_dpbusd_epi32(s, w7, _mm512_set1_epi32(x[7]));
+      if constexpr (MC >= 8) {  // 8 independent rows: each row's chain of 8 may wait on itself
+        s = _mm512_dpbusd_epi32(s, w0, _mm512_set1_epi32(x[0]));
+        s = _mm512_dpbusd_epi32(s, w1, _mm512_set1_epi32(x[1]));
+        s = _mm512_dpbusd_epi32(s, w2, _mm512_set1_epi32(x[2]));
+        s = _mm512_dpbusd_epi32(s, w3, _mm512_set1_epi32(x[3]));
+        s = _mm512_dpbusd_epi32(s, w4, _mm512_set1_epi32(x[4]));
+        s = _mm512_dpbusd_epi32(s, w5, _mm512_set1_epi32(x[5]));
+        s = _mm512_dpbusd_epi32(s, w6, _mm512_set1_epi32(x[6]));
+        s = _mm512_dpbusd_epi32(s, w7, _mm512_set1_epi32(x[7]));
+      } else {  // few rows: two chains of 4 per row, or the `vpdpbusd` latency bounds the pass
+        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_set1_epi32(x[1]));
+        s = _mm512_dpbusd_epi32(s, w0, _mm512_set1_epi32(x[0]));
+        s = _mm512_dpbusd_epi32(s, w2, _mm512_set1_epi32(x[2]));
+        s1 = _mm512_dpbusd_epi32(s1, w3, _mm512_set1_epi32(x[3]));
+        s = _mm512_dpbusd_epi32(s, w4, _mm512_set1_epi32(x[4]));
+        s1 = _mm512_dpbusd_epi32(s1, w5, _mm512_set1_epi32(x[5]));
+        s = _mm512_dpbusd_epi32(s, w6, _mm512_set1_epi32(x[6]));
+        s1 = _mm512_dpbusd_epi32(s1, w7, _mm512_set1_epi32(x[7]));
+        s = _mm512_add_epi32(s, s1);
+      }
       const __m512 f = _mm512_mul_ps(ws, _mm512_set1_ps(a.xf[(m0 + m) * cs + c]));
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), f, acc[m]);
     }
@@ -206,7 +260,7 @@ const PassFn kPasses[kRows] = {rows_pass<1>,  rows_pass<2>,  rows_pass<3>,  rows
 template <int BITS>
 void rows16_tiles(const Rows16Args& a, int64_t t0, int64_t t1) {
   constexpr int64_t C = BITS == 4 ? 4 : 8, range = kRangeCols / (32 * C);  // chunks per block, blocks per range
-  constexpr int64_t tile_block_bytes = Streams<BITS>::kBlockBytes;
+  constexpr int64_t tile_block_bytes = BITS == 2 ? 0 : Streams<BITS>::kBlockBytes;
   const Decoder<BITS> dec(a.tu);
   const int64_t ltiles = a.N_pad / 4, M = a.M;
   const int64_t np = (M + kRows - 1) / kRows;  // passes of activation rows, as equal as can be
@@ -224,12 +278,16 @@ void rows16_tiles(const Rows16Args& a, int64_t t0, int64_t t1) {
       tiles[j] = 4 * t + j < ltiles ? a.qw + (4 * t + j) * a.nblocks * tile_block_bytes : nullptr;
       next[j] = 4 * t + 4 + j < ltiles && t + 1 < t1 ? a.qw + (4 * t + 4 + j) * a.nblocks * tile_block_bytes : nullptr;
     }
+    if constexpr (BITS == 2) tiles[0] = pair_tile(a.qw, a.chunks, t);
     tile16_rows(a.scales, a.stype, a.N, a.ng, n0, 0, a.ng, sbuf);
     for (int64_t i = 0; i < 16 * M; ++i) acc[i] = 0.f;
     for (int64_t b0 = 0; b0 < a.nblocks; b0 += range) {
       const int64_t b1 = min64(a.nblocks, b0 + range);
-      for (int64_t b = b0; b < b1; ++b) dec.block(Streams<BITS>(tiles, next, b, a.nblocks), w + (b - b0) * C * 8);
       const int64_t c0 = C * b0, c1 = min64(a.chunks, C * b1);  // chunks past K: x8 = 0, skipped
+      if constexpr (BITS == 2)
+        dec.chunks(tiles[0], c0, c1, w);
+      else
+        for (int64_t b = b0; b < b1; ++b) dec.block(Streams<BITS>(tiles, next, b, a.nblocks), w + (b - b0) * C * 8);
       for (int64_t p = 0, m0 = 0; p < np; ++p) {
         const int64_t mc = (M - m0) / (np - p);
         kPasses[mc - 1](a, w, c0, c1, m0, sbuf, acc + 16 * m0);
@@ -253,7 +311,8 @@ void rows16_tiles(const Rows16Args& a, int64_t t0, int64_t t1) {
 }  // namespace
 
 void gemm_int8_rows16_avx512(const Rows16Args& a, int64_t t0, int64_t t1) {
-  if (a.bits == 3) rows16_tiles<3>(a, t0, t1);
+  if (a.bits == 2) rows16_tiles<2>(a, t0, t1);
+  else if (a.bits == 3) rows16_tiles<3>(a, t0, t1);
   else rows16_tiles<4>(a, t0, t1);
 }
 

@@ -135,13 +135,17 @@ int64_t large_m() {
   return v;
 }
 
-// Activation rows from which the int8 mode runs 3 and 4 bits on the 16-row kernel where it is built and
+// Activation rows from which the int8 mode runs 2, 3 and 4 bits on the 16-row kernel where it is built and
 // the CPU has AVX-512 VBMI + VNNI (kernel_int8_rows16_avx512.cpp; FLUTE_CPU_ROWS16_M).
-// From 3 rows it beat the 4-row int8 kernel on this project's Zen 5 VM (14336x4096, 1 thread: 2.18
-// against 2.34 ms; 4096x14336 2.57 against 3.96), at 2 rows it did not (CPU_NOTES item 133).
-int64_t rows16_m() {
-  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_M", 3);
-  return v;
+// 3 and 4 bits from 3 rows (FLUTE_CPU_ROWS16_M): on this project's Zen 5 VM it beat the 4-row int8
+// kernel at 3 rows on the large shapes but one (4-bit 4096x14336, 1 thread: 2.30 against 4.24 ms;
+// 3-bit 14336x4096, 1 thread, the exception: 2.00 against 1.68), at 2 rows it lost as often as it
+// won. 2 bits from 4 rows (FLUTE_CPU_ROWS16_M2): below, the pair-table kernel, which reads the
+// weights once but redoes its lookups for each pair of activation rows (14336x4096, 1 thread, at 2
+// rows 1.09 against 1.34 ms, at 4 rows 2.01 against 1.55; CPU_NOTES item 133).
+int64_t rows16_m(int bits) {
+  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_M", 3), v2 = env_positive("FLUTE_CPU_ROWS16_M2", 4);
+  return bits == 2 ? v2 : v;
 }
 
 // Activation rows from which such weights take the panel path after all (FLUTE_CPU_ROWS16_LARGE_M):
@@ -190,7 +194,10 @@ std::string cpu_set_mode(const std::string& name) {
   return cpu_mode();
 }
 
-int64_t cpu_rows16_m() { return rows16_available(4, active_isa()) ? rows16_m() : 0; }
+int64_t cpu_rows16_m(int64_t bits) {
+  const int b = static_cast<int>(bits);
+  return (b == 2 || b == 3 || b == 4) && rows16_available(b, active_isa()) ? rows16_m(b) : 0;
+}
 
 std::string cpu_isa() { return kIsaNames[g_isa.load()]; }
 
