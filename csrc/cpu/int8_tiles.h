@@ -49,13 +49,14 @@ struct ScaleMap {
   const int32_t* gidx;  // [nblocks][P][8]: group of each dword, relative to g0
 };
 
-// Entry i of lookup table `which` (0-3: A, B, C, D) of the bit width, as both kernels build them:
-// 4 bits, A indexed by the code in bits 0-3; 2 bits, A by bits 0-1 and B by bits 2-3; 3 bits, the
+// Entry i of lookup table `which` (0-3: A, B, C, D) of the bit width, as the 3/4-bit kernels build
+// them (2 bits have the pair layout): 4 bits, A indexed by the code in bits 0-3; 3 bits, the
 // layout's four index forms: A code at bits 0-2, B code at bits 1-3, C low field at bits 0-1 and high
 // bit at bit 3, D low field at bits 2-3 and high bit at bit 0. Each ignores its other index bits
 // (i < 16 for vpshufb, < 64 for vpermb).
 template <int BITS>
 inline uint8_t int8_table_entry(const uint8_t* tu, int which, int i) {
+  static_assert(BITS == 3 || BITS == 4, "the 4-row layout's widths");
   if (BITS == 3) {
     switch (which) {
       case 0: return tu[i & 7];
@@ -64,8 +65,7 @@ inline uint8_t int8_table_entry(const uint8_t* tu, int which, int i) {
       default: return tu[((i >> 2) & 3) | (i & 1) << 2];
     }
   }
-  if (which == 0) return BITS == 4 ? tu[i & 15] : tu[i & 3];
-  return which == 1 && BITS == 2 ? tu[(i >> 2) & 3] : 0;
+  return which == 0 ? tu[i & 15] : 0;
 }
 
 // 8 consecutive group scales of a row as fp32 (the general path's vpermps source).

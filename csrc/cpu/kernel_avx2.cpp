@@ -102,8 +102,8 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
 template <int BITS>
 inline __m256 lookup8(__m256 TA, __m256 TB, __m256i d, int s, uint16_t hi, int h) {
   constexpr int SH = BITS == 4 ? 4 : 2;
+  static_assert(BITS == 3 || BITS == 4, "2 bits have the pair layout's kernels");
   const __m256i idx = _mm256_srli_epi32(d, SH * s);
-  if (BITS == 2) return _mm256_permutevar8x32_ps(TA, idx);
   __m256 sel;
   if (BITS == 4) {
     sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));

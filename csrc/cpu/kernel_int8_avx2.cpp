@@ -1,6 +1,6 @@
 // flute CPU kernel, int8 mode (see Int8Args in lut_kernel.h), AVX2: one byte shuffle per 32 bytes of
 // codes puts each dword on one chunk (3 bits: the layout stores them so), the table lookup is
-// `vpshufb` on nibbles (4 bits), 2-bit fields in place (2 bits) or 3-bit codes in place (3 bits: half
+// `vpshufb` on nibbles (4 bits) or 3-bit codes in place (3 bits: half
 // of them with their high bit joined by one AND and OR, see rows_int8), the products
 // `vpmaddubsw` (u8 table value x s8 activation, pairs into int16),
 // the two registers' pairs added and corrected in int16, `vpmaddwd` by the chunks' integer scale
@@ -19,8 +19,8 @@
 namespace flute_cpu {
 namespace {
 
-// The lookup tables of the bit width (see rows_int8), built once per call. A: 4 bits, index = code;
-// 2 bits, index bits 0-1; B (2 bits): index bits 2-3. 3 bits: the four index forms of the layout,
+// The lookup tables of the bit width (see rows_int8), built once per call. A: 4 bits, index = code.
+// 3 bits: the four index forms of the layout,
 // A code at bits 0-2, B code at bits 1-3, C low field at bits 0-1 and high bit at bit 3, D low field
 // at bits 2-3 and high bit at bit 0 (each form ignores its other bits below bit 4).
 struct Tables {
@@ -84,13 +84,10 @@ inline void group_scales64(const ScaleMap& sm, int64_t row, int64_t b, __m256 (&
 template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
 inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
                       int64_t m0, float (*res)[4]) {
-  const __m256i TA = tab.A, TB = tab.B;
+  const __m256i TA = tab.A;
   constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P;
   static_assert(P % Q == 0, "merged parts come in whole groups of Q");
-  // Table lookups by `vpshufb` (index bits 0-3; bit 7 must be clear, bits 4-6 are ignored). 2 bits:
-  // the fields of parts 0 and 2 are taken in place at bits 0-1 (part 2 after one 4-bit shift that
-  // also serves part 3), those of parts 1 and 3 at bits 2-3: table TA is indexed by bits 0-1, TB by
-  // bits 2-3 (make_tables). One shift per 32 bytes of codes instead of three. 3 bits: the layout
+  // Table lookups by `vpshufb` (index bits 0-3; bit 7 must be clear, bits 4-6 are ignored). 3 bits: the layout
   // (R0 | R1 | R2, already in the registers' byte order) makes four index registers one AND of R0
   // or R1 (after one shared 4-bit shift for register 1) and the other four an AND of R2, an AND of
   // a spare bit of R0 or R1 and an OR, each form with its own table: 19 vector operations per 256
@@ -130,8 +127,8 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
         const __m256i R0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb));
         const __m256i R1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32));
         const __m256i R0s = _mm256_srli_epi16(R0, 4), R1s = _mm256_srli_epi16(R1, 4);
-        // (C ignores index bit 2 and D bit 1, so R0's bit 2 and R1's bit 1 may ride along: the three
-        // masks of the 2-bit kernel serve, and the M = 1 loop holds no more constants)
+        // (C ignores index bit 2 and D bit 1, so R0's bit 2 and R1's bit 1 may ride along: three
+        // masks serve, and the M = 1 loop holds no more constants)
         u0[0] = _mm256_shuffle_epi8(tab.A, _mm256_and_si256(R0, m0F));
         u1[0] = _mm256_shuffle_epi8(tab.A, _mm256_and_si256(R0s, m0F));
         u0[1] = _mm256_shuffle_epi8(tab.B, _mm256_and_si256(R1, m0F));
@@ -147,28 +144,11 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
       } else {
         const __m256i c0 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
         const __m256i c1 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
-        if (BITS == 4) {
-          u0[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c0, m0F));
-          u1[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c1, m0F));
-          u0[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c0, 4), m0F));
-          u1[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c1, 4), m0F));
-        } else {
-          // TA ignores index bits 2-3 and TB bits 0-1 (make_tables), so parts 0 and 1 (and 2 and 3)
-          // share one index register: 4 ANDs per 256 weights instead of 8.
-          const __m256i i0 = _mm256_and_si256(c0, m0F), i1 = _mm256_and_si256(c1, m0F);
-          const __m256i j0 = _mm256_and_si256(_mm256_srli_epi16(c0, 4), m0F);
-          const __m256i j1 = _mm256_and_si256(_mm256_srli_epi16(c1, 4), m0F);
-          u0[0] = _mm256_shuffle_epi8(TA, i0);
-          u1[0] = _mm256_shuffle_epi8(TA, i1);
-          u0[1] = _mm256_shuffle_epi8(TB, i0);
-          u1[1] = _mm256_shuffle_epi8(TB, i1);
-          if constexpr (!HALF) {
-            u0[2] = _mm256_shuffle_epi8(TA, j0);
-            u1[2] = _mm256_shuffle_epi8(TA, j1);
-            u0[3] = _mm256_shuffle_epi8(TB, j0);
-            u1[3] = _mm256_shuffle_epi8(TB, j1);
-          }
-        }
+        // 4 bits (2 bits have the pair layout)
+        u0[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c0, m0F));
+        u1[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c1, m0F));
+        u0[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c0, 4), m0F));
+        u1[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c1, 4), m0F));
       }
       __m256 wv, wg[BITS == 4 ? 1 : 2];
       if constexpr (FAST) group_scales64<BITS, SRC>(sm, r0 + r, b, wg);

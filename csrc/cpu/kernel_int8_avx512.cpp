@@ -32,7 +32,7 @@ namespace {
 
 // The lookup tables as 64-entry `vpermb` tables. 4 bits: index bits 0-3 (the high nibble arrives
 // with the next byte's low bits at 4-7 after a 16-bit shift; 4-5 ignored here, 6-7 by vpermb).
-// 2 bits: A bits 0-1, B bits 2-3 (the same register serves two parts). 3 bits: the layout's four
+// 3 bits: the layout's four
 // index forms as in the AVX2 kernel: A code at bits 0-2, B at bits 1-3, C low field at bits 0-1
 // and high bit at bit 3, D low field at bits 2-3 and high bit at bit 0.
 struct Tables512 {
@@ -137,17 +137,8 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
       } else {
         const __m512i c = _mm512_shuffle_epi8(_mm512_loadu_si512(rb), by_pos);
         const __m512i cs = _mm512_srli_epi16(c, 4);
-        if (BITS == 4) {
-          u[0] = _mm512_permutexvar_epi8(c, tab.A);
-          u[1] = _mm512_permutexvar_epi8(cs, tab.A);
-        } else {
-          u[0] = _mm512_permutexvar_epi8(c, tab.A);
-          u[1] = _mm512_permutexvar_epi8(c, tab.B);
-          if constexpr (!HALF) {
-            u[2] = _mm512_permutexvar_epi8(cs, tab.A);
-            u[3] = _mm512_permutexvar_epi8(cs, tab.B);
-          }
-        }
+        u[0] = _mm512_permutexvar_epi8(c, tab.A);  // 4 bits (2 bits have the pair layout)
+        u[1] = _mm512_permutexvar_epi8(cs, tab.A);
       }
       __m256 wv;
       __m512 wg[BITS == 4 ? 1 : 2];
