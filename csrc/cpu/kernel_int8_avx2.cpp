@@ -108,6 +108,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
     if (r0 == 0) {  // the first pass over a tile fetches kPrefetchBytes ahead (into the next tiles)
       const char* ahead = reinterpret_cast<const char*>(tile + b * 4 * BB) + kPrefetchBytes;
       for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
+      prefetch_tile_scales<SRC>(sm, 4, b);
     }
     // The rows unrolled. Though the unrolled M = 1 loop spills more (tables and index registers),
     // its accumulators stay in registers and the 4 rows' loads overlap: a 14336-column call

@@ -111,6 +111,7 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
       for (int tt = 0; tt < NT; ++tt) {
         const char* ahead = reinterpret_cast<const char*>(tile + tt * dt * tile_bytes + b * 4 * BB) + kPrefetchBytes;
         for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
+        prefetch_tile_scales<SRC>(sm, 4 * dt * tt + 4, b);
       }
     }
 #pragma GCC unroll 8
