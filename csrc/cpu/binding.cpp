@@ -243,7 +243,7 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
     amx_gemm_rows(xc, w, reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>()));
     return y;
   }
-  // the int8 mode's 16-row kernel (3 and 4 bits, AVX-512 VBMI + VNNI) outruns the panel path to more rows
+  // the int8 mode's 16-row kernel (AVX-512 VBMI + VNNI) outruns the panel path to more rows
   const int64_t panel_m = active_mode() == kModeInt8 && rows16_available(w.bits, isa) ? rows16_large_m() : large_m();
   if (!amx && (!fused || M >= panel_m)) {
     // Panel path: decode a few rows at a time, let at::mm (oneDNN / MKL) multiply.

@@ -135,9 +135,8 @@ int64_t large_m() {
   return v;
 }
 
-// Activation rows from which the int8 mode runs 2, 3 and 4 bits on the 16-row kernel where it is built and
-// the CPU has AVX-512 VBMI + VNNI (kernel_int8_rows16_avx512.cpp; FLUTE_CPU_ROWS16_M).
-// 3 and 4 bits from 3 rows (FLUTE_CPU_ROWS16_M): on this project's Zen 5 VM it beat the 4-row int8
+// Activation rows from which the int8 mode runs the 16-row kernel where it is built and the CPU has
+// AVX-512 VBMI + VNNI (kernel_int8_rows16_avx512.cpp). 3 and 4 bits from 3 rows (FLUTE_CPU_ROWS16_M): on this project's Zen 5 VM it beat the 4-row int8
 // kernel at 3 rows on the large shapes but one (4-bit 4096x14336, 1 thread: 2.30 against 4.24 ms;
 // 3-bit 14336x4096, 1 thread, the exception: 2.00 against 1.68), at 2 rows it lost as often as it
 // won. 2 bits from 4 rows (FLUTE_CPU_ROWS16_M2): below, the pair-table kernel, which reads the
