@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# A/B of two versions of csrc/cpu/kernel_int8_avx2.cpp in one process (int8_kernel_ab.cpp), ~1 minute
-# to build instead of rebuilding the extension. A and B are files or git revisions (REV:path is taken
-# from git); the headers come from csrc/cpu of the working tree.
-#   bash benchmarks/experiments/int8_kernel_ab.sh A B [BITS N K COPIES REPS]
+# A/B of two versions of csrc/cpu/kernel_int8_avx2.cpp (ISA=avx512: kernel_int8_avx512.cpp) in one
+# process (int8_kernel_ab.cpp), ~1 minute to build instead of rebuilding the extension. A and B are
+# files or git revisions (REV:path is taken from git); the headers come from csrc/cpu of the working
+# tree. A_FLAGS / B_FLAGS: extra compiler flags of one version (e.g. -DFLUTE_CPU_PREFETCH_BYTES=4096);
+# THREADS: threads of each call (default 1).
+#   [ISA=avx512] [THREADS=2] bash benchmarks/experiments/int8_kernel_ab.sh A B [BITS N K COPIES REPS]
 # BITS 3 or 4 (since CPU_NOTES item 131 the kernel has no 2-bit path: 2 bits run on the pair layout).
 #   e.g. bash benchmarks/experiments/int8_kernel_ab.sh HEAD csrc/cpu/kernel_int8_avx2.cpp 3 4096 14336 14 100
 set -euo pipefail
@@ -10,26 +12,42 @@ cd "$(dirname "$0")/../.."
 [ $# -ge 2 ] || { sed -n 2,7p "$0"; exit 2; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-flags=(-O3 -std=c++17 -mavx2 -mfma -Icsrc/cpu)
+isa=${ISA:-avx2}
+flags=(-O3 -std=c++17 -mavx2 -mfma -fopenmp -Icsrc/cpu)
+kernel=kernel_int8_avx2.cpp
+if [ "$isa" = avx512 ]; then
+  # as setup.py builds kernel_int8_avx512.cpp
+  flags+=(-mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512vbmi -mavx512vnni)
+  kernel=kernel_int8_avx512.cpp
+fi
 for v in a b; do
   src=$([ $v = a ] && echo "$1" || echo "$2")
-  if [ -f "$src" ]; then cp "$src" "$tmp/$v.cpp"; else git show "$src:csrc/cpu/kernel_int8_avx2.cpp" > "$tmp/$v.cpp"; fi
+  vflags=$([ $v = a ] && echo "${A_FLAGS:-}" || echo "${B_FLAGS:-}")
+  if [ -f "$src" ]; then cp "$src" "$tmp/$v.cpp"; else git show "$src:csrc/cpu/$kernel" > "$tmp/$v.cpp"; fi
   cat >> "$tmp/$v.cpp" <<CPP
+#include <string>
 namespace flute_cpu {
 void bf16_to_f32_avx2(const uint16_t* s, float* d, int64_t n) {
   for (int64_t i = 0; i < n; ++i) { uint32_t u = uint32_t(s[i]) << 16; std::memcpy(d + i, &u, 4); }
 }
 }  // namespace flute_cpu
 extern "C" void run_$v(const void* a, long t0, long t1) {
-  flute_cpu::gemm_int8_avx2(*static_cast<const flute_cpu::Int8Args*>(a), t0, t1);
+  flute_cpu::gemm_int8_$isa(*static_cast<const flute_cpu::Int8Args*>(a), t0, t1);
+}
+extern "C" void prep_$v(void* p) {
+  auto& a = *static_cast<flute_cpu::Int8Args*>(p);
+  if ("$isa" == std::string("avx512"))
+    flute_cpu::int8_prepare_avx512(a.bits, a.merge, a.nblocks, const_cast<int8_t*>(a.xq), a.xk,
+                                   const_cast<int16_t*>(a.xk2), const_cast<int32_t*>(a.xinit));
 }
 CPP
   # each version in its own namespace: the kernels' internal-linkage helpers cannot collide
-  g++ "${flags[@]}" -Dflute_cpu=flute_ab_$v -c "$tmp/$v.cpp" -o "$tmp/$v.o" &
+  # shellcheck disable=SC2086
+  g++ "${flags[@]}" $vflags -Dflute_cpu=flute_ab_$v -c "$tmp/$v.cpp" -o "$tmp/$v.o" &
 done
 g++ "${flags[@]}" -c benchmarks/experiments/int8_kernel_ab.cpp -o "$tmp/main.o"
 wait
-g++ "$tmp/main.o" "$tmp/a.o" "$tmp/b.o" -o "$tmp/ab"
+g++ -fopenmp "$tmp/main.o" "$tmp/a.o" "$tmp/b.o" -o "$tmp/ab"
 shift 2
 if [ $# -ge 5 ]; then "$tmp/ab" "$@"; exit; fi
 for bits in 3 4; do

@@ -4,7 +4,8 @@
 
 One JSON line per process: for each shape and batch, the median time (us) of --reps calls of
 torch.ops.flute.qgemm at 2 bits (g64, bf16 activations and scales, the default int8 mode), weights
-rotated (codes and scales) through more than --rotate-mb so that every call reads DRAM. Processes of the two builds
+rotated (codes and scales) through more than --rotate-mb so that every call reads DRAM, each copy
+placed as QuantLinear places a layout (flute.huge_pages.place_for_streaming: huge pages from 4 MiB). Processes of the two builds
 alternate, so both see the same machine state.
 """
 import argparse
@@ -16,6 +17,7 @@ import torch
 
 import flute  # noqa: F401
 from flute.cpu_layout import to_cpu_layout
+from flute.huge_pages import place_for_streaming
 from flute.testing import random_quantized
 
 p = argparse.ArgumentParser()
@@ -33,7 +35,8 @@ for shape in args.shapes.split(","):
     n, k = map(int, shape.split("x"))
     w = random_quantized(n, k, args.bits, 64, dtype=torch.bfloat16, seed=0)
     q = to_cpu_layout(w.codes, args.bits)
-    copies = [(q, w.scales)] + [(q.clone(), w.scales.clone()) for _ in range(max(1, args.rotate_mb * 2 ** 20 // q.numel()))]
+    copies = [(place_for_streaming(q.clone()), place_for_streaming(w.scales.clone()))
+              for _ in range(1 + max(1, args.rotate_mb * 2 ** 20 // q.numel()))]
     for m in map(int, args.batches.split(",")):
         x = torch.randn(m, k).to(torch.bfloat16)
         f = lambda c: torch.ops.flute.qgemm(x, c[0], c[1], None, w.table, args.bits, 64, k, n)

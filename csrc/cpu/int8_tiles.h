@@ -29,7 +29,11 @@ namespace {
 // 2.7 ms, benchmarks/CPU_NOTES.md). 8 KB rather than 2 KB: a 117 MB stream at 1 thread (A/B in
 // one process, 6 runs, both slot orders) took 2-7% fewer cycles at 4 bits, 2 and 3 bits within
 // the noise, and in-cache shapes were unchanged (CPU_NOTES item 62).
-constexpr int kPrefetchBytes = 8192;
+// FLUTE_CPU_PREFETCH_BYTES: an experiment's override (benchmarks/experiments/int8_kernel_ab.sh).
+#ifndef FLUTE_CPU_PREFETCH_BYTES
+#define FLUTE_CPU_PREFETCH_BYTES 8192
+#endif
+constexpr int kPrefetchBytes = FLUTE_CPU_PREFETCH_BYTES;
 
 // Weight scales: row r's scales start at WS + r * ngp, in the form SRC says; the 8 dwords of part p
 // of block b take scale g0[b] + gidx[b][p][d] of the row (one vpermps of 8 consecutive group

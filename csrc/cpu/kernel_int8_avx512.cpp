@@ -82,6 +82,12 @@ inline void group_scales64_512(const ScaleMap& sm, int64_t row, int64_t b, __m51
   }
 }
 
+// Prefetch distance of each weight stream: 4 KB at 4 bits, where the shared 8 KB took 2-5% longer
+// on the Zen 5 VM (1 and 2 threads, 14336x4096, 4096x14336 and 4096x4096 from DRAM, in-process
+// A/B; 3 bits were 2-4% slower at 4 KB and keep 8 KB: CPU_NOTES item 136).
+template <int BITS>
+constexpr int kPrefetch512 = BITS == 4 && kPrefetchBytes == 8192 ? 4096 : kPrefetchBytes;
+
 inline __m256 fold(__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
 
 // NR weight rows of a tile against MC activation rows (as the AVX2 kernel's rows_int8).
@@ -109,7 +115,7 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm512_set1_ps(a.xu[b * M + m0 + mc]);
     if (r0 == 0) {
       for (int tt = 0; tt < NT; ++tt) {
-        const char* ahead = reinterpret_cast<const char*>(tile + tt * dt * tile_bytes + b * 4 * BB) + kPrefetchBytes;
+        const char* ahead = reinterpret_cast<const char*>(tile + tt * dt * tile_bytes + b * 4 * BB) + kPrefetch512<BITS>;
         for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
         prefetch_tile_scales<SRC>(sm, 4 * dt * tt + 4, b);
       }
