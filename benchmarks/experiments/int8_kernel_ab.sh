@@ -20,12 +20,16 @@ if [ "$isa" = avx512 ]; then
   flags+=(-mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512vbmi -mavx512vnni)
   kernel=kernel_int8_avx512.cpp
 fi
+prep='  (void)a;'
+if [ "$isa" = avx512 ]; then
+  prep='  flute_cpu::int8_prepare_avx512(a.bits, a.merge, a.nblocks, const_cast<int8_t*>(a.xq), a.xk,
+                                 const_cast<int16_t*>(a.xk2), const_cast<int32_t*>(a.xinit));'
+fi
 for v in a b; do
   src=$([ $v = a ] && echo "$1" || echo "$2")
   vflags=$([ $v = a ] && echo "${A_FLAGS:-}" || echo "${B_FLAGS:-}")
   if [ -f "$src" ]; then cp "$src" "$tmp/$v.cpp"; else git show "$src:csrc/cpu/$kernel" > "$tmp/$v.cpp"; fi
   cat >> "$tmp/$v.cpp" <<CPP
-#include <string>
 namespace flute_cpu {
 void bf16_to_f32_avx2(const uint16_t* s, float* d, int64_t n) {
   for (int64_t i = 0; i < n; ++i) { uint32_t u = uint32_t(s[i]) << 16; std::memcpy(d + i, &u, 4); }
@@ -36,9 +40,7 @@ extern "C" void run_$v(const void* a, long t0, long t1) {
 }
 extern "C" void prep_$v(void* p) {
   auto& a = *static_cast<flute_cpu::Int8Args*>(p);
-  if ("$isa" == std::string("avx512"))
-    flute_cpu::int8_prepare_avx512(a.bits, a.merge, a.nblocks, const_cast<int8_t*>(a.xq), a.xk,
-                                   const_cast<int16_t*>(a.xk2), const_cast<int32_t*>(a.xinit));
+$prep
 }
 CPP
   # each version in its own namespace: the kernels' internal-linkage helpers cannot collide
