@@ -681,3 +681,42 @@ def test_pair_tables_spec_rounds_each_chunk_on_its_own_scale(rng):
     w = random_quantized(40, 70, 2, 32, generator=rng)._replace(table=t)
     err = relative_error(reference_qgemm_pair(x, w, 32), reference_qgemm(x, w, 32))
     assert 1e-5 < err < 0.05, err
+
+
+@pytest.fixture
+def restore_tile_pairs():
+    old = torch.ops.flute.cpu_tile_pairs()
+    yield
+    torch.ops.flute.cpu_set_tile_pairs(old)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_tile_pairs_bitwise_equal_to_single_tiles(bits, int8_mode, restore_tile_pairs, rng):
+    """At M = 1 the int8-mode kernels may read two tiles far apart in one pass (on by default on
+    Intel CPUs only: cpu_tile_pairs, FLUTE_CPU_TILE_PAIRS); each row's sums are the same operations
+    in the same order, so both ways give the same bits on every ISA and thread count, and the spec's
+    result. The shapes hold several tiles per thread (pairs need two), an odd number of them, and
+    a ragged last tile; with offsets the kernels never pair (equal all the same)."""
+    isas = [i for i in ISAS if available(i)]
+    try:
+        for n, k, group, sdtype, offsets in [(203, 1100, 64, torch.bfloat16, False),
+                                             (96, 512, 128, torch.float32, False),
+                                             (131, 333, 32, torch.bfloat16, False),
+                                             (64, 256, 64, torch.float16, True)]:
+            w = random_quantized(n, k, bits, group, offsets=offsets, dtype=sdtype, generator=rng)
+            x = torch.randn(1, k, generator=rng)
+            q = to_cpu_layout(w.codes, bits)
+            for isa in isas:
+                ops.set_cpu_isa(isa)
+                outs = []
+                for pairs in (False, True):
+                    assert torch.ops.flute.cpu_set_tile_pairs(pairs) is pairs
+                    assert torch.ops.flute.cpu_tile_pairs() is pairs
+                    outs += at_thread_counts(lambda: run(x, w, bits, group, n, k, q), [1, 2])
+                case = (isa, n, k, group, sdtype, offsets)
+                for y in outs[1:]:
+                    assert torch.equal(y, outs[0]), case
+                ref = reference_qgemm_int8(x, w, group, pair=int8_uses_pair_tables(bits, 1))
+                assert normwise_error(outs[0], ref, x, w, group) < TOL[torch.float32], case
+    finally:
+        ops.set_cpu_isa("auto")

@@ -85,6 +85,7 @@ int main(int argc, char** argv) {
   a.xu = xu.data(); a.merge = 2; a.scales = sc[0]; a.stype = flute_cpu::kBF16; a.ng = ng; a.G = 64;
   a.g0 = g0.data(); a.gidx = gidx.data();
   for (int i = 0; i < 16; ++i) a.tu[i] = uint8_t(40 + 5 * i);
+  a.tile_pairs = !(std::getenv("TILE_PAIRS") && std::atoi(std::getenv("TILE_PAIRS")) == 0);  // as on Intel
   a.xk2 = xk2.data();
   a.xinit = xinit.data();
   prep_a(&a);

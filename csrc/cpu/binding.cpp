@@ -18,6 +18,8 @@
 //       (FLUTE_CPU_MODE=bf16; AVX512_BF16 + VBMI CPUs only, other paths stay exact).
 //   cpu_amx() -> bool, cpu_set_amx(bool) -> bool: whether bf16 activations from amx_m() rows
 //       take the AMX kernels (kernel_amx.cpp; CPUs with AMX-BF16; FLUTE_CPU_AMX=0 off).
+//   cpu_tile_pairs() -> bool, cpu_set_tile_pairs(bool) -> bool: whether the M = 1 int8-mode
+//       kernels read two tiles far apart in one pass (on for Intel CPUs; FLUTE_CPU_TILE_PAIRS).
 //   cpu_rows16_m(bits) -> int: the activation rows from which the int8 mode runs that bit width on
 //       the 16-row kernel (kernel_int8_rows16_avx512.cpp) on the active path, 0 where it does not.
 //
@@ -431,6 +433,8 @@ TORCH_LIBRARY_FRAGMENT(flute, m) {
   m.def("cpu_has_bf16() -> bool", &has_bf16_kernel);
   m.def("cpu_amx() -> bool", &cpu_amx);
   m.def("cpu_set_amx(bool on) -> bool", &cpu_set_amx);
+  m.def("cpu_tile_pairs() -> bool", &cpu_tile_pairs);
+  m.def("cpu_set_tile_pairs(bool on) -> bool", &cpu_set_tile_pairs);
   m.def("cpu_rows16_m(int bits) -> int", &cpu_rows16_m);
 }
 

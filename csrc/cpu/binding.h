@@ -83,6 +83,8 @@ std::string cpu_mode();
 std::string cpu_set_mode(const std::string& name);
 bool cpu_amx();
 bool cpu_set_amx(bool on);
+bool cpu_tile_pairs();  // whether the M = 1 int8 kernels read tile pairs (Int8Args::tile_pairs)
+bool cpu_set_tile_pairs(bool on);
 
 // Activation rows up to which bf16 activations take the AMX path that streams the weights once
 // (gemm_amx, one pass of up to 4 C tiles); beyond, the blocked AMX kernel (gemm_amx_rows). In one

@@ -440,6 +440,7 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
   a.gidx = gidx;
   std::memcpy(a.tu, t7.tu, 16);
   a.out = out;
+  a.tile_pairs = cpu_tile_pairs();
 #if defined(__x86_64__) || defined(_M_X64)
   if (avx512) {
     int16_t* xk2 = reinterpret_cast<int16_t*>(base + o_k2);
@@ -571,6 +572,7 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
   a.stype = w.stype;
   a.ng = w.ng;
   a.out = out;
+  a.tile_pairs = cpu_tile_pairs();
   PairGemmFn fn = exact ? exact_pair_portable : gemm_pair_portable;
   PairLutFn lut_fn = pair_lut_portable;
 #if defined(__x86_64__) || defined(_M_X64)

@@ -136,12 +136,13 @@ void tiles_int8(const Int8Args& a, const typename KER::Tables& tab, int64_t t0, 
   const int64_t ngp = SRC == kBuffered ? ng + 8 : ng;
   alignas(16) float res[4][4];  // [mc][row of the tile]
   if constexpr (KER::kTilePairs && SRC != kBuffered) {
-    // Decode without offsets: tiles t and t + H in one pass over their blocks (KER::pair), two
-    // sequential streams far apart per thread. One core of a Sapphire Rapids VM streams 10-11 GB/s
+    // Decode without offsets, where the binding asks for it (Int8Args::tile_pairs: Intel CPUs):
+    // tiles t and t + H in one pass over their blocks (KER::pair), two sequential streams far
+    // apart per thread. One core of a Sapphire Rapids VM streams 10-11 GB/s
     // from one run and 12-13 GB/s from two; the AVX-512 kernel took 8-15% less time at 4 bits and
     // 4-10% at 2 and 3 bits (benchmarks/CPU_NOTES.md item 89).
     const int64_t H = (t1 - t0) / 2;
-    if (a.M == 1 && !a.offsets && H > 0 && 4 * (t0 + 2 * H) <= a.N) {
+    if (a.M == 1 && a.tile_pairs && !a.offsets && H > 0 && 4 * (t0 + 2 * H) <= a.N) {
       const int64_t tile_bytes = nb * 4 * BB, row_scales = 4 * ng * (SRC == kDirectBF16 ? 2 : 4);
       for (int64_t t = t0; t < t0 + H; ++t) {
         const ScaleMap sm{static_cast<const char*>(a.scales) + t * row_scales, ng, a.g0, a.gidx};

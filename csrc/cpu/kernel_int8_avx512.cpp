@@ -15,7 +15,8 @@
 //   once per call): the uncorrected int32 sums may wrap in between, but wrapping arithmetic is
 //   exact modulo 2^32 and the corrected total fits (Int8Args), so the result is exact.
 // - The float epilogue stays per merge (one conversion, scale product and FMA on 16 dwords).
-// - Decode reads two tiles far apart in one pass (pair(), int8_tiles.h): two streams per thread.
+// - Decode may read two tiles far apart in one pass (pair(), int8_tiles.h: Int8Args::tile_pairs,
+//   on Intel CPUs only): two streams per thread.
 // The activations are read in their own order, [block][m][part][reg][32 bytes] (int8_prepare_avx512
 // reorders the AVX2 order in place).
 #if defined(__x86_64__) || defined(_M_X64)

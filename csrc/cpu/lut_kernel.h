@@ -132,6 +132,9 @@ struct Int8Args {
   // values included, are exactly 0. The AVX-512 and AVX2 kernels skip them; the portable one
   // computes them.
   bool last_half = false;
+  // M = 1 without offsets: each thread's range read as tile pairs t, t + H (kernels with pair(),
+  // int8_tiles.h); the binding's choice (cpu_tile_pairs).
+  bool tile_pairs = false;
 };
 
 // The int8 mode's 16-row kernel (3 and 4 bits, AVX-512 VBMI + VNNI, kernel_int8_rows16_avx512.cpp), for

@@ -63,6 +63,7 @@ struct PairArgs {
   int64_t kbc;            // chunks per K block (the tiles of a thread's range are taken K block by
                           // K block, so that the M rows' tables of one block stay in L2)
   float* out;             // [M, N] fp32
+  bool tile_pairs = false;  // M = 1: tiles t and t + H of a range in one pass (cpu_tile_pairs)
 };
 
 // One activation row's pair tables: lut [chunks][256], lsc [chunks] from x [K] (fp32). False when x
@@ -161,7 +162,7 @@ static void pair_tile_loop(const PairArgs& a, int64_t t0, int64_t t1, int64_t ss
                            const Pass& pass) {
   FloatBuf row_buf(a.ng), sraw(2 * sstride + 16);
   float* sbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sraw.data()) + 63) & ~uintptr_t(63));
-  const int64_t H = a.M == 1 ? (t1 - t0) / 2 : 0;
+  const int64_t H = a.M == 1 && a.tile_pairs ? (t1 - t0) / 2 : 0;
   for (int64_t c0 = 0; c0 < a.chunks; c0 += a.kbc) {
     const int64_t c1 = min64(a.chunks, c0 + a.kbc), g0 = a.cg[c0], g1 = a.cg[c1 - 1] + 1;
     for (int64_t t = t0; t < t0 + H; ++t) {
