@@ -627,7 +627,8 @@ def test_pair_layout_kernels_equal_bitwise_on_every_path(mode, rng):
     """2 bits run on the pair layout (csrc/cpu/pair_lut.h), whose portable, AVX2 and AVX-512 kernels
     make the same float operations in the same order: the same bits on every ISA and thread count,
     equal to the spec (int8 mode: the pair tables of reference_qgemm_pair). The cases cover a tile
-    with fewer than 16 rows, several tiles (the AVX-512 kernel reads two tiles at once at M = 1),
+    with fewer than 16 rows, several tiles (read two at once at M = 1 where tile pairs are on; both
+    ways: test_tile_pairs_bitwise_equal_to_single_tiles),
     K blocks (17 rows: 30 chunks of the tables per block, so K = 1100 takes two), a ragged last
     chunk, groups spanning several chunks or one, every scale dtype and offsets. Batches that the
     AVX-512 path runs on the 16-row kernel instead (int8 mode, from cpu_rows16_m(2) rows) are left
