@@ -76,8 +76,14 @@ const bool g_has_amx = g_has_bf16 && g_amx_granted && kernel_amx_built();
 #else
 const bool g_has_amx = false;
 #endif
+// A switch from environment variable `name`: "0" off, any other value on; unset, `fallback`.
+bool env_flag(const char* name, bool fallback) {
+  const char* env = std::getenv(name);
+  return env ? std::string(env) != "0" : fallback;
+}
+
 // The AMX path (kernel_amx.cpp) for bf16 activations from amx_m() rows: on unless FLUTE_CPU_AMX=0.
-std::atomic<bool> g_amx{g_has_amx && !(std::getenv("FLUTE_CPU_AMX") && std::string(std::getenv("FLUTE_CPU_AMX")) == "0")};
+std::atomic<bool> g_amx{g_has_amx && env_flag("FLUTE_CPU_AMX", true)};
 
 // Tile pairs (the M = 1 int8 kernels reading tiles t and t + H of a thread's range in one pass: two
 // weight streams per thread): on by default on Intel CPUs, where a Sapphire Rapids VM read 8-15%
@@ -93,8 +99,7 @@ bool intel_cpu() {
   return false;
 #endif
 }
-std::atomic<bool> g_tile_pairs{std::getenv("FLUTE_CPU_TILE_PAIRS") ? std::string(std::getenv("FLUTE_CPU_TILE_PAIRS")) != "0"
-                                                                   : intel_cpu()};
+std::atomic<bool> g_tile_pairs{env_flag("FLUTE_CPU_TILE_PAIRS", intel_cpu())};
 
 const char* const kModeNames[] = {"exact", "bf16", "int8"};  // indexed by Mode (binding.h)
 
