@@ -72,18 +72,18 @@ void bf16_to_f32_portable(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
 }
 
-// The int8 mode's activations (see Int8Args): each block of each row through the ISA's QuantXFn
+// The int8 mode's activations (see Int8Args), rows [m0, m1) of M: each block of each row through the ISA's QuantXFn
 // (int8 per 32-column chunk on the block's unit, in the kernel's byte order, with the int16
 // corrections and chunk factors); exact group sums when there are offsets.
 // False (nothing usable) when x holds a NaN or an Inf: the caller then takes the exact path, which
 // propagates them as the float math would.
 template <typename T>
-bool int8_x(const T* x, int64_t M, const Weight& w, QuantXFn quant, Bf16ToF32Fn widen, int8_t* xq,
-            int16_t* xcorr, int16_t* xk, float* xu, float* xsum) {
+bool int8_x(const T* x, int64_t M, int64_t m0, int64_t m1, const Weight& w, QuantXFn quant, Bf16ToF32Fn widen,
+            int8_t* xq, int16_t* xcorr, int16_t* xk, float* xu, float* xsum) {
   const int bits = w.bits, P = int8_parts(bits), cols = 64 * P;
   const int64_t K = w.K, nb = w.nblocks;
   alignas(32) float xf[256];
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = m0; m < m1; ++m) {
     const T* xr = x + m * K;
     for (int64_t b = 0; b < nb; ++b) {
       const float* src = xf;
@@ -298,35 +298,35 @@ static int rows16_col(int bits, int j) {
   return 16 * reg + 8 * h + e + 2 * i;
 }
 
-static void rows16_gemm(const Weight& w, int64_t M, const int8_t* xq, const int16_t* xk, const float* xu, const float* xs,
-                        const Table7& t7, float* out) {
+// The 16-row kernel's activation buffers for M rows (scratch slot 2), filled per row range by
+// rows16_prepare_avx512 with src_of.
+struct Rows16Buffers {
+  int8_t* x8;
+  int32_t* xinit;
+  float* xf;
+  int32_t* cg;
+  alignas(64) uint8_t src_of[256];  // byte j of a block in the kernel's order <- byte src_of[j] of xq's block
+  at::Tensor hold;
+};
+
+static void rows16_buffers(const Weight& w, int64_t M, Rows16Buffers& r) {
   const int P = int8_parts(w.bits), C = chunks_per_block(w.bits), bc = 64 * P;
-  const int64_t nb = w.nblocks, cols = nb * bc, cpr = nb * C, chunks = (w.K + 31) / 32;
+  const int64_t cols = w.nblocks * bc, cpr = w.nblocks * C;
   const int64_t o_init = align64(M * cols), o_f = align64(o_init + M * cpr * 4), o_cg = align64(o_f + M * cpr * 4),
                 total = o_cg + cpr * 4;
-  at::Tensor hold;
-  char* base = call_scratch(2, total, hold);
-  int8_t* x8 = reinterpret_cast<int8_t*>(base);
-  int32_t* xinit = reinterpret_cast<int32_t*>(base + o_init);
-  float* xf = reinterpret_cast<float*>(base + o_f);
-  int32_t* cg = reinterpret_cast<int32_t*>(base + o_cg);
+  char* base = call_scratch(2, total, r.hold);
+  r.x8 = reinterpret_cast<int8_t*>(base);
+  r.xinit = reinterpret_cast<int32_t*>(base + o_init);
+  r.xf = reinterpret_cast<float*>(base + o_f);
+  r.cg = reinterpret_cast<int32_t*>(base + o_cg);
   const int16_t* pos = int8_positions(w.bits);
-  int16_t src_of[256];  // byte j of a block in the kernel's order <- byte src_of[j] of xq's block
-  for (int j = 0; j < bc; ++j) src_of[j] = pos[j / 32 * 32 + rows16_col(w.bits, j % 32)];
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t b = 0; b < nb; ++b) {
-        const int8_t* src = xq + (b * M + m) * bc;
-        int8_t* dst = x8 + m * cols + b * bc;
-        for (int j = 0; j < bc; ++j) dst[j] = src[src_of[j]];
-        for (int c = 0; c < C; ++c) {  // chunk c's factor k: int16 w = 2 * (c / P) of part c % P
-          int sum = 0;
-          for (int i = 0; i < 32; ++i) sum += dst[32 * c + i];
-          xinit[m * cpr + C * b + c] = -64 * sum;
-          xf[m * cpr + C * b + c] = static_cast<float>(xk[(b * M + m) * P * 16 + (c % P) * 16 + 2 * (c / P)]) * xu[b * M + m];
-        }
-      }
-  });
+  for (int j = 0; j < bc; ++j) r.src_of[j] = static_cast<uint8_t>(pos[j / 32 * 32 + rows16_col(w.bits, j % 32)]);
+}
+
+static void rows16_gemm(const Weight& w, int64_t M, const Rows16Buffers& r, const float* xs, const Table7& t7,
+                        float* out) {
+  const int64_t nb = w.nblocks, chunks = (w.K + 31) / 32;
+  int32_t* cg = r.cg;
   for (int64_t c = 0; c < chunks; ++c) cg[c] = static_cast<int32_t>(std::min<int64_t>(c * 32 / w.G, w.ng - 1));
   Rows16Args a{};
   a.qw = w.qweight.data_ptr<uint8_t>();
@@ -336,9 +336,9 @@ static void rows16_gemm(const Weight& w, int64_t M, const int8_t* xq, const int1
   a.nblocks = nb;
   a.M = M;
   a.chunks = chunks;
-  a.x8 = x8;
-  a.xinit = xinit;
-  a.xf = xf;
+  a.x8 = r.x8;
+  a.xinit = r.xinit;
+  a.xf = r.xf;
   a.cg = cg;
   a.scales = w.scales.data_ptr();
   a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
@@ -389,18 +389,40 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
 #else
   const bool avx512 = false;
 #endif
-  bool ok;
-  switch (x2.scalar_type()) {
-    case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, w, quant, widen, xq, xcorr, xk, xu, xs); break;
-    case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, w, quant, widen, xq, xcorr, xk, xu, xs); break;
-    default: ok = int8_x(x2.data_ptr<float>(), M, w, quant, widen, xq, xcorr, xk, xu, xs);
-  }
-  if (!ok) return false;
   const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
-  for (int64_t i = 0; i < nb * M; ++i) xu[i] *= t7.scale;  // see Int8Args::xu
 #if defined(__x86_64__) || defined(_M_X64)
-  if (w.bits == 2 || (M >= rows16_m(w.bits) && rows16_available(w.bits, isa))) {  // 2 bits: see the caller
-    rows16_gemm(w, M, xq, xk, xu, xs, t7, out);
+  const bool rows16 = w.bits == 2 || (M >= rows16_m(w.bits) && rows16_available(w.bits, isa));  // 2 bits: see the caller
+  Rows16Buffers r16;
+  if (rows16) rows16_buffers(w, M, r16);
+#else
+  const bool rows16 = false;
+#endif
+  // Activation rows in parallel (prefill: serial, this was a sixth of a 576x1536 M = 64 call at 2
+  // threads, the other thread waiting; CPU_NOTES item 138), each row quantized, its units times
+  // the table scale (see Int8Args::xu) and, for the 16-row kernel, put in its order while in L1.
+  std::atomic<bool> finite{true};
+  const int64_t rows_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K, 1));
+  at::parallel_for(0, M, rows_grain, [&](int64_t m0, int64_t m1) {
+    bool ok;
+    switch (x2.scalar_type()) {
+      case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, m0, m1, w, quant, widen, xq, xcorr, xk, xu, xs); break;
+      case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, m0, m1, w, quant, widen, xq, xcorr, xk, xu, xs); break;
+      default: ok = int8_x(x2.data_ptr<float>(), M, m0, m1, w, quant, widen, xq, xcorr, xk, xu, xs);
+    }
+    if (!ok) {
+      finite.store(false, std::memory_order_relaxed);
+      return;
+    }
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t m = m0; m < m1; ++m) xu[b * M + m] *= t7.scale;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (rows16) rows16_prepare_avx512(w.bits, M, nb, m0, m1, r16.src_of, xq, xk, xu, r16.x8, r16.xinit, r16.xf);
+#endif
+  });
+  if (!finite.load()) return false;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (rows16) {
+    rows16_gemm(w, M, r16, xs, t7, out);
     return true;
   }
 #endif

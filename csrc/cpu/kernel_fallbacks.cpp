@@ -31,6 +31,8 @@ void int8_prepare_avx512(int, int, int64_t, int8_t*, const int16_t*, int16_t*, i
 
 #if defined(FLUTE_WITHOUT_KERNEL_INT8_ROWS16)
 bool kernel_int8_rows16_built() { return false; }
+void rows16_prepare_avx512(int, int64_t, int64_t, int64_t, int64_t, const uint8_t*, const int8_t*, const int16_t*,
+                           const float*, int8_t*, int32_t*, float*) {}
 void gemm_int8_rows16_avx512(const Rows16Args&, int64_t, int64_t) {}
 #endif
 
