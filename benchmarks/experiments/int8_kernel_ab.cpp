@@ -5,7 +5,10 @@
 // reversed every round, codes and scales rotated through more than the L3 size (copies > 1) or hot
 // (copies = 1). THREADS > 1 splits the tiles as the op's for_tiles does (dynamic chunks, OpenMP).
 // Prints the medians and the median of the per-round ratios, and whether the two versions' outputs
-// agree. Build and run with benchmarks/experiments/int8_kernel_ab.sh; an experiment tool (CPU_NOTES
+// agree. READER=1: each round also times a plain read of as many bytes (XOR of 64-byte lines over a
+// third rotation, the same threads), and the ratios are printed again for the rounds whose reader ran
+// faster than its median: this VM's read rate drifts ~2x within minutes, and a change may only show
+// when memory is fast (CPU_NOTES item 139). Build and run with benchmarks/experiments/int8_kernel_ab.sh; an experiment tool (CPU_NOTES
 // items 129, 136).
 #include <omp.h>
 #include <sys/mman.h>
@@ -23,7 +26,8 @@
 
 extern "C" void run_a(const void* args, long t0, long t1);
 extern "C" void run_b(const void* args, long t0, long t1);
-extern "C" void prep_a(void* args);  // the kernel's own activation preparation (AVX-512: xk2, xinit)
+extern "C" void prep_a(void* args);  // each version's own activation preparation (AVX-512: xk2, xinit,
+extern "C" void prep_b(void* args);  // xq reordered), on its own copy of the activations
 
 // Random bytes (identical pages could be merged by the host and read from cache).
 static uint8_t* huge_alloc(size_t bytes) {
@@ -51,6 +55,26 @@ static void for_tiles(int nt, int64_t tiles, int64_t grain, void (*fn)(const voi
     fn(a, t0, std::min(tiles, t0 + chunk));
 }
 
+// XOR of the 64-byte lines of [p, p + bytes), split among nt threads: the reader of READER=1.
+static uint64_t read_lines(int nt, const uint8_t* p, size_t bytes) {
+  uint64_t total = 0;
+#pragma omp parallel num_threads(nt) reduction(^ : total)
+  {
+    const size_t n = bytes / 64, i = omp_get_thread_num(), k = omp_get_num_threads();
+    uint64_t acc[8] = {0};
+    for (size_t l = n * i / k; l < n * (i + 1) / k; ++l)
+      for (int j = 0; j < 8; ++j) acc[j] ^= reinterpret_cast<const uint64_t*>(p + 64 * l)[j];
+    for (int j = 0; j < 8; ++j) total ^= acc[j];
+  }
+  return total;
+}
+
+// Median of v (copied).
+static double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0. : v[v.size() / 2];
+}
+
 // int8_kernel_ab BITS N K COPIES REPS
 int main(int argc, char** argv) {
   if (argc < 6) { std::fprintf(stderr, "usage: %s BITS N K COPIES REPS\n", argv[0]); return 2; }
@@ -71,12 +95,25 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < wbytes; ++i) qw[c][i] = uint8_t(rand());
     for (int64_t i = 0; i < N * ng; ++i) sc[c][i] = uint16_t(0x3f80 + (rand() & 0x7f));  // bf16 in [1, 2)
   }
+  const bool reader = std::getenv("READER") && std::atoi(std::getenv("READER")) == 1;
+  const size_t rbytes = wbytes + size_t(N) * ng * 2;
+  std::vector<uint8_t*> rbuf(reader ? copies : 0);
+  for (auto& b : rbuf) {
+    b = huge_alloc(rbytes);
+    for (size_t i = 0; i < rbytes; ++i) b[i] = uint8_t(rand());
+  }
+  std::vector<double> tread;
+  uint64_t sink = 0;
   std::vector<int8_t> xq(nb * COLS);
   std::vector<int16_t> xc(nb * P * 16), xk(nb * P * 16), xk2(nb * P * 32);
   std::vector<int32_t> xinit(nb * 32);
   std::vector<float> xu(nb, 1e-3f), out_a(N), out_b(N);
   for (auto& v : xq) v = int8_t(rand() % 255 - 127);
-  for (size_t i = 0; i < xc.size(); ++i) { xc[i] = int16_t(rand() % 1000); xk[i] = int16_t(1 + rand() % 100); }
+  // chunk factors as the quantizer writes them: int16 w and w + 8 of a part the same (Int8Args::xk)
+  for (size_t i = 0; i < xc.size(); ++i) {
+    xc[i] = int16_t(rand() % 1000);
+    xk[i] = i % 16 < 8 ? int16_t(1 + rand() % 100) : xk[i - 8];
+  }
   std::vector<int64_t> g0(nb);
   for (int64_t b = 0; b < nb; ++b) g0[b] = b * COLS / 64;
   std::vector<int32_t> gidx(nb * P * 8, 0);
@@ -88,7 +125,15 @@ int main(int argc, char** argv) {
   a.tile_pairs = !(std::getenv("TILE_PAIRS") && std::atoi(std::getenv("TILE_PAIRS")) == 0);  // as on Intel
   a.xk2 = xk2.data();
   a.xinit = xinit.data();
-  prep_a(&a);
+  flute_cpu::Int8Args av[2] = {a, a};
+  std::vector<int8_t> xq_b(xq);
+  std::vector<int16_t> xk2_b(xk2.size());
+  std::vector<int32_t> xinit_b(xinit.size());
+  av[1].xq = xq_b.data();
+  av[1].xk2 = xk2_b.data();
+  av[1].xinit = xinit_b.data();
+  prep_a(&av[0]);
+  prep_b(&av[1]);
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / 4 / K);  // the op's task_weights() default
   void (*fn[2])(const void*, long, long) = {run_a, run_b};
   std::vector<double> t[2], ratio;
@@ -96,6 +141,7 @@ int main(int argc, char** argv) {
     double tr[2];
     for (int k = 0; k < 2; ++k) {
       const int v = (r & 1) ? 1 - k : k;
+      flute_cpu::Int8Args& a = av[v];
       a.qw = qw[(2 * r + k) % copies];
       a.scales = sc[(2 * r + k) % copies];
       a.out = v ? out_b.data() : out_a.data();
@@ -105,12 +151,37 @@ int main(int argc, char** argv) {
       t[v].push_back(tr[v]);
     }
     ratio.push_back(tr[1] / tr[0]);
+    if (reader) {
+      const auto s = std::chrono::steady_clock::now();
+      sink ^= read_lines(nt, rbuf[r % copies], rbytes);
+      tread.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - s).count());
+    }
   }
   for (int v = 0; v < 2; ++v) {  // outputs compared on one copy (each copy has its own random codes)
+    flute_cpu::Int8Args& a = av[v];
     a.qw = qw[0];
     a.scales = sc[0];
     a.out = v ? out_b.data() : out_a.data();
     for_tiles(nt, N / 4, grain, fn[v], &a);
+  }
+  if (reader) {  // per round: each version's time over the reader's, all rounds and the fast half
+    const double rmed = median(tread);
+    std::vector<double> fa, fb, fr, aa, ab_;
+    for (int r = 0; r < reps; ++r) {
+      aa.push_back(tread[r] / t[0][r]);
+      ab_.push_back(tread[r] / t[1][r]);
+      if (tread[r] < rmed) {
+        fa.push_back(tread[r] / t[0][r]);
+        fb.push_back(tread[r] / t[1][r]);
+        fr.push_back(ratio[r]);
+      }
+    }
+    std::vector<double> fast_t;
+    for (double x : tread)
+      if (x < rmed) fast_t.push_back(x);
+    std::printf("reader %.1f GB/s median (fast half %.1f); share of the reader's rate: A %.3f B %.3f all rounds, "
+                "A %.3f B %.3f fast half (B/A there %.3f) [%lx]\n", rbytes / rmed / 1e3, rbytes / median(fast_t) / 1e3,
+                median(aa), median(ab_), median(fa), median(fb), median(fr), static_cast<unsigned long>(sink & 1));
   }
   for (auto& v : t) std::sort(v.begin(), v.end());
   std::sort(ratio.begin(), ratio.end());
