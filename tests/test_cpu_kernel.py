@@ -404,7 +404,7 @@ def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
              (2, 64, 300, torch.randn), (3, 64, 300, torch.randn), (4, 64, 300, torch.randn), (4, 64, 1, lambda *s, generator: torch.full(s, float("nan"))),
              (4, 64, 20, lambda *s, generator: torch.full(s, float("inf"))),
              # one NaN in the last of 20 rows of 4096: quantized by another task than row 0 (rows
-             # of 4096 columns 4 to a task at 2 threads, fused_gemm.cpp's int8_gemm)
+             # of 4096 columns 4 to a task at 2 threads, int8_gemm.cpp)
              (4, 64, 20, _last_row_nan, 4096), (3, 64, 20, _last_row_nan, 4096)]
     for bits, group, m, make, *k in cases:
         n, k = 40, (k or [333])[0]

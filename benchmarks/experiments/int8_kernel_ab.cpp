@@ -37,7 +37,7 @@ static uint8_t* huge_alloc(size_t bytes) {
   return p;
 }
 
-// The op's for_tiles (fused_gemm.cpp): dynamic chunks, up to 8 per thread, of at least 4 grains.
+// The op's for_tiles (binding.h): dynamic chunks, up to 8 per thread, of at least 4 grains.
 static void for_tiles(int nt, int64_t tiles, int64_t grain, void (*fn)(const void*, long, long), const void* a) {
   const int64_t per = std::min<int64_t>(8, tiles / (nt * 4 * grain));
   if (nt <= 1 || per < 2) {

@@ -30,9 +30,9 @@
 // bf16 x on an AMX CPU (avx512 path): 16 to kAmxMaxM = 64 rows the streamed AMX kernel
 // (gemm_amx), more rows the blocked one (gemm_amx_rows, bf16 output). Otherwise, M <
 // large_m() and groups of a multiple of 32 columns (or one group): the fused kernel, in the int8
-// mode (finite x; from rows16_m() to rows16_large_m() rows on the 16-row kernel where the
-// CPU has AVX-512 VBMI + VNNI) or exact fp32 (fused_gemm.cpp: activations prepared once per call, threads over
-// row tiles). Otherwise: rows decoded in panels (fp32, or bf16 for bf16 activations on CPUs with
+// mode (int8_gemm.cpp; finite x; from rows16_m() to rows16_large_m() rows on the 16-row kernel
+// where the CPU has AVX-512 VBMI + VNNI) or exact fp32 (fused_gemm.cpp), activations prepared
+// once per call, threads over row tiles. Otherwise: rows decoded in panels (fp32, or bf16 for bf16 activations on CPUs with
 // native bf16) and multiplied by at::mm (oneDNN/MKL), exactly.
 //
 // Python-version-independent: no pybind11, only the CPython stable ABI for the empty module object.

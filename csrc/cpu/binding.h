@@ -1,11 +1,14 @@
 // Shared by the translation units of the CPU op's torch binding: settings.cpp (run-time settings),
-// binding.cpp (argument checks, the panel path, op registration) and fused_gemm.cpp (the fused
-// kernel's calls).
+// binding.cpp (argument checks, the panel path, op registration), fused_gemm.cpp (the fused
+// kernel's calls) and int8_gemm.cpp (its int8 mode).
 // Not a kernel header: it includes ATen (the kernels' interface is lut_kernel.h, torch-free).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -123,5 +126,42 @@ void amx_gemm_rows(const at::Tensor& x2, const Weight& w, uint16_t* out);
 // them in ~16K (callgrind). The buffer is only used during the call (the kernels never call back
 // into torch), and each thread calling the op has its own.
 char* call_scratch(int slot, int64_t bytes, at::Tensor& hold, int64_t max_cached = int64_t(16) << 20);
+
+// Bytes from `off` rounded up to a 64-byte boundary (the scratch buffers' parts).
+inline int64_t align64(int64_t off) { return (off + 63) / 64 * 64; }
+
+// bf16 activations widened to fp32 (the int8 mode's quantizers read fp32): the ISA's version
+// (bf16_to_f32_avx2) or bf16_to_f32_portable (fused_gemm.cpp).
+using Bf16ToF32Fn = void (*)(const uint16_t*, float*, int64_t);
+void bf16_to_f32_portable(const uint16_t* src, float* dst, int64_t n);
+
+// fn(t0, t1) over the row tiles [0, tiles), at least `grain` tiles per call of fn. Large calls:
+// threads take chunks of tiles from a shared counter (dynamic balancing, as llama.cpp's CPU backend
+// does) rather than one static share each, because on a shared or virtualized machine one core is
+// often slowed down and a static split waits for it (measured, 14336x4096 4-bit M=1, 2 threads:
+// 2.27 -> 2.12 ms on a quiet VM, 5.59 -> 4.48 ms with the other core busy). Calls with room for
+// fewer than two chunks of 4 grains per thread keep the static split (smaller chunks cost more
+// than they balance: 1536x576 67 -> 76 us).
+template <typename F>
+void for_tiles(int64_t tiles, int64_t grain, const F& fn) {
+  const int64_t nt = at::get_num_threads();
+  if (nt <= 1 || tiles <= grain) {
+    fn(0, tiles);
+    return;
+  }
+  // Chunks of at least 4 grains, the same number for each thread (2 to 8): 384 tiles in chunks of
+  // 84 gave one of 2 threads 216 tiles, 4 chunks of 96 give each 192 (CPU_NOTES item 106).
+  const int64_t per = std::min<int64_t>(8, tiles / (nt * 4 * grain));
+  if (per < 2) {
+    at::parallel_for(0, tiles, grain, fn);
+    return;
+  }
+  const int64_t chunk = (tiles + nt * per - 1) / (nt * per);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t t0 = next.fetch_add(chunk); t0 < tiles; t0 = next.fetch_add(chunk))
+      fn(t0, std::min(tiles, t0 + chunk));
+  });
+}
 
 }  // namespace flute_cpu::binding

@@ -86,7 +86,7 @@ struct Streams {
 
 // The decoders: block b of the 16 rows into w[c * 8 + k], chunk c of the block, weight vector k
 // (lane n: row n's u = t7 + 64 of the chunk's 4 columns that activation dword k of the chunk holds,
-// rows16_col in fused_gemm.cpp).
+// rows16_col in int8_gemm.cpp).
 template <int BITS>
 struct Decoder;
 

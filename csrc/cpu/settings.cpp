@@ -1,7 +1,7 @@
 // flute._cpu's run-time settings: what the CPU offers (its ISA, AVX512_BF16, AMX tiles), what the
 // user picked (the FLUTE_CPU_* variables; flute.set_cpu_isa / set_cpu_mode / set_cpu_amx) and the
-// tuning knobs of the op's paths. Each is decided here, once; binding.cpp and fused_gemm.cpp read
-// them through binding.h.
+// tuning knobs of the op's paths. Each is decided here, once; binding.cpp, fused_gemm.cpp and
+// int8_gemm.cpp read them through binding.h.
 #include <c10/util/Exception.h>
 
 #include <atomic>

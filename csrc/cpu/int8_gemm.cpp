@@ -1,0 +1,344 @@
+// The int8 mode of the CPU op's fused path, torch side: the activations quantized per call (rows in
+// parallel), the 7-bit table cache, and the calls of the int8 kernels: the 4-row kernels
+// (kernel_int8_avx2.cpp, kernel_int8_avx512.cpp, kernel_portable.cpp) and, for several activation
+// rows on AVX-512 VBMI + VNNI, the 16-row kernel (kernel_int8_rows16_avx512.cpp). Declared in
+// binding.h; split from fused_gemm.cpp, which keeps the exact, bf16, pair-table and AMX calls.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <unordered_map>
+
+#include "binding.h"
+
+namespace flute_cpu::binding {
+namespace {
+
+// The int8 mode's activations (see Int8Args), rows [m0, m1) of M: each block of each row through the ISA's QuantXFn
+// (int8 per 32-column chunk on the block's unit, in the kernel's byte order, with the int16
+// corrections and chunk factors); exact group sums when there are offsets.
+// False (nothing usable) when x holds a NaN or an Inf: the caller then takes the exact path, which
+// propagates them as the float math would.
+template <typename T>
+bool int8_x(const T* x, int64_t M, int64_t m0, int64_t m1, const Weight& w, QuantXFn quant, Bf16ToF32Fn widen,
+            int8_t* xq, int16_t* xcorr, int16_t* xk, float* xu, float* xsum) {
+  const int bits = w.bits, P = int8_parts(bits), cols = 64 * P;
+  const int64_t K = w.K, nb = w.nblocks;
+  alignas(32) float xf[256];
+  for (int64_t m = m0; m < m1; ++m) {
+    const T* xr = x + m * K;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* src = xf;
+      if (std::is_same_v<T, float> && (b + 1) * cols <= K) {
+        src = reinterpret_cast<const float*>(xr + b * cols);  // a whole block of fp32: no copy
+      } else if (std::is_same_v<T, c10::BFloat16> && (b + 1) * cols <= K) {
+        widen(reinterpret_cast<const uint16_t*>(xr + b * cols), xf, cols);
+      } else {
+        for (int c = 0; c < cols; ++c) {
+          const int64_t k = b * cols + c;
+          xf[c] = k < K ? static_cast<float>(xr[k]) : 0.f;
+        }
+      }
+      const int64_t bm = b * M + m;
+      if (!quant(src, bits, xq + bm * cols, xcorr + bm * P * 16, xk + bm * P * 16, xu + bm)) return false;
+    }
+    if (xsum) {
+      for (int64_t g = 0; g < w.ng; ++g) {
+        float s = 0.f;
+        for (int64_t k = g * w.G; k < std::min(K, (g + 1) * w.G); ++k) s += static_cast<float>(xr[k]);
+        xsum[m * w.ng + g] = s;
+      }
+    }
+  }
+  return true;
+}
+
+// The int8 mode's table: 7-bit integers t7 (stored as u = t7 + 64) times one scale. The scale is
+// max|t| / d for the d in [8, 63] (steps of 1/16) with the least squared rounding error, the
+// largest d on ties: uniform tables (int, fp4) become exact (d = 8 for the int table), and NF4's
+// error drops below max|t| / 126. flute.testing.reference_qgemm_int8 makes the same choice.
+struct Table7 {
+  uint8_t tu[16];
+  float scale;
+};
+
+Table7 quantize_table7(const float* t, int n) {
+  Table7 r{};
+  float tmax = 0.f;
+  for (int c = 0; c < n; ++c) tmax = std::max(tmax, std::fabs(t[c]));
+  r.scale = 0.f;
+  double best = 0.;
+  for (int i = 0; i <= (63 - 8) * 16 && tmax > 0.f; ++i) {
+    const float sc = static_cast<float>(tmax / (63.0 - i / 16.0));
+    double err = 0.;
+    for (int c = 0; c < n; ++c) {
+      const float v = std::max(-63.f, std::min(63.f, std::nearbyint(t[c] / sc)));
+      const double e = static_cast<double>(t[c]) - static_cast<double>(v) * sc;
+      err += e * e;
+    }
+    if (i == 0 || err < best * (1 - 1e-9)) {  // strictly better by a margin: ties keep the larger d
+      best = err;
+      r.scale = sc;
+    }
+  }
+  for (int c = 0; c < 16; ++c) {
+    const float v = c < n && r.scale > 0.f ? std::nearbyint(t[c] / r.scale) : 0.f;
+    r.tu[c] = static_cast<uint8_t>(64 + static_cast<int>(std::max(-63.f, std::min(63.f, v))));
+  }
+  return r;
+}
+
+// quantize_table7 costs ~10 us (881 candidate scales); a model reuses its tables every call, so the
+// results are cached per thread by the table's bytes (a fixed-size key: no allocation per lookup).
+struct TableKey {
+  uint32_t words[16];
+  int n;
+  bool operator==(const TableKey& o) const {
+    return n == o.n && std::memcmp(words, o.words, sizeof(words)) == 0;
+  }
+};
+
+struct TableKeyHash {
+  size_t operator()(const TableKey& k) const {
+    uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(k.n);
+    for (int i = 0; i < k.n; ++i) h = (h ^ k.words[i]) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+const Table7& table7(const float* t, int n) {
+  thread_local std::unordered_map<TableKey, Table7, TableKeyHash> cache;
+  TableKey key{};
+  key.n = n;
+  std::memcpy(key.words, t, n * sizeof(float));
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  if (cache.size() > 4096) cache.clear();
+  return cache.emplace(key, quantize_table7(t, n)).first->second;
+}
+
+// AVX-512 VBMI and VNNI: the int8 mode's AVX-512 kernel (kernel_int8_avx512.cpp); other AVX-512
+// CPUs run the AVX2 int8 kernel.
+bool has_vbmi_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return FLUTE_CPU_SUPPORTS("avx512vbmi") && FLUTE_CPU_SUPPORTS("avx512vnni") &&
+           kernel_int8_avx512_built();
+  }();
+  return v;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool rows16_available(int bits, int isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool built = kernel_int8_rows16_built();
+  return isa == kAvx512 && built && has_vbmi_vnni();
+#else
+  (void)bits, (void)isa;
+  return false;
+#endif
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+// The int8 mode's 16-row kernel (Rows16Args): the activations of int8_x (xq in the 4-row kernels'
+// byte order, their chunk factors xk and units xu, times the table scale) in column order, with
+// each chunk's correction and float factor.
+// Column (within its 32-column chunk) of activation byte j of the chunk in the 16-row kernel's order:
+// dword k = j / 4 meets the columns of weight vector k (kernel_int8_rows16_avx512.cpp's decoders).
+static int rows16_col(int bits, int j) {
+  if (bits == 4) return j;
+  if (bits == 2) return 8 * (j / 8) + 2 * (j / 4 % 2) + (j & 1) + 4 * (j / 2 % 2);  // k = 2s + L, i
+  const int k = j / 4, i = j % 4, e = k / 4, reg = (k / 2) % 2, h = k % 2;
+  return 16 * reg + 8 * h + e + 2 * i;
+}
+
+// The 16-row kernel's activation buffers for M rows (scratch slot 2), filled per row range by
+// rows16_prepare_avx512 with src_of.
+struct Rows16Buffers {
+  int8_t* x8;
+  int32_t* xinit;
+  float* xf;
+  int32_t* cg;
+  alignas(64) uint8_t src_of[256];  // byte j of a block in the kernel's order <- byte src_of[j] of xq's block
+  at::Tensor hold;
+};
+
+static void rows16_buffers(const Weight& w, int64_t M, Rows16Buffers& r) {
+  const int P = int8_parts(w.bits), C = chunks_per_block(w.bits), bc = 64 * P;
+  const int64_t cols = w.nblocks * bc, cpr = w.nblocks * C;
+  const int64_t o_init = align64(M * cols), o_f = align64(o_init + M * cpr * 4), o_cg = align64(o_f + M * cpr * 4),
+                total = o_cg + cpr * 4;
+  char* base = call_scratch(2, total, r.hold);
+  r.x8 = reinterpret_cast<int8_t*>(base);
+  r.xinit = reinterpret_cast<int32_t*>(base + o_init);
+  r.xf = reinterpret_cast<float*>(base + o_f);
+  r.cg = reinterpret_cast<int32_t*>(base + o_cg);
+  const int16_t* pos = int8_positions(w.bits);
+  for (int j = 0; j < bc; ++j) r.src_of[j] = static_cast<uint8_t>(pos[j / 32 * 32 + rows16_col(w.bits, j % 32)]);
+}
+
+static void rows16_gemm(const Weight& w, int64_t M, const Rows16Buffers& r, const float* xs, const Table7& t7,
+                        float* out) {
+  const int64_t nb = w.nblocks, chunks = (w.K + 31) / 32;
+  int32_t* cg = r.cg;
+  for (int64_t c = 0; c < chunks; ++c) cg[c] = static_cast<int32_t>(std::min<int64_t>(c * 32 / w.G, w.ng - 1));
+  Rows16Args a{};
+  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.bits = w.bits;
+  a.N = w.N;
+  a.N_pad = w.N_pad;
+  a.nblocks = nb;
+  a.M = M;
+  a.chunks = chunks;
+  a.x8 = r.x8;
+  a.xinit = r.xinit;
+  a.xf = r.xf;
+  a.cg = cg;
+  a.scales = w.scales.data_ptr();
+  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.stype = w.stype;
+  a.ng = w.ng;
+  a.xsum = xs;
+  std::memcpy(a.tu, t7.tu, 16);
+  a.out = out;
+  const int64_t tiles = (w.N + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, task_weights() / 16 / std::max<int64_t>(w.K_pad, 1));
+  for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { gemm_int8_rows16_avx512(a, t0, t1); });
+}
+#endif
+
+bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
+  // 2 bits (the 16-row kernel only): the activations in blocks of 256 columns, as 3 bits
+  Weight w = w_in;
+  if (w.bits == 2) w.nblocks = (w.K + 255) / 256;
+  const int64_t M = x2.numel() / w.K, nb = w.nblocks;
+  const int P = int8_parts(w.bits), C = chunks_per_block(w.bits);
+  // One scratch buffer (small calls are dominated by fixed costs): activations, their corrections
+  // and scales, group sums and the scale map.
+  const int64_t o_corr = align64(nb * M * 64 * P), o_k = align64(o_corr + nb * M * P * 16 * 2),
+                o_u = align64(o_k + nb * M * P * 16 * 2), o_sum = align64(o_u + nb * M * 4),
+                o_g0 = align64(o_sum + M * w.ng * 4),
+                o_gidx = align64(o_g0 + nb * 8), o_k2 = align64(o_gidx + nb * P * 8 * 4),
+                o_init = align64(o_k2 + nb * M * P * 32 * 2), total = o_init + nb * M * P * 16 * 4;
+  at::Tensor hold;
+  char* base = call_scratch(0, total, hold);
+  int8_t* xq = reinterpret_cast<int8_t*>(base);
+  int16_t* xcorr = reinterpret_cast<int16_t*>(base + o_corr);
+  int16_t* xk = reinterpret_cast<int16_t*>(base + o_k);
+  float* xu = reinterpret_cast<float*>(base + o_u);
+  float* xs = w.offsets.defined() ? reinterpret_cast<float*>(base + o_sum) : nullptr;
+  int64_t* g0 = reinterpret_cast<int64_t*>(base + o_g0);
+  int32_t* gidx = reinterpret_cast<int32_t*>(base + o_gidx);
+  QuantXFn quant = quantize_x_int8_portable;
+  Int8Fn fn = gemm_int8_portable;
+  Bf16ToF32Fn widen = bf16_to_f32_portable;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa >= kAvx2) {
+    quant = quantize_x_int8_avx2;
+    fn = gemm_int8_avx2;
+    widen = bf16_to_f32_avx2;
+  }
+  const bool avx512 = isa == kAvx512 && has_vbmi_vnni();
+  if (avx512) fn = gemm_int8_avx512;
+#else
+  const bool avx512 = false;
+#endif
+  const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
+#if defined(__x86_64__) || defined(_M_X64)
+  const bool rows16 = w.bits == 2 || (M >= rows16_m(w.bits) && rows16_available(w.bits, isa));  // 2 bits: see the caller
+  Rows16Buffers r16;
+  if (rows16) rows16_buffers(w, M, r16);
+#else
+  const bool rows16 = false;
+#endif
+  // Activation rows in parallel (prefill: serial, this was a sixth of a 576x1536 M = 64 call at 2
+  // threads, the other thread waiting; CPU_NOTES item 138), each row quantized, its units times
+  // the table scale (see Int8Args::xu) and, for the 16-row kernel, put in its order while in L1.
+  std::atomic<bool> finite{true};
+  const int64_t rows_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K, 1));
+  at::parallel_for(0, M, rows_grain, [&](int64_t m0, int64_t m1) {
+    bool ok;
+    switch (x2.scalar_type()) {
+      case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, m0, m1, w, quant, widen, xq, xcorr, xk, xu, xs); break;
+      case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, m0, m1, w, quant, widen, xq, xcorr, xk, xu, xs); break;
+      default: ok = int8_x(x2.data_ptr<float>(), M, m0, m1, w, quant, widen, xq, xcorr, xk, xu, xs);
+    }
+    if (!ok) {
+      finite.store(false, std::memory_order_relaxed);
+      return;
+    }
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t m = m0; m < m1; ++m) xu[b * M + m] *= t7.scale;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (rows16) rows16_prepare_avx512(w.bits, M, nb, m0, m1, r16.src_of, xq, xk, xu, r16.x8, r16.xinit, r16.xf);
+#endif
+  });
+  if (!finite.load()) return false;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (rows16) {
+    rows16_gemm(w, M, r16, xs, t7, out);
+    return true;
+  }
+#endif
+  // The scale map: no division per tile in the kernel.
+  for (int64_t b = 0; b < nb; ++b) {
+    g0[b] = std::min<int64_t>(b * C * 32 / w.G, w.ng - 1);
+    for (int p = 0; p < P; ++p)
+      for (int q = 0; q < 4; ++q) {
+        const int64_t g = std::min<int64_t>((b * C + (P * q + p) % C) * 32 / w.G, w.ng - 1);
+        gidx[(b * P + p) * 8 + q] = gidx[(b * P + p) * 8 + 4 + q] = static_cast<int32_t>(g - g0[b]);
+      }
+  }
+  Int8Args a;
+  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.bits = w.bits;
+  a.N = w.N;
+  a.nblocks = nb;
+  a.M = M;
+  a.xq = xq;
+  a.xcorr = xcorr;
+  a.xk = xk;
+  a.xu = xu;
+  // Parts added as int32 when their dwords meet the same weight groups: part p of dword q meets
+  // chunk (P * q + p) % C, so parts 0-1 (and 2-3) of a dword cover one 64-aligned span of 64
+  // columns, and parts 0-3 (2 and 3 bits) one 128-aligned span of 128.
+  a.merge = 1;
+  if (w.ng == 1 || w.G % 64 == 0) a.merge = 2;
+  if (w.bits != 4 && (w.ng == 1 || w.G % 128 == 0)) a.merge = 4;
+  a.last_half = w.K - (nb - 1) * 64 * P <= 32 * P / 2;
+  a.scales = w.scales.data_ptr();
+  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.stype = w.stype;
+  a.ng = w.ng;
+  a.G = w.G;
+  a.xsum = xs;
+  a.g0 = g0;
+  a.gidx = gidx;
+  std::memcpy(a.tu, t7.tu, 16);
+  a.out = out;
+  a.tile_pairs = cpu_tile_pairs();
+#if defined(__x86_64__) || defined(_M_X64)
+  if (avx512) {
+    int16_t* xk2 = reinterpret_cast<int16_t*>(base + o_k2);
+    int32_t* xinit = reinterpret_cast<int32_t*>(base + o_init);
+    int8_prepare_avx512(w.bits, a.merge, nb * M, xq, xk, xk2, xinit);
+    a.xk2 = xk2;
+    a.xinit = xinit;
+  }
+#endif
+  const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
+  for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  return true;
+}
+
+}  // namespace flute_cpu::binding
