@@ -12,45 +12,13 @@ import flute
 from flute import ops
 from flute.cpu_layout import to_cpu_layout
 from flute.format import dequantize_codes
-from flute.testing import (RandomWeight, int8_uses_pair_tables, random_quantized, reference_qgemm,
+from flute.testing import (int8_uses_pair_tables, random_quantized, reference_qgemm,
                            reference_qgemm_int8, relative_error)
 
+from cpu_kernel_common import (ISAS, TOL, at_thread_counts, available, isa, normwise_error, run,  # noqa: F401
+                                threads)  # isa, threads: fixtures
+
 pytestmark = pytest.mark.skipif(not ops.HAS_CPU_KERNEL, reason="flute._cpu not built")
-
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-ISAS = [i for i in ("avx512", "avx2", "portable")]
-
-
-def available(isa):
-    try:
-        ops.set_cpu_isa(isa)
-        return True
-    except RuntimeError:
-        return False
-    finally:
-        ops.set_cpu_isa("auto")
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    if not available(request.param):
-        pytest.skip(f"this CPU lacks {request.param}")
-    ops.set_cpu_isa(request.param)
-    yield request.param
-    ops.set_cpu_isa("auto")
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
-def run(x, w, bits, group, n, k, q=None):
-    q = to_cpu_layout(w.codes, bits) if q is None else q
-    return torch.ops.flute.qgemm(x, q, w.scales, w.offsets, w.table, bits, group, k, n)
 
 
 def fuzz_cases(seed, count):
@@ -64,14 +32,6 @@ def fuzz_cases(seed, count):
                    dtype=r.choice([torch.float32, torch.bfloat16, torch.float16]),
                    sdtype=r.choice([torch.float32, torch.bfloat16, torch.float16]),
                    m=r.choice([0, 1, 2, 3, 5, 8, 16, 17, 300]), noncontig=r.random() < 0.3)
-
-
-def normwise_error(y, ref, x, w, group):
-    """``||y - ref|| / || |x| @ |W|^T ||``: against ``|ref|`` a single output (n = m = 1) can cancel
-    to near zero, and then float32 rounding of the summands is large relative to it."""
-    wabs = w._replace(table=w.table.abs(), scales=w.scales.abs(),
-                      offsets=None if w.offsets is None else w.offsets.abs())
-    return float((y.double() - ref.double()).norm() / reference_qgemm(x.abs(), wabs, group).norm())
 
 
 def check_case(c, g):
@@ -117,19 +77,6 @@ def test_leading_dims_and_group_minus_one(rng):
     y = run(x, w, bits, -1, n, k)
     assert y.shape == (2, 3, 5, n)
     assert relative_error(y.reshape(-1, n), reference_qgemm(x.reshape(-1, k), w, -1)) < 1e-5
-
-
-def at_thread_counts(call, counts):
-    """``call()``'s result at each torch thread count in ``counts``, in order (the count restored)."""
-    old = torch.get_num_threads()
-    try:
-        outs = []
-        for t in counts:
-            torch.set_num_threads(t)
-            outs.append(call())
-        return outs
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("m", [1, 5, 16])
@@ -327,97 +274,6 @@ def test_isa_selection():
     assert out.stdout.strip() == "portable"
 
 
-@pytest.fixture
-def int8_mode():
-    ops.set_cpu_mode("int8")
-    yield
-    ops.set_cpu_mode("exact")
-
-
-def test_int8_mode_matches_its_spec(isa, threads, int8_mode):
-    """The int8 mode (groups of a multiple of 32 or -1, every bit width): equal to its executable
-    spec (int8 activations per 32-column chunk, scales k * u on one unit per block, 7-bit table) up
-    to float32 sums, and really rounding (not silently exact); the AVX-512 path runs the VBMI + VNNI
-    int8 kernel where the CPU has them, else the AVX2 one."""
-    g = torch.Generator().manual_seed(11)
-    r = random.Random(zlib.crc32(f"int8-{isa}-{threads}".encode()))
-    for _ in range(40):
-        bits, group = r.choice([2, 3, 4]), r.choice([32, 64, 128, 256, -1])
-        n, k, m = r.choice([1, 3, 17, 40, 67]), r.choice([1, 31, 64, 130, 333, 576]), r.choice([1, 2, 3, 4, 5, 9, 17])
-        dtype = r.choice([torch.float32, torch.bfloat16, torch.float16])
-        # scales: bf16 and fp32 are read in place except in the last tiles, fp16 always converted
-        w = random_quantized(n, k, bits, group, offsets=r.random() < 0.5,
-                             dtype=r.choice([torch.float32, torch.bfloat16, torch.float16]), generator=g)
-        x = torch.randn(m, k, generator=g).to(dtype)
-        y = run(x, w, bits, group, n, k)
-        assert y.dtype == dtype and y.shape == (m, n)
-        case = (bits, group, n, k, m, dtype)
-        assert normwise_error(y, reference_qgemm_int8(x, w, group), x, w, group) < TOL[dtype], case
-        if k >= 64 and dtype == torch.float32:  # fp32 rounding alone is ~1e-7; int8's ~1e-4..1e-2
-            assert normwise_error(y, reference_qgemm(x, w, group), x, w, group) > 1e-5, case
-
-
-def test_int8_mode_groups_of_64_every_block_kind(int8_mode, rng):
-    """Groups of 64 (the default) take their scales by a broadcast of the block's 2 or 4 groups:
-    against the spec for every bit width, scale dtype (bf16 and fp32 read in place, fp16 and the
-    last tiles buffered), K with whole and partial last blocks (the partial one on the general
-    path) and M = 1..5 (every row-tile shape of the kernel)."""
-    for bits in (2, 3, 4):
-        for sdtype in (torch.bfloat16, torch.float32, torch.float16):
-            for k in (64, 130, 576, 1000):
-                w = random_quantized(67, k, bits, 64, offsets=False, dtype=sdtype, generator=rng)
-                for m in (1, 2, 3, 4, 5):
-                    x = torch.randn(m, k, generator=rng)
-                    err = normwise_error(run(x, w, bits, 64, 67, k), reference_qgemm_int8(x, w, 64), x, w, 64)
-                    assert err < TOL[torch.float32], (bits, sdtype, k, m, err)
-
-
-def test_int8_chunk_scales_follow_each_chunk(int8_mode, rng):
-    """Each 32-column chunk is rounded on its own scale (k * u, k fitted to the chunk), not one
-    scale per block: with one large chunk per block and the others 100x smaller, the small chunks'
-    contribution (the difference of two products) keeps the accuracy it has alone (~1%: int8 and
-    7-bit-table rounding); one scale per block would leave those chunks ~2 levels of int8."""
-    k = 1024
-    for bits in (2, 3, 4):
-        cols = 128 if bits == 4 else 256
-        w = random_quantized(67, k, bits, 64, generator=rng)
-        x = torch.randn(3, k, generator=rng)
-        big = (torch.arange(k) % cols) < 32  # the first chunk of each block
-        x_mixed = torch.where(big, x, x * 1e-2)
-        x_big = torch.where(big, x, torch.zeros_like(x))
-        small = run(x_mixed, w, bits, 64, 67, k) - run(x_big, w, bits, 64, 67, k)
-        exact = reference_qgemm(x_mixed - x_big, w, 64)
-        assert relative_error(small, exact) < 0.02, bits
-        assert relative_error(run(x_mixed, w, bits, 64, 67, k), reference_qgemm_int8(x_mixed, w, 64)) < 1e-5
-
-
-def _last_row_nan(*shape, generator):
-    x = torch.randn(*shape, generator=generator)
-    x[-1, 7] = float("nan")
-    return x
-
-
-def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
-    """Groups that are not a multiple of 32, non-finite activations and M >= the panel threshold
-    take the exact path in int8 mode: bitwise the exact mode's result."""
-    cases = [(3, 48, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn),
-             (2, 64, 300, torch.randn), (3, 64, 300, torch.randn), (4, 64, 300, torch.randn), (4, 64, 1, lambda *s, generator: torch.full(s, float("nan"))),
-             (4, 64, 20, lambda *s, generator: torch.full(s, float("inf"))),
-             # one NaN in the last of 20 rows of 4096: quantized by another task than row 0 (rows
-             # of 4096 columns 4 to a task at 2 threads, int8_gemm.cpp)
-             (4, 64, 20, _last_row_nan, 4096), (3, 64, 20, _last_row_nan, 4096)]
-    for bits, group, m, make, *k in cases:
-        n, k = 40, (k or [333])[0]
-        w = random_quantized(n, k, bits, group, generator=rng)
-        x = make(m, k, generator=rng)
-        q = to_cpu_layout(w.codes, bits)
-        y8 = run(x, w, bits, group, n, k, q)
-        ops.set_cpu_mode("exact")
-        ye = run(x, w, bits, group, n, k, q)
-        ops.set_cpu_mode("int8")
-        assert torch.equal(y8.isnan(), ye.isnan()) and torch.equal(y8.nan_to_num(), ye.nan_to_num()), (bits, group, m)
-
-
 def test_panel_path_many_panels_match_the_reference():
     """The panel path (M >= 32) writes each decoded panel's product into its columns of the
     output (an ldc of N) from a panel buffer kept between calls. With 64 KB panels
@@ -491,97 +347,6 @@ def test_bf16_output_is_the_fp32_result_rounded(isa, mode, rng):
         ops.set_cpu_mode(old)
 
 
-@pytest.mark.parametrize("group", [32, 64, 128, -1])
-def test_int8_mode_simd_paths_equal_portable(group, int8_mode, rng):
-    """The integer sums are identical on every path (AVX2; AVX-512, which runs its VBMI + VNNI
-    kernel where the CPU has them; portable); only float32 summation order differs. Every merge
-    width (groups of 32: one part per float FMA, 64: two, 128 and one group: four) and every
-    configuration of activation rows (1-4, 5 = 4 + 1, 17). K = 544 leaves 32 columns in the last
-    block, whose parts that meet only padding the AVX-512 and AVX2 kernels skip
-    (Int8Args::last_half). 2 bits where the AVX-512 path runs its 16-row kernel (int8 activations,
-    not the pair tables of the other paths): against that spec instead."""
-    isas = [i for i in ("avx512", "avx2") if available(i)]
-    if not isas:
-        pytest.skip("this CPU lacks AVX2")
-    for bits in (2, 3, 4):
-        for m, k in ((1, 1000), (2, 1000), (3, 1000), (5, 1000), (17, 1000), (1, 544), (5, 544)):
-            w = random_quantized(203, k, bits, group, offsets=m == 5, dtype=torch.bfloat16, generator=rng)
-            x = torch.randn(m, k, generator=rng)
-            q = to_cpu_layout(w.codes, bits)
-            ys, pair = {}, {}
-            for isa in isas + ["portable"]:
-                ops.set_cpu_isa(isa)
-                ys[isa], pair[isa] = run(x, w, bits, group, 203, k, q), int8_uses_pair_tables(bits, m)
-            ops.set_cpu_isa("auto")
-            for isa in isas:
-                case = (isa, bits, group, m, k)
-                if pair[isa] == pair["portable"]:
-                    assert relative_error(ys[isa], ys["portable"]) < 1e-6, case
-                else:
-                    ref = reference_qgemm_int8(x, w, group, pair=False)
-                    assert normwise_error(ys[isa], ref, x, w, group) < TOL[torch.float32], case
-
-
-def test_int8_rows16_kernel_matches_spec_and_portable(threads, int8_mode):
-    """Every bit width from cpu_rows16_m(bits) rows runs on the 16-row kernel where the CPU has
-    AVX-512 VBMI + VNNI (weight rows along the vector, each K block decoded once for up to 16
-    activation rows; 2 bits read from the pair layout, with the int8 activations of 3 and 4 bits):
-    against the spec and the portable int8 path (3 and 4 bits: the same integers, float32 sums in
-    another order),
-    for N not a multiple of 16 (a partial tile, layout tiles past N), K with partial blocks and
-    chunks past K, every group kind, offsets, every scale and activation dtype, and activation rows
-    in passes of 1 to 16 (M up to 300: 19 passes; 255 the last row count before the panel path)."""
-    if not torch.ops.flute.cpu_rows16_m(4):
-        pytest.skip("this CPU or build has no 16-row int8 kernel (AVX-512 VBMI + VNNI)")
-    r = random.Random(zlib.crc32(f"rows16-{threads}".encode()))
-    g = torch.Generator().manual_seed(16)
-    for i in range(36):
-        bits = 2 + i % 3
-        m_min = int(torch.ops.flute.cpu_rows16_m(bits))
-        n, k = r.choice([1, 5, 16, 17, 67, 301]), r.choice([32, 100, 128, 544, 1000, 1312])
-        group, m = r.choice([32, 64, 128, -1]), r.choice([m_min, 8, 16, 17, 31, 40, 255]) if i > 2 else 255
-        dtype = r.choice([torch.float32, torch.bfloat16, torch.float16])
-        w = random_quantized(n, k, bits, group, offsets=r.random() < 0.4,
-                             dtype=r.choice([torch.float32, torch.bfloat16, torch.float16]), generator=g)
-        x = torch.randn(m, k, generator=g).to(dtype)
-        q = to_cpu_layout(w.codes, bits)
-        y = run(x, w, bits, group, n, k, q)
-        case = (bits, n, k, group, m, dtype, w.scales.dtype, w.offsets is not None)
-        assert not int8_uses_pair_tables(bits, m)
-        assert normwise_error(y, reference_qgemm_int8(x, w, group), x, w, group) < TOL[dtype], case
-        if dtype == torch.float32 and m < 32 and bits != 2:  # portable: int8 to 32 rows, 2 bits on pairs
-            ops.set_cpu_isa("portable")
-            try:
-                yp = run(x, w, bits, group, n, k, q)
-            finally:
-                ops.set_cpu_isa("auto")
-            assert relative_error(y, yp) < 1e-6, case
-        if dtype == torch.float32 and k >= 64:  # really the int8 arithmetic, not the exact path
-            assert normwise_error(y, reference_qgemm(x, w, group), x, w, group) > 1e-5, case
-
-
-@pytest.mark.parametrize("codebook", ["int", "fp4"])
-def test_int8_mode_uniform_tables_are_exact(codebook, int8_mode, rng):
-    """The table scale search puts uniform tables (int, fp4) on the 7-bit grid exactly, so with
-    activations that int8 represents exactly (integers, each 32-column chunk reaching 127) the int8
-    mode equals the exact one."""
-    from flute.codebooks import get_table
-    from flute.testing import table7_scale
-    table = get_table(codebook, 4).float()
-    s = table7_scale(table)
-    assert torch.equal(torch.round(table / s) * s, table)
-    n, k = 40, 256
-    w = random_quantized(n, k, 4, 64, generator=rng)._replace(table=table)
-    x = torch.randint(-127, 128, (3, k), generator=rng).float()
-    x[:, ::32] = 127.0
-    q = to_cpu_layout(w.codes, 4)
-    y8 = run(x, w, 4, 64, n, k, q)
-    ops.set_cpu_mode("exact")
-    ye = run(x, w, 4, 64, n, k, q)
-    ops.set_cpu_mode("int8")
-    assert relative_error(y8, ye) < 1e-6
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_decode_bitwise_equal_on_every_path(bits, rng):
     """The panel path's decode (fp32 and bf16 out) gives the portable path's bits on every ISA:
@@ -599,36 +364,6 @@ def test_decode_bitwise_equal_on_every_path(bits, rng):
         ops.set_cpu_isa("auto")
         for isa, out in outs.items():
             assert torch.equal(out, outs["portable"]), (isa, group, sdtype)
-
-
-def test_default_mode_is_int8_below_the_panel_threshold():
-    """Without FLUTE_CPU_MODE the kernel runs the int8 mode (its spec, not the exact result) for
-    small batches, and exactly from 32 rows on (256 where 3 and 4 bits run on the 16-row kernel);
-    FLUTE_CPU_MODE=exact restores exact everywhere."""
-    code = ("import torch, flute\n"
-            "from flute.cpu_layout import to_cpu_layout\n"
-            "from flute.testing import random_quantized, reference_qgemm, reference_qgemm_int8, relative_error\n"
-            "print(flute.get_cpu_mode(), torch.ops.flute.cpu_rows16_m(4))\n"
-            "w = random_quantized(96, 512, 4, 64, seed=3)\n"
-            "q = to_cpu_layout(w.codes, 4)\n"
-            "for m in (1, 16, 40, 300):\n"
-            "    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))\n"
-            "    y = torch.ops.flute.qgemm(x, q, w.scales, None, w.table, 4, 64, 512, 96)\n"
-            "    print(m, relative_error(y, reference_qgemm(x, w, 64)), relative_error(y, reference_qgemm_int8(x, w, 64)))\n")
-    for env_mode, want in ((None, "int8"), ("exact", "exact")):
-        env = {k: v for k, v in os.environ.items() if k != "FLUTE_CPU_MODE"}
-        if env_mode:
-            env["FLUTE_CPU_MODE"] = env_mode
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env=env).stdout.split("\n")
-        mode, rows16 = out[0].split()
-        assert mode == want
-        for line in out[1:5]:
-            m, exact_err, int8_err = line.split()
-            if want == "int8" and int(m) < (256 if int(rows16) else 32):
-                assert float(int8_err) < 1e-6 < 1e-4 < float(exact_err), line
-            else:
-                assert float(exact_err) < 1e-6, line
 
 
 @pytest.mark.parametrize("mode", ["int8", "exact"])
@@ -671,62 +406,3 @@ def test_pair_layout_kernels_equal_bitwise_on_every_path(mode, rng):
         ops.set_cpu_isa("auto")
         ops.set_cpu_mode(old_mode)
 
-
-def test_pair_tables_spec_rounds_each_chunk_on_its_own_scale(rng):
-    """The 2-bit int8 mode's spec (flute.testing.pair_tables): each 32-column chunk's 256 entries on
-    the scale max|v| / 127 of that chunk alone, integers of magnitude at most 127, and a chunk's
-    largest entry exactly 127 steps; 2-bit weights through them stay within int8 rounding (~1%) of
-    the exact product, not the exact product itself."""
-    from flute.testing import pair_tables, reference_qgemm_pair
-    x = torch.randn(3, 70, generator=rng)
-    x[:, 32:64] *= 1e-3  # one chunk far below the others keeps its own resolution
-    t = torch.randn(4, generator=rng)
-    e = pair_tables(x, t).reshape(3, 3, 256)  # [rows, chunks, 16 pairs x 16 entries]
-    step = e.abs().amax(-1, keepdim=True) / 127
-    q = e / step
-    assert torch.allclose(q, q.round(), atol=1e-3) and float(q.abs().max()) <= 127 + 1e-3
-    exact = (t[torch.arange(16) & 3, None] * x[:, None, 0:64:2] + t[torch.arange(16) >> 2, None] * x[:, None, 1:64:2])
-    assert torch.allclose(e[:, 1].reshape(3, 16, 16).double(), exact.permute(0, 2, 1)[:, 16:].double(),
-                          rtol=0, atol=float(step[:, 1].max()) * 0.5 + 1e-12)
-    w = random_quantized(40, 70, 2, 32, generator=rng)._replace(table=t)
-    err = relative_error(reference_qgemm_pair(x, w, 32), reference_qgemm(x, w, 32))
-    assert 1e-5 < err < 0.05, err
-
-
-@pytest.fixture
-def restore_tile_pairs():
-    old = torch.ops.flute.cpu_tile_pairs()
-    yield
-    torch.ops.flute.cpu_set_tile_pairs(old)
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_tile_pairs_bitwise_equal_to_single_tiles(bits, int8_mode, restore_tile_pairs, rng):
-    """At M = 1 the int8-mode kernels may read two tiles far apart in one pass (on by default on
-    Intel CPUs only: cpu_tile_pairs, FLUTE_CPU_TILE_PAIRS); each row's sums are the same operations
-    in the same order, so both ways give the same bits on every ISA and thread count, and the spec's
-    result. The shapes hold several tiles per thread (pairs need two), an odd number of them, and
-    a ragged last tile; with offsets the kernels never pair (equal all the same)."""
-    isas = [i for i in ISAS if available(i)]
-    try:
-        for n, k, group, sdtype, offsets in [(203, 1100, 64, torch.bfloat16, False),
-                                             (96, 512, 128, torch.float32, False),
-                                             (131, 333, 32, torch.bfloat16, False),
-                                             (64, 256, 64, torch.float16, True)]:
-            w = random_quantized(n, k, bits, group, offsets=offsets, dtype=sdtype, generator=rng)
-            x = torch.randn(1, k, generator=rng)
-            q = to_cpu_layout(w.codes, bits)
-            for isa in isas:
-                ops.set_cpu_isa(isa)
-                outs = []
-                for pairs in (False, True):
-                    assert torch.ops.flute.cpu_set_tile_pairs(pairs) is pairs
-                    assert torch.ops.flute.cpu_tile_pairs() is pairs
-                    outs += at_thread_counts(lambda: run(x, w, bits, group, n, k, q), [1, 2])
-                case = (isa, n, k, group, sdtype, offsets)
-                for y in outs[1:]:
-                    assert torch.equal(y, outs[0]), case
-                ref = reference_qgemm_int8(x, w, group, pair=int8_uses_pair_tables(bits, 1))
-                assert normwise_error(outs[0], ref, x, w, group) < TOL[torch.float32], case
-    finally:
-        ops.set_cpu_isa("auto")
