@@ -3,13 +3,15 @@
 # process (int8_kernel_ab.cpp), ~1 minute to build instead of rebuilding the extension. A and B are
 # files or git revisions (REV:path is taken from git); the headers come from csrc/cpu of the working
 # tree. A_FLAGS / B_FLAGS: extra compiler flags of one version (e.g. -DFLUTE_CPU_PREFETCH_BYTES=4096);
-# THREADS: threads of each call (default 1).
-#   [ISA=avx512] [THREADS=2] bash benchmarks/experiments/int8_kernel_ab.sh A B [BITS N K COPIES REPS]
+# THREADS: threads of each call (default 1); TILE_PAIRS=0: no tile pairs (the default on AMD CPUs);
+# READER=1: each round also times a plain read of as many bytes, and each version's share of the
+# reader's rate is printed (over all rounds and over the half whose reader ran faster).
+#   [ISA=avx512] [THREADS=2] [READER=1] bash benchmarks/experiments/int8_kernel_ab.sh A B [BITS N K COPIES REPS]
 # BITS 3 or 4 (since CPU_NOTES item 131 the kernel has no 2-bit path: 2 bits run on the pair layout).
 #   e.g. bash benchmarks/experiments/int8_kernel_ab.sh HEAD csrc/cpu/kernel_int8_avx2.cpp 3 4096 14336 14 100
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-[ $# -ge 2 ] || { sed -n 2,7p "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,10p "$0"; exit 2; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 isa=${ISA:-avx2}
