@@ -94,7 +94,9 @@ def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
     """Groups that are not a multiple of 32, non-finite activations and M >= the panel threshold
     take the exact path in int8 mode: bitwise the exact mode's result."""
     cases = [(3, 48, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn),
-             (2, 64, 300, torch.randn), (3, 64, 300, torch.randn), (4, 64, 300, torch.randn), (4, 64, 1, lambda *s, generator: torch.full(s, float("nan"))),
+             # M >= the panel threshold (512 rows on the 16-row kernel's CPUs, else 32)
+             (2, 64, 600, torch.randn), (3, 64, 600, torch.randn), (4, 64, 600, torch.randn),
+             (4, 64, 1, lambda *s, generator: torch.full(s, float("nan"))),
              (4, 64, 20, lambda *s, generator: torch.full(s, float("inf"))),
              # one NaN in the last of 20 rows of 4096: quantized by another task than row 0 (rows
              # of 4096 columns 4 to a task at 2 threads, int8_gemm.cpp)
@@ -150,7 +152,7 @@ def test_int8_rows16_kernel_matches_spec_and_portable(threads, int8_mode):
     another order),
     for N not a multiple of 16 (a partial tile, layout tiles past N), K with partial blocks and
     chunks past K, every group kind, offsets, every scale and activation dtype, and activation rows
-    in passes of 1 to 16 (M up to 300: 19 passes; 255 the last row count before the panel path)."""
+    in passes of 1 to 16 (M up to 511, the last row count before the panel path: 32 passes)."""
     if not torch.ops.flute.cpu_rows16_m(4):
         pytest.skip("this CPU or build has no 16-row int8 kernel (AVX-512 VBMI + VNNI)")
     r = random.Random(zlib.crc32(f"rows16-{threads}".encode()))
@@ -159,7 +161,7 @@ def test_int8_rows16_kernel_matches_spec_and_portable(threads, int8_mode):
         bits = 2 + i % 3
         m_min = int(torch.ops.flute.cpu_rows16_m(bits))
         n, k = r.choice([1, 5, 16, 17, 67, 301]), r.choice([32, 100, 128, 544, 1000, 1312])
-        group, m = r.choice([32, 64, 128, -1]), r.choice([m_min, 8, 16, 17, 31, 40, 255]) if i > 2 else 255
+        group, m = r.choice([32, 64, 128, -1]), r.choice([m_min, 8, 16, 17, 31, 40, 255]) if i > 2 else 511
         dtype = r.choice([torch.float32, torch.bfloat16, torch.float16])
         w = random_quantized(n, k, bits, group, offsets=r.random() < 0.4,
                              dtype=r.choice([torch.float32, torch.bfloat16, torch.float16]), generator=g)
@@ -204,15 +206,15 @@ def test_int8_mode_uniform_tables_are_exact(codebook, int8_mode, rng):
 
 def test_default_mode_is_int8_below_the_panel_threshold():
     """Without FLUTE_CPU_MODE the kernel runs the int8 mode (its spec, not the exact result) for
-    small batches, and exactly from 32 rows on (256 where 3 and 4 bits run on the 16-row kernel);
-    FLUTE_CPU_MODE=exact restores exact everywhere."""
+    small batches, and exactly from the panel threshold on (32 rows; 512 where 3 and 4 bits run on
+    the 16-row kernel: torch.ops.flute.cpu_panel_m); FLUTE_CPU_MODE=exact restores exact everywhere."""
     code = ("import torch, flute\n"
             "from flute.cpu_layout import to_cpu_layout\n"
             "from flute.testing import random_quantized, reference_qgemm, reference_qgemm_int8, relative_error\n"
-            "print(flute.get_cpu_mode(), torch.ops.flute.cpu_rows16_m(4))\n"
+            "print(flute.get_cpu_mode(), torch.ops.flute.cpu_rows16_m(4), torch.ops.flute.cpu_panel_m(4))\n"
             "w = random_quantized(96, 512, 4, 64, seed=3)\n"
             "q = to_cpu_layout(w.codes, 4)\n"
-            "for m in (1, 16, 40, 300):\n"
+            "for m in (1, 16, 40, 300, 600):\n"
             "    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))\n"
             "    y = torch.ops.flute.qgemm(x, q, w.scales, None, w.table, 4, 64, 512, 96)\n"
             "    print(m, relative_error(y, reference_qgemm(x, w, 64)), relative_error(y, reference_qgemm_int8(x, w, 64)))\n")
@@ -222,11 +224,12 @@ def test_default_mode_is_int8_below_the_panel_threshold():
             env["FLUTE_CPU_MODE"] = env_mode
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env=env).stdout.split("\n")
-        mode, rows16 = out[0].split()
+        mode, rows16, panel = out[0].split()
         assert mode == want
-        for line in out[1:5]:
+        assert int(panel) == (512 if int(rows16) and want == "int8" else 32), out[0]
+        for line in out[1:6]:
             m, exact_err, int8_err = line.split()
-            if want == "int8" and int(m) < (256 if int(rows16) else 32):
+            if want == "int8" and int(m) < int(panel):
                 assert float(int8_err) < 1e-6 < 1e-4 < float(exact_err), line
             else:
                 assert float(exact_err) < 1e-6, line

@@ -22,6 +22,8 @@
 //       kernels read two tiles far apart in one pass (on for Intel CPUs; FLUTE_CPU_TILE_PAIRS).
 //   cpu_rows16_m(bits) -> int: the activation rows from which the int8 mode runs that bit width on
 //       the 16-row kernel (kernel_int8_rows16_avx512.cpp) on the active path, 0 where it does not.
+//   cpu_panel_m(bits) -> int: the activation rows from which that bit width takes the panel path
+//       (decode + at::mm, exact) on the active path and mode, where AMX does not take them first.
 //
 // Paths: 2 bits (the pair layout, pair_lut.h): below kLargeM rows with groups of a multiple of 32
 // columns (or one group) the pair-table kernel in the int8 mode (from rows16_m(2) rows the 16-row
@@ -245,9 +247,7 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
     amx_gemm_rows(xc, w, reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>()));
     return y;
   }
-  // the int8 mode's 16-row kernel (AVX-512 VBMI + VNNI) outruns the panel path to more rows
-  const int64_t panel_m = active_mode() == kModeInt8 && rows16_available(w.bits, isa) ? rows16_large_m() : large_m();
-  if (!amx && (!fused || M >= panel_m)) {
+  if (!amx && (!fused || M >= panel_m(w.bits, isa))) {
     // Panel path: decode a few rows at a time, let at::mm (oneDNN / MKL) multiply.
     // bf16 panels only where the CPU multiplies bf16 natively (AVX512_BF16 / AMX): elsewhere oneDNN
     // emulates it and fp32 is ~3.5x faster (14336x4096 M=64 on an AVX2 Zen 3: 346 vs 99 ms).
@@ -436,6 +436,7 @@ TORCH_LIBRARY_FRAGMENT(flute, m) {
   m.def("cpu_tile_pairs() -> bool", &cpu_tile_pairs);
   m.def("cpu_set_tile_pairs(bool on) -> bool", &cpu_set_tile_pairs);
   m.def("cpu_rows16_m(int bits) -> int", &cpu_rows16_m);
+  m.def("cpu_panel_m(int bits) -> int", &cpu_panel_m);
 }
 
 TORCH_LIBRARY_IMPL(flute, CPU, m) {

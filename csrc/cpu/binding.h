@@ -76,6 +76,8 @@ int64_t rows16_m(int bits);  // activation rows from which the int8 mode runs th
 int64_t rows16_large_m();    // ... and up to which (not included) it runs instead of the panel path
 bool rows16_available(int bits, int isa);  // the 16-row kernel built and supported on this path
 int64_t cpu_rows16_m(int64_t bits);  // rows16_m(bits) where it runs on the active path, else 0
+int64_t panel_m(int bits, int isa);  // activation rows from which the panel path runs (the mode in use, that path)
+int64_t cpu_panel_m(int64_t bits);   // panel_m(bits) on the active path
 int64_t large_m();         // activation rows from which the panel path (decode + at::mm) is used
 int64_t panel_bytes();     // bytes of one decoded panel
 int64_t amx_m();           // activation rows from which bf16 activations take the AMX path

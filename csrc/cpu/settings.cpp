@@ -171,10 +171,12 @@ int64_t rows16_m(int bits) {
 
 // Activation rows from which such weights take the panel path after all (FLUTE_CPU_ROWS16_LARGE_M):
 // at 2 threads on that VM the 16-row kernel against decode + bf16 at::mm took 1.19 / 2.75 ms
-// (4096x4096, 32 rows), 4.06 / 6.52 (128 rows), 21.9 / 22.2 (512 rows); 1536x576 at 128 rows
-// 0.365 / 0.298 (CPU_NOTES item 133).
+// (4096x4096, 32 rows), 4.06 / 6.52 (128 rows), 21.9 / 22.2 (512 rows) (CPU_NOTES item 133); since
+// the activations are prepared in parallel (item 138), 16-row kernel / panel path in alternating
+// processes: 384 rows 0.81-0.96 (4-bit, 1536x1536 to 4096x4096, 1536x576, 576x1536, 1 and 2
+// threads), 0.86-0.90 (3-bit), 0.80-0.86 (2-bit); 448-512 rows 0.96-1.04 (4-bit) (item 142).
 int64_t rows16_large_m() {
-  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_LARGE_M", 256);
+  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_LARGE_M", 512);
   return v;
 }
 
@@ -226,6 +228,13 @@ int64_t cpu_rows16_m(int64_t bits) {
   const int b = static_cast<int>(bits);
   return (b == 2 || b == 3 || b == 4) && rows16_available(b, active_isa()) ? rows16_m(b) : 0;
 }
+
+int64_t panel_m(int bits, int isa) {
+  // the int8 mode's 16-row kernel (AVX-512 VBMI + VNNI) outruns the panel path to more rows
+  return active_mode() == kModeInt8 && rows16_available(bits, isa) ? rows16_large_m() : large_m();
+}
+
+int64_t cpu_panel_m(int64_t bits) { return panel_m(static_cast<int>(bits), active_isa()); }
 
 std::string cpu_isa() { return kIsaNames[g_isa.load()]; }
 
