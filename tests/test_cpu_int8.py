@@ -293,3 +293,50 @@ def test_tile_pairs_bitwise_equal_to_single_tiles(bits, int8_mode, restore_tile_
                 assert normwise_error(outs[0], ref, x, w, group) < TOL[torch.float32], case
     finally:
         ops.set_cpu_isa("auto")
+
+
+@pytest.fixture
+def restore_compact_k():
+    old = torch.ops.flute.cpu_compact_k()
+    yield
+    torch.ops.flute.cpu_set_compact_k(old)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_compact_activations_bitwise_equal_to_plain(bits, int8_mode, restore_compact_k, restore_tile_pairs, rng):
+    """One activation row with long rows takes the AVX-512 int8 kernel's compact activations
+    (Int8Args::xkq: the chunk factors broadcast from a qword per part, each merge's start value
+    computed per block): the same integers as the plain form, so the same bits at every threshold,
+    thread count and tile-pair setting, and the spec's result; more rows never take it. Shapes:
+    ragged last tiles and blocks (the half last block), groups of 64 (the fast scale path), 128, 96
+    and one group, offsets, each scale dtype."""
+    with pytest.raises(RuntimeError, match="positive"):
+        torch.ops.flute.cpu_set_compact_k(0)
+    assert torch.ops.flute.cpu_compact_k() == 4097  # rows longer than 4096 columns (CPU_NOTES item 144)
+    isas = [i for i in ("avx512", "avx2") if available(i)]
+    try:
+        for n, k, group, sdtype, offsets, m in [(203, 1100, 64, torch.bfloat16, False, 1),
+                                                (60, 4672, 64, torch.bfloat16, False, 1),
+                                                (96, 896, 128, torch.float32, False, 1),
+                                                (44, 576, 96, torch.bfloat16, False, 1),
+                                                (37, 640, -1, torch.float16, False, 1),
+                                                (64, 320, 64, torch.float16, True, 1),
+                                                (24, 1024, 64, torch.bfloat16, False, 3)]:
+            w = random_quantized(n, k, bits, group, offsets=offsets, dtype=sdtype, generator=rng)
+            x = torch.randn(m, k, generator=rng)
+            q = to_cpu_layout(w.codes, bits)
+            ref = reference_qgemm_int8(x, w, group)
+            for isa in isas:  # (the setting changes nothing on the other paths)
+                ops.set_cpu_isa(isa)
+                outs = []
+                for compact_k in (1, 1 << 30):
+                    torch.ops.flute.cpu_set_compact_k(compact_k)
+                    for pairs in (False, True):
+                        torch.ops.flute.cpu_set_tile_pairs(pairs)
+                        outs += at_thread_counts(lambda: run(x, w, bits, group, n, k, q), [1, 2])
+                case = (isa, n, k, group, sdtype, offsets, m)
+                for y in outs[1:]:
+                    assert torch.equal(y, outs[0]), case
+                assert normwise_error(outs[0], ref, x, w, group) < TOL[torch.float32], case
+    finally:
+        ops.set_cpu_isa("auto")

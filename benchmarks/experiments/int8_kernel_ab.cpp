@@ -109,10 +109,14 @@ int main(int argc, char** argv) {
   std::vector<int32_t> xinit(nb * 32);
   std::vector<float> xu(nb, 1e-3f), out_a(N), out_b(N);
   for (auto& v : xq) v = int8_t(rand() % 255 - 127);
-  // chunk factors as the quantizer writes them: int16 w and w + 8 of a part the same (Int8Args::xk)
-  for (size_t i = 0; i < xc.size(); ++i) {
-    xc[i] = int16_t(rand() % 1000);
-    xk[i] = i % 16 < 8 ? int16_t(1 + rand() % 100) : xk[i - 8];
+  // chunk factors as the quantizer writes them (Int8Args::xk): int16 hw of part p holds the factor
+  // of chunk (P * ((hw & 7) / 2) + p) % C of its block
+  for (size_t i = 0; i < xc.size(); ++i) xc[i] = int16_t(rand() % 1000);
+  for (int64_t b = 0; b < nb; ++b) {
+    int16_t kc[8];
+    for (auto& v : kc) v = int16_t(1 + rand() % 100);
+    for (int p = 0; p < P; ++p)
+      for (int hw = 0; hw < 16; ++hw) xk[(b * P + p) * 16 + hw] = kc[(P * ((hw & 7) / 2) + p) % (2 * P)];
   }
   std::vector<int64_t> g0(nb);
   for (int64_t b = 0; b < nb; ++b) g0[b] = b * COLS / 64;

@@ -24,8 +24,15 @@ if [ "$isa" = avx512 ]; then
 fi
 prep='  (void)a;'
 if [ "$isa" = avx512 ]; then
-  prep='  flute_cpu::int8_prepare_avx512(a.bits, a.merge, a.nblocks, const_cast<int8_t*>(a.xq), a.xk,
-                                 const_cast<int16_t*>(a.xk2), const_cast<int32_t*>(a.xinit));'
+  # -DFLUTE_AB_COMPACT in a version's flags: the compact activations of long rows (Int8Args::xkq)
+  prep='#ifdef FLUTE_AB_COMPACT
+  auto* kq = new uint64_t[a.nblocks * 4];
+  flute_cpu::int8_prepare_compact_avx512(a.bits, a.nblocks, const_cast<int8_t*>(a.xq), a.xk, kq);
+  a.xkq = kq;
+#else
+  flute_cpu::int8_prepare_avx512(a.bits, a.merge, a.nblocks, const_cast<int8_t*>(a.xq), a.xk,
+                                 const_cast<int16_t*>(a.xk2), const_cast<int32_t*>(a.xinit));
+#endif'
 fi
 for v in a b; do
   src=$([ $v = a ] && echo "$1" || echo "$2")

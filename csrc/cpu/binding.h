@@ -90,6 +90,8 @@ bool cpu_amx();
 bool cpu_set_amx(bool on);
 bool cpu_tile_pairs();  // whether the M = 1 int8 kernels read tile pairs (Int8Args::tile_pairs)
 bool cpu_set_tile_pairs(bool on);
+int64_t cpu_compact_k();  // columns from which M = 1 int8 calls use compact activations (Int8Args::xkq)
+int64_t cpu_set_compact_k(int64_t k);
 
 // Activation rows up to which bf16 activations take the AMX path that streams the weights once
 // (gemm_amx, one pass of up to 4 C tiles); beyond, the blocked AMX kernel (gemm_amx_rows). In one

@@ -229,7 +229,8 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
                 o_u = align64(o_k + nb * M * P * 16 * 2), o_sum = align64(o_u + nb * M * 4),
                 o_g0 = align64(o_sum + M * w.ng * 4),
                 o_gidx = align64(o_g0 + nb * 8), o_k2 = align64(o_gidx + nb * P * 8 * 4),
-                o_init = align64(o_k2 + nb * M * P * 32 * 2), total = o_init + nb * M * P * 16 * 4;
+                o_init = align64(o_k2 + nb * M * P * 32 * 2), o_kq = align64(o_init + nb * M * P * 16 * 4),
+                total = o_kq + nb * M * P * 8;
   at::Tensor hold;
   char* base = call_scratch(0, total, hold);
   int8_t* xq = reinterpret_cast<int8_t*>(base);
@@ -328,7 +329,11 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
   a.out = out;
   a.tile_pairs = cpu_tile_pairs();
 #if defined(__x86_64__) || defined(_M_X64)
-  if (avx512) {
+  if (avx512 && M == 1 && w.K >= cpu_compact_k()) {  // long rows: compact activations (Int8Args::xkq)
+    uint64_t* xkq = reinterpret_cast<uint64_t*>(base + o_kq);
+    int8_prepare_compact_avx512(w.bits, nb, xq, xk, xkq);
+    a.xkq = xkq;
+  } else if (avx512) {
     int16_t* xk2 = reinterpret_cast<int16_t*>(base + o_k2);
     int32_t* xinit = reinterpret_cast<int32_t*>(base + o_init);
     int8_prepare_avx512(w.bits, a.merge, nb * M, xq, xk, xk2, xinit);

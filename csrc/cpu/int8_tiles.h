@@ -8,6 +8,7 @@
 //   static void rows(const Int8Args&, const Tables&, const uint8_t* tile, int r0, const ScaleMap&,
 //                    int64_t m0, float (*res)[4]);  NR weight rows from r0 against MC activation
 //                                                   rows from m0, into res[mc][r]
+//   static constexpr bool kDecodeOnly;              whether it runs M = 1 only (rows() with MC = 1)
 //   static constexpr bool kTilePairs;               whether it has pair(): M = 1, tiles t and
 //   template <int BITS, int Q, int SRC, bool G64>   t + dt read together, into res[0] and res[1]
 //   static void pair(const Int8Args&, const Tables&, const uint8_t* tile, int64_t dt, const ScaleMap&,
@@ -177,17 +178,21 @@ void tiles_int8(const Int8Args& a, const typename KER::Tables& tab, int64_t t0, 
     }
     for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
       const int64_t mc = min64(4, a.M - m0);
-      switch (mc) {
-        case 1: KER::template rows<BITS, Q, SRC, 4, 1, G64>(a, tab, tile, 0, sm, m0, res); break;
-        case 2:
-          KER::template rows<BITS, Q, SRC, 2, 2, G64>(a, tab, tile, 0, sm, m0, res);
-          KER::template rows<BITS, Q, SRC, 2, 2, G64>(a, tab, tile, 2, sm, m0, res);
-          break;
-        case 3:
-          for (int r = 0; r < 4; ++r) KER::template rows<BITS, Q, SRC, 1, 3, G64>(a, tab, tile, r, sm, m0, res);
-          break;
-        default:
-          for (int r = 0; r < 4; ++r) KER::template rows<BITS, Q, SRC, 1, 4, G64>(a, tab, tile, r, sm, m0, res);
+      if constexpr (KER::kDecodeOnly) {  // M = 1: the other configurations are not instantiated
+        KER::template rows<BITS, Q, SRC, 4, 1, G64>(a, tab, tile, 0, sm, m0, res);
+      } else {
+        switch (mc) {
+          case 1: KER::template rows<BITS, Q, SRC, 4, 1, G64>(a, tab, tile, 0, sm, m0, res); break;
+          case 2:
+            KER::template rows<BITS, Q, SRC, 2, 2, G64>(a, tab, tile, 0, sm, m0, res);
+            KER::template rows<BITS, Q, SRC, 2, 2, G64>(a, tab, tile, 2, sm, m0, res);
+            break;
+          case 3:
+            for (int r = 0; r < 4; ++r) KER::template rows<BITS, Q, SRC, 1, 3, G64>(a, tab, tile, r, sm, m0, res);
+            break;
+          default:
+            for (int r = 0; r < 4; ++r) KER::template rows<BITS, Q, SRC, 1, 4, G64>(a, tab, tile, r, sm, m0, res);
+        }
       }
       if (!a.offsets && 4 * t + 4 <= a.N) {  // a whole tile: 4 outputs per activation row
         for (int64_t i = 0; i < mc; ++i) _mm_storeu_ps(a.out + (m0 + i) * a.N + 4 * t, _mm_load_ps(res[i]));

@@ -198,6 +198,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
 // The AVX2 kernel as int8_tiles.h's driver calls it.
 struct Avx2Int8 {
   using Tables = flute_cpu::Tables;
+  static constexpr bool kDecodeOnly = false;
   static constexpr bool kTilePairs = false;  // two streams per thread measured slower on Zen 3 (CPU_NOTES 83c)
   template <int BITS, int Q, int SRC, bool G64>
   static void pair(const Int8Args&, const Tables&, const uint8_t*, int64_t, const ScaleMap&, float (*)[4]) {}

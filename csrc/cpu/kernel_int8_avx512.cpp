@@ -93,10 +93,14 @@ inline __m256 fold(__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _
 
 // NR weight rows of a tile against MC activation rows (as the AVX2 kernel's rows_int8).
 // NT = 2 (M = 1, NR = 4): tile + dt tiles as well, its rows' sums into res[1].
-template <int BITS, int Q, int SRC, int NR, int MC, bool G64, int NT = 1>
+// CX: the compact activations of long rows (Int8Args::xkq; M = 1): the chunk factors broadcast from
+// one qword per part and each merge's start value computed per block from xq, instead of the 64
+// bytes of xk2 per part and 64 of xinit per merge read per block.
+template <int BITS, int Q, int SRC, int NR, int MC, bool G64, int NT = 1, bool CX = false>
 inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
                           int64_t m0, float (*res)[4], int64_t dt = 0) {
   static_assert(NT == 1 || (NR == 4 && MC == 1), "tile pairs only for decode");
+  static_assert(!CX || MC == 1, "compact activations only for decode");
   constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P, NM = P / Q;
   static_assert(P % Q == 0, "merged parts come in whole groups of Q");
   // In each 128-bit lane, dword q <- byte q of each of the lane's 4 code dwords (bytes_by_position).
@@ -114,6 +118,20 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
     constexpr int PU = HALF ? P / 2 : P;  // parts computed
     __m512 ub[MC];
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm512_set1_ps(a.xu[b * M + m0 + mc]);
+    // CX: the block's chunk factors and merge start values, shared by its rows (one activation row)
+    __m512i kvc[CX ? P : 1], initc[CX ? NM : 1];
+    if constexpr (CX) {
+      const int8_t* xb = a.xq + (b * M + m0) * COLS;
+      const __m512i c64 = _mm512_set1_epi8(64);
+      for (int p = 0; p < PU; ++p) kvc[p] = _mm512_set1_epi64(static_cast<long long>(a.xkq[(b * M + m0) * P + p]));
+      for (int j = 0; j * Q < PU; ++j) {
+        // 64 * sum(x8 * k) per dword, as int8_prepare_avx512's xinit (the same integers)
+        __m512i c = _mm512_setzero_si512();
+        for (int p = j * Q; p < j * Q + Q && p < PU; ++p)
+          c = _mm512_dpwssd_epi32(c, _mm512_maddubs_epi16(c64, _mm512_loadu_si512(xb + p * 64)), kvc[p]);
+        initc[j] = _mm512_sub_epi32(_mm512_setzero_si512(), c);
+      }
+    }
     if (r0 == 0) {
       for (int tt = 0; tt < NT; ++tt) {
         const char* ahead = reinterpret_cast<const char*>(tile + tt * dt * tile_bytes + b * 4 * BB) + kPrefetch512<BITS>;
@@ -161,10 +179,13 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
         __m512 wu = ub[mc];
         if constexpr (!FAST) wu = _mm512_mul_ps(_mm512_castps256_ps512(wv), wu);
         for (int j = 0; j * Q < PU; ++j) {
-          __m512i isum = _mm512_loadu_si512(xi + j * 16);
+          __m512i isum;
+          if constexpr (CX) isum = initc[j];
+          else isum = _mm512_loadu_si512(xi + j * 16);
           for (int p = j * Q; p < j * Q + Q && p < PU; ++p) {
             const __m512i s16 = _mm512_maddubs_epi16(u[p], _mm512_loadu_si512(xb + p * 64));
-            isum = _mm512_dpwssd_epi32(isum, s16, _mm512_loadu_si512(xk + p * 32));
+            if constexpr (CX) isum = _mm512_dpwssd_epi32(isum, s16, kvc[p]);
+            else isum = _mm512_dpwssd_epi32(isum, s16, _mm512_loadu_si512(xk + p * 32));
           }
           __m512 ws;
           if constexpr (FAST) {
@@ -191,22 +212,37 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
   }
 }
 
+// CX: the compact activations (Int8Args::xkq), for one activation row only.
+template <bool CX>
 struct Avx512Int8 {
   using Tables = Tables512;
+  static constexpr bool kDecodeOnly = CX;
   static constexpr bool kTilePairs = true;
   template <int BITS, int Q, int SRC, bool G64>
   static void pair(const Int8Args& a, const Tables& tab, const uint8_t* tile, int64_t dt, const ScaleMap& sm,
                    float (*res)[4]) {
-    rows_int8_512<BITS, Q, SRC, 4, 1, G64, 2>(a, tab, tile, 0, sm, 0, res, dt);
+    rows_int8_512<BITS, Q, SRC, 4, 1, G64, 2, CX>(a, tab, tile, 0, sm, 0, res, dt);
   }
   template <int BITS>
   static Tables tables(const uint8_t* tu) { return make_tables512<BITS>(tu); }
   template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
   static void rows(const Int8Args& a, const Tables& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
                    int64_t m0, float (*res)[4]) {
-    rows_int8_512<BITS, Q, SRC, NR, MC, G64>(a, tab, tile, r0, sm, m0, res);
+    rows_int8_512<BITS, Q, SRC, NR, MC, G64, 1, CX>(a, tab, tile, r0, sm, m0, res);
   }
 };
+
+// xq of `rows` block rows from the AVX2 kernel's order [reg][p][32] into this kernel's [p][reg][32],
+// in place.
+inline void reorder_xq(int P, int64_t rows, int8_t* xq) {
+  alignas(64) int8_t tmp[256];
+  for (int64_t br = 0; br < rows; ++br) {
+    int8_t* x = xq + br * 64 * P;
+    std::memcpy(tmp, x, 64 * P);
+    for (int p = 0; p < P; ++p)
+      for (int reg = 0; reg < 2; ++reg) std::memcpy(x + (2 * p + reg) * 32, tmp + (reg * P + p) * 32, 32);
+  }
+}
 
 }  // namespace
 
@@ -221,13 +257,10 @@ void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const in
   // int16 (h, q) of the chunk factors k, the even ones: k[8 h + 2 q] = k[2 (d % 8)]
   const __m512i k_of_dword = _mm512_set_epi32(14, 12, 10, 8, 6, 4, 2, 0, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i ones = _mm512_set1_epi8(1);
-  alignas(64) int8_t tmp[256];
+  reorder_xq(P, rows, xq);
   for (int64_t br = 0; br < rows; ++br) {
     int8_t* x = xq + br * COLS;
     const int16_t* k = xk + br * P * 16;
-    std::memcpy(tmp, x, COLS);
-    for (int p = 0; p < P; ++p)
-      for (int reg = 0; reg < 2; ++reg) std::memcpy(x + (2 * p + reg) * 32, tmp + (reg * P + p) * 32, 32);
     __m512i kd[4];
     for (int p = 0; p < P; ++p) {
       const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + p * 16));
@@ -246,7 +279,24 @@ void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const in
   }
 }
 
-void gemm_int8_avx512(const Int8Args& a, int64_t t0, int64_t t1) { gemm_int8_dispatch<Avx512Int8>(a, t0, t1); }
+void int8_prepare_compact_avx512(int bits, int64_t rows, int8_t* xq, const int16_t* xk, uint64_t* xkq) {
+  const int P = int8_parts(bits);
+  reorder_xq(P, rows, xq);
+  // Part p's int16 (h, w) has the factor of chunk (P * (w / 2) + p) % C (Int8Args::xk): chunk p for
+  // dwords 0 and 2 of each 128-bit lane, p + C / 2 for dwords 1 and 3 (C = 2 P), both int16 of a
+  // dword alike: xk's int16 0 and 2 of the part hold the two.
+  for (int64_t br = 0; br < rows; ++br)
+    for (int p = 0; p < P; ++p) {
+      const uint16_t k0 = static_cast<uint16_t>(xk[(br * P + p) * 16]), k1 = static_cast<uint16_t>(xk[(br * P + p) * 16 + 2]);
+      const uint64_t d0 = k0 | uint64_t(k0) << 16, d1 = k1 | uint64_t(k1) << 16;
+      xkq[br * P + p] = d0 | d1 << 32;
+    }
+}
+
+void gemm_int8_avx512(const Int8Args& a, int64_t t0, int64_t t1) {
+  if (a.xkq) gemm_int8_dispatch<Avx512Int8<true>>(a, t0, t1);
+  else gemm_int8_dispatch<Avx512Int8<false>>(a, t0, t1);
+}
 
 }  // namespace flute_cpu
 #endif

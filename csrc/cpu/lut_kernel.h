@@ -126,6 +126,12 @@ struct Int8Args {
   // k * (the 4 activation bytes of the dword), [nblocks][M][P / Q][16].
   const int16_t* xk2 = nullptr;
   const int32_t* xinit = nullptr;
+  // Or, for one activation row with long rows (int8_compact_k()), the compact form
+  // (int8_prepare_compact_avx512): per block and part one qword, the chunk factors of its dwords 0
+  // and 1 as two int16 pairs (dwords 2 and 3 repeat them), broadcast in the kernel, which computes
+  // each merge's start value from xq per block. A row pass then meets 1.2 bytes of activation data
+  // per column instead of 2.5, so that with the weight stream they fit L1 (CPU_NOTES item 144).
+  const uint64_t* xkq = nullptr;
   // The last block holds at most 32 * P / 2 columns of K (the rest is padding: 1536x576 at 2 and 3
   // bits is 2.25 blocks of 256 per row). Part p meets chunks p and P + p only (int8_col), so parts
   // P / 2 .. P - 1 of that block meet padding alone: x8 = 0 there and their int32 sums, start
@@ -223,6 +229,8 @@ void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 void gemm_int8_avx512(const Int8Args&, int64_t, int64_t);
 void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const int16_t* xk, int16_t* xk2,
                          int32_t* xinit);
+// The compact form (Int8Args::xkq): xq reordered as int8_prepare_avx512 does, and xkq [rows][P].
+void int8_prepare_compact_avx512(int bits, int64_t rows, int8_t* xq, const int16_t* xk, uint64_t* xkq);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 // Tiles [t0, t1) of 16 weight rows (Rows16Args).
 void gemm_int8_rows16_avx512(const Rows16Args&, int64_t t0, int64_t t1);

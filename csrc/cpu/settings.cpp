@@ -142,6 +142,12 @@ int64_t env_positive(const char* name, int64_t fallback) {
   return v > 0 ? int64_t(v) : fallback;
 }
 
+// Compact activations (Int8Args::xkq) for one activation row from this many columns: with rows of
+// 5120 to 14336 columns the AVX-512 int8 kernel read 4 bits from DRAM in 0.84-0.90 of the time at
+// 1 thread (0.86 at 2) and 3 bits in 0.92-0.98; at 4096 columns and less no gain, and from cache
+// 1.6-2.5% slower (the per-block start values; CPU_NOTES item 144). FLUTE_CPU_COMPACT_K overrides.
+std::atomic<int64_t> g_compact_k{env_positive("FLUTE_CPU_COMPACT_K", 4097)};
+
 }  // namespace
 
 // Least weights per task when the fused kernels split a call over threads (FLUTE_CPU_TASK_KW, in
@@ -213,6 +219,14 @@ bool cpu_tile_pairs() { return g_tile_pairs.load(); }
 bool cpu_set_tile_pairs(bool on) {
   g_tile_pairs.store(on);
   return on;
+}
+
+int64_t cpu_compact_k() { return g_compact_k.load(); }
+
+int64_t cpu_set_compact_k(int64_t k) {
+  TORCH_CHECK(k >= 1, "flute: the compact activations' column threshold must be positive, got ", k);
+  g_compact_k.store(k);
+  return k;
 }
 
 std::string cpu_mode() { return kModeNames[g_mode.load()]; }
