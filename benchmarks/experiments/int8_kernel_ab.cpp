@@ -111,13 +111,22 @@ int main(int argc, char** argv) {
   for (auto& v : xq) v = int8_t(rand() % 255 - 127);
   // chunk factors as the quantizer writes them (Int8Args::xk): int16 hw of part p holds the factor
   // of chunk (P * ((hw & 7) / 2) + p) % C of its block
-  for (size_t i = 0; i < xc.size(); ++i) xc[i] = int16_t(rand() % 1000);
   for (int64_t b = 0; b < nb; ++b) {
     int16_t kc[8];
     for (auto& v : kc) v = int16_t(1 + rand() % 100);
     for (int p = 0; p < P; ++p)
       for (int hw = 0; hw < 16; ++hw) xk[(b * P + p) * 16 + hw] = kc[(P * ((hw & 7) / 2) + p) % (2 * P)];
   }
+  // the AVX2 kernel's corrections, as the quantizer writes them (Int8Args::xcorr): 64 * the sum of
+  // bytes 2w, 2w + 1 of half h of both registers of part p
+  for (int64_t b = 0; b < nb; ++b)
+    for (int p = 0; p < P; ++p)
+      for (int hw = 0; hw < 16; ++hw) {
+        int sum = 0;
+        for (int reg = 0; reg < 2; ++reg)
+          for (int e = 0; e < 2; ++e) sum += xq[b * COLS + (reg * P + p) * 32 + (hw / 8) * 16 + 2 * (hw % 8) + e];
+        xc[(b * P + p) * 16 + hw] = int16_t(64 * sum);
+      }
   std::vector<int64_t> g0(nb);
   for (int64_t b = 0; b < nb; ++b) g0[b] = b * COLS / 64;
   std::vector<int32_t> gidx(nb * P * 8, 0);

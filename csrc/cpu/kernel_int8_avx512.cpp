@@ -280,17 +280,8 @@ void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const in
 }
 
 void int8_prepare_compact_avx512(int bits, int64_t rows, int8_t* xq, const int16_t* xk, uint64_t* xkq) {
-  const int P = int8_parts(bits);
-  reorder_xq(P, rows, xq);
-  // Part p's int16 (h, w) has the factor of chunk (P * (w / 2) + p) % C (Int8Args::xk): chunk p for
-  // dwords 0 and 2 of each 128-bit lane, p + C / 2 for dwords 1 and 3 (C = 2 P), both int16 of a
-  // dword alike: xk's int16 0 and 2 of the part hold the two.
-  for (int64_t br = 0; br < rows; ++br)
-    for (int p = 0; p < P; ++p) {
-      const uint16_t k0 = static_cast<uint16_t>(xk[(br * P + p) * 16]), k1 = static_cast<uint16_t>(xk[(br * P + p) * 16 + 2]);
-      const uint64_t d0 = k0 | uint64_t(k0) << 16, d1 = k1 | uint64_t(k1) << 16;
-      xkq[br * P + p] = d0 | d1 << 32;
-    }
+  reorder_xq(int8_parts(bits), rows, xq);
+  int8_compact_factors(int8_parts(bits), rows, xk, xkq);
 }
 
 void gemm_int8_avx512(const Int8Args& a, int64_t t0, int64_t t1) {

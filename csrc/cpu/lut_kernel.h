@@ -126,11 +126,13 @@ struct Int8Args {
   // k * (the 4 activation bytes of the dword), [nblocks][M][P / Q][16].
   const int16_t* xk2 = nullptr;
   const int32_t* xinit = nullptr;
-  // Or, for one activation row with long rows (int8_compact_k()), the compact form
-  // (int8_prepare_compact_avx512): per block and part one qword, the chunk factors of its dwords 0
-  // and 1 as two int16 pairs (dwords 2 and 3 repeat them), broadcast in the kernel, which computes
-  // each merge's start value from xq per block. A row pass then meets 1.2 bytes of activation data
-  // per column instead of 2.5, so that with the weight stream they fit L1 (CPU_NOTES item 144).
+  // Or, for one activation row with long rows (cpu_compact_k()), the compact form
+  // (int8_prepare_compact_avx512, int8_compact_factors): per block and part one qword, the chunk
+  // factors of its dwords 0 and 1 as two int16 pairs (dwords 2 and 3 repeat them), broadcast in the
+  // kernel, which computes each merge's start value from xq per block. A row pass then meets 1.2
+  // bytes of activation data per column instead of 2.5, so that with the weight stream they fit L1
+  // (CPU_NOTES item 144). The AVX2 kernel keeps its form: compact there (the corrections computed
+  // per block) measured 0.99-1.04x the time on the Zen 5 VM, where it is compute-bound.
   const uint64_t* xkq = nullptr;
   // The last block holds at most 32 * P / 2 columns of K (the rest is padding: 1536x576 at 2 and 3
   // bits is 2.25 blocks of 256 per row). Part p meets chunks p and P + p only (int8_col), so parts
@@ -197,6 +199,18 @@ static inline float int8_block_scales(const float* cmax, int C, int16_t* k) {
   }
   return bmax / 127.f / static_cast<float>(kInt8KMax);
 }
+// The compact chunk factors (Int8Args::xkq) of `rows` block rows from xk: part p's int16 (h, w) has
+// the factor of chunk (P * (w / 2) + p) % C, chunk p for dwords 0 and 2 of each 128-bit lane and
+// p + C / 2 for dwords 1 and 3 (C = 2 P), both int16 of a dword alike: xk's int16 0 and 2 of the
+// part hold the two, and the qword is dwords 0 and 1.
+static inline void int8_compact_factors(int P, int64_t rows, const int16_t* xk, uint64_t* xkq) {
+  for (int64_t br = 0; br < rows; ++br)
+    for (int p = 0; p < P; ++p) {
+      const uint64_t k0 = static_cast<uint16_t>(xk[(br * P + p) * 16]);
+      const uint64_t k1 = static_cast<uint16_t>(xk[(br * P + p) * 16 + 2]);
+      xkq[br * P + p] = (k0 | k0 << 16) | (k1 | k1 << 16) << 32;
+    }
+}
 // Byte position in the int8 order of each column of a block ([64 * P], int8_col inverted).
 const int16_t* int8_positions(int bits);
 
@@ -229,7 +243,8 @@ void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 void gemm_int8_avx512(const Int8Args&, int64_t, int64_t);
 void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const int16_t* xk, int16_t* xk2,
                          int32_t* xinit);
-// The compact form (Int8Args::xkq): xq reordered as int8_prepare_avx512 does, and xkq [rows][P].
+// The compact form (Int8Args::xkq): xq reordered as int8_prepare_avx512 does, and xkq [rows][P]
+// (int8_compact_factors).
 void int8_prepare_compact_avx512(int bits, int64_t rows, int8_t* xq, const int16_t* xk, uint64_t* xkq);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 // Tiles [t0, t1) of 16 weight rows (Rows16Args).
