@@ -174,8 +174,9 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
       for (int mc = 0; mc < MC; ++mc) {
         const int64_t bm = b * M + m0 + mc;
         const int8_t* xb = a.xq + bm * COLS;
-        const int16_t* xk = a.xk2 + bm * P * 32;
-        const int32_t* xi = a.xinit + bm * NM * 16;
+        // (CX: neither buffer exists)
+        const int16_t* xk = CX ? nullptr : a.xk2 + bm * P * 32;
+        const int32_t* xi = CX ? nullptr : a.xinit + bm * NM * 16;
         __m512 wu = ub[mc];
         if constexpr (!FAST) wu = _mm512_mul_ps(_mm512_castps256_ps512(wv), wu);
         for (int j = 0; j * Q < PU; ++j) {
