@@ -32,7 +32,7 @@ def both_paths(x, w, bits, group, n, k):
 @needs_amx
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bits,group,offsets", [
-    (b, g, o) for b, g, o in itertools.product([3, 4], [32, 64, 128, -1], [False, True])])
+    (b, g, o) for b, g, o in itertools.product([2, 3, 4], [32, 64, 128, -1], [False, True])])
 def test_amx_matches_reference(bits, group, offsets, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -58,7 +58,7 @@ def test_amx_matches_reference(bits, group, offsets, threads):
 
 
 @needs_amx
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_amx_long_k_blocks_of_256_rows(bits):
     """Beyond K = 4096 the blocked path takes 256 weight rows per task where that splits as evenly
     (fused_gemm.cpp: 1024 rows at 1 and 2 threads): matches the reference, with the K blocks and
@@ -102,8 +102,8 @@ def test_amx_deterministic_across_threads_and_calls(m):
 
 @needs_amx
 def test_amx_leaves_other_dtypes_and_sizes_alone():
-    """fp32 and fp16 activations, bf16 ones under 16 rows and 2-bit weights never take an AMX path:
-    their results do not depend on the switch."""
+    """fp32 and fp16 activations and bf16 ones under 16 rows never take an AMX path: their results
+    do not depend on the switch."""
     w = random_quantized(70, 256, 4, 64, dtype=torch.bfloat16, seed=5)
     for dtype, m in [(torch.float32, 32), (torch.float16, 32), (torch.float32, 300), (torch.bfloat16, 15)]:
         x = torch.randn(m, 256).to(dtype)
@@ -113,13 +113,19 @@ def test_amx_leaves_other_dtypes_and_sizes_alone():
     x = torch.randn(20, 256).to(torch.bfloat16)
     ya, yo = both_paths(x, w, 4, 64, 70, 256)
     assert not torch.equal(ya, yo)
-    # 2 bits never do (their pair layout has kernels of its own: the pair tables up to 31 rows,
-    # the panel path from 32)
+    # 2 bits (the pair layout) take it too, streamed and blocked; under 16 rows they do not. In
+    # the int8 mode, since at 100 rows the exact mode's other path is the bf16 panel path, whose
+    # weights and output round as the blocked AMX kernel's (equal bits at K = 256)
     w2 = random_quantized(70, 256, 2, 64, dtype=torch.bfloat16, seed=6)
-    for m in (20, 100):
-        x = torch.randn(m, 256).to(torch.bfloat16)
-        ya, yo = both_paths(x, w2, 2, 64, 70, 256)
-        assert torch.equal(ya, yo), m
+    mode = ops.get_cpu_mode()
+    try:
+        ops.set_cpu_mode("int8")
+        for m, taken in ((20, True), (100, True), (15, False)):
+            x = torch.randn(m, 256).to(torch.bfloat16)
+            ya, yo = both_paths(x, w2, 2, 64, 70, 256)
+            assert torch.equal(ya, yo) != taken, m
+    finally:
+        ops.set_cpu_mode(mode)
 
 
 def test_set_cpu_amx_state_and_error():

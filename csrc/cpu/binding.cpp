@@ -27,12 +27,12 @@
 //   cpu_panel_m(bits) -> int: the activation rows from which that bit width takes the panel path
 //       (decode + at::mm, exact) on the active path and mode, where AMX does not take them first.
 //
-// Paths: 2 bits (the pair layout, pair_lut.h): below kLargeM rows with groups of a multiple of 32
-// columns (or one group) the pair-table kernel in the int8 mode (from rows16_m(2) rows the 16-row
+// Paths: bf16 x on an AMX CPU (avx512 path), groups of a multiple of 32 columns (or one group), any
+// bits: 16 to kAmxMaxM = 64 rows the streamed AMX kernel (gemm_amx), more rows the blocked one
+// (gemm_amx_rows, bf16 output). Otherwise, 2 bits (the pair layout, pair_lut.h): below kLargeM rows
+// with such groups the pair-table kernel in the int8 mode (from rows16_m(2) rows the 16-row
 // kernel where the CPU has AVX-512 VBMI + VNNI, to rows16_large_m()) or the pair layout's exact
-// kernel (fused_gemm.cpp: pair_gemm), else the panel path; 3 and 4 bits:
-// bf16 x on an AMX CPU (avx512 path): 16 to kAmxMaxM = 64 rows the streamed AMX kernel
-// (gemm_amx), more rows the blocked one (gemm_amx_rows, bf16 output). Otherwise, M <
+// kernel (fused_gemm.cpp: pair_gemm), else the panel path; 3 and 4 bits: M <
 // large_m() and groups of a multiple of 32 columns (or one group): the fused kernel, in the int8
 // mode (int8_gemm.cpp; finite x; from rows16_m() to rows16_large_m() rows on the 16-row kernel
 // where the CPU has AVX-512 VBMI + VNNI) or exact fp32 (fused_gemm.cpp), activations prepared
@@ -239,10 +239,11 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   const auto xt = x.scalar_type();
   const int isa = active_isa();
   const bool fused = w.G % 32 == 0 || w.ng == 1;
-  // 2 bits: the pair layout's kernels (pair_gemm) below kLargeM rows, the panel path from there; the
-  // AMX kernels read the 3/4-bit layout only
-  const bool amx = fused && w.bits != 2 && xt == at::kBFloat16 && isa == kAvx512 && M >= amx_m() && M <= kAmxMaxM && cpu_amx();
-  if (fused && w.bits != 2 && xt == at::kBFloat16 && isa == kAvx512 && M > kAmxMaxM && cpu_amx()) {
+  // bf16 x from amx_m() rows on an AMX CPU: the AMX kernels, which read both layouts (3/4 bits and
+  // the 2-bit pair layout)
+  const bool amx_rows = fused && xt == at::kBFloat16 && isa == kAvx512 && M >= amx_m() && cpu_amx();
+  const bool amx = amx_rows && M <= kAmxMaxM;
+  if (amx_rows && M > kAmxMaxM) {
     // many rows on AMX: blocked like a bf16 GEMM, the output written in bf16 (kernel_amx.cpp)
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty(out_shape, x.options());

@@ -10,7 +10,8 @@
 // The product is computed transposed, C^T = W x^T, per block of 16 weight rows (4 layout tiles):
 //   A (tile 0): 16 weight rows x 32 columns, bf16, row-major: one 64-byte row is exactly what one
 //     shift (3 bits: one `vpermb`) and one `vpermw` decode from a row's block chunk (decode_chunk:
-//     natural column order), read from the CPU layout as it is,
+//     natural column order), read from the CPU layout as it is (2 bits: a pair-layout chunk,
+//     decode_pair_chunk),
 //     from the row's table scaled (and offset) for the chunk's group and rounded to bf16 once, so
 //     W = bf16(table[q] * s + o): the panel path's weights;
 //   B (tiles 1, 2, alternating so that a load overlaps the previous product): 32 columns x 16
@@ -28,6 +29,7 @@
 #include <new>
 
 #include "avx512bf16_common.h"
+#include "pair_lut.h"
 
 namespace flute_cpu {
 namespace {
@@ -157,6 +159,109 @@ void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_
   store_c<NMB>(cbuf);
 }
 
+// ---- 2 bits: the pair layout (pair_lut.h) -----------------------------------------------------
+// A pair-layout tile has 16 rows, and its 128-byte chunk holds exactly one A tile's 16 x 32 codes:
+// row i's code of column w is in byte 32 s + 16 L + i (s = w / 8, L = w / 2 % 2), bits 4 hi + 2 odd
+// (hi = w / 4 % 2, odd = w % 2). One `vpermt2b` per 8 rows gathers each row's 8 bytes into a qword
+// (row byte 2 s + L = chunk byte 16 (2 s + L) + i), so column w's code is in word s of its row's
+// qword at bit 8 L + 4 hi + 2 odd. Per row, one `vpermw` puts that word in the column's place and
+// one `vpsrlvw` shifts the code to bits 0-1; the table `vpermw` ignores the garbage above them,
+// since a 2-bit table repeats every 4 entries (tables<2>). Two permutes and a shift per 32 weights,
+// against a load, a shift and a permute for the 4-bit layout's.
+struct PairDecodeIndex {
+  alignas(64) uint8_t gather[2][64];  // vpermt2b, rows 8 h .. 8 h + 7: byte 8 r + j = chunk byte 16 j + 8 h + r
+  alignas(64) uint16_t word[8][32];   // vpermw, row r of its 8: word w = word w / 8 of qword r
+  alignas(64) uint16_t shift[32];     // vpsrlvw: 8 L + 4 hi + 2 odd
+  constexpr PairDecodeIndex() : gather{}, word{}, shift{} {
+    for (int h = 0; h < 2; ++h)
+      for (int b = 0; b < 64; ++b) gather[h][b] = static_cast<uint8_t>(16 * (b & 7) + 8 * h + (b >> 3));
+    for (int r = 0; r < 8; ++r)
+      for (int w = 0; w < 32; ++w) word[r][w] = static_cast<uint16_t>(4 * r + (w >> 3));
+    for (int w = 0; w < 32; ++w)
+      shift[w] = static_cast<uint16_t>(8 * ((w >> 1) & 1) + 4 * ((w >> 2) & 1) + 2 * (w & 1));
+  }
+};
+constexpr PairDecodeIndex kPairDecode{};
+
+// A pair-layout chunk (128 bytes at cp) to its 16 rows' 32 bf16 weights each, natural column
+// order, row r from tw[r] (word_table of tables<2>), into dst rows of 32 (an A tile).
+inline void decode_pair_chunk(const uint8_t* cp, const __m512i* tw, uint16_t* dst) {
+  const __m512i lo = _mm512_loadu_si512(cp), hi = _mm512_loadu_si512(cp + 64);
+  const __m512i q[2] = {_mm512_permutex2var_epi8(lo, _mm512_load_si512(kPairDecode.gather[0]), hi),
+                        _mm512_permutex2var_epi8(lo, _mm512_load_si512(kPairDecode.gather[1]), hi)};
+  const __m512i sh = _mm512_load_si512(kPairDecode.shift);
+#pragma GCC unroll 16
+  for (int r = 0; r < kRows; ++r) {
+    const __m512i words = _mm512_permutexvar_epi16(_mm512_load_si512(kPairDecode.word[r & 7]), q[r >> 3]);
+    _mm512_storeu_si512(dst + r * 32, _mm512_permutexvar_epi16(_mm512_srlv_epi16(words, sh), tw[r]));
+  }
+}
+
+// block_product for 2 bits: `tile` is the pair-layout tile of the 16 rows (a.nblocks chunks of 128
+// contiguous bytes, the next tile right after), all 16 rows in the layout (N_pad: whole tiles).
+template <int NMB>
+void block_product_pair(const GemmArgs& a, const uint8_t* tile, const float* sc, const float* of, int64_t mbs,
+                        uint16_t* abuf, float* cbuf) {
+  const __m512 T = tables<2>(a.table);
+  const int64_t ngp = a.ngp, cpg = a.cpg;
+  alignas(64) __m512i tw[kRows];
+  auto set_tables = [&](int64_t g) {
+    for (int r = 0; r < kRows; ++r) tw[r] = word_table(T, sc[r * ngp + g], of ? of[r * ngp + g] : 0.f);
+  };
+  zero_c<NMB>();
+  set_tables(0);
+  int64_t g = 0, cc = 0;
+  for (int64_t c = 0; c < a.nblocks; ++c) {
+    const uint8_t* cp = tile + c * kPairChunkBytes;
+    // one stream: the lines kPrefetchBytes ahead, into the next tile near the end of this one
+    _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetchBytes + 64, _MM_HINT_T0);
+    uint16_t* ab = abuf + (c & 1) * kTileElems;
+    decode_pair_chunk(cp, tw, ab);
+    _tile_loadd(0, ab, 64);
+    products<NMB>(a.xb + c * mbs * kTileElems);
+    if (++cc == cpg) {
+      ++g;
+      cc = 0;
+      set_tables(g);
+    }
+  }
+  store_c<NMB>(cbuf);
+}
+
+// The 16 rows of a pair-layout tile over chunks [c0, c1) into dst [chunk][16 rows][32] bf16
+// (decode_a_tiles for 2 bits).
+inline void decode_pair_a_tiles(const GemmArgs& a, const uint8_t* tile, const float* sc, const float* of,
+                                int64_t c0, int64_t c1, uint16_t* dst) {
+  const __m512 T = tables<2>(a.table);
+  const int64_t ngp = a.ngp, cpg = a.cpg;
+  alignas(64) __m512i tw[kRows];
+  int64_t g = c0 / cpg, cc = c0 % cpg;
+  auto set_tables = [&]() {
+    for (int r = 0; r < kRows; ++r) tw[r] = word_table(T, sc[r * ngp + g], of ? of[r * ngp + g] : 0.f);
+  };
+  set_tables();
+  for (int64_t c = c0; c < c1; ++c) {
+    const uint8_t* cp = tile + c * kPairChunkBytes;
+    _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetchBytes + 64, _MM_HINT_T0);
+    decode_pair_chunk(cp, tw, dst + (c - c0) * kTileElems);
+    if (++cc == cpg) {
+      ++g;
+      cc = 0;
+      set_tables();
+    }
+  }
+}
+
+// The first byte of the 16 weight rows from n0 (a multiple of 16) in the layout: 4 tiles of 4
+// rows (3/4 bits, tile_bytes each) or one pair-layout tile (2 bits).
+template <int BITS>
+inline const uint8_t* rows16(const GemmArgs& a, int64_t n0, int64_t tile_bytes) {
+  if constexpr (BITS == 2) return pair_tile(a.qw, a.nblocks, n0 / kPairTileRows);
+  else return a.qw + (n0 / 4) * tile_bytes;
+}
+
 // r[i][j] <- r[j][i] for 16 vectors of 16 dwords: four butterfly rounds, each swapping the
 // off-diagonal s x s blocks (s = 8, 4, 2, 1) of row pairs (i, i + s) with two `vpermt2d`. The
 // index vectors are constants: built per call, they cost as much as the permutes.
@@ -190,7 +295,7 @@ inline void transpose16(__m512i* r) {
 
 template <int BITS>
 void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
-  constexpr int BB = 4 * (BITS == 4 ? 4 : 8) * BITS;
+  constexpr int BB = 4 * (BITS == 4 ? 4 : 8) * BITS;  // 3/4 bits: a row's block
   const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp;
   const int64_t mbs = (a.M + 15) / 16;  // activation blocks
   configure_tiles();
@@ -202,14 +307,19 @@ void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
     const int nr = static_cast<int>(min64(kRows, a.N_pad - n0));  // rows in the layout
     load_scale_rows(a, n0, kRows, sc.data(), a.offsets ? of.data() : nullptr);
     std::memset(abuf, 0, sizeof(abuf));  // rows past the layout stay zero
-    const uint8_t* rows = a.qw + (n0 / 4) * tile_bytes;
+    const uint8_t* rows = rows16<BITS>(a, n0, tile_bytes);
     const float* ofp = a.offsets ? of.data() : nullptr;
     const int nmb = static_cast<int>(mbs);  // 1 to kMaxMB
+    auto product = [&](auto nmb_c) {
+      constexpr int NMB = decltype(nmb_c)::value;
+      if constexpr (BITS == 2) block_product_pair<NMB>(a, rows, sc.data(), ofp, mbs, abuf, cbuf);
+      else block_product<BITS, NMB>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf);
+    };
     switch (nmb) {
-      case 1: block_product<BITS, 1>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
-      case 2: block_product<BITS, 2>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
-      case 3: block_product<BITS, 3>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
-      default: block_product<BITS, 4>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
+      case 1: product(IntC<1>{}); break;
+      case 2: product(IntC<2>{}); break;
+      case 3: product(IntC<3>{}); break;
+      default: product(IntC<4>{}); break;
     }
     // C tile i is [weight row][activation row]: transposed into out's rows
     const int nv = static_cast<int>(min64(kRows, a.N - n0));
@@ -375,9 +485,9 @@ inline void write_pair_tiles(const GemmArgs& a, int64_t m0, int64_t nc) {
 // one process: 0.89-0.90x bf16 against 0.78-0.80x block-major).
 template <int BITS>
 void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t t1) {
-  constexpr int C = BITS == 4 ? 4 : 8;
+  constexpr int C = BITS == 4 ? 4 : BITS == 3 ? 8 : 1;  // chunks per layout block (2 bits: a chunk)
   constexpr int BB = 4 * C * BITS;
-  const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp;
+  const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp;  // 3/4 bits
   const int64_t mbs = (a.M + 31) / 32 * 2;  // activation blocks, even (the last pair zero-padded)
   const int64_t part = (mbs / 2 + S - 1) / S * 2;  // activation blocks per part
   const int64_t chunks = a.nblocks * C, at = R / 16, blocks = (a.N_pad + R - 1) / R;
@@ -406,9 +516,12 @@ void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t
         uint16_t* dst = acache + t * kc * kTileElems;
         const int nr = static_cast<int>(max64(0, min64(16, a.N_pad - n0 - 16 * t)));
         if (nr < 16) std::memset(dst, 0, kc * kTileElems * sizeof(uint16_t));
-        if (nr > 0)
-          decode_a_tiles<BITS>(a, a.qw + ((n0 + 16 * t) / 4) * tile_bytes, nr, tile_bytes, sc.data() + 16 * t * ngp,
-                               a.offsets ? of.data() + 16 * t * ngp : nullptr, k0, k1, dst);
+        if (nr <= 0) continue;
+        const uint8_t* rows = rows16<BITS>(a, n0 + 16 * t, tile_bytes);
+        const float* sct = sc.data() + 16 * t * ngp;
+        const float* oft = a.offsets ? of.data() + 16 * t * ngp : nullptr;
+        if constexpr (BITS == 2) decode_pair_a_tiles(a, rows, sct, oft, k0, k1, dst);
+        else decode_a_tiles<BITS>(a, rows, nr, tile_bytes, sct, oft, k0, k1, dst);
       }
       // each B pair (2 x kc KiB) is loaded from L3 once, then from L2 for the block's other A pairs;
       // after the last K block the C tiles go straight to the output (from L1, written whole
@@ -475,7 +588,7 @@ void amx_prepare_x(const uint16_t* x, int64_t M, int64_t K, int64_t K_pad, uint1
 
 void gemm_amx(const GemmArgs& a, int64_t b0, int64_t b1) {
   switch (a.bits) {
-    // 2 bits never come here: they run on the pair layout (pair_lut.h)
+    case 2: gemm_bits<2>(a, b0, b1); break;  // the pair layout
     case 3: gemm_bits<3>(a, b0, b1); break;
     default: gemm_bits<4>(a, b0, b1); break;
   }
@@ -483,7 +596,7 @@ void gemm_amx(const GemmArgs& a, int64_t b0, int64_t b1) {
 
 void gemm_amx_rows(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t t1) {
   switch (a.bits) {
-    // 2 bits never come here: they run on the pair layout (pair_lut.h)
+    case 2: gemm_rows_bits<2>(a, R, S, t0, t1); break;  // the pair layout
     case 3: gemm_rows_bits<3>(a, R, S, t0, t1); break;
     default: gemm_rows_bits<4>(a, R, S, t0, t1); break;
   }
