@@ -100,65 +100,6 @@ inline void store_c(float* cbuf) {
   if constexpr (NMB > 3) _tile_stored(6, cbuf + 768, 64);
 }
 
-// One block of 16 weight rows (`rows`: its first layout tile, in the form decode_chunk reads;
-// nr of its rows exist) times NMB blocks of 16 activation rows; the C tiles go to cbuf [NMB][16
-// weight rows][16 activation rows]. Each chunk is decoded into a double-buffered L1 tile.
-template <int BITS, int NMB>
-void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_bytes,
-                   const float* sc, const float* of, int64_t mbs, uint16_t* abuf, float* cbuf) {
-  constexpr int C = BITS == 4 ? 4 : 8;
-  constexpr int BB = 4 * C * BITS;
-  const __m512 T = tables<BITS>(a.table);
-  const int64_t ngp = a.ngp, cpg = a.cpg;
-  alignas(64) __m512i tw[kRows];
-  auto set_tables = [&](int64_t g) {
-    for (int r = 0; r < nr; ++r) tw[r] = word_table(T, sc[r * ngp + g], of ? of[r * ngp + g] : 0.f);
-  };
-  zero_c<NMB>();
-  set_tables(0);
-  int64_t g = 0, cc = 0;
-  // The next block of 16 rows (4 tiles, contiguous) is fetched into L2 a slice per K block while
-  // this one is decoded: a whole block ahead, across its 4 KB pages, which the hardware
-  // prefetchers do not cross (K = 2048, 4 bits: one page per tile).
-  const char* next = reinterpret_cast<const char*>(rows + 4 * tile_bytes);
-  const int64_t slice = (4 * tile_bytes / a.nblocks + 63) / 64 * 64;
-  for (int64_t b = 0; b < a.nblocks; ++b) {
-    for (int t = 0; t < (nr + 3) / 4; ++t) {
-      const char* pf = reinterpret_cast<const char*>(rows + t * tile_bytes + b * 4 * BB + kPrefetchBytes);
-      for (int i = 0; i < 4 * BB; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
-    }
-    for (int64_t i = 0; i < slice; i += 64) _mm_prefetch(next + b * slice + i, _MM_HINT_T1);
-    auto row_of = [&](int r) { return rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * BB; };
-    // 3 bits: each row's block split into its part vectors once, for all 8 chunks (in L1)
-    alignas(64) __m512i parts[BITS == 3 ? kRows : 1][kBlockVecs<BITS>];
-    if constexpr (BITS == 3)
-      for (int r = 0; r < nr; ++r) load_block<BITS>(row_of(r), parts[r]);
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      uint16_t* ab = abuf + (c & 1) * kTileElems;
-#pragma GCC unroll 16
-      for (int r = 0; r < nr; ++r) {
-        __m512i w;
-        if constexpr (BITS == 3) {
-          w = decode_chunk<BITS>(parts[r], c, tw[r]);
-        } else {
-          const __m512i d = _mm512_loadu_si512(row_of(r));
-          w = decode_chunk<BITS>(&d, c, tw[r]);
-        }
-        _mm512_storeu_si512(ab + r * 32, w);
-      }
-      _tile_loadd(0, ab, 64);
-      products<NMB>(a.xb + (b * C + c) * mbs * kTileElems);
-      if (++cc == cpg) {
-        ++g;
-        cc = 0;
-        set_tables(g);
-      }
-    }
-  }
-  store_c<NMB>(cbuf);
-}
-
 // ---- 2 bits: the pair layout (pair_lut.h) -----------------------------------------------------
 // A pair-layout tile has 16 rows, and its 128-byte chunk holds exactly one A tile's 16 x 32 codes:
 // row i's code of column w is in byte 32 s + 16 L + i (s = w / 8, L = w / 2 % 2), bits 4 hi + 2 odd
@@ -197,69 +138,90 @@ inline void decode_pair_chunk(const uint8_t* cp, const __m512i* tw, uint16_t* ds
   }
 }
 
-// block_product for 2 bits: `tile` is the pair-layout tile of the 16 rows (a.nblocks chunks of 128
-// contiguous bytes, the next tile right after), all 16 rows in the layout (N_pad: whole tiles).
-template <int NMB>
-void block_product_pair(const GemmArgs& a, const uint8_t* tile, const float* sc, const float* of, int64_t mbs,
-                        uint16_t* abuf, float* cbuf) {
-  const __m512 T = tables<2>(a.table);
-  const int64_t ngp = a.ngp, cpg = a.cpg;
-  alignas(64) __m512i tw[kRows];
-  auto set_tables = [&](int64_t g) {
-    for (int r = 0; r < kRows; ++r) tw[r] = word_table(T, sc[r * ngp + g], of ? of[r * ngp + g] : 0.f);
-  };
-  zero_c<NMB>();
-  set_tables(0);
-  int64_t g = 0, cc = 0;
-  for (int64_t c = 0; c < a.nblocks; ++c) {
-    const uint8_t* cp = tile + c * kPairChunkBytes;
-    // one stream: the lines kPrefetchBytes ahead, into the next tile near the end of this one
-    _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetchBytes + 64, _MM_HINT_T0);
-    uint16_t* ab = abuf + (c & 1) * kTileElems;
-    decode_pair_chunk(cp, tw, ab);
-    _tile_loadd(0, ab, 64);
-    products<NMB>(a.xb + c * mbs * kTileElems);
-    if (++cc == cpg) {
-      ++g;
-      cc = 0;
-      set_tables(g);
-    }
-  }
-  store_c<NMB>(cbuf);
-}
-
-// The 16 rows of a pair-layout tile over chunks [c0, c1) into dst [chunk][16 rows][32] bf16
-// (decode_a_tiles for 2 bits).
-inline void decode_pair_a_tiles(const GemmArgs& a, const uint8_t* tile, const float* sc, const float* of,
-                                int64_t c0, int64_t c1, uint16_t* dst) {
-  const __m512 T = tables<2>(a.table);
-  const int64_t ngp = a.ngp, cpg = a.cpg;
-  alignas(64) __m512i tw[kRows];
-  int64_t g = c0 / cpg, cc = c0 % cpg;
-  auto set_tables = [&]() {
-    for (int r = 0; r < kRows; ++r) tw[r] = word_table(T, sc[r * ngp + g], of ? of[r * ngp + g] : 0.f);
-  };
-  set_tables();
-  for (int64_t c = c0; c < c1; ++c) {
-    const uint8_t* cp = tile + c * kPairChunkBytes;
-    _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetchBytes + 64, _MM_HINT_T0);
-    decode_pair_chunk(cp, tw, dst + (c - c0) * kTileElems);
-    if (++cc == cpg) {
-      ++g;
-      cc = 0;
-      set_tables();
-    }
-  }
-}
-
 // The first byte of the 16 weight rows from n0 (a multiple of 16) in the layout: 4 tiles of 4
 // rows (3/4 bits, tile_bytes each) or one pair-layout tile (2 bits).
 template <int BITS>
 inline const uint8_t* rows16(const GemmArgs& a, int64_t n0, int64_t tile_bytes) {
   if constexpr (BITS == 2) return pair_tile(a.qw, a.nblocks, n0 / kPairTileRows);
   else return a.qw + (n0 / 4) * tile_bytes;
+}
+
+// Chunks per layout block: 4 (4 bits), 8 (3 bits), 1 (2 bits: a pair-layout chunk is the block).
+template <int BITS>
+constexpr int kChunks = BITS == 4 ? 4 : BITS == 3 ? 8 : 1;
+
+// The word tables (word_table) of rows [0, nr) of a 16-row block for group g, from the block's
+// scales and offsets (sc, of: ngp slots per row).
+inline void row_tables(__m512 T, const float* sc, const float* of, int64_t ngp, int64_t g, int nr, __m512i* tw) {
+  for (int r = 0; r < nr; ++r) tw[r] = word_table(T, sc[r * ngp + g], of ? of[r * ngp + g] : 0.f);
+}
+
+// One block of 16 weight rows (`rows`: its first layout tile, in the form decode_chunk reads, or
+// its pair-layout tile; nr of its rows exist) times NMB blocks of 16 activation rows; the C tiles
+// go to cbuf [NMB][16 weight rows][16 activation rows]. Each chunk is decoded into a
+// double-buffered L1 tile.
+template <int BITS, int NMB>
+void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_bytes,
+                   const float* sc, const float* of, int64_t mbs, uint16_t* abuf, float* cbuf) {
+  constexpr int C = kChunks<BITS>;
+  constexpr int BB = 4 * C * BITS;  // 3/4 bits: a row's block
+  const __m512 T = tables<BITS>(a.table);
+  const int64_t ngp = a.ngp, cpg = a.cpg;
+  alignas(64) __m512i tw[kRows];
+  zero_c<NMB>();
+  row_tables(T, sc, of, ngp, 0, nr, tw);
+  int64_t g = 0, cc = 0;
+  for (int64_t b = 0; b < a.nblocks; ++b) {
+    if constexpr (BITS == 2) {
+      // one stream: the lines kPrefetchBytes ahead, into the next tile near the end of this one
+      const char* pf = reinterpret_cast<const char*>(rows + b * kPairChunkBytes) + kPrefetchBytes;
+      _mm_prefetch(pf, _MM_HINT_T0);
+      _mm_prefetch(pf + 64, _MM_HINT_T0);
+    } else {
+      for (int t = 0; t < (nr + 3) / 4; ++t) {
+        const char* pf = reinterpret_cast<const char*>(rows + t * tile_bytes + b * 4 * BB + kPrefetchBytes);
+        for (int i = 0; i < 4 * BB; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+      }
+      // The next block of 16 rows (4 tiles, contiguous) is fetched into L2 a slice per K block
+      // while this one is decoded: a whole block ahead, across its 4 KB pages, which the hardware
+      // prefetchers do not cross (K = 2048, 4 bits: one page per tile).
+      const char* next = reinterpret_cast<const char*>(rows + 4 * tile_bytes);
+      const int64_t slice = (4 * tile_bytes / a.nblocks + 63) / 64 * 64;
+      for (int64_t i = 0; i < slice; i += 64) _mm_prefetch(next + b * slice + i, _MM_HINT_T1);
+    }
+    auto row_of = [&](int r) { return rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * BB; };
+    // 3 bits: each row's block split into its part vectors once, for all 8 chunks (in L1)
+    alignas(64) __m512i parts[BITS == 3 ? kRows : 1][kBlockVecs<BITS>];
+    if constexpr (BITS == 3)
+      for (int r = 0; r < nr; ++r) load_block<BITS>(row_of(r), parts[r]);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      uint16_t* ab = abuf + ((b * C + c) & 1) * kTileElems;
+      if constexpr (BITS == 2) {
+        decode_pair_chunk(rows + b * kPairChunkBytes, tw, ab);
+      } else {
+#pragma GCC unroll 16
+        for (int r = 0; r < nr; ++r) {
+          __m512i w;
+          if constexpr (BITS == 3) {
+            w = decode_chunk<BITS>(parts[r], c, tw[r]);
+          } else {
+            const __m512i d = _mm512_loadu_si512(row_of(r));
+            w = decode_chunk<BITS>(&d, c, tw[r]);
+          }
+          _mm512_storeu_si512(ab + r * 32, w);
+        }
+      }
+      _tile_loadd(0, ab, 64);
+      products<NMB>(a.xb + (b * C + c) * mbs * kTileElems);
+      if (++cc == cpg) {
+        ++g;
+        cc = 0;
+        row_tables(T, sc, of, ngp, g, nr, tw);
+      }
+    }
+  }
+  store_c<NMB>(cbuf);
 }
 
 // r[i][j] <- r[j][i] for 16 vectors of 16 dwords: four butterfly rounds, each swapping the
@@ -295,7 +257,7 @@ inline void transpose16(__m512i* r) {
 
 template <int BITS>
 void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
-  constexpr int BB = 4 * (BITS == 4 ? 4 : 8) * BITS;  // 3/4 bits: a row's block
+  constexpr int BB = 4 * kChunks<BITS> * BITS;  // 3/4 bits: a row's block
   const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp;
   const int64_t mbs = (a.M + 15) / 16;  // activation blocks
   configure_tiles();
@@ -310,16 +272,11 @@ void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
     const uint8_t* rows = rows16<BITS>(a, n0, tile_bytes);
     const float* ofp = a.offsets ? of.data() : nullptr;
     const int nmb = static_cast<int>(mbs);  // 1 to kMaxMB
-    auto product = [&](auto nmb_c) {
-      constexpr int NMB = decltype(nmb_c)::value;
-      if constexpr (BITS == 2) block_product_pair<NMB>(a, rows, sc.data(), ofp, mbs, abuf, cbuf);
-      else block_product<BITS, NMB>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf);
-    };
     switch (nmb) {
-      case 1: product(IntC<1>{}); break;
-      case 2: product(IntC<2>{}); break;
-      case 3: product(IntC<3>{}); break;
-      default: product(IntC<4>{}); break;
+      case 1: block_product<BITS, 1>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
+      case 2: block_product<BITS, 2>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
+      case 3: block_product<BITS, 3>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
+      default: block_product<BITS, 4>(a, rows, nr, tile_bytes, sc.data(), ofp, mbs, abuf, cbuf); break;
     }
     // C tile i is [weight row][activation row]: transposed into out's rows
     const int nv = static_cast<int>(min64(kRows, a.N - n0));
@@ -371,23 +328,32 @@ char* thread_buffer(int slot, int64_t bytes) {
   return b.p;
 }
 
-// 16 weight rows (`rows`: their first layout tile; nr exist) over layout blocks [blk0, blk1) into
-// dst [chunk][16 rows][32] bf16, the A tiles of successive 32-column chunks. Rows past nr are not
-// written (the caller zeroes them).
+// 16 weight rows (`rows`: their first layout tile, or their pair-layout tile; nr exist) over
+// layout blocks [blk0, blk1) into dst [chunk][16 rows][32] bf16, the A tiles of successive
+// 32-column chunks. Rows past nr are not written (the caller zeroes them).
 template <int BITS>
 void decode_a_tiles(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_bytes, const float* sc,
                     const float* of, int64_t blk0, int64_t blk1, uint16_t* dst) {
-  constexpr int C = BITS == 4 ? 4 : 8;
-  constexpr int BB = 4 * C * BITS;
+  constexpr int C = kChunks<BITS>;
+  constexpr int BB = 4 * C * BITS;  // 3/4 bits: a row's block
   const __m512 T = tables<BITS>(a.table);
   const int64_t ngp = a.ngp, cpg = a.cpg;
   alignas(64) __m512i tw[kRows];
   int64_t g = blk0 * C / cpg, cc = blk0 * C % cpg;
-  auto set_tables = [&]() {
-    for (int r = 0; r < nr; ++r) tw[r] = word_table(T, sc[r * ngp + g], of ? of[r * ngp + g] : 0.f);
-  };
-  set_tables();
+  row_tables(T, sc, of, ngp, g, nr, tw);
   for (int64_t b = blk0; b < blk1; ++b) {
+    if constexpr (BITS == 2) {
+      const uint8_t* cp = rows + b * kPairChunkBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(cp) + kPrefetchBytes + 64, _MM_HINT_T0);
+      decode_pair_chunk(cp, tw, dst + (b - blk0) * kTileElems);
+      if (++cc == cpg) {
+        ++g;
+        cc = 0;
+        row_tables(T, sc, of, ngp, g, nr, tw);
+      }
+      continue;
+    }
     for (int t = 0; t < (nr + 3) / 4; ++t) {
       const char* pf = reinterpret_cast<const char*>(rows + t * tile_bytes + b * 4 * BB + kPrefetchBytes);
       for (int i = 0; i < 4 * BB; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
@@ -402,7 +368,7 @@ void decode_a_tiles(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile
       if (++cc == cpg) {
         ++g;
         cc = 0;
-        set_tables();
+        row_tables(T, sc, of, ngp, g, nr, tw);
       }
     }
   }
@@ -485,7 +451,7 @@ inline void write_pair_tiles(const GemmArgs& a, int64_t m0, int64_t nc) {
 // one process: 0.89-0.90x bf16 against 0.78-0.80x block-major).
 template <int BITS>
 void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t t1) {
-  constexpr int C = BITS == 4 ? 4 : BITS == 3 ? 8 : 1;  // chunks per layout block (2 bits: a chunk)
+  constexpr int C = kChunks<BITS>;
   constexpr int BB = 4 * C * BITS;
   const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp;  // 3/4 bits
   const int64_t mbs = (a.M + 31) / 32 * 2;  // activation blocks, even (the last pair zero-padded)
@@ -520,8 +486,7 @@ void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t
         const uint8_t* rows = rows16<BITS>(a, n0 + 16 * t, tile_bytes);
         const float* sct = sc.data() + 16 * t * ngp;
         const float* oft = a.offsets ? of.data() + 16 * t * ngp : nullptr;
-        if constexpr (BITS == 2) decode_pair_a_tiles(a, rows, sct, oft, k0, k1, dst);
-        else decode_a_tiles<BITS>(a, rows, nr, tile_bytes, sct, oft, k0, k1, dst);
+        decode_a_tiles<BITS>(a, rows, nr, tile_bytes, sct, oft, k0, k1, dst);
       }
       // each B pair (2 x kc KiB) is loaded from L3 once, then from L2 for the block's other A pairs;
       // after the last K block the C tiles go straight to the output (from L1, written whole
