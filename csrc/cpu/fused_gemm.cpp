@@ -294,7 +294,7 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
   // 2 threads, from DRAM, alternating processes: 576x1536 22.1-22.2 -> 20.4-20.6 us, 8192x2048
   // 218-229 -> 208-215 us, 14336x4096 732-746 -> 707-722 us, the other shapes equal or faster
   // (CPU_NOTES item 154). The 4-row int8 kernel showed no such gain, and keeps for_tiles.
-  if (a.tile_pairs && M == 1)
+  if (!exact && a.tile_pairs && M == 1)
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
   else
     for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
