@@ -249,7 +249,7 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
   }
   if (isa == kAvx512 && !exact) {
     fn = gemm_pair_avx512;
-    lut_fn = pair_lut_avx2_zmm;
+    lut_fn = pair_lut_avx512;
   }
 #endif
   if (exact) {

@@ -193,11 +193,8 @@ inline __m256 table8(const float* table) {  // entries 0-3 twice (vpermps reads 
 
 }  // namespace
 
-// The tables in pair order ([chunk][pair][16]: step s's registers are 64 s and 64 s + 32), or with
-// Zmm in the AVX-512 kernel's order: per two steps (2 sp, 2 sp + 1) of a chunk, 128 bytes, its
-// low-nibble register (pairs 8 sp + 0, 1, 4, 5) then its high-nibble one (8 sp + 2, 3, 6, 7).
-template <bool Zmm>
-static bool pair_lut_build(const float* x, int64_t K, int64_t chunks, const float* table, int8_t* lut, float* lsc) {
+// The tables in pair order ([chunk][pair][16]: step s's registers are 64 s and 64 s + 32).
+bool pair_lut_avx2(const float* x, int64_t K, int64_t chunks, const float* table, int8_t* lut, float* lsc) {
   const __m256 tA = _mm256_setr_ps(table[0], table[1], table[2], table[3], table[0], table[1], table[2], table[3]);
   const __m256 tBl = _mm256_setr_ps(table[0], table[0], table[0], table[0], table[1], table[1], table[1], table[1]);
   const __m256 tBh = _mm256_setr_ps(table[2], table[2], table[2], table[2], table[3], table[3], table[3], table[3]);
@@ -232,9 +229,7 @@ static bool pair_lut_build(const float* x, int64_t K, int64_t chunks, const floa
       auto q = [&](const float* fv) { return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(fv), inv)); };
       const __m256i b = _mm256_permutevar8x32_epi32(
           _mm256_packs_epi16(_mm256_packs_epi32(q(v[p]), q(v[p] + 8)), _mm256_packs_epi32(q(v[p + 1]), q(v[p + 1] + 8))), perm);
-      const int st = p / 4, r = p % 4;  // pairs p, p + 1: step st, positions r, r + 1 (r = 0 or 2)
-      const int off = Zmm ? (st / 2) * 128 + (r / 2) * 64 + (st % 2) * 32 : 16 * p;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lut + c * kPairLutBytes + off), b);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lut + c * kPairLutBytes + 16 * p), b);
     }
   }
   alignas(32) float bv[8];
@@ -242,14 +237,6 @@ static bool pair_lut_build(const float* x, int64_t K, int64_t chunks, const floa
   for (float e : bv)
     if (e != 0.f) return false;
   return true;
-}
-
-bool pair_lut_avx2(const float* x, int64_t K, int64_t chunks, const float* table, int8_t* lut, float* lsc) {
-  return pair_lut_build<false>(x, K, chunks, table, lut, lsc);
-}
-
-bool pair_lut_avx2_zmm(const float* x, int64_t K, int64_t chunks, const float* table, int8_t* lut, float* lsc) {
-  return pair_lut_build<true>(x, K, chunks, table, lut, lsc);
 }
 
 void gemm_pair_avx2(const PairArgs& a, int64_t t0, int64_t t1) {

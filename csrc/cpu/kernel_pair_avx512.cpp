@@ -1,6 +1,6 @@
 // flute CPU kernel for 2 bits on the pair layout (pair_lut.h), AVX-512 (F, BW, VL, DQ): the int8
 // mode's pair-table kernel with 512-bit registers, two steps of a chunk per register, and the 16
-// rows of a tile in one float vector. Its tables come in their own order (pair_lut_avx2_zmm); the
+// rows of a tile in one float vector. Its tables come in their own order (pair_lut_avx512); the
 // integer sums and the float operations per row are those of the portable and AVX2 kernels, so the
 // results are the same bits. The exact mode and the decodes of AVX-512 CPUs are the AVX2 ones.
 #if defined(__x86_64__) || defined(_M_X64)
@@ -104,6 +104,50 @@ inline void pair_pass(const PairArgs& a, int64_t t, int64_t dt, int64_t c0, int6
 }
 
 }  // namespace
+
+// The pair tables of pair_lut_avx2 / pair_lut_portable (the same entries and chunk scales) in this
+// kernel's order: per two steps (2 sp, 2 sp + 1) of a chunk, 128 bytes, its low-nibble register
+// (pairs 8 sp + 0, 1, 4, 5) then its high-nibble one (8 sp + 2, 3, 6, 7), so pair p of a chunk at
+// byte 128 (p / 8) + 64 (p % 4 / 2) + 32 (p / 4 % 2) + 16 (p % 2). All 16 entries of a pair in one
+// register: entry e = table[e & 3] x0 + table[e >> 2] x1 as a product, a product and a sum (no FMA:
+// the other builders round each product). The build is serial work of each one-row call (before
+// the threads start): with the AVX2 builder it was ~13% of a 576x1536 call at 2 threads (perf, hot).
+bool pair_lut_avx512(const float* x, int64_t K, int64_t chunks, const float* table, int8_t* lut, float* lsc) {
+  const __m512 tA = _mm512_setr_ps(table[0], table[1], table[2], table[3], table[0], table[1], table[2], table[3],
+                                   table[0], table[1], table[2], table[3], table[0], table[1], table[2], table[3]);
+  const __m512 tB = _mm512_setr_ps(table[0], table[0], table[0], table[0], table[1], table[1], table[1], table[1],
+                                   table[2], table[2], table[2], table[2], table[3], table[3], table[3], table[3]);
+  const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  __m512 bad = _mm512_setzero_ps();  // x * 0: NaN exactly for a NaN or an Inf
+  alignas(64) float xt[kPairChunkCols];
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* xc = x + c * kPairChunkCols;
+    if ((c + 1) * kPairChunkCols > K) {  // the last chunk: zeros beyond K
+      for (int k = 0; k < kPairChunkCols; ++k) xt[k] = c * kPairChunkCols + k < K ? xc[k] : 0.f;
+      xc = xt;
+    }
+    bad = _mm512_add_ps(bad, _mm512_mul_ps(_mm512_loadu_ps(xc), _mm512_setzero_ps()));
+    bad = _mm512_add_ps(bad, _mm512_mul_ps(_mm512_loadu_ps(xc + 16), _mm512_setzero_ps()));
+    __m512 v[16];
+    __m512 mx = _mm512_setzero_ps();
+    for (int p = 0; p < 16; ++p) {
+      v[p] = _mm512_add_ps(_mm512_mul_ps(tA, _mm512_set1_ps(xc[2 * p])), _mm512_mul_ps(tB, _mm512_set1_ps(xc[2 * p + 1])));
+      mx = _mm512_max_ps(mx, _mm512_and_ps(v[p], absm));
+    }
+    __m256 h8 = _mm256_max_ps(_mm512_castps512_ps256(mx), _mm512_extractf32x8_ps(mx, 1));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    lsc[c] = m / 127.f;
+    const __m512 inv = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
+    int8_t* lc = lut + c * kPairLutBytes;
+    for (int p = 0; p < 16; ++p) {
+      const int off = 128 * (p / 8) + 64 * (p % 4 / 2) + 32 * (p / 4 % 2) + 16 * (p % 2);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lc + off), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v[p], inv))));
+    }
+  }
+  return _mm512_reduce_add_ps(bad) == 0.f;
+}
 
 void gemm_pair_avx512(const PairArgs& a, int64_t t0, int64_t t1) {
   pair_tile_loop(

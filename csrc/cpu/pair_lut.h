@@ -78,9 +78,9 @@ void exact_pair_portable(const PairArgs&, int64_t, int64_t);
 void decode_pair_portable(const DecodeArgs&, int64_t, int64_t);
 #if defined(__x86_64__) || defined(_M_X64)
 bool pair_lut_avx2(const float*, int64_t, int64_t, const float*, int8_t*, float*);
-// The tables in gemm_pair_avx512's order (kernel_pair_avx2.cpp: the same entries, see there).
-bool pair_lut_avx2_zmm(const float*, int64_t, int64_t, const float*, int8_t*, float*);
 void gemm_pair_avx512(const PairArgs&, int64_t, int64_t);
+// The tables in gemm_pair_avx512's order (kernel_pair_avx512.cpp: the same entries, see there).
+bool pair_lut_avx512(const float*, int64_t, int64_t, const float*, int8_t*, float*);
 void gemm_pair_avx2(const PairArgs&, int64_t, int64_t);
 void exact_pair_avx2(const PairArgs&, int64_t, int64_t);
 void decode_pair_avx2(const DecodeArgs&, int64_t, int64_t);

@@ -9,6 +9,8 @@
 #include_next <immintrin.h>
 
 #include <array>
+#include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -83,6 +85,12 @@ inline float reduce_add_ps(simde__m512 a) {
   for (int i = 0; i < 4; ++i) v[i] += v[i + 4];
   for (int i = 0; i < 2; ++i) v[i] += v[i + 2];
   return v[0] + v[1];
+}
+
+// VCVTPS2DQ: round to nearest even (the default MXCSR mode); NaN and out-of-range to INT32_MIN.
+inline int32_t cvt_nearest(float v) {
+  const float r = std::nearbyint(v);
+  return r >= -2147483648.f && r < 2147483648.f ? static_cast<int32_t>(r) : INT32_MIN;
 }
 
 // VCVTNEPS2BF16: round to nearest even, denormal inputs to signed zero, NaN to a quiet NaN.
@@ -168,6 +176,7 @@ inline simde__m512i mask_srli_epi16(simde__m512i src, simde__mmask32 k, simde__m
 #define _mm512_reduce_add_ps(a) flute_emulation::reduce_add_ps(a)
 #define _mm512_cvtepi32_ps(a) \
   flute_emulation::map<float, int32_t, 16, simde__m512>(a, [](int32_t v) { return static_cast<float>(v); })
+#define _mm512_cvtps_epi32(a) flute_emulation::map<int32_t, float, 16, simde__m512i>(a, flute_emulation::cvt_nearest)
 #define _mm512_cvtepi32_epi16(a) \
   flute_emulation::map<int16_t, int32_t, 16, simde__m256i>(a, [](int32_t v) { return static_cast<int16_t>(v); })
 #define _mm512_cvtepu16_epi32(a) \
