@@ -5,7 +5,9 @@
 # tree. A_FLAGS / B_FLAGS: extra compiler flags of one version (e.g. -DFLUTE_CPU_PREFETCH_BYTES=4096);
 # THREADS: threads of each call (default 1); TILE_PAIRS=0: no tile pairs (the default on AMD CPUs);
 # READER=1: each round also times a plain read of as many bytes, and each version's share of the
-# reader's rate is printed (over all rounds and over the half whose reader ran faster).
+# reader's rate is printed (over all rounds and over the half whose reader ran faster). The reader
+# is one run per thread without software prefetch: on 0.5 MB at 2 threads of the Intel AMX VM it
+# got 23-28 GB/s where two runs with a 4 KB prefetch got 32-34 (CPU_NOTES item 157).
 #   [ISA=avx512] [THREADS=2] [READER=1] bash benchmarks/experiments/int8_kernel_ab.sh A B [BITS N K COPIES REPS]
 # BITS 3 or 4 (since CPU_NOTES item 131 the kernel has no 2-bit path: 2 bits run on the pair layout).
 #   e.g. bash benchmarks/experiments/int8_kernel_ab.sh HEAD csrc/cpu/kernel_int8_avx2.cpp 3 4096 14336 14 100
