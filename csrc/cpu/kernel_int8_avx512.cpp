@@ -88,6 +88,11 @@ inline void group_scales64_512(const ScaleMap& sm, int64_t row, int64_t b, __m51
 // A/B; 3 bits were 2-4% slower at 4 KB and keep 8 KB: CPU_NOTES item 136).
 template <int BITS>
 constexpr int kPrefetch512 = BITS == 4 && kPrefetchBytes == 8192 ? 4096 : kPrefetchBytes;
+// Two streams (tile pairs, Intel's default): 3 bits 2 KB ahead in each, where 8 KB took 4-11% longer
+// on the Intel AMX VM (kernel alone from DRAM, 1536x768, 576x1536, 4096x4096 and 14336x4096 at 1
+// and 2 threads; 4 KB 1-5%; 4 bits kept 4 KB: 2 KB gave 0.94-1.03; CPU_NOTES item 161).
+template <int BITS, int NT>
+constexpr int kPrefetchAhead = NT == 2 && BITS == 3 && kPrefetchBytes == 8192 ? 2048 : kPrefetch512<BITS>;
 
 inline __m256 fold(__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
 
@@ -134,7 +139,7 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
     }
     if (r0 == 0) {
       for (int tt = 0; tt < NT; ++tt) {
-        const char* ahead = reinterpret_cast<const char*>(tile + tt * dt * tile_bytes + b * 4 * BB) + kPrefetch512<BITS>;
+        const char* ahead = reinterpret_cast<const char*>(tile + tt * dt * tile_bytes + b * 4 * BB) + kPrefetchAhead<BITS, NT>;
         for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
         // The next tile's scales: one tile (NT = 1) only. With tile pairs this prefetch cost time
         // on the Intel AMX VM (kernel alone, weights from DRAM, B/A without it: 3 bits 0.82-0.98,
