@@ -204,11 +204,7 @@ bool pair_lut_avx2(const float* x, int64_t K, int64_t chunks, const float* table
   alignas(32) float v[16][16];
   alignas(32) float xt[kPairChunkCols];
   for (int64_t c = 0; c < chunks; ++c) {
-    const float* xc = x + c * kPairChunkCols;
-    if ((c + 1) * kPairChunkCols > K) {  // the last chunk: zeros beyond K
-      for (int k = 0; k < kPairChunkCols; ++k) xt[k] = c * kPairChunkCols + k < K ? xc[k] : 0.f;
-      xc = xt;
-    }
+    const float* xc = pair_chunk_x(x, K, c, xt);
     for (int k = 0; k < kPairChunkCols; k += 8) bad = _mm256_add_ps(bad, _mm256_mul_ps(_mm256_loadu_ps(xc + k), _mm256_setzero_ps()));
     __m256 mx = _mm256_setzero_ps();
     for (int p = 0; p < 16; ++p) {

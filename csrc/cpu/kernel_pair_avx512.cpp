@@ -121,11 +121,7 @@ bool pair_lut_avx512(const float* x, int64_t K, int64_t chunks, const float* tab
   __m512 bad = _mm512_setzero_ps();  // x * 0: NaN exactly for a NaN or an Inf
   alignas(64) float xt[kPairChunkCols];
   for (int64_t c = 0; c < chunks; ++c) {
-    const float* xc = x + c * kPairChunkCols;
-    if ((c + 1) * kPairChunkCols > K) {  // the last chunk: zeros beyond K
-      for (int k = 0; k < kPairChunkCols; ++k) xt[k] = c * kPairChunkCols + k < K ? xc[k] : 0.f;
-      xc = xt;
-    }
+    const float* xc = pair_chunk_x(x, K, c, xt);
     bad = _mm512_add_ps(bad, _mm512_mul_ps(_mm512_loadu_ps(xc), _mm512_setzero_ps()));
     bad = _mm512_add_ps(bad, _mm512_mul_ps(_mm512_loadu_ps(xc + 16), _mm512_setzero_ps()));
     __m512 v[16];

@@ -92,6 +92,15 @@ static inline const uint8_t* pair_tile(const uint8_t* qw, int64_t chunks, int64_
   return qw + t * chunks * kPairChunkBytes;
 }
 
+// Chunk c's 32 activations for a table builder: x itself, or for the last chunk of a row whose K is
+// not a multiple of 32, a copy into xt with zeros beyond K.
+static inline const float* pair_chunk_x(const float* x, int64_t K, int64_t c, float* xt) {
+  const float* xc = x + c * kPairChunkCols;
+  if ((c + 1) * kPairChunkCols <= K) return xc;
+  for (int k = 0; k < kPairChunkCols; ++k) xt[k] = c * kPairChunkCols + k < K ? xc[k] : 0.f;
+  return xt;
+}
+
 // Code of row i (of its tile) at column w (0..31) of a chunk (cp: the tile's chunk, 128 bytes).
 static inline int pair_code_at(const uint8_t* cp, int i, int w) {
   const int s = w >> 3, L = (w >> 1) & 1, hi = (w >> 2) & 1, odd = w & 1;
