@@ -144,7 +144,7 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
         // The next tile's scales: one tile (NT = 1) only. With tile pairs this prefetch cost time
         // on the Intel AMX VM (kernel alone, weights from DRAM, B/A without it: 3 bits 0.82-0.98,
         // 4 bits 0.94-0.98 over 1536x768, 576x1536 and 4096x4096 at 1 and 2 threads; without
-        // tile pairs 0.98-1.02; CPU_NOTES item 157).
+        // tile pairs 0.98-1.02; CPU_NOTES item 158).
         if constexpr (NT == 1) prefetch_tile_scales<SRC>(sm, 4, b);
       }
     }
