@@ -233,7 +233,7 @@ def test_cpu_benchmark_schema_and_ratios(tmp_path):
         assert key in doc
     assert doc["threads"] == [1] and doc["read_bw_gbps"]["1"] > 0
     assert doc["read_bw_method"]["1"] in ("torch_sum_fp32",) + tuple(
-        roofline.reader_method(s) for s in roofline.READER_STREAMS)
+        roofline.reader_method(s, pf) for s in roofline.READER_STREAMS for pf in roofline.READER_PREFETCH)
     all1 = doc["read_bw_all"]["1"]
     assert doc["read_bw_gbps"]["1"] == max(all1.values()) == all1[doc["read_bw_method"]["1"]]
     kernels = {(p["kernel"], p["dtype"], p["cache"]) for p in doc["points"]}
@@ -419,8 +419,9 @@ def test_cpu_rotation_exceeds_l3():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_read_bw_reader_reads_every_word_once(threads):
-    """The C reader's checksum is the XOR of the whole buffer at every stream count, an odd size
-    included: a word skipped or read twice by the split into runs would change it."""
+    """The C reader's checksum is the XOR of the whole buffer at every stream count, with and
+    without its prefetch, an odd size included: a word skipped or read twice by the split into
+    runs would change it."""
     import numpy as np
     from flute.bench import toolchain
     exe, why = toolchain.build_read_bw()
@@ -430,14 +431,17 @@ def test_read_bw_reader_reads_every_word_once(threads):
     words = np.arange((mib << 20) // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     want = int(np.bitwise_xor.reduce(words))
     for s in roofline.READER_STREAMS:
-        out = subprocess.run([exe, str(mib), str(threads), "1", str(s)], capture_output=True,
-                             text=True, check=True).stdout
-        doc = json.loads(out.strip().splitlines()[-1])
-        assert (doc["streams"], doc["threads"]) == (s, threads)
-        assert doc["checksum"] == want, f"{s} streams"
-        assert doc["median_gbps"] > 0
+        for pf in roofline.READER_PREFETCH:
+            out = subprocess.run([exe, str(mib), str(threads), "1", str(s), str(pf)],
+                                 capture_output=True, text=True, check=True).stdout
+            doc = json.loads(out.strip().splitlines()[-1])
+            assert (doc["streams"], doc["threads"], doc["prefetch"]) == (s, threads, pf)
+            assert doc["checksum"] == want, f"{s} streams, prefetch {pf}"
+            assert doc["median_gbps"] > 0
     bad = subprocess.run([exe, str(mib), "1", "1", "9"], capture_output=True)
     assert bad.returncode == 2  # more streams than the reader holds
+    bad = subprocess.run([exe, str(mib), "1", "1", "2", "100"], capture_output=True)
+    assert bad.returncode == 2  # a prefetch distance that is not whole lines
 
 
 def test_cpu_targets_logic():

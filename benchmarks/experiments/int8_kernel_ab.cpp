@@ -95,6 +95,7 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < wbytes; ++i) qw[c][i] = uint8_t(rand());
     for (int64_t i = 0; i < N * ng; ++i) sc[c][i] = uint16_t(0x3f80 + (rand() & 0x7f));  // bf16 in [1, 2)
   }
+  const bool scales_hot = std::getenv("SCALES_HOT") && std::atoi(std::getenv("SCALES_HOT")) == 1;
   const bool reader = std::getenv("READER") && std::atoi(std::getenv("READER")) == 1;
   const size_t rbytes = wbytes + size_t(N) * ng * 2;
   std::vector<uint8_t*> rbuf(reader ? copies : 0);
@@ -156,7 +157,7 @@ int main(int argc, char** argv) {
       const int v = (r & 1) ? 1 - k : k;
       flute_cpu::Int8Args& a = av[v];
       a.qw = qw[(2 * r + k) % copies];
-      a.scales = sc[(2 * r + k) % copies];
+      a.scales = sc[scales_hot ? 0 : (2 * r + k) % copies];
       a.out = v ? out_b.data() : out_a.data();
       const auto s = std::chrono::steady_clock::now();
       for_tiles(nt, N / 4, grain, fn[v], &a);

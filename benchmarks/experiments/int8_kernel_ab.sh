@@ -4,6 +4,7 @@
 # files or git revisions (REV:path is taken from git); the headers come from csrc/cpu of the working
 # tree. A_FLAGS / B_FLAGS: extra compiler flags of one version (e.g. -DFLUTE_CPU_PREFETCH_BYTES=4096);
 # THREADS: threads of each call (default 1); TILE_PAIRS=0: no tile pairs (the default on AMD CPUs);
+# SCALES_HOT=1: every call reads the scales of copy 0 (cache-hot), the codes still rotated.
 # READER=1: each round also times a plain read of as many bytes, and each version's share of the
 # reader's rate is printed (over all rounds and over the half whose reader ran faster). The reader
 # is one run per thread without software prefetch: on 0.5 MB at 2 threads of the Intel AMX VM it

@@ -4,10 +4,12 @@ and how many weight copies to rotate through so that every timed call reads from
 GPU: the ceiling is a device-to-device copy (bytes read + written over its median time).
 CPU: the ceiling is a read-only sweep over a buffer much larger than the last-level cache, with 1
 and 2 threads, by ``torch.Tensor.sum`` over float32 and by a small C reader (``native/read_bw.c``,
-when a C compiler is present) reading each thread's slice as 1 to 4 sequential runs at once; the
-fastest is the roofline. One run per thread is not enough: one Zen 3 core read 1.4-1.7x more from
-three runs than from one, and torch's fp32 matrix-vector product, which reads several rows at
-once, beat the one-run figure by up to 20% (benchmarks/CPU_NOTES.md item 128).
+when a C compiler is present) reading each thread's slice as 1 to 4 sequential runs at once, with
+and without a software prefetch 2 KB ahead in each run; the fastest is the roofline. One run per
+thread is not enough: one Zen 3 core read 1.4-1.7x more from three runs than from one, and torch's
+fp32 matrix-vector product, which reads several rows at once, beat the one-run figure by up to 20%
+(benchmarks/CPU_NOTES.md item 128). Nor is a reader without the prefetch that flute's kernels
+issue: on an Intel AMX VM it read 5-8% less at 1 thread and 2-4% less at 2 (item 164).
 """
 from __future__ import annotations
 
@@ -144,28 +146,35 @@ def torch_read_gbps(nbytes: int, threads: int, runs: int = 7) -> float:
         torch.set_num_threads(prev)
 
 
-def c_read_gbps(exe: str, nbytes: int, threads: int, runs: int = 7, streams: int = 1) -> float:
+def c_read_gbps(exe: str, nbytes: int, threads: int, runs: int = 7, streams: int = 1,
+                prefetch: int = 0) -> float:
     """Read bandwidth of the C reader (``native/read_bw.c``) over ``nbytes`` (median), each thread
-    reading its slice as ``streams`` sequential runs in turn."""
-    r = subprocess.run([exe, str(nbytes >> 20), str(threads), str(runs), str(streams)],
+    reading its slice as ``streams`` sequential runs in turn, with a software prefetch ``prefetch``
+    bytes ahead in each run (0: none)."""
+    r = subprocess.run([exe, str(nbytes >> 20), str(threads), str(runs), str(streams), str(prefetch)],
                        capture_output=True, text=True, timeout=600, check=True)
     return float(json.loads(r.stdout.strip().splitlines()[-1])["median_gbps"])
 
 
 #: Sequential runs per thread tried by the C reader (see the module docstring).
 READER_STREAMS = (1, 2, 3, 4)
+#: Software prefetch distances (bytes ahead in each run) tried by the C reader; 0 is none.
+READER_PREFETCH = (0, 2048)
 
 
-def reader_method(streams: int) -> str:
-    """The name of the C reader's figure at ``streams`` runs per thread in ``read_bw_all``."""
-    return "c_xor_reader" if streams == 1 else f"c_xor_reader_{streams}streams"
+def reader_method(streams: int, prefetch: int = 0) -> str:
+    """The name of the C reader's figure at ``streams`` runs per thread and a prefetch ``prefetch``
+    bytes ahead in ``read_bw_all``."""
+    name = "c_xor_reader" if streams == 1 else f"c_xor_reader_{streams}streams"
+    return name + (f"_prefetch{prefetch}" if prefetch else "")
 
 
 def measure_read_bandwidth(threads: Sequence[int], l3_bytes: int, log=print,
                            nbytes: Optional[int] = None, runs: int = 7) -> Dict[str, object]:
     """The CPU roofline: read-only sweeps over a buffer of ``max(1 GiB, 8 x L3)`` bytes at each
     thread count, by ``torch.sum`` (float32) and by the C reader when it builds (1 to 4 runs per
-    thread, :data:`READER_STREAMS`); per thread count the fastest method is the roofline
+    thread, :data:`READER_STREAMS`, each with and without a prefetch, :data:`READER_PREFETCH`);
+    per thread count the fastest method is the roofline
     (``read_bw_gbps``: ``{threads: GB/s}``; every figure in ``read_bw_all``)."""
     from .toolchain import build_read_bw
     nbytes = nbytes or max(READ_BW_BYTES, 8 * l3_bytes)
@@ -175,9 +184,9 @@ def measure_read_bandwidth(threads: Sequence[int], l3_bytes: int, log=print,
     method: Dict[str, str] = {}
     for t in threads:
         row = {"torch_sum_fp32": torch_read_gbps(nbytes, t, runs)}
-        for s in READER_STREAMS if exe else ():
+        for s, pf in [(s, pf) for pf in READER_PREFETCH for s in READER_STREAMS] if exe else ():
             try:
-                row[reader_method(s)] = c_read_gbps(exe, nbytes, t, runs, s)
+                row[reader_method(s, pf)] = c_read_gbps(exe, nbytes, t, runs, s, pf)
             except (OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
                 why = f"C reader failed: {type(e).__name__}: {str(e)[:200]}"
                 break
@@ -187,4 +196,5 @@ def measure_read_bandwidth(threads: Sequence[int], l3_bytes: int, log=print,
     return {"read_bw_gbps": best, "read_bw_method": method, "read_bw_all": per,
             "read_bw_bytes": nbytes, "read_bw_runs": runs,
             "read_bw_note": why or ("roofline = the fastest of torch.sum (float32) and the C reader "
-                                    "at 1-4 sequential runs per thread")}
+                                    "at 1-4 sequential runs per thread, with and without a 2 KB "
+                                    "software prefetch")}

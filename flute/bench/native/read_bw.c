@@ -12,8 +12,14 @@
  * 9.3-18.6 GB/s), about what torch's fp32 matrix-vector product reads there, so a one-run sweep
  * understates what a core can read (benchmarks/CPU_NOTES.md item 128).
  *
- * Usage: read_bw MIB THREADS RUNS [STREAMS]  ->  one JSON line: {"bytes", "threads", "streams",
- *        "runs", "median_gbps", "best_gbps", "checksum" (the XOR of all words)}
+ * PREFETCH (bytes, default 0 = none) adds a software prefetch that far ahead in each run, as the
+ * flute kernels issue one: on the Intel AMX VM four runs with a 2 KB prefetch read 5-8% more than
+ * without at 1 thread and 2-4% more at 2 (CPU_NOTES item 164), so without it the roofline was not
+ * a ceiling for a kernel that prefetches.
+ *
+ * Usage: read_bw MIB THREADS RUNS [STREAMS [PREFETCH]]  ->  one JSON line: {"bytes", "threads",
+ *        "streams", "prefetch", "runs", "median_gbps", "best_gbps", "checksum" (the XOR of all
+ *        words)}
  */
 #include <omp.h>
 #include <stdint.h>
@@ -34,8 +40,11 @@ static double now_s(void) {
 
 /* XOR of the words [b, e) read as `streams` equal runs in turn, one 64-byte line of each per
  * step (the fixed 8-word inner loop vectorizes); the skew gaps and the rest of an uneven split
- * are read last. */
-static uint64_t sweep(const uint64_t *buf, size_t b, size_t e, int streams) {
+ * are read last. With `prefetch`, a software prefetch `ahead` words ahead in each run. Always
+ * inlined with a constant `prefetch`, so that each caller gets its own loop: a prefetch branch
+ * left inside the loop kept GCC from vectorizing the XOR (one run then read 5 GB/s instead of 14). */
+static inline __attribute__((always_inline)) uint64_t sweep_runs(const uint64_t *buf, size_t b, size_t e,
+                                                                 int streams, int prefetch, size_t ahead) {
     uint64_t acc[8] = {0};
     size_t skew = streams > 1 ? SKEW_WORDS : 0;
     size_t len = (e - b - (streams - 1) * skew) / streams / 8 * 8, start[MAX_STREAMS];
@@ -43,6 +52,7 @@ static uint64_t sweep(const uint64_t *buf, size_t b, size_t e, int streams) {
     for (size_t i = 0; i < len; i += 8)
         for (int s = 0; s < streams; ++s) {
             const uint64_t *p = buf + start[s] + i;
+            if (prefetch) __builtin_prefetch(p + ahead, 0, 3);
             for (int k = 0; k < 8; ++k) acc[k] ^= p[k];
         }
     for (size_t i = b + streams * len + (streams - 1) * skew; i < e; ++i) acc[i % 8] ^= buf[i];
@@ -51,6 +61,14 @@ static uint64_t sweep(const uint64_t *buf, size_t b, size_t e, int streams) {
     uint64_t r = 0;
     for (int k = 0; k < 8; ++k) r ^= acc[k];
     return r;
+}
+
+static uint64_t sweep(const uint64_t *buf, size_t b, size_t e, int streams) {
+    return sweep_runs(buf, b, e, streams, 0, 0);
+}
+
+static uint64_t sweep_prefetch(const uint64_t *buf, size_t b, size_t e, int streams, size_t ahead) {
+    return sweep_runs(buf, b, e, streams, 1, ahead);
 }
 
 static int cmp(const void *a, const void *b) {
@@ -65,7 +83,9 @@ int main(int argc, char **argv) {
     }
     size_t bytes = (size_t)atol(argv[1]) << 20;
     int threads = atoi(argv[2]), runs = atoi(argv[3]), streams = argc > 4 ? atoi(argv[4]) : 1;
-    if (threads < 1 || runs < 1 || bytes < (1u << 20) || streams < 1 || streams > MAX_STREAMS)
+    long prefetch = argc > 5 ? atol(argv[5]) : 0;
+    if (threads < 1 || runs < 1 || bytes < (1u << 20) || streams < 1 || streams > MAX_STREAMS ||
+        prefetch < 0 || prefetch % 64)
         return 2;
     size_t n = bytes / sizeof(uint64_t);
     uint64_t *buf = NULL;
@@ -81,7 +101,8 @@ int main(int argc, char **argv) {
 #pragma omp parallel reduction(^ : acc)
         {
             size_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-            acc ^= sweep(buf, n * t / nt, n * (t + 1) / nt, streams);
+            size_t b = n * t / nt, e = n * (t + 1) / nt;
+            acc ^= prefetch > 0 ? sweep_prefetch(buf, b, e, streams, (size_t)prefetch / 8) : sweep(buf, b, e, streams);
         }
         double dt = now_s() - t0;
         xor_all = acc;
@@ -89,9 +110,9 @@ int main(int argc, char **argv) {
     }
     qsort(t, runs, sizeof(double), cmp);
     double med = runs % 2 ? t[runs / 2] : 0.5 * (t[runs / 2 - 1] + t[runs / 2]);
-    printf("{\"bytes\": %zu, \"threads\": %d, \"streams\": %d, \"runs\": %d, "
+    printf("{\"bytes\": %zu, \"threads\": %d, \"streams\": %d, \"prefetch\": %ld, \"runs\": %d, "
            "\"median_gbps\": %.3f, \"best_gbps\": %.3f, \"checksum\": %llu}\n",
-           n * sizeof(uint64_t), threads, streams, runs, n * sizeof(uint64_t) / med / 1e9,
+           n * sizeof(uint64_t), threads, streams, prefetch, runs, n * sizeof(uint64_t) / med / 1e9,
            n * sizeof(uint64_t) / t[0] / 1e9, (unsigned long long)xor_all);
     free(t);
     free(buf);
