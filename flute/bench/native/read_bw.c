@@ -41,10 +41,10 @@ static double now_s(void) {
 /* XOR of the words [b, e) read as `streams` equal runs in turn, one 64-byte line of each per
  * step (the fixed 8-word inner loop vectorizes); the skew gaps and the rest of an uneven split
  * are read last. With `prefetch`, a software prefetch `ahead` words ahead in each run. Always
- * inlined with a constant `prefetch`, so that each caller gets its own loop: a prefetch branch
+ * inlined with a constant `prefetch`, so that each call gets its own loop: a prefetch branch
  * left inside the loop kept GCC from vectorizing the XOR (one run then read 5 GB/s instead of 14). */
-static inline __attribute__((always_inline)) uint64_t sweep_runs(const uint64_t *buf, size_t b, size_t e,
-                                                                 int streams, int prefetch, size_t ahead) {
+static inline __attribute__((always_inline)) uint64_t sweep(const uint64_t *buf, size_t b, size_t e,
+                                                            int streams, int prefetch, size_t ahead) {
     uint64_t acc[8] = {0};
     size_t skew = streams > 1 ? SKEW_WORDS : 0;
     size_t len = (e - b - (streams - 1) * skew) / streams / 8 * 8, start[MAX_STREAMS];
@@ -61,14 +61,6 @@ static inline __attribute__((always_inline)) uint64_t sweep_runs(const uint64_t 
     uint64_t r = 0;
     for (int k = 0; k < 8; ++k) r ^= acc[k];
     return r;
-}
-
-static uint64_t sweep(const uint64_t *buf, size_t b, size_t e, int streams) {
-    return sweep_runs(buf, b, e, streams, 0, 0);
-}
-
-static uint64_t sweep_prefetch(const uint64_t *buf, size_t b, size_t e, int streams, size_t ahead) {
-    return sweep_runs(buf, b, e, streams, 1, ahead);
 }
 
 static int cmp(const void *a, const void *b) {
@@ -102,7 +94,7 @@ int main(int argc, char **argv) {
         {
             size_t t = omp_get_thread_num(), nt = omp_get_num_threads();
             size_t b = n * t / nt, e = n * (t + 1) / nt;
-            acc ^= prefetch > 0 ? sweep_prefetch(buf, b, e, streams, (size_t)prefetch / 8) : sweep(buf, b, e, streams);
+            acc ^= prefetch > 0 ? sweep(buf, b, e, streams, 1, (size_t)prefetch / 8) : sweep(buf, b, e, streams, 0, 0);
         }
         double dt = now_s() - t0;
         xor_all = acc;
