@@ -15,7 +15,7 @@ import torch
 
 from .calibrate import calibration_samples, quantize_model_calibrated
 from .evaluate import builtin_text, decode_speeds, perplexity
-from .model import cast_unquantized, model_weight_bytes, quantize_model
+from .model import cast_unquantized, gemv_unquantized, model_weight_bytes, quantize_model
 from .modules import linear_layers
 from .smollm2 import load_smollm2
 
@@ -75,6 +75,7 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
         seconds = time.perf_counter() - t0
         if device.type == "cpu":  # the unquantized parts (embedding / lm_head, norms) in bf16, as
             cast_unquantized(model, torch.bfloat16)  # in the bf16 model: half the bytes per token
+            gemv_unquantized(model)  # its one-row products through torch.mv (faster than mm in bf16)
             label += "; other parts bf16"
         measure(f"flute {b}-bit g{group_size} ({label})", model, seconds)
 
@@ -105,7 +106,9 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
     import flute
     if device.type == "cpu":
         print(f"CPU kernel: {flute.ops.get_cpu_isa()} path, {flute.ops.get_cpu_mode()} mode for decode "
-              f"(perplexity runs 1,747-token batches: the exact panel path)"
+              f"(perplexity runs 1,747-token batches: the exact panel path); the flute models' "
+              f"bf16 lm_head decodes through torch.mv (flute.model.gemv_unquantized), the 16-bit "
+              f"models are run as loaded"
               if flute.ops.HAS_CPU_KERNEL else
               "The CPU extension flute._cpu is not built, so the CPU ran the reference path.")
     elif not flute.HAS_CUDA_KERNEL:

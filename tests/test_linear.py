@@ -95,3 +95,30 @@ def test_checkpoint_nbytes_is_what_the_state_dict_holds(linear):
     q = QuantLinear.from_linear(linear, 3, 64, offsets=True)
     sd = q.state_dict()
     assert q.checkpoint_nbytes() == sum(t.numel() * t.element_size() for k, t in sd.items() if k != "qmeta")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemv_linear_one_row_through_mv_others_through_linear(linear, dtype, bias, rng):
+    from flute.linear import GemvLinear
+    if not bias:
+        linear.bias = None
+    linear = linear.to(dtype)
+    g = GemvLinear.sharing(linear)
+    assert g.weight is linear.weight and g.bias is linear.bias
+    assert set(g.state_dict()) == set(linear.state_dict())
+    one = torch.randn(1, 1, 576, generator=rng).to(dtype)
+    many = torch.randn(2, 3, 576, generator=rng).to(dtype)
+    with torch.no_grad():
+        y1, yn = g(one), g(many)
+        assert y1.shape == (1, 1, 192) and y1.dtype == dtype
+        assert torch.equal(yn, linear(many))  # several rows: nn.Linear's own path
+        if dtype == torch.bfloat16:  # one bf16 row: the matrix-vector product
+            ref = torch.mv(linear.weight, one.reshape(-1))
+            if bias:
+                ref = ref + linear.bias
+            assert torch.equal(y1.reshape(-1), ref)
+        else:
+            assert torch.equal(y1, linear(one))
+        exact = one.double() @ linear.weight.double().T + (linear.bias.double() if bias else 0)
+        assert ((y1.double() - exact).norm() / exact.norm()).item() < 1e-2

@@ -63,6 +63,30 @@ def test_cast_unquantized_moves_only_the_float_leftovers():
         flute.model.cast_unquantized(model, torch.int8)
 
 
+def test_gemv_unquantized_swaps_the_plain_linears_left():
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    quantize_model(model, bits=4, group_size=32, skip=("lm_head", "*.mlp.down_proj"), progress=False)
+    flute.model.cast_unquantized(model, torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref_many = model(ids).logits
+        ref_one = model(ids[:, :1]).logits
+    keys = set(model.state_dict())
+    assert flute.model.gemv_unquantized(model) == 3  # lm_head and the two down_proj
+    assert type(model.lm_head) is flute.linear.GemvLinear
+    assert type(model.model.layers[1].mlp.down_proj) is flute.linear.GemvLinear
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert set(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref_many)  # 9 rows: the same nn.Linear path
+        one = model(ids[:, :1]).logits  # one row: torch.mv, the same sums in another order
+    assert ((one.float() - ref_one.float()).norm() / ref_one.float().norm()).item() < 0.02
+    assert flute.model.gemv_unquantized(model) == 0  # nothing plain left
+
+
 def test_skip_patterns():
     model = tiny_llama()
     quantize_model(model, bits=3, group_size=32, skip=("lm_head", "*.mlp.down_proj", "k_proj"),
