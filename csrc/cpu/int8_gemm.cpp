@@ -217,81 +217,80 @@ static void rows16_gemm(const Weight& w, int64_t M, const Rows16Buffers& r, cons
 }
 #endif
 
-bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
-  // 2 bits (the 16-row kernel only): the activations in blocks of 256 columns, as 3 bits
-  Weight w = w_in;
-  if (w.bits == 2) w.nblocks = (w.K + 255) / 256;
-  const int64_t M = x2.numel() / w.K, nb = w.nblocks;
-  const int P = int8_parts(w.bits), C = chunks_per_block(w.bits);
-  // One scratch buffer (small calls are dominated by fixed costs): activations, their corrections
-  // and scales, group sums and the scale map.
-  const int64_t o_corr = align64(nb * M * 64 * P), o_k = align64(o_corr + nb * M * P * 16 * 2),
-                o_u = align64(o_k + nb * M * P * 16 * 2), o_sum = align64(o_u + nb * M * 4),
-                o_g0 = align64(o_sum + M * w.ng * 4),
-                o_gidx = align64(o_g0 + nb * 8), o_k2 = align64(o_gidx + nb * P * 8 * 4),
-                o_init = align64(o_k2 + nb * M * P * 32 * 2), o_kq = align64(o_init + nb * M * P * 16 * 4),
-                total = o_kq + nb * M * P * 8;
-  at::Tensor hold;
-  char* base = call_scratch(0, total, hold);
-  int8_t* xq = reinterpret_cast<int8_t*>(base);
-  int16_t* xcorr = reinterpret_cast<int16_t*>(base + o_corr);
-  int16_t* xk = reinterpret_cast<int16_t*>(base + o_k);
-  float* xu = reinterpret_cast<float*>(base + o_u);
-  float* xs = w.offsets.defined() ? reinterpret_cast<float*>(base + o_sum) : nullptr;
-  int64_t* g0 = reinterpret_cast<int64_t*>(base + o_g0);
-  int32_t* gidx = reinterpret_cast<int32_t*>(base + o_gidx);
+// The int8 kernels' per-call functions for one ISA path.
+struct Int8Fns {
   QuantXFn quant = quantize_x_int8_portable;
   Int8Fn fn = gemm_int8_portable;
   Bf16ToF32Fn widen = bf16_to_f32_portable;
+  bool avx512 = false;  // the AVX-512 VBMI + VNNI kernel (its own activation order)
+};
+
+static Int8Fns int8_fns(int isa) {
+  Int8Fns f;
 #if defined(__x86_64__) || defined(_M_X64)
   if (isa >= kAvx2) {
-    quant = quantize_x_int8_avx2;
-    fn = gemm_int8_avx2;
-    widen = bf16_to_f32_avx2;
+    f.quant = quantize_x_int8_avx2;
+    f.fn = gemm_int8_avx2;
+    f.widen = bf16_to_f32_avx2;
   }
-  const bool avx512 = isa == kAvx512 && has_vbmi_vnni();
-  if (avx512) fn = gemm_int8_avx512;
+  f.avx512 = isa == kAvx512 && has_vbmi_vnni();
+  if (f.avx512) f.fn = gemm_int8_avx512;
 #else
-  const bool avx512 = false;
+  (void)isa;
 #endif
-  const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
-#if defined(__x86_64__) || defined(_M_X64)
-  const bool rows16 = w.bits == 2 || (M >= rows16_m(w.bits) && rows16_available(w.bits, isa));  // 2 bits: see the caller
-  Rows16Buffers r16;
-  if (rows16) rows16_buffers(w, M, r16);
-#else
-  const bool rows16 = false;
-#endif
-  // Activation rows in parallel (prefill: serial, this was a sixth of a 576x1536 M = 64 call at 2
-  // threads, the other thread waiting; CPU_NOTES item 138), each row quantized, its units times
-  // the table scale (see Int8Args::xu) and, for the 16-row kernel, put in its order while in L1.
-  std::atomic<bool> finite{true};
-  const int64_t rows_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K, 1));
-  at::parallel_for(0, M, rows_grain, [&](int64_t m0, int64_t m1) {
-    bool ok;
-    switch (x2.scalar_type()) {
-      case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, m0, m1, w, quant, widen, xq, xcorr, xk, xu, xs); break;
-      case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, m0, m1, w, quant, widen, xq, xcorr, xk, xu, xs); break;
-      default: ok = int8_x(x2.data_ptr<float>(), M, m0, m1, w, quant, widen, xq, xcorr, xk, xu, xs);
-    }
-    if (!ok) {
-      finite.store(false, std::memory_order_relaxed);
-      return;
-    }
-    for (int64_t b = 0; b < nb; ++b)
-      for (int64_t m = m0; m < m1; ++m) xu[b * M + m] *= t7.scale;
-#if defined(__x86_64__) || defined(_M_X64)
-    if (rows16) rows16_prepare_avx512(w.bits, M, nb, m0, m1, r16.src_of, xq, xk, xu, r16.x8, r16.xinit, r16.xf);
-#endif
-  });
-  if (!finite.load()) return false;
-#if defined(__x86_64__) || defined(_M_X64)
-  if (rows16) {
-    rows16_gemm(w, M, r16, xs, t7, out);
-    return true;
+  return f;
+}
+
+// Where the 4-row kernels' per-call data lies in one scratch buffer (small calls are dominated by
+// fixed costs, so one buffer): activations, their corrections and scales, group sums, the scale map
+// and the AVX-512 kernel's reordered activations.
+struct Int8Scratch {
+  int64_t o_corr, o_k, o_u, o_sum, o_g0, o_gidx, o_k2, o_init, o_kq, total;
+  Int8Scratch(int64_t nb, int64_t M, int P, int64_t ng) {
+    o_corr = align64(nb * M * 64 * P);
+    o_k = align64(o_corr + nb * M * P * 16 * 2);
+    o_u = align64(o_k + nb * M * P * 16 * 2);
+    o_sum = align64(o_u + nb * M * 4);
+    o_g0 = align64(o_sum + M * ng * 4);
+    o_gidx = align64(o_g0 + nb * 8);
+    o_k2 = align64(o_gidx + nb * P * 8 * 4);
+    o_init = align64(o_k2 + nb * M * P * 32 * 2);
+    o_kq = align64(o_init + nb * M * P * 16 * 4);
+    total = o_kq + nb * M * P * 8;
   }
-#endif
-  // The scale map: no division per tile in the kernel.
+};
+
+// Activation rows [m0, m1) of x2 quantized into base's buffers (int8_x), their units times the
+// table scale; false when x is not finite.
+static bool quantize_rows(const at::Tensor& x2, const Weight& w, int64_t M, int64_t m0, int64_t m1, const Int8Fns& f,
+                          const Table7& t7, char* base, const Int8Scratch& L) {
+  int8_t* xq = reinterpret_cast<int8_t*>(base);
+  int16_t* xcorr = reinterpret_cast<int16_t*>(base + L.o_corr);
+  int16_t* xk = reinterpret_cast<int16_t*>(base + L.o_k);
+  float* xu = reinterpret_cast<float*>(base + L.o_u);
+  float* xs = w.offsets.defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr;
+  bool ok;
+  switch (x2.scalar_type()) {
+    case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, m0, m1, w, f.quant, f.widen, xq, xcorr, xk, xu, xs); break;
+    case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, m0, m1, w, f.quant, f.widen, xq, xcorr, xk, xu, xs); break;
+    default: ok = int8_x(x2.data_ptr<float>(), M, m0, m1, w, f.quant, f.widen, xq, xcorr, xk, xu, xs);
+  }
+  if (!ok) return false;
+  for (int64_t b = 0; b < w.nblocks; ++b)
+    for (int64_t m = m0; m < m1; ++m) xu[b * M + m] *= t7.scale;
+  return true;
+}
+
+// The 4-row kernels' arguments for the quantized activations of all M rows in base: the scale map
+// (no division per tile in the kernel) and, for the AVX-512 kernel, the activations in its order.
+static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Table7& t7, char* base,
+                          const Int8Scratch& L, float* out) {
+  const int64_t nb = w.nblocks;
+  const int P = int8_parts(w.bits), C = chunks_per_block(w.bits);
+  int8_t* xq = reinterpret_cast<int8_t*>(base);
+  int16_t* xk = reinterpret_cast<int16_t*>(base + L.o_k);
+  int64_t* g0 = reinterpret_cast<int64_t*>(base + L.o_g0);
+  int32_t* gidx = reinterpret_cast<int32_t*>(base + L.o_gidx);
   for (int64_t b = 0; b < nb; ++b) {
     g0[b] = std::min<int64_t>(b * C * 32 / w.G, w.ng - 1);
     for (int p = 0; p < P; ++p)
@@ -307,9 +306,9 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
   a.nblocks = nb;
   a.M = M;
   a.xq = xq;
-  a.xcorr = xcorr;
+  a.xcorr = reinterpret_cast<int16_t*>(base + L.o_corr);
   a.xk = xk;
-  a.xu = xu;
+  a.xu = reinterpret_cast<float*>(base + L.o_u);
   // Parts added as int32 when their dwords meet the same weight groups: part p of dword q meets
   // chunk (P * q + p) % C, so parts 0-1 (and 2-3) of a dword cover one 64-aligned span of 64
   // columns, and parts 0-3 (2 and 3 bits) one 128-aligned span of 128.
@@ -322,27 +321,122 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
   a.stype = w.stype;
   a.ng = w.ng;
   a.G = w.G;
-  a.xsum = xs;
+  a.xsum = w.offsets.defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr;
   a.g0 = g0;
   a.gidx = gidx;
   std::memcpy(a.tu, t7.tu, 16);
   a.out = out;
   a.tile_pairs = cpu_tile_pairs();
 #if defined(__x86_64__) || defined(_M_X64)
-  if (avx512 && M == 1 && w.K >= cpu_compact_k()) {  // long rows: compact activations (Int8Args::xkq)
-    uint64_t* xkq = reinterpret_cast<uint64_t*>(base + o_kq);
+  if (f.avx512 && M == 1 && w.K >= cpu_compact_k()) {  // long rows: compact activations (Int8Args::xkq)
+    uint64_t* xkq = reinterpret_cast<uint64_t*>(base + L.o_kq);
     int8_prepare_compact_avx512(w.bits, nb, xq, xk, xkq);
     a.xkq = xkq;
-  } else if (avx512) {
-    int16_t* xk2 = reinterpret_cast<int16_t*>(base + o_k2);
-    int32_t* xinit = reinterpret_cast<int32_t*>(base + o_init);
+  } else if (f.avx512) {
+    int16_t* xk2 = reinterpret_cast<int16_t*>(base + L.o_k2);
+    int32_t* xinit = reinterpret_cast<int32_t*>(base + L.o_init);
     int8_prepare_avx512(w.bits, a.merge, nb * M, xq, xk, xk2, xinit);
     a.xk2 = xk2;
     a.xinit = xinit;
   }
+#else
+  (void)f;
 #endif
+  return a;
+}
+
+// One activation row over several threads: each thread quantizes the row into its own scratch
+// (the same bytes in each: the same code on the same input) and then runs its tiles, instead of
+// one thread preparing it before the others start. The preparation then overlaps the thread
+// start, and each thread reads the activations from its own cache rather than another core's
+// (per block, one of them a miss to the other core's L2, the kernels' reads being in order).
+// Tiles as for_tiles: a static split, or chunks from a shared counter for large calls.
+static bool int8_gemm_row(const at::Tensor& x2, const Weight& w, const Int8Fns& f, const Table7& t7, float* out) {
+  const Int8Scratch L(w.nblocks, 1, int8_parts(w.bits), w.ng);
+  const int64_t tiles = w.N_pad / 4;
   const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
-  for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  const int64_t nt = at::get_num_threads();
+  auto prepare = [&](Int8Args& a) {
+    at::Tensor hold;
+    char* base = call_scratch(0, L.total, hold);  // each thread's own buffer (thread_local)
+    if (!quantize_rows(x2, w, 1, 0, 1, f, t7, base, L)) return false;
+    a = int8_args(w, 1, f, t7, base, L, out);
+    return true;
+  };
+  if (nt <= 1 || tiles <= grain) {
+    Int8Args a;
+    if (!prepare(a)) return false;
+    f.fn(a, 0, tiles);
+    return true;
+  }
+  const int64_t tasks = std::min(nt, (tiles + grain - 1) / grain);
+  const int64_t per = std::min<int64_t>(8, tiles / (nt * 4 * grain));  // as in for_tiles
+  const int64_t chunk = per < 2 ? (tiles + tasks - 1) / tasks : (tiles + nt * per - 1) / (nt * per);
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, per < 2 ? tasks : nt, 1, [&](int64_t i0, int64_t i1) {
+    Int8Args a;
+    if (!prepare(a)) {  // every thread sees the same x: all of them stop
+      finite.store(false, std::memory_order_relaxed);
+      return;
+    }
+    if (per < 2) {
+      for (int64_t i = i0; i < i1; ++i) f.fn(a, i * chunk, std::min(tiles, (i + 1) * chunk));
+    } else {
+      for (int64_t t0 = next.fetch_add(chunk); t0 < tiles; t0 = next.fetch_add(chunk))
+        f.fn(a, t0, std::min(tiles, t0 + chunk));
+    }
+  });
+  return finite.load();
+}
+
+bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
+  // 2 bits (the 16-row kernel only): the activations in blocks of 256 columns, as 3 bits
+  Weight w = w_in;
+  if (w.bits == 2) w.nblocks = (w.K + 255) / 256;
+  const int64_t M = x2.numel() / w.K, nb = w.nblocks;
+  const Int8Fns f = int8_fns(isa);
+  const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
+#if defined(__x86_64__) || defined(_M_X64)
+  const bool rows16 = w.bits == 2 || (M >= rows16_m(w.bits) && rows16_available(w.bits, isa));  // 2 bits: see the caller
+#else
+  const bool rows16 = false;
+#endif
+  if (!rows16 && M == 1) return int8_gemm_row(x2, w, f, t7, out);
+  const Int8Scratch L(nb, M, int8_parts(w.bits), w.ng);
+  at::Tensor hold;
+  char* base = call_scratch(0, L.total, hold);
+#if defined(__x86_64__) || defined(_M_X64)
+  Rows16Buffers r16;
+  if (rows16) rows16_buffers(w, M, r16);
+#endif
+  // Activation rows in parallel (prefill: serial, this was a sixth of a 576x1536 M = 64 call at 2
+  // threads, the other thread waiting; CPU_NOTES item 138), each row quantized, its units times
+  // the table scale (see Int8Args::xu) and, for the 16-row kernel, put in its order while in L1.
+  std::atomic<bool> finite{true};
+  const int64_t rows_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K, 1));
+  at::parallel_for(0, M, rows_grain, [&](int64_t m0, int64_t m1) {
+    if (!quantize_rows(x2, w, M, m0, m1, f, t7, base, L)) {
+      finite.store(false, std::memory_order_relaxed);
+      return;
+    }
+#if defined(__x86_64__) || defined(_M_X64)
+    if (rows16)
+      rows16_prepare_avx512(w.bits, M, nb, m0, m1, r16.src_of, reinterpret_cast<int8_t*>(base),
+                            reinterpret_cast<int16_t*>(base + L.o_k), reinterpret_cast<float*>(base + L.o_u),
+                            r16.x8, r16.xinit, r16.xf);
+#endif
+  });
+  if (!finite.load()) return false;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (rows16) {
+    rows16_gemm(w, M, r16, w.offsets.defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr, t7, out);
+    return true;
+  }
+#endif
+  const Int8Args a = int8_args(w, M, f, t7, base, L, out);
+  const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
+  for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { f.fn(a, t0, t1); });
   return true;
 }
 
