@@ -218,9 +218,10 @@ class GemvLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters, state dict and results) whose one-row bf16 products on
     the CPU go through ``torch.mv``.
 
-    At one row, torch 2.13's CPU ``mm`` reads a bf16 weight at ~15 GB/s where its ``mv`` reads it
-    at ~25-34 GB/s (1.2-1.6x faster on this project's VMs; for fp32 the two are equal and for fp16
-    ``mv`` is slower, so only bf16 is rerouted). A decoding model makes exactly these products in
+    At one row, torch 2.13's CPU ``mm`` read a bf16 weight at ~15 GB/s where its ``mv`` read it at
+    ~25-34 GB/s (1.2-1.6x faster, measured on an Intel Xeon VM with AVX-512 BF16 and AMX; for fp32
+    the two were equal and for fp16 ``mv`` was slower, so only bf16 is rerouted; CPU_NOTES item
+    170). A decoding model makes exactly these products in
     its unquantized ``lm_head``; :func:`flute.model.gemv_unquantized` swaps them in.
     """
 
