@@ -113,12 +113,13 @@ def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
         assert torch.equal(y8.isnan(), ye.isnan()) and torch.equal(y8.nan_to_num(), ye.nan_to_num()), (bits, group, m)
 
 
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_int8_one_row_split_over_threads(bits, int8_mode, rng):
-    """One activation row over 2 threads, each quantizing it into its own scratch
-    (int8_gemm_row): bitwise the 1-thread result, finite or not (a NaN sends every thread's
-    share to the exact path), for fp32 and bf16 activations and with offsets."""
-    n, k, group = 301, 4096, 64  # 76 row tiles, 4 to a task: split at 2 threads
+    """One activation row over 2 threads, each preparing it into its own scratch (3/4 bits:
+    int8_gemm_row's quantized row; 2 bits: pair_gemm's pair tables, rows up to 2048 columns):
+    bitwise the 1-thread result, finite or not (a NaN sends every thread's share to the exact
+    path), for fp32 and bf16 activations and with offsets."""
+    n, k, group = 301, 2048, 64  # split at 2 threads: 76 tiles 8 to a task (3/4 bits), 19 tiles 2 to a task (2 bits)
     for offsets in (False, True):
         w = random_quantized(n, k, bits, group, offsets=offsets, generator=rng)
         q = to_cpu_layout(w.codes, bits)
@@ -129,7 +130,7 @@ def test_int8_one_row_split_over_threads(bits, int8_mode, rng):
             ref = reference_qgemm_int8(x.float(), w, group)
             assert relative_error(outs[0].float(), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
         x = torch.randn(1, k, generator=rng)
-        x[0, 4000] = float("nan")
+        x[0, 2000] = float("nan")
         y8 = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), (2,))[0]
         ops.set_cpu_mode("exact")
         ye = run(x, w, bits, group, n, k, q)

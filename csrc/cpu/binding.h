@@ -168,4 +168,42 @@ void for_tiles(int64_t tiles, int64_t grain, const F& fn) {
   });
 }
 
+// for_tiles for calls whose per-call preparation (one activation row quantized, its lookup tables)
+// each thread does itself: ctx = Ctx{}, then setup(ctx) once in every thread that takes tiles
+// (one call in all when the call runs on one thread), then fn(ctx, t0, t1) over its tiles. The
+// preparation then runs in parallel rather than before the threads start, and each thread reads its
+// own copy from its own cache instead of one thread's from another core (CPU_NOTES item 171).
+// Tiles as for_tiles splits them, or, with `contiguous`, one range per thread always. False, with
+// no tile run by that thread, where a setup returned false (every thread sees the same input, so
+// all of them do).
+template <typename Ctx, typename S, typename F>
+bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& setup, const F& fn) {
+  const int64_t nt = at::get_num_threads();
+  if (nt <= 1 || tiles <= grain) {
+    Ctx ctx{};
+    if (!setup(ctx)) return false;
+    fn(ctx, 0, tiles);
+    return true;
+  }
+  const int64_t tasks = std::min(nt, (tiles + grain - 1) / grain);
+  const int64_t per = contiguous ? 0 : std::min<int64_t>(8, tiles / (nt * 4 * grain));  // as in for_tiles
+  const int64_t chunk = per < 2 ? (tiles + tasks - 1) / tasks : (tiles + nt * per - 1) / (nt * per);
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, per < 2 ? tasks : nt, 1, [&](int64_t i0, int64_t i1) {
+    Ctx ctx{};
+    if (!setup(ctx)) {
+      ok.store(false, std::memory_order_relaxed);
+      return;
+    }
+    if (per < 2) {
+      for (int64_t i = i0; i < i1; ++i) fn(ctx, i * chunk, std::min(tiles, (i + 1) * chunk));
+    } else {
+      for (int64_t t0 = next.fetch_add(chunk); t0 < tiles; t0 = next.fetch_add(chunk))
+        fn(ctx, t0, std::min(tiles, t0 + chunk));
+    }
+  });
+  return ok.load();
+}
+
 }  // namespace flute_cpu::binding

@@ -202,44 +202,18 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
   const int64_t o_cg = align64(exact || !f32 ? M * xcols * 4 : 0), o_lut = align64(o_cg + chunks * 4),
                 o_lsc = align64(o_lut + (exact ? 0 : M * chunks * kPairLutBytes)),
                 o_sum = align64(o_lsc + (exact ? 0 : M * chunks * 4)), total = o_sum + M * w.ng * 4;
-  at::Tensor hold;
-  char* base = call_scratch(0, total, hold);
-  const float* xf = f32 ? x2.data_ptr<float>() : nullptr;
-  if (exact || !f32) {
-    float* dst = reinterpret_cast<float*>(base);
-    const auto* xb = reinterpret_cast<const uint16_t*>(x2.data_ptr());
-    for (int64_t m = 0; m < M; ++m) {
-      float* d = dst + m * xcols;
-      if (f32) {
-        std::memcpy(d, xf + m * K, K * 4);
-      } else if (x2.scalar_type() == at::kBFloat16) {
-#if defined(__x86_64__) || defined(_M_X64)
-        if (isa >= kAvx2) bf16_to_f32_avx2(xb + m * K, d, K);
-        else
-#endif
-          bf16_to_f32_portable(xb + m * K, d, K);
-      } else {
-        for (int64_t k = 0; k < K; ++k) d[k] = f16_to_f32(xb[m * K + k]);
-      }
-      for (int64_t k = K; k < xcols; ++k) d[k] = 0.f;
-    }
-    xf = dst;
-  }
-  int32_t* cg = reinterpret_cast<int32_t*>(base + o_cg);
-  for (int64_t c = 0; c < chunks; ++c) cg[c] = static_cast<int32_t>(std::min<int64_t>(c * kPairChunkCols / w.G, w.ng - 1));
-  PairArgs a{};
-  a.qw = w.qweight.data_ptr<uint8_t>();
-  a.N = w.N;
-  a.K = K;
-  a.chunks = chunks;
-  a.M = M;
-  a.cg = cg;
-  a.scales = w.scales.data_ptr();
-  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
-  a.stype = w.stype;
-  a.ng = w.ng;
-  a.out = out;
-  a.tile_pairs = cpu_tile_pairs();
+  PairArgs a0{};
+  a0.qw = w.qweight.data_ptr<uint8_t>();
+  a0.N = w.N;
+  a0.K = K;
+  a0.chunks = chunks;
+  a0.M = M;
+  a0.scales = w.scales.data_ptr();
+  a0.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a0.stype = w.stype;
+  a0.ng = w.ng;
+  a0.out = out;
+  a0.tile_pairs = cpu_tile_pairs();
   PairGemmFn fn = exact ? exact_pair_portable : gemm_pair_portable;
   PairLutFn lut_fn = pair_lut_portable;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -252,17 +226,47 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
     lut_fn = pair_lut_avx512;
   }
 #endif
-  if (exact) {
-    a.x = xf;
-    a.table = w.table.data_ptr<float>();
-  } else {
+  // The tables are built in parts of up to 64 chunks of a row (by all threads when there are several)
+  const int64_t per = 64, parts = (chunks + per - 1) / per;
+  // Everything the kernels read besides the weight, into `base`: the activations in fp32, each
+  // chunk's group, and in int8 mode the pair tables, their scales and x's group sums. False when x
+  // is not finite (int8 mode).
+  auto prepare = [&](char* base, PairArgs& a) {
+    a = a0;
+    const float* xf = f32 ? x2.data_ptr<float>() : nullptr;
+    if (exact || !f32) {
+      float* dst = reinterpret_cast<float*>(base);
+      const auto* xb = reinterpret_cast<const uint16_t*>(x2.data_ptr());
+      for (int64_t m = 0; m < M; ++m) {
+        float* d = dst + m * xcols;
+        if (f32) {
+          std::memcpy(d, xf + m * K, K * 4);
+        } else if (x2.scalar_type() == at::kBFloat16) {
+#if defined(__x86_64__) || defined(_M_X64)
+          if (isa >= kAvx2) bf16_to_f32_avx2(xb + m * K, d, K);
+          else
+#endif
+            bf16_to_f32_portable(xb + m * K, d, K);
+        } else {
+          for (int64_t k = 0; k < K; ++k) d[k] = f16_to_f32(xb[m * K + k]);
+        }
+        for (int64_t k = K; k < xcols; ++k) d[k] = 0.f;
+      }
+      xf = dst;
+    }
+    int32_t* cg = reinterpret_cast<int32_t*>(base + o_cg);
+    for (int64_t c = 0; c < chunks; ++c) cg[c] = static_cast<int32_t>(std::min<int64_t>(c * kPairChunkCols / w.G, w.ng - 1));
+    a.cg = cg;
+    if (exact) {
+      a.x = xf;
+      a.table = w.table.data_ptr<float>();
+      return true;
+    }
     int8_t* lut = reinterpret_cast<int8_t*>(base + o_lut);
     float* lsc = reinterpret_cast<float*>(base + o_lsc);
-    // the tables by all threads, in parts of up to 64 chunks of a row
-    const int64_t per = 64, parts = (chunks + per - 1) / per;
     std::atomic<bool> finite{true};
     const float* table = w.table.data_ptr<float>();
-    at::parallel_for(0, M * parts, 4, [&](int64_t u0, int64_t u1) {
+    at::parallel_for(0, M * parts, 4, [&](int64_t u0, int64_t u1) {  // inline inside a parallel region
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t m = u / parts, c0 = (u % parts) * per, nc = std::min(per, chunks - c0);
         const int64_t k0 = c0 * kPairChunkCols;
@@ -285,7 +289,8 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
     }
     // the M rows' tables of a K block: ~128 KB (half of a small L2)
     a.kbc = std::max<int64_t>(8, 512 / M);
-  }
+    return true;
+  };
   const int64_t tiles = w.N_pad / kPairTileRows;
   const int64_t grain = std::max<int64_t>(1, task_weights() / kPairTileRows / std::max<int64_t>(w.K_pad, 1));
   // One activation row with tile pairs (Intel CPUs): one contiguous range per thread, each read as
@@ -294,7 +299,22 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
   // 2 threads, from DRAM, alternating processes: 576x1536 22.1-22.2 -> 20.4-20.6 us, 8192x2048
   // 218-229 -> 208-215 us, 14336x4096 732-746 -> 707-722 us, the other shapes equal or faster
   // (CPU_NOTES item 154). The 4-row int8 kernel showed no such gain, and keeps for_tiles.
-  if (!exact && a.tile_pairs && M == 1)
+  const bool contiguous = !exact && a0.tile_pairs && M == 1;
+  if (!exact && M == 1 && parts == 1) {
+    // One row's tables (up to 2048 columns, one part: built by one thread anyway): each thread
+    // builds its own copy and runs its tiles (for_tiles_prepared; CPU_NOTES item 174).
+    return for_tiles_prepared<PairArgs>(
+        tiles, grain, contiguous,
+        [&](PairArgs& a) {
+          at::Tensor hold;
+          return prepare(call_scratch(0, total, hold), a);
+        },
+        [&](const PairArgs& a, int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  }
+  at::Tensor hold;
+  PairArgs a;
+  if (!prepare(call_scratch(0, total, hold), a)) return false;
+  if (contiguous)
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
   else
     for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
