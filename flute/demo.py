@@ -106,9 +106,11 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
     import flute
     if device.type == "cpu":
         print(f"CPU kernel: {flute.ops.get_cpu_isa()} path, {flute.ops.get_cpu_mode()} mode for decode "
-              f"(perplexity runs 1,747-token batches: the exact panel path); the flute models' "
-              f"bf16 lm_head decodes through torch.mv (flute.model.gemv_unquantized), the 16-bit "
-              f"models are run as loaded"
+              f"(perplexity runs 1,747-token batches: the exact panel path); "
+              + ("the flute models' bf16 lm_head decodes through torch.mv on this AMX CPU "
+                 "(flute.model.gemv_unquantized), the 16-bit models are run as loaded"
+                 if flute.linear.MV_FOR_BF16_ROWS else
+                 "the bf16 lm_head of every model decodes through torch's mm")
               if flute.ops.HAS_CPU_KERNEL else
               "The CPU extension flute._cpu is not built, so the CPU ran the reference path.")
     elif not flute.HAS_CUDA_KERNEL:

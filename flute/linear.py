@@ -214,21 +214,39 @@ class QuantLinear(nn.Module):
                 f"dtype={self.scales.dtype}")
 
 
+def _mv_beats_mm() -> bool:
+    """Whether torch's CPU ``mv`` reads a bf16 weight faster than its ``mm`` at one activation row
+    on this machine. Measured with torch 2.13 / oneDNN 3.12 on an Intel Xeon VM with AMX (CPU_NOTES
+    items 170 and 175): with AMX, ``mm`` took 1.38-1.66x the time of ``mv`` (49152x576, 1536x576);
+    with oneDNN held to AVX512-BF16 without AMX (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``, a Zen 4 /
+    Zen 5 class path) 0.68-0.76x, and with torch and oneDNN held to AVX2 0.95-0.96x. So only AMX
+    CPUs take ``mv``."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+#: Whether :class:`GemvLinear` sends one-row bf16 CPU products to ``torch.mv`` (see :func:`_mv_beats_mm`).
+MV_FOR_BF16_ROWS = _mv_beats_mm()
+
+
 class GemvLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters, state dict and results) whose one-row bf16 products on
-    the CPU go through ``torch.mv``.
+    the CPU go through ``torch.mv`` where that is the faster product (AMX CPUs:
+    :data:`MV_FOR_BF16_ROWS`); everything else goes through ``nn.Linear``'s own path.
 
-    At one row, torch 2.13's CPU ``mm`` read a bf16 weight at ~15 GB/s where its ``mv`` read it at
-    ~25-34 GB/s (1.2-1.6x faster, measured on an Intel Xeon VM with AVX-512 BF16 and AMX; for fp32
-    the two were equal and for fp16 ``mv`` was slower, so only bf16 is rerouted; CPU_NOTES item
-    170). A decoding model makes exactly these products in
-    its unquantized ``lm_head``; :func:`flute.model.gemv_unquantized` swaps them in.
+    On an Intel Xeon VM with AMX, torch 2.13's CPU ``mm`` read a bf16 weight at one row at ~15 GB/s
+    where its ``mv`` read it at ~25-34 GB/s (for fp32 the two were equal and for fp16 ``mv`` was
+    slower, so only bf16 is rerouted; CPU_NOTES item 170). A decoding model makes exactly these
+    products in its unquantized ``lm_head``; :func:`flute.model.gemv_unquantized` swaps them in.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.numel() == self.in_features and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
-                and x.device.type == "cpu" and w.device.type == "cpu"):
+        if (MV_FOR_BF16_ROWS and x.numel() == self.in_features and x.dtype == torch.bfloat16
+                and w.dtype == torch.bfloat16 and x.device.type == "cpu" and w.device.type == "cpu"):
             y = torch.mv(w, x.reshape(-1))
             if self.bias is not None:
                 y = y + self.bias

@@ -109,10 +109,12 @@ def gemv_unquantized(model: nn.Module) -> int:
     layers) by a :class:`~flute.linear.GemvLinear` holding the same parameters, in place; return
     how many were replaced.
 
-    Results are unchanged except that one-row bf16 products on the CPU (a decoding step) go through
-    ``torch.mv``, which reads the weight faster than ``mm`` does. For SmolLM2-135M at 4 bits with
-    bf16 leftovers (:func:`cast_unquantized`), the bf16 ``lm_head`` (the 57 MB tied embedding) took
-    ~28% of a decoding step's time through ``mm``; ``flute demo`` applies this on the CPU.
+    Results are unchanged except that on CPUs with AMX, one-row bf16 products (a decoding step) go
+    through ``torch.mv``, which there reads the weight faster than ``mm`` does (elsewhere ``mm`` was
+    as fast or faster, and nothing changes: :data:`flute.linear.MV_FOR_BF16_ROWS`). For
+    SmolLM2-135M at 4 bits with bf16 leftovers (:func:`cast_unquantized`) on an AMX VM, the bf16
+    ``lm_head`` (the 57 MB tied embedding) took ~28% of a decoding step's time through ``mm``;
+    ``flute demo`` applies this on the CPU.
     """
     layers = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     for name, linear in layers:
