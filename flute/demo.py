@@ -75,7 +75,7 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
         seconds = time.perf_counter() - t0
         if device.type == "cpu":  # the unquantized parts (embedding / lm_head, norms) in bf16, as
             cast_unquantized(model, torch.bfloat16)  # in the bf16 model: half the bytes per token
-            gemv_unquantized(model)  # its one-row products through torch.mv (faster than mm in bf16)
+            gemv_unquantized(model)  # one-row bf16 products through torch.mv where faster (AMX)
             label += "; other parts bf16"
         measure(f"flute {b}-bit g{group_size} ({label})", model, seconds)
 

@@ -116,7 +116,7 @@ def gemv_unquantized(model: nn.Module) -> int:
     ``lm_head`` (the 57 MB tied embedding) took ~28% of a decoding step's time through ``mm``;
     ``flute demo`` applies this on the CPU.
     """
-    layers = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    layers = linear_layers(model, skip=())
     for name, linear in layers:
         set_submodule(model, name, GemvLinear.sharing(linear))
     return len(layers)

@@ -139,43 +139,22 @@ inline int64_t align64(int64_t off) { return (off + 63) / 64 * 64; }
 using Bf16ToF32Fn = void (*)(const uint16_t*, float*, int64_t);
 void bf16_to_f32_portable(const uint16_t* src, float* dst, int64_t n);
 
-// fn(t0, t1) over the row tiles [0, tiles), at least `grain` tiles per call of fn. Large calls:
-// threads take chunks of tiles from a shared counter (dynamic balancing, as llama.cpp's CPU backend
-// does) rather than one static share each, because on a shared or virtualized machine one core is
-// often slowed down and a static split waits for it (measured, 14336x4096 4-bit M=1, 2 threads:
-// 2.27 -> 2.12 ms on a quiet VM, 5.59 -> 4.48 ms with the other core busy). Calls with room for
-// fewer than two chunks of 4 grains per thread keep the static split (smaller chunks cost more
-// than they balance: 1536x576 67 -> 76 us).
-template <typename F>
-void for_tiles(int64_t tiles, int64_t grain, const F& fn) {
-  const int64_t nt = at::get_num_threads();
-  if (nt <= 1 || tiles <= grain) {
-    fn(0, tiles);
-    return;
-  }
-  // Chunks of at least 4 grains, the same number for each thread (2 to 8): 384 tiles in chunks of
-  // 84 gave one of 2 threads 216 tiles, 4 chunks of 96 give each 192 (CPU_NOTES item 106).
-  const int64_t per = std::min<int64_t>(8, tiles / (nt * 4 * grain));
-  if (per < 2) {
-    at::parallel_for(0, tiles, grain, fn);
-    return;
-  }
-  const int64_t chunk = (tiles + nt * per - 1) / (nt * per);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
-    for (int64_t t0 = next.fetch_add(chunk); t0 < tiles; t0 = next.fetch_add(chunk))
-      fn(t0, std::min(tiles, t0 + chunk));
-  });
-}
-
-// for_tiles for calls whose per-call preparation (one activation row quantized, its lookup tables)
-// each thread does itself: ctx = Ctx{}, then setup(ctx) once in every thread that takes tiles
-// (one call in all when the call runs on one thread), then fn(ctx, t0, t1) over its tiles. The
-// preparation then runs in parallel rather than before the threads start, and each thread reads its
-// own copy from its own cache instead of one thread's from another core (CPU_NOTES item 171).
-// Tiles as for_tiles splits them, or, with `contiguous`, one range per thread always. False, with
-// no tile run by that thread, where a setup returned false (every thread sees the same input, so
-// all of them do).
+// fn(ctx, t0, t1) over the row tiles [0, tiles), at least `grain` tiles per call of fn, after
+// setup(ctx) (ctx = Ctx{}) once in every thread that takes tiles (once in all when the call runs on
+// one thread). False, with no tile run by that thread, where a setup returned false (every thread
+// sees the same input, so all of them do).
+// - Per-thread preparation (one activation row quantized, its lookup tables): it then runs in
+//   parallel rather than before the threads start, and each thread reads its own copy from its own
+//   cache instead of one thread's from another core (CPU_NOTES item 171).
+// - Large calls: threads take chunks of tiles from a shared counter (dynamic balancing, as
+//   llama.cpp's CPU backend does) rather than one static share each, because on a shared or
+//   virtualized machine one core is often slowed down and a static split waits for it (measured,
+//   14336x4096 4-bit M=1, 2 threads: 2.27 -> 2.12 ms on a quiet VM, 5.59 -> 4.48 ms with the other
+//   core busy). Chunks of at least 4 grains, the same number for each thread (2 to 8): 384 tiles in
+//   chunks of 84 gave one of 2 threads 216 tiles, 4 chunks of 96 give each 192 (item 106).
+// - Calls with room for fewer than two chunks of 4 grains per thread, and every call with
+//   `contiguous`, keep a static split, one range per thread, as at::parallel_for(0, tiles, grain)
+//   cuts it (smaller chunks cost more than they balance: 1536x576 67 -> 76 us).
 template <typename Ctx, typename S, typename F>
 bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& setup, const F& fn) {
   const int64_t nt = at::get_num_threads();
@@ -186,7 +165,7 @@ bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& 
     return true;
   }
   const int64_t tasks = std::min(nt, (tiles + grain - 1) / grain);
-  const int64_t per = contiguous ? 0 : std::min<int64_t>(8, tiles / (nt * 4 * grain));  // as in for_tiles
+  const int64_t per = contiguous ? 0 : std::min<int64_t>(8, tiles / (nt * 4 * grain));
   const int64_t chunk = per < 2 ? (tiles + tasks - 1) / tasks : (tiles + nt * per - 1) / (nt * per);
   std::atomic<int64_t> next{0};
   std::atomic<bool> ok{true};
@@ -204,6 +183,14 @@ bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& 
     }
   });
   return ok.load();
+}
+
+// fn(t0, t1) over the row tiles, split as for_tiles_prepared splits them; no preparation.
+template <typename F>
+void for_tiles(int64_t tiles, int64_t grain, const F& fn) {
+  struct None {};
+  for_tiles_prepared<None>(tiles, grain, false, [](None&) { return true; },
+                           [&](const None&, int64_t t0, int64_t t1) { fn(t0, t1); });
 }
 
 }  // namespace flute_cpu::binding
