@@ -118,24 +118,32 @@ def test_int8_one_row_split_over_threads(bits, int8_mode, rng):
     """One activation row over 2 threads, each preparing it into its own scratch (3/4 bits:
     int8_gemm_row's quantized row; 2 bits: pair_gemm's pair tables, rows up to 2048 columns):
     bitwise the 1-thread result, finite or not (a NaN sends every thread's share to the exact
-    path), for fp32 and bf16 activations and with offsets."""
+    path), for fp32, bf16 and fp16 activations and with offsets. A bf16 / fp16 result, which each
+    thread converts from fp32 for its own columns (binding.h: HalfOut), is exactly the fp32 result
+    of the same values rounded once."""
     n, k, group = 301, 2048, 64  # split at 2 threads: 76 tiles 8 to a task (3/4 bits), 19 tiles 2 to a task (2 bits)
     for offsets in (False, True):
         w = random_quantized(n, k, bits, group, offsets=offsets, generator=rng)
         q = to_cpu_layout(w.codes, bits)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = torch.randn(1, k, generator=rng).to(dtype)
             outs = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), (1, 2, 2))
             assert all(torch.equal(outs[0], o) for o in outs[1:]), (offsets, dtype)
+            assert outs[0].dtype == dtype
+            if dtype != torch.float32:
+                y32 = at_thread_counts(lambda: run(x.float(), w, bits, group, n, k, q), (2,))[0]
+                assert torch.equal(outs[0], y32.to(dtype)), (offsets, dtype)
             ref = reference_qgemm_int8(x.float(), w, group)
             assert relative_error(outs[0].float(), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
-        x = torch.randn(1, k, generator=rng)
-        x[0, 2000] = float("nan")
-        y8 = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), (2,))[0]
-        ops.set_cpu_mode("exact")
-        ye = run(x, w, bits, group, n, k, q)
-        ops.set_cpu_mode("int8")
-        assert torch.equal(y8.isnan(), ye.isnan()) and torch.equal(y8.nan_to_num(), ye.nan_to_num())
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(1, k, generator=rng).to(dtype)
+            x[0, 2000] = float("nan")
+            y8 = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), (2,))[0]
+            ops.set_cpu_mode("exact")
+            ye = run(x, w, bits, group, n, k, q)
+            ops.set_cpu_mode("int8")
+            assert y8.dtype == dtype
+            assert torch.equal(y8.isnan(), ye.isnan()) and torch.equal(y8.nan_to_num(), ye.nan_to_num())
 
 
 @pytest.mark.parametrize("group", [32, 64, 128, -1])

@@ -223,6 +223,29 @@ at::Tensor cpu_lut_dequantize(const at::Tensor& qweight, const at::Tensor& scale
   return out;
 }
 
+}  // namespace
+
+namespace flute_cpu::binding {
+void to_half(const float* src, const HalfOut& h, int64_t c0, int64_t c1) {
+  if (c1 <= c0) return;
+  if (h.bf16) {
+    auto* dst = static_cast<uint16_t*>(h.dst) + c0;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (h.isa >= kAvx2) {
+      f32_to_bf16_avx2(src + c0, dst, c1 - c0);
+      return;
+    }
+#endif
+    for (int64_t i = c0; i < c1; ++i) *dst++ = f32_to_bf16(src[i]);
+  } else {
+    auto* dst = static_cast<c10::Half*>(h.dst);
+    for (int64_t i = c0; i < c1; ++i) dst[i] = c10::Half(src[i]);
+  }
+}
+}  // namespace flute_cpu::binding
+
+namespace {
+
 at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& offsets, const at::Tensor& table, int64_t bits,
                         int64_t group_size, int64_t K, int64_t N) {
@@ -289,33 +312,24 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   at::Tensor y = at::empty(out_shape, x.options().dtype(half ? xt : at::kFloat));
   at::Tensor hold;
   float* out = half ? reinterpret_cast<float*>(call_scratch(1, M * N * 4, hold)) : y.data_ptr<float>();
+  HalfOut h;
+  if (half) {
+    h.dst = y.data_ptr();
+    h.bf16 = xt == at::kBFloat16;
+    h.isa = isa;
+  }
+  HalfOut* row_half = half && M == 1 ? &h : nullptr;  // one-row calls convert per thread
   if (amx)
     amx_gemm(x2, w, out);
   else if (w.bits == 2) {
     const bool int8 = active_mode() == kModeInt8;
     const bool rows16 = int8 && M >= rows16_m(2) && rows16_available(2, isa);
-    if (!(int8 && (rows16 ? int8_gemm(x2, w, isa, out) : pair_gemm(x2, w, isa, false, out))))
+    if (!(int8 && (rows16 ? int8_gemm(x2, w, isa, out) : pair_gemm(x2, w, isa, false, out, row_half))))
       pair_gemm(x2, w, isa, true, out);
-  } else if (!(active_mode() == kModeInt8 && int8_gemm(x2, w, isa, out)))
+  } else if (!(active_mode() == kModeInt8 && int8_gemm(x2, w, isa, out, row_half)))
     exact_gemm(x2, w, isa, active_mode() == kModeBf16 && has_bf16_kernel(), out);
-  if (half) {
-    const int64_t total = M * N;
-    if (xt == at::kBFloat16) {
-      auto* dst = reinterpret_cast<uint16_t*>(y.data_ptr<c10::BFloat16>());
-#if defined(__x86_64__) || defined(_M_X64)
-      if (isa >= kAvx2) {
-        f32_to_bf16_avx2(out, dst, total);
-        return y;
-      }
-#endif
-      for (int64_t i = 0; i < total; ++i) dst[i] = f32_to_bf16(out[i]);
-    } else {
-      auto* dst = y.data_ptr<c10::Half>();
-      for (int64_t i = 0; i < total; ++i) dst[i] = c10::Half(out[i]);
-    }
-    return y;
-  }
-  return xt == at::kFloat ? y : y.to(xt);
+  if (half && !h.done) to_half(out, h, 0, M * N);
+  return half || xt == at::kFloat ? y : y.to(xt);
 }
 
 // flute::qgemm / flute::dequantize on CPU: the kernel for the CPU layout (uint8), the Python

@@ -104,10 +104,23 @@ constexpr int64_t kAmxMaxM = 64;
 // call; this holds a 14336x4096 bf16 weight whole.
 constexpr int64_t kPanelCachedBytes = int64_t(128) << 20;
 
+// The op's bf16 or fp16 result of a one-row call, converted by each thread from its own fp32
+// columns right after computing them: when the calling thread converted all of them at the end, it
+// read the other threads' halves from their cores' caches, ~0.8 us of a 16 us call (4-bit 1536x576,
+// 2 threads, in cache; CPU_NOTES item 177). `done` is set by the callee that wrote dst.
+struct HalfOut {
+  void* dst = nullptr;  // [N] bf16 (bf16 = true) or fp16
+  bool bf16 = true;
+  int isa = 0;
+  bool done = false;
+};
+// Columns [c0, c1) of src (fp32) into h.dst, rounded to nearest even.
+void to_half(const float* src, const HalfOut& h, int64_t c0, int64_t c1);
+
 // The fused kernel's int8 mode into out [M, N] fp32 (x2: contiguous fp32, bf16 or fp16 with last
 // dimension K, M rows in all); false, with out unwritten, when x is not finite: the caller then
-// takes the exact path.
-bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out);
+// takes the exact path. With `half` (M = 1), a one-row call also writes half->dst (HalfOut).
+bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out, HalfOut* half = nullptr);
 
 // The fused kernel's exact (fp32) mode, or with bf16 = true on an AVX-512 path its bf16 mode
 // (AVX512_BF16 CPUs), into out [M, N] fp32 (x2 as for int8_gemm).
@@ -115,7 +128,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
 
 // 2 bits (the pair layout, pair_lut.h) into out [M, N] fp32, x2 as for int8_gemm: the int8 mode's
 // pair tables (exact = false; false, with out unwritten, when x is not finite) or the exact mode.
-bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float* out);
+bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float* out, HalfOut* half = nullptr);
 
 // The AMX path (kernel_amx.cpp) into out [M, N] fp32: x2 contiguous bf16 with last dimension K, M
 // rows in all; groups of a multiple of 32 columns or one group; only where cpu_amx() is true.

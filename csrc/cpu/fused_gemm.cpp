@@ -193,7 +193,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
   for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
 }
 
-bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float* out) {
+bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float* out, HalfOut* half) {
   const int64_t M = x2.numel() / w.K, K = w.K, chunks = w.K_pad / kPairChunkCols;
   // scratch: fp32 activations (exact: [M][K_pad] zero-padded; int8 mode: [M][K], none for fp32 x),
   // the chunks' groups, the tables, their scales and the group sums of x
@@ -303,13 +303,18 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
   if (!exact && M == 1 && parts == 1) {
     // One row's tables (up to 2048 columns, one part: built by one thread anyway): each thread
     // builds its own copy and runs its tiles (for_tiles_prepared; CPU_NOTES item 174).
-    return for_tiles_prepared<PairArgs>(
+    const bool ok = for_tiles_prepared<PairArgs>(
         tiles, grain, contiguous,
         [&](PairArgs& a) {
           at::Tensor hold;
           return prepare(call_scratch(0, total, hold), a);
         },
-        [&](const PairArgs& a, int64_t t0, int64_t t1) { fn(a, t0, t1); });
+        [&](const PairArgs& a, int64_t t0, int64_t t1) {
+          fn(a, t0, t1);
+          if (half) to_half(out, *half, t0 * kPairTileRows, std::min(w.N, t1 * kPairTileRows));
+        });
+    if (ok && half) half->done = true;
+    return ok;
   }
   at::Tensor hold;
   PairArgs a;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <climits>
 #include <cstring>
 #include <type_traits>
 #include <unordered_map>
@@ -291,13 +292,24 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
   int16_t* xk = reinterpret_cast<int16_t*>(base + L.o_k);
   int64_t* g0 = reinterpret_cast<int64_t*>(base + L.o_g0);
   int32_t* gidx = reinterpret_cast<int32_t*>(base + L.o_gidx);
+  // The group of each 32-column chunk counted along the row rather than divided out (groups here are
+  // a multiple of 32 columns or one group): a division per entry was ~0.3 us of each thread's
+  // set-up of a one-row call at K = 576 (CPU_NOTES item 177).
+  const int64_t per_group = w.ng == 1 ? INT64_MAX : w.G / 32;
+  int64_t grp = 0, left = per_group;
   for (int64_t b = 0; b < nb; ++b) {
-    g0[b] = std::min<int64_t>(b * C * 32 / w.G, w.ng - 1);
-    for (int p = 0; p < P; ++p)
-      for (int q = 0; q < 4; ++q) {
-        const int64_t g = std::min<int64_t>((b * C + (P * q + p) % C) * 32 / w.G, w.ng - 1);
-        gidx[(b * P + p) * 8 + q] = gidx[(b * P + p) * 8 + 4 + q] = static_cast<int32_t>(g - g0[b]);
+    int64_t cg[8];  // the block's chunks' groups (C <= 8)
+    for (int j = 0; j < C; ++j) {
+      cg[j] = std::min(grp, w.ng - 1);
+      if (--left == 0) {
+        ++grp;
+        left = per_group;
       }
+    }
+    g0[b] = cg[0];
+    for (int p = 0; p < P; ++p)
+      for (int q = 0; q < 4; ++q)
+        gidx[(b * P + p) * 8 + q] = gidx[(b * P + p) * 8 + 4 + q] = static_cast<int32_t>(cg[(P * q + p) % C] - cg[0]);
   }
   Int8Args a;
   a.qw = w.qweight.data_ptr<uint8_t>();
@@ -349,10 +361,11 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
 // (the same bytes in each: the same code on the same input) and then runs its tiles
 // (for_tiles_prepared). In cache, 2 threads: 0.3-2 us less per call, most for long rows; from DRAM
 // no difference measured (CPU_NOTES item 171).
-static bool int8_gemm_row(const at::Tensor& x2, const Weight& w, const Int8Fns& f, const Table7& t7, float* out) {
+static bool int8_gemm_row(const at::Tensor& x2, const Weight& w, const Int8Fns& f, const Table7& t7, float* out,
+                          HalfOut* half) {
   const Int8Scratch L(w.nblocks, 1, int8_parts(w.bits), w.ng);
   const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
-  return for_tiles_prepared<Int8Args>(
+  const bool ok = for_tiles_prepared<Int8Args>(
       w.N_pad / 4, grain, false,
       [&](Int8Args& a) {
         at::Tensor hold;
@@ -361,10 +374,15 @@ static bool int8_gemm_row(const at::Tensor& x2, const Weight& w, const Int8Fns& 
         a = int8_args(w, 1, f, t7, base, L, out);
         return true;
       },
-      [&](const Int8Args& a, int64_t t0, int64_t t1) { f.fn(a, t0, t1); });
+      [&](const Int8Args& a, int64_t t0, int64_t t1) {
+        f.fn(a, t0, t1);
+        if (half) to_half(out, *half, 4 * t0, std::min(w.N, 4 * t1));
+      });
+  if (ok && half) half->done = true;
+  return ok;
 }
 
-bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
+bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out, HalfOut* half) {
   // 2 bits (the 16-row kernel only): the activations in blocks of 256 columns, as 3 bits
   Weight w = w_in;
   if (w.bits == 2) w.nblocks = (w.K + 255) / 256;
@@ -376,7 +394,7 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out) {
 #else
   const bool rows16 = false;
 #endif
-  if (!rows16 && M == 1) return int8_gemm_row(x2, w, f, t7, out);
+  if (!rows16 && M == 1) return int8_gemm_row(x2, w, f, t7, out, half);
   const Int8Scratch L(nb, M, int8_parts(w.bits), w.ng);
   at::Tensor hold;
   char* base = call_scratch(0, L.total, hold);
