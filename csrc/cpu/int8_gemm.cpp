@@ -224,6 +224,7 @@ struct Int8Fns {
   Int8Fn fn = gemm_int8_portable;
   Bf16ToF32Fn widen = bf16_to_f32_portable;
   bool avx512 = false;  // the AVX-512 VBMI + VNNI kernel (its own activation order)
+  bool ordered = false;  // quant writes that order itself (quantize_x_int8_avx512; one-row calls)
 };
 
 static Int8Fns int8_fns(int isa) {
@@ -342,12 +343,12 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
 #if defined(__x86_64__) || defined(_M_X64)
   if (f.avx512 && M == 1 && w.K >= cpu_compact_k()) {  // long rows: compact activations (Int8Args::xkq)
     uint64_t* xkq = reinterpret_cast<uint64_t*>(base + L.o_kq);
-    int8_prepare_compact_avx512(w.bits, nb, xq, xk, xkq);
+    int8_prepare_compact_avx512(w.bits, nb, xq, xk, xkq, f.ordered);
     a.xkq = xkq;
   } else if (f.avx512) {
     int16_t* xk2 = reinterpret_cast<int16_t*>(base + L.o_k2);
     int32_t* xinit = reinterpret_cast<int32_t*>(base + L.o_init);
-    int8_prepare_avx512(w.bits, a.merge, nb * M, xq, xk, xk2, xinit);
+    int8_prepare_avx512(w.bits, a.merge, nb * M, xq, xk, xk2, xinit, f.ordered);
     a.xk2 = xk2;
     a.xinit = xinit;
   }
@@ -361,8 +362,15 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
 // (the same bytes in each: the same code on the same input) and then runs its tiles
 // (for_tiles_prepared). In cache, 2 threads: 0.3-2 us less per call, most for long rows; from DRAM
 // no difference measured (CPU_NOTES item 171).
-static bool int8_gemm_row(const at::Tensor& x2, const Weight& w, const Int8Fns& f, const Table7& t7, float* out,
+static bool int8_gemm_row(const at::Tensor& x2, const Weight& w, const Int8Fns& f_in, const Table7& t7, float* out,
                           HalfOut* half) {
+  Int8Fns f = f_in;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (f.avx512 && w.bits != 2) {  // the row straight into the AVX-512 kernel's order (CPU_NOTES item 179)
+    f.quant = quantize_x_int8_avx512;
+    f.ordered = true;
+  }
+#endif
   const Int8Scratch L(w.nblocks, 1, int8_parts(w.bits), w.ng);
   const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
   const bool ok = for_tiles_prepared<Int8Args>(

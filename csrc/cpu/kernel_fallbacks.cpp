@@ -26,8 +26,9 @@ void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t) {}
 #if defined(FLUTE_WITHOUT_KERNEL_INT8_AVX512)
 bool kernel_int8_avx512_built() { return false; }
 void gemm_int8_avx512(const Int8Args&, int64_t, int64_t) {}
-void int8_prepare_avx512(int, int, int64_t, int8_t*, const int16_t*, int16_t*, int32_t*) {}
-void int8_prepare_compact_avx512(int, int64_t, int8_t*, const int16_t*, uint64_t*) {}
+void int8_prepare_avx512(int, int, int64_t, int8_t*, const int16_t*, int16_t*, int32_t*, bool) {}
+void int8_prepare_compact_avx512(int, int64_t, int8_t*, const int16_t*, uint64_t*, bool) {}
+bool quantize_x_int8_avx512(const float*, int, int8_t*, int16_t*, int16_t*, float*) { return false; }
 #endif
 
 #if defined(FLUTE_WITHOUT_KERNEL_INT8_ROWS16)

@@ -22,6 +22,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -94,6 +95,7 @@ constexpr int kPrefetch512 = BITS == 4 && kPrefetchBytes == 8192 ? 4096 : kPrefe
 template <int BITS, int NT>
 constexpr int kPrefetchAhead = NT == 2 && BITS == 3 && kPrefetchBytes == 8192 ? 2048 : kPrefetch512<BITS>;
 
+inline __m256 fold_max(__m512 v) { return _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
 inline __m256 fold(__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
 
 // NR weight rows of a tile against MC activation rows (as the AVX2 kernel's rows_int8).
@@ -254,12 +256,100 @@ inline void reorder_xq(int P, int64_t rows, int8_t* xq) {
   }
 }
 
+// The activations of one block straight into this kernel's byte order ([p][reg][32]), the bytes
+// quantize_x_int8_avx2 and then reorder_xq give: each chunk's max, the shared block scales
+// (int8_block_scales), the same division and rounding per value, then one two-source `vpermb` per
+// part instead of the AVX2 order's dword copies and the reorder (CPU_NOTES item 179).
+struct Order512 {
+  alignas(64) uint8_t idx[2][4][64];  // [3 bits?][part][byte]: column within sources a and b (+ 64 for b)
+  uint8_t src[2][4][2];               // the two 64-column sources of each part
+  alignas(32) int16_t kidx[2][4][16]; // chunk of each int16 of part p's chunk factors
+  Order512() {
+    for (int w = 0; w < 2; ++w) {
+      const int bits = w ? 3 : 4, P = int8_parts(bits), C = chunks_per_block(bits);
+      const int16_t* pos = int8_positions(bits);
+      int col[256];
+      for (int c = 0; c < 64 * P; ++c) {
+        const int r = pos[c] / 32, reg = r / P, p = r % P;
+        col[(p * 2 + reg) * 32 + pos[c] % 32] = c;
+      }
+      for (int p = 0; p < P; ++p) {
+        int a = 8, b = -1;
+        for (int o = 0; o < 64; ++o) {
+          a = std::min(a, col[64 * p + o] / 64);
+          b = std::max(b, col[64 * p + o] / 64);
+        }
+        src[w][p][0] = static_cast<uint8_t>(a);
+        src[w][p][1] = static_cast<uint8_t>(b);
+        for (int o = 0; o < 64; ++o) {
+          const int c = col[64 * p + o];
+          idx[w][p][o] = static_cast<uint8_t>(c % 64 + (c / 64 == a ? 0 : 64));
+        }
+        for (int hw = 0; hw < 16; ++hw) kidx[w][p][hw] = static_cast<int16_t>((P * ((hw & 7) >> 1) + p) % C);
+      }
+    }
+  }
+};
+
+template <int BITS>
+bool quantize_x_int8_512(const float* xf, int8_t* dst, int16_t* k, float* u) {
+  constexpr int P = int8_parts(BITS), C = chunks_per_block(BITS);
+  static const Order512 ord;
+  constexpr int w = BITS == 3 ? 1 : 0;
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512 fmax = _mm512_set1_ps(3.4028235e38f);
+  float cmax[8];
+  alignas(16) int16_t kc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int ch = 0; ch < C; ++ch) {
+    const __m512 a0 = _mm512_and_ps(_mm512_loadu_ps(xf + 32 * ch), absmask);
+    const __m512 a1 = _mm512_and_ps(_mm512_loadu_ps(xf + 32 * ch + 16), absmask);
+    // false for NaN and Inf (a max would drop a NaN)
+    if ((_mm512_cmp_ps_mask(a0, fmax, _CMP_LE_OQ) & _mm512_cmp_ps_mask(a1, fmax, _CMP_LE_OQ)) != 0xFFFF) return false;
+    const __m256 m = fold_max(_mm512_max_ps(a0, a1));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    cmax[ch] = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
+  *u = int8_block_scales(cmax, C, kc);
+  const __m512i lo = _mm512_set1_epi8(-127);
+  __m512i z[2 * P];  // columns 64 j .. 64 j + 63, in column order
+  for (int j = 0; j < P; ++j) {
+    __m512i v = _mm512_setzero_si512();
+    for (int c2 = 0; c2 < 2; ++c2) {
+      const int ch = 2 * j + c2;
+      const float sc = static_cast<float>(kc[ch]) * *u;
+      for (int i = 0; i < 2; ++i) {
+        // cvtps rounds to nearest even, as nearbyint; vpmovsdb saturates, the max below gives [-127, 127]
+        const __m128i b = sc > 0.f ? _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(
+                                         _mm512_div_ps(_mm512_loadu_ps(xf + 32 * ch + 16 * i), _mm512_set1_ps(sc))))
+                                   : _mm_setzero_si128();
+        v = _mm512_inserti32x4(v, b, 2 * c2 + i);
+      }
+    }
+    z[j] = _mm512_max_epi8(v, lo);
+  }
+  const __m128i kcv = _mm_load_si128(reinterpret_cast<const __m128i*>(kc));
+  for (int p = 0; p < P; ++p) {
+    const __m512i idx = _mm512_load_si512(ord.idx[w][p]);
+    _mm512_storeu_si512(dst + 64 * p, _mm512_permutex2var_epi8(z[ord.src[w][p][0]], idx, z[ord.src[w][p][1]]));
+    const __m256i ki = _mm256_load_si256(reinterpret_cast<const __m256i*>(ord.kidx[w][p]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(k + 16 * p),
+                        _mm256_permutexvar_epi16(ki, _mm256_castsi128_si256(kcv)));
+  }
+  return true;
+}
+
 }  // namespace
 
 bool kernel_int8_avx512_built() { return true; }
 
+bool quantize_x_int8_avx512(const float* xf, int bits, int8_t* dst, int16_t* corr, int16_t* k, float* u) {
+  (void)corr;  // read by the AVX2 and portable kernels only
+  return bits == 4 ? quantize_x_int8_512<4>(xf, dst, k, u) : quantize_x_int8_512<3>(xf, dst, k, u);
+}
+
 void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const int16_t* xk, int16_t* xk2,
-                         int32_t* xinit) {
+                         int32_t* xinit, bool ordered) {
   // Vectorized: this runs on the calling thread before the call's threads start (its scalar form
   // was ~0.8 us of a 576x1536 call; CPU_NOTES item 136).
   const int P = int8_parts(bits), NM = P / merge, COLS = 64 * P;
@@ -267,7 +357,7 @@ void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const in
   // int16 (h, q) of the chunk factors k, the even ones: k[8 h + 2 q] = k[2 (d % 8)]
   const __m512i k_of_dword = _mm512_set_epi32(14, 12, 10, 8, 6, 4, 2, 0, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i ones = _mm512_set1_epi8(1);
-  reorder_xq(P, rows, xq);
+  if (!ordered) reorder_xq(P, rows, xq);
   for (int64_t br = 0; br < rows; ++br) {
     int8_t* x = xq + br * COLS;
     const int16_t* k = xk + br * P * 16;
@@ -289,8 +379,8 @@ void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const in
   }
 }
 
-void int8_prepare_compact_avx512(int bits, int64_t rows, int8_t* xq, const int16_t* xk, uint64_t* xkq) {
-  reorder_xq(int8_parts(bits), rows, xq);
+void int8_prepare_compact_avx512(int bits, int64_t rows, int8_t* xq, const int16_t* xk, uint64_t* xkq, bool ordered) {
+  if (!ordered) reorder_xq(int8_parts(bits), rows, xq);
   int8_compact_factors(int8_parts(bits), rows, xk, xkq);
 }
 

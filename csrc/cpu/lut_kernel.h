@@ -241,11 +241,17 @@ void gemm_avx512(const GemmArgs&, int64_t, int64_t);
 // The int8 mode on AVX-512 with VBMI and VNNI (kernel_int8_avx512.cpp), after
 // int8_prepare_avx512 over the call's nblocks * M block-rows of activations.
 void gemm_int8_avx512(const Int8Args&, int64_t, int64_t);
+// `ordered`: xq already in this kernel's order (quantize_x_int8_avx512), else reordered in place.
 void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const int16_t* xk, int16_t* xk2,
-                         int32_t* xinit);
+                         int32_t* xinit, bool ordered = false);
 // The compact form (Int8Args::xkq): xq reordered as int8_prepare_avx512 does, and xkq [rows][P]
 // (int8_compact_factors).
-void int8_prepare_compact_avx512(int bits, int64_t rows, int8_t* xq, const int16_t* xk, uint64_t* xkq);
+void int8_prepare_compact_avx512(int bits, int64_t rows, int8_t* xq, const int16_t* xk, uint64_t* xkq,
+                                 bool ordered = false);
+// A QuantXFn (3 and 4 bits) that writes xq in the AVX-512 int8 kernel's order ([p][reg][32] per
+// block: the bytes that quantize_x_int8_avx2 and int8_prepare_avx512's reorder give) and leaves
+// corr unwritten (only the AVX2 and portable kernels read it).
+bool quantize_x_int8_avx512(const float* xf, int bits, int8_t* dst, int16_t* corr, int16_t* k, float* u);
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 // Tiles [t0, t1) of 16 weight rows (Rows16Args).
 void gemm_int8_rows16_avx512(const Rows16Args&, int64_t t0, int64_t t1);
