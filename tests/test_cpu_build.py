@@ -20,7 +20,7 @@ UNIT_FUNCTIONS = {
     "FLUTE_WITHOUT_KERNEL_AMX": {"kernel_amx_built", "amx_prepare_x", "gemm_amx", "gemm_amx_rows"},
     "FLUTE_WITHOUT_KERNEL_AVX512BF16": {"kernel_avx512bf16_built", "gemm_avx512bf16"},
     "FLUTE_WITHOUT_KERNEL_INT8_AVX512": {"kernel_int8_avx512_built", "gemm_int8_avx512", "int8_prepare_avx512",
-                                         "int8_prepare_compact_avx512"},
+                                         "int8_prepare_compact_avx512", "quantize_x_int8_avx512"},
 }
 
 pytestmark = pytest.mark.skipif(
