@@ -366,7 +366,7 @@ static bool int8_gemm_row(const at::Tensor& x2, const Weight& w, const Int8Fns& 
                           HalfOut* half) {
   Int8Fns f = f_in;
 #if defined(__x86_64__) || defined(_M_X64)
-  if (f.avx512 && w.bits != 2) {  // the row straight into the AVX-512 kernel's order (CPU_NOTES item 179)
+  if (f.avx512) {  // the row straight into the AVX-512 kernel's order (CPU_NOTES item 179)
     f.quant = quantize_x_int8_avx512;
     f.ordered = true;
   }

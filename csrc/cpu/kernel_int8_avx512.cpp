@@ -261,7 +261,7 @@ inline void reorder_xq(int P, int64_t rows, int8_t* xq) {
 // (int8_block_scales), the same division and rounding per value, then one two-source `vpermb` per
 // part instead of the AVX2 order's dword copies and the reorder (CPU_NOTES item 179).
 struct Order512 {
-  alignas(64) uint8_t idx[2][4][64];  // [3 bits?][part][byte]: column within sources a and b (+ 64 for b)
+  alignas(64) uint8_t idx[2][4][64];  // [0: 4 bits, 1: 3 bits][part][byte]: column in source a, or 64 + in b
   uint8_t src[2][4][2];               // the two 64-column sources of each part
   alignas(32) int16_t kidx[2][4][16]; // chunk of each int16 of part p's chunk factors
   Order512() {
@@ -312,7 +312,7 @@ bool quantize_x_int8_512(const float* xf, int8_t* dst, int16_t* k, float* u) {
   }
   *u = int8_block_scales(cmax, C, kc);
   const __m512i lo = _mm512_set1_epi8(-127);
-  __m512i z[2 * P];  // columns 64 j .. 64 j + 63, in column order
+  __m512i z[P];  // columns 64 j .. 64 j + 63, in column order
   for (int j = 0; j < P; ++j) {
     __m512i v = _mm512_setzero_si512();
     for (int c2 = 0; c2 < 2; ++c2) {
