@@ -13,6 +13,8 @@ from .quantize import quantize_weight
 from . import ops  # noqa: F401  (registers torch.ops.flute.*)
 
 _qgemm = torch.ops.flute.qgemm
+_qgemm_eager = ops.QGEMM_EAGER  # flute._cpu.qgemm where it runs (a direct entry to the same op)
+_is_compiling = torch.compiler.is_compiling
 
 
 class QuantLinear(nn.Module):
@@ -181,9 +183,9 @@ class QuantLinear(nn.Module):
 
     # -- compute -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Lean on purpose: a decoding SmolLM2 makes 210 of these calls per token, each ~2.4 us of
-        # dispatch plus a few us of kernel. The buffers come from their dict (each `self.<buffer>`
-        # goes through nn.Module.__getattr__) and the op's integer arguments from one tuple.
+        # Lean on purpose: a decoding SmolLM2 makes 210 of these calls per token, each a few us of
+        # kernel plus the call itself. The buffers come from their dict (each `self.<buffer>` goes
+        # through nn.Module.__getattr__) and the op's integer arguments from one tuple.
         buffers = self._buffers
         qweight = buffers["qweight"]
         if qweight is None:
@@ -192,8 +194,9 @@ class QuantLinear(nn.Module):
         scales = buffers["scales"]
         x_dtype = x.dtype
         cast = x_dtype != scales.dtype and x.is_cuda  # the CUDA kernel runs in the scales' dtype
-        y = _qgemm(x.to(scales.dtype) if cast else x, qweight, scales, buffers["offsets"],
-                   buffers["table"], *self._op_dims)
+        op = _qgemm if _is_compiling() else _qgemm_eager  # Dynamo traces the torch.ops op
+        y = op(x.to(scales.dtype) if cast else x, qweight, scales, buffers["offsets"],
+               buffers["table"], *self._op_dims)
         bias = self._parameters["bias"]
         if bias is not None:
             y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))

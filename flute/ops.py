@@ -379,6 +379,23 @@ if not HAS_CUDA_KERNEL:
     _lib.impl("dequantize", _dequantize_cuda_fallback, "CUDA")
 
 
+def _direct_qgemm():
+    """``flute._cpu.qgemm`` where it runs on this torch, else ``torch.ops.flute.qgemm``."""
+    if HAS_CPU_KERNEL:
+        from . import _cpu
+        if _cpu._init_direct(torch.ops.flute.qgemm.default):
+            return _cpu.qgemm
+    return torch.ops.flute.qgemm
+
+
+# What an eager forward calls for flute::qgemm (QuantLinear, the CPU benchmark): ``flute._cpu.qgemm``,
+# a direct Python entry to the same dispatcher op that skips torch.ops' boxed call, ~5 us of a
+# small layer's 20-30 us with cold caches (csrc/cpu/python_entry.cpp: it hands tensor subclasses,
+# torch function modes, symbolic ints and errors to torch.ops.flute.qgemm), where the extension
+# finds torch's Python tensor type; else torch.ops.flute.qgemm. Traced code (torch.compile) must
+# call torch.ops.flute.qgemm itself: Dynamo cannot see into the C function.
+QGEMM_EAGER = _direct_qgemm()
+
 def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: Optional[torch.Tensor],
           table: torch.Tensor, bits: int, group_size: int, in_features: int,
           out_features: int) -> torch.Tensor:

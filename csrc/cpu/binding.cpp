@@ -39,12 +39,7 @@
 // once per call, threads over row tiles. Otherwise: rows decoded in panels (fp32, or bf16 for bf16 activations on CPUs with
 // native bf16) and multiplied by at::mm (oneDNN/MKL), exactly.
 //
-// Python-version-independent: no pybind11, only the CPython stable ABI for the empty module object.
-#ifndef Py_LIMITED_API
-#define Py_LIMITED_API 0x030A0000
-#endif
-#include <Python.h>
-
+// The Python module object and its direct entry to flute::qgemm: python_entry.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -226,6 +221,15 @@ at::Tensor cpu_lut_dequantize(const at::Tensor& qweight, const at::Tensor& scale
 }  // namespace
 
 namespace flute_cpu::binding {
+QgemmHandle qgemm_handle() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("flute::qgemm", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, const at::Tensor&,
+                                               int64_t, int64_t, int64_t, int64_t)>();
+  return op;
+}
+
 void to_half(const float* src, const HalfOut& h, int64_t c0, int64_t c1) {
   if (c1 <= c0) return;
   if (h.bf16) {
@@ -364,19 +368,6 @@ at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales,
       .to(scales.scalar_type());
 }
 
-// flute::qgemm's typed handle, for calls below the autograd key.
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const std::optional<at::Tensor>&, const at::Tensor&, int64_t,
-                                          int64_t, int64_t, int64_t)>&
-qgemm_handle() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("flute::qgemm", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, const at::Tensor&,
-                                               int64_t, int64_t, int64_t, int64_t)>();
-  return op;
-}
-
 // Autograd of flute::qgemm, for every backend: the gradient with respect to x only (the quantized
 // weight is frozen), grad @ W, so adapters (LoRA) and activations upstream of a quantized layer
 // train. In C++ rather than torch.library.register_autograd because the Python autograd kernel
@@ -463,11 +454,4 @@ TORCH_LIBRARY_IMPL(flute, CPU, m) {
   m.impl("dequantize", &dequantize_cpu);
   m.impl("cpu_lut_gemm", &cpu_lut_gemm);
   m.impl("cpu_lut_dequantize", &cpu_lut_dequantize);
-}
-
-// `from . import _cpu` only needs a module object; the registrations above run at load time.
-PyMODINIT_FUNC PyInit__cpu(void) {
-  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_cpu", "flute CPU lookup-table kernels", -1,
-                            nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&def);
 }

@@ -6,10 +6,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "lut_kernel.h"
@@ -134,6 +136,13 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
 // rows in all; groups of a multiple of 32 columns or one group; only where cpu_amx() is true.
 void amx_gemm(const at::Tensor& x2, const Weight& w, float* out);
 void amx_gemm_rows(const at::Tensor& x2, const Weight& w, uint16_t* out);
+
+// flute::qgemm's typed dispatcher handle (binding.cpp): for calls below the autograd key and for
+// the direct Python entry (python_entry.cpp).
+using QgemmHandle = const c10::TypedOperatorHandle<at::Tensor(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const at::Tensor&, int64_t, int64_t, int64_t, int64_t)>&;
+QgemmHandle qgemm_handle();
 
 // Per-call temporaries (slot 0: the fused path's activations, fused_gemm.cpp; slot 1: the
 // fp32 output before its conversion to bf16 or fp16; slot 2: the panel path's decoded panel,

@@ -6,8 +6,9 @@ threads (``torch.set_num_threads``; llama.cpp gets the same thread count):
 - kernels: ``fp32`` and ``bf16`` (torch ``F.linear``), ``torch_int4`` (torch's int4 CPU kernel,
   bf16, the flute group size), ``llamacpp`` (ggml's CPU kernels for q4_0 / iq4_nl / q3_K / q2_K,
   plain and repacked layouts, and f32 / bf16, through ``native/ggml_matmul.cpp``) and ``flute``
-  (``torch.ops.flute.qgemm`` on a prepared :class:`flute.QuantLinear`, 2/3/4 bits, bf16 and fp32
-  activations);
+  (``torch.ops.flute.qgemm`` on a prepared :class:`flute.QuantLinear`, called as its forward
+  calls it: through ``flute.ops.QGEMM_EAGER``, the extension's direct entry; 2/3/4 bits, bf16 and
+  fp32 activations);
 - cache-cold (the default): every kernel's weight is rotated through copies that together hold
   at least 2x the L3 size and 256 MiB (memory permitting), so each call reads its weight from
   memory; cache-hot figures (one copy) are separate points with ``cache == "hot"`` (M = 1);
@@ -44,6 +45,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..huge_pages import place_for_streaming
+from ..ops import QGEMM_EAGER
 from . import llamacpp, peers
 from .roofline import MIN_ROTATION_BYTES_CPU, cpu_rotation_copies, weight_bytes
 from .shapes import CPU_GROUP
@@ -223,7 +225,7 @@ class CpuBench:
             placed = place_for_streaming(m.qweight)  # below 64 KiB: the same tensor, so clone
             m.qweight = placed.clone() if placed is q.qweight else placed
         args = [qgemm_args(m) for m in layers]
-        op = torch.ops.flute.qgemm
+        op = QGEMM_EAGER  # as QuantLinear.forward calls the op
         out = []
         for dt in c.flute_dtypes:
             extra = {}
