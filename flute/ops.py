@@ -399,9 +399,10 @@ QGEMM_EAGER = _direct_qgemm()
 def qgemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: Optional[torch.Tensor],
           table: torch.Tensor, bits: int, group_size: int, in_features: int,
           out_features: int) -> torch.Tensor:
-    """``torch.ops.flute.qgemm``: ``x @ W.T`` for a quantized weight (see the module docstring)."""
-    return torch.ops.flute.qgemm(x, qweight, scales, offsets, table, bits, group_size, in_features,
-                                 out_features)
+    """``torch.ops.flute.qgemm``: ``x @ W.T`` for a quantized weight (see the module docstring);
+    in eager code through :data:`QGEMM_EAGER`."""
+    op = torch.ops.flute.qgemm if torch.compiler.is_compiling() else QGEMM_EAGER
+    return op(x, qweight, scales, offsets, table, bits, group_size, in_features, out_features)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: Optional[torch.Tensor],

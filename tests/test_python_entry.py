@@ -185,3 +185,15 @@ def test_quantlinear_compiles_to_the_op():
     assert len(graphs) == 1
     assert any(node.target in (OP, OP.default) for node in graphs[0].graph.nodes)
     assert torch.equal(y, q(x))
+
+
+def test_public_qgemm_eager_and_compiled():
+    """flute.qgemm: the direct entry in eager code, torch.ops.flute.qgemm under torch.compile."""
+    import flute
+    args = weight_args(48, 96, 3, 32, True, torch.float32, seed=9)
+    x = torch.randn(2, 96)
+    want = OP(x, *args)
+    assert torch.equal(flute.qgemm(x, *args), want)
+    torch._dynamo.reset()
+    got = torch.compile(lambda t: flute.qgemm(t, *args), fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(got, want)
