@@ -22,6 +22,7 @@ from vllm.model_executor.parameter import (ChannelQuantScaleParameter, GroupQuan
 import flute  # noqa: F401  (registers torch.ops.flute.*)
 from flute.format import FORMAT_VERSION, check_tensor, num_groups, packed_row_bytes, unpack_codes
 from flute.cpu_layout import device_layout
+from flute.ops import qgemm
 from flute.quantize import name_errors, quantize_weight
 
 from .vllm_settings import (QUANT_METHOD, check_input_partition, describe, is_skipped,
@@ -293,8 +294,9 @@ class FluteLinearMethod(LinearMethodBase):
         outs = []
         for i, n in enumerate(layer.flute_parts):
             qweight, scales, offsets, table = self._part_tensors(layer, i)
-            outs.append(torch.ops.flute.qgemm(x, qweight, scales, offsets, table, s["bits"],
-                                              s["group_size"], k, n))
+            # flute.ops.qgemm: the op's direct entry in eager mode (vLLM's --enforce-eager),
+            # torch.ops.flute.qgemm when vLLM traces the model
+            outs.append(qgemm(x, qweight, scales, offsets, table, s["bits"], s["group_size"], k, n))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         if bias is not None:
             y = y + bias
