@@ -44,12 +44,13 @@ def test_eager_forward_uses_the_direct_entry():
     assert ops.QGEMM_EAGER is direct()
 
 
+@pytest.mark.parametrize("group", [64, -1])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [0, 1, 3, 17])
-def test_same_result_as_torch_ops(bits, dtype, m):
+def test_same_result_as_torch_ops(bits, dtype, m, group):
     n, k = 67, 200
-    args = weight_args(n, k, bits, 64, bits == 3, dtype, seed=bits * 10 + m)
+    args = weight_args(n, k, bits, group, bits == 3, dtype, seed=bits * 10 + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     for xin in (x, x.unsqueeze(0), torch.randn(k, 2 * m + 1).to(dtype).t()[::2]):  # leading dims, strided
         y = direct()(xin, *args)

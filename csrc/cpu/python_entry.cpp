@@ -4,8 +4,8 @@
 // Why: a call through `torch.ops.flute.qgemm` is boxed. The Python arguments become IValues by
 // the schema, the dispatcher calls the kernels through their boxed wrappers, and the result goes
 // back the same way. With the caches cold (a decoding model runs other ops between its linear
-// layers), that path costs ~5-6 us more than a generated binding such as torch.add: 9.9-10.6
-// against 4.0-4.7 us for `torch.ops.aten.add.Tensor` against `torch.add` on 16 floats, after a 4 MB
+// layers), that path costs ~5-6 us more than a generated binding such as torch.add: 9.9-12.1
+// against 4.0-5.3 us for `torch.ops.aten.add.Tensor` against `torch.add` on 16 floats, after a 4 MB
 // sum (CPU_NOTES item 183), against one-row calls of 20-30 us on small layers. `qgemm` here does
 // what a generated binding does: checks that each argument is a plain tensor or int, calls the
 // same dispatcher op unboxed with the GIL released (so autograd, the profiler, dispatch modes,
