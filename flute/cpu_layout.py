@@ -37,7 +37,18 @@ copy whose high plane is in an older lane-mask form, see below).
   ``4 s + 2 + L`` in bits 4-7, pair ``p`` being the chunk's columns ``2 p`` (index bits 0-1) and
   ``2 p + 1`` (bits 2-3): one ``vpshufb`` of a pair's 16-entry table looks up 16 rows at once.
 
-Size: ``N_pad * K_pad * bits / 8`` bytes, 1-D uint8.
+* **Short last block** (3 and 4 bits): where a row's last block holds at most half a block of
+  columns of ``K`` (a tail of up to 128 columns at 3 bits, 64 at 4), only the bytes that can hold
+  their codes are stored, so the padding of ``K`` costs little (1536x576 at 3 bits: 240 bytes a
+  row instead of 288). Those columns are the slots ``s = P q + p`` with ``q`` even, i.e. bytes
+  ``(h, q, i)`` with ``q`` = 0 or 2: at 3 bits dwords 0, 2, 4, 6 of each 32-byte register (16
+  bytes each; ``R2``'s left out as well for a tail of up to 64 columns, where it only holds codes of
+  padding: 32 or 48 bytes a row), at 4 bits bytes 0 and 2 of each lane (32 bytes). The tile is
+  then ``[block 0 .. nb - 2][row][block bytes]`` followed by ``[row][last block bytes]``, and the
+  int8 kernels load each kept dword or byte back to its place with one zero-extending load
+  (``csrc/cpu/lut_kernel.h``, ``last_block_bytes``).
+
+Size: ``N_pad * K_pad * bits / 8`` bytes, 1-D uint8, less the short last blocks' left-out bytes.
 """
 from __future__ import annotations
 
@@ -80,10 +91,33 @@ def cpu_padded_shape(bits: int, in_features: int, out_features: int) -> tuple:
     return (math.ceil(out_features / tr) * tr, math.ceil(in_features / kb) * kb)
 
 
+def last_block_bytes(bits: int, in_features: int) -> int:
+    """Bytes of a row's last block (3 and 4 bits): :func:`block_bytes`, or fewer where the block
+    holds at most half a block of columns of ``K`` (see the module docstring, *short last block*):
+    32 for a tail of up to 64 columns, 48 at 3 bits for up to 128."""
+    kb = block_cols(bits)
+    tail = in_features - (in_features - 1) // kb * kb
+    if bits == 2 or tail > kb // 2:
+        return block_bytes(bits)
+    return 32 if tail <= 64 else 48
+
+
 def cpu_layout_shape(bits: int, in_features: int, out_features: int) -> tuple:
     """Shape of the uint8 CPU-layout tensor (1-D) of a ``[out_features, in_features]`` weight."""
     n_pad, k_pad = cpu_padded_shape(bits, in_features, out_features)
-    return (n_pad * k_pad * bits // 8,)
+    if bits == 2:
+        return (n_pad * k_pad * bits // 8,)
+    nb = k_pad // block_cols(bits)
+    return (n_pad * ((nb - 1) * block_bytes(bits) + last_block_bytes(bits, in_features)),)
+
+
+def _short_positions(bits: int, lb: int) -> torch.Tensor:
+    """Byte positions in a whole last block row of the ``lb`` bytes a short one keeps, in order:
+    3 bits, dwords 0, 2, 4, 6 of each 32-byte register; 4 bits, bytes 0 and 2 of each lane."""
+    if bits == 4:
+        return torch.arange(lb) * 2
+    m = torch.arange(lb // 4)
+    return ((m * 8).unsqueeze(1) + torch.arange(4)).reshape(-1)
 
 
 def _slots(bits: int):
@@ -157,15 +191,17 @@ def to_cpu_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 4:  # byte 4j + s//2 of the lane: slots 2i (low nibble) and 2i+1 (high nibble)
         q = q.reshape(nt, nb, TILE_ROWS, LANES, 4, 2)
         out = q[..., 0] | (q[..., 1] << 4)
-        return place_for_streaming(out.reshape(-1).contiguous())
-    if bits == 3:
+    else:
         # lane j = (reg, h, i), slot s = (q, p) -> part p, register reg, byte (h, q, i)
         c3 = q.reshape(nt, nb, TILE_ROWS, 2, 2, 4, 4, 4)       # [.., reg, h, i, q, p]
         c3 = c3.permute(0, 1, 2, 7, 3, 4, 6, 5).reshape(nt, nb, TILE_ROWS, 4, 2, 32)
-        return place_for_streaming(pack_3bit_registers(c3).reshape(-1).contiguous())
-    low = q.reshape(nt, nb, TILE_ROWS, LANES, 4, 4)  # byte 4j + s//4, bits 2 (s%4)
-    low = low[..., 0] | (low[..., 1] << 2) | (low[..., 2] << 4) | (low[..., 3] << 6)
-    return place_for_streaming(low.reshape(-1).contiguous())
+        out = pack_3bit_registers(c3)
+    out = out.reshape(nt, nb, TILE_ROWS, block_bytes(bits))
+    lb = last_block_bytes(bits, k)
+    if lb < block_bytes(bits):  # the short last block: only the bytes that can hold codes of K
+        last = out[:, nb - 1].index_select(-1, _short_positions(bits, lb).to(out.device))
+        out = torch.cat([out[:, :nb - 1].reshape(nt, -1), last.reshape(nt, -1)], dim=1)
+    return place_for_streaming(out.reshape(-1).contiguous())
 
 
 def from_cpu_layout(qweight: torch.Tensor, bits: int, in_features: int,
@@ -182,7 +218,13 @@ def from_cpu_layout(qweight: torch.Tensor, bits: int, in_features: int,
         return _from_pair_layout(qweight, n_pad, k_pad)[:out_features, :in_features].contiguous()
     nc, ns = _slots(bits)
     nt, nb = n_pad // TILE_ROWS, k_pad // block_cols(bits)
-    b = qweight.reshape(nt, nb, TILE_ROWS, block_bytes(bits))
+    bb, lb = block_bytes(bits), last_block_bytes(bits, in_features)
+    if lb < bb:  # the short last block back to whole, zeros in the bytes it leaves out
+        t = qweight.reshape(nt, -1)
+        last = torch.zeros(nt, TILE_ROWS, bb, dtype=torch.uint8, device=qweight.device)
+        last[..., _short_positions(bits, lb).to(qweight.device)] = t[:, (nb - 1) * TILE_ROWS * bb:].reshape(nt, TILE_ROWS, lb)
+        qweight = torch.cat([t[:, :(nb - 1) * TILE_ROWS * bb], last.reshape(nt, -1)], dim=1)
+    b = qweight.reshape(nt, nb, TILE_ROWS, bb)
     if bits == 4:
         lane = b.reshape(nt, nb, TILE_ROWS, LANES, 4)
         q = torch.stack([lane & 15, lane >> 4], dim=-1)       # [..., j, s//2, s%2]

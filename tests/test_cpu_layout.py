@@ -20,8 +20,40 @@ def test_round_trip_is_the_identity(bits, n, k, seed):
     assert q.dtype == torch.uint8 and q.dim() == 1
     assert tuple(q.shape) == cpu_layout_shape(bits, k, n)
     n_pad, k_pad = cpu_padded_shape(bits, k, n)
-    assert q.numel() * 8 == n_pad * k_pad * bits  # dense: bits per weight, padding included
+    kb = block_cols(bits)
+    tail = k - (k_pad - kb)  # columns of K in the last block
+    if bits == 2 or tail > kb // 2:  # dense: bits per weight, padding included
+        assert q.numel() * 8 == n_pad * k_pad * bits
+    else:  # the short last block: 32 bytes a row (48 for a 3-bit tail of 65-128 columns)
+        short = 48 if bits == 3 and tail > 64 else 32
+        assert q.numel() == n_pad * ((k_pad - kb) * bits // 8 + short)
     assert torch.equal(from_cpu_layout(q, bits, k, n), codes)
+
+
+@pytest.mark.parametrize("bits,tail,kept", [(4, 1, 32), (4, 64, 32), (3, 1, 32), (3, 64, 32),
+                                            (3, 65, 48), (3, 128, 48)])
+def test_short_last_block_keeps_the_bytes_that_hold_codes(bits, tail, kept, rng):
+    """A last block with at most half a block of columns keeps only the bytes that can hold their
+    codes (3 bits: dwords 0, 2, 4, 6 of each 32-byte register, R2's too past 64 columns; 4 bits:
+    bytes 0 and 2 of each lane), in order; the whole block's other bytes are zero."""
+    kb = block_cols(bits)
+    bb = kb * bits // 8
+    k = kb + tail
+    codes = torch.randint(0, 2 ** bits, (4, k), generator=rng, dtype=torch.uint8)
+    whole = torch.zeros(4, 2 * kb, dtype=torch.uint8)
+    whole[:, :k] = codes
+    w = to_cpu_layout(whole, bits).view(2, 4, bb)  # [block, row, bytes]: both blocks whole
+    q = to_cpu_layout(codes, bits)
+    assert q.numel() == 4 * (bb + kept)
+    assert torch.equal(q[:4 * bb].view(4, bb), w[0])
+    if bits == 4:
+        keep = [b for b in range(bb) if b % 4 in (0, 2)]
+    else:
+        keep = [b for b in range(bb) if (b % 32) // 4 % 2 == 0 and (b < 64 or tail > 64)]
+    assert len(keep) == kept
+    assert torch.equal(q[4 * bb:].view(4, kept), w[1][:, keep])
+    dropped = [b for b in range(bb) if b not in keep]
+    assert int(w[1][:, dropped].count_nonzero()) == 0
 
 
 def _code_3bit(row_block, j, s):
@@ -100,9 +132,12 @@ def test_padding_is_code_zero_and_rows_stream_in_tiles(rng):
     assert (n_pad, k_pad) == (8, 256)
     full = torch.zeros(n_pad, k_pad, dtype=torch.uint8)
     full[:5, :130] = codes
-    assert torch.equal(q, to_cpu_layout(full, 4))
-    # tile 0, block 0 = rows 0..3 of columns 0..127, 64 bytes each, then block 1
+    assert torch.equal(from_cpu_layout(q, 4, 130, 5), codes)
+    # tile 0, block 0 = rows 0..3 of columns 0..127, 64 bytes each, then block 1 (short: 32 bytes a
+    # row), then tile 1
+    assert q.numel() == 2 * 4 * (64 + 32)
     assert torch.equal(q[:256], to_cpu_layout(full[:4, :128], 4))
+    assert torch.equal(q[384:640], to_cpu_layout(full[4:, :128], 4))
 
 
 def test_errors_name_the_problem():

@@ -82,8 +82,16 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t cpu_n_pad(int64_t bits, int64_t N) { return bits == 2 ? ceil_div(N, 16) * 16 : ceil_div(N, 4) * 4; }
 int64_t cpu_k_unit(int64_t bits) { return bits == 2 ? 32 : bits == 4 ? 128 : 256; }
 
+// Bytes of the CPU layout: 3 and 4 bits with the last block of each row possibly short
+// (lut_kernel.h, last_block_bytes).
+int64_t cpu_layout_bytes(int64_t bits, int64_t K, int64_t N) {
+  const int64_t nblocks = ceil_div(K, cpu_k_unit(bits));
+  if (bits == 2) return cpu_n_pad(bits, N) * nblocks * cpu_k_unit(bits) * bits / 8;
+  return cpu_n_pad(bits, N) / 4 * layout_tile_bytes(static_cast<int>(bits), K, nblocks);
+}
+
 std::string layout_error(const at::Tensor& qweight, int64_t bits, int64_t K, int64_t N) {
-  const int64_t cpu = cpu_n_pad(bits, N) * ceil_div(K, cpu_k_unit(bits)) * cpu_k_unit(bits) * bits / 8;
+  const int64_t cpu = cpu_layout_bytes(bits, K, N);
   const int64_t ka = bits == 3 ? 128 : 64;
   const int64_t gpu = ceil_div(N, 32) * 32 * ceil_div(K, ka) * ka * bits / 32;
   std::ostringstream os;
@@ -118,7 +126,11 @@ Weight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
   w.nblocks = w.K_pad / kb;
   w.G = group_size == -1 ? K : group_size;
   w.ng = ceil_div(K, w.G);
-  const int64_t bytes = w.N_pad * w.K_pad * bits / 8;
+  if (bits != 2) {
+    w.tile_bytes = layout_tile_bytes(w.bits, K, w.nblocks);
+    w.last_bytes = last_block_bytes(w.bits, K);
+  }
+  const int64_t bytes = cpu_layout_bytes(bits, K, N);
   TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte && qweight.dim() == 1 && qweight.numel() == bytes,
                     layout_error(qweight, bits, K, N));
   TORCH_CHECK_VALUE(scales.is_floating_point() && scales.dim() == 2 && scales.size(0) == N &&
@@ -152,6 +164,28 @@ Weight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
   w.qweight = contig(qweight);
   return w;
 }
+
+}  // namespace
+
+namespace flute_cpu::binding {
+Weight whole_blocks(const Weight& w) {
+  if (w.bits == 2 || w.last_bytes == block_bytes(w.bits)) return w;
+  Weight f = w;
+  const int64_t tiles = w.N_pad / 4, whole = 4 * w.nblocks * block_bytes(w.bits);
+  f.qweight = at::empty({tiles * whole}, w.qweight.options());
+  f.tile_bytes = whole;
+  f.last_bytes = block_bytes(w.bits);
+  const uint8_t* src = w.qweight.data_ptr<uint8_t>();
+  uint8_t* dst = f.qweight.data_ptr<uint8_t>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / whole);
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    expand_tiles(src, w.bits, w.K, w.nblocks, t0, t1, dst + t0 * whole);
+  });
+  return f;
+}
+}  // namespace flute_cpu::binding
+
+namespace {
 
 DecodeArgs decode_args(const Weight& w, const at::Tensor& qweight) {
   DecodeArgs d;
@@ -214,7 +248,7 @@ at::Tensor cpu_lut_dequantize(const at::Tensor& qweight, const at::Tensor& scale
   // bf16 scales: bf16 out (rounded once from the fp32 value), anything else: fp32 out.
   const auto dt = scales.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
   at::Tensor out = at::empty({N, K}, scales.options().dtype(dt));
-  decode_rows(w, qweight, 0, N, out);
+  decode_rows(whole_blocks(w), qweight, 0, N, out);
   return out;
 }
 
@@ -297,10 +331,11 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
     // out [M, N] column panel by column panel (an ldc of N): the decoded panel is the product's
     // weight operand, as a bf16 nn.Linear's would be, and no transpose of the result is needed.
     at::Tensor out = at::empty({M, N}, x.options().dtype(pdt));
+    const Weight wd = whole_blocks(w);
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t nr = std::min(rows, N - n0);
       at::Tensor p = panel.narrow(0, 0, nr);
-      decode_rows(w, qweight, n0, n0 + nr, p);
+      decode_rows(wd, qweight, n0, n0 + nr, p);
       at::Tensor o = out.narrow(1, n0, nr);
       at::mm_out(o, xin, p.t());
     }

@@ -40,7 +40,16 @@ struct Weight {
   int64_t K, N, K_pad, N_pad, nblocks, G, ng;
   at::Tensor scales, offsets, table, qweight;
   int stype;
+  // 3/4 bits: one 4-row tile's bytes and a row's last block's (lut_kernel.h, last_block_bytes:
+  // less than block_bytes where the last block is stored short)
+  int64_t tile_bytes = 0;
+  int last_bytes = 0;
 };
+
+// w, or where its last blocks are stored short (3/4 bits), w with qweight a copy with whole last
+// blocks (expand_tiles, in parallel; the copy held by the returned Weight): the form of the
+// readers other than the int8 kernels (exact, bf16, AMX, 16-row, portable and the decodes).
+Weight whole_blocks(const Weight& w);
 
 // 3 bits on the SIMD exact kernels (gemm_avx2/avx512, decode_avx2/avx512), which read
 // the older 3-bit form (the 2-bit block of the low bits, then lane masks of the high bits): tiles

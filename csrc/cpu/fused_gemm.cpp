@@ -144,7 +144,8 @@ static GemmArgs gemm_args(const Weight& w, int64_t M, float* out) {
   return a;
 }
 
-void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float* out) {
+void exact_gemm(const at::Tensor& x2, const Weight& w_in, int isa, bool bf16, float* out) {
+  const Weight w = whole_blocks(w_in);  // these kernels read whole last blocks
   const int64_t M = x2.numel() / w.K;
   // scratch: the permuted fp32 activations, their group sums (offsets), bf16 activations (bf16 mode)
   const int64_t o_sum = align64(M * w.K_pad * 4), o_xb = align64(o_sum + M * w.ng * 4);
@@ -326,7 +327,8 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
   return true;
 }
 
-void amx_gemm(const at::Tensor& x2, const Weight& w, float* out) {
+void amx_gemm(const at::Tensor& x2, const Weight& w_in, float* out) {
+  const Weight w = whole_blocks(w_in);  // these kernels read whole last blocks
 #if defined(__x86_64__) || defined(_M_X64)
   const int64_t M = x2.numel() / w.K, mbs = (M + 15) / 16;
   at::Tensor hold;
@@ -342,7 +344,8 @@ void amx_gemm(const at::Tensor& x2, const Weight& w, float* out) {
 #endif
 }
 
-void amx_gemm_rows(const at::Tensor& x2, const Weight& w, uint16_t* out) {
+void amx_gemm_rows(const at::Tensor& x2, const Weight& w_in, uint16_t* out) {
+  const Weight w = whole_blocks(w_in);  // these kernels read whole last blocks
 #if defined(__x86_64__) || defined(_M_X64)
   const int64_t M = x2.numel() / w.K, pairs = (M + 31) / 32, chunks = w.K_pad / 32;
   at::Tensor hold;

@@ -328,7 +328,10 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
   a.merge = 1;
   if (w.ng == 1 || w.G % 64 == 0) a.merge = 2;
   if (w.bits != 4 && (w.ng == 1 || w.G % 128 == 0)) a.merge = 4;
-  a.last_half = w.K - (nb - 1) * 64 * P <= 32 * P / 2;
+  // (a whole-block copy, whole_blocks, goes only to kernels that read neither flag)
+  a.last_short = w.last_bytes < block_bytes(w.bits);
+  a.last_half = a.last_short && w.K - (nb - 1) * 64 * P <= 32 * P / 2;
+  a.tile_bytes = w.tile_bytes;
   a.scales = w.scales.data_ptr();
   a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
   a.stype = w.stype;
@@ -402,6 +405,8 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out, Ha
 #else
   const bool rows16 = false;
 #endif
+  // The 4-row SIMD kernels read short last blocks; the 16-row and portable ones whole blocks.
+  if (rows16 || f.fn == gemm_int8_portable) w = whole_blocks(w);
   if (!rows16 && M == 1) return int8_gemm_row(x2, w, f, t7, out, half);
   const Int8Scratch L(nb, M, int8_parts(w.bits), w.ng);
   at::Tensor hold;

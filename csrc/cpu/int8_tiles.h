@@ -110,21 +110,27 @@ inline void row_f32(const void* src, int stype, int64_t n, int64_t ng, float* ds
 // only, buffered rows are zero-padded by 8). Not for 2 activation rows (2 weight rows x 2 rows of
 // x: the 2 extra scale registers spill, 3 bits measured +3..8%, benchmarks/CPU_NOTES.md item 52).
 // half: the last block when only its first P / 2 parts meet columns of K (Int8Args::last_half).
+// short: the last block stored short (Int8Args::last_short; always so where half).
 // Always inlined: GCC 12 left the 4-bit decode instantiations (rows_int8<4, 2, SRC, 4, 1, true>)
 // as calls, their accumulators then updated through the closure in memory with many scalar
 // spills, and the 4-bit M = 1 call took 10-21% longer (benchmarks/CPU_NOTES.md item 122).
 template <int BITS, int SRC, bool G64, int MC, class Block>
 __attribute__((always_inline)) inline void for_blocks(const Int8Args& a, Block&& block) {
-  const int64_t nb = a.nblocks, nfull = nb - a.last_half;
+  const int64_t nb = a.nblocks, nfull = nb - (a.last_half || a.last_short);
   int64_t b = 0, nfast = 0;
+  using T = std::true_type;
+  using F = std::false_type;
   if constexpr (G64 && MC != 2) {
     nfast = SRC == kBuffered ? nb : min64(nb, a.ng / (BITS == 4 ? 2 : 4));
-    for (; b < min64(nfast, nfull); ++b) block(b, std::true_type{}, std::false_type{});
+    for (; b < min64(nfast, nfull); ++b) block(b, T{}, F{}, F{});
   }
-  for (; b < nfull; ++b) block(b, std::false_type{}, std::false_type{});
+  for (; b < nfull; ++b) block(b, F{}, F{}, F{});
   if (a.last_half) {
-    if (nb - 1 < nfast) block(nb - 1, std::true_type{}, std::true_type{});
-    else block(nb - 1, std::false_type{}, std::true_type{});
+    if (nb - 1 < nfast) block(nb - 1, T{}, T{}, T{});
+    else block(nb - 1, F{}, T{}, T{});
+  } else if (a.last_short) {
+    if (nb - 1 < nfast) block(nb - 1, T{}, F{}, T{});
+    else block(nb - 1, F{}, F{}, T{});
   }
 }
 
@@ -132,8 +138,7 @@ __attribute__((always_inline)) inline void for_blocks(const Int8Args& a, Block&&
 // tile's 4 rows into WSp first).
 template <class KER, int BITS, int Q, int SRC, bool G64>
 void tiles_int8(const Int8Args& a, const typename KER::Tables& tab, int64_t t0, int64_t t1, float* WSp, float* off) {
-  constexpr int BB = BITS == 3 ? 96 : 64;
-  const int64_t ng = a.ng, nb = a.nblocks;
+  const int64_t ng = a.ng;
   const int64_t ngp = SRC == kBuffered ? ng + 8 : ng;
   alignas(16) float res[4][4];  // [mc][row of the tile]
   if constexpr (KER::kTilePairs && SRC != kBuffered) {
@@ -144,7 +149,7 @@ void tiles_int8(const Int8Args& a, const typename KER::Tables& tab, int64_t t0, 
     // 4-10% at 2 and 3 bits (benchmarks/CPU_NOTES.md item 89).
     const int64_t H = (t1 - t0) / 2;
     if (a.M == 1 && a.tile_pairs && !a.offsets && H > 0 && 4 * (t0 + 2 * H) <= a.N) {
-      const int64_t tile_bytes = nb * 4 * BB, row_scales = 4 * ng * (SRC == kDirectBF16 ? 2 : 4);
+      const int64_t tile_bytes = a.tile_bytes, row_scales = 4 * ng * (SRC == kDirectBF16 ? 2 : 4);
       for (int64_t t = t0; t < t0 + H; ++t) {
         const ScaleMap sm{static_cast<const char*>(a.scales) + t * row_scales, ng, a.g0, a.gidx};
         KER::template pair<BITS, Q, SRC, G64>(a, tab, a.qw + t * tile_bytes, H, sm, res);
@@ -170,7 +175,7 @@ void tiles_int8(const Int8Args& a, const typename KER::Tables& tab, int64_t t0, 
       if (SRC == kBuffered) row_f32(a.scales, a.stype, n, ng, WSp + r * ngp);
       if (a.offsets) load_row_f32(a.offsets, a.stype, n, ng, off + r * ng);
     }
-    const uint8_t* tile = a.qw + t * nb * 4 * BB;
+    const uint8_t* tile = a.qw + t * a.tile_bytes;
     if (a.M == 1 && !prep) {  // decode, a whole tile without offsets: its 4 outputs stored directly
       KER::template rows<BITS, Q, SRC, 4, 1, G64>(a, tab, tile, 0, sm, 0, res);
       _mm_storeu_ps(a.out + 4 * t, _mm_load_ps(res[0]));

@@ -100,9 +100,13 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
     for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm256_setzero_ps();
   // HALF: the last block when only its first P / 2 parts meet columns of K (Int8Args::last_half):
   // the other parts' sums are exactly 0, so their codes are not decoded nor their products taken.
-  auto block = [&](int64_t b, auto fast_c, auto half_c) {
+  // SHORT: the last block stored short (Int8Args::last_short): rows LB bytes apart, each index
+  // register zero-extended from its even dwords (3 bits) or bytes (4 bits; lut_kernel.h).
+  auto block = [&](int64_t b, auto fast_c, auto half_c, auto short_c) {
     constexpr bool FAST = decltype(fast_c)::value, HALF = decltype(half_c)::value;
+    constexpr bool SHORT = decltype(short_c)::value;
     constexpr int PU = HALF ? P / 2 : P;  // parts computed
+    constexpr int LB = SHORT ? (BITS == 3 && !HALF ? 48 : 32) : BB;
     __m256 ub[MC];  // the block's activation unit per row (times the table scale)
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm256_broadcast_ss(a.xu + b * M + m0 + mc);
     if (r0 == 0) {  // the first pass over a tile fetches kPrefetchBytes ahead (into the next tiles)
@@ -117,7 +121,13 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
     // 0-4%, with the same instruction count).
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
-      const uint8_t* rb = tile + (b * 4 + r0 + r) * BB;
+      const uint8_t* rb = tile + b * 4 * BB + (r0 + r) * LB;
+      // 32-byte register k of the row's block (short: its even dwords or bytes from 16 bytes)
+      auto reg = [&](int k) {
+        if constexpr (!SHORT) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32 * k));
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 16 * k));
+        return BITS == 3 ? _mm256_cvtepu32_epi64(h) : _mm256_cvtepu8_epi16(h);
+      };
       __m256i u0[P], u1[P];
       if (BITS == 3) {
         // R0 | R1 | R2, each 32 bytes in the index registers' byte order: R0 holds parts (0, reg 0)
@@ -125,8 +135,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
         // 5-7, R2 the low fields of parts 2 and 3 (bits 0-1 / 4-5 and 2-3 / 6-7) whose high bits are
         // the spare bits of R0 (3, 7) and R1 (0, 4). Tables A and B ignore the spare bit beside
         // their code (bit 3, bit 0), C and D index bits 0-1 + 3 and 2-3 + 0 (make_tables).
-        const __m256i R0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb));
-        const __m256i R1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32));
+        const __m256i R0 = reg(0), R1 = reg(1);
         const __m256i R0s = _mm256_srli_epi16(R0, 4), R1s = _mm256_srli_epi16(R1, 4);
         // (C ignores index bit 2 and D bit 1, so R0's bit 2 and R1's bit 1 may ride along: three
         // masks serve, and the M = 1 loop holds no more constants)
@@ -135,7 +144,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
         u0[1] = _mm256_shuffle_epi8(tab.B, _mm256_and_si256(R1, m0F));
         u1[1] = _mm256_shuffle_epi8(tab.B, _mm256_and_si256(R1s, m0F));
         if constexpr (!HALF) {
-          const __m256i R2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64));
+          const __m256i R2 = reg(2);
           const __m256i R2s = _mm256_srli_epi16(R2, 4);
           u0[2] = _mm256_shuffle_epi8(tab.C, _mm256_or_si256(_mm256_and_si256(R2, m03), _mm256_and_si256(R0, m0C)));
           u1[2] = _mm256_shuffle_epi8(tab.C, _mm256_or_si256(_mm256_and_si256(R2s, m03), _mm256_and_si256(R0s, m0C)));
@@ -143,8 +152,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
           u1[3] = _mm256_shuffle_epi8(tab.D, _mm256_or_si256(_mm256_and_si256(R2s, m0C), _mm256_and_si256(R1s, m03)));
         }
       } else {
-        const __m256i c0 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
-        const __m256i c1 = bytes_by_position(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
+        const __m256i c0 = bytes_by_position(reg(0)), c1 = bytes_by_position(reg(1));
         // 4 bits (2 bits have the pair layout)
         u0[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c0, m0F));
         u1[0] = _mm256_shuffle_epi8(TA, _mm256_and_si256(c1, m0F));

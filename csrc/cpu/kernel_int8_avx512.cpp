@@ -114,15 +114,19 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
   const __m512i by_pos = _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400);
   const __m512i m03 = _mm512_set1_epi8(0x03), m0C = _mm512_set1_epi8(0x0C);
   constexpr __mmask32 kHigh = 0xFFFF0000u;  // the words of the upper 256 bits (reg 1)
-  const int64_t M = a.M, nb = a.nblocks;
-  const int64_t tile_bytes = nb * 4 * BB;
+  const int64_t M = a.M;
+  const int64_t tile_bytes = a.tile_bytes;
   __m512 facc[NT * NR][MC];
   for (int r = 0; r < NT * NR; ++r)
     for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm512_setzero_ps();
   // HALF: the last block when only its first P / 2 parts meet columns of K (Int8Args::last_half).
-  auto block = [&](int64_t b, auto fast_c, auto half_c) {
+  // SHORT: the last block stored short (Int8Args::last_short): rows LB bytes apart, each index
+  // register zero-extended from its even dwords (3 bits) or bytes (4 bits; lut_kernel.h).
+  auto block = [&](int64_t b, auto fast_c, auto half_c, auto short_c) {
     constexpr bool FAST = decltype(fast_c)::value, HALF = decltype(half_c)::value;
+    constexpr bool SHORT = decltype(short_c)::value;
     constexpr int PU = HALF ? P / 2 : P;  // parts computed
+    constexpr int LB = SHORT ? (BITS == 3 && !HALF ? 48 : 32) : BB;
     __m512 ub[MC];
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm512_set1_ps(a.xu[b * M + m0 + mc]);
     // CX: the block's chunk factors and merge start values, shared by its rows (one activation row)
@@ -153,14 +157,19 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
 #pragma GCC unroll 8
     for (int rr = 0; rr < NT * NR; ++rr) {
       const int tt = rr / NR, r = rr % NR;  // tile pairs: the second tile's rows are 4 * dt further
-      const uint8_t* rb = tile + tt * dt * tile_bytes + (b * 4 + r0 + r) * BB;
+      const uint8_t* rb = tile + tt * dt * tile_bytes + b * 4 * BB + (r0 + r) * LB;
       const int64_t srow = r0 + r + 4 * dt * tt;
       __m512i u[P];
       if (BITS == 3) {
+        // index register k of the row's block (a short block's: dwords 0, 2, 4, 6 from 16 bytes)
+        auto reg = [&](int k) {
+          if constexpr (SHORT) return _mm256_cvtepu32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 16 * k)));
+          else return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32 * k));
+        };
         // [R | R >> 4]: reg 0's codes in the low half, reg 1's (4 bits up in the same bytes) in the high
-        const __m512i B0 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
-        const __m512i B1 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32)));
-        const __m512i B2 = HALF ? B0 : _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 64)));
+        const __m512i B0 = _mm512_broadcast_i64x4(reg(0));
+        const __m512i B1 = _mm512_broadcast_i64x4(reg(1));
+        const __m512i B2 = HALF ? B0 : _mm512_broadcast_i64x4(reg(2));
         const __m512i i0 = _mm512_mask_srli_epi16(B0, kHigh, B0, 4);
         const __m512i i1 = _mm512_mask_srli_epi16(B1, kHigh, B1, 4);
         u[0] = _mm512_permutexvar_epi8(i0, tab.A);
@@ -172,7 +181,10 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
           u[3] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(m0C, i2, i1, 0xCA), tab.D);
         }
       } else {
-        const __m512i c = _mm512_shuffle_epi8(_mm512_loadu_si512(rb), by_pos);
+        __m512i raw;
+        if constexpr (SHORT) raw = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
+        else raw = _mm512_loadu_si512(rb);
+        const __m512i c = _mm512_shuffle_epi8(raw, by_pos);
         const __m512i cs = _mm512_srli_epi16(c, 4);
         u[0] = _mm512_permutexvar_epi8(c, tab.A);  // 4 bits (2 bits have the pair layout)
         u[1] = _mm512_permutexvar_epi8(cs, tab.A);

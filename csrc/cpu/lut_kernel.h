@@ -140,6 +140,10 @@ struct Int8Args {
   // values included, are exactly 0. The AVX-512 and AVX2 kernels skip them; the portable one
   // computes them.
   bool last_half = false;
+  // The last block is stored short (last_block_bytes < block_bytes: at most KB / 2 columns of K;
+  // set wherever last_half is): its rows are last_block_bytes apart, read by zero-extending loads.
+  bool last_short = false;
+  int64_t tile_bytes = 0;  // layout_tile_bytes: one 4-row tile of the stream
   // M = 1 without offsets: each thread's range read as tile pairs t, t + H (kernels with pair(),
   // int8_tiles.h); the binding's choice (cpu_tile_pairs).
   bool tile_pairs = false;
@@ -306,6 +310,53 @@ using Int32Buf = Buf<int32_t>;
 
 static constexpr int chunks_per_block(int bits) { return bits == 4 ? 4 : 8; }
 static inline int block_bytes(int bits) { return 4 * chunks_per_block(bits) * bits; }
+
+// The short last block (3 and 4 bits; flute/cpu_layout.py): where a row's last block holds at most
+// half a block of K's columns (KB / 2: 128 at 3 bits, 64 at 4), the layout stores only the bytes
+// that can hold their codes. Columns 0 .. KB / 2 - 1 of a block are the slots s = P * q + p with q
+// even (chunk s % C < C / 2), i.e. bytes (h, q, i) with q = 0 or 2 of each index register: 3 bits,
+// dwords 0, 2, 4, 6 of each 32-byte register R0 | R1 | R2 (16 bytes each, R2's left out as well
+// when the tail is at most 64 columns: it then holds codes of padding only); 4 bits, bytes 0 and 2
+// of each 4-byte lane. Compact dword (3 bits) or byte (4 bits) m goes back to position 2 m of its
+// register: one vpmovzxdq / vpmovzxbw in the int8 kernels. 1536x576 at 3 bits: 240 bytes a row
+// instead of 288 (K_pad = 768), at 4 bits 288 instead of 320.
+static inline int last_block_bytes(int bits, int64_t K) {
+  const int64_t kb = 32 * chunks_per_block(bits), tail = K - (K - 1) / kb * kb;  // 1 .. kb columns
+  if (tail <= 64) return 32;
+  if (bits == 3 && tail <= 128) return 48;
+  return block_bytes(bits);
+}
+// Bytes of one 4-row tile of the 3/4-bit layout: nblocks - 1 whole blocks and the last one.
+static inline int64_t layout_tile_bytes(int bits, int64_t K, int64_t nblocks) {
+  return 4 * ((nblocks - 1) * block_bytes(bits) + last_block_bytes(bits, K));
+}
+// A last block row of lb bytes (last_block_bytes) as the whole block's bytes, zeros elsewhere.
+static inline void expand_last_block(int bits, int lb, const uint8_t* src, uint8_t* dst) {
+  const int BB = block_bytes(bits);
+  if (lb == BB) {
+    std::memcpy(dst, src, BB);
+    return;
+  }
+  std::memset(dst, 0, BB);
+  if (bits == 4) {
+    for (int m = 0; m < lb; ++m) dst[2 * m] = src[m];
+  } else {
+    for (int m = 0; m < lb / 4; ++m) std::memcpy(dst + 8 * m, src + 4 * m, 4);
+  }
+}
+// Tiles [t0, t1) of a 3/4-bit layout (tiles of tile_bytes, layout_tile_bytes) into dst with whole
+// last blocks (4 * nblocks * block_bytes each), the form every reader but the int8 kernels takes.
+static inline void expand_tiles(const uint8_t* qw, int bits, int64_t K, int64_t nblocks, int64_t t0, int64_t t1,
+                                uint8_t* dst) {
+  const int BB = block_bytes(bits), lb = last_block_bytes(bits, K);
+  const int64_t src_tile = layout_tile_bytes(bits, K, nblocks), body = 4 * (nblocks - 1) * BB;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* s = qw + t * src_tile;
+    uint8_t* d = dst + (t - t0) * 4 * nblocks * BB;
+    std::memcpy(d, s, body);
+    for (int r = 0; r < 4; ++r) expand_last_block(bits, lb, s + body + r * lb, d + body + r * BB);
+  }
+}
 
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
