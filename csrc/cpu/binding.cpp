@@ -172,7 +172,10 @@ Weight whole_blocks(const Weight& w) {
   if (w.bits == 2 || w.last_bytes == block_bytes(w.bits)) return w;
   Weight f = w;
   const int64_t tiles = w.N_pad / 4, whole = 4 * w.nblocks * block_bytes(w.bits);
-  f.qweight = at::empty({tiles * whole}, w.qweight.options());
+  at::Tensor hold;
+  char* buf = call_scratch(3, tiles * whole, hold);
+  // (above call_scratch's cached size the buffer lies in `hold`, kept alive by the deleter)
+  f.qweight = at::from_blob(buf, {tiles * whole}, [hold](void*) {}, w.qweight.options());
   f.tile_bytes = whole;
   f.last_bytes = block_bytes(w.bits);
   const uint8_t* src = w.qweight.data_ptr<uint8_t>();

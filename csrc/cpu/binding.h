@@ -47,8 +47,10 @@ struct Weight {
 };
 
 // w, or where its last blocks are stored short (3/4 bits), w with qweight a copy with whole last
-// blocks (expand_tiles, in parallel; the copy held by the returned Weight): the form of the
-// readers other than the int8 kernels (exact, bf16, AMX, 16-row, portable and the decodes).
+// blocks (expand_tiles, in parallel): the form of the readers other than the 4-row int8 and the
+// AMX kernels (exact, bf16, 16-row, portable and the decodes). The copy is in the calling
+// thread's scratch slot 3 (a fresh allocation page-faulted each time: 4-bit 1536x576 at 16 rows
+// took 76 -> 122 us with at::empty), valid until its next whole_blocks.
 Weight whole_blocks(const Weight& w);
 
 // 3 bits on the SIMD exact kernels (gemm_avx2/avx512, decode_avx2/avx512), which read
@@ -155,7 +157,7 @@ QgemmHandle qgemm_handle();
 
 // Per-call temporaries (slot 0: the fused path's activations, fused_gemm.cpp; slot 1: the
 // fp32 output before its conversion to bf16 or fp16; slot 2: the panel path's decoded panel,
-// binding.cpp): `bytes` from a grow-only buffer of the calling thread, 64-byte aligned, or above
+// binding.cpp; slot 3: whole_blocks' copy): `bytes` from a grow-only buffer of the calling thread, 64-byte aligned, or above
 // max_cached from a tensor put in `hold`. Each
 // at::empty and its release cost ~2.5K instructions, and a small decode call (4x128) made three of
 // them in ~16K (callgrind). The buffer is only used during the call (the kernels never call back

@@ -108,7 +108,7 @@ char* call_scratch(int slot, int64_t bytes, at::Tensor& hold, int64_t max_cached
     int64_t n = 0;
     ~Buffer() { std::free(p); }
   };
-  thread_local Buffer bufs[3];
+  thread_local Buffer bufs[4];
   Buffer& b = bufs[slot];
   if (bytes > b.n) {
     const int64_t n = std::max<int64_t>(4096, (bytes + 4095) / 4096 * 4096);
@@ -141,6 +141,8 @@ static GemmArgs gemm_args(const Weight& w, int64_t M, float* out) {
   a.ngp = w.K_pad / 32 / a.cpg + 2;
   a.table = w.table.data_ptr<float>();
   a.out = out;
+  a.tile_bytes = w.tile_bytes;
+  a.last_bytes = w.last_bytes;
   return a;
 }
 
@@ -327,8 +329,7 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
   return true;
 }
 
-void amx_gemm(const at::Tensor& x2, const Weight& w_in, float* out) {
-  const Weight w = whole_blocks(w_in);  // these kernels read whole last blocks
+void amx_gemm(const at::Tensor& x2, const Weight& w, float* out) {
 #if defined(__x86_64__) || defined(_M_X64)
   const int64_t M = x2.numel() / w.K, mbs = (M + 15) / 16;
   at::Tensor hold;
@@ -344,8 +345,7 @@ void amx_gemm(const at::Tensor& x2, const Weight& w_in, float* out) {
 #endif
 }
 
-void amx_gemm_rows(const at::Tensor& x2, const Weight& w_in, uint16_t* out) {
-  const Weight w = whole_blocks(w_in);  // these kernels read whole last blocks
+void amx_gemm_rows(const at::Tensor& x2, const Weight& w, uint16_t* out) {
 #if defined(__x86_64__) || defined(_M_X64)
   const int64_t M = x2.numel() / w.K, pairs = (M + 31) / 32, chunks = w.K_pad / 32;
   at::Tensor hold;

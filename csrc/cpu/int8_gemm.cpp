@@ -212,6 +212,8 @@ static void rows16_gemm(const Weight& w, int64_t M, const Rows16Buffers& r, cons
   a.xsum = xs;
   std::memcpy(a.tu, t7.tu, 16);
   a.out = out;
+  a.tile_bytes = w.tile_bytes;
+  a.last_bytes = w.last_bytes;
   const int64_t tiles = (w.N + 15) / 16;
   const int64_t grain = std::max<int64_t>(1, task_weights() / 16 / std::max<int64_t>(w.K_pad, 1));
   for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { gemm_int8_rows16_avx512(a, t0, t1); });
@@ -405,8 +407,8 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out, Ha
 #else
   const bool rows16 = false;
 #endif
-  // The 4-row SIMD kernels read short last blocks; the 16-row and portable ones whole blocks.
-  if (rows16 || f.fn == gemm_int8_portable) w = whole_blocks(w);
+  // The SIMD kernels read short last blocks; the portable one whole blocks.
+  if (f.fn == gemm_int8_portable) w = whole_blocks(w);
   if (!rows16 && M == 1) return int8_gemm_row(x2, w, f, t7, out, half);
   const Int8Scratch L(nb, M, int8_parts(w.bits), w.ng);
   at::Tensor hold;

@@ -146,6 +146,27 @@ inline const uint8_t* rows16(const GemmArgs& a, int64_t n0, int64_t tile_bytes) 
   else return a.qw + (n0 / 4) * tile_bytes;
 }
 
+// Rows [0, nr) of a 16-row block's short last block b (lut_kernel.h: last_block_bytes lb < BB) as
+// whole block rows into tail[r], as expand_last_block writes them: one zero-extending load per 16
+// bytes (a scalar byte loop made 4-bit 1536x576 at 16 rows ~15% slower).
+template <int BITS>
+inline void expand_short_rows(const uint8_t* rows, int64_t tile_bytes, int64_t b, int lb, int nr,
+                              uint8_t (*tail)[4 * (BITS == 4 ? 4 : 8) * BITS]) {
+  constexpr int BB = 4 * (BITS == 4 ? 4 : 8) * BITS;
+  for (int r = 0; r < nr; ++r) {
+    const uint8_t* src = rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * lb;
+    if constexpr (BITS == 4) {
+      _mm512_store_si512(tail[r], _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))));
+    } else {
+      for (int k = 0; k < 3; ++k) {
+        const __m256i v = 16 * k < lb ? _mm256_cvtepu32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * k)))
+                                      : _mm256_setzero_si256();
+        _mm256_store_si256(reinterpret_cast<__m256i*>(tail[r] + 32 * k), v);
+      }
+    }
+  }
+}
+
 // Chunks per layout block: 4 (4 bits), 8 (3 bits), 1 (2 bits: a pair-layout chunk is the block).
 template <int BITS>
 constexpr int kChunks = BITS == 4 ? 4 : BITS == 3 ? 8 : 1;
@@ -189,7 +210,12 @@ void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_
       const int64_t slice = (4 * tile_bytes / a.nblocks + 63) / 64 * 64;
       for (int64_t i = 0; i < slice; i += 64) _mm_prefetch(next + b * slice + i, _MM_HINT_T1);
     }
-    auto row_of = [&](int r) { return rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * BB; };
+    // a short last block (lut_kernel.h) expanded per row into tail, once per 16 rows
+    alignas(64) uint8_t tail[BITS == 2 ? 1 : kRows][BITS == 2 ? 1 : BB];
+    const bool short_b = BITS != 2 && b == a.nblocks - 1 && a.last_bytes < BB;
+    if constexpr (BITS != 2)
+      if (short_b) expand_short_rows<BITS>(rows, tile_bytes, b, a.last_bytes, nr, tail);
+    auto row_of = [&](int r) { return short_b ? tail[r] : rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * BB; };
     // 3 bits: each row's block split into its part vectors once, for all 8 chunks (in L1)
     alignas(64) __m512i parts[BITS == 3 ? kRows : 1][kBlockVecs<BITS>];
     if constexpr (BITS == 3)
@@ -257,8 +283,7 @@ inline void transpose16(__m512i* r) {
 
 template <int BITS>
 void gemm_bits(const GemmArgs& a, int64_t b0, int64_t b1) {
-  constexpr int BB = 4 * kChunks<BITS> * BITS;  // 3/4 bits: a row's block
-  const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp;
+  const int64_t tile_bytes = a.tile_bytes, ngp = a.ngp;
   const int64_t mbs = (a.M + 15) / 16;  // activation blocks
   configure_tiles();
   FloatBuf sc(kRows * ngp), of(a.offsets ? kRows * ngp : 1);
@@ -358,7 +383,11 @@ void decode_a_tiles(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile
       const char* pf = reinterpret_cast<const char*>(rows + t * tile_bytes + b * 4 * BB + kPrefetchBytes);
       for (int i = 0; i < 4 * BB; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
     }
-    auto row_of = [&](int r) { return rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * BB; };
+    alignas(64) uint8_t tail[kRows][BB];  // a short last block (lut_kernel.h), expanded per row
+    const bool short_b = BITS != 2 && b == a.nblocks - 1 && a.last_bytes < BB;
+    if constexpr (BITS != 2)
+      if (short_b) expand_short_rows<BITS>(rows, tile_bytes, b, a.last_bytes, nr, tail);
+    auto row_of = [&](int r) { return short_b ? tail[r] : rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * BB; };
     alignas(64) __m512i parts[kRows][kBlockVecs<BITS>];
     for (int r = 0; r < nr; ++r) load_block<BITS>(row_of(r), parts[r]);
 #pragma GCC unroll 8
@@ -452,8 +481,7 @@ inline void write_pair_tiles(const GemmArgs& a, int64_t m0, int64_t nc) {
 template <int BITS>
 void gemm_rows_bits(const GemmArgs& a, int64_t R, int64_t S, int64_t t0, int64_t t1) {
   constexpr int C = kChunks<BITS>;
-  constexpr int BB = 4 * C * BITS;
-  const int64_t tile_bytes = a.nblocks * 4 * BB, ngp = a.ngp;  // 3/4 bits
+  const int64_t tile_bytes = a.tile_bytes, ngp = a.ngp;  // 3/4 bits
   const int64_t mbs = (a.M + 31) / 32 * 2;  // activation blocks, even (the last pair zero-padded)
   const int64_t part = (mbs / 2 + S - 1) / S * 2;  // activation blocks per part
   const int64_t chunks = a.nblocks * C, at = R / 16, blocks = (a.N_pad + R - 1) / R;

@@ -275,9 +275,24 @@ void rows16_tiles(const Rows16Args& a, int64_t t0, int64_t t1) {
     const uint8_t* tiles[4];
     const uint8_t* next[4];
     for (int j = 0; j < 4; ++j) {
-      tiles[j] = 4 * t + j < ltiles ? a.qw + (4 * t + j) * a.nblocks * tile_block_bytes : nullptr;
-      next[j] = 4 * t + 4 + j < ltiles && t + 1 < t1 ? a.qw + (4 * t + 4 + j) * a.nblocks * tile_block_bytes : nullptr;
+      tiles[j] = 4 * t + j < ltiles ? a.qw + (4 * t + j) * a.tile_bytes : nullptr;
+      next[j] = 4 * t + 4 + j < ltiles && t + 1 < t1 ? a.qw + (4 * t + 4 + j) * a.tile_bytes : nullptr;
     }
+    // A short last block (lut_kernel.h) expanded into whole blocks of the 4 tiles, read through
+    // tiles pointers placed so that Streams finds block nblocks - 1 there.
+    alignas(64) uint8_t lastb[4][tile_block_bytes > 0 ? tile_block_bytes : 1];
+    const uint8_t* tlast[4];
+    const bool short_last = BITS != 2 && a.last_bytes < tile_block_bytes / 4;
+    if constexpr (BITS != 2)
+      if (short_last)
+        for (int j = 0; j < 4; ++j) {
+          tlast[j] = nullptr;
+          if (!tiles[j]) continue;
+          const uint8_t* src = tiles[j] + (a.nblocks - 1) * tile_block_bytes;
+          for (int r = 0; r < 4; ++r)
+            expand_last_block(BITS, a.last_bytes, src + r * a.last_bytes, lastb[j] + r * (tile_block_bytes / 4));
+          tlast[j] = lastb[j] - (a.nblocks - 1) * tile_block_bytes;
+        }
     if constexpr (BITS == 2) tiles[0] = pair_tile(a.qw, a.chunks, t);
     tile16_rows(a.scales, a.stype, a.N, a.ng, n0, 0, a.ng, sbuf);
     for (int64_t i = 0; i < 16 * M; ++i) acc[i] = 0.f;
@@ -287,7 +302,9 @@ void rows16_tiles(const Rows16Args& a, int64_t t0, int64_t t1) {
       if constexpr (BITS == 2)
         dec.chunks(tiles[0], c0, c1, w);
       else
-        for (int64_t b = b0; b < b1; ++b) dec.block(Streams<BITS>(tiles, next, b, a.nblocks), w + (b - b0) * C * 8);
+        for (int64_t b = b0; b < b1; ++b)
+          dec.block(Streams<BITS>(short_last && b == a.nblocks - 1 ? tlast : tiles, next, b, a.nblocks),
+                    w + (b - b0) * C * 8);
       for (int64_t p = 0, m0 = 0; p < np; ++p) {
         const int64_t mc = (M - m0) / (np - p);
         kPasses[mc - 1](a, w, c0, c1, m0, sbuf, acc + 16 * m0);

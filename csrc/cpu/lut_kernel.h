@@ -46,6 +46,11 @@ struct GemmArgs {
   const float* table;     // [2**bits] fp32
   float* out;             // [M, N] fp32
   uint16_t* outb;         // [M, N] bf16 (gemm_amx_rows, instead of out)
+  // 3/4 bits: one 4-row tile's bytes and a row's last block's (layout_tile_bytes,
+  // last_block_bytes). Only the AMX kernels read a short last block (expanded per 16 rows); the
+  // others take a whole-block copy (binding.h: whole_blocks).
+  int64_t tile_bytes;
+  int last_bytes;
 };
 
 struct DecodeArgs {
@@ -172,6 +177,10 @@ struct Rows16Args {
   const float* xsum;      // [M, ng] exact group sums of x (when offsets)
   uint8_t tu[16];         // u = t7 + 64 per code
   float* out;             // [M, N] fp32
+  // 3/4 bits: one 4-row tile's bytes and a row's last block's (a short last block is expanded per
+  // 16 rows, expand_last_block)
+  int64_t tile_bytes = 0;
+  int last_bytes = 0;
 };
 
 // Column within its block of byte (reg, h, q, i), part p (see Int8Args).
@@ -337,11 +346,17 @@ static inline void expand_last_block(int bits, int lb, const uint8_t* src, uint8
     std::memcpy(dst, src, BB);
     return;
   }
-  std::memset(dst, 0, BB);
-  if (bits == 4) {
-    for (int m = 0; m < lb; ++m) dst[2 * m] = src[m];
-  } else {
-    for (int m = 0; m < lb / 4; ++m) std::memcpy(dst + 8 * m, src + 4 * m, 4);
+  // 8 bytes out at a time, each from 4 bytes (4 bits: spread to every other byte; 3 bits: a
+  // zero-extended dword), all BB bytes written (little-endian)
+  for (int m = 0; 8 * m < BB; ++m) {
+    uint32_t v = 0;
+    if (4 * m < lb) std::memcpy(&v, src + 4 * m, 4);
+    uint64_t x = v;
+    if (bits == 4) {
+      x = (x | x << 16) & 0x0000FFFF0000FFFFull;
+      x = (x | x << 8) & 0x00FF00FF00FF00FFull;
+    }
+    std::memcpy(dst + 8 * m, &x, 8);
   }
 }
 // Tiles [t0, t1) of a 3/4-bit layout (tiles of tile_bytes, layout_tile_bytes) into dst with whole
