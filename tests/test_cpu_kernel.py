@@ -121,6 +121,33 @@ def test_dequantize_cpu_layout(bits, sdtype, isa, rng):
         assert torch.allclose(got.float(), want.float(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("bits,k", [(3, 296), (3, 356), (3, 456), (3, 40), (4, 168), (4, 228), (4, 60)])
+def test_short_last_block_on_every_path(bits, k, isa, rng):
+    """K whose last block holds 1-64 columns (3 bits: 32 bytes a row's last block; 4 bits: 32),
+    65-128 (3 bits: 48), more (whole), and a single short block: every reader of the layout (the
+    int8 mode's 4-row kernels at 1 and 5 rows and 16-row kernel, the AMX kernels for bf16 from 16
+    rows, the exact mode's kernels, the dequantize) against the reference on that ISA path."""
+    n = 37
+    w = random_quantized(n, k, bits, 64, offsets=True, dtype=torch.bfloat16, generator=rng)
+    q = to_cpu_layout(w.codes, bits)
+    deq = torch.ops.flute.dequantize(q, w.scales, w.offsets, w.table, bits, 64, k, n)
+    want = dequantize_codes(w.codes, w.scales, w.offsets, w.table, 64).to(torch.bfloat16)
+    assert torch.equal(deq, want), (bits, k)
+    old = ops.get_cpu_mode()
+    try:
+        for mode in ("int8", "exact"):
+            ops.set_cpu_mode(mode)
+            for m, dtype in ((1, torch.float32), (5, torch.float32), (16, torch.float32), (1, torch.bfloat16),
+                             (16, torch.bfloat16), (70, torch.bfloat16)):
+                x = torch.randn(m, k, generator=rng).to(dtype)
+                y = run(x, w, bits, 64, n, k, q)
+                ref = reference_qgemm_int8(x, w, 64) if mode == "int8" and m < 32 else reference_qgemm(x, w, 64)
+                tol = TOL[dtype] if mode == "exact" or m < 16 or dtype == torch.float32 else 1e-2
+                assert normwise_error(y, ref, x, w, 64) < tol, (bits, k, mode, m, dtype)
+    finally:
+        ops.set_cpu_mode(old)
+
+
 def test_stale_weight_after_in_place_copy(rng):
     """No cache: after qweight.copy_(other) the op computes with the new codes (both layouts)."""
     n, k, bits, group = 24, 128, 4, 64
