@@ -183,6 +183,8 @@ inline simde__m512i mask_srli_epi16(simde__m512i src, simde__mmask32 k, simde__m
   flute_emulation::map<uint32_t, uint16_t, 16, simde__m512i>(a, [](uint16_t v) { return uint32_t{v}; })
 #define _mm512_cvtepi16_epi32(a) \
   flute_emulation::map<int32_t, int16_t, 16, simde__m512i>(a, [](int16_t v) { return int32_t{v}; })
+#define _mm512_cvtepu8_epi16(a) \
+  flute_emulation::map<uint16_t, uint8_t, 32, simde__m512i>(a, [](uint8_t v) { return uint16_t{v}; })
 #define _mm512_cvtneps_pbh(a) flute_emulation::cvtneps_pbh(a)
 #define _mm512_cvtne2ps_pbh(a, b) flute_emulation::cvtne2ps_pbh(a, b)
 #define _mm512_cvtph_ps(a) flute_emulation::cvtph_ps(a)
