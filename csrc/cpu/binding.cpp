@@ -165,31 +165,6 @@ Weight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
   return w;
 }
 
-}  // namespace
-
-namespace flute_cpu::binding {
-Weight whole_blocks(const Weight& w) {
-  if (w.bits == 2 || w.last_bytes == block_bytes(w.bits)) return w;
-  Weight f = w;
-  const int64_t tiles = w.N_pad / 4, whole = 4 * w.nblocks * block_bytes(w.bits);
-  at::Tensor hold;
-  char* buf = call_scratch(3, tiles * whole, hold);
-  // (above call_scratch's cached size the buffer lies in `hold`, kept alive by the deleter)
-  f.qweight = at::from_blob(buf, {tiles * whole}, [hold](void*) {}, w.qweight.options());
-  f.tile_bytes = whole;
-  f.last_bytes = block_bytes(w.bits);
-  const uint8_t* src = w.qweight.data_ptr<uint8_t>();
-  uint8_t* dst = f.qweight.data_ptr<uint8_t>();
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / whole);
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    expand_tiles(src, w.bits, w.K, w.nblocks, t0, t1, dst + t0 * whole);
-  });
-  return f;
-}
-}  // namespace flute_cpu::binding
-
-namespace {
-
 DecodeArgs decode_args(const Weight& w, const at::Tensor& qweight) {
   DecodeArgs d;
   d.qw = w.qweight.data_ptr<uint8_t>();
@@ -227,19 +202,30 @@ void decode_rows(const Weight& w, const at::Tensor& qweight, int64_t r0, int64_t
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(w.K, 1));
   const int64_t esize = dst.element_size();
   at::parallel_for(r0, r1, grain, [&](int64_t b, int64_t e) {
-    DecodeArgs dd = d;
-    dd.dst = static_cast<char*>(d.dst) + (b - r0) * d.ld * esize;
-    if (!legacy) {
+    if (w.bits == 2) {
+      DecodeArgs dd = d;
+      dd.dst = static_cast<char*>(d.dst) + (b - r0) * d.ld * esize;
       fn(dd, b, e);
       return;
     }
-    // the SIMD kernels read the legacy high-bit plane: tile by tile (rows [4t, 4t + 4) within [b, e))
-    for_legacy_tiles(d.qw, d.nblocks, b / 4, (e + 3) / 4, [&](const uint8_t* base, int64_t t) {
-      const int64_t rb = std::max(b, 4 * t), re = std::min(e, 4 * t + 4);
-      DecodeArgs dt = d;
-      dt.qw = base;
-      dt.dst = static_cast<char*>(d.dst) + (rb - r0) * d.ld * esize;
-      fn(dt, rb, re);
+    // 3/4 bits: the tiles of rows [b, e) with whole last blocks (for_whole_tiles), and for the SIMD
+    // kernels at 3 bits the legacy high-bit plane, tile by tile
+    for_whole_tiles(w, b / 4, (e + 3) / 4, [&](const uint8_t* whole, int64_t ta, int64_t tb) {
+      const int64_t rb = std::max(b, 4 * ta), re = std::min(e, 4 * tb);
+      DecodeArgs dd = d;
+      dd.qw = whole;
+      dd.dst = static_cast<char*>(d.dst) + (rb - r0) * d.ld * esize;
+      if (!legacy) {
+        fn(dd, rb, re);
+        return;
+      }
+      for_legacy_tiles(whole, d.nblocks, ta, tb, [&](const uint8_t* base, int64_t t) {
+        const int64_t rb1 = std::max(b, 4 * t), re1 = std::min(e, 4 * t + 4);
+        DecodeArgs dt = d;
+        dt.qw = base;
+        dt.dst = static_cast<char*>(d.dst) + (rb1 - r0) * d.ld * esize;
+        fn(dt, rb1, re1);
+      });
     });
   });
 }
@@ -251,7 +237,7 @@ at::Tensor cpu_lut_dequantize(const at::Tensor& qweight, const at::Tensor& scale
   // bf16 scales: bf16 out (rounded once from the fp32 value), anything else: fp32 out.
   const auto dt = scales.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
   at::Tensor out = at::empty({N, K}, scales.options().dtype(dt));
-  decode_rows(whole_blocks(w), qweight, 0, N, out);
+  decode_rows(w, qweight, 0, N, out);
   return out;
 }
 
@@ -334,11 +320,10 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
     // out [M, N] column panel by column panel (an ldc of N): the decoded panel is the product's
     // weight operand, as a bf16 nn.Linear's would be, and no transpose of the result is needed.
     at::Tensor out = at::empty({M, N}, x.options().dtype(pdt));
-    const Weight wd = whole_blocks(w);
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t nr = std::min(rows, N - n0);
       at::Tensor p = panel.narrow(0, 0, nr);
-      decode_rows(wd, qweight, n0, n0 + nr, p);
+      decode_rows(w, qweight, n0, n0 + nr, p);
       at::Tensor o = out.narrow(1, n0, nr);
       at::mm_out(o, xin, p.t());
     }

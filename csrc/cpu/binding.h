@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "lut_kernel.h"
 #include "pair_lut.h"
@@ -46,12 +47,30 @@ struct Weight {
   int last_bytes = 0;
 };
 
-// w, or where its last blocks are stored short (3/4 bits), w with qweight a copy with whole last
-// blocks (expand_tiles, in parallel): the form of the readers other than the 4-row int8 and the
-// AMX kernels (exact, bf16, 16-row, portable and the decodes). The copy is in the calling
-// thread's scratch slot 3 (a fresh allocation page-faulted each time: 4-bit 1536x576 at 16 rows
-// took 76 -> 122 us with at::empty), valid until its next whole_blocks.
-Weight whole_blocks(const Weight& w);
+// fn(base, ta, tb) over tiles [t0, t1) of w (3/4 bits) in the form of the readers other than the
+// int8 and AMX kernels (exact, bf16, portable and the decodes), which address tile t at base + t *
+// 4 * nblocks * block_bytes: the layout itself (one call), or where its last blocks are stored
+// short, batches of tiles expanded (expand_tiles) into a buffer of the calling thread (up to 64 KB:
+// cache-resident; base never dereferenced outside the batch). A copy of the whole weight per call
+// made the exact mode's 4-bit 1536x576 call twice as long (37-44 -> 75-78 us, 2 threads).
+template <typename F>
+void for_whole_tiles(const Weight& w, int64_t t0, int64_t t1, const F& fn) {
+  const uint8_t* qw = w.qweight.data_ptr<uint8_t>();
+  if (w.bits == 2 || w.last_bytes == block_bytes(w.bits)) {
+    fn(qw, t0, t1);
+    return;
+  }
+  const int64_t whole = 4 * w.nblocks * block_bytes(w.bits);
+  const int64_t batch = std::max<int64_t>(1, (int64_t(64) << 10) / whole);
+  thread_local std::vector<uint8_t> buf;
+  if (static_cast<int64_t>(buf.size()) < batch * whole) buf.resize(batch * whole);
+  for (int64_t ta = t0; ta < t1; ta += batch) {
+    const int64_t tb = std::min(t1, ta + batch);
+    expand_tiles(qw, w.bits, w.K, w.nblocks, ta, tb, buf.data());
+    fn(reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(buf.data()) - static_cast<uintptr_t>(ta * whole)),
+       ta, tb);
+  }
+}
 
 // 3 bits on the SIMD exact kernels (gemm_avx2/avx512, decode_avx2/avx512), which read
 // the older 3-bit form (the 2-bit block of the low bits, then lane masks of the high bits): tiles
@@ -157,7 +176,7 @@ QgemmHandle qgemm_handle();
 
 // Per-call temporaries (slot 0: the fused path's activations, fused_gemm.cpp; slot 1: the
 // fp32 output before its conversion to bf16 or fp16; slot 2: the panel path's decoded panel,
-// binding.cpp; slot 3: whole_blocks' copy): `bytes` from a grow-only buffer of the calling thread, 64-byte aligned, or above
+// binding.cpp): `bytes` from a grow-only buffer of the calling thread, 64-byte aligned, or above
 // max_cached from a tensor put in `hold`. Each
 // at::empty and its release cost ~2.5K instructions, and a small decode call (4x128) made three of
 // them in ~16K (callgrind). The buffer is only used during the call (the kernels never call back

@@ -108,7 +108,7 @@ char* call_scratch(int slot, int64_t bytes, at::Tensor& hold, int64_t max_cached
     int64_t n = 0;
     ~Buffer() { std::free(p); }
   };
-  thread_local Buffer bufs[4];
+  thread_local Buffer bufs[3];
   Buffer& b = bufs[slot];
   if (bytes > b.n) {
     const int64_t n = std::max<int64_t>(4096, (bytes + 4095) / 4096 * 4096);
@@ -146,8 +146,7 @@ static GemmArgs gemm_args(const Weight& w, int64_t M, float* out) {
   return a;
 }
 
-void exact_gemm(const at::Tensor& x2, const Weight& w_in, int isa, bool bf16, float* out) {
-  const Weight w = whole_blocks(w_in);  // these kernels read whole last blocks
+void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float* out) {
   const int64_t M = x2.numel() / w.K;
   // scratch: the permuted fp32 activations, their group sums (offsets), bf16 activations (bf16 mode)
   const int64_t o_sum = align64(M * w.K_pad * 4), o_xb = align64(o_sum + M * w.ng * 4);
@@ -183,17 +182,23 @@ void exact_gemm(const at::Tensor& x2, const Weight& w_in, int isa, bool bf16, fl
   const int64_t tiles = w.N_pad / 4;
   // ~64K weights per task at least, so small layers run on one thread.
   const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
-  if (legacy3) {  // the SIMD exact kernels read 3 bits in the legacy high-bit form
-    for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) {
-      for_legacy_tiles(a.qw, a.nblocks, t0, t1, [&](const uint8_t* base, int64_t t) {
-        GemmArgs at = a;
-        at.qw = base;
-        fn(at, t, t + 1);
+  // these kernels read whole last blocks (for_whole_tiles); the SIMD ones 3 bits in the legacy
+  // high-bit form (for_legacy_tiles)
+  for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) {
+    for_whole_tiles(w, t0, t1, [&](const uint8_t* whole, int64_t ta, int64_t tb) {
+      GemmArgs at = a;
+      at.qw = whole;
+      if (!legacy3) {
+        fn(at, ta, tb);
+        return;
+      }
+      for_legacy_tiles(whole, a.nblocks, ta, tb, [&](const uint8_t* base, int64_t t) {
+        GemmArgs al = a;
+        al.qw = base;
+        fn(al, t, t + 1);
       });
     });
-    return;
-  }
-  for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  });
 }
 
 bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float* out, HalfOut* half) {

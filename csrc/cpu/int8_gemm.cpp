@@ -330,7 +330,7 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
   a.merge = 1;
   if (w.ng == 1 || w.G % 64 == 0) a.merge = 2;
   if (w.bits != 4 && (w.ng == 1 || w.G % 128 == 0)) a.merge = 4;
-  // (a whole-block copy, whole_blocks, goes only to kernels that read neither flag)
+  // (the portable kernel reads whole last blocks, gemm_int8_whole, and neither flag)
   a.last_short = w.last_bytes < block_bytes(w.bits);
   a.last_half = a.last_short && w.K - (nb - 1) * 64 * P <= 32 * P / 2;
   a.tile_bytes = w.tile_bytes;
@@ -363,6 +363,20 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
   return a;
 }
 
+// f's kernel over tiles [t0, t1): the SIMD kernels read short last blocks themselves, the
+// portable one whole blocks (for_whole_tiles).
+static void int8_tiles(const Int8Fns& f, const Weight& w, const Int8Args& a, int64_t t0, int64_t t1) {
+  if (f.fn != gemm_int8_portable) {
+    f.fn(a, t0, t1);
+    return;
+  }
+  for_whole_tiles(w, t0, t1, [&](const uint8_t* whole, int64_t ta, int64_t tb) {
+    Int8Args aw = a;
+    aw.qw = whole;
+    f.fn(aw, ta, tb);
+  });
+}
+
 // One activation row over several threads: each thread quantizes the row into its own scratch
 // (the same bytes in each: the same code on the same input) and then runs its tiles
 // (for_tiles_prepared). In cache, 2 threads: 0.3-2 us less per call, most for long rows; from DRAM
@@ -388,7 +402,7 @@ static bool int8_gemm_row(const at::Tensor& x2, const Weight& w, const Int8Fns& 
         return true;
       },
       [&](const Int8Args& a, int64_t t0, int64_t t1) {
-        f.fn(a, t0, t1);
+        int8_tiles(f, w, a, t0, t1);
         if (half) to_half(out, *half, 4 * t0, std::min(w.N, 4 * t1));
       });
   if (ok && half) half->done = true;
@@ -407,8 +421,6 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out, Ha
 #else
   const bool rows16 = false;
 #endif
-  // The SIMD kernels read short last blocks; the portable one whole blocks.
-  if (f.fn == gemm_int8_portable) w = whole_blocks(w);
   if (!rows16 && M == 1) return int8_gemm_row(x2, w, f, t7, out, half);
   const Int8Scratch L(nb, M, int8_parts(w.bits), w.ng);
   at::Tensor hold;
@@ -443,7 +455,7 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out, Ha
 #endif
   const Int8Args a = int8_args(w, M, f, t7, base, L, out);
   const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
-  for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { f.fn(a, t0, t1); });
+  for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { int8_tiles(f, w, a, t0, t1); });
   return true;
 }
 
