@@ -51,8 +51,9 @@ struct Weight {
 // int8 and AMX kernels (exact, bf16, portable and the decodes), which address tile t at base + t *
 // 4 * nblocks * block_bytes: the layout itself (one call), or where its last blocks are stored
 // short, batches of tiles expanded (expand_tiles) into a buffer of the calling thread (up to 64 KB:
-// cache-resident; base never dereferenced outside the batch). A copy of the whole weight per call
-// made the exact mode's 4-bit 1536x576 call twice as long (37-44 -> 75-78 us, 2 threads).
+// cache-resident; base never dereferenced outside the batch). The copy is not overlapped with the
+// kernels' arithmetic: the exact mode's 4-bit 1536x576 call from DRAM took 37 -> 56 us at 2
+// threads (CPU_NOTES item 189; reading the short block in those kernels is the fix).
 template <typename F>
 void for_whole_tiles(const Weight& w, int64_t t0, int64_t t1, const F& fn) {
   const uint8_t* qw = w.qweight.data_ptr<uint8_t>();
