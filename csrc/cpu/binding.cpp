@@ -219,7 +219,8 @@ void decode_rows(const Weight& w, const at::Tensor& qweight, int64_t r0, int64_t
         fn(dd, rb, re);
         return;
       }
-      for_legacy_tiles(whole, d.nblocks, ta, tb, [&](const uint8_t* base, int64_t t) {
+      for_legacy_tiles(whole, d.nblocks, 4 * d.nblocks * block_bytes(3), block_bytes(3), ta, tb,
+                       [&](const uint8_t* base, int64_t t) {
         const int64_t rb1 = std::max(b, 4 * t), re1 = std::min(e, 4 * t + 4);
         DecodeArgs dt = d;
         dt.qw = base;

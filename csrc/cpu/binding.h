@@ -80,19 +80,30 @@ void for_whole_tiles(const Weight& w, int64_t t0, int64_t t1, const F& fn) {
 // tile bytes; the base itself is never dereferenced). The conversion is ~8% of those kernels'
 // instructions for 3 bits at M = 1 (callgrind, 512x1024 exact AVX2; ~6% when it only converted
 // the high plane), less at larger M; the int8 mode, the bf16 decoders (avx512bf16_common.h) and the
-// portable kernels read the layout as it is.
+// portable kernels read the layout as it is. src_tile / last: the layout's tile and last-block
+// bytes (a short last block's 4 rows are expanded, then converted; the buffer's tiles are whole).
 template <typename F>
-void for_legacy_tiles(const uint8_t* qw, int64_t nblocks, int64_t t0, int64_t t1, const F& fn) {
+void for_legacy_tiles(const uint8_t* qw, int64_t nblocks, int64_t src_tile, int last, int64_t t0, int64_t t1,
+                      const F& fn) {
 #if defined(__x86_64__) || defined(_M_X64)
-  const int64_t tile_bytes = 4 * nblocks * block_bytes(3);
+  constexpr int BB = 12 * 8;  // block_bytes(3)
+  const int64_t tile_bytes = 4 * nblocks * BB;
   at::Tensor buf = at::empty({tile_bytes}, at::TensorOptions().dtype(at::kByte));
   uint8_t* b = buf.data_ptr<uint8_t>();
+  alignas(64) uint8_t rows[4 * BB];
   for (int64_t t = t0; t < t1; ++t) {
-    legacy_3bit_tile_avx2(qw + t * tile_bytes, b, 4 * nblocks);
+    const uint8_t* src = qw + t * src_tile;
+    if (last == BB) {
+      legacy_3bit_tile_avx2(src, b, 4 * nblocks);
+    } else {
+      legacy_3bit_tile_avx2(src, b, 4 * (nblocks - 1));
+      for (int r = 0; r < 4; ++r) expand_last_block(3, last, src + (nblocks - 1) * 4 * BB + r * last, rows + r * BB);
+      legacy_3bit_tile_avx2(rows, b + (nblocks - 1) * 4 * BB, 4);
+    }
     fn(reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(b) - static_cast<uintptr_t>(t * tile_bytes)), t);
   }
 #else
-  (void)qw, (void)nblocks, (void)t0, (void)t1, (void)fn;
+  (void)qw, (void)nblocks, (void)src_tile, (void)last, (void)t0, (void)t1, (void)fn;
 #endif
 }
 

@@ -182,21 +182,34 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
   const int64_t tiles = w.N_pad / 4;
   // ~64K weights per task at least, so small layers run on one thread.
   const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
-  // these kernels read whole last blocks (for_whole_tiles); the SIMD ones 3 bits in the legacy
-  // high-bit form (for_legacy_tiles)
-  for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) {
-    for_whole_tiles(w, t0, t1, [&](const uint8_t* whole, int64_t ta, int64_t tb) {
-      GemmArgs at = a;
-      at.qw = whole;
-      if (!legacy3) {
-        fn(at, ta, tb);
-        return;
-      }
-      for_legacy_tiles(whole, a.nblocks, ta, tb, [&](const uint8_t* base, int64_t t) {
+  // The SIMD exact kernels read a short last block themselves at 4 bits, 3 bits through the legacy
+  // high-bit form (for_legacy_tiles, whole blocks); the bf16 and portable ones take tiles with whole
+  // last blocks (for_whole_tiles).
+  const int64_t whole = 4 * w.nblocks * block_bytes(w.bits);
+  if (legacy3) {
+    for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) {
+      for_legacy_tiles(a.qw, a.nblocks, w.tile_bytes, w.last_bytes, t0, t1, [&](const uint8_t* base, int64_t t) {
         GemmArgs al = a;
         al.qw = base;
+        al.tile_bytes = whole;
+        al.last_bytes = block_bytes(3);
         fn(al, t, t + 1);
       });
+    });
+    return;
+  }
+  const bool native = w.bits == 4 && fn != gemm_portable && xb == nullptr;
+  for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) {
+    if (native) {
+      fn(a, t0, t1);
+      return;
+    }
+    for_whole_tiles(w, t0, t1, [&](const uint8_t* tw, int64_t ta, int64_t tb) {
+      GemmArgs at = a;
+      at.qw = tw;
+      at.tile_bytes = whole;
+      at.last_bytes = block_bytes(w.bits);
+      fn(at, ta, tb);
     });
   });
 }

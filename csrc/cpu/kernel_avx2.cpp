@@ -16,7 +16,7 @@ inline __m256 lookup8(__m256 TA, __m256 TB, __m256i d, int s, uint16_t hi, int h
 // Two rows of one tile, one activation row.
 template <int BITS>
 inline void rows2(const GemmArgs& a, const uint8_t* row0, int R, const float* x, const float* sc,
-                  float* res) {
+                  float* res, const uint8_t* last_row0) {
   constexpr int C = BITS == 4 ? 4 : 8;
   constexpr int BB = 4 * C * BITS;
   __m256 TA, TB;
@@ -36,7 +36,8 @@ inline void rows2(const GemmArgs& a, const uint8_t* row0, int R, const float* x,
     }
   };
   for (int64_t b = 0; b < a.nblocks; ++b) {
-    const uint8_t* blk = row0 + b * 4 * BB;
+    // last_row0: the last block's rows (whole, BB apart) where it is stored short
+    const uint8_t* blk = last_row0 && b == a.nblocks - 1 ? last_row0 : row0 + b * 4 * BB;
     const float* xb = x + b * C * 2 * a.M * 16;  // x: [K_pad/16 vectors][M][16]
     for (int c = 0; c < C; ++c) {
       for (int e = 0; e < 2; ++e) {
@@ -78,11 +79,17 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
         if (a.offsets) load_row_f32(a.offsets, a.stype, 4 * t + r, ng, off.data() + r * ng);
       }
     }
-    const uint8_t* tile = a.qw + t * a.nblocks * 4 * BB;
+    const uint8_t* tile = a.qw + t * a.tile_bytes;
+    // a short last block (lut_kernel.h) expanded for the tile's 4 rows
+    alignas(32) uint8_t last[4 * BB];
+    const bool short_last = a.last_bytes < BB;
+    if (short_last)
+      for (int r = 0; r < 4; ++r)
+        expand_last_block(BITS, a.last_bytes, tile + (a.nblocks - 1) * 4 * BB + r * a.last_bytes, last + r * BB);
     for (int64_t m = 0; m < a.M; ++m) {
       for (int r0 = 0; r0 < 4 && 4 * t + r0 < a.N; r0 += 2) {
         const int R = 4 * t + r0 + 1 < a.N ? 2 : 1;
-        rows2<BITS>(a, tile + r0 * BB, R, a.x + m * 16, sc.data() + r0 * ngp, res);
+        rows2<BITS>(a, tile + r0 * BB, R, a.x + m * 16, sc.data() + r0 * ngp, res, short_last ? last + r0 * BB : nullptr);
         for (int r = 0; r < R; ++r) {
           float v = res[r];
           if (a.offsets) {

@@ -60,7 +60,7 @@ Tables kernel_tables(const float* table) {
 template <int BITS, int R, int MB, bool SW>
 __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const Tables& tabs, const uint8_t* row0,
                                            const uint8_t* tile, const float* x, const float* sc,
-                                           float* res, bool prefetch) {
+                                           float* res, bool prefetch, const uint8_t* last_row0) {
   constexpr int C = BITS == 4 ? 4 : 8;   // 32-column chunks per block
   constexpr int SH = BITS == 4 ? 4 : 2;  // bits per slot in the lane
   constexpr int BB = 4 * C * BITS;       // bytes per row-block
@@ -78,7 +78,8 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const Tables& tabs
       for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_setzero_ps();
   int64_t g = 0, cc = 0;
   for (int64_t b = 0; b < a.nblocks; ++b) {
-    const uint8_t* blk = row0 + b * 4 * BB;
+    // last_row0: the last block's rows (whole, BB apart) where it is stored short
+    const uint8_t* blk = last_row0 && b == a.nblocks - 1 ? last_row0 : row0 + b * 4 * BB;
     if (prefetch) {
       const char* pf = reinterpret_cast<const char*>(tile + b * 4 * BB + kPrefetchBytes);
       for (int i = 0; i < 4 * BB; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
@@ -164,7 +165,13 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
         if (a.offsets) load_row(a.offsets, a.stype, 4 * t + r, ng, off.data() + r * ng);
       }
     }
-    const uint8_t* tile = a.qw + t * a.nblocks * 4 * BB;
+    const uint8_t* tile = a.qw + t * a.tile_bytes;
+    // a short last block (lut_kernel.h) expanded for the tile's 4 rows
+    alignas(64) uint8_t last[4 * BB];
+    const bool short_last = a.last_bytes < BB;
+    if (short_last)
+      for (int r = 0; r < 4; ++r)
+        expand_last_block(BITS, a.last_bytes, tile + (a.nblocks - 1) * 4 * BB + r * a.last_bytes, last + r * BB);
     auto store = [&](int r0, int R, int MB, int64_t m0) {
       for (int r = 0; r < R; ++r) {
         const int64_t n = 4 * t + r0 + r;
@@ -180,7 +187,8 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
     // first time, from L1/L2 after).
     auto pass = [&](auto kernel, int R, int MB, int64_t m0, bool& first) {
       for (int r = 0; r < 4 && 4 * t + r < a.N; r += R) {
-        kernel(a, tabs, tile + r * BB, tile, a.x + m0 * 16, sc.data() + r * ngp, res, first);
+        kernel(a, tabs, tile + r * BB, tile, a.x + m0 * 16, sc.data() + r * ngp, res, first,
+               short_last ? last + r * BB : nullptr);
         first = false;
         store(r, R, MB, m0);
       }
