@@ -47,13 +47,13 @@ struct Weight {
   int last_bytes = 0;
 };
 
-// fn(base, ta, tb) over tiles [t0, t1) of w (3/4 bits) in the form of the readers other than the
-// int8 and AMX kernels (exact, bf16, portable and the decodes), which address tile t at base + t *
+// fn(base, ta, tb) over tiles [t0, t1) of w (3/4 bits) in the form of the readers that take whole
+// last blocks (the bf16 mode's, the portable and the decode kernels), which address tile t at base + t *
 // 4 * nblocks * block_bytes: the layout itself (one call), or where its last blocks are stored
 // short, batches of tiles expanded (expand_tiles) into a buffer of the calling thread (up to 64 KB:
 // cache-resident; base never dereferenced outside the batch). The copy is not overlapped with the
 // kernels' arithmetic: the exact mode's 4-bit 1536x576 call from DRAM took 37 -> 56 us at 2
-// threads (CPU_NOTES item 189; reading the short block in those kernels is the fix).
+// threads this way, so the exact SIMD kernels read the short block themselves (CPU_NOTES item 189).
 template <typename F>
 void for_whole_tiles(const Weight& w, int64_t t0, int64_t t1, const F& fn) {
   const uint8_t* qw = w.qweight.data_ptr<uint8_t>();

@@ -50,8 +50,9 @@ struct GemmArgs {
   float* out;             // [M, N] fp32
   uint16_t* outb;         // [M, N] bf16 (gemm_amx_rows, instead of out)
   // 3/4 bits: one 4-row tile's bytes and a row's last block's (layout_tile_bytes,
-  // last_block_bytes). Only the AMX kernels read a short last block (expanded per 16 rows); the
-  // others take whole-block copies of their tiles (binding.h: for_whole_tiles).
+  // last_block_bytes). The AMX kernels and the 4-bit exact ones read a short last block (expanded
+  // per 16 or 4 rows); the bf16 and portable ones take whole-block copies of their tiles (binding.h:
+  // for_whole_tiles), 3 bits on the SIMD exact kernels the legacy conversion's whole tiles.
   int64_t tile_bytes;
   int last_bytes;
 };
