@@ -97,7 +97,7 @@ void for_legacy_tiles(const uint8_t* qw, int64_t nblocks, int64_t src_tile, int 
       legacy_3bit_tile_avx2(src, b, 4 * nblocks);
     } else {
       legacy_3bit_tile_avx2(src, b, 4 * (nblocks - 1));
-      for (int r = 0; r < 4; ++r) expand_last_block(3, last, src + (nblocks - 1) * 4 * BB + r * last, rows + r * BB);
+      expand_last_rows(3, src, nblocks, last, rows);
       legacy_3bit_tile_avx2(rows, b + (nblocks - 1) * 4 * BB, 4);
     }
     fn(reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(b) - static_cast<uintptr_t>(t * tile_bytes)), t);

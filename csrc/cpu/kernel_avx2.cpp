@@ -83,9 +83,7 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
     // a short last block (lut_kernel.h) expanded for the tile's 4 rows
     alignas(32) uint8_t last[4 * BB];
     const bool short_last = a.last_bytes < BB;
-    if (short_last)
-      for (int r = 0; r < 4; ++r)
-        expand_last_block(BITS, a.last_bytes, tile + (a.nblocks - 1) * 4 * BB + r * a.last_bytes, last + r * BB);
+    if (short_last) expand_last_rows(BITS, tile, a.nblocks, a.last_bytes, last);
     for (int64_t m = 0; m < a.M; ++m) {
       for (int r0 = 0; r0 < 4 && 4 * t + r0 < a.N; r0 += 2) {
         const int R = 4 * t + r0 + 1 < a.N ? 2 : 1;

@@ -169,9 +169,7 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
     // a short last block (lut_kernel.h) expanded for the tile's 4 rows
     alignas(64) uint8_t last[4 * BB];
     const bool short_last = a.last_bytes < BB;
-    if (short_last)
-      for (int r = 0; r < 4; ++r)
-        expand_last_block(BITS, a.last_bytes, tile + (a.nblocks - 1) * 4 * BB + r * a.last_bytes, last + r * BB);
+    if (short_last) expand_last_rows(BITS, tile, a.nblocks, a.last_bytes, last);
     auto store = [&](int r0, int R, int MB, int64_t m0) {
       for (int r = 0; r < R; ++r) {
         const int64_t n = 4 * t + r0 + r;

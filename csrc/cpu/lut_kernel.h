@@ -379,6 +379,11 @@ static inline void expand_last_block(int bits, int lb, const uint8_t* src, uint8
     std::memcpy(dst + 8 * m, &x, 8);
   }
 }
+// The 4 rows' short last block (lb bytes each) of a tile as whole block rows into dst [4][BB].
+static inline void expand_last_rows(int bits, const uint8_t* tile, int64_t nblocks, int lb, uint8_t* dst) {
+  const int BB = block_bytes(bits);
+  for (int r = 0; r < 4; ++r) expand_last_block(bits, lb, tile + (nblocks - 1) * 4 * BB + r * lb, dst + r * BB);
+}
 // Tiles [t0, t1) of a 3/4-bit layout (tiles of tile_bytes, layout_tile_bytes) into dst with whole
 // last blocks (4 * nblocks * block_bytes each), the form every reader but the int8 kernels takes.
 static inline void expand_tiles(const uint8_t* qw, int bits, int64_t K, int64_t nblocks, int64_t t0, int64_t t1,
@@ -389,7 +394,7 @@ static inline void expand_tiles(const uint8_t* qw, int bits, int64_t K, int64_t 
     const uint8_t* s = qw + t * src_tile;
     uint8_t* d = dst + (t - t0) * 4 * nblocks * BB;
     std::memcpy(d, s, body);
-    for (int r = 0; r < 4; ++r) expand_last_block(bits, lb, s + body + r * lb, d + body + r * BB);
+    expand_last_rows(bits, s, nblocks, lb, d + body);
   }
 }
 
