@@ -106,7 +106,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
     constexpr bool FAST = decltype(fast_c)::value, HALF = decltype(half_c)::value;
     constexpr bool SHORT = decltype(short_c)::value;
     constexpr int PU = HALF ? P / 2 : P;  // parts computed
-    constexpr int LB = SHORT ? (BITS == 3 && !HALF ? 48 : 32) : BB;
+    constexpr int LB = SHORT ? short_block_bytes(BITS, HALF) : BB;
     __m256 ub[MC];  // the block's activation unit per row (times the table scale)
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm256_broadcast_ss(a.xu + b * M + m0 + mc);
     if (r0 == 0) {  // the first pass over a tile fetches kPrefetchBytes ahead (into the next tiles)

@@ -126,7 +126,7 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
     constexpr bool FAST = decltype(fast_c)::value, HALF = decltype(half_c)::value;
     constexpr bool SHORT = decltype(short_c)::value;
     constexpr int PU = HALF ? P / 2 : P;  // parts computed
-    constexpr int LB = SHORT ? (BITS == 3 && !HALF ? 48 : 32) : BB;
+    constexpr int LB = SHORT ? short_block_bytes(BITS, HALF) : BB;
     __m512 ub[MC];
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm512_set1_ps(a.xu[b * M + m0 + mc]);
     // CX: the block's chunk factors and merge start values, shared by its rows (one activation row)

@@ -333,11 +333,12 @@ static inline int block_bytes(int bits) { return 4 * chunks_per_block(bits) * bi
 // of each 4-byte lane. Compact dword (3 bits) or byte (4 bits) m goes back to position 2 m of its
 // register: one vpmovzxdq / vpmovzxbw in the int8 kernels. 1536x576 at 3 bits: 240 bytes a row
 // instead of 288 (K_pad = 768), at 4 bits 288 instead of 320.
+// A short last block's bytes a row: 32 (the even bytes of R0 | R1), 48 at 3 bits when the tail
+// needs R2 too (65-128 columns: `within_64` false; the int8 kernels' HALF is exactly within_64 there).
+constexpr int short_block_bytes(int bits, bool within_64) { return bits == 3 && !within_64 ? 48 : 32; }
 static inline int last_block_bytes(int bits, int64_t K) {
   const int64_t kb = 32 * chunks_per_block(bits), tail = K - (K - 1) / kb * kb;  // 1 .. kb columns
-  if (tail <= 64) return 32;
-  if (bits == 3 && tail <= 128) return 48;
-  return block_bytes(bits);
+  return tail <= kb / 2 ? short_block_bytes(bits, tail <= 64) : block_bytes(bits);
 }
 // Bytes of one 4-row tile of the 3/4-bit layout: nblocks - 1 whole blocks and the last one.
 static inline int64_t layout_tile_bytes(int bits, int64_t K, int64_t nblocks) {
