@@ -135,7 +135,7 @@ def cpu_extensions():
                             + (["-DFLUTE_CPU_EMULATED_AVX512"] if emulate else [])},
         extra_link_args=openmp,
         depends=[os.path.join(cpu_dir, h) for h in ("lut_kernel.h", "avx2_common.h", "avx512_common.h",
-                                                  "avx512bf16_common.h", "int8_tiles.h", "pair_lut.h", "tile16_avx512.h",
+                                                  "avx512bf16_common.h", "amx_tiles.h", "int8_tiles.h", "pair_lut.h", "tile16_avx512.h",
                                                   "binding.h")],
         py_limited_api=True,
         optional=True,  # a failed build (no compiler) skips it: flute then warns and runs the reference
