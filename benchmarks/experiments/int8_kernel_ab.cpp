@@ -135,7 +135,7 @@ int main(int argc, char** argv) {
   a.bits = bits; a.N = N; a.nblocks = nb; a.M = 1; a.xq = xq.data(); a.xcorr = xc.data(); a.xk = xk.data();
   a.xu = xu.data(); a.merge = 2; a.scales = sc[0]; a.stype = flute_cpu::kBF16; a.ng = ng; a.G = 64;
   a.g0 = g0.data(); a.gidx = gidx.data();
-  a.tile_bytes = 4 * nb * BB;  // whole blocks only (K a multiple of COLS: no short last block)
+  a.tile_bytes = flute_cpu::layout_tile_bytes(bits, K, nb);  // the layout's tile stride (binding.cpp sets it so)
   for (int i = 0; i < 16; ++i) a.tu[i] = uint8_t(40 + 5 * i);
   a.tile_pairs = !(std::getenv("TILE_PAIRS") && std::atoi(std::getenv("TILE_PAIRS")) == 0);  // as on Intel
   a.xk2 = xk2.data();
