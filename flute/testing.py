@@ -72,14 +72,18 @@ def pair_tables(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     float64 ``[rows, ceil(K / 32) * 16, 16]``: for each pair of columns ``(x0, x1)`` and 4-bit index
     ``e``, ``v = t[e & 3] * x0 + t[e >> 2] * x1`` (float32: two products, then their sum), rounded to
     int8 per 32-column chunk with the scale ``mx / 127`` (``mx``: the chunk's max |v|; ties to even),
-    times that scale."""
+    times that scale. A chunk whose ``mx`` is so small that ``127 / mx`` overflows float32 rounds to
+    zeros, as a chunk of zeros does."""
     rows, k = x.shape
     xp = torch.nn.functional.pad(x.float(), (0, -k % 32))
     t, e = table.float(), torch.arange(16)
     v = t[e & 3] * xp[:, 0::2, None] + t[e >> 2] * xp[:, 1::2, None]
     vc = v.reshape(rows, -1, 16, 16)
     mx = vc.abs().amax(dim=(-1, -2), keepdim=True)
-    q = torch.round(vc * torch.where(mx > 0, 127.0 / mx, torch.zeros_like(mx)))
+    # a tensor over a tensor: torch computes ``127.0 / mx`` as ``mx.reciprocal() * 127``, two roundings,
+    # one ulp off the kernels' division for ~25% of values (and then some entries round the other way)
+    r = torch.full_like(mx, 127.0) / mx
+    q = torch.round(vc * torch.where((mx > 0) & (r <= torch.finfo(torch.float32).max), r, torch.zeros_like(mx)))
     return (q.double() * (mx / 127.0).double()).reshape(rows, -1, 16)
 
 

@@ -433,3 +433,44 @@ def test_pair_layout_kernels_equal_bitwise_on_every_path(mode, rng):
         ops.set_cpu_isa("auto")
         ops.set_cpu_mode(old_mode)
 
+
+def test_pair_tables_edge_values_equal_on_every_path(rng):
+    """The AVX-512 pair-table builder takes a chunk's max |entry| from the table's largest and
+    smallest entries rather than from all 256 entries (kernel_pair_avx512.cpp), which is exact
+    because rounding is monotonic. Chunks of zeros, of negative zeros, with one nonzero column, of
+    one sign, of large and of subnormal values, with tables of one sign or with repeated entries
+    give the portable builder's bits. (Sums past float32's range, where the builder falls back to
+    the entries themselves, differ between the paths as they did before: NaN against -inf.)"""
+    old_mode = ops.get_cpu_mode()
+    ops.set_cpu_mode("int8")
+    isas = [i for i in ISAS if available(i)]
+    n, k, group = 40, 320, 64
+    x = torch.randn(1, k, generator=rng)
+    x[0, 0:32] = 0.0
+    x[0, 32:64] = -0.0
+    x[0, 64:96] = 0.0
+    x[0, 70] = -1.5
+    x[0, 96:128] = x[0, 96:128].abs()
+    x[0, 128:160] = -x[0, 128:160].abs()
+    x[0, 160:192] *= 1e30
+    x[0, 200:232] *= 1e-39  # subnormal products
+    tables = [None, torch.tensor([0.1, 0.25, 0.5, 1.0]), torch.tensor([-1.0, -0.5, -0.25, -0.1]),
+              torch.tensor([0.5, 0.5, -0.5, -0.5]), torch.tensor([0.0, 0.0, 0.0, 1.0])]
+    try:
+        for table in tables:
+            w = random_quantized(n, k, 2, group, generator=rng)
+            if table is not None:
+                w = w._replace(table=table)
+            q = to_cpu_layout(w.codes, 2)
+            outs = []
+            for isa_name in isas:
+                ops.set_cpu_isa(isa_name)
+                outs += at_thread_counts(lambda: run(x, w, 2, group, n, k, q), [1, 2])
+            ops.set_cpu_isa("auto")
+            assert all(torch.equal(y, outs[0]) for y in outs[1:]), table
+            ref = reference_qgemm_int8(x, w, group, pair=True)
+            assert normwise_error(outs[0], ref, x, w, group) < TOL[torch.float32], table
+    finally:
+        ops.set_cpu_isa("auto")
+        ops.set_cpu_mode(old_mode)
+

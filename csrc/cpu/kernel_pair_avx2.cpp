@@ -220,7 +220,7 @@ bool pair_lut_avx2(const float* x, int64_t K, int64_t chunks, const float* table
     h = _mm_max_ss(h, _mm_movehdup_ps(h));
     const float m = _mm_cvtss_f32(h);
     lsc[c] = m / 127.f;
-    const __m256 inv = _mm256_set1_ps(m > 0.f ? 127.f / m : 0.f);
+    const __m256 inv = _mm256_set1_ps(pair_lut_factor(m));
     for (int p = 0; p < 16; p += 2) {
       auto q = [&](const float* fv) { return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(fv), inv)); };
       const __m256i b = _mm256_permutevar8x32_epi32(

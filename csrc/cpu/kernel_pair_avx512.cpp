@@ -117,29 +117,57 @@ bool pair_lut_avx512(const float* x, int64_t K, int64_t chunks, const float* tab
                                    table[0], table[1], table[2], table[3], table[0], table[1], table[2], table[3]);
   const __m512 tB = _mm512_setr_ps(table[0], table[0], table[0], table[0], table[1], table[1], table[1], table[1],
                                    table[2], table[2], table[2], table[2], table[3], table[3], table[3], table[3]);
+  const float tmx = std::max(std::max(table[0], table[1]), std::max(table[2], table[3]));
+  const float tmn = std::min(std::min(table[0], table[1]), std::min(table[2], table[3]));
+  const __m512 tmax = _mm512_set1_ps(tmx), tmin = _mm512_set1_ps(tmn);
   const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  __m512 bad = _mm512_setzero_ps();  // x * 0: NaN exactly for a NaN or an Inf
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(0x80000000u)));
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  // packs leave dword 4 l + j of a store = entries 4 l .. 4 l + 3 of its j-th pair; pair j's 16
+  // entries go to dwords 4 j .. 4 j + 3
+  const __m512i unlace = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m512 bad = zero;  // x * 0: NaN exactly for a NaN or an Inf
   alignas(64) float xt[kPairChunkCols];
   for (int64_t c = 0; c < chunks; ++c) {
     const float* xc = pair_chunk_x(x, K, c, xt);
-    bad = _mm512_add_ps(bad, _mm512_mul_ps(_mm512_loadu_ps(xc), _mm512_setzero_ps()));
-    bad = _mm512_add_ps(bad, _mm512_mul_ps(_mm512_loadu_ps(xc + 16), _mm512_setzero_ps()));
+    const __m512 xa = _mm512_loadu_ps(xc), xb = _mm512_loadu_ps(xc + 16);
+    bad = _mm512_add_ps(bad, _mm512_mul_ps(xa, zero));
+    bad = _mm512_add_ps(bad, _mm512_mul_ps(xb, zero));
     __m512 v[16];
-    __m512 mx = _mm512_setzero_ps();
-    for (int p = 0; p < 16; ++p) {
+    for (int p = 0; p < 16; ++p)
       v[p] = _mm512_add_ps(_mm512_mul_ps(tA, _mm512_set1_ps(xc[2 * p])), _mm512_mul_ps(tB, _mm512_set1_ps(xc[2 * p + 1])));
-      mx = _mm512_max_ps(mx, _mm512_and_ps(v[p], absm));
+    // max |v| over the chunk without visiting all 256 entries: rounding is monotonic, so each pair's
+    // largest entry is the sum of its largest products and its smallest the sum of its smallest,
+    // and the products' extremes are those of the table's max and min (the same roundings as the
+    // entries themselves). Equal to the max over all entries when that is finite; otherwise (an
+    // overflow) the entries' own max, as before.
+    const __m512 x0 = _mm512_permutex2var_ps(xa, even, xb), x1 = _mm512_permutex2var_ps(xa, odd, xb);
+    const __m512 a0 = _mm512_mul_ps(tmax, x0), b0 = _mm512_mul_ps(tmin, x0);
+    const __m512 a1 = _mm512_mul_ps(tmax, x1), b1 = _mm512_mul_ps(tmin, x1);
+    const __m512 hi = _mm512_add_ps(_mm512_max_ps(a0, b0), _mm512_max_ps(a1, b1));
+    const __m512 lo = _mm512_add_ps(_mm512_min_ps(a0, b0), _mm512_min_ps(a1, b1));
+    __m512 mx = _mm512_max_ps(_mm512_max_ps(hi, _mm512_xor_ps(lo, sign)), zero);
+    float m = _mm512_reduce_max_ps(mx);
+    if (!(m <= 3.4028235e38f)) {
+      mx = zero;
+      for (int p = 0; p < 16; ++p) mx = _mm512_max_ps(mx, _mm512_and_ps(v[p], absm));
+      __m256 h8 = _mm256_max_ps(_mm512_castps512_ps256(mx), _mm512_extractf32x8_ps(mx, 1));
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
     }
-    __m256 h8 = _mm256_max_ps(_mm512_castps512_ps256(mx), _mm512_extractf32x8_ps(mx, 1));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    const float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
     lsc[c] = m / 127.f;
-    const __m512 inv = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
+    const __m512 inv = _mm512_set1_ps(pair_lut_factor(m));
     int8_t* lc = lut + c * kPairLutBytes;
-    for (int p = 0; p < 16; ++p) {
-      const int off = 128 * (p / 8) + 64 * (p % 4 / 2) + 32 * (p / 4 % 2) + 16 * (p % 2);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(lc + off), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v[p], inv))));
+    auto q = [&](int p) { return _mm512_cvtps_epi32(_mm512_mul_ps(v[p], inv)); };
+    // pairs (b, b + 1, b + 4, b + 5) fill 64 consecutive bytes from 16 b' (the order above); the two
+    // signed packs saturate as vpmovsdb does
+    for (int g = 0; g < 4; ++g) {
+      const int b = 8 * (g / 2) + 2 * (g % 2);
+      const __m512i r = _mm512_packs_epi16(_mm512_packs_epi32(q(b), q(b + 1)), _mm512_packs_epi32(q(b + 4), q(b + 5)));
+      _mm512_storeu_si512(lc + 64 * g, _mm512_permutexvar_epi32(unlace, r));
     }
   }
   return _mm512_reduce_add_ps(bad) == 0.f;

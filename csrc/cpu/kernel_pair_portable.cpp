@@ -24,7 +24,7 @@ bool pair_lut_portable(const float* x, int64_t K, int64_t chunks, const float* t
       }
     }
     lsc[c] = mx / 127.f;
-    const float inv = mx > 0.f ? 127.f / mx : 0.f;
+    const float inv = pair_lut_factor(mx);
     for (int p = 0; p < 16; ++p)
       for (int e = 0; e < 16; ++e)
         lut[c * kPairLutBytes + 16 * p + e] = static_cast<int8_t>(std::nearbyint(v[p][e] * inv));

@@ -88,6 +88,14 @@ void decode_pair_avx2(const DecodeArgs&, int64_t, int64_t);
 
 namespace {
 
+// The factor that rounds a chunk's entries to int8: 127 / mx, or 0 for a chunk of zeros and for one
+// whose max |entry| mx is so small (below 127 / FLT_MAX, ~3.7e-37) that the factor overflows; such a
+// chunk's entries are then 0, as the spec (flute.testing.pair_tables) rounds them.
+static inline float pair_lut_factor(float mx) {
+  const float r = 127.f / mx;  // inf for mx = 0
+  return mx > 0.f && r <= 3.4028235e38f ? r : 0.f;
+}
+
 static inline const uint8_t* pair_tile(const uint8_t* qw, int64_t chunks, int64_t t) {
   return qw + t * chunks * kPairChunkBytes;
 }
