@@ -71,6 +71,27 @@ inline void tile16_rows(const void* src, int stype, int64_t N, int64_t ng, int64
   for (int64_t gb = g0; gb < g1; gb += 16) {
     const int nh = static_cast<int>(min64(16, g1 - gb));
     const __mmask16 km = static_cast<__mmask16>(nh == 16 ? 0xffff : (1u << nh) - 1);
+    __m512i col[16];
+    if (nh <= 8) {  // a last run of up to 8 groups (24 groups of 64 at K = 1536): 8 dwords per row
+      __m256i h8[16];
+      const __mmask8 k8 = static_cast<__mmask8>(km);
+      for (int i = 0; i < 16; ++i) {
+        if (n0 + i >= N) {
+          h8[i] = _mm256_setzero_si256();
+          continue;
+        }
+        const int64_t e = (n0 + i) * ng + gb;
+        if (stype == kF32) {
+          h8[i] = _mm256_castps_si256(_mm256_maskz_loadu_ps(k8, static_cast<const float*>(src) + e));
+        } else {
+          const __m128i h = _mm_maskz_loadu_epi16(k8, static_cast<const uint16_t*>(src) + e);
+          h8[i] = stype == kBF16 ? _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16) : _mm256_castps_si256(_mm256_cvtph_ps(h));
+        }
+      }
+      transpose16x8_epi32(h8, col);
+      for (int d = 0; d < nh; ++d) _mm512_store_si512(buf + (gb - g0 + d) * 16, col[d]);
+      continue;
+    }
     __m512i r[16];
     for (int i = 0; i < 16; ++i) {
       if (n0 + i >= N) {
@@ -85,7 +106,6 @@ inline void tile16_rows(const void* src, int stype, int64_t N, int64_t ng, int64
         r[i] = stype == kBF16 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16) : _mm512_castps_si512(_mm512_cvtph_ps(h));
       }
     }
-    __m512i col[16];
     transpose16x16_epi32(r, col);
     for (int d = 0; d < nh; ++d) _mm512_store_si512(buf + (gb - g0 + d) * 16, col[d]);
   }
