@@ -225,7 +225,25 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
     }
   };
   for_blocks<BITS, SRC, G64, MC>(a, block);
-  if (NR == 4) {
+  if constexpr (NT == 2) {
+    // The two tiles' row sums in 512-bit registers: the additions of fold and hsum4 below, in the
+    // same order, on both tiles at once (tile 0 in the low 256 bits, tile 1 in the high; shuffle_ps
+    // 0x88 / 0xDD and an add are hadd_ps): 24 instructions instead of 38 per pair, which was ~9% of
+    // a 3-bit K = 512 call in cache.
+    __m512 f[4];
+    for (int r = 0; r < 4; ++r) {
+      const __m512 lo = _mm512_shuffle_f32x4(facc[r][0], facc[4 + r][0], _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512 hi = _mm512_shuffle_f32x4(facc[r][0], facc[4 + r][0], _MM_SHUFFLE(3, 2, 3, 2));
+      f[r] = _mm512_add_ps(lo, hi);
+    }
+    auto hadd = [](__m512 a, __m512 b) {
+      return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
+    };
+    const __m512 s = hadd(hadd(f[0], f[1]), hadd(f[2], f[3]));
+    const __m512 t = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(2, 3, 0, 1)));
+    _mm_storeu_ps(res[0], _mm512_castps512_ps128(t));
+    _mm_storeu_ps(res[1], _mm512_extractf32x4_ps(t, 2));
+  } else if (NR == 4) {
     for (int tt = 0; tt < NT; ++tt)
       for (int mc = 0; mc < MC; ++mc)
         _mm_storeu_ps(res[tt + mc], hsum4(fold(facc[4 * tt][mc]), fold(facc[4 * tt + 1][mc]),
