@@ -87,6 +87,16 @@ inline float reduce_add_ps(simde__m512 a) {
   return v[0] + v[1];
 }
 
+// The same tree with VMAXPS's rule (the second operand where either is NaN or both are zero).
+inline float reduce_max_ps(simde__m512 a) {
+  auto v = bit_cast<std::array<float, 16>>(a);
+  const auto mx = [](float x, float y) { return x > y ? x : y; };
+  for (int i = 0; i < 8; ++i) v[i] = mx(v[i], v[i + 8]);
+  for (int i = 0; i < 4; ++i) v[i] = mx(v[i], v[i + 4]);
+  for (int i = 0; i < 2; ++i) v[i] = mx(v[i], v[i + 2]);
+  return mx(v[0], v[1]);
+}
+
 // VCVTPS2DQ: round to nearest even (the default MXCSR mode); NaN and out-of-range to INT32_MIN.
 inline int32_t cvt_nearest(float v) {
   const float r = std::nearbyint(v);
@@ -169,11 +179,17 @@ inline simde__m512i mask_srli_epi16(simde__m512i src, simde__mmask32 k, simde__m
   return blend_mask<uint16_t, 32>(src, k, shifted);
 }
 
+// The float form of shuffle_i64x2 (the same 128-bit lane moves).
+inline simde__m512 shuffle_f32x4(simde__m512 a, simde__m512 b, int imm) {
+  return bit_cast<simde__m512>(shuffle_i64x2(bit_cast<simde__m512i>(a), bit_cast<simde__m512i>(b), imm));
+}
+
 }  // namespace flute_emulation
 
 #define _mm512_extractf32x8_ps(a, imm) flute_emulation::extractf32x8_ps(a, imm)
 #define _mm512_broadcast_i32x8(a) flute_emulation::broadcast_i32x8(a)
 #define _mm512_reduce_add_ps(a) flute_emulation::reduce_add_ps(a)
+#define _mm512_reduce_max_ps(a) flute_emulation::reduce_max_ps(a)
 #define _mm512_cvtepi32_ps(a) \
   flute_emulation::map<float, int32_t, 16, simde__m512>(a, [](int32_t v) { return static_cast<float>(v); })
 #define _mm512_cvtps_epi32(a) flute_emulation::map<int32_t, float, 16, simde__m512i>(a, flute_emulation::cvt_nearest)
@@ -190,11 +206,15 @@ inline simde__m512i mask_srli_epi16(simde__m512i src, simde__mmask32 k, simde__m
 #define _mm512_cvtph_ps(a) flute_emulation::cvtph_ps(a)
 #define _mm512_maskz_loadu_ps(k, p) flute_emulation::maskz_load<float, 16, simde__m512>(k, p)
 #define _mm256_maskz_loadu_epi16(k, p) flute_emulation::maskz_load<uint16_t, 16, simde__m256i>(k, p)
+#define _mm512_maskz_loadu_epi16(k, p) flute_emulation::maskz_load<uint16_t, 32, simde__m512i>(k, p)
+#define _mm_maskz_loadu_epi16(k, p) flute_emulation::maskz_load<uint16_t, 8, __m128i>(k, p)
+#define _mm256_maskz_loadu_ps(k, p) flute_emulation::maskz_load<float, 8, __m256>(k, p)
 #define _mm512_mask_storeu_ps(p, k, a) flute_emulation::mask_store<float, 16>(p, k, a)
 #define _mm512_mask_storeu_epi16(p, k, a) flute_emulation::mask_store<uint16_t, 32>(p, k, a)
 #define _mm256_mask_storeu_epi16(p, k, a) flute_emulation::mask_store<uint16_t, 16>(p, k, a)
 #define _mm512_shuffle_i64x2(a, b, imm) flute_emulation::shuffle_i64x2(a, b, imm)
 #define _mm512_shuffle_i32x4(a, b, imm) flute_emulation::shuffle_i64x2(a, b, imm)  // the same 128-bit lane moves
+#define _mm512_shuffle_f32x4(a, b, imm) flute_emulation::shuffle_f32x4(a, b, imm)
 #define _mm512_permute_ps(a, imm) flute_emulation::permute_ps(a, imm)
 #define _mm512_permutevar_ps(a, idx) flute_emulation::permutevar_ps(a, idx)
 #define _mm512_mask_permutevar_ps(src, k, a, idx) flute_emulation::mask_permutevar_ps(src, k, a, idx)
