@@ -416,8 +416,8 @@ def test_pair_layout_kernels_equal_bitwise_on_every_path(mode, rng):
                                                 (48, 96, 96, 31, torch.float32, True),
                                                 (40, 1100, 64, 1, "bf16 x", False),
                                                 (40, 67, 32, 1, "bf16 x", False)]:
-            # "bf16 x": bf16 activations, which the AVX-512 path turns into tables without an fp32
-            # copy of the row (a ragged last chunk at K = 1100 and 67)
+            # "bf16 x": bf16 activations, widened to fp32 before the tables are built (a ragged last
+            # chunk at K = 1100 and 67)
             bf16_x = sdtype == "bf16 x"
             if bf16_x:
                 sdtype = torch.bfloat16

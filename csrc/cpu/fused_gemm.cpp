@@ -252,17 +252,10 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
   // Everything the kernels read besides the weight, into `base`: the activations in fp32, each
   // chunk's group, and in int8 mode the pair tables, their scales and x's group sums. False when x
   // is not finite (int8 mode).
-  // int8 mode, bf16 x on AVX-512 without offsets: the tables straight from the bf16 row (no fp32
-  // copy of it in scratch; 0.5 us of a thread's set-up at K = 1536 from cold caches)
-#if defined(__x86_64__) || defined(_M_X64)
-  const bool lut_bf16 = !exact && isa == kAvx512 && x2.scalar_type() == at::kBFloat16 && !w.offsets.defined();
-#else
-  const bool lut_bf16 = false;
-#endif
   auto prepare = [&](char* base, PairArgs& a) {
     a = a0;
     const float* xf = f32 ? x2.data_ptr<float>() : nullptr;
-    if ((exact || !f32) && !lut_bf16) {
+    if (exact || !f32) {
       float* dst = reinterpret_cast<float*>(base);
       const auto* xb = reinterpret_cast<const uint16_t*>(x2.data_ptr());
       for (int64_t m = 0; m < M; ++m) {
@@ -307,16 +300,8 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t m = u / parts, c0 = (u % parts) * per, nc = std::min(per, chunks - c0);
         const int64_t k0 = c0 * kPairChunkCols;
-        int8_t* lut_m = lut + (m * chunks + c0) * kPairLutBytes;
-        float* lsc_m = lsc + m * chunks + c0;
-        bool ok;
-#if defined(__x86_64__) || defined(_M_X64)
-        if (lut_bf16)
-          ok = pair_lut_bf16_avx512(static_cast<const uint16_t*>(x2.data_ptr()) + m * K + k0, K - k0, nc, table, lut_m, lsc_m);
-        else
-#endif
-          ok = lut_fn(xf + m * K + k0, K - k0, nc, table, lut_m, lsc_m);
-        if (!ok) finite = false;
+        if (!lut_fn(xf + m * K + k0, K - k0, nc, table, lut + (m * chunks + c0) * kPairLutBytes, lsc + m * chunks + c0))
+          finite = false;
       }
     });
     if (!finite) return false;

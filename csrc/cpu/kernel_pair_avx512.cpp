@@ -112,21 +112,7 @@ inline void pair_pass(const PairArgs& a, int64_t t, int64_t dt, int64_t c0, int6
 // register: entry e = table[e & 3] x0 + table[e >> 2] x1 as a product, a product and a sum (no FMA:
 // the other builders round each product). The build is serial work of each one-row call (before
 // the threads start): with the AVX2 builder it was ~13% of a 576x1536 call at 2 threads (perf, hot).
-namespace {
-
-// Chunk c of a bf16 row widened to fp32 into xt (zeros beyond K): the same floats the binding's
-// widening would have stored in scratch for pair_lut_avx512 to read.
-inline const float* pair_chunk_bf16(const uint16_t* x, int64_t K, int64_t c, float* xt) {
-  const int64_t n = std::min<int64_t>(kPairChunkCols, K - c * kPairChunkCols);
-  const __mmask32 m = n >= 32 ? 0xffffffffu : static_cast<__mmask32>((1u << n) - 1);
-  const __m512i w = _mm512_maskz_loadu_epi16(m, x + c * kPairChunkCols);
-  _mm512_store_ps(xt, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16)));
-  _mm512_store_ps(xt + 16, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16)));
-  return xt;
-}
-
-template <bool BF16>
-bool pair_lut_512(const void* xv, int64_t K, int64_t chunks, const float* table, int8_t* lut, float* lsc) {
+bool pair_lut_avx512(const float* x, int64_t K, int64_t chunks, const float* table, int8_t* lut, float* lsc) {
   const __m512 tA = _mm512_setr_ps(table[0], table[1], table[2], table[3], table[0], table[1], table[2], table[3],
                                    table[0], table[1], table[2], table[3], table[0], table[1], table[2], table[3]);
   const __m512 tB = _mm512_setr_ps(table[0], table[0], table[0], table[0], table[1], table[1], table[1], table[1],
@@ -145,8 +131,7 @@ bool pair_lut_512(const void* xv, int64_t K, int64_t chunks, const float* table,
   __m512 bad = zero;  // x * 0: NaN exactly for a NaN or an Inf
   alignas(64) float xt[kPairChunkCols];
   for (int64_t c = 0; c < chunks; ++c) {
-    const float* xc = BF16 ? pair_chunk_bf16(static_cast<const uint16_t*>(xv), K, c, xt)
-                           : pair_chunk_x(static_cast<const float*>(xv), K, c, xt);
+    const float* xc = pair_chunk_x(x, K, c, xt);
     const __m512 xa = _mm512_loadu_ps(xc), xb = _mm512_loadu_ps(xc + 16);
     bad = _mm512_add_ps(bad, _mm512_mul_ps(xa, zero));
     bad = _mm512_add_ps(bad, _mm512_mul_ps(xb, zero));
@@ -186,16 +171,6 @@ bool pair_lut_512(const void* xv, int64_t K, int64_t chunks, const float* table,
     }
   }
   return _mm512_reduce_add_ps(bad) == 0.f;
-}
-
-}  // namespace
-
-bool pair_lut_avx512(const float* x, int64_t K, int64_t chunks, const float* table, int8_t* lut, float* lsc) {
-  return pair_lut_512<false>(x, K, chunks, table, lut, lsc);
-}
-
-bool pair_lut_bf16_avx512(const uint16_t* x, int64_t K, int64_t chunks, const float* table, int8_t* lut, float* lsc) {
-  return pair_lut_512<true>(x, K, chunks, table, lut, lsc);
 }
 
 void gemm_pair_avx512(const PairArgs& a, int64_t t0, int64_t t1) {

@@ -81,8 +81,6 @@ bool pair_lut_avx2(const float*, int64_t, int64_t, const float*, int8_t*, float*
 void gemm_pair_avx512(const PairArgs&, int64_t, int64_t);
 // The tables in gemm_pair_avx512's order (kernel_pair_avx512.cpp: the same entries, see there).
 bool pair_lut_avx512(const float*, int64_t, int64_t, const float*, int8_t*, float*);
-// The same tables from a bf16 row, widened chunk by chunk (no fp32 copy of the row in scratch).
-bool pair_lut_bf16_avx512(const uint16_t*, int64_t, int64_t, const float*, int8_t*, float*);
 void gemm_pair_avx2(const PairArgs&, int64_t, int64_t);
 void exact_pair_avx2(const PairArgs&, int64_t, int64_t);
 void decode_pair_avx2(const DecodeArgs&, int64_t, int64_t);
