@@ -73,10 +73,13 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        if device.type == "cpu":  # the unquantized parts (embedding / lm_head, norms) in bf16, as
-            cast_unquantized(model, torch.bfloat16)  # in the bf16 model: half the bytes per token
-            gemv_unquantized(model)  # one-row bf16 products through torch.mv where faster (AMX)
-            label += "; other parts bf16"
+        if device.type == "cpu":
+            # the embedding / lm_head in bf16, as in the bf16 model (half the bytes per token); the
+            # norms and activations stay float32; the lm_head's decoding products through flute's
+            # bf16 kernel (flute.model.gemv_unquantized)
+            cast_unquantized(model, torch.bfloat16, min_elements=1 << 16)
+            gemv_unquantized(model)
+            label += "; embedding bf16"
         measure(f"flute {b}-bit g{group_size} ({label})", model, seconds)
 
     # Decode speed last, every model in turn per round: on a shared machine they all see the same
@@ -107,10 +110,8 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
     if device.type == "cpu":
         print(f"CPU kernel: {flute.ops.get_cpu_isa()} path, {flute.ops.get_cpu_mode()} mode for decode "
               f"(perplexity runs 1,747-token batches: the exact panel path); "
-              + ("the flute models' bf16 lm_head decodes through torch.mv on this AMX CPU "
-                 "(flute.model.gemv_unquantized), the 16-bit models are run as loaded"
-                 if flute.linear.MV_FOR_BF16_ROWS else
-                 "the bf16 lm_head of every model decodes through torch's mm")
+              + "the flute models' bf16 lm_head decodes through flute's bf16 kernel "
+                "(flute.model.gemv_unquantized), the 16-bit models are run as loaded"
               if flute.ops.HAS_CPU_KERNEL else
               "The CPU extension flute._cpu is not built, so the CPU ran the reference path.")
     elif not flute.HAS_CUDA_KERNEL:

@@ -231,29 +231,59 @@ def _mv_beats_mm() -> bool:
         return False
 
 
-#: Whether :class:`GemvLinear` sends one-row bf16 CPU products to ``torch.mv`` (see :func:`_mv_beats_mm`).
+#: Whether :class:`GemvLinear` sends one-row bf16 CPU products to ``torch.mv`` when flute._cpu is
+#: missing (see :func:`_mv_beats_mm`).
 MV_FOR_BF16_ROWS = _mv_beats_mm()
 
 
-class GemvLinear(nn.Linear):
-    """An ``nn.Linear`` (same parameters, state dict and results) whose one-row bf16 products on
-    the CPU go through ``torch.mv`` where that is the faster product (AMX CPUs:
-    :data:`MV_FOR_BF16_ROWS`); everything else goes through ``nn.Linear``'s own path.
+def _dense_max_rows() -> int:
+    """Activation rows up to which :class:`GemvLinear` sends bf16 CPU products to
+    ``flute::bf16_gemv`` (0 without flute._cpu). Each row reads the weight again from the cache, so
+    the kernel is for decoding steps: 4 rows everywhere, 16 where the CPU has no native bf16
+    (AVX512_BF16 / AMX), since there torch's ``mm`` widens the weight itself. On an Intel VM
+    without either, 49152x576 from DRAM at 2 threads, kernel against ``mm``: 1 row 2.1 / 4.4 ms, 4
+    rows 3.1 / 9.9, 16 rows 8.5 / 21.1 (CPU_NOTES item 205)."""
+    if not ops.HAS_CPU_KERNEL:
+        return 0
+    return 4 if torch.ops.flute.cpu_has_bf16() else 16
 
-    On an Intel Xeon VM with AMX, torch 2.13's CPU ``mm`` read a bf16 weight at one row at ~15 GB/s
-    where its ``mv`` read it at ~25-34 GB/s (for fp32 the two were equal and for fp16 ``mv`` was
-    slower, so only bf16 is rerouted; CPU_NOTES item 170). A decoding model makes exactly these
-    products in its unquantized ``lm_head``; :func:`flute.model.gemv_unquantized` swaps them in.
+
+#: See :func:`_dense_max_rows`.
+DENSE_MAX_ROWS = _dense_max_rows()
+
+
+class GemvLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters and state dict) whose bf16 products of a few activation
+    rows on the CPU (a decoding step) go through flute's own kernel, ``flute::bf16_gemv``
+    (csrc/cpu/dense_gemv.h: fp32 sums, x in float32, bfloat16 or float16, the result in x's
+    dtype), up to :data:`DENSE_MAX_ROWS` rows; everything else goes through ``nn.Linear``'s own
+    path. The results differ from ``nn.Linear``'s by rounding only (another order of the fp32 sums).
+
+    On CPUs without native bf16 arithmetic, torch 2.13's CPU ``mm`` read a bf16 weight at one row
+    at ~12 GB/s, and on an Intel Xeon VM with AMX at ~15 GB/s (CPU_NOTES items 170 and 205); the
+    kernel reads it at the memory's rate. A decoding model makes exactly these products in its
+    unquantized ``lm_head``; :func:`flute.model.gemv_unquantized` swaps them in. Without
+    flute._cpu, one-row bf16 products go through ``torch.mv`` on AMX CPUs
+    (:data:`MV_FOR_BF16_ROWS`), where it beat ``mm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (MV_FOR_BF16_ROWS and x.numel() == self.in_features and x.dtype == torch.bfloat16
-                and w.dtype == torch.bfloat16 and x.device.type == "cpu" and w.device.type == "cpu"):
-            y = torch.mv(w, x.reshape(-1))
-            if self.bias is not None:
-                y = y + self.bias
-            return y.view(*x.shape[:-1], self.out_features)
+        if (w.dtype == torch.bfloat16 and x.device.type == "cpu" and w.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            rows = x.numel() // self.in_features if self.in_features else 0
+            if 0 < rows <= DENSE_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+                y = torch.ops.flute.bf16_gemv(x, w)
+                return y if self.bias is None else y + self.bias
+            if MV_FOR_BF16_ROWS and rows == 1 and x.dtype == torch.bfloat16:
+                y = torch.mv(w, x.reshape(-1))
+                if self.bias is not None:
+                    y = y + self.bias
+                return y.view(*x.shape[:-1], self.out_features)
+        if x.dtype != w.dtype and x.is_floating_point() and w.is_floating_point():
+            # float32 activations against a 16-bit weight (flute.model.cast_unquantized with
+            # min_elements), beyond the kernel's rows: the product in the weight's dtype
+            return nn.functional.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
         return nn.functional.linear(x, w, self.bias)
 
     @classmethod

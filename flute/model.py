@@ -80,7 +80,7 @@ def record_config(model: nn.Module, spec: QuantSpec, **extra) -> None:
             hf_config.quantization_config = dict(config)
 
 
-def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def cast_unquantized(model: nn.Module, dtype: torch.dtype, min_elements: int = 0) -> nn.Module:
     """Cast the floating-point parameters and buffers outside :class:`QuantLinear` layers (the
     embeddings, norms, an unquantized ``lm_head``) to ``dtype`` in place and return the model; the
     quantized layers keep their scales, offsets and table as they are (their kernels take
@@ -89,17 +89,26 @@ def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     A model quantized from float32 still reads its float32 leftovers on every decode step (for
     SmolLM2-135M, the 113 MB tied embedding / ``lm_head`` against 57 MB of 4-bit layers); in bf16
     they cost half, as in a bf16 model.
+
+    ``min_elements``: only tensors with at least this many elements are cast (e.g. ``1 << 16``: the
+    embedding and ``lm_head``, not the norms and rotary buffers). The activations then stay in the
+    model's float32 from the first norm on, with the bytes per token of the all-bf16 cast: the
+    quantized layers take float32 activations, and a :class:`~flute.linear.GemvLinear`
+    (:func:`gemv_unquantized`) multiplies them by its bf16 weight. On a CPU without native bf16
+    arithmetic, SmolLM2-135M at 4 bits decoded 62.3 against 59.5 tokens/s (CPU_NOTES item 205).
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if not isinstance(min_elements, int) or min_elements < 0:
+        raise ValueError(f"min_elements must be a non-negative int, got {min_elements!r}")
     for module in model.modules():
         if isinstance(module, QuantLinear):
             continue
         for p in module.parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != dtype:
+            if p.is_floating_point() and p.dtype != dtype and p.numel() >= min_elements:
                 p.data = p.data.to(dtype)  # in place on the Parameter: tied weights stay tied
         for name, b in list(module.named_buffers(recurse=False)):
-            if b is not None and b.is_floating_point() and b.dtype != dtype:
+            if b is not None and b.is_floating_point() and b.dtype != dtype and b.numel() >= min_elements:
                 setattr(module, name, b.to(dtype))
     return model
 
@@ -109,12 +118,13 @@ def gemv_unquantized(model: nn.Module) -> int:
     layers) by a :class:`~flute.linear.GemvLinear` holding the same parameters, in place; return
     how many were replaced.
 
-    Results are unchanged except that on CPUs with AMX, one-row bf16 products (a decoding step) go
-    through ``torch.mv``, which there reads the weight faster than ``mm`` does (elsewhere ``mm`` was
-    as fast or faster, and nothing changes: :data:`flute.linear.MV_FOR_BF16_ROWS`). For
-    SmolLM2-135M at 4 bits with bf16 leftovers (:func:`cast_unquantized`) on an AMX VM, the bf16
-    ``lm_head`` (the 57 MB tied embedding) took ~28% of a decoding step's time through ``mm``;
-    ``flute demo`` applies this on the CPU.
+    Results change by rounding only: bf16 products of a few activation rows (a decoding step) go
+    through flute's own CPU kernel (``flute::bf16_gemv``), which reads the weight at the memory's
+    rate where torch's ``mm`` did not, and float32 activations against a bf16 weight (see
+    :func:`cast_unquantized`'s ``min_elements``) are accepted. For SmolLM2-135M at 4 bits with bf16
+    leftovers, the bf16 ``lm_head`` (the 57 MB tied embedding) took ~28% of a decoding step's time
+    through ``mm`` on an AMX VM and ~26% on a VM without native bf16; ``flute demo`` applies this on
+    the CPU (CPU_NOTES items 170 and 205).
     """
     layers = linear_layers(model, skip=())
     for name, linear in layers:

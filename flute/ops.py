@@ -45,6 +45,9 @@ DEQUANTIZE_SCHEMA = ("dequantize(Tensor qweight, Tensor scales, Tensor? offsets,
 _lib = torch.library.Library("flute", "DEF")
 _lib.define(QGEMM_SCHEMA)
 _lib.define(DEQUANTIZE_SCHEMA)
+# x @ weight.T for an unquantized bf16 weight (the layers quantization leaves in 16 bits), in fp32:
+# flute._cpu's kernel (csrc/cpu/dense_gemv.h), else bf16_gemv_reference.
+_lib.define("bf16_gemv(Tensor x, Tensor weight) -> Tensor")
 
 # Rows of W dequantized at once by the reference path: 4M float32 elements (16 MB) per block.
 _REFERENCE_BLOCK_ELEMENTS = 1 << 22
@@ -323,6 +326,35 @@ if not HAS_CPU_KERNEL:
     _lib.impl("dequantize", dequantize_cpu, "CPU")
 torch.library.register_fake("flute::qgemm", lib=_lib)(_qgemm_fake)
 torch.library.register_fake("flute::dequantize", lib=_lib)(_dequantize_fake)
+
+
+def check_bf16_gemv_args(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The argument checks of ``flute::bf16_gemv`` (the C++ kernel's, same messages)."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        raise ValueError(f"flute: bf16_gemv's weight must be a 2-D bfloat16 tensor, got {weight.dtype} "
+                         f"{list(weight.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"flute: bf16_gemv's x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"flute: bf16_gemv's x must have last dimension {weight.shape[1]} (the weight's "
+                         f"columns), got shape {list(x.shape)}")
+
+
+def bf16_gemv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``flute::bf16_gemv`` without flute._cpu: ``x @ weight.T`` in float32, in x's dtype (the
+    kernel's sums run in another order, so the two differ by float32 rounding)."""
+    check_bf16_gemv_args(x, weight)
+    return (x.float() @ weight.float().t()).to(x.dtype)
+
+
+def _bf16_gemv_fake(x, weight):
+    check_bf16_gemv_args(x, weight)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+if not HAS_CPU_KERNEL:
+    _lib.impl("bf16_gemv", bf16_gemv_reference, "CPU")
+torch.library.register_fake("flute::bf16_gemv", lib=_lib)(_bf16_gemv_fake)
 
 
 def _qgemm_setup_context(ctx, inputs, output):

@@ -97,13 +97,17 @@ def test_checkpoint_nbytes_is_what_the_state_dict_holds(linear):
     assert q.checkpoint_nbytes() == sum(t.numel() * t.element_size() for k, t in sd.items() if k != "qmeta")
 
 
-@pytest.mark.parametrize("mv", [True, False])
+@pytest.mark.parametrize("dense,mv", [(4, False), (0, True), (0, False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gemv_linear_one_row_through_mv_others_through_linear(linear, dtype, bias, mv, rng, monkeypatch):
+def test_gemv_linear_routes_few_bf16_rows_to_the_kernel(linear, dtype, bias, dense, mv, rng, monkeypatch):
     import flute.linear
     from flute.linear import GemvLinear
-    monkeypatch.setattr(flute.linear, "MV_FOR_BF16_ROWS", mv)  # the AMX CPUs' choice, and the others'
+    if dense and not flute.ops.HAS_CPU_KERNEL:
+        pytest.skip("flute._cpu not built")
+    # with the kernel (up to 4 rows), and without it on AMX CPUs (mv) and on the others
+    monkeypatch.setattr(flute.linear, "DENSE_MAX_ROWS", dense)
+    monkeypatch.setattr(flute.linear, "MV_FOR_BF16_ROWS", mv)
     if not bias:
         linear.bias = None
     linear = linear.to(dtype)
@@ -111,17 +115,30 @@ def test_gemv_linear_one_row_through_mv_others_through_linear(linear, dtype, bia
     assert g.weight is linear.weight and g.bias is linear.bias
     assert set(g.state_dict()) == set(linear.state_dict())
     one = torch.randn(1, 1, 576, generator=rng).to(dtype)
+    few = torch.randn(2, 2, 576, generator=rng).to(dtype)
     many = torch.randn(2, 3, 576, generator=rng).to(dtype)
     with torch.no_grad():
-        y1, yn = g(one), g(many)
-        assert y1.shape == (1, 1, 192) and y1.dtype == dtype
-        assert torch.equal(yn, linear(many))  # several rows: nn.Linear's own path
-        if dtype == torch.bfloat16 and mv:  # one bf16 row where mv is the faster: the matrix-vector product
-            ref = torch.mv(linear.weight, one.reshape(-1))
-            if bias:
-                ref = ref + linear.bias
-            assert torch.equal(y1.reshape(-1), ref)
+        y1, yf, yn = g(one), g(few), g(many)
+        assert y1.shape == (1, 1, 192) and y1.dtype == dtype and yf.shape == (2, 2, 192)
+        assert torch.equal(yn, linear(many))  # more rows than DENSE_MAX_ROWS: nn.Linear's own path
+        b = 0 if linear.bias is None else linear.bias
+        if dtype == torch.bfloat16 and dense:  # the kernel, bias added after
+            assert torch.equal(y1, torch.ops.flute.bf16_gemv(one, linear.weight) + b)
+            assert torch.equal(yf, torch.ops.flute.bf16_gemv(few, linear.weight) + b)
+        elif dtype == torch.bfloat16 and mv:  # one row where mv is the faster: the matrix-vector product
+            assert torch.equal(y1.reshape(-1), torch.mv(linear.weight, one.reshape(-1)) + b)
+            assert torch.equal(yf, linear(few))
         else:
-            assert torch.equal(y1, linear(one))
+            assert torch.equal(y1, linear(one)) and torch.equal(yf, linear(few))
         exact = one.double() @ linear.weight.double().T + (linear.bias.double() if bias else 0)
         assert ((y1.double() - exact).norm() / exact.norm()).item() < 1e-2
+    if dtype == torch.bfloat16 and dense:
+        # float32 activations against the bf16 weight (nn.Linear refuses the mix): float32 out
+        with torch.no_grad():
+            y32 = g(one.float())
+        assert y32.dtype == torch.float32
+        assert ((y32.double() - exact).norm() / exact.norm()).item() < 1e-5
+        # recording a gradient: nn.Linear's path
+        xg = one.clone().requires_grad_()
+        g(xg).sum().backward()
+        assert xg.grad is not None and xg.grad.shape == one.shape

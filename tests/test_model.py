@@ -63,7 +63,32 @@ def test_cast_unquantized_moves_only_the_float_leftovers():
         flute.model.cast_unquantized(model, torch.int8)
 
 
-def test_gemv_unquantized_swaps_the_plain_linears_left():
+def test_cast_unquantized_min_elements_keeps_the_small_ones_and_float32_activations():
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    quantize_model(model, bits=4, group_size=32, progress=False)
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(ids).logits
+    big = model.model.embed_tokens.weight.numel()
+    flute.model.cast_unquantized(model, torch.bfloat16, min_elements=big)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert model.model.norm.weight.dtype == torch.float32  # fewer elements: kept
+    flute.model.gemv_unquantized(model)  # the bf16 lm_head takes the float32 activations
+    with torch.no_grad():
+        out = model(ids).logits  # 7 rows
+        one = model(ids[:, :1]).logits  # one row
+    assert out.dtype == torch.float32 and one.dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()).item() < 0.03
+    assert ((one[0, 0] - ref[0, 0]).norm() / ref[0, 0].norm()).item() < 0.03
+    with pytest.raises(ValueError, match="min_elements"):
+        flute.model.cast_unquantized(model, torch.bfloat16, min_elements=-1)
+
+
+def test_gemv_unquantized_swaps_the_plain_linears_left(monkeypatch):
+    monkeypatch.setattr(flute.linear, "DENSE_MAX_ROWS", 4 if flute.ops.HAS_CPU_KERNEL else 0)
     model = tiny_llama()
     model.config.tie_word_embeddings = True
     model.tie_weights()
@@ -82,7 +107,7 @@ def test_gemv_unquantized_swaps_the_plain_linears_left():
     assert set(model.state_dict()) == keys
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref_many)  # 9 rows: the same nn.Linear path
-        one = model(ids[:, :1]).logits  # one row: torch.mv, the same sums in another order
+        one = model(ids[:, :1]).logits  # one row: flute::bf16_gemv (or torch.mv), the sums in another order
     assert ((one.float() - ref_one.float()).norm() / ref_one.float().norm()).item() < 0.02
     assert flute.model.gemv_unquantized(model) == 0  # nothing plain left
 

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include "avx2_common.h"
+#include "dense_gemv.h"
 
 namespace flute_cpu {
 namespace {
@@ -189,6 +190,44 @@ void decode_bits(const DecodeArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// dense_gemv.h on 256-bit registers: lanes 0-7 and 8-15 of each accumulator in two registers (lo
+// from the chunk's first 32 bytes, hi from its second), so a row needs four; two rows at a time
+// (16 ymm registers). The tail chunk is copied into a zeroed buffer first.
+template <int R>
+inline void dense_rows256(const uint16_t* const (&rp)[R], int64_t K, const float* x, int64_t M, float* const (&yp)[R],
+                          int64_t N) {
+  const int64_t kp = dense_k_pad(K), kf = K / kDenseChunk * kDenseChunk;
+  const __m256i odd = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  alignas(32) uint16_t tail[R][kDenseChunk] = {};
+  for (int r = 0; r < R; ++r) std::memcpy(tail[r], rp[r] + kf, (K - kf) * 2);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * kp;
+    __m256 e[R][2], o[R][2];
+    for (int r = 0; r < R; ++r) e[r][0] = e[r][1] = o[r][0] = o[r][1] = _mm256_setzero_ps();
+    auto step = [&](int64_t c, bool masked) {
+      if (m == 0 && !masked)
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rp[r] + c) + kDensePrefetchBytes, _MM_HINT_T0);
+      for (int hh = 0; hh < 2; ++hh) {
+        const __m256 xe = _mm256_loadu_ps(xr + c + 8 * hh), xo = _mm256_loadu_ps(xr + c + 16 + 8 * hh);
+        for (int r = 0; r < R; ++r) {
+          const uint16_t* p = (masked ? tail[r] : rp[r] + c) + 16 * hh;
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+          e[r][hh] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, e[r][hh]);
+          o[r][hh] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, odd)), xo, o[r][hh]);
+        }
+      }
+    };
+    for (int64_t c = 0; c < kf; c += kDenseChunk) step(c, false);
+    if (kf < K) step(kf, true);
+    for (int r = 0; r < R; ++r) {
+      const __m256 s8 = _mm256_add_ps(_mm256_add_ps(e[r][0], o[r][0]), _mm256_add_ps(e[r][1], o[r][1]));
+      const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+      const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      yp[r][m * N] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    }
+  }
+}
+
 }  // namespace
 
 void decode_avx2(const DecodeArgs& a, int64_t r0, int64_t r1) {
@@ -266,6 +305,19 @@ void gemm_avx2(const GemmArgs& a, int64_t t0, int64_t t1) {
     case 3: gemm_bits<3>(a, t0, t1); break;
     default: gemm_bits<4>(a, t0, t1); break;
   }
+}
+
+void gemv_bf16_avx2(const uint16_t* w, int64_t K, const float* x, int64_t M, int64_t N, int64_t n0, int64_t n1,
+                    float* y, bool two_streams) {
+  dense_row_blocks<2>(n0, n1, two_streams, [&](const int64_t (&rows)[2]) {
+    const uint16_t* const rp[2] = {w + rows[0] * K, w + rows[1] * K};
+    float* const yp[2] = {y + rows[0], y + rows[1]};
+    dense_rows256<2>(rp, K, x, M, yp, N);
+  }, [&](int64_t n) {
+    const uint16_t* const rp[1] = {w + n * K};
+    float* const yp[1] = {y + n};
+    dense_rows256<1>(rp, K, x, M, yp, N);
+  });
 }
 
 }  // namespace flute_cpu

@@ -13,7 +13,10 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "avx512_common.h"
+#include "dense_gemv.h"
 
 namespace flute_cpu {
 namespace {
@@ -357,6 +360,44 @@ void decode_bits_bf16(const DecodeArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// dense_gemv.h: the even and odd accumulators of a row added, then the 16 lanes halved.
+inline float dense_sum16(__m512 e, __m512 o) {
+  const __m512 s = _mm512_add_ps(e, o);
+  const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// R weight rows (rp) against the M rows of x into yp[r][m * N]: per 64 bytes of a row, its 16 even
+// columns widened by a shift and its 16 odd ones by an AND, two FMAs, no shuffle. The tail chunk
+// by a masked load (the masked columns read as zero, as the spec pads them).
+template <int R>
+inline void dense_rows512(const uint16_t* const (&rp)[R], int64_t K, const float* x, int64_t M, float* const (&yp)[R],
+                          int64_t N) {
+  const int64_t kp = dense_k_pad(K), kf = K / kDenseChunk * kDenseChunk;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t(1) << (K - kf)) - 1);
+  const __m512i odd = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * kp;
+    __m512 e[R], o[R];
+    for (int r = 0; r < R; ++r) e[r] = o[r] = _mm512_setzero_ps();
+    auto step = [&](int64_t c, auto masked) {
+      const __m512 xe = _mm512_loadu_ps(xr + c), xo = _mm512_loadu_ps(xr + c + 16);
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* p = rp[r] + c;
+        if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(p) + kDensePrefetchBytes, _MM_HINT_T0);
+        const __m512i v = decltype(masked)::value ? _mm512_maskz_loadu_epi16(tail, p) : _mm512_loadu_si512(p);
+        e[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, e[r]);
+        o[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, odd)), xo, o[r]);
+      }
+    };
+    for (int64_t c = 0; c < kf; c += kDenseChunk) step(c, std::false_type{});
+    if (kf < K) step(kf, std::true_type{});
+    for (int r = 0; r < R; ++r) yp[r][m * N] = dense_sum16(e[r], o[r]);
+  }
+}
+
 }  // namespace
 
 void gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1) {
@@ -380,6 +421,19 @@ void decode_avx512(const DecodeArgs& a, int64_t r0, int64_t r1) {
     case 3: decode_bits<3>(a, r0, r1); break;
     default: decode_bits<4>(a, r0, r1); break;
   }
+}
+
+void gemv_bf16_avx512(const uint16_t* w, int64_t K, const float* x, int64_t M, int64_t N, int64_t n0, int64_t n1,
+                      float* y, bool two_streams) {
+  dense_row_blocks<4>(n0, n1, two_streams, [&](const int64_t (&rows)[4]) {
+    const uint16_t* const rp[4] = {w + rows[0] * K, w + rows[1] * K, w + rows[2] * K, w + rows[3] * K};
+    float* const yp[4] = {y + rows[0], y + rows[1], y + rows[2], y + rows[3]};
+    dense_rows512<4>(rp, K, x, M, yp, N);
+  }, [&](int64_t n) {
+    const uint16_t* const rp[1] = {w + n * K};
+    float* const yp[1] = {y + n};
+    dense_rows512<1>(rp, K, x, M, yp, N);
+  });
 }
 
 }  // namespace flute_cpu

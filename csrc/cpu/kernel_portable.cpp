@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "dense_gemv.h"
 #include "lut_kernel.h"
 
 namespace flute_cpu {
@@ -167,6 +168,31 @@ void decode_portable(const DecodeArgs& a, int64_t r0, int64_t r1) {
             const float v = a.table[code_at(rb, a.bits, j, c + e * C)] * sc[g] + off[g];
             if (a.bf16) dh[col] = f32_to_bf16(v); else df[col] = v;
           }
+    }
+  }
+}
+
+// The spec of dense_gemv.h's arithmetic, scalar.
+void gemv_bf16_portable(const uint16_t* w, int64_t K, const float* x, int64_t M, int64_t N, int64_t n0,
+                        int64_t n1, float* y, bool two_streams) {
+  (void)two_streams;
+  const int64_t kp = dense_k_pad(K);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * kp;
+      float acc[2][16] = {};
+      for (int64_t c = 0; c < kp; c += kDenseChunk)
+        for (int j = 0; j < 16; ++j)
+          for (int h = 0; h < 2; ++h) {
+            const int64_t k = c + 2 * j + h;
+            acc[h][j] = std::fma(k < K ? bf16_to_f32(wr[k]) : 0.f, xr[c + 16 * h + j], acc[h][j]);
+          }
+      float s[16];
+      for (int j = 0; j < 16; ++j) s[j] = acc[0][j] + acc[1][j];
+      for (int half = 8; half >= 1; half /= 2)
+        for (int j = 0; j < half; ++j) s[j] = s[j] + s[j + half];
+      y[m * N + n] = s[0];
     }
   }
 }
