@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 import flute  # noqa: E402
 from flute import QuantLinear  # noqa: E402
+from flute.linear import GemvLinear  # noqa: E402  (CPU loads: the leftover nn.Linear layers)
 from flute.integrations import huggingface as hf  # noqa: E402
 
 assert hf.register()
@@ -82,7 +83,7 @@ def test_save_load_sharded_identical_logits(tmp_path, ids):
     qc = json.load(open(tmp_path / "q" / "config.json"))["quantization_config"]
     assert qc["quant_method"] == "flute" and qc["bits"] == 3 and qc["group_size"] == 64
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    assert len(qlinears(loaded)) == 14 and type(loaded.lm_head) is nn.Linear
+    assert len(qlinears(loaded)) == 14 and type(loaded.lm_head) is GemvLinear
     assert torch.equal(logits(loaded, ids), ref)
     # and the loaded model saves again to the same tensors
     loaded.save_pretrained(tmp_path / "q2")
@@ -97,7 +98,7 @@ def test_save_load_sharded_identical_logits(tmp_path, ids):
 def test_quantize_on_load_matches_quantize_model(fp_dir, tmp_path, ids):
     model = AutoModelForCausalLM.from_pretrained(
         fp_dir, quantization_config=FluteConfig(bits=4, group_size=64))
-    assert len(qlinears(model)) == 14 and type(model.lm_head) is nn.Linear
+    assert len(qlinears(model)) == 14 and type(model.lm_head) is GemvLinear
     ref = tiny_llama()
     flute.quantize_model(ref, bits=4, group_size=64, progress=False)
     out = logits(model, ids)
@@ -111,13 +112,13 @@ def test_quantize_on_load_options_and_skip(fp_dir, tmp_path, ids):
     cfg = FluteConfig(bits=3, group_size=32, codebook="learned", offsets=True,
                       modules_to_not_convert=["down_proj"])
     model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=cfg)
-    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    assert type(model.model.layers[0].mlp.down_proj) is GemvLinear
     q = model.model.layers[1].self_attn.q_proj
     assert isinstance(q, QuantLinear) and q.offsets is not None and q.bits == 3
     out = logits(model, ids)
     model.save_pretrained(tmp_path / "mixed")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed")
-    assert type(again.model.layers[0].mlp.down_proj) is nn.Linear
+    assert type(again.model.layers[0].mlp.down_proj) is GemvLinear
     assert torch.equal(logits(again, ids), out)
 
 
@@ -240,3 +241,21 @@ def test_cpu_checkpoint_loads_on_gpu_and_back(q_dir, tmp_path, ids):
     gpu.save_pretrained(tmp_path / "from_gpu")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "from_gpu")
     assert torch.equal(logits(back, ids), ref)
+
+
+def test_cpu_load_decodes_a_bf16_lm_head_through_the_flute_kernel(tmp_path, ids):
+    tiny_llama(tie=True).save_pretrained(tmp_path / "fp")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", dtype=torch.bfloat16)
+    flute.quantize_model(model, bits=4, group_size=64, progress=False)
+    model.save_pretrained(tmp_path / "b")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    head = loaded.lm_head
+    assert type(head) is GemvLinear and head.weight.dtype == torch.bfloat16
+    assert head.weight is loaded.model.embed_tokens.weight  # still tied
+    with torch.no_grad():
+        h = loaded.model(ids[:1, :1]).last_hidden_state  # one decoding row
+        y = head(h)
+        ref = nn.functional.linear(h, head.weight)
+    assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+    if flute.ops.HAS_CPU_KERNEL:
+        assert torch.equal(y, torch.ops.flute.bf16_gemv(h, head.weight))

@@ -15,6 +15,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from flute.format import FORMAT_VERSION, check_weight_tensors
 from flute.linear import QuantLinear
+from flute.model import gemv_unquantized
 from flute.modules import matches, set_submodule
 from flute.quantize import name_errors, quantize_weight
 
@@ -234,6 +235,11 @@ class FluteHfQuantizer(HfQuantizer):
                 out_features=m.out_features))
             m.table = m.table.float()
             m.prepare()
+        if any(p.device.type == "cpu" for p in model.parameters()):
+            # the plain nn.Linear layers left (a bf16 lm_head) decode through flute's bf16 kernel
+            # on the CPU (same parameters and state dict; torch's bf16 mm at one row read it at
+            # ~12-15 GB/s: flute.linear.GemvLinear)
+            gemv_unquantized(model)
         model.flute_config = self.quantization_config.to_dict()
         return model
 
