@@ -40,11 +40,18 @@ def test_quantize_model_replaces_linears_and_keeps_logits_close():
     assert cfg["quant_method"] == "flute" and cfg["bits"] == 4 and cfg["group_size"] == 32
 
 
-def test_cast_unquantized_moves_only_the_float_leftovers():
+def tied_quantized_llama(**kwargs):
+    """A tiny Llama with a tied embedding / lm_head, quantized to 4 bits, group 32 (kwargs: more
+    quantize_model options)."""
     model = tiny_llama()
     model.config.tie_word_embeddings = True
     model.tie_weights()
-    quantize_model(model, bits=4, group_size=32, progress=False)
+    quantize_model(model, bits=4, group_size=32, progress=False, **kwargs)
+    return model
+
+
+def test_cast_unquantized_moves_only_the_float_leftovers():
+    model = tied_quantized_llama()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(ids).logits
@@ -64,10 +71,7 @@ def test_cast_unquantized_moves_only_the_float_leftovers():
 
 
 def test_cast_unquantized_min_elements_keeps_the_small_ones_and_float32_activations():
-    model = tiny_llama()
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    quantize_model(model, bits=4, group_size=32, progress=False)
+    model = tied_quantized_llama()
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = model(ids).logits
@@ -89,10 +93,7 @@ def test_cast_unquantized_min_elements_keeps_the_small_ones_and_float32_activati
 
 def test_gemv_unquantized_swaps_the_plain_linears_left(monkeypatch):
     monkeypatch.setattr(flute.linear, "DENSE_MAX_ROWS", 4 if flute.ops.HAS_CPU_KERNEL else 0)
-    model = tiny_llama()
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    quantize_model(model, bits=4, group_size=32, skip=("lm_head", "*.mlp.down_proj"), progress=False)
+    model = tied_quantized_llama(skip=("lm_head", "*.mlp.down_proj"))
     flute.model.cast_unquantized(model, torch.bfloat16)
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
