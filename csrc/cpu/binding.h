@@ -202,6 +202,13 @@ inline int64_t align64(int64_t off) { return (off + 63) / 64 * 64; }
 // (bf16_to_f32_avx2) or bf16_to_f32_portable (fused_gemm.cpp).
 using Bf16ToF32Fn = void (*)(const uint16_t*, float*, int64_t);
 void bf16_to_f32_portable(const uint16_t* src, float* dst, int64_t n);
+inline Bf16ToF32Fn bf16_to_f32_fn(int isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa >= kAvx2) return bf16_to_f32_avx2;
+#endif
+  (void)isa;
+  return bf16_to_f32_portable;
+}
 
 // fn(ctx, t0, t1) over the row tiles [0, tiles), at least `grain` tiles per call of fn, after
 // setup(ctx) (ctx = Ctx{}) once in every thread that takes tiles (once in all when the call runs on

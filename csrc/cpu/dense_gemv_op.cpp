@@ -63,12 +63,7 @@ at::Tensor bf16_gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
     if (xt == at::kFloat) {
       src = xc.data_ptr<float>() + m * K;
     } else if (xt == at::kBFloat16) {
-      const auto* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr()) + m * K;
-#if defined(__x86_64__) || defined(_M_X64)
-      if (active_isa() >= kAvx2) bf16_to_f32_avx2(xb, row, K);
-      else
-#endif
-        bf16_to_f32_portable(xb, row, K);
+      bf16_to_f32_fn(active_isa())(reinterpret_cast<const uint16_t*>(xc.data_ptr()) + m * K, row, K);
     } else {
       const c10::Half* xh = xc.data_ptr<c10::Half>() + m * K;
       for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(xh[k]);

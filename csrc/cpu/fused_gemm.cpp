@@ -263,11 +263,7 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
         if (f32) {
           std::memcpy(d, xf + m * K, K * 4);
         } else if (x2.scalar_type() == at::kBFloat16) {
-#if defined(__x86_64__) || defined(_M_X64)
-          if (isa >= kAvx2) bf16_to_f32_avx2(xb + m * K, d, K);
-          else
-#endif
-            bf16_to_f32_portable(xb + m * K, d, K);
+          bf16_to_f32_fn(isa)(xb + m * K, d, K);
         } else {
           for (int64_t k = 0; k < K; ++k) d[k] = f16_to_f32(xb[m * K + k]);
         }

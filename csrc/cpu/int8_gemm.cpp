@@ -236,11 +236,11 @@ struct Int8Fns {
 
 static Int8Fns int8_fns(int isa) {
   Int8Fns f;
+  f.widen = bf16_to_f32_fn(isa);
 #if defined(__x86_64__) || defined(_M_X64)
   if (isa >= kAvx2) {
     f.quant = quantize_x_int8_avx2;
     f.fn = gemm_int8_avx2;
-    f.widen = bf16_to_f32_avx2;
   }
   f.avx512 = isa == kAvx512 && has_vbmi_vnni();
   if (f.avx512) f.fn = gemm_int8_avx512;
