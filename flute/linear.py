@@ -252,6 +252,31 @@ def _dense_max_rows() -> int:
 DENSE_MAX_ROWS = _dense_max_rows()
 
 
+def decoding_product(x: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``x @ weight.T (+ bias)`` for an unquantized bf16 ``weight`` on the CPU when it is a decoding
+    step's product, else ``None`` (the caller then takes its own path). A decoding step is up to
+    :data:`DENSE_MAX_ROWS` activation rows (float32, bfloat16 or float16) with autograd not
+    recording; it runs through ``flute::bf16_gemv`` (the result in x's dtype, fp32 sums). Without
+    flute._cpu, a single bf16 row goes through ``torch.mv`` where :data:`MV_FOR_BF16_ROWS` says so.
+    Used by :class:`GemvLinear` and by vLLM's ``lm_head`` (:mod:`flute.integrations.vllm_method`)."""
+    if (weight.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.device.type != "cpu"
+            or weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    in_features = weight.shape[1]
+    rows = x.numel() // in_features if in_features else 0
+    if 0 < rows <= DENSE_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        y = torch.ops.flute.bf16_gemv(x, weight)
+        return y if bias is None else y + bias
+    if MV_FOR_BF16_ROWS and rows == 1 and x.dtype == torch.bfloat16:
+        y = torch.mv(weight, x.reshape(-1))
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return None
+
+
 class GemvLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters and state dict) whose bf16 products of a few activation
     rows on the CPU (a decoding step) go through flute's own kernel, ``flute::bf16_gemv``
@@ -269,17 +294,9 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (w.dtype == torch.bfloat16 and x.device.type == "cpu" and w.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            rows = x.numel() // self.in_features if self.in_features else 0
-            if 0 < rows <= DENSE_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-                y = torch.ops.flute.bf16_gemv(x, w)
-                return y if self.bias is None else y + self.bias
-            if MV_FOR_BF16_ROWS and rows == 1 and x.dtype == torch.bfloat16:
-                y = torch.mv(w, x.reshape(-1))
-                if self.bias is not None:
-                    y = y + self.bias
-                return y.view(*x.shape[:-1], self.out_features)
+        y = decoding_product(x, w, self.bias)
+        if y is not None:
+            return y
         if x.dtype != w.dtype and x.is_floating_point() and w.is_floating_point():
             # float32 activations against a 16-bit weight (flute.model.cast_unquantized with
             # min_elements), beyond the kernel's rows: the product in the weight's dtype

@@ -459,3 +459,42 @@ def test_apply_traces_with_torch_compile(vl, monkeypatch):
                              backend="aot_eager", dynamic=True)
     torch.testing.assert_close(compiled(x), eager)
     assert compiled(x[:2]).shape == (2, 128)
+
+
+@pytest.mark.vllm
+def test_lm_head_decoding_steps_through_flute_gemv(vl, monkeypatch):
+    """The lm_head stays unquantized (vLLM's own embedding method underneath: loading, tying, its
+    CPU GEMM set-up), but a decoding step's bf16 product on the CPU runs flute::bf16_gemv; larger
+    batches and the embedding keep vLLM's path."""
+    import vllm.model_executor.layers.vocab_parallel_embedding as vpe
+    m = vl["method"]
+    monkeypatch.setattr(vpe, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(vpe, "get_tensor_model_parallel_world_size", lambda: 1)
+    cfg = m.FluteConfig.from_config({"quant_method": "flute", "bits": 4, "group_size": 64})
+    from vllm.config import set_current_vllm_config
+    with set_current_vllm_config(vl["config"]):
+        head = vpe.ParallelLMHead(1000, 192, params_dtype=torch.bfloat16, quant_config=cfg,
+                                  prefix="lm_head")
+        emb = vpe.VocabParallelEmbedding(1000, 192, params_dtype=torch.bfloat16,
+                                         quant_config=cfg, prefix="model.embed_tokens")
+    assert isinstance(head.quant_method, m.FluteLMHeadMethod)
+    assert isinstance(head.quant_method, vpe.UnquantizedEmbeddingMethod)  # head_dtype checks pass
+    assert type(emb.quant_method) is vpe.UnquantizedEmbeddingMethod
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g).to(torch.bfloat16))
+    head.quant_method.process_weights_after_loading(head)
+    base = vpe.UnquantizedEmbeddingMethod()
+    w = head.weight
+    x1 = torch.randn(1, 192, generator=g).to(torch.bfloat16)
+    y1 = head.quant_method.apply(head, x1)
+    ref = (x1.double() @ w.double().T)
+    assert y1.dtype == torch.bfloat16 and y1.shape == (1, w.shape[0])
+    torch.testing.assert_close(y1.double(), ref, rtol=1e-2, atol=1e-2)
+    if flute.ops.HAS_CPU_KERNEL:
+        assert torch.equal(y1, torch.ops.flute.bf16_gemv(x1, w))  # the kernel's own bits
+    many = torch.randn(40, 192, generator=g).to(torch.bfloat16)
+    assert torch.equal(head.quant_method.apply(head, many), base.apply(head, many))
+    bias = torch.randn(w.shape[0], generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(head.quant_method.apply(head, x1, bias).double(),
+                               (y1 + bias).double())

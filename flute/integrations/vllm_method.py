@@ -16,12 +16,15 @@ from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase,
                                                UnquantizedLinearMethod,
                                                register_weight_loader_v2_supported_method)
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
+                                                                 UnquantizedEmbeddingMethod)
 from vllm.model_executor.parameter import (ChannelQuantScaleParameter, GroupQuantScaleParameter,
                                            ModelWeightParameter, PerTensorScaleParameter)
 
 import flute  # noqa: F401  (registers torch.ops.flute.*)
 from flute.format import FORMAT_VERSION, check_tensor, num_groups, packed_row_bytes, unpack_codes
 from flute.cpu_layout import device_layout
+from flute.linear import decoding_product
 from flute.ops import qgemm
 from flute.quantize import name_errors, quantize_weight
 
@@ -127,12 +130,32 @@ class FluteConfig(QuantizationConfig):
                 skip + hf_to_vllm_mapper.apply_list(skip)))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, ParallelLMHead):
+            return FluteLMHeadMethod()  # unquantized, its decoding steps through flute's GEMV
         if not isinstance(layer, LinearBase):
-            return None  # embeddings and lm_head stay in the model dtype
+            return None  # the embedding stays in the model dtype
         if is_skipped(prefix, self.settings["modules_to_not_convert"],
                       getattr(self, "packed_modules_mapping", {}) or {}):
             return UnquantizedLinearMethod()
         return FluteLinearMethod(self)
+
+
+class FluteLMHeadMethod(UnquantizedEmbeddingMethod):
+    """The ``lm_head`` of a flute model: unquantized (vLLM's own embedding method: weights,
+    loading, tying, its CPU GEMM set-up), except that on the CPU a decoding step's product of a
+    bf16 head (a few rows of hidden states) goes through ``flute::bf16_gemv``
+    (:func:`flute.linear.decoding_product`). vLLM-CPU's own path for it, oneDNN, read a bf16
+    weight at one row at about half the memory's rate on CPUs without native bf16
+    (benchmarks/CPU_NOTES.md item 207); a flute model's head is often the largest tensor a
+    decoding step reads."""
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            y = decoding_product(x, layer.weight, bias)
+            if y is not None:
+                return y
+        return super().apply(layer, x, bias)
 
 
 def _checked_loader(loader, prefix: str, name: str, dtype: Optional[torch.dtype] = None):
