@@ -116,13 +116,17 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
   constexpr __mmask32 kHigh = 0xFFFF0000u;  // the words of the upper 256 bits (reg 1)
   const int64_t M = a.M;
   const int64_t tile_bytes = a.tile_bytes;
+  // Zeroed through static_rows, one constant index at a time: GCC 12 turned the plain loop over the
+  // tile pairs' 8 rows into a `rep stos` of the array, which then stayed in memory, every block's
+  // FMAs loading and storing all 8 accumulators (4 rows it had kept in registers).
   __m512 facc[NT * NR][MC];
-  for (int r = 0; r < NT * NR; ++r)
-    for (int mc = 0; mc < MC; ++mc) facc[r][mc] = _mm512_setzero_ps();
+  static_rows<NT * NR>([&](auto r_c) __attribute__((always_inline)) {
+    for (int mc = 0; mc < MC; ++mc) facc[decltype(r_c)::value][mc] = _mm512_setzero_ps();
+  });
   // HALF: the last block when only its first P / 2 parts meet columns of K (Int8Args::last_half).
   // SHORT: the last block stored short (Int8Args::last_short): rows LB bytes apart, each index
   // register zero-extended from its even dwords (3 bits) or bytes (4 bits; lut_kernel.h).
-  auto block = [&](int64_t b, auto fast_c, auto half_c, auto short_c) {
+  auto block = [&](int64_t b, auto fast_c, auto half_c, auto short_c) __attribute__((always_inline)) {
     constexpr bool FAST = decltype(fast_c)::value, HALF = decltype(half_c)::value;
     constexpr bool SHORT = decltype(short_c)::value;
     constexpr int PU = HALF ? P / 2 : P;  // parts computed
@@ -231,11 +235,12 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
     // 0x88 / 0xDD and an add are hadd_ps): 24 instructions instead of 38 per pair, which was ~9% of
     // a 3-bit K = 512 call in cache.
     __m512 f[4];
-    for (int r = 0; r < 4; ++r) {
+    static_rows<4>([&](auto r_c) __attribute__((always_inline)) {
+      constexpr int r = decltype(r_c)::value;
       const __m512 lo = _mm512_shuffle_f32x4(facc[r][0], facc[4 + r][0], _MM_SHUFFLE(1, 0, 1, 0));
       const __m512 hi = _mm512_shuffle_f32x4(facc[r][0], facc[4 + r][0], _MM_SHUFFLE(3, 2, 3, 2));
       f[r] = _mm512_add_ps(lo, hi);
-    }
+    });
     auto hadd = [](__m512 a, __m512 b) {
       return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
     };
