@@ -68,20 +68,6 @@ inline void prefetch_tile_scales(const ScaleMap& sm, int64_t r, int64_t b) {
   }
 }
 
-// f(RowC<0>{}), ..., f(RowC<N - 1>{}): a loop whose index is a constant in each body before any
-// optimization pass runs, so that arrays it indexes (a kernel's accumulators) become registers.
-template <int I>
-struct RowC {
-  static constexpr int value = I;
-};
-template <int N, int I = 0, class F>
-__attribute__((always_inline)) inline void static_rows(F&& f) {
-  if constexpr (I < N) {
-    f(RowC<I>{});
-    static_rows<N, I + 1>(f);
-  }
-}
-
 // Entry i of lookup table `which` (0-3: A, B, C, D) of the bit width, as the 3/4-bit kernels build
 // them (2 bits have the pair layout): 4 bits, A indexed by the code in bits 0-3; 3 bits, the
 // layout's four index forms: A code at bits 0-2, B code at bits 1-3, C low field at bits 0-1 and high

@@ -302,6 +302,25 @@ bool kernel_int8_rows16_built();
 // linker could keep an AVX-512-compiled copy for everyone).
 namespace {
 
+// f(RowC<0>{}), ..., f(RowC<N - 1>{}): a loop whose index is a constant in each body before any
+// optimization pass runs, so that arrays it indexes (a kernel's accumulators) become registers.
+template <int I>
+struct RowC {
+  static constexpr int value = I;
+};
+#if defined(__GNUC__)
+#define FLUTE_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define FLUTE_ALWAYS_INLINE inline
+#endif
+template <int N, int I = 0, class F>
+FLUTE_ALWAYS_INLINE void static_rows(F&& f) {
+  if constexpr (I < N) {
+    f(RowC<I>{});
+    static_rows<N, I + 1>(f);
+  }
+}
+
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 

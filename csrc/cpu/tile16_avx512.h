@@ -65,21 +65,27 @@ inline void transpose16x8_epi32(const __m256i* r, __m512i* out) {
 // into buf [g1 - g0][16] (rows past N: 0): 16 groups of the 16 rows' contiguous values at a time,
 // transposed. The kernels need the 16 rows of one group side by side; gathering them costs a
 // vpgatherdd per group, ~20% of a 4096 x 4096 call in a profile, against ~0.5 instructions per
-// scale here (CPU_NOTES item 131).
+// scale here (CPU_NOTES item 131). Every register array is indexed by constants (static_rows) and
+// rows past N are masked loads of nothing (a masked-off element never faults): with a branch per
+// row and a store loop up to a run-time count, GCC kept the rows and columns in stack arrays (116
+// zmm stores per call of the 16-row kernel's copy; CPU_NOTES item 210).
 inline void tile16_rows(const void* src, int stype, int64_t N, int64_t ng, int64_t n0, int64_t g0, int64_t g1,
                         float* buf) {
   for (int64_t gb = g0; gb < g1; gb += 16) {
     const int nh = static_cast<int>(min64(16, g1 - gb));
     const __mmask16 km = static_cast<__mmask16>(nh == 16 ? 0xffff : (1u << nh) - 1);
+    // row i's mask: its nh groups, none past N
+    auto row_mask = [&](int i) { return static_cast<__mmask16>(n0 + i < N ? km : 0); };
     __m512i col[16];
+    auto store = [&](auto d_c) __attribute__((always_inline)) {
+      constexpr int d = decltype(d_c)::value;
+      if (d < nh) _mm512_store_si512(buf + (gb - g0 + d) * 16, col[d]);
+    };
     if (nh <= 8) {  // a last run of up to 8 groups (24 groups of 64 at K = 1536): 8 dwords per row
       __m256i h8[16];
-      const __mmask8 k8 = static_cast<__mmask8>(km);
-      for (int i = 0; i < 16; ++i) {
-        if (n0 + i >= N) {
-          h8[i] = _mm256_setzero_si256();
-          continue;
-        }
+      static_rows<16>([&](auto i_c) __attribute__((always_inline)) {
+        constexpr int i = decltype(i_c)::value;
+        const __mmask8 k8 = static_cast<__mmask8>(row_mask(i));
         const int64_t e = (n0 + i) * ng + gb;
         if (stype == kF32) {
           h8[i] = _mm256_castps_si256(_mm256_maskz_loadu_ps(k8, static_cast<const float*>(src) + e));
@@ -87,27 +93,25 @@ inline void tile16_rows(const void* src, int stype, int64_t N, int64_t ng, int64
           const __m128i h = _mm_maskz_loadu_epi16(k8, static_cast<const uint16_t*>(src) + e);
           h8[i] = stype == kBF16 ? _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16) : _mm256_castps_si256(_mm256_cvtph_ps(h));
         }
-      }
+      });
       transpose16x8_epi32(h8, col);
-      for (int d = 0; d < nh; ++d) _mm512_store_si512(buf + (gb - g0 + d) * 16, col[d]);
+      static_rows<8>(store);
       continue;
     }
     __m512i r[16];
-    for (int i = 0; i < 16; ++i) {
-      if (n0 + i >= N) {
-        r[i] = _mm512_setzero_si512();
-        continue;
-      }
+    static_rows<16>([&](auto i_c) __attribute__((always_inline)) {
+      constexpr int i = decltype(i_c)::value;
+      const __mmask16 ki = row_mask(i);
       const int64_t e = (n0 + i) * ng + gb;
       if (stype == kF32) {
-        r[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(km, static_cast<const float*>(src) + e));
+        r[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(ki, static_cast<const float*>(src) + e));
       } else {
-        const __m256i h = _mm256_maskz_loadu_epi16(km, static_cast<const uint16_t*>(src) + e);
+        const __m256i h = _mm256_maskz_loadu_epi16(ki, static_cast<const uint16_t*>(src) + e);
         r[i] = stype == kBF16 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16) : _mm512_castps_si512(_mm512_cvtph_ps(h));
       }
-    }
+    });
     transpose16x16_epi32(r, col);
-    for (int d = 0; d < nh; ++d) _mm512_store_si512(buf + (gb - g0 + d) * 16, col[d]);
+    static_rows<16>(store);
   }
 }
 
