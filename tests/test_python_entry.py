@@ -169,6 +169,50 @@ def test_threads_call_it_at_once():
     assert not bad
 
 
+@pytest.mark.parametrize("offsets", [False, True])
+def test_the_kernel_borrows_the_callers_tensors(offsets):
+    """A C++ copy of a tensor that only Python holds takes a reference to its Python object as
+    well (torch's PyObject preservation), and with the GIL released each such reference and its
+    release acquire the GIL: ~10 GIL round trips per call were a third of a small call's
+    instructions (CPU_NOTES item 214). The kernel borrows the caller's tensors instead. Watched
+    from a second Python thread, which runs while the op has released the GIL: beyond the one
+    reference the calling frame may hold for the call, none may appear."""
+    n, k = 4096, 4096  # a few ms per call: time for the watcher to look many times
+    args = list(weight_args(n, k, 4, 64, offsets, torch.bfloat16, seed=11))
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    f = direct()
+    q, s, o, t = args[:4]
+    watched = [u for u in (x, q, s, o, t) if isinstance(u, torch.Tensor)]
+
+    def counts():
+        return [sys.getrefcount(u) for u in watched]
+
+    base = counts()
+    calling, stop = threading.Event(), threading.Event()
+    extra, looks = [0] * len(watched), [0]
+
+    def watch():
+        while not stop.is_set():
+            if calling.is_set():
+                looks[0] += 1
+                extra[:] = [max(e, c - b) for e, c, b in zip(extra, counts(), base)]
+
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        for _ in range(200):
+            calling.set()
+            f(x, q, s, o, t, 4, 64, k, n)
+            calling.clear()
+            if looks[0] >= 2000:
+                break
+    finally:
+        stop.set()
+        w.join()
+    if looks[0] < 100:
+        pytest.skip(f"the watching thread ran only {looks[0]} times during the calls")
+    assert max(extra) <= 1, f"references taken during the call, per tensor: {extra}"
+
 def test_quantlinear_compiles_to_the_op():
     """Under torch.compile the forward calls torch.ops.flute.qgemm (Dynamo cannot trace the C
     function): one graph, the op in it, the eager result."""

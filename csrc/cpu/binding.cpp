@@ -151,34 +151,36 @@ Weight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
   TORCH_CHECK_VALUE(one_device, "flute: all tensors must be on one device");
   TORCH_CHECK_VALUE(qweight.device().is_cpu(), "flute: the CPU layout (uint8 qweight) is for CPU tensors");
   // Conversions only where needed: each no-op .to() / .contiguous() is still a dispatched call
-  // (~1 us), and small layers are dominated by such fixed costs.
-  const auto contig = [](const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); };
-  at::Tensor s = scales;
-  const auto st = s.scalar_type();
-  if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) s = s.to(at::kFloat);
-  w.stype = s.scalar_type() == at::kFloat ? kF32 : s.scalar_type() == at::kBFloat16 ? kBF16 : kF16;
-  w.scales = contig(s);
-  if (offsets.has_value() && offsets->defined())
-    w.offsets = contig(offsets->scalar_type() == s.scalar_type() ? *offsets : offsets->to(s.scalar_type()));
-  w.table = contig(table.scalar_type() == at::kFloat ? table : table.to(at::kFloat));
-  w.qweight = contig(qweight);
+  // (~1 us), and small layers are dominated by such fixed costs. What needs none is borrowed.
+  using Borrow = c10::MaybeOwned<at::Tensor>;
+  const auto use = [](const at::Tensor& t, at::ScalarType dt) {
+    if (t.scalar_type() != dt) return Borrow::owned(t.to(dt).contiguous());
+    return t.is_contiguous() ? Borrow::borrowed(t) : Borrow::owned(t.contiguous());
+  };
+  const auto st = scales.scalar_type();
+  const auto sdt = st == at::kFloat || st == at::kBFloat16 || st == at::kHalf ? st : at::kFloat;
+  w.stype = sdt == at::kFloat ? kF32 : sdt == at::kBFloat16 ? kBF16 : kF16;
+  w.scales = use(scales, sdt);
+  if (offsets.has_value() && offsets->defined()) w.offsets = use(*offsets, sdt);
+  w.table = use(table, at::kFloat);
+  w.qweight = use(qweight, at::kByte);
   return w;
 }
 
 DecodeArgs decode_args(const Weight& w, const at::Tensor& qweight) {
   DecodeArgs d;
-  d.qw = w.qweight.data_ptr<uint8_t>();
+  d.qw = w.qweight->data_ptr<uint8_t>();
   d.bits = w.bits;
   d.K = w.K;
   d.N = w.N;
   d.K_pad = w.K_pad;
   d.nblocks = w.nblocks;
-  d.scales = w.scales.data_ptr();
-  d.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  d.scales = w.scales->data_ptr();
+  d.offsets = w.offsets->defined() ? w.offsets->data_ptr() : nullptr;
   d.stype = w.stype;
   d.ng = w.ng;
   d.G = w.G;
-  d.table = w.table.data_ptr<float>();
+  d.table = w.table->data_ptr<float>();
   d.dst = nullptr;
   d.ld = w.K;
   d.bf16 = false;
@@ -333,8 +335,11 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   // x as the kernels read it: contiguous fp32, bf16 or fp16, any leading dimensions (no reshape:
   // each dispatched view or allocation is ~1-2.5K instructions of a small call's ~16K).
   const bool half = xt == at::kBFloat16 || xt == at::kHalf;
-  at::Tensor x2 = x;
-  if (!x2.is_contiguous() || !(half || xt == at::kFloat)) x2 = x.to(half ? xt : at::kFloat).contiguous();
+  // (borrowed where it needs no conversion: see Weight)
+  c10::MaybeOwned<at::Tensor> xm = c10::MaybeOwned<at::Tensor>::borrowed(x);
+  if (!x.is_contiguous() || !(half || xt == at::kFloat))
+    xm = c10::MaybeOwned<at::Tensor>::owned(x.to(half ? xt : at::kFloat).contiguous());
+  const at::Tensor& x2 = *xm;
   // fp32 results straight into the output; for bf16 / fp16 x into scratch, converted below (one
   // fewer dispatched op per call: ~5-10 us on small layers).
   at::Tensor y = at::empty(out_shape, x.options().dtype(half ? xt : at::kFloat));

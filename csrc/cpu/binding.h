@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/MaybeOwned.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -39,7 +40,12 @@ enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 struct Weight {
   int bits;
   int64_t K, N, K_pad, N_pad, nblocks, G, ng;
-  at::Tensor scales, offsets, table, qweight;
+  // The op's own tensors borrowed (no reference taken), or the converted copies owned. A copy of
+  // an at::Tensor that Python holds alone takes a reference to its Python object as well (torch's
+  // PyObject preservation, c10/util/intrusive_ptr.h), and with the GIL released each such
+  // increment and its later decrement acquire the GIL: four tensors copied per call were ~10 GIL
+  // round trips, a third of a small call's instructions (CPU_NOTES item 214).
+  c10::MaybeOwned<at::Tensor> scales, offsets, table, qweight;
   int stype;
   // 3/4 bits: one 4-row tile's bytes and a row's last block's (lut_kernel.h, last_block_bytes:
   // less than block_bytes where the last block is stored short)
@@ -56,7 +62,7 @@ struct Weight {
 // threads this way, so the exact SIMD kernels read the short block themselves (CPU_NOTES item 189).
 template <typename F>
 void for_whole_tiles(const Weight& w, int64_t t0, int64_t t1, const F& fn) {
-  const uint8_t* qw = w.qweight.data_ptr<uint8_t>();
+  const uint8_t* qw = w.qweight->data_ptr<uint8_t>();
   if (w.bits == 2 || w.last_bytes == block_bytes(w.bits)) {
     fn(qw, t0, t1);
     return;

@@ -48,8 +48,9 @@ at::Tensor bf16_gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
-  const at::Tensor wc = weight.is_contiguous() ? weight : weight.contiguous();
-  const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  // borrowed where contiguous (no reference taken: see binding.h, Weight)
+  const c10::MaybeOwned<at::Tensor> wm = weight.expect_contiguous(), xm = x.expect_contiguous();
+  const at::Tensor &wc = *wm, &xc = *xm;
   const int64_t kp = dense_k_pad(K);
   // scratch: x as fp32 in the kernels' order [M][kp], a row of it widened first (16-bit x), and
   // the fp32 result of a 16-bit x

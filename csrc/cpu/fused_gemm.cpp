@@ -125,7 +125,7 @@ char* call_scratch(int slot, int64_t bytes, at::Tensor& hold, int64_t max_cached
 // The weight's part of GemmArgs (activation pointers null), for M rows into out.
 static GemmArgs gemm_args(const Weight& w, int64_t M, float* out) {
   GemmArgs a{};
-  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.qw = w.qweight->data_ptr<uint8_t>();
   a.bits = w.bits;
   a.K = w.K;
   a.N = w.N;
@@ -133,13 +133,13 @@ static GemmArgs gemm_args(const Weight& w, int64_t M, float* out) {
   a.N_pad = w.N_pad;
   a.nblocks = w.nblocks;
   a.M = M;
-  a.scales = w.scales.data_ptr();
-  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.scales = w.scales->data_ptr();
+  a.offsets = w.offsets->defined() ? w.offsets->data_ptr() : nullptr;
   a.stype = w.stype;
   a.ng = w.ng;
   a.cpg = w.ng == 1 ? w.K_pad / 32 : w.G / 32;
   a.ngp = w.K_pad / 32 / a.cpg + 2;
-  a.table = w.table.data_ptr<float>();
+  a.table = w.table->data_ptr<float>();
   a.out = out;
   a.tile_bytes = w.tile_bytes;
   a.last_bytes = w.last_bytes;
@@ -153,7 +153,7 @@ void exact_gemm(const at::Tensor& x2, const Weight& w, int isa, bool bf16, float
   at::Tensor hold;
   char* base = call_scratch(0, o_xb + M * w.K_pad * 2, hold);
   float* xp = reinterpret_cast<float*>(base);
-  float* xs = w.offsets.defined() ? reinterpret_cast<float*>(base + o_sum) : nullptr;
+  float* xs = w.offsets->defined() ? reinterpret_cast<float*>(base + o_sum) : nullptr;
   switch (x2.scalar_type()) {
     case at::kBFloat16: permute_x(x2.data_ptr<c10::BFloat16>(), M, w.K, w.K_pad, w.G, w.ng, xp, xs); break;
     case at::kHalf: permute_x(x2.data_ptr<c10::Half>(), M, w.K, w.K_pad, w.G, w.ng, xp, xs); break;
@@ -224,13 +224,13 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
                 o_lsc = align64(o_lut + (exact ? 0 : M * chunks * kPairLutBytes)),
                 o_sum = align64(o_lsc + (exact ? 0 : M * chunks * 4)), total = o_sum + M * w.ng * 4;
   PairArgs a0{};
-  a0.qw = w.qweight.data_ptr<uint8_t>();
+  a0.qw = w.qweight->data_ptr<uint8_t>();
   a0.N = w.N;
   a0.K = K;
   a0.chunks = chunks;
   a0.M = M;
-  a0.scales = w.scales.data_ptr();
-  a0.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a0.scales = w.scales->data_ptr();
+  a0.offsets = w.offsets->defined() ? w.offsets->data_ptr() : nullptr;
   a0.stype = w.stype;
   a0.ng = w.ng;
   a0.out = out;
@@ -285,13 +285,13 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
     a.cg = cg;
     if (exact) {
       a.x = xf;
-      a.table = w.table.data_ptr<float>();
+      a.table = w.table->data_ptr<float>();
       return true;
     }
     int8_t* lut = reinterpret_cast<int8_t*>(base + o_lut);
     float* lsc = reinterpret_cast<float*>(base + o_lsc);
     std::atomic<bool> finite{true};
-    const float* table = w.table.data_ptr<float>();
+    const float* table = w.table->data_ptr<float>();
     at::parallel_for(0, M * parts, 4, [&](int64_t u0, int64_t u1) {  // inline inside a parallel region
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t m = u / parts, c0 = (u % parts) * per, nc = std::min(per, chunks - c0);

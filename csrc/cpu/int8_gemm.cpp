@@ -199,7 +199,7 @@ static void rows16_gemm(const Weight& w, int64_t M, const Rows16Buffers& r, cons
   int32_t* cg = r.cg;
   for (int64_t c = 0; c < chunks; ++c) cg[c] = static_cast<int32_t>(std::min<int64_t>(c * 32 / w.G, w.ng - 1));
   Rows16Args a{};
-  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.qw = w.qweight->data_ptr<uint8_t>();
   a.bits = w.bits;
   a.N = w.N;
   a.N_pad = w.N_pad;
@@ -210,8 +210,8 @@ static void rows16_gemm(const Weight& w, int64_t M, const Rows16Buffers& r, cons
   a.xinit = r.xinit;
   a.xf = r.xf;
   a.cg = cg;
-  a.scales = w.scales.data_ptr();
-  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.scales = w.scales->data_ptr();
+  a.offsets = w.offsets->defined() ? w.offsets->data_ptr() : nullptr;
   a.stype = w.stype;
   a.ng = w.ng;
   a.xsum = xs;
@@ -277,7 +277,7 @@ static bool quantize_rows(const at::Tensor& x2, const Weight& w, int64_t M, int6
   int16_t* xcorr = reinterpret_cast<int16_t*>(base + L.o_corr);
   int16_t* xk = reinterpret_cast<int16_t*>(base + L.o_k);
   float* xu = reinterpret_cast<float*>(base + L.o_u);
-  float* xs = w.offsets.defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr;
+  float* xs = w.offsets->defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr;
   bool ok;
   switch (x2.scalar_type()) {
     case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, m0, m1, w, f.quant, f.widen, xq, xcorr, xk, xu, xs); break;
@@ -320,7 +320,7 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
         gidx[(b * P + p) * 8 + q] = gidx[(b * P + p) * 8 + 4 + q] = static_cast<int32_t>(cg[(P * q + p) % C] - cg[0]);
   }
   Int8Args a;
-  a.qw = w.qweight.data_ptr<uint8_t>();
+  a.qw = w.qweight->data_ptr<uint8_t>();
   a.bits = w.bits;
   a.N = w.N;
   a.nblocks = nb;
@@ -339,12 +339,12 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
   a.last_short = w.last_bytes < block_bytes(w.bits);
   a.last_half = a.last_short && w.K - (nb - 1) * 64 * P <= 32 * P / 2;
   a.tile_bytes = w.tile_bytes;
-  a.scales = w.scales.data_ptr();
-  a.offsets = w.offsets.defined() ? w.offsets.data_ptr() : nullptr;
+  a.scales = w.scales->data_ptr();
+  a.offsets = w.offsets->defined() ? w.offsets->data_ptr() : nullptr;
   a.stype = w.stype;
   a.ng = w.ng;
   a.G = w.G;
-  a.xsum = w.offsets.defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr;
+  a.xsum = w.offsets->defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr;
   a.g0 = g0;
   a.gidx = gidx;
   std::memcpy(a.tu, t7.tu, 16);
@@ -420,7 +420,7 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out, Ha
   if (w.bits == 2) w.nblocks = (w.K + 255) / 256;
   const int64_t M = x2.numel() / w.K, nb = w.nblocks;
   const Int8Fns f = int8_fns(isa);
-  const Table7& t7 = table7(w.table.data_ptr<float>(), 1 << w.bits);
+  const Table7& t7 = table7(w.table->data_ptr<float>(), 1 << w.bits);
 #if defined(__x86_64__) || defined(_M_X64)
   const bool rows16 = w.bits == 2 || (M >= rows16_m(w.bits) && rows16_available(w.bits, isa));  // 2 bits: see the caller
 #else
@@ -454,7 +454,7 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out, Ha
   if (!finite.load()) return false;
 #if defined(__x86_64__) || defined(_M_X64)
   if (rows16) {
-    rows16_gemm(w, M, r16, w.offsets.defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr, t7, out);
+    rows16_gemm(w, M, r16, w.offsets->defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr, t7, out);
     return true;
   }
 #endif

@@ -29,6 +29,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/util/MaybeOwned.h>
 
 #if defined(__linux__)
 #include <dlfcn.h>
@@ -62,6 +63,22 @@ inline bool plain_tensor(PyObject* o) {
   return t == *tp.tensor_class || t == *tp.parameter_class;
 }
 
+// The optional offsets as an at::Tensor that borrows the caller's (no reference taken, none
+// dropped: as binding.h's Weight borrows the op's tensors; a reference taken here would be held
+// through the call).
+struct BorrowedOptional {
+  using Traits = c10::MaybeOwnedTraits<at::Tensor>;
+  std::optional<at::Tensor> value;
+  explicit BorrowedOptional(PyObject* o) {
+    if (o != Py_None) value.emplace(Traits::createBorrow(unpack(o)));
+  }
+  ~BorrowedOptional() {
+    if (value) Traits::destroyBorrow(*value);
+  }
+  BorrowedOptional(const BorrowedOptional&) = delete;
+  BorrowedOptional& operator=(const BorrowedOptional&) = delete;
+};
+
 PyObject* call_fallback(PyObject* const* args, Py_ssize_t n) {
   if (tp.fallback == nullptr) {
     PyErr_SetString(PyExc_RuntimeError, "flute._cpu.qgemm: _init_direct was not called");
@@ -94,13 +111,12 @@ PyObject* qgemm_direct(PyObject*, PyObject* const* args, Py_ssize_t n) {
       return call_fallback(args, n);
     }
   }
-  std::optional<at::Tensor> offsets;
-  if (args[3] != Py_None) offsets = unpack(args[3]);
+  const BorrowedOptional offsets(args[3]);
   at::Tensor y;
   bool failed = false;
   PyThreadState* ts = PyEval_SaveThread();  // as torch's bindings: no GIL while the op runs
   try {
-    y = flute_cpu::binding::qgemm_handle().call(unpack(args[0]), unpack(args[1]), unpack(args[2]), offsets,
+    y = flute_cpu::binding::qgemm_handle().call(unpack(args[0]), unpack(args[1]), unpack(args[2]), offsets.value,
                                                 unpack(args[4]), dims[0], dims[1], dims[2], dims[3]);
   } catch (...) {
     failed = true;
