@@ -217,9 +217,10 @@ inline Bf16ToF32Fn bf16_to_f32_fn(int isa) {
 }
 
 // fn(ctx, t0, t1) over the row tiles [0, tiles), at least `grain` tiles per call of fn, after
-// setup(ctx) (ctx = Ctx{}) once in every thread that takes tiles (once in all when the call runs on
-// one thread). False, with no tile run by that thread, where a setup returned false (every thread
-// sees the same input, so all of them do).
+// setup(ctx, first) (ctx = Ctx{}) once in every thread that takes tiles (once in all when the call
+// runs on one thread); `first` is the thread's first range where the split is static (TileRange{}
+// with dynamic chunks), so that a setup can start reading its weights. False, with no tile run by
+// that thread, where a setup returned false (every thread sees the same input, so all of them do).
 // - Per-thread preparation (one activation row quantized, its lookup tables): it then runs in
 //   parallel rather than before the threads start, and each thread reads its own copy from its own
 //   cache instead of one thread's from another core (CPU_NOTES item 171).
@@ -232,12 +233,24 @@ inline Bf16ToF32Fn bf16_to_f32_fn(int isa) {
 // - Calls with room for fewer than two chunks of 4 grains per thread, and every call with
 //   `contiguous`, keep a static split, one range per thread, as at::parallel_for(0, tiles, grain)
 //   cuts it (smaller chunks cost more than they balance: 1536x576 67 -> 76 us).
+// A read of the line at p requested ahead of use (into all cache levels); never faults.
+inline void prefetch_line(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
+struct TileRange {
+  int64_t t0 = 0, t1 = 0;
+};
 template <typename Ctx, typename S, typename F>
 bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& setup, const F& fn) {
   const int64_t nt = at::get_num_threads();
   if (nt <= 1 || tiles <= grain) {
     Ctx ctx{};
-    if (!setup(ctx)) return false;
+    if (!setup(ctx, TileRange{0, tiles})) return false;
     fn(ctx, 0, tiles);
     return true;
   }
@@ -248,7 +261,8 @@ bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& 
   std::atomic<bool> ok{true};
   at::parallel_for(0, per < 2 ? tasks : nt, 1, [&](int64_t i0, int64_t i1) {
     Ctx ctx{};
-    if (!setup(ctx)) {
+    const TileRange first = per < 2 ? TileRange{i0 * chunk, std::min(tiles, (i0 + 1) * chunk)} : TileRange{};
+    if (!setup(ctx, first)) {
       ok.store(false, std::memory_order_relaxed);
       return;
     }
@@ -266,7 +280,7 @@ bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& 
 template <typename F>
 void for_tiles(int64_t tiles, int64_t grain, const F& fn) {
   struct None {};
-  for_tiles_prepared<None>(tiles, grain, false, [](None&) { return true; },
+  for_tiles_prepared<None>(tiles, grain, false, [](None&, TileRange) { return true; },
                            [&](const None&, int64_t t0, int64_t t1) { fn(t0, t1); });
 }
 

@@ -399,7 +399,7 @@ static bool int8_gemm_row(const at::Tensor& x2, const Weight& w, const Int8Fns& 
   const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
   const bool ok = for_tiles_prepared<Int8Args>(
       w.N_pad / 4, grain, false,
-      [&](Int8Args& a) {
+      [&](Int8Args& a, TileRange) {
         at::Tensor hold;
         char* base = call_scratch(0, L.total, hold);  // each thread's own buffer (thread_local)
         if (!quantize_rows(x2, w, 1, 0, 1, f, t7, base, L)) return false;

@@ -10,7 +10,7 @@
 namespace flute_cpu {
 namespace {
 
-constexpr int kPrefetchBytes = 8192;  // the weight stream's software prefetch distance (int8_tiles.h)
+constexpr int kPrefetchBytes = kPairPrefetchBytes;  // in each weight stream (pair_lut.h)
 
 
 // The 16 rows' fp32 scales of groups [g0, g1) of tile t into buf [g1 - g0][16] (rows past N: 0):

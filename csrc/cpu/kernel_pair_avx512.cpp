@@ -12,10 +12,7 @@
 namespace flute_cpu {
 namespace {
 
-// The weight stream's software prefetch distance: 8 KB, as int8_tiles.h (on this project's Zen 5
-// VM, 4096 x 4096 at M = 1 from DRAM: 2 KB 232-245 us, 4 KB 199-213, 8 KB 165-177, 16 KB 192-198;
-// CPU_NOTES item 131)
-constexpr int kPrefetchBytes = 8192;
+constexpr int kPrefetchBytes = kPairPrefetchBytes;  // in each weight stream (pair_lut.h)
 
 
 // MC activation rows (m0 ..) of NT tiles (t, t + dt: NT = 2 only with MC = 1, two weight streams

@@ -43,6 +43,11 @@ constexpr int kPairTileRows = 16;
 constexpr int kPairChunkCols = 32;
 constexpr int kPairChunkBytes = kPairTileRows * kPairChunkCols / 4;  // 128
 constexpr int kPairLutBytes = 256;  // per activation row and chunk: 16 pairs x 16 entries
+// The pair kernels' software prefetch distance in each weight stream (on this project's Zen 5 VM,
+// 4096 x 4096 at M = 1 from DRAM: 2 KB 232-245 us, 4 KB 199-213, 8 KB 165-177, 16 KB 192-198;
+// CPU_NOTES item 131). The first kPairPrefetchBytes of a stream no kernel prefetch covers: a
+// one-row call's set-up starts them (pair_gemm).
+constexpr int kPairPrefetchBytes = 8192;
 
 struct PairArgs {
   const uint8_t* qw;      // pair layout
