@@ -218,8 +218,8 @@ inline Bf16ToF32Fn bf16_to_f32_fn(int isa) {
 
 // fn(ctx, t0, t1) over the row tiles [0, tiles), at least `grain` tiles per call of fn, after
 // setup(ctx, first) (ctx = Ctx{}) once in every thread that takes tiles (once in all when the call
-// runs on one thread); `first` is the thread's first range where the split is static (TileRange{}
-// with dynamic chunks), so that a setup can start reading its weights. False, with no tile run by
+// runs on one thread); `first` is the first range the thread will run (empty if none), so that a
+// setup can start reading its weights. False, with no tile run by
 // that thread, where a setup returned false (every thread sees the same input, so all of them do).
 // - Per-thread preparation (one activation row quantized, its lookup tables): it then runs in
 //   parallel rather than before the threads start, and each thread reads its own copy from its own
@@ -245,6 +245,20 @@ inline void prefetch_line(const void* p) {
 struct TileRange {
   int64_t t0 = 0, t1 = 0;
 };
+
+// The first `lines` cache lines of up to two weight streams, requested a few at a time (step) while
+// a thread prepares its call: the lines that no prefetch of the kernel covers, since it prefetches
+// a distance ahead of where it reads. Spread over the set-up rather than one burst, which stalls
+// the thread on the cache's fill buffers (a burst gained nothing: CPU_NOTES item 173).
+struct StreamWarm {
+  const char* stream[2] = {nullptr, nullptr};
+  int64_t lines = 0, done = 0;
+  void step(int64_t n) {
+    for (const int64_t end = std::min(lines, done + n); done < end; ++done)
+      for (const char* s : stream)
+        if (s) prefetch_line(s + 64 * done);
+  }
+};
 template <typename Ctx, typename S, typename F>
 bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& setup, const F& fn) {
   const int64_t nt = at::get_num_threads();
@@ -261,7 +275,13 @@ bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& 
   std::atomic<bool> ok{true};
   at::parallel_for(0, per < 2 ? tasks : nt, 1, [&](int64_t i0, int64_t i1) {
     Ctx ctx{};
-    const TileRange first = per < 2 ? TileRange{i0 * chunk, std::min(tiles, (i0 + 1) * chunk)} : TileRange{};
+    // (dynamic chunks: the thread's first chunk taken before its set-up, so that it is known there)
+    TileRange first;
+    if (per < 2) {
+      first = {i0 * chunk, std::min(tiles, (i0 + 1) * chunk)};
+    } else if (const int64_t t0 = next.fetch_add(chunk); t0 < tiles) {
+      first = {t0, std::min(tiles, t0 + chunk)};
+    }
     if (!setup(ctx, first)) {
       ok.store(false, std::memory_order_relaxed);
       return;
@@ -269,6 +289,7 @@ bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& 
     if (per < 2) {
       for (int64_t i = i0; i < i1; ++i) fn(ctx, i * chunk, std::min(tiles, (i + 1) * chunk));
     } else {
+      if (first.t1 > first.t0) fn(ctx, first.t0, first.t1);
       for (int64_t t0 = next.fetch_add(chunk); t0 < tiles; t0 = next.fetch_add(chunk))
         fn(ctx, t0, std::min(tiles, t0 + chunk));
     }

@@ -303,14 +303,13 @@ bool pair_gemm(const at::Tensor& x2, const Weight& w, int isa, bool exact, float
       const int64_t H = a0.tile_pairs ? n / 2 : 0;
       const char* sa = reinterpret_cast<const char*>(pair_tile(a0.qw, chunks, first.t0));
       const char* sb = reinterpret_cast<const char*>(pair_tile(a0.qw, chunks, first.t0 + H));
-      const int64_t lines = std::min<int64_t>(kPairPrefetchBytes, (H > 0 ? H : n) * tb) / 64;
+      StreamWarm warm;
+      warm.stream[0] = sa;
+      if (H > 0) warm.stream[1] = sb;
+      warm.lines = std::min<int64_t>(kPairPrefetchBytes, (H > 0 ? H : n) * tb) / 64;
       constexpr int64_t kStep = 4;
-      const int64_t per_step = (lines * kStep + chunks - 1) / chunks;
-      for (int64_t c0 = 0, l = 0; c0 < chunks; c0 += kStep) {
-        for (const int64_t l1 = std::min(lines, l + per_step); l < l1; ++l) {
-          prefetch_line(sa + 64 * l);
-          if (H > 0) prefetch_line(sb + 64 * l);
-        }
+      for (int64_t c0 = 0; c0 < chunks; c0 += kStep) {
+        warm.step((warm.lines * kStep + chunks - 1) / chunks);
         const int64_t nc = std::min(kStep, chunks - c0), k0 = c0 * kPairChunkCols;
         if (!lut_fn(xf + k0, K - k0, nc, table, lut + c0 * kPairLutBytes, lsc + c0)) finite = false;
       }
