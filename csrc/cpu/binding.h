@@ -216,23 +216,6 @@ inline Bf16ToF32Fn bf16_to_f32_fn(int isa) {
   return bf16_to_f32_portable;
 }
 
-// fn(ctx, t0, t1) over the row tiles [0, tiles), at least `grain` tiles per call of fn, after
-// setup(ctx, first) (ctx = Ctx{}) once in every thread that takes tiles (once in all when the call
-// runs on one thread); `first` is the first range the thread will run (empty if none), so that a
-// setup can start reading its weights. False, with no tile run by
-// that thread, where a setup returned false (every thread sees the same input, so all of them do).
-// - Per-thread preparation (one activation row quantized, its lookup tables): it then runs in
-//   parallel rather than before the threads start, and each thread reads its own copy from its own
-//   cache instead of one thread's from another core (CPU_NOTES item 171).
-// - Large calls: threads take chunks of tiles from a shared counter (dynamic balancing, as
-//   llama.cpp's CPU backend does) rather than one static share each, because on a shared or
-//   virtualized machine one core is often slowed down and a static split waits for it (measured,
-//   14336x4096 4-bit M=1, 2 threads: 2.27 -> 2.12 ms on a quiet VM, 5.59 -> 4.48 ms with the other
-//   core busy). Chunks of at least 4 grains, the same number for each thread (2 to 8): 384 tiles in
-//   chunks of 84 gave one of 2 threads 216 tiles, 4 chunks of 96 give each 192 (item 106).
-// - Calls with room for fewer than two chunks of 4 grains per thread, and every call with
-//   `contiguous`, keep a static split, one range per thread, as at::parallel_for(0, tiles, grain)
-//   cuts it (smaller chunks cost more than they balance: 1536x576 67 -> 76 us).
 // A read of the line at p requested ahead of use (into all cache levels); never faults.
 inline void prefetch_line(const void* p) {
 #if defined(__GNUC__)
@@ -242,6 +225,7 @@ inline void prefetch_line(const void* p) {
 #endif
 }
 
+// Row tiles [t0, t1) (empty where t1 <= t0).
 struct TileRange {
   int64_t t0 = 0, t1 = 0;
 };
@@ -259,6 +243,24 @@ struct StreamWarm {
         if (s) prefetch_line(s + 64 * done);
   }
 };
+
+// fn(ctx, t0, t1) over the row tiles [0, tiles), at least `grain` tiles per call of fn, after
+// setup(ctx, first) (ctx = Ctx{}) once in every thread that takes tiles (once in all when the call
+// runs on one thread); `first` is the first range the thread will run (empty if none), so that a
+// setup can start reading its weights (StreamWarm). False, with no tile run by that thread, where a
+// setup returned false (every thread sees the same input, so all of them do).
+// - Per-thread preparation (one activation row quantized, its lookup tables): it then runs in
+//   parallel rather than before the threads start, and each thread reads its own copy from its own
+//   cache instead of one thread's from another core (CPU_NOTES item 171).
+// - Large calls: threads take chunks of tiles from a shared counter (dynamic balancing, as
+//   llama.cpp's CPU backend does) rather than one static share each, because on a shared or
+//   virtualized machine one core is often slowed down and a static split waits for it (measured,
+//   14336x4096 4-bit M=1, 2 threads: 2.27 -> 2.12 ms on a quiet VM, 5.59 -> 4.48 ms with the other
+//   core busy). Chunks of at least 4 grains, the same number for each thread (2 to 8): 384 tiles in
+//   chunks of 84 gave one of 2 threads 216 tiles, 4 chunks of 96 give each 192 (item 106).
+// - Calls with room for fewer than two chunks of 4 grains per thread, and every call with
+//   `contiguous`, keep a static split, one range per thread, as at::parallel_for(0, tiles, grain)
+//   cuts it (smaller chunks cost more than they balance: 1536x576 67 -> 76 us).
 template <typename Ctx, typename S, typename F>
 bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& setup, const F& fn) {
   const int64_t nt = at::get_num_threads();
