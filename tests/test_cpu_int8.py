@@ -373,3 +373,36 @@ def test_compact_activations_bitwise_equal_to_plain(bits, int8_mode, restore_com
                 assert normwise_error(outs[0], ref, x, w, group) < TOL[torch.float32], case
     finally:
         ops.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_int8_rows_of_a_batch_equal_one_row_calls(bits, int8_mode, rng):
+    """Up to 4 activation rows at a time, the 4-row int8 kernels decode each tile once for all of
+    them and reduce each row's sums as a one-row call does, so every row of a small batch (below
+    the 16-row kernel's threshold, cpu_rows16_m) has the bits of that row alone: a decode step's
+    result does not depend on what else is in its batch. Shapes: a ragged last tile and block,
+    groups of 64 (the fast scale path), 128 and 32, offsets, long rows (compact activations at one
+    row, the plain form at more), each scale dtype; 1 and 2 threads."""
+    isas = [i for i in ("avx512", "avx2") if available(i)]
+    try:
+        for n, k, group, sdtype, offsets in [(203, 1100, 64, torch.bfloat16, False),
+                                             (96, 512, 128, torch.float32, False),
+                                             (37, 333, 32, torch.bfloat16, False),
+                                             (64, 320, 64, torch.float16, True),
+                                             (60, 4672, 64, torch.bfloat16, False)]:
+            w = random_quantized(n, k, bits, group, offsets=offsets, dtype=sdtype, generator=rng)
+            q = to_cpu_layout(w.codes, bits)
+            x = torch.randn(9, k, generator=rng)
+            for isa in isas:
+                ops.set_cpu_isa(isa)
+                rows16 = torch.ops.flute.cpu_rows16_m(bits)
+                ms = [m for m in (2, 3, 4, 5, 9) if rows16 == 0 or m < rows16]
+                assert ms, isa
+                def calls():
+                    one = torch.cat([run(x[i:i + 1], w, bits, group, n, k, q) for i in range(9)])
+                    return one, [run(x[:m], w, bits, group, n, k, q) for m in ms]
+                for t, (one, batches) in zip((1, 2), at_thread_counts(calls, [1, 2])):
+                    for m, y in zip(ms, batches):
+                        assert torch.equal(y, one[:m]), (isa, t, m, n, k, group, sdtype, offsets)
+    finally:
+        ops.set_cpu_isa("auto")

@@ -4,9 +4,9 @@
 // class KER with
 //   using Tables;                                   the lookup tables, in registers
 //   template <int BITS> static Tables tables(const uint8_t* tu);
-//   template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
-//   static void rows(const Int8Args&, const Tables&, const uint8_t* tile, int r0, const ScaleMap&,
-//                    int64_t m0, float (*res)[4]);  NR weight rows from r0 against MC activation
+//   template <int BITS, int Q, int SRC, int MC, bool G64>
+//   static void rows(const Int8Args&, const Tables&, const uint8_t* tile, const ScaleMap&,
+//                    int64_t m0, float (*res)[4]);  the tile's 4 weight rows against MC activation
 //                                                   rows from m0, into res[mc][r]
 //   static constexpr bool kDecodeOnly;              whether it runs M = 1 only (rows() with MC = 1)
 //   static constexpr bool kTilePairs;               whether it has pair(): M = 1, tiles t and
@@ -107,20 +107,19 @@ inline void row_f32(const void* src, int stype, int64_t n, int64_t ng, float* ds
 
 // A tile's blocks in the order KER::rows runs them: block(b, fast, half) with std::true_type /
 // std::false_type. fast: the block's 2 or 4 group scales lie inside the row (group_scales64; G64
-// only, buffered rows are zero-padded by 8). Not for 2 activation rows (2 weight rows x 2 rows of
-// x: the 2 extra scale registers spill, 3 bits measured +3..8%, benchmarks/CPU_NOTES.md item 52).
+// only, buffered rows are zero-padded by 8).
 // half: the last block when only its first P / 2 parts meet columns of K (Int8Args::last_half).
 // short: the last block stored short (Int8Args::last_short; always so where half).
 // Always inlined: GCC 12 left the 4-bit decode instantiations (rows_int8<4, 2, SRC, 4, 1, true>)
 // as calls, their accumulators then updated through the closure in memory with many scalar
 // spills, and the 4-bit M = 1 call took 10-21% longer (benchmarks/CPU_NOTES.md item 122).
-template <int BITS, int SRC, bool G64, int MC, class Block>
+template <int BITS, int SRC, bool G64, class Block>
 __attribute__((always_inline)) inline void for_blocks(const Int8Args& a, Block&& block) {
   const int64_t nb = a.nblocks, nfull = nb - (a.last_half || a.last_short);
   int64_t b = 0, nfast = 0;
   using T = std::true_type;
   using F = std::false_type;
-  if constexpr (G64 && MC != 2) {
+  if constexpr (G64) {
     nfast = SRC == kBuffered ? nb : min64(nb, a.ng / (BITS == 4 ? 2 : 4));
     for (; b < min64(nfast, nfull); ++b) block(b, T{}, F{}, F{});
   }
@@ -177,26 +176,22 @@ void tiles_int8(const Int8Args& a, const typename KER::Tables& tab, int64_t t0, 
     }
     const uint8_t* tile = a.qw + t * a.tile_bytes;
     if (a.M == 1 && !prep) {  // decode, a whole tile without offsets: its 4 outputs stored directly
-      KER::template rows<BITS, Q, SRC, 4, 1, G64>(a, tab, tile, 0, sm, 0, res);
+      KER::template rows<BITS, Q, SRC, 1, G64>(a, tab, tile, sm, 0, res);
       _mm_storeu_ps(a.out + 4 * t, _mm_load_ps(res[0]));
       continue;
     }
     for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
       const int64_t mc = min64(4, a.M - m0);
       if constexpr (KER::kDecodeOnly) {  // M = 1: the other configurations are not instantiated
-        KER::template rows<BITS, Q, SRC, 4, 1, G64>(a, tab, tile, 0, sm, m0, res);
+        KER::template rows<BITS, Q, SRC, 1, G64>(a, tab, tile, sm, m0, res);
       } else {
+        // each code decoded once for up to 4 activation rows (a pass per 1 or 2 weight rows took
+        // 12-25% longer at 2-4 rows: CPU_NOTES item 221)
         switch (mc) {
-          case 1: KER::template rows<BITS, Q, SRC, 4, 1, G64>(a, tab, tile, 0, sm, m0, res); break;
-          case 2:
-            KER::template rows<BITS, Q, SRC, 2, 2, G64>(a, tab, tile, 0, sm, m0, res);
-            KER::template rows<BITS, Q, SRC, 2, 2, G64>(a, tab, tile, 2, sm, m0, res);
-            break;
-          case 3:
-            for (int r = 0; r < 4; ++r) KER::template rows<BITS, Q, SRC, 1, 3, G64>(a, tab, tile, r, sm, m0, res);
-            break;
-          default:
-            for (int r = 0; r < 4; ++r) KER::template rows<BITS, Q, SRC, 1, 4, G64>(a, tab, tile, r, sm, m0, res);
+          case 1: KER::template rows<BITS, Q, SRC, 1, G64>(a, tab, tile, sm, m0, res); break;
+          case 2: KER::template rows<BITS, Q, SRC, 2, G64>(a, tab, tile, sm, m0, res); break;
+          case 3: KER::template rows<BITS, Q, SRC, 3, G64>(a, tab, tile, sm, m0, res); break;
+          default: KER::template rows<BITS, Q, SRC, 4, G64>(a, tab, tile, sm, m0, res);
         }
       }
       if (!a.offsets && 4 * t + 4 <= a.N) {  // a whole tile: 4 outputs per activation row

@@ -78,12 +78,15 @@ inline void group_scales64(const ScaleMap& sm, int64_t row, int64_t b, __m256 (&
   }
 }
 
-// NR weight rows of a tile (rows r0 .., all blocks) against activation rows m0 .. m0 + MC - 1, into
-// res[mc][r]. NR * MC <= 4 float accumulators; NR = 4 at M = 1 reads the tile front to back (the 4
-// rows are interleaved block by block), so the weight stream is one sequential run per thread.
-template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
-inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
-                      int64_t m0, float (*res)[4]) {
+// The 4 weight rows of a tile (all blocks) against activation rows m0 .. m0 + MC - 1, into
+// res[mc][r]. One pass reads the tile front to back (the 4 rows are interleaved block by block), so
+// the weight stream is one sequential run per thread, and decodes each code once for all MC rows:
+// 4 x MC accumulators, which at MC > 1 spill, yet two passes of 2 rows (MC = 2) or four of one
+// (MC = 3, 4) took 12-25% longer (CPU_NOTES item 221).
+template <int BITS, int Q, int SRC, int MC, bool G64>
+inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile, const ScaleMap& sm, int64_t m0,
+                      float (*res)[4]) {
+  constexpr int NR = 4;
   const __m256i TA = tab.A;
   constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P;
   static_assert(P % Q == 0, "merged parts come in whole groups of Q");
@@ -109,7 +112,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
     constexpr int LB = SHORT ? short_block_bytes(BITS, HALF) : BB;
     __m256 ub[MC];  // the block's activation unit per row (times the table scale)
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm256_broadcast_ss(a.xu + b * M + m0 + mc);
-    if (r0 == 0) {  // the first pass over a tile fetches kPrefetchBytes ahead (into the next tiles)
+    {  // kPrefetchBytes ahead (into the next tiles)
       const char* ahead = reinterpret_cast<const char*>(tile + b * 4 * BB) + kPrefetchBytes;
       for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
       prefetch_tile_scales<SRC>(sm, 4, b);
@@ -121,7 +124,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
     // 0-4%, with the same instruction count).
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
-      const uint8_t* rb = tile + b * 4 * BB + (r0 + r) * LB;
+      const uint8_t* rb = tile + b * 4 * BB + r * LB;
       // 32-byte register k of the row's block (short: its even dwords or bytes from 16 bytes)
       auto reg = [&](int k) {
         if constexpr (!SHORT) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32 * k));
@@ -160,8 +163,8 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
         u1[1] = _mm256_shuffle_epi8(TA, _mm256_and_si256(_mm256_srli_epi16(c1, 4), m0F));
       }
       __m256 wv, wg[BITS == 4 ? 1 : 2];
-      if constexpr (FAST) group_scales64<BITS, SRC>(sm, r0 + r, b, wg);
-      else wv = load_scales8<SRC>(sm.WS, (r0 + r) * sm.ngp + sm.g0[b]);
+      if constexpr (FAST) group_scales64<BITS, SRC>(sm, r, b, wg);
+      else wv = load_scales8<SRC>(sm.WS, r * sm.ngp + sm.g0[b]);
       const int32_t* gi = sm.gidx + b * P * 8;
       for (int mc = 0; mc < MC; ++mc) {
         const int64_t bm = b * M + m0 + mc;
@@ -193,14 +196,8 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
       }
     }
   };
-  for_blocks<BITS, SRC, G64, MC>(a, block);
-  if (NR == 4) {
-    for (int mc = 0; mc < MC; ++mc)
-      _mm_storeu_ps(res[mc], hsum4(facc[0][mc], facc[1 % NR][mc], facc[2 % NR][mc], facc[3 % NR][mc]));
-  } else {
-    for (int r = 0; r < NR; ++r)
-      for (int mc = 0; mc < MC; ++mc) res[mc][r0 + r] = hsum(facc[r][mc]);
-  }
+  for_blocks<BITS, SRC, G64>(a, block);
+  for (int mc = 0; mc < MC; ++mc) _mm_storeu_ps(res[mc], hsum4(facc[0][mc], facc[1][mc], facc[2][mc], facc[3][mc]));
 }
 
 // The AVX2 kernel as int8_tiles.h's driver calls it.
@@ -212,10 +209,10 @@ struct Avx2Int8 {
   static void pair(const Int8Args&, const Tables&, const uint8_t*, int64_t, const ScaleMap&, float (*)[4]) {}
   template <int BITS>
   static Tables tables(const uint8_t* tu) { return make_tables<BITS>(tu); }
-  template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
-  static void rows(const Int8Args& a, const Tables& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
-                   int64_t m0, float (*res)[4]) {
-    rows_int8<BITS, Q, SRC, NR, MC, G64>(a, tab, tile, r0, sm, m0, res);
+  template <int BITS, int Q, int SRC, int MC, bool G64>
+  static void rows(const Int8Args& a, const Tables& tab, const uint8_t* tile, const ScaleMap& sm, int64_t m0,
+                   float (*res)[4]) {
+    rows_int8<BITS, Q, SRC, MC, G64>(a, tab, tile, sm, m0, res);
   }
 };
 

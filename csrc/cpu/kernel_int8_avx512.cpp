@@ -98,15 +98,16 @@ constexpr int kPrefetchAhead = NT == 2 && BITS == 3 && kPrefetchBytes == 8192 ? 
 inline __m256 fold_max(__m512 v) { return _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
 inline __m256 fold(__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
 
-// NR weight rows of a tile against MC activation rows (as the AVX2 kernel's rows_int8).
-// NT = 2 (M = 1, NR = 4): tile + dt tiles as well, its rows' sums into res[1].
+// The 4 weight rows of a tile against MC activation rows, in one pass (as the AVX2 kernel's rows_int8).
+// NT = 2 (M = 1): tile + dt tiles as well, its rows' sums into res[1].
 // CX: the compact activations of long rows (Int8Args::xkq; M = 1): the chunk factors broadcast from
 // one qword per part and each merge's start value computed per block from xq, instead of the 64
 // bytes of xk2 per part and 64 of xinit per merge read per block.
-template <int BITS, int Q, int SRC, int NR, int MC, bool G64, int NT = 1, bool CX = false>
-inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
+template <int BITS, int Q, int SRC, int MC, bool G64, int NT = 1, bool CX = false>
+inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t* tile, const ScaleMap& sm,
                           int64_t m0, float (*res)[4], int64_t dt = 0) {
-  static_assert(NT == 1 || (NR == 4 && MC == 1), "tile pairs only for decode");
+  static_assert(NT == 1 || MC == 1, "tile pairs only for decode");
+  constexpr int NR = 4;
   static_assert(!CX || MC == 1, "compact activations only for decode");
   constexpr int P = BITS == 4 ? 2 : 4, BB = BITS == 3 ? 96 : 64, COLS = 64 * P, NM = P / Q;
   static_assert(P % Q == 0, "merged parts come in whole groups of Q");
@@ -147,7 +148,7 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
         initc[j] = _mm512_sub_epi32(_mm512_setzero_si512(), c);
       }
     }
-    if (r0 == 0) {
+    {
       for (int tt = 0; tt < NT; ++tt) {
         const char* ahead = reinterpret_cast<const char*>(tile + tt * dt * tile_bytes + b * 4 * BB) + kPrefetchAhead<BITS, NT>;
         for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
@@ -161,8 +162,8 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
 #pragma GCC unroll 8
     for (int rr = 0; rr < NT * NR; ++rr) {
       const int tt = rr / NR, r = rr % NR;  // tile pairs: the second tile's rows are 4 * dt further
-      const uint8_t* rb = tile + tt * dt * tile_bytes + b * 4 * BB + (r0 + r) * LB;
-      const int64_t srow = r0 + r + 4 * dt * tt;
+      const uint8_t* rb = tile + tt * dt * tile_bytes + b * 4 * BB + r * LB;
+      const int64_t srow = r + 4 * dt * tt;
       __m512i u[P];
       if (BITS == 3) {
         // index register k of the row's block (a short block's: dwords 0, 2, 4, 6 from 16 bytes)
@@ -228,7 +229,7 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
       }
     }
   };
-  for_blocks<BITS, SRC, G64, MC>(a, block);
+  for_blocks<BITS, SRC, G64>(a, block);
   if constexpr (NT == 2) {
     // The two tiles' row sums in 512-bit registers: the additions of fold and hsum4 below, in the
     // same order, on both tiles at once (tile 0 in the low 256 bits, tile 1 in the high; shuffle_ps
@@ -248,14 +249,9 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
     const __m512 t = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(2, 3, 0, 1)));
     _mm_storeu_ps(res[0], _mm512_castps512_ps128(t));
     _mm_storeu_ps(res[1], _mm512_extractf32x4_ps(t, 2));
-  } else if (NR == 4) {
-    for (int tt = 0; tt < NT; ++tt)
-      for (int mc = 0; mc < MC; ++mc)
-        _mm_storeu_ps(res[tt + mc], hsum4(fold(facc[4 * tt][mc]), fold(facc[4 * tt + 1][mc]),
-                                          fold(facc[4 * tt + 2][mc]), fold(facc[4 * tt + 3][mc])));
   } else {
-    for (int r = 0; r < NR; ++r)
-      for (int mc = 0; mc < MC; ++mc) res[mc][r0 + r] = hsum(fold(facc[r][mc]));
+    for (int mc = 0; mc < MC; ++mc)
+      _mm_storeu_ps(res[mc], hsum4(fold(facc[0][mc]), fold(facc[1][mc]), fold(facc[2][mc]), fold(facc[3][mc])));
   }
 }
 
@@ -268,14 +264,14 @@ struct Avx512Int8 {
   template <int BITS, int Q, int SRC, bool G64>
   static void pair(const Int8Args& a, const Tables& tab, const uint8_t* tile, int64_t dt, const ScaleMap& sm,
                    float (*res)[4]) {
-    rows_int8_512<BITS, Q, SRC, 4, 1, G64, 2, CX>(a, tab, tile, 0, sm, 0, res, dt);
+    rows_int8_512<BITS, Q, SRC, 1, G64, 2, CX>(a, tab, tile, sm, 0, res, dt);
   }
   template <int BITS>
   static Tables tables(const uint8_t* tu) { return make_tables512<BITS>(tu); }
-  template <int BITS, int Q, int SRC, int NR, int MC, bool G64>
-  static void rows(const Int8Args& a, const Tables& tab, const uint8_t* tile, int r0, const ScaleMap& sm,
+  template <int BITS, int Q, int SRC, int MC, bool G64>
+  static void rows(const Int8Args& a, const Tables& tab, const uint8_t* tile, const ScaleMap& sm,
                    int64_t m0, float (*res)[4]) {
-    rows_int8_512<BITS, Q, SRC, NR, MC, G64, 1, CX>(a, tab, tile, r0, sm, m0, res);
+    rows_int8_512<BITS, Q, SRC, MC, G64, 1, CX>(a, tab, tile, sm, m0, res);
   }
 };
 
