@@ -164,14 +164,18 @@ int64_t large_m() {
 }
 
 // Activation rows from which the int8 mode runs the 16-row kernel where it is built and the CPU has
-// AVX-512 VBMI + VNNI (kernel_int8_rows16_avx512.cpp). 3 and 4 bits from 3 rows (FLUTE_CPU_ROWS16_M): on this project's Zen 5 VM it beat the 4-row int8
-// kernel at 3 rows on the large shapes but one (4-bit 4096x14336, 1 thread: 2.30 against 4.24 ms;
-// 3-bit 14336x4096, 1 thread, the exception: 2.00 against 1.68), at 2 rows it lost as often as it
-// won. 2 bits from 4 rows (FLUTE_CPU_ROWS16_M2): below, the pair-table kernel, which reads the
+// AVX-512 VBMI + VNNI (kernel_int8_rows16_avx512.cpp). 3 and 4 bits (FLUTE_CPU_ROWS16_M) from 3 rows
+// on AMD, 4 on Intel. On this project's Zen 5 VM it beat the 4-row int8 kernel at 3 rows on the
+// large shapes but one (4-bit 4096x14336, 1 thread: 2.30 against 4.24 ms; 3-bit 14336x4096, 1
+// thread, the exception: 2.00 against 1.68), at 2 rows it lost as often as it won. Since the 4-row
+// kernel reads a tile's rows in one pass for every activation-row count, on an Intel Xeon VM (no
+// AMX) it took 0.80-0.97 of the 16-row kernel's time at 3 rows on 7 of 8 shapes and bit widths (2
+// threads; 1.03 on 3-bit 14336x4096; 1 thread the same with 1.08 on 3-bit 4096x14336), at 4 rows
+// as often more as less (CPU_NOTES item 222); not measured since on AMD. 2 bits from 4 rows (FLUTE_CPU_ROWS16_M2): below, the pair-table kernel, which reads the
 // weights once but redoes its lookups for each pair of activation rows (14336x4096, 1 thread, at 2
 // rows 1.09 against 1.34 ms, at 4 rows 2.01 against 1.55; CPU_NOTES item 133).
 int64_t rows16_m(int bits) {
-  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_M", 3), v2 = env_positive("FLUTE_CPU_ROWS16_M2", 4);
+  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_M", intel_cpu() ? 4 : 3), v2 = env_positive("FLUTE_CPU_ROWS16_M2", 4);
   return bits == 2 ? v2 : v;
 }
 
