@@ -108,7 +108,7 @@ inline void decode_pair_chunk(const uint8_t* cp, const __m512i* tw, uint16_t* ds
   const __m512i q[2] = {_mm512_permutex2var_epi8(lo, _mm512_load_si512(kPairDecode.gather[0]), hi),
                         _mm512_permutex2var_epi8(lo, _mm512_load_si512(kPairDecode.gather[1]), hi)};
   const __m512i sh = _mm512_load_si512(kPairDecode.shift);
-#pragma GCC unroll 16
+FLUTE_UNROLL(16)
   for (int r = 0; r < kRows; ++r) {
     const __m512i words = _mm512_permutexvar_epi16(_mm512_load_si512(kPairDecode.word[r & 7]), q[r >> 3]);
     _mm512_storeu_si512(dst + r * 32, _mm512_permutexvar_epi16(_mm512_srlv_epi16(words, sh), tw[r]));
@@ -171,11 +171,11 @@ struct TransposeIndex {
 constexpr TransposeIndex kTransposeIndex{};
 
 inline void transpose16(__m512i* r) {
-#pragma GCC unroll 4
+FLUTE_UNROLL(4)
   for (int j = 0; j < 4; ++j) {
     const int s = 8 >> j;
     const __m512i il = _mm512_load_si512(kTransposeIndex.lo[j]), ih = _mm512_load_si512(kTransposeIndex.hi[j]);
-#pragma GCC unroll 16
+FLUTE_UNROLL(16)
     for (int i = 0; i < 16; ++i) {
       if (i & s) continue;
       const __m512i a = r[i], b = r[i + s];

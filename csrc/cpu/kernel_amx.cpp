@@ -78,13 +78,13 @@ void block_product(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile_
     alignas(64) __m512i parts[BITS == 3 ? kRows : 1][kBlockVecs<BITS>];
     if constexpr (BITS == 3)
       for (int r = 0; r < nr; ++r) load_block<BITS>(row_of(r), parts[r]);
-#pragma GCC unroll 8
+FLUTE_UNROLL(8)
     for (int c = 0; c < C; ++c) {
       uint16_t* ab = abuf + ((b * C + c) & 1) * kTileElems;
       if constexpr (BITS == 2) {
         decode_pair_chunk(rows + b * kPairChunkBytes, tw, ab);
       } else {
-#pragma GCC unroll 16
+FLUTE_UNROLL(16)
         for (int r = 0; r < nr; ++r) {
           __m512i w;
           if constexpr (BITS == 3) {
@@ -217,7 +217,7 @@ void decode_a_tiles(const GemmArgs& a, const uint8_t* rows, int nr, int64_t tile
     auto row_of = [&](int r) { return short_b ? tail[r] : rows + (r >> 2) * tile_bytes + b * 4 * BB + (r & 3) * BB; };
     alignas(64) __m512i parts[kRows][kBlockVecs<BITS>];
     for (int r = 0; r < nr; ++r) load_block<BITS>(row_of(r), parts[r]);
-#pragma GCC unroll 8
+FLUTE_UNROLL(8)
     for (int c = 0; c < C; ++c) {
       uint16_t* ab = dst + ((b - blk0) * C + c) * kTileElems;
       for (int r = 0; r < nr; ++r) _mm512_storeu_si512(ab + r * 32, decode_chunk<BITS>(parts[r], c, tw[r]));

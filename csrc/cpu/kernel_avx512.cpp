@@ -90,16 +90,16 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const Tables& tabs
     const float* xb = x + b * C * 2 * vs;
     __m512i d[R];
     for (int r = 0; r < R; ++r) d[r] = _mm512_loadu_si512(blk + r * BB);
-#pragma GCC unroll 8
+FLUTE_UNROLL(8)
     for (int c = 0; c < C; ++c) {
-#pragma GCC unroll 2
+FLUTE_UNROLL(2)
       for (int e = 0; e < 2; ++e) {
         const int s = c + e * C;
         const float* xv = xb + (2 * c + e) * vs;
         __m512 xr[MB <= 2 ? MB : 1];
         if constexpr (MB <= 2)
           for (int m = 0; m < MB; ++m) xr[m] = _mm512_loadu_ps(xv + m * 16);
-#pragma GCC unroll 4
+FLUTE_UNROLL(4)
         for (int r = 0; r < R; ++r) {
           __m512 w;
           __m512i idx;
@@ -119,7 +119,7 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const Tables& tabs
             }
           }
           if constexpr (SW) w = _mm512_mul_ps(w, sv[r]);
-#pragma GCC unroll 16
+FLUTE_UNROLL(16)
           for (int m = 0; m < MB; ++m) {
             const __m512 xm = MB <= 2 ? xr[MB <= 2 ? m : 0] : _mm512_loadu_ps(xv + m * 16);
             acc[r][m] = _mm512_fmadd_ps(w, xm, acc[r][m]);
@@ -332,7 +332,7 @@ void decode_bits_bf16(const DecodeArgs& a, int64_t r0, int64_t r1) {
     for (int64_t b = 0; b < a.nblocks; ++b) {
       const uint8_t* blk = row + b * 4 * BB;
       const __m512i d = _mm512_loadu_si512(blk);
-#pragma GCC unroll 8
+FLUTE_UNROLL(8)
       for (int c = 0; c < C; ++c) {
         const int64_t chunk = b * C + c, col0 = chunk * 32;
         if (col0 >= a.K) break;

@@ -49,13 +49,13 @@ __attribute__((noinline)) void tile_kernel(const GemmArgs& a, const uint8_t* row
     }
     __m512i d[R][kBlockVecs<BITS>];
     for (int r = 0; r < R; ++r) load_block<BITS>(blk + r * BB, d[r]);
-#pragma GCC unroll 8
+FLUTE_UNROLL(8)
     for (int c = 0; c < C; ++c) {
       const uint16_t* xv = x + (b * C + c) * vs;
-#pragma GCC unroll 4
+FLUTE_UNROLL(4)
       for (int r = 0; r < R; ++r) {
         const __m512i w = decode_chunk<BITS>(d[r], c, tw[r]);
-#pragma GCC unroll 16
+FLUTE_UNROLL(16)
         for (int m = 0; m < MB; ++m)
           acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)w,
                                        (__m512bh)_mm512_loadu_si512(xv + m * 32));

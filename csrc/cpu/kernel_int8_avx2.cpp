@@ -122,7 +122,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
     // streamed from DRAM at 1 thread took 3-7% less time (2, 3 and 4 bits; benchmarks/CPU_NOTES.md
     // item 82; the same unrolling written as a lambda called from an unrolled loop measured only
     // 0-4%, with the same instruction count).
-#pragma GCC unroll 4
+FLUTE_UNROLL(4)
     for (int r = 0; r < NR; ++r) {
       const uint8_t* rb = tile + b * 4 * BB + r * LB;
       // 32-byte register k of the row's block (short: its even dwords or bytes from 16 bytes)

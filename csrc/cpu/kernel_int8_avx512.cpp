@@ -159,7 +159,7 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
         if constexpr (NT == 1) prefetch_tile_scales<SRC>(sm, 4, b);
       }
     }
-#pragma GCC unroll 8
+FLUTE_UNROLL(8)
     for (int rr = 0; rr < NT * NR; ++rr) {
       const int tt = rr / NR, r = rr % NR;  // tile pairs: the second tile's rows are 4 * dt further
       const uint8_t* rb = tile + tt * dt * tile_bytes + b * 4 * BB + r * LB;

@@ -124,7 +124,7 @@ inline void pair_pass(const PairArgs& a, int64_t t, int64_t dt, int64_t c0, int6
       if (c - c0 < next[k].lines) _mm_prefetch(next[k].p + 64 * (c - c0), _MM_HINT_T0);
       for (int m = 0; m < MC; ++m) acc[k][m][0] = acc[k][m][1] = _mm256_setzero_si256();
     }
-#pragma GCC unroll 4
+FLUTE_UNROLL(4)
     for (int s = 0; s < 4; ++s) {
       __m256i lo[NT], hi[NT];
       for (int k = 0; k < NT; ++k) {

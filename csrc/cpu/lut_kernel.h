@@ -313,6 +313,17 @@ struct RowC {
 #else
 #define FLUTE_ALWAYS_INLINE inline
 #endif
+// `#pragma GCC unroll n` on the next loop, except in the emulated AVX-512 test build
+// (.ci/avx512_emulated.sh), where every intrinsic is a loop of SIMDe's portable code and GCC took
+// 7-10 minutes on the unrolled int8 kernel alone (3.6 without the unrolling: CPU_NOTES item 224);
+// that build tests results, which the unrolling does not change.
+#define FLUTE_PRAGMA(x) _Pragma(#x)
+#ifdef FLUTE_CPU_EMULATED_AVX512
+#define FLUTE_UNROLL(n)
+#else
+#define FLUTE_UNROLL(n) FLUTE_PRAGMA(GCC unroll n)
+#endif
+
 template <int N, int I = 0, class F>
 FLUTE_ALWAYS_INLINE void static_rows(F&& f) {
   if constexpr (I < N) {
