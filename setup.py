@@ -99,6 +99,9 @@ def cpu_extensions():
         # same bits on every path); FMAs stay where the intrinsics ask for them
         isa_flags[os.path.join(cpu_dir, "kernel_avx2.cpp")] = ["-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avx2.cpp")] = ["-mavx2", "-mfma"]
+        # the same kernel with a 256-bit vpdpwssd: AVX-VNNI (VEX) and AVX512-VNNI on ymm (EVEX)
+        isa_flags[os.path.join(cpu_dir, "kernel_int8_avxvnni.cpp")] = ["-mavx2", "-mfma", "-mavxvnni"]
+        isa_flags[os.path.join(cpu_dir, "kernel_int8_avx512vnni_ymm.cpp")] = ["-mavx2", "-mfma", "-mavx512vl", "-mavx512vnni"]
         isa_flags[os.path.join(cpu_dir, "kernel_pair_avx2.cpp")] = ["-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
         avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-ffp-contract=off"]
         isa_flags[os.path.join(cpu_dir, "kernel_avx512.cpp")] = avx512
@@ -122,6 +125,9 @@ def cpu_extensions():
         for name in ("kernel_avx512.cpp", "kernel_avx512bf16.cpp", "kernel_int8_avx512.cpp",
                      "kernel_int8_rows16_avx512.cpp", "kernel_pair_avx512.cpp"):
             isa_flags[os.path.join(cpu_dir, name)] = emu
+        # both VNNI forms of the AVX2 int8 kernel with vpdpwssd in software (the AVX2 rest native)
+        for name in ("kernel_int8_avxvnni.cpp", "kernel_int8_avx512vnni_ymm.cpp"):
+            isa_flags[os.path.join(cpu_dir, name)] = emu + ["-DFLUTE_EMULATED_AVXVNNI"]
         del isa_flags[os.path.join(cpu_dir, "kernel_amx.cpp")]
         isa_flags[os.path.join(cpu_dir, "kernel_fallbacks.cpp")] = ["-DFLUTE_WITHOUT_KERNEL_AMX"]
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
@@ -134,7 +140,7 @@ def cpu_extensions():
         extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"] + openmp
                             + (["-DFLUTE_CPU_EMULATED_AVX512"] if emulate else [])},
         extra_link_args=openmp,
-        depends=[os.path.join(cpu_dir, h) for h in ("lut_kernel.h", "avx2_common.h", "avx512_common.h",
+        depends=[os.path.join(cpu_dir, h) for h in ("lut_kernel.h", "avx2_common.h", "avx512_common.h", "int8_avx2_kernel.h",
                                                   "avx512bf16_common.h", "amx_tiles.h", "int8_tiles.h", "pair_lut.h", "tile16_avx512.h",
                                                   "binding.h")],
         py_limited_api=True,
@@ -157,6 +163,10 @@ OPTIONAL_KERNELS = {
     "kernel_int8_rows16_avx512.cpp": ("FLUTE_WITHOUT_KERNEL_INT8_ROWS16",
                                       "__m512i f(__m512i a, __m512i b) { return _mm512_dpbusd_epi32(a, "
                                       "_mm512_permutex2var_epi8(a, b, a), b); }"),
+    "kernel_int8_avxvnni.cpp": ("FLUTE_WITHOUT_KERNEL_INT8_AVXVNNI",
+                                "__m256i f(__m256i a, __m256i b) { return _mm256_dpwssd_avx_epi32(a, a, b); }"),
+    "kernel_int8_avx512vnni_ymm.cpp": ("FLUTE_WITHOUT_KERNEL_INT8_AVX512VNNI_YMM",
+                                       "__m256i f(__m256i a, __m256i b) { return _mm256_dpwssd_epi32(a, a, b); }"),
 }
 
 
@@ -202,11 +212,21 @@ def _build_ext_class(base):
                 fallbacks = [s for s in isa if os.path.basename(s) == "kernel_fallbacks.cpp"]
                 for src in fallbacks:
                     isa[src] = isa[src] + [f"-D{m}" for m in without]
-                objects = []
-                for src, flags in isa.items():
-                    objects += self.compiler.compile(
-                        [src], output_dir=self.build_temp, include_dirs=list(ext.include_dirs),
+                # The units in parallel (MAX_JOBS, as torch's builds; default one per CPU), each
+                # into its own folder: with ninja, torch's compile() writes build.ninja into its
+                # output folder, so two calls must not share one.
+                from concurrent.futures import ThreadPoolExecutor
+
+                def compile_unit(item):
+                    src, flags = item
+                    out = os.path.join(self.build_temp, "isa", os.path.splitext(os.path.basename(src))[0])
+                    os.makedirs(out, exist_ok=True)
+                    return self.compiler.compile(
+                        [src], output_dir=out, include_dirs=list(ext.include_dirs),
                         extra_postargs=["-O3", "-std=c++17", "-fPIC"] + flags, depends=ext.depends)
+                jobs = max(1, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1))
+                with ThreadPoolExecutor(jobs) as pool:
+                    objects = [o for objs in pool.map(compile_unit, isa.items()) for o in objs]
                 ext.sources = [s for s in ext.sources if s not in ext.isa_flags]
                 ext.extra_objects = list(ext.extra_objects or []) + objects
                 ext.isa_flags = None

@@ -28,6 +28,7 @@ ops.set_cpu_isa("avx512")
 assert ops.get_cpu_isa() == "avx512"
 import torch
 assert torch.ops.flute.cpu_has_bf16(), "the emulated build should offer the bf16 decoders"
+assert torch.ops.flute.cpu_vnni() != "", "the emulated build should offer the AVX2 int8 kernel's VNNI form"
 print("emulated AVX-512 build loaded from", flute.__file__)
 PY
 rc=0

@@ -406,3 +406,52 @@ def test_int8_rows_of_a_batch_equal_one_row_calls(bits, int8_mode, rng):
                         assert torch.equal(y, one[:m]), (isa, t, m, n, k, group, sdtype, offsets)
     finally:
         ops.set_cpu_isa("auto")
+
+
+@pytest.fixture
+def restore_vnni():
+    old = torch.ops.flute.cpu_vnni()
+    yield
+    torch.ops.flute.cpu_set_vnni(old != "")
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_int8_vnni_form_bitwise_equal_to_int16_form(bits, int8_mode, restore_vnni, rng):
+    """The AVX2 int8 kernel's VNNI form (int8_avx2_kernel.h: each merge's int32 sum starting at its
+    correction, Int8Args::xinit, then one `vpdpwssd` per register) computes the int16 form's
+    integers, so its results are bitwise the same: every merge width (groups of 32, 64, 96, 128,
+    one group), ragged last tiles and half last blocks (K = 544, 576), offsets, each scale and
+    activation dtype, activation rows 1-5 and 17, 1 and 2 threads. Runs where the CPU has AVX-VNNI
+    or AVX512-VNNI (natively, or in the emulated AVX-512 build); there the AVX2 path uses it by
+    default."""
+    if not available("avx2"):
+        pytest.skip("this CPU lacks AVX2")
+    form = torch.ops.flute.cpu_vnni()
+    if form == "":
+        with pytest.raises(RuntimeError, match="no VNNI form"):
+            torch.ops.flute.cpu_set_vnni(True)
+        pytest.skip("this CPU (or build) has neither AVX-VNNI nor AVX512-VNNI")
+    assert form in ("avxvnni", "avx512vnni_ymm")
+    ops.set_cpu_isa("avx2")
+    try:
+        for n, k, group, sdtype, offsets, m, xdtype in [
+                (203, 1000, 64, torch.bfloat16, False, 1, torch.bfloat16),
+                (203, 1000, 32, torch.float32, False, 2, torch.float32),
+                (96, 544, 128, torch.bfloat16, False, 3, torch.float32),
+                (67, 576, 64, torch.float16, True, 4, torch.bfloat16),
+                (44, 576, 96, torch.bfloat16, False, 5, torch.float16),
+                (37, 640, -1, torch.float32, False, 17, torch.float32),
+                (60, 4672, 64, torch.bfloat16, False, 1, torch.float32)]:
+            w = random_quantized(n, k, bits, group, offsets=offsets, dtype=sdtype, generator=rng)
+            x = (torch.randn(m, k, generator=rng) * torch.rand(1, k, generator=rng) * 4).to(xdtype)
+            q = to_cpu_layout(w.codes, bits)
+            outs = {}
+            for on in (False, True):
+                assert torch.ops.flute.cpu_set_vnni(on) == (form if on else "")
+                outs[on] = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), [1, 2])
+            case = (n, k, group, sdtype, offsets, m, xdtype)
+            for y in outs[True] + outs[False][1:]:
+                assert torch.equal(y, outs[False][0]), case
+            assert normwise_error(outs[True][0], reference_qgemm_int8(x, w, group), x, w, group) < TOL[xdtype], case
+    finally:
+        ops.set_cpu_isa("auto")

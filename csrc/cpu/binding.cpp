@@ -20,6 +20,8 @@
 //       take the AMX kernels (kernel_amx.cpp; CPUs with AMX-BF16; FLUTE_CPU_AMX=0 off).
 //   cpu_tile_pairs() -> bool, cpu_set_tile_pairs(bool) -> bool: whether the M = 1 int8-mode
 //       kernels read two tiles far apart in one pass (on for Intel CPUs; FLUTE_CPU_TILE_PAIRS).
+//   cpu_vnni() -> str, cpu_set_vnni(bool) -> str: the VNNI form the AVX2 int8 kernel runs where the
+//       CPU has one ("avxvnni", "avx512vnni_ymm"; "" for none or off; FLUTE_CPU_VNNI=0 off).
 //   cpu_compact_k() -> int, cpu_set_compact_k(int) -> int: the columns from which one activation
 //       row takes the AVX-512 int8 kernel's compact activations (Int8Args::xkq; FLUTE_CPU_COMPACT_K).
 //   cpu_rows16_m(bits) -> int: the activation rows from which the int8 mode runs that bit width on
@@ -472,6 +474,8 @@ TORCH_LIBRARY_FRAGMENT(flute, m) {
   m.def("cpu_set_amx(bool on) -> bool", &cpu_set_amx);
   m.def("cpu_tile_pairs() -> bool", &cpu_tile_pairs);
   m.def("cpu_set_tile_pairs(bool on) -> bool", &cpu_set_tile_pairs);
+  m.def("cpu_vnni() -> str", &cpu_vnni);
+  m.def("cpu_set_vnni(bool on) -> str", &cpu_set_vnni);
   m.def("cpu_compact_k() -> int", &cpu_compact_k);
   m.def("cpu_set_compact_k(int k) -> int", &cpu_set_compact_k);
   m.def("cpu_rows16_m(int bits) -> int", &cpu_rows16_m);

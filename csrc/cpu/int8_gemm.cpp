@@ -232,6 +232,7 @@ struct Int8Fns {
   Int8Fn fn = gemm_int8_portable;
   Bf16ToF32Fn widen = bf16_to_f32_portable;
   bool avx512 = false;  // the AVX-512 VBMI + VNNI kernel (its own activation order)
+  bool vnni = false;    // a VNNI form of the AVX2 kernel (Int8Args::xinit from int8_vnni_init)
   bool ordered = false;  // quant writes that order itself (quantize_x_int8_avx512; one-row calls)
 };
 
@@ -242,9 +243,16 @@ static Int8Fns int8_fns(int isa) {
   if (isa >= kAvx2) {
     f.quant = quantize_x_int8_avx2;
     f.fn = gemm_int8_avx2;
+    const int form = vnni_form();
+    f.vnni = form != 0;
+    if (form == 1) f.fn = gemm_int8_avxvnni;
+    if (form == 2) f.fn = gemm_int8_avx512vnni_ymm;
   }
   f.avx512 = isa == kAvx512 && has_vbmi_vnni();
-  if (f.avx512) f.fn = gemm_int8_avx512;
+  if (f.avx512) {
+    f.fn = gemm_int8_avx512;
+    f.vnni = false;
+  }
 #else
   (void)isa;
 #endif
@@ -289,6 +297,22 @@ static bool quantize_rows(const at::Tensor& x2, const Weight& w, int64_t M, int6
   for (int64_t b = 0; b < w.nblocks; ++b)
     for (int64_t m = m0; m < m1; ++m) xu[b * M + m] *= t7.scale;
   return true;
+}
+
+// The VNNI forms' start values (int8_avx2_kernel.h): per block-row bm and merge j of Q parts,
+// xinit[bm][j][d] = -(sum over the merge's parts p of corr * k over int16s 2d and 2d + 1 of part
+// p), the int32 that the int16 form's subtraction of the correction before its `vpmaddwd` adds.
+static void int8_vnni_init(int P, int Q, int64_t rows, const int16_t* corr, const int16_t* k, int32_t* xinit) {
+  for (int64_t bm = 0; bm < rows; ++bm)
+    for (int j = 0; j < P / Q; ++j)
+      for (int d = 0; d < 8; ++d) {
+        int32_t v = 0;
+        for (int p = j * Q; p < (j + 1) * Q; ++p) {
+          const int64_t i = (bm * P + p) * 16 + 2 * d;
+          v -= int32_t{corr[i]} * k[i] + int32_t{corr[i + 1]} * k[i + 1];
+        }
+        xinit[(bm * (P / Q) + j) * 8 + d] = v;
+      }
 }
 
 // The 4-row kernels' arguments for the quantized activations of all M rows in base: the scale map
@@ -351,6 +375,11 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
   std::memcpy(a.tu, t7.tu, 16);
   a.out = out;
   a.tile_pairs = cpu_tile_pairs();
+  if (f.vnni) {
+    int32_t* xinit = reinterpret_cast<int32_t*>(base + L.o_init);
+    int8_vnni_init(P, a.merge, nb * M, a.xcorr, xk, xinit);
+    a.xinit = xinit;
+  }
 #if defined(__x86_64__) || defined(_M_X64)
   if (f.avx512 && M == 1 && w.K >= cpu_compact_k()) {  // long rows: compact activations (Int8Args::xkq)
     uint64_t* xkq = reinterpret_cast<uint64_t*>(base + L.o_kq);

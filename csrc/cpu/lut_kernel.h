@@ -250,6 +250,10 @@ void f32_to_bf16_avx2(const float* src, uint16_t* dst, int64_t n);
 // n bf16 to floats (the int8 mode's bf16 activations: ~1.5 scalar instructions an element)
 void bf16_to_f32_avx2(const uint16_t* src, float* dst, int64_t n);
 bool quantize_x_int8_avx2(const float*, int, int8_t*, int16_t*, int16_t*, float*);
+// The AVX2 int8 kernel's `vpdpwssd` form (int8_avx2_kernel.h): AVX-VNNI (VEX) and AVX512-VNNI on
+// ymm registers (EVEX). Both read Int8Args::xinit in the layout int8_avx2_vnni_init writes.
+void gemm_int8_avxvnni(const Int8Args&, int64_t, int64_t);
+void gemm_int8_avx512vnni_ymm(const Int8Args&, int64_t, int64_t);
 // 3 bits: `rowblocks` row-blocks of 96 bytes from the CPU layout into dst in the older form that the
 // SIMD exact kernels read: the 2-bit block of the low two bits (64 bytes, lane order), then the
 // high bits as 16 uint16 lane masks (uint16 s, bit j).
@@ -295,6 +299,8 @@ bool kernel_amx_built();
 bool kernel_avx512bf16_built();
 bool kernel_int8_avx512_built();
 bool kernel_int8_rows16_built();
+bool kernel_int8_avxvnni_built();
+bool kernel_int8_avx512vnni_ymm_built();
 #endif
 
 // ---- small helpers (internal linkage in every TU) ------------------------------------------------

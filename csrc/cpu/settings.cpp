@@ -101,6 +101,27 @@ bool intel_cpu() {
 }
 std::atomic<bool> g_tile_pairs{env_flag("FLUTE_CPU_TILE_PAIRS", intel_cpu())};
 
+// The 256-bit int8 kernel's VNNI forms (int8_avx2_kernel.h), the CPU's and a compiler's that built
+// them: 1 AVX-VNNI (VEX; CPUID leaf 7 subleaf 1, EAX bit 4: __builtin_cpu_supports knows it only
+// from GCC 11), 2 AVX512-VNNI + VL on ymm registers, 0 neither. AVX-VNNI first where both are.
+int detect_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (g_best < kAvx2) return 0;
+#ifdef FLUTE_CPU_EMULATED_AVX512
+  const bool avxvnni = true;
+#else
+  unsigned eax = 0, ebx, ecx, edx;
+  const bool avxvnni = __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 4) & 1);
+#endif
+  if (avxvnni && kernel_int8_avxvnni_built()) return 1;
+  if (g_best == kAvx512 && FLUTE_CPU_SUPPORTS("avx512vnni") && kernel_int8_avx512vnni_ymm_built()) return 2;
+#endif
+  return 0;
+}
+const int g_vnni_form = detect_vnni();
+// Whether the AVX2 int8 kernel runs its VNNI form where there is one (FLUTE_CPU_VNNI=0: off).
+std::atomic<bool> g_vnni{g_vnni_form != 0 && env_flag("FLUTE_CPU_VNNI", true)};
+
 const char* const kModeNames[] = {"exact", "bf16", "int8"};  // indexed by Mode (binding.h)
 
 int parse_mode(const char* name) {
@@ -223,6 +244,20 @@ bool cpu_tile_pairs() { return g_tile_pairs.load(); }
 bool cpu_set_tile_pairs(bool on) {
   g_tile_pairs.store(on);
   return on;
+}
+
+int vnni_form() { return g_vnni.load() ? g_vnni_form : 0; }
+
+std::string cpu_vnni() {
+  static const char* const names[] = {"", "avxvnni", "avx512vnni_ymm"};
+  return names[vnni_form()];
+}
+
+std::string cpu_set_vnni(bool on) {
+  TORCH_CHECK(!on || g_vnni_form != 0, "flute: this CPU (or this build) has no VNNI form of the AVX2 int8 "
+              "kernel (it needs AVX-VNNI or AVX512-VNNI)");
+  g_vnni.store(on);
+  return cpu_vnni();
 }
 
 int64_t cpu_compact_k() { return g_compact_k.load(); }

@@ -221,3 +221,6 @@ inline simde__m512 shuffle_f32x4(simde__m512 a, simde__m512 b, int imm) {
 #define _mm512_mask_srli_epi16(src, k, a, imm) flute_emulation::mask_srli_epi16(src, k, a, imm)
 #define _load_mask16(p) flute_emulation::load_mask16(p)
 #define _cvtu32_mask32(x) static_cast<simde__mmask32>(x)
+// AVX-VNNI (kernel_int8_avxvnni.cpp, built here with FLUTE_EMULATED_AVXVNNI): the VEX form of
+// AVX512-VNNI's 256-bit instruction, the same result.
+#define _mm256_dpwssd_avx_epi32(src, a, b) simde_mm256_dpwssd_epi32(src, a, b)
