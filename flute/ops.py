@@ -228,6 +228,25 @@ def set_cpu_amx(on: bool) -> bool:
     return bool(torch.ops.flute.cpu_set_amx(bool(on)))
 
 
+def get_cpu_vnni() -> str:
+    """The VNNI form the CPU kernel's AVX2 int8 kernel runs: ``"avxvnni"`` (AVX-VNNI: Alder Lake
+    and later client cores, Sierra Forest), ``"avx512vnni_ymm"`` (AVX512-VNNI on 256-bit
+    registers: AVX-512 CPUs without VBMI, e.g. Cascade Lake), or ``""`` (none: the int16 form).
+    Both forms give the same bits; the VNNI one takes fewer operations per product. On where the
+    CPU has one unless the environment variable ``FLUTE_CPU_VNNI=0`` was set at import. CPUs with
+    AVX-512 VBMI + VNNI run the AVX-512 int8 kernel instead (unless :func:`set_cpu_isa` forces
+    ``"avx2"``)."""
+    return str(torch.ops.flute.cpu_vnni()) if HAS_CPU_KERNEL else ""
+
+
+def set_cpu_vnni(on: bool) -> str:
+    """Turn the AVX2 int8 kernel's VNNI form (see :func:`get_cpu_vnni`) on or off. Raises if turned
+    on where the CPU (or the build) has none. Returns the form now in use."""
+    if not HAS_CPU_KERNEL:
+        raise RuntimeError(f"flute: the CPU kernel is not built ({CPU_KERNEL_ERROR})")
+    return str(torch.ops.flute.cpu_set_vnni(bool(on)))
+
+
 def get_cpu_mode() -> str:
     """The arithmetic of the CPU kernel's fused path (batches below the panel threshold):
 

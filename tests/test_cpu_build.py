@@ -1,4 +1,5 @@
-"""setup.py's optional CPU units (kernel_amx.cpp, kernel_avx512bf16.cpp, kernel_int8_avx512.cpp):
+"""setup.py's optional CPU units (OPTIONAL_KERNELS: kernel_amx.cpp, kernel_avx512bf16.cpp, the int8
+AVX-512, 16-row, AVX-VNNI and AVX512-VNNI-on-ymm units):
 a compiler that rejects their flags builds the extension with csrc/cpu/kernel_fallbacks.cpp in
 their place, whose stand-ins must define each unit's functions with the very signatures the
 binding links against."""
@@ -14,13 +15,19 @@ from flute import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_DIR = os.path.join(ROOT, "csrc", "cpu")
-MACROS = ["FLUTE_WITHOUT_KERNEL_AMX", "FLUTE_WITHOUT_KERNEL_AVX512BF16", "FLUTE_WITHOUT_KERNEL_INT8_AVX512"]
+MACROS = ["FLUTE_WITHOUT_KERNEL_AMX", "FLUTE_WITHOUT_KERNEL_AVX512BF16", "FLUTE_WITHOUT_KERNEL_INT8_AVX512",
+          "FLUTE_WITHOUT_KERNEL_INT8_ROWS16", "FLUTE_WITHOUT_KERNEL_INT8_AVXVNNI",
+          "FLUTE_WITHOUT_KERNEL_INT8_AVX512VNNI_YMM"]
 # The functions of the optional units the binding calls (lut_kernel.h), by unit.
 UNIT_FUNCTIONS = {
     "FLUTE_WITHOUT_KERNEL_AMX": {"kernel_amx_built", "amx_prepare_x", "gemm_amx", "gemm_amx_rows"},
     "FLUTE_WITHOUT_KERNEL_AVX512BF16": {"kernel_avx512bf16_built", "gemm_avx512bf16"},
     "FLUTE_WITHOUT_KERNEL_INT8_AVX512": {"kernel_int8_avx512_built", "gemm_int8_avx512", "int8_prepare_avx512",
                                          "int8_prepare_compact_avx512", "quantize_x_int8_avx512"},
+    "FLUTE_WITHOUT_KERNEL_INT8_ROWS16": {"kernel_int8_rows16_built", "rows16_prepare_avx512",
+                                         "gemm_int8_rows16_avx512"},
+    "FLUTE_WITHOUT_KERNEL_INT8_AVXVNNI": {"kernel_int8_avxvnni_built", "gemm_int8_avxvnni"},
+    "FLUTE_WITHOUT_KERNEL_INT8_AVX512VNNI_YMM": {"kernel_int8_avx512vnni_ymm_built", "gemm_int8_avx512vnni_ymm"},
 }
 
 pytestmark = pytest.mark.skipif(

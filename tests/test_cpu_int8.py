@@ -410,9 +410,9 @@ def test_int8_rows_of_a_batch_equal_one_row_calls(bits, int8_mode, rng):
 
 @pytest.fixture
 def restore_vnni():
-    old = torch.ops.flute.cpu_vnni()
+    old = ops.get_cpu_vnni()
     yield
-    torch.ops.flute.cpu_set_vnni(old != "")
+    ops.set_cpu_vnni(old != "")
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -426,10 +426,10 @@ def test_int8_vnni_form_bitwise_equal_to_int16_form(bits, int8_mode, restore_vnn
     default."""
     if not available("avx2"):
         pytest.skip("this CPU lacks AVX2")
-    form = torch.ops.flute.cpu_vnni()
+    form = ops.get_cpu_vnni()
     if form == "":
         with pytest.raises(RuntimeError, match="no VNNI form"):
-            torch.ops.flute.cpu_set_vnni(True)
+            ops.set_cpu_vnni(True)
         pytest.skip("this CPU (or build) has neither AVX-VNNI nor AVX512-VNNI")
     assert form in ("avxvnni", "avx512vnni_ymm")
     ops.set_cpu_isa("avx2")
@@ -447,7 +447,7 @@ def test_int8_vnni_form_bitwise_equal_to_int16_form(bits, int8_mode, restore_vnn
             q = to_cpu_layout(w.codes, bits)
             outs = {}
             for on in (False, True):
-                assert torch.ops.flute.cpu_set_vnni(on) == (form if on else "")
+                assert ops.set_cpu_vnni(on) == (form if on else "") == ops.get_cpu_vnni()
                 outs[on] = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), [1, 2])
             case = (n, k, group, sdtype, offsets, m, xdtype)
             for y in outs[True] + outs[False][1:]:

@@ -102,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doc.update(device=f"cpu ({info['cpu_model']})", threads=cfg.threads,
                flute_cpu_mode=ops.get_cpu_mode(), flute_cpu_isa=ops.get_cpu_isa(),
                flute_cpu_amx=ops.get_cpu_amx(),
-               flute_cpu_vnni=torch.ops.flute.cpu_vnni() if ops.HAS_CPU_KERNEL else "",
+               flute_cpu_vnni=ops.get_cpu_vnni(),
                grid={"shapes": [f"{n}x{k}" for n, k in cfg.shapes], "M": cfg.Ms,
                      "bits": cfg.bits, "group_size": cfg.group_size,
                      "flute_dtypes": cfg.flute_dtypes, "kernels": cfg.kernels,
