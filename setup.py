@@ -120,8 +120,14 @@ def cpu_extensions():
         # software (csrc/cpu/emulation/immintrin.h, SIMDe), on an AVX2 CPU; AMX has no software form.
         # -O1: at -O3 GCC spent over 7 minutes on one unit (the kernels' forced unrolling of
         # SIMDe's portable code); at -O1 the three take ~1.5 minutes
-        emu = ["-O1", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-Wno-psabi",
+        # FLUTE_CPU_EMULATED_AVX512 here too (not only in the binding's flags): it empties the
+        # kernels' FLUTE_UNROLL pragmas (lut_kernel.h), without which GCC took 7-10 minutes on the
+        # emulated int8 unit alone (CPU_NOTES items 224 and 230)
+        emu = ["-O1", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-Wno-psabi", "-DFLUTE_CPU_EMULATED_AVX512",
                "-I" + os.path.join(HERE, cpu_dir, "emulation")]
+        # the native units at -O1 as well: this build tests results, never speed
+        for src in isa_flags:
+            isa_flags[src] = isa_flags[src] + ["-O1"]
         for name in ("kernel_avx512.cpp", "kernel_avx512bf16.cpp", "kernel_int8_avx512.cpp",
                      "kernel_int8_rows16_avx512.cpp", "kernel_pair_avx512.cpp"):
             isa_flags[os.path.join(cpu_dir, name)] = emu
@@ -137,7 +143,7 @@ def cpu_extensions():
         include_dirs=[os.path.join(HERE, cpu_dir)],
         # -fopenmp: at::parallel_for is inlined from ATen's OpenMP backend; without the flag its
         # pragma is ignored and every call runs on one thread whatever torch.set_num_threads says.
-        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"] + openmp
+        extra_compile_args={"cxx": ["-O1" if emulate else "-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"] + openmp
                             + (["-DFLUTE_CPU_EMULATED_AVX512"] if emulate else [])},
         extra_link_args=openmp,
         depends=[os.path.join(cpu_dir, h) for h in ("lut_kernel.h", "avx2_common.h", "avx512_common.h", "int8_avx2_kernel.h",

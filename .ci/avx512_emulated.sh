@@ -6,7 +6,7 @@
 # (exact, int8 with VBMI + VNNI, the bf16 decoders) is then available. Results are the
 # instructions', not their speed. Runs in the active Python environment (torch installed); needs
 # Debian's libsimde-dev, installed here when missing. Exits with pytest's status (5, no tests,
-# counts as a failure). About 6.5 minutes on a 2-core VM, most of it the build.
+# counts as a failure). About 5.5 minutes on a 2-core VM, most of it the build (CPU_NOTES item 230).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ ! -f /usr/include/simde/x86/avx512.h ]; then
