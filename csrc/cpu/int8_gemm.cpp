@@ -263,7 +263,7 @@ static Int8Fns int8_fns(int isa) {
 // fixed costs, so one buffer): activations, their corrections and scales, group sums, the scale map
 // and the AVX-512 kernel's reordered activations.
 struct Int8Scratch {
-  int64_t o_corr, o_k, o_u, o_sum, o_g0, o_gidx, o_k2, o_init, o_kq, total;
+  int64_t o_corr, o_k, o_u, o_sum, o_g0, o_gidx, o_k2, o_init, o_kq, o_tail, total;
   Int8Scratch(int64_t nb, int64_t M, int P, int64_t ng) {
     o_corr = align64(nb * M * 64 * P);
     o_k = align64(o_corr + nb * M * P * 16 * 2);
@@ -274,7 +274,8 @@ struct Int8Scratch {
     o_k2 = align64(o_gidx + nb * P * 8 * 4);
     o_init = align64(o_k2 + nb * M * P * 32 * 2);
     o_kq = align64(o_init + nb * M * P * 16 * 4);
-    total = o_kq + nb * M * P * 8;
+    o_tail = align64(o_kq + nb * M * P * 8);
+    total = o_tail + 64 * (3 * M + 1);
   }
 };
 
@@ -391,6 +392,10 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
     int8_prepare_avx512(w.bits, a.merge, nb * M, xq, xk, xk2, xinit, f.ordered);
     a.xk2 = xk2;
     a.xinit = xinit;
+  }
+  if (f.avx512 && a.last_short && (w.bits == 4 || (w.bits == 3 && a.last_half))) {
+    int8_prepare_tail_avx512(a, reinterpret_cast<int8_t*>(base + L.o_tail));
+    a.tail = reinterpret_cast<const int8_t*>(base + L.o_tail);
   }
 #else
   (void)f;

@@ -28,6 +28,7 @@ bool kernel_int8_avx512_built() { return false; }
 void gemm_int8_avx512(const Int8Args&, int64_t, int64_t) {}
 void int8_prepare_avx512(int, int, int64_t, int8_t*, const int16_t*, int16_t*, int32_t*, bool) {}
 void int8_prepare_compact_avx512(int, int64_t, int8_t*, const int16_t*, uint64_t*, bool) {}
+void int8_prepare_tail_avx512(const Int8Args&, int8_t*) {}
 bool quantize_x_int8_avx512(const float*, int, int8_t*, int16_t*, int16_t*, float*) { return false; }
 #endif
 

@@ -95,6 +95,43 @@ constexpr int kPrefetch512 = BITS == 4 && kPrefetchBytes == 8192 ? 4096 : kPrefe
 template <int BITS, int NT>
 constexpr int kPrefetchAhead = NT == 2 && BITS == 3 && kPrefetchBytes == 8192 ? 2048 : kPrefetch512<BITS>;
 
+// The packed last block (CPU_NOTES item 231): a short last block of at most 64 columns of K (3 bits:
+// Int8Args::last_half; 4 bits: every short block) read as one zmm of all 64 of its columns. The
+// general form loads each index register by a zero-extending `vpmovzx` and a broadcast between
+// registers (two port-5 shuffles each, with the lookups' `vpermb`s on the same port) and computes
+// whole parts of which half are padding, so such a block cost as much as a whole one. Here each row
+// is one broadcast load of its 32 bytes (no shuffle), one or two masked shifts and one `vpermb`:
+// 3 bits, the lanes R0 | R1 | R0 | R1 of the even dwords, shifted by 0 | 1 | 4 | 5 bits, are parts 0
+// and 1 of registers 0 and 1 (table A reads each as the code at bits 0-2: bits 3-5 are ignored by
+// the table, 6-7 by vpermb); 4 bits, [S | S >> 4] are the block's columns 0-31 and 32-63 in order.
+// The activations, chunk factors and group entries of the block are put in that order once per
+// call (int8_prepare_tail_avx512: two-source permutes of parts 0 and 1; Int8Args::tail), with the
+// start value of each dword computed from them as the compact form does. The integers of each
+// column are those of the general form; the float sums meet in other lanes. Measured (CPU_NOTES
+// item 231): 1536x576 in cache 0.94-0.95 of the time at 3 and 4 bits, from DRAM 0.98-0.99.
+struct PackedTail {
+  alignas(64) uint8_t x[64];   // byte z of the packed activations: its byte in parts 0 | 1 (0-127)
+  alignas(64) uint16_t k[32];  // int16 w of the packed chunk factors: its int16 in parts 0 | 1 (0-63)
+  alignas(64) uint32_t g[16];  // dword d: its entry in the block's group offsets (8 p + dword q)
+  constexpr explicit PackedTail(int bits) : x(), k(), g() {
+    for (int z = 0; z < 64; ++z) {
+      int off = 0;  // byte of z's code in parts 0 | 1 of the kernel's order [p][reg][32]
+      if (bits == 3) {  // lane: part lane % 2, register lane / 2; byte kk: the layout's even dwords
+        const int lane = z / 16, kk = z % 16;
+        off = (lane % 2) * 64 + (lane / 2) * 32 + 8 * (kk / 4) + kk % 4;
+      } else {  // z < 32: low nibbles (part 0), else high; stored byte sb = byte 2 e of lane j
+        const int part = z / 32, sb = z % 32, j = sb / 2, q = 2 * (sb % 2);
+        off = part * 64 + 16 * (j / 4) + 4 * q + j % 4;
+      }
+      x[z] = static_cast<uint8_t>(off);
+      if (z % 2 == 0) k[z / 2] = static_cast<uint16_t>(off / 2);
+      if (z % 4 == 0) g[z / 4] = static_cast<uint32_t>((off / 64) * 8 + (off % 64) / 4 % 4);
+    }
+  }
+};
+template <int BITS>
+inline constexpr PackedTail kPackedTail{BITS};
+
 inline __m256 fold_max(__m512 v) { return _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
 inline __m256 fold(__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
 
@@ -130,13 +167,14 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
   auto block = [&](int64_t b, auto fast_c, auto half_c, auto short_c) __attribute__((always_inline)) {
     constexpr bool FAST = decltype(fast_c)::value, HALF = decltype(half_c)::value;
     constexpr bool SHORT = decltype(short_c)::value;
+    constexpr bool PACKED = SHORT && (BITS == 4 || HALF);  // PackedTail
     constexpr int PU = HALF ? P / 2 : P;  // parts computed
     constexpr int LB = SHORT ? short_block_bytes(BITS, HALF) : BB;
     __m512 ub[MC];
     for (int mc = 0; mc < MC; ++mc) ub[mc] = _mm512_set1_ps(a.xu[b * M + m0 + mc]);
     // CX: the block's chunk factors and merge start values, shared by its rows (one activation row)
     __m512i kvc[CX ? P : 1], initc[CX ? NM : 1];
-    if constexpr (CX) {
+    if constexpr (CX && !PACKED) {
       const int8_t* xb = a.xq + (b * M + m0) * COLS;
       const __m512i c64 = _mm512_set1_epi8(64);
       for (int p = 0; p < PU; ++p) kvc[p] = _mm512_set1_epi64(static_cast<long long>(a.xkq[(b * M + m0) * P + p]));
@@ -158,6 +196,29 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
         // tile pairs 0.98-1.02; CPU_NOTES item 158).
         if constexpr (NT == 1) prefetch_tile_scales<SRC>(sm, 4, b);
       }
+    }
+    if constexpr (PACKED) {
+      const __m512i gp = _mm512_loadu_si512(a.tail + 3 * 64 * M);
+      constexpr __mmask32 kOdd = 0xFF00FF00u;  // the words of 128-bit lanes 1 and 3 (3 bits: R1)
+FLUTE_UNROLL(8)
+      for (int rr = 0; rr < NT * NR; ++rr) {
+        const int tt = rr / NR, r = rr % NR;
+        const uint8_t* rb = tile + tt * dt * tile_bytes + b * 4 * BB + r * LB;
+        const int64_t srow = r + 4 * dt * tt;
+        const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb)));
+        __m512i idx = _mm512_mask_srli_epi16(v, kHigh, v, 4);
+        if constexpr (BITS == 3) idx = _mm512_mask_srli_epi16(idx, kOdd, idx, 1);
+        const __m512i u = _mm512_permutexvar_epi8(idx, tab.A);
+        const __m256 wv = load_scales8<SRC>(sm.WS, srow * sm.ngp + sm.g0[b]);
+        for (int mc = 0; mc < MC; ++mc) {
+          const int8_t* t = a.tail + 3 * 64 * (m0 + mc);  // [x][k][start] of the activation row
+          const __m512i isum = _mm512_dpwssd_epi32(_mm512_loadu_si512(t + 128), _mm512_maddubs_epi16(u, _mm512_loadu_si512(t)),
+                                                   _mm512_loadu_si512(t + 64));
+          const __m512 ws = _mm512_permutexvar_ps(gp, _mm512_mul_ps(_mm512_castps256_ps512(wv), ub[mc]));
+          facc[rr][mc] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), ws, facc[rr][mc]);
+        }
+      }
+      return;
     }
 FLUTE_UNROLL(8)
     for (int rr = 0; rr < NT * NR; ++rr) {
@@ -413,6 +474,35 @@ void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const in
 void int8_prepare_compact_avx512(int bits, int64_t rows, int8_t* xq, const int16_t* xk, uint64_t* xkq, bool ordered) {
   if (!ordered) reorder_xq(int8_parts(bits), rows, xq);
   int8_compact_factors(int8_parts(bits), rows, xk, xkq);
+}
+
+void int8_prepare_tail_avx512(const Int8Args& a, int8_t* dst) {
+  const PackedTail& pt = a.bits == 3 ? kPackedTail<3> : kPackedTail<4>;
+  const int P = int8_parts(a.bits), COLS = 64 * P;
+  const int64_t b = a.nblocks - 1, M = a.M;
+  const __m512i ix = _mm512_load_si512(pt.x), ik = _mm512_load_si512(pt.k), c64 = _mm512_set1_epi8(64);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t bm = b * M + m;
+    const int8_t* xb = a.xq + bm * COLS;
+    const __m512i x = _mm512_permutex2var_epi8(_mm512_loadu_si512(xb), ix, _mm512_loadu_si512(xb + 64));
+    __m512i k0, k1;
+    if (a.xkq) {  // the compact form: the factors of dwords 0 and 1 in a qword per part
+      k0 = _mm512_set1_epi64(static_cast<long long>(a.xkq[bm * P]));
+      k1 = _mm512_set1_epi64(static_cast<long long>(a.xkq[bm * P + 1]));
+    } else {
+      k0 = _mm512_loadu_si512(a.xk2 + bm * P * 32);
+      k1 = _mm512_loadu_si512(a.xk2 + bm * P * 32 + 32);
+    }
+    const __m512i k = _mm512_permutex2var_epi16(k0, ik, k1);
+    // the start value: minus 64 * sum(x8 * k) per dword, as the compact form computes it per merge
+    const __m512i init = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                          _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(c64, x), k));
+    _mm512_storeu_si512(dst + 3 * 64 * m, x);
+    _mm512_storeu_si512(dst + 3 * 64 * m + 64, k);
+    _mm512_storeu_si512(dst + 3 * 64 * m + 128, init);
+  }
+  _mm512_storeu_si512(dst + 3 * 64 * M,
+                     _mm512_permutexvar_epi32(_mm512_load_si512(pt.g), _mm512_loadu_si512(a.gidx + b * P * 8)));
 }
 
 void gemm_int8_avx512(const Int8Args& a, int64_t t0, int64_t t1) {

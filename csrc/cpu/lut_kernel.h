@@ -150,8 +150,14 @@ struct Int8Args {
   // computes them.
   bool last_half = false;
   // The last block is stored short (last_block_bytes < block_bytes: at most KB / 2 columns of K;
-  // set wherever last_half is): its rows are last_block_bytes apart, read by zero-extending loads.
+  // set wherever last_half is): its rows are last_block_bytes apart, read by zero-extending loads
+  // (by the AVX-512 kernel, where it holds at most 64 columns of K, as a packed block: tail).
   bool last_short = false;
+  // The AVX-512 kernel's packed last block (PackedTail, kernel_int8_avx512.cpp: 3 bits with
+  // last_half, 4 bits with last_short), written once per call by int8_prepare_tail_avx512: per
+  // activation row [M][3][64 bytes] its 64 activations, their 32 int16 chunk factors and the 16 int32
+  // start values, in the packed order, then the 16 int32 group entries of its dwords.
+  const int8_t* tail = nullptr;
   int64_t tile_bytes = 0;  // layout_tile_bytes: one 4-row tile of the stream
   // M = 1 without offsets: each thread's range read as tile pairs t, t + H (kernels with pair(),
   // int8_tiles.h); the binding's choice (cpu_tile_pairs).
@@ -269,6 +275,9 @@ void int8_prepare_avx512(int bits, int merge, int64_t rows, int8_t* xq, const in
 // (int8_compact_factors).
 void int8_prepare_compact_avx512(int bits, int64_t rows, int8_t* xq, const int16_t* xk, uint64_t* xkq,
                                  bool ordered = false);
+// Int8Args::tail of an Int8Args whose xq (in this kernel's order), xk2 or xkq, gidx, bits, M and
+// nblocks are set, into dst (64 * (3 * M + 1) bytes).
+void int8_prepare_tail_avx512(const Int8Args& a, int8_t* dst);
 // A QuantXFn (3 and 4 bits) that writes xq in the AVX-512 int8 kernel's order ([p][reg][32] per
 // block: the bytes that quantize_x_int8_avx2 and int8_prepare_avx512's reorder give) and leaves
 // corr unwritten (only the AVX2 and portable kernels read it).
