@@ -137,6 +137,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
   auto block = [&](int64_t b, auto fast_c, auto half_c, auto short_c) {
     constexpr bool FAST = decltype(fast_c)::value, HALF = decltype(half_c)::value;
     constexpr bool SHORT = decltype(short_c)::value;
+    constexpr bool PACKED = SHORT && (BITS == 4 || HALF);  // int8_prepare_tail_avx2
     constexpr int PU = HALF ? P / 2 : P;  // parts computed
     constexpr int LB = SHORT ? short_block_bytes(BITS, HALF) : BB;
     __m256 ub[MC];  // the block's activation unit per row (times the table scale)
@@ -145,6 +146,46 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
       const char* ahead = reinterpret_cast<const char*>(tile + b * 4 * BB) + kPrefetchBytes;
       for (int i = 0; i < 4 * BB / 64; ++i) _mm_prefetch(ahead + 64 * i, _MM_HINT_T0);
       prefetch_tile_scales<SRC>(sm, 4, b);
+    }
+    if constexpr (PACKED) {
+      // The packed last block (int8_prepare_tail_avx2, int8_gemm.cpp): all 64 columns of a short
+      // block of at most 64 in two registers U0, U1, whose low 128-bit lanes meet one chunk and
+      // high lanes the next. 3 bits: the row's 32 bytes are R0 | R1 of its even dwords, parts 0
+      // and 1, so its low nibbles are registers (0, 0) | (1, 0) and its high ones (0, 1) | (1, 1),
+      // looked up in tables A | B. 4 bits: each 16 bytes broadcast, shifted by 0 | 4 bits per
+      // lane: low nibbles | high nibbles, i.e. columns 0-15 | 32-47 and 16-31 | 48-63.
+      const __m256i TAB = BITS == 3 ? _mm256_blend_epi32(tab.A, tab.B, 0xF0) : TA;
+      const __m256i gp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.tail + 192 * M));
+FLUTE_UNROLL(4)
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* rb = tile + b * 4 * BB + r * LB;
+        __m256i U0, U1;
+        if constexpr (BITS == 3) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb));
+          U0 = _mm256_shuffle_epi8(TAB, _mm256_and_si256(v, m0F));
+          U1 = _mm256_shuffle_epi8(TAB, _mm256_and_si256(_mm256_srli_epi16(v, 4), m0F));
+        } else {
+          const __m256i sh = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+          const __m256i v0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb)));
+          const __m256i v1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 16)));
+          U0 = _mm256_shuffle_epi8(TAB, _mm256_and_si256(_mm256_srlv_epi32(v0, sh), m0F));
+          U1 = _mm256_shuffle_epi8(TAB, _mm256_and_si256(_mm256_srlv_epi32(v1, sh), m0F));
+        }
+        const __m256 wv = load_scales8<SRC>(sm.WS, r * sm.ngp + sm.g0[b]);
+        for (int mc = 0; mc < MC; ++mc) {
+          const int8_t* t = a.tail + 192 * (m0 + mc);  // [X0 | X1 | k | corr | start] of the row
+          auto ld = [&](int o) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + o)); };
+          const __m256i s0 = _mm256_maddubs_epi16(U0, ld(0)), s1 = _mm256_maddubs_epi16(U1, ld(32));
+#if FLUTE_INT8_VNNI
+          const __m256i isum = dot_pairs_acc(dot_pairs_acc(ld(128), s0, ld(64)), s1, ld(64));
+#else
+          const __m256i isum = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_add_epi16(s0, s1), ld(96)), ld(64));
+#endif
+          const __m256 ws = _mm256_permutevar8x32_ps(_mm256_mul_ps(wv, ub[mc]), gp);
+          facc[r][mc] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), ws, facc[r][mc]);
+        }
+      }
+      return;
     }
     // The rows unrolled. Though the unrolled M = 1 loop spills more (tables and index registers),
     // its accumulators stay in registers and the 4 rows' loads overlap: a 14336-column call

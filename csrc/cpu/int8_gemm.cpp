@@ -316,6 +316,51 @@ static void int8_vnni_init(int P, int Q, int64_t rows, const int16_t* corr, cons
       }
 }
 
+// Int8Args::tail for the AVX2 kernels (int8_avx2_kernel.h), from xq in their order [reg][p][32]:
+// per activation row X0 | X1 (packed_tail_byte's order), the 16 int16 chunk factors shared by both,
+// the 16 int16 corrections (64 * the 4 bytes of each int16 over X0 and X1, as quantize_x_int8_avx2's
+// corr) and the VNNI forms' 8 int32 start values (as int8_vnni_init's); then the 8 group entries.
+[[maybe_unused]] static void int8_prepare_tail_avx2(const Int8Args& a, int8_t* dst) {
+  const int P = int8_parts(a.bits);
+  const int64_t b = a.nblocks - 1;
+  auto part_of = [&](int z, int& p, int& byte) {
+    const int off = packed_tail_byte(a.bits, true, z);
+    p = off / 64;
+    byte = off % 64;  // 32 reg + byte in the register
+  };
+  for (int64_t m = 0; m < a.M; ++m) {
+    const int64_t bm = b * a.M + m;
+    const int8_t* xb = a.xq + bm * 64 * P;
+    const int16_t* kb = a.xk + bm * P * 16;
+    int8_t* t = dst + 192 * m;
+    int16_t k16[16], c16[16];
+    int32_t s32[8];
+    for (int z = 0; z < 64; ++z) {
+      int p, byte;
+      part_of(z, p, byte);
+      t[z] = xb[((byte / 32) * P + p) * 32 + byte % 32];
+    }
+    for (int w = 0; w < 16; ++w) {
+      int p, byte;
+      part_of(2 * w, p, byte);
+      k16[w] = kb[p * 16 + (byte % 32) / 2];
+      c16[w] = static_cast<int16_t>(64 * (t[2 * w] + t[2 * w + 1] + t[32 + 2 * w] + t[33 + 2 * w]));
+    }
+    for (int d = 0; d < 8; ++d)
+      s32[d] = -(int32_t{c16[2 * d]} * k16[2 * d] + int32_t{c16[2 * d + 1]} * k16[2 * d + 1]);
+    std::memcpy(t + 64, k16, 32);
+    std::memcpy(t + 96, c16, 32);
+    std::memcpy(t + 128, s32, 32);
+  }
+  int32_t g[8];
+  for (int d = 0; d < 8; ++d) {
+    int p, byte;
+    part_of(4 * d, p, byte);
+    g[d] = a.gidx[(b * P + p) * 8 + (byte / 4) % 4];
+  }
+  std::memcpy(dst + 192 * a.M, g, 32);
+}
+
 // The 4-row kernels' arguments for the quantized activations of all M rows in base: the scale map
 // (no division per tile in the kernel) and, for the AVX-512 kernel, the activations in its order.
 static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Table7& t7, char* base,
@@ -393,9 +438,12 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
     a.xk2 = xk2;
     a.xinit = xinit;
   }
-  if (f.avx512 && a.last_short && (w.bits == 4 || (w.bits == 3 && a.last_half))) {
-    int8_prepare_tail_avx512(a, reinterpret_cast<int8_t*>(base + L.o_tail));
-    a.tail = reinterpret_cast<const int8_t*>(base + L.o_tail);
+  // the packed last block (packed_tail_byte); the portable kernel reads whole blocks
+  if (f.fn != gemm_int8_portable && a.last_short && (w.bits == 4 || (w.bits == 3 && a.last_half))) {
+    int8_t* tail = reinterpret_cast<int8_t*>(base + L.o_tail);
+    if (f.avx512) int8_prepare_tail_avx512(a, tail);
+    else int8_prepare_tail_avx2(a, tail);
+    a.tail = tail;
   }
 #else
   (void)f;

@@ -115,14 +115,7 @@ struct PackedTail {
   alignas(64) uint32_t g[16];  // dword d: its entry in the block's group offsets (8 p + dword q)
   constexpr explicit PackedTail(int bits) : x(), k(), g() {
     for (int z = 0; z < 64; ++z) {
-      int off = 0;  // byte of z's code in parts 0 | 1 of the kernel's order [p][reg][32]
-      if (bits == 3) {  // lane: part lane % 2, register lane / 2; byte kk: the layout's even dwords
-        const int lane = z / 16, kk = z % 16;
-        off = (lane % 2) * 64 + (lane / 2) * 32 + 8 * (kk / 4) + kk % 4;
-      } else {  // z < 32: low nibbles (part 0), else high; stored byte sb = byte 2 e of lane j
-        const int part = z / 32, sb = z % 32, j = sb / 2, q = 2 * (sb % 2);
-        off = part * 64 + 16 * (j / 4) + 4 * q + j % 4;
-      }
+      const int off = packed_tail_byte(bits, false, z);  // in this kernel's order [p][reg][32]
       x[z] = static_cast<uint8_t>(off);
       if (z % 2 == 0) k[z / 2] = static_cast<uint16_t>(off / 2);
       if (z % 4 == 0) g[z / 4] = static_cast<uint32_t>((off / 64) * 8 + (off % 64) / 4 % 4);

@@ -153,10 +153,11 @@ struct Int8Args {
   // set wherever last_half is): its rows are last_block_bytes apart, read by zero-extending loads
   // (by the AVX-512 kernel, where it holds at most 64 columns of K, as a packed block: tail).
   bool last_short = false;
-  // The AVX-512 kernel's packed last block (PackedTail, kernel_int8_avx512.cpp: 3 bits with
-  // last_half, 4 bits with last_short), written once per call by int8_prepare_tail_avx512: per
-  // activation row [M][3][64 bytes] its 64 activations, their 32 int16 chunk factors and the 16 int32
-  // start values, in the packed order, then the 16 int32 group entries of its dwords.
+  // The packed last block (packed_tail_byte; 3 bits with last_half, 4 bits with last_short) of the
+  // AVX-512 and AVX2 kernels, written once per call: per activation row 192 bytes, then 64 bytes of
+  // group entries of its dwords. AVX-512 (int8_prepare_tail_avx512): the 64 activations, their 32
+  // int16 chunk factors and 16 int32 start values, in the packed order; AVX2 (int8_prepare_tail_avx2):
+  // the activations X0 | X1, 16 int16 factors, 16 int16 corrections and 8 int32 start values.
   const int8_t* tail = nullptr;
   int64_t tile_bytes = 0;  // layout_tile_bytes: one 4-row tile of the stream
   // M = 1 without offsets: each thread's range read as tile pairs t, t + H (kernels with pair(),
@@ -388,6 +389,23 @@ static inline int last_block_bytes(int bits, int64_t K) {
 // Bytes of one 4-row tile of the 3/4-bit layout: nblocks - 1 whole blocks and the last one.
 static inline int64_t layout_tile_bytes(int bits, int64_t K, int64_t nblocks) {
   return 4 * ((nblocks - 1) * block_bytes(bits) + last_block_bytes(bits, K));
+}
+// The int8 kernels' packed last block (a short block of at most 64 columns of K: 3 bits with
+// Int8Args::last_half, 4 bits every short one; Int8Args::tail): packed byte z (0-63) holds the code
+// whose activation is byte 64 p + 32 reg + byte of parts 0 | 1 in the AVX-512 order [p][reg][32].
+// 3 bits (both kernels): 16-byte lanes of part lane % 2, register lane / 2, from the layout's even
+// dwords of R0 | R1. 4 bits, from the row's 32 stored bytes (byte sb = byte 2 (sb % 2) of lane
+// sb / 2): AVX-512 low nibbles of bytes 0-31 | high nibbles, i.e. columns 0-63 in order; AVX2 low
+// nibbles of bytes 0-15 | high of 0-15 | low of 16-31 | high of 16-31 (columns 0-15 | 32-47 |
+// 16-31 | 48-63: each 128-bit lane meets one chunk).
+constexpr int packed_tail_byte(int bits, bool avx2, int z) {
+  if (bits == 3) {
+    const int lane = z / 16, kk = z % 16;
+    return (lane % 2) * 64 + (lane / 2) * 32 + 8 * (kk / 4) + kk % 4;
+  }
+  const int quarter = z / 16, nib = avx2 ? quarter % 2 : z / 32;
+  const int sb = avx2 ? (quarter / 2) * 16 + z % 16 : z % 32, j = sb / 2, q = 2 * (sb % 2);
+  return nib * 64 + 16 * (j / 4) + 4 * q + j % 4;
 }
 // A last block row of lb bytes (last_block_bytes) as the whole block's bytes, zeros elsewhere.
 static inline void expand_last_block(int bits, int lb, const uint8_t* src, uint8_t* dst) {
