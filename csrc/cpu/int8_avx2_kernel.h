@@ -137,7 +137,7 @@ inline void rows_int8(const Int8Args& a, const Tables& tab, const uint8_t* tile,
   auto block = [&](int64_t b, auto fast_c, auto half_c, auto short_c) {
     constexpr bool FAST = decltype(fast_c)::value, HALF = decltype(half_c)::value;
     constexpr bool SHORT = decltype(short_c)::value;
-    constexpr bool PACKED = SHORT && (BITS == 4 || HALF);  // int8_prepare_tail_avx2
+    constexpr bool PACKED = packed_tail(BITS, SHORT, HALF);  // int8_prepare_tail_avx2
     constexpr int PU = HALF ? P / 2 : P;  // parts computed
     constexpr int LB = SHORT ? short_block_bytes(BITS, HALF) : BB;
     __m256 ub[MC];  // the block's activation unit per row (times the table scale)

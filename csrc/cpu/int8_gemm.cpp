@@ -439,7 +439,7 @@ static Int8Args int8_args(const Weight& w, int64_t M, const Int8Fns& f, const Ta
     a.xinit = xinit;
   }
   // the packed last block (packed_tail_byte); the portable kernel reads whole blocks
-  if (f.fn != gemm_int8_portable && a.last_short && (w.bits == 4 || (w.bits == 3 && a.last_half))) {
+  if (f.fn != gemm_int8_portable && packed_tail(w.bits, a.last_short, a.last_half)) {
     int8_t* tail = reinterpret_cast<int8_t*>(base + L.o_tail);
     if (f.avx512) int8_prepare_tail_avx512(a, tail);
     else int8_prepare_tail_avx2(a, tail);

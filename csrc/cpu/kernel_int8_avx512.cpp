@@ -160,7 +160,7 @@ inline void rows_int8_512(const Int8Args& a, const Tables512& tab, const uint8_t
   auto block = [&](int64_t b, auto fast_c, auto half_c, auto short_c) __attribute__((always_inline)) {
     constexpr bool FAST = decltype(fast_c)::value, HALF = decltype(half_c)::value;
     constexpr bool SHORT = decltype(short_c)::value;
-    constexpr bool PACKED = SHORT && (BITS == 4 || HALF);  // PackedTail
+    constexpr bool PACKED = packed_tail(BITS, SHORT, HALF);  // PackedTail
     constexpr int PU = HALF ? P / 2 : P;  // parts computed
     constexpr int LB = SHORT ? short_block_bytes(BITS, HALF) : BB;
     __m512 ub[MC];

@@ -398,6 +398,11 @@ static inline int64_t layout_tile_bytes(int bits, int64_t K, int64_t nblocks) {
 // sb / 2): AVX-512 low nibbles of bytes 0-31 | high nibbles, i.e. columns 0-63 in order; AVX2 low
 // nibbles of bytes 0-15 | high of 0-15 | low of 16-31 | high of 16-31 (columns 0-15 | 32-47 |
 // 16-31 | 48-63: each 128-bit lane meets one chunk).
+// Whether a last block of these kinds is read packed (the kernels' blocks and the binding's tail
+// preparation ask the same question here).
+constexpr bool packed_tail(int bits, bool last_short, bool last_half) {
+  return last_short && (bits == 4 || (bits == 3 && last_half));
+}
 constexpr int packed_tail_byte(int bits, bool avx2, int z) {
   if (bits == 3) {
     const int lane = z / 16, kk = z % 16;
