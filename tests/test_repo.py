@@ -29,9 +29,29 @@ def test_readme_repository_map_names_every_module():
     assert not missing, f"the README's repository map omits {missing}"
 
 
-def test_readme_links_point_at_files_that_exist():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    links = re.findall(r"\]\(((?!http|#)[^)]+)\)", readme)
-    assert links
-    for link in links:
-        assert os.path.exists(os.path.join(ROOT, link)), link
+def _heading_anchors(text):
+    """GitHub's anchors of a Markdown file's headings (lower case, punctuation dropped, spaces to -)."""
+    anchors = set()
+    for line in text.splitlines():
+        m = re.match(r"#{1,6} (.*)", line)
+        if m:
+            anchors.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_docs_links_and_anchors_resolve():
+    """Every relative link of the README and docs/*.md names a file that exists and, where it has
+    a #fragment into a Markdown file, a heading of that file (the CPU history moved to docs/)."""
+    files = ["README.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+                             if f.endswith(".md")]
+    checked = 0
+    for name in files:
+        src = os.path.join(ROOT, name)
+        for link in re.findall(r"\]\(((?!http)[^)\s]+)\)", open(src).read()):
+            target, _, fragment = link.partition("#")
+            path = os.path.normpath(os.path.join(os.path.dirname(src), target)) if target else src
+            assert os.path.exists(path), f"{name}: {link}"
+            if fragment and path.endswith(".md"):
+                assert fragment in _heading_anchors(open(path).read()), f"{name}: {link}"
+                checked += 1
+    assert checked >= 3
