@@ -455,3 +455,46 @@ def test_int8_vnni_form_bitwise_equal_to_int16_form(bits, int8_mode, restore_vnn
             assert normwise_error(outs[True][0], reference_qgemm_int8(x, w, group), x, w, group) < TOL[xdtype], case
     finally:
         ops.set_cpu_isa("auto")
+
+
+def _near_half_integer_activations(rows, bits, blocks, rng):
+    """Activations whose quotients x / (k * u) (the int8 mode's rounding, as its spec computes k and
+    u) lie on or within a few float32 steps of half-integers: where rounding x times the reciprocal
+    of a chunk scale would differ from rounding x divided by it. Each 32-column chunk holds its max
+    |x| once (chunk maxima within 100x of each other, so every k >= 81), the rest (n + 1/2) * scale,
+    |n| <= 120, moved 0-3 float32 steps up or down."""
+    cols = 128 if bits == 4 else 256
+    cm = 10 ** (torch.rand(rows, blocks, cols // 32, generator=rng) * 2 - 1)
+    bmax = cm.amax(-1, keepdim=True)
+    d, u = bmax / 8191, bmax / 127 / 8191
+    cs = (torch.ceil(cm / d).clamp(max=8191) * u).unsqueeze(-1)
+    n = torch.randint(-120, 120, (rows, blocks, cols // 32, 32), generator=rng).float()
+    x = (n + 0.5) * cs
+    steps = torch.randint(-3, 4, x.shape, generator=rng)
+    for s in range(3):
+        x = torch.where(steps > s, torch.nextafter(x, torch.tensor(float("inf"))), x)
+        x = torch.where(steps < -s, torch.nextafter(x, torch.tensor(float("-inf"))), x)
+    x[..., 0] = cm * torch.where(torch.rand(cm.shape, generator=rng) < 0.5, -1.0, 1.0)
+    return x.reshape(rows, blocks * cols)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_int8_rounding_near_half_integers_matches_spec(bits, int8_mode, rng):
+    """The AVX-512 quantizer rounds x times a chunk's reciprocal scale and redoes a block by division
+    where that product lies near a half-integer; the AVX2 and portable ones divide. With every
+    activation's quotient on or a few float32 steps from a half-integer, each ISA path and 1 and 2
+    activation rows (the one-row calls take the AVX-512 quantizer) must give the spec's integers: one
+    activation rounded the other way moves the result by ~1e-3 of its norm, 100x the tolerance."""
+    k = 3 * (128 if bits == 4 else 256)
+    w = random_quantized(96, k, bits, 64, dtype=torch.float32, generator=rng)
+    q = to_cpu_layout(w.codes, bits)
+    for m in (1, 2):
+        x = _near_half_integer_activations(m, bits, 3, rng)
+        ref = reference_qgemm_int8(x, w, 64)
+        for isa in [i for i in ISAS if available(i)]:
+            ops.set_cpu_isa(isa)
+            try:
+                err = normwise_error(run(x, w, bits, 64, 96, k, q), ref, x, w, 64)
+            finally:
+                ops.set_cpu_isa("auto")
+            assert err < 1e-5, (isa, bits, m, err)
