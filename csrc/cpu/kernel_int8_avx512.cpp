@@ -376,28 +376,11 @@ struct Order512 {
   }
 };
 
-// The block's int8 activations z (columns 64 j .. 64 j + 63 per register) in the kernel's order,
-// and each int16's chunk factor from kc (chunk c in int16 lane c).
 template <int BITS>
-inline void store_block(const __m512i (&z)[int8_parts(BITS)], __m128i kcv, int8_t* dst, int16_t* k) {
-  constexpr int P = int8_parts(BITS);
+bool quantize_x_int8_512(const float* xf, int8_t* dst, int16_t* k, float* u) {
+  constexpr int P = int8_parts(BITS), C = chunks_per_block(BITS);
   static const Order512 ord;
   constexpr int w = BITS == 3 ? 1 : 0;
-  for (int p = 0; p < P; ++p) {
-    const __m512i idx = _mm512_load_si512(ord.idx[w][p]);
-    _mm512_storeu_si512(dst + 64 * p, _mm512_permutex2var_epi8(z[ord.src[w][p][0]], idx, z[ord.src[w][p][1]]));
-    const __m256i ki = _mm256_load_si256(reinterpret_cast<const __m256i*>(ord.kidx[w][p]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(k + 16 * p),
-                        _mm256_permutexvar_epi16(ki, _mm256_castsi128_si256(kcv)));
-  }
-}
-
-// One block of activations rounded as int8_block_scales and quantize_x_int8_portable round it (the
-// spec: flute.testing.reference_qgemm_int8), by division: the exact form, also the fallback of the
-// fast one below.
-template <int BITS>
-bool quantize_block_div(const float* xf, int8_t* dst, int16_t* k, float* u) {
-  constexpr int P = int8_parts(BITS), C = chunks_per_block(BITS);
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   const __m512 fmax = _mm512_set1_ps(3.4028235e38f);
   float cmax[8];
@@ -430,82 +413,14 @@ bool quantize_block_div(const float* xf, int8_t* dst, int16_t* k, float* u) {
     }
     z[j] = _mm512_max_epi8(v, lo);
   }
-  store_block<BITS>(z, _mm_load_si128(reinterpret_cast<const __m128i*>(kc)), dst, k);
-  return true;
-}
-
-// The fast form of quantize_block_div, the same bytes, factors and unit (CPU_NOTES item 238): the
-// chunk maxima reduced across registers together (two 128-bit lane shuffles per level instead of a
-// horizontal reduction per chunk), the block's scale arithmetic on vectors, and each value times the
-// chunk's reciprocal instead of divided by its scale. x * fl(1 / s) and fl(x / s) differ by at most
-// 1.5 * 2^-16 for |x / s| < 128 (two roundings of 2^-24 relative against one), so they round to
-// the same integer unless fl(x * fl(1 / s)) lies within 2^-14 of a half-integer: such values (one
-// in ~8000 of random data, more with bf16 activations, whose quotients are often exact ties) are
-// divided. A block with max|x| < 2^-100, where 1 / s could overflow, is divided whole.
-template <int BITS>
-bool quantize_x_int8_512(const float* xf, int8_t* dst, int16_t* k, float* u) {
-  constexpr int P = int8_parts(BITS), C = chunks_per_block(BITS);
-  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  __m512 v[2 * C], c[C];
-  __mmask16 bad = 0;
-  for (int i = 0; i < 2 * C; ++i) {
-    v[i] = _mm512_loadu_ps(xf + 16 * i);
-    const __m512 a = _mm512_and_ps(v[i], absmask);
-    bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.4028235e38f), _CMP_NLE_UQ);  // NaN, Inf
-    if (i % 2) c[i / 2] = _mm512_max_ps(c[i / 2], a);
-    else c[i / 2] = a;
+  const __m128i kcv = _mm_load_si128(reinterpret_cast<const __m128i*>(kc));
+  for (int p = 0; p < P; ++p) {
+    const __m512i idx = _mm512_load_si512(ord.idx[w][p]);
+    _mm512_storeu_si512(dst + 64 * p, _mm512_permutex2var_epi8(z[ord.src[w][p][0]], idx, z[ord.src[w][p][1]]));
+    const __m256i ki = _mm256_load_si256(reinterpret_cast<const __m256i*>(ord.kidx[w][p]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(k + 16 * p),
+                        _mm256_permutexvar_epi16(ki, _mm256_castsi128_si256(kcv)));
   }
-  if (bad) return false;
-  // chunk maxima: pairs of chunks to [x0|x2, x1|x3, y0|y2, y1|y3] (128-bit lanes), then pairs of
-  // those to one chunk per lane, then within each lane: chunk 4 j + l's max in all of lane l of m[j]
-  __m512 t[C / 2], m[C / 4];
-  for (int i = 0; i < C / 2; ++i)
-    t[i] = _mm512_max_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x44), _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xEE));
-  for (int j = 0; j < C / 4; ++j) {
-    __m512 y = _mm512_max_ps(_mm512_shuffle_f32x4(t[2 * j], t[2 * j + 1], 0x88), _mm512_shuffle_f32x4(t[2 * j], t[2 * j + 1], 0xDD));
-    y = _mm512_max_ps(y, _mm512_permute_ps(y, 0x4E));
-    m[j] = _mm512_max_ps(y, _mm512_permute_ps(y, 0xB1));
-  }
-  // cmax of chunk l in lane l (lanes C .. 7 zero)
-  const __m512i every4 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m256 cmax = C == 8 ? _mm512_castps512_ps256(_mm512_permutex2var_ps(m[0], every4, m[C / 4 - 1]))
-                             : _mm512_castps512_ps256(_mm512_maskz_permutexvar_ps(0x0F, every4, m[0]));
-  __m256 bmax = _mm256_max_ps(cmax, _mm256_permute2f128_ps(cmax, cmax, 1));
-  bmax = _mm256_max_ps(bmax, _mm256_permute_ps(bmax, 0x4E));
-  bmax = _mm256_max_ps(bmax, _mm256_permute_ps(bmax, 0xB1));
-  if (!(_mm256_cvtss_f32(bmax) >= 0x1p-100f)) return quantize_block_div<BITS>(xf, dst, k, u);
-  // int8_block_scales, lane by lane: D = bmax / 8191 (> 0 here), k = min(8191, ceil(cmax / D)),
-  // u = bmax / 127 / 8191, chunk scale k * u
-  const __m256 kmax = _mm256_set1_ps(static_cast<float>(kInt8KMax));
-  const __m256 kc = _mm256_min_ps(
-      _mm256_roundscale_ps(_mm256_div_ps(cmax, _mm256_div_ps(bmax, kmax)), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC), kmax);
-  const __m256 uv = _mm256_div_ps(_mm256_div_ps(bmax, _mm256_set1_ps(127.f)), kmax);
-  const __m256 sc = _mm256_mul_ps(kc, uv);
-  const __m512 rs = _mm512_castps256_ps512(
-      _mm256_maskz_div_ps(_mm256_cmp_ps_mask(sc, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_set1_ps(1.f), sc));
-  const __m512 scz = _mm512_castps256_ps512(sc);
-  const __m512 near = _mm512_set1_ps(0.5f - 0x1p-14f);
-  const __m512i lo = _mm512_set1_epi8(-127);
-  __m512i z[P];
-  for (int j = 0; j < P; ++j) {
-    __m512i b = _mm512_setzero_si512();
-    for (int i = 0; i < 4; ++i) {  // registers 4 j .. 4 j + 3: chunks 2 j and 2 j + 1
-      const int r = 4 * j + i;
-      const __m512i ch = _mm512_set1_epi32(r / 2);
-      const __m512 q = _mm512_mul_ps(v[r], _mm512_permutexvar_ps(ch, rs));
-      __m512 n = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __mmask16 tie = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_sub_ps(q, n), absmask), near, _CMP_GE_OQ);
-      if (tie) {  // those values divided, as the spec (a chunk with a tie has a scale > 0)
-        n = _mm512_mask_roundscale_ps(n, tie, _mm512_div_ps(v[r], _mm512_permutexvar_ps(ch, scz)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      }
-      // vpmovsdb saturates, the max below gives [-127, 127]
-      b = _mm512_inserti32x4(b, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(n)), i);
-    }
-    z[j] = _mm512_max_epi8(b, lo);
-  }
-  *u = _mm256_cvtss_f32(uv);
-  store_block<BITS>(z, _mm256_cvtepi32_epi16(_mm256_cvtps_epi32(kc)), dst, k);
   return true;
 }
 
