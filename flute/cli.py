@@ -1,4 +1,5 @@
-"""The ``flute`` command line: ``flute demo``, ``flute bench``, ``flute quantize``, ``flute eval``."""
+"""The ``flute`` command line: ``flute demo``, ``flute bench``, ``flute quantize``, ``flute eval``,
+``flute info``."""
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,13 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="kernel and end-to-end benchmarks (flute bench --help)")
     _add_quantize_parser(sub)
     _add_eval_parser(sub)
+    info = sub.add_parser("info", help="which kernels this machine runs (CPU path, units built, "
+                                       "CUDA extension, GPUs) and hints for each slow fallback")
+    info.add_argument("--json", action="store_true", help="the report as JSON")
     args = parser.parse_args(argv)
+    if args.command == "info":
+        from .info import main as info_main
+        return info_main(as_json=args.json)
     try:
         if args.command == "quantize":
             return cmd_quantize(args)

@@ -476,6 +476,7 @@ TORCH_LIBRARY_FRAGMENT(flute, m) {
   m.def("cpu_set_tile_pairs(bool on) -> bool", &cpu_set_tile_pairs);
   m.def("cpu_vnni() -> str", &cpu_vnni);
   m.def("cpu_set_vnni(bool on) -> str", &cpu_set_vnni);
+  m.def("cpu_units() -> str[]", &cpu_units);
   m.def("cpu_compact_k() -> int", &cpu_compact_k);
   m.def("cpu_set_compact_k(int k) -> int", &cpu_set_compact_k);
   m.def("cpu_rows16_m(int bits) -> int", &cpu_rows16_m);

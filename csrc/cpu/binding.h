@@ -144,6 +144,7 @@ bool cpu_set_tile_pairs(bool on);
 // 2 AVX512-VNNI on ymm (gemm_int8_avx512vnni_ymm): the CPU's, unless turned off.
 int vnni_form();
 std::string cpu_vnni();  // "avxvnni", "avx512vnni_ymm" or "" (vnni_form's name)
+std::vector<std::string> cpu_units();  // the optional kernel units this build holds (flute info)
 std::string cpu_set_vnni(bool on);
 int64_t cpu_compact_k();  // columns from which M = 1 int8 calls use compact activations (Int8Args::xkq)
 int64_t cpu_set_compact_k(int64_t k);

@@ -241,6 +241,24 @@ bool cpu_set_amx(bool on) {
 
 bool cpu_tile_pairs() { return g_tile_pairs.load(); }
 
+// The optional units (setup.py's OPTIONAL_KERNELS: a compiler too old for their instructions
+// leaves them out, and their CPUs then run slower kernels) present in this build, by file name.
+std::vector<std::string> cpu_units() {
+  std::vector<std::string> units;
+#if defined(__x86_64__) || defined(_M_X64)
+  const std::pair<bool (*)(), const char*> known[] = {
+      {kernel_amx_built, "kernel_amx.cpp"},
+      {kernel_avx512bf16_built, "kernel_avx512bf16.cpp"},
+      {kernel_int8_avx512_built, "kernel_int8_avx512.cpp"},
+      {kernel_int8_rows16_built, "kernel_int8_rows16_avx512.cpp"},
+      {kernel_int8_avxvnni_built, "kernel_int8_avxvnni.cpp"},
+      {kernel_int8_avx512vnni_ymm_built, "kernel_int8_avx512vnni_ymm.cpp"}};
+  for (const auto& [built, name] : known)
+    if (built()) units.emplace_back(name);
+#endif
+  return units;
+}
+
 bool cpu_set_tile_pairs(bool on) {
   g_tile_pairs.store(on);
   return on;
