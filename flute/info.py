@@ -4,7 +4,7 @@ does not.
 What a bug report or a slow run needs first: the versions, the CPU and the ISA flags the kernels
 use, the CPU kernel's state (built or why not, the path chosen, its int8 / VNNI / AMX forms, the
 optional units the compiler built), the CUDA extension and the GPUs, and one hint per fallback
-found (a missing build, a forced slow path, a unit the compiler left out).
+found (a missing build, a forced slow path, a unit the compiler left out, huge pages off).
 """
 from __future__ import annotations
 
@@ -93,6 +93,11 @@ def hints(report: Dict[str, object]) -> List[str]:
             and os.environ.get("FLUTE_CPU_VNNI", "").strip() != "0"):
         out.append("CPU: the AVX2 int8 kernel runs its int16 form although this CPU has VNNI "
                    "(flute.set_cpu_vnni(True))")
+    if cpu.get("transparent_hugepage") == "never":
+        # flute.huge_pages asks for huge pages (madvise) for layouts of >= 4 MiB; cache-cold calls
+        # took 0.93-0.97 of the time with them (CPU_NOTES item 68)
+        out.append("CPU: transparent huge pages are off ('never'): streamed weights take 3-7% longer; "
+                   "echo madvise | sudo tee /sys/kernel/mm/transparent_hugepage/enabled")
     return out + _cuda_hints(cuda)
 
 

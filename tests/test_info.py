@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _healthy():
     """A report of an AVX-512 VBMI + VNNI machine with every unit built and a working GPU."""
     return {
-        "cpu": {"isa_flags": ["avx2", "avx512bw", "avx512vl", "avx512vbmi", "avx512_vnni"]},
+        "cpu": {"isa_flags": ["avx2", "avx512bw", "avx512vl", "avx512vbmi", "avx512_vnni"],
+                "transparent_hugepage": "madvise"},
         "cpu_kernel": {"built": True, "error": "", "isa": "avx512", "mode": "int8", "vnni": "avx512vnni_ymm",
                        "amx": False, "units": ["kernel_int8_avx512.cpp", "kernel_int8_rows16_avx512.cpp",
                                                "kernel_int8_avx512vnni_ymm.cpp"]},
@@ -38,6 +39,7 @@ def test_a_healthy_machine_gets_no_hints(monkeypatch):
     (lambda r: (r["cpu"]["isa_flags"].append("amx_bf16"), r["cpu_kernel"]["units"].append("kernel_amx.cpp")),
      "did not grant its tile state"),
     (lambda r: r["cpu_kernel"].update(isa="avx2", vnni=""), "int16 form although this CPU has VNNI"),
+    (lambda r: r["cpu"].update(transparent_hugepage="never"), "transparent huge pages are off"),
     (lambda r: r["cuda"].update(kernel_built=False, error="not built"), "flute._C is not available"),
     (lambda r: r["cuda"]["devices"].append({"name": "Tesla T4", "capability": "7.5"}), "Tesla T4 (sm_75)"),
 ])
