@@ -5,6 +5,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "pair_lut.h"
 
 namespace flute_cpu {
@@ -13,54 +15,98 @@ namespace {
 constexpr int kPrefetchBytes = kPairPrefetchBytes;  // in each weight stream (pair_lut.h)
 
 
+// Byte shuffles moving the last nh 16-bit elements of 16 bytes to the front, the rest zeroed
+// (a constant table: no initialization guard in the loop).
+struct TailShuffles {
+  alignas(16) int8_t m[9][16];
+};
+constexpr TailShuffles make_tail_shuffles() {
+  TailShuffles t{};
+  for (int nh = 0; nh <= 8; ++nh)
+    for (int b = 0; b < 16; ++b) t.m[nh][b] = static_cast<int8_t>(b < 2 * nh ? b + 16 - 2 * nh : -1);
+  return t;
+}
+alignas(16) constexpr TailShuffles kTailShuffles = make_tail_shuffles();
+
+// Groups [gb, gb + nh) (nh 1..8) of one row of an [N, ng] scale tensor from element e, as fp32 in
+// dwords 0..nh-1 (the rest 0). A last run of fewer than 8 groups (e.g. 8 + 1 groups of 64 at
+// K = 576) reads only elements of the tensor: fp32 by a masked load; 16-bit values by the 16 bytes
+// that end with the run (from e + nh - 8 >= 0), moved down by a byte shuffle (a copy into a
+// zeroed buffer cost a store-forwarding stall per row), or where the tensor starts inside those
+// bytes (row 0 with fewer than 8 groups), by that copy.
+template <int STYPE>
+inline __m256 scale_run8(const void* src, int64_t e, int nh) {
+  if constexpr (STYPE == kF32) {
+    const float* p = static_cast<const float*>(src) + e;
+    if (nh == 8) return _mm256_loadu_ps(p);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(nh), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(src) + e;
+    __m128i h;
+    if (nh == 8) {
+      h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    } else if (e + nh >= 8) {
+      h = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + nh - 8)),
+                           _mm_load_si128(reinterpret_cast<const __m128i*>(kTailShuffles.m[nh])));
+    } else {
+      alignas(16) uint16_t v[8] = {};
+      std::memcpy(v, p, sizeof(uint16_t) * nh);
+      h = _mm_load_si128(reinterpret_cast<const __m128i*>(v));
+    }
+    if constexpr (STYPE == kBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else return _mm256_cvtph_ps(h);
+  }
+}
+
 // The 16 rows' fp32 scales of groups [g0, g1) of tile t into buf [g1 - g0][16] (rows past N: 0):
 // 8 groups of 8 rows' contiguous scales at a time, transposed (the kernel needs the rows of one
-// group side by side; a vpgatherdd per group cost ~20% of a call, kernel_pair_avx512.cpp).
-inline void tile_scales(const PairArgs& a, int64_t t, int64_t g0, int64_t g1, float* buf) {
+// group side by side; a vpgatherdd per group cost ~20% of a call, kernel_pair_avx512.cpp). One
+// instantiation per scale dtype and every register array indexed by constants (static_rows), as
+// tile16_rows: with the dtype and the row checks tested per row and a scalar path for a last run
+// of fewer than 8 groups, this took 27% of a 2048x2048 call's time in cache and 46% at 1536x576,
+// now 13-15% and 20-23% (the AVX2 path forced on an AVX-512 Xeon; CPU_NOTES item 241).
+template <int STYPE>
+inline void tile_scales_t(const PairArgs& a, int64_t t, int64_t g0, int64_t g1, float* buf) {
   const int64_t n0 = kPairTileRows * t;
+  const bool full = n0 + kPairTileRows <= a.N;
   for (int64_t gb = g0; gb < g1; gb += 8) {
     const int nh = static_cast<int>(min64(8, g1 - gb));
     for (int half = 0; half < 2; ++half) {
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) {
-        const int64_t n = n0 + 8 * half + i, e = n * a.ng + gb;
-        if (n < a.N && nh == 8 && a.stype == kF32) {
-          r[i] = _mm256_loadu_ps(static_cast<const float*>(a.scales) + e);
-        } else if (n < a.N && nh == 8) {
-          const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a.scales) + e));
-          r[i] = a.stype == kBF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
-        } else {
-          alignas(32) float v[8] = {};
-          if (n < a.N)
-            for (int j = 0; j < nh; ++j) {
-              const int64_t ej = e + j;
-              v[j] = a.stype == kF32 ? static_cast<const float*>(a.scales)[ej]
-                     : a.stype == kBF16 ? bf16_to_f32(static_cast<const uint16_t*>(a.scales)[ej])
-                                        : f16_to_f32(static_cast<const uint16_t*>(a.scales)[ej]);
-            }
-          r[i] = _mm256_load_ps(v);
-        }
-      }
+      __m256 r[8], u[8], v[8];
+      static_rows<8>([&](auto i_c) __attribute__((always_inline)) {
+        constexpr int i = decltype(i_c)::value;
+        const int64_t n = n0 + 8 * half + i;
+        r[i] = full || n < a.N ? scale_run8<STYPE>(a.scales, n * a.ng + gb, nh) : _mm256_setzero_ps();
+      });
       // 8 x 8 transpose
-      __m256 u[8], v[8];
-      for (int k = 0; k < 4; ++k) {
+      static_rows<4>([&](auto k_c) __attribute__((always_inline)) {
+        constexpr int k = decltype(k_c)::value;
         u[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
         u[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
-      }
-      for (int k = 0; k < 2; ++k) {  // v[4k + j], lane l: rows 4k..4k+3 of group 4l + j
+      });
+      static_rows<2>([&](auto k_c) __attribute__((always_inline)) {  // v[4k + j], lane l: rows 4k..4k+3 of group 4l + j
+        constexpr int k = decltype(k_c)::value;
         const __m256d a0 = _mm256_castps_pd(u[4 * k]), a1 = _mm256_castps_pd(u[4 * k + 1]);
         const __m256d a2 = _mm256_castps_pd(u[4 * k + 2]), a3 = _mm256_castps_pd(u[4 * k + 3]);
         v[4 * k + 0] = _mm256_castpd_ps(_mm256_unpacklo_pd(a0, a2));
         v[4 * k + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a0, a2));
         v[4 * k + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(a1, a3));
         v[4 * k + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(a1, a3));
-      }
-      for (int j = 0; j < 4; ++j) {
-        if (j < nh) _mm256_store_ps(buf + (gb - g0 + j) * 16 + 8 * half, _mm256_permute2f128_ps(v[j], v[4 + j], 0x20));
-        if (4 + j < nh) _mm256_store_ps(buf + (gb - g0 + 4 + j) * 16 + 8 * half, _mm256_permute2f128_ps(v[j], v[4 + j], 0x31));
-      }
+      });
+      float* dst = buf + (gb - g0) * 16 + 8 * half;
+      static_rows<4>([&](auto j_c) __attribute__((always_inline)) {
+        constexpr int j = decltype(j_c)::value;
+        if (j < nh) _mm256_store_ps(dst + j * 16, _mm256_permute2f128_ps(v[j], v[4 + j], 0x20));
+        if (4 + j < nh) _mm256_store_ps(dst + (4 + j) * 16, _mm256_permute2f128_ps(v[j], v[4 + j], 0x31));
+      });
     }
   }
+}
+
+inline void tile_scales(const PairArgs& a, int64_t t, int64_t g0, int64_t g1, float* buf) {
+  if (a.stype == kF32) tile_scales_t<kF32>(a, t, g0, g1, buf);
+  else if (a.stype == kBF16) tile_scales_t<kBF16>(a, t, g0, g1, buf);
+  else tile_scales_t<kF16>(a, t, g0, g1, buf);
 }
 
 // MC activation rows (m0 ..) of NT tiles (t, t + dt: NT = 2 only with MC = 1, two weight streams
