@@ -77,3 +77,13 @@ def test_cli_names_a_forced_portable_path():
     assert report["cpu_kernel"]["isa"] == "portable"
     if "avx2" in report["cpu"]["isa_flags"]:
         assert any("FLUTE_CPU_ISA=portable" in h for h in report["hints"]), report["hints"]
+
+
+def test_unit_flags_name_every_optional_unit_of_setup():
+    """info.UNIT_FLAGS (which CPUs each optional unit serves) names exactly setup.py's
+    OPTIONAL_KERNELS, so that a unit added there gets its hint."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    keys = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                and any(getattr(t, "id", "") == "OPTIONAL_KERNELS" for t in node.targets)).keys
+    assert {k.value for k in keys} == set(info.UNIT_FLAGS)
