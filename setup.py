@@ -139,7 +139,7 @@ def cpu_extensions():
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     ext = CppExtension(
         name="flute._cpu",
-        sources=[os.path.join(cpu_dir, f) for f in ("binding.cpp", "python_entry.cpp", "settings.cpp", "fused_gemm.cpp", "int8_gemm.cpp", "dense_gemv_op.cpp")] + sorted(isa_flags),
+        sources=[os.path.join(cpu_dir, f) for f in ("binding.cpp", "python_entry.cpp", "settings.cpp", "fused_gemm.cpp", "int8_gemm.cpp", "int8_table.cpp", "dense_gemv_op.cpp")] + sorted(isa_flags),
         include_dirs=[os.path.join(HERE, cpu_dir)],
         # -fopenmp: at::parallel_for is inlined from ATen's OpenMP backend; without the flag its
         # pragma is ignored and every call runs on one thread whatever torch.set_num_threads says.

@@ -1,6 +1,6 @@
 // Shared by the translation units of the CPU op's torch binding: settings.cpp (run-time settings),
 // binding.cpp (argument checks, the panel path, op registration), fused_gemm.cpp (the fused
-// kernel's calls) and int8_gemm.cpp (its int8 mode).
+// kernel's calls), int8_gemm.cpp (its int8 mode) and int8_table.cpp (that mode's table).
 // Not a kernel header: it includes ATen (the kernels' interface is lut_kernel.h, torch-free).
 #pragma once
 
@@ -177,6 +177,18 @@ void to_half(const float* src, const HalfOut& h, int64_t c0, int64_t c1);
 // dimension K, M rows in all); false, with out unwritten, when x is not finite: the caller then
 // takes the exact path. With `half` (M = 1), a one-row call also writes half->dst (HalfOut).
 bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out, HalfOut* half = nullptr);
+
+// The int8 mode's table: 7-bit integers t7 (stored as u = t7 + 64) times one scale. The scale is
+// max|t| / d for the d in [8, 63] (steps of 1/16) with the least squared rounding error, the
+// largest d on ties: uniform tables (int, fp4) become exact (d = 8 for the int table), and NF4's
+// error drops below max|t| / 126. flute.testing.reference_qgemm_int8 makes the same choice.
+struct Table7 {
+  uint8_t tu[16];
+  float scale;
+};
+// The Table7 of table t (n entries; int8_table.cpp), cached per thread: the choice of scale costs
+// ~10 us and a model reuses its tables every call.
+const Table7& table7(const float* t, int n);
 
 // The fused kernel's exact (fp32) mode, or with bf16 = true on an AVX-512 path its bf16 mode
 // (AVX512_BF16 CPUs), into out [M, N] fp32 (x2 as for int8_gemm).

@@ -1,8 +1,9 @@
 // The int8 mode of the CPU op's fused path, torch side: the activations quantized per call (rows in
-// parallel), the 7-bit table cache, and the calls of the int8 kernels: the 4-row kernels
-// (kernel_int8_avx2.cpp, kernel_int8_avx512.cpp, kernel_portable.cpp) and, for several activation
+// parallel) and the calls of the int8 kernels: the 4-row kernels (kernel_int8_avx2.cpp,
+// kernel_int8_avx512.cpp, kernel_portable.cpp) and, for several activation
 // rows on AVX-512 VBMI + VNNI, the 16-row kernel (kernel_int8_rows16_avx512.cpp). Declared in
-// binding.h; split from fused_gemm.cpp, which keeps the exact, bf16, pair-table and AMX calls.
+// binding.h; split from fused_gemm.cpp, which keeps the exact, bf16, pair-table and AMX calls
+// (int8_table.cpp holds the 7-bit table).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -13,7 +14,6 @@
 #include <climits>
 #include <cstring>
 #include <type_traits>
-#include <unordered_map>
 
 #include "binding.h"
 
@@ -63,70 +63,6 @@ bool int8_x(const T* x, int64_t M, int64_t m0, int64_t m1, const Weight& w, Quan
     }
   }
   return true;
-}
-
-// The int8 mode's table: 7-bit integers t7 (stored as u = t7 + 64) times one scale. The scale is
-// max|t| / d for the d in [8, 63] (steps of 1/16) with the least squared rounding error, the
-// largest d on ties: uniform tables (int, fp4) become exact (d = 8 for the int table), and NF4's
-// error drops below max|t| / 126. flute.testing.reference_qgemm_int8 makes the same choice.
-struct Table7 {
-  uint8_t tu[16];
-  float scale;
-};
-
-Table7 quantize_table7(const float* t, int n) {
-  Table7 r{};
-  float tmax = 0.f;
-  for (int c = 0; c < n; ++c) tmax = std::max(tmax, std::fabs(t[c]));
-  r.scale = 0.f;
-  double best = 0.;
-  for (int i = 0; i <= (63 - 8) * 16 && tmax > 0.f; ++i) {
-    const float sc = static_cast<float>(tmax / (63.0 - i / 16.0));
-    double err = 0.;
-    for (int c = 0; c < n; ++c) {
-      const float v = std::max(-63.f, std::min(63.f, std::nearbyint(t[c] / sc)));
-      const double e = static_cast<double>(t[c]) - static_cast<double>(v) * sc;
-      err += e * e;
-    }
-    if (i == 0 || err < best * (1 - 1e-9)) {  // strictly better by a margin: ties keep the larger d
-      best = err;
-      r.scale = sc;
-    }
-  }
-  for (int c = 0; c < 16; ++c) {
-    const float v = c < n && r.scale > 0.f ? std::nearbyint(t[c] / r.scale) : 0.f;
-    r.tu[c] = static_cast<uint8_t>(64 + static_cast<int>(std::max(-63.f, std::min(63.f, v))));
-  }
-  return r;
-}
-
-// quantize_table7 costs ~10 us (881 candidate scales); a model reuses its tables every call, so the
-// results are cached per thread by the table's bytes (a fixed-size key: no allocation per lookup).
-struct TableKey {
-  uint32_t words[16];
-  int n;
-  bool operator==(const TableKey& o) const {
-    return n == o.n && std::memcmp(words, o.words, sizeof(words)) == 0;
-  }
-};
-
-struct TableKeyHash {
-  size_t operator()(const TableKey& k) const {
-    uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(k.n);
-    for (int i = 0; i < k.n; ++i) h = (h ^ k.words[i]) * 1099511628211ull;
-    return static_cast<size_t>(h);
-  }
-};
-
-const Table7& table7(const float* t, int n) {
-  thread_local std::unordered_map<TableKey, Table7, TableKeyHash> cache;
-  TableKey key{};
-  key.n = n;
-  std::memcpy(key.words, t, n * sizeof(float));
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  if (cache.size() > 4096) cache.clear();
-  return cache.emplace(key, quantize_table7(t, n)).first->second;
 }
 
 // AVX-512 VBMI and VNNI: the int8 mode's AVX-512 kernel (kernel_int8_avx512.cpp); other AVX-512
