@@ -14,7 +14,7 @@ from .format import FORMAT_VERSION, QuantizedWeight, pack_codes, unpack_codes
 from .linear import QuantLinear
 from .model import quantize_model
 from .ops import (HAS_CPU_KERNEL, HAS_CUDA_KERNEL, dequantize, get_cpu_amx, get_cpu_isa, get_cpu_mode,
-                  get_cpu_vnni, qgemm, set_cpu_amx, set_cpu_isa, set_cpu_mode, set_cpu_vnni)
+                  get_cpu_vnni, get_cpu_vnni_forms, qgemm, set_cpu_amx, set_cpu_isa, set_cpu_mode, set_cpu_vnni)
 from .quantize import learn_table, quantize_weight
 from .spec import QuantSpec
 from .integrations.huggingface import register as _register_hf
@@ -26,6 +26,6 @@ _register_hf()
 __all__ = [
     "CODEBOOKS", "FORMAT_VERSION", "HAS_CPU_KERNEL", "HAS_CUDA_KERNEL", "QuantLinear", "QuantSpec",
     "QuantizedWeight",
-    "dequantize", "get_cpu_amx", "get_cpu_isa", "get_cpu_mode", "get_cpu_vnni", "get_table", "learn_table", "pack_codes", "pair_table", "qgemm",
+    "dequantize", "get_cpu_amx", "get_cpu_isa", "get_cpu_mode", "get_cpu_vnni", "get_cpu_vnni_forms", "get_table", "learn_table", "pack_codes", "pair_table", "qgemm",
     "quantize_model", "quantize_weight", "set_cpu_amx", "set_cpu_isa", "set_cpu_mode", "set_cpu_vnni", "unpack_codes",
 ]

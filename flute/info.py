@@ -45,7 +45,7 @@ def _cpu_kernel() -> Dict[str, object]:
                                 "isa": ops.get_cpu_isa(), "mode": ops.get_cpu_mode(),
                                 "threads": torch.get_num_threads()}
     if ops.HAS_CPU_KERNEL:
-        state.update(vnni=ops.get_cpu_vnni(), amx=ops.get_cpu_amx(),
+        state.update(vnni=ops.get_cpu_vnni(), vnni_forms=ops.get_cpu_vnni_forms(), amx=ops.get_cpu_amx(),
                      bf16_kernel=bool(torch.ops.flute.cpu_has_bf16()),
                      units=list(torch.ops.flute.cpu_units()))
     return state
@@ -139,7 +139,8 @@ def format_report(report: Dict[str, object]) -> str:
              f"per core, L3 {cpu['l3_bytes'] >> 20} MB; flags: {' '.join(cpu['isa_flags']) or 'none of interest'}"]
     if kernel["built"]:
         forms = [f"path {kernel['isa']}", f"mode {kernel['mode']}", f"{kernel['threads']} threads",
-                 f"AVX2 int8 kernel's VNNI form {kernel['vnni'] or 'none'}", f"AMX {'on' if kernel['amx'] else 'off'}",
+                 f"AVX2 int8 kernel's VNNI form {kernel['vnni'] or 'none'}"
+                 + (f" (of {', '.join(kernel['vnni_forms'])})" if kernel.get("vnni_forms") else ""), f"AMX {'on' if kernel['amx'] else 'off'}",
                  f"bf16 kernel {'yes' if kernel['bf16_kernel'] else 'no'}"]
         lines.append("CPU kernel: " + ", ".join(forms))
         lines.append("  optional units built: " + (", ".join(kernel["units"]) or "none"))

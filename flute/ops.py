@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -232,18 +232,28 @@ def get_cpu_vnni() -> str:
     """The VNNI form the CPU kernel's AVX2 int8 kernel runs: ``"avxvnni"`` (AVX-VNNI: Alder Lake
     and later client cores, Sierra Forest), ``"avx512vnni_ymm"`` (AVX512-VNNI on 256-bit
     registers: AVX-512 CPUs without VBMI, e.g. Cascade Lake), or ``""`` (none: the int16 form).
-    Both forms give the same bits; the VNNI one takes fewer operations per product. On where the
-    CPU has one unless the environment variable ``FLUTE_CPU_VNNI=0`` was set at import. CPUs with
-    AVX-512 VBMI + VNNI run the AVX-512 int8 kernel instead (unless :func:`set_cpu_isa` forces
-    ``"avx2"``)."""
+    Every form gives the same bits; the VNNI ones take fewer operations per product. By default the
+    CPU's best (``"avx512vnni_ymm"`` where it has both: its encoding reaches 32 vector registers);
+    the environment variable ``FLUTE_CPU_VNNI``, read at import, picks one by name or turns it off
+    (``0``). CPUs with AVX-512 VBMI + VNNI run the AVX-512 int8 kernel instead (unless
+    :func:`set_cpu_isa` forces ``"avx2"``)."""
     return str(torch.ops.flute.cpu_vnni()) if HAS_CPU_KERNEL else ""
 
 
-def set_cpu_vnni(on: bool) -> str:
-    """Turn the AVX2 int8 kernel's VNNI form (see :func:`get_cpu_vnni`) on or off. Raises if turned
-    on where the CPU (or the build) has none. Returns the form now in use."""
+def get_cpu_vnni_forms() -> List[str]:
+    """The VNNI forms of the AVX2 int8 kernel that this CPU and build can run (see
+    :func:`get_cpu_vnni`); empty without the CPU kernel."""
+    return [str(f) for f in torch.ops.flute.cpu_vnni_forms()] if HAS_CPU_KERNEL else []
+
+
+def set_cpu_vnni(on: Union[bool, str]) -> str:
+    """Set the AVX2 int8 kernel's VNNI form (see :func:`get_cpu_vnni`): ``True`` the CPU's best,
+    ``False`` or ``""`` the int16 form, or a form by name (``"avxvnni"``, ``"avx512vnni_ymm"``).
+    Raises where the CPU (or the build) lacks the form asked for. Returns the form now in use."""
     if not HAS_CPU_KERNEL:
         raise RuntimeError(f"flute: the CPU kernel is not built ({CPU_KERNEL_ERROR})")
+    if isinstance(on, str):
+        return str(torch.ops.flute.cpu_set_vnni_form(on))
     return str(torch.ops.flute.cpu_set_vnni(bool(on)))
 
 

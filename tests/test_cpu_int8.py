@@ -412,7 +412,7 @@ def test_int8_rows_of_a_batch_equal_one_row_calls(bits, int8_mode, rng):
 def restore_vnni():
     old = ops.get_cpu_vnni()
     yield
-    ops.set_cpu_vnni(old != "")
+    ops.set_cpu_vnni(old)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -421,17 +421,19 @@ def test_int8_vnni_form_bitwise_equal_to_int16_form(bits, int8_mode, restore_vnn
     correction, Int8Args::xinit, then one `vpdpwssd` per register) computes the int16 form's
     integers, so its results are bitwise the same: every merge width (groups of 32, 64, 96, 128,
     one group), ragged last tiles and half last blocks (K = 544, 576), offsets, each scale and
-    activation dtype, activation rows 1-5 and 17, 1 and 2 threads. Runs where the CPU has AVX-VNNI
-    or AVX512-VNNI (natively, or in the emulated AVX-512 build); there the AVX2 path uses it by
+    activation dtype, activation rows 1-5 and 17, 1 and 2 threads; each form the CPU
+    has (both on AVX-512 CPUs with AVX-VNNI, e.g. Zen 5). Runs where the CPU has AVX-VNNI or
+    AVX512-VNNI (natively, or in the emulated AVX-512 build); there the AVX2 path uses one by
     default."""
     if not available("avx2"):
         pytest.skip("this CPU lacks AVX2")
-    form = ops.get_cpu_vnni()
-    if form == "":
+    forms = ops.get_cpu_vnni_forms()
+    if not forms:
+        assert ops.get_cpu_vnni() == ""
         with pytest.raises(RuntimeError, match="no VNNI form"):
             ops.set_cpu_vnni(True)
         pytest.skip("this CPU (or build) has neither AVX-VNNI nor AVX512-VNNI")
-    assert form in ("avxvnni", "avx512vnni_ymm")
+    assert set(forms) <= {"avxvnni", "avx512vnni_ymm"} and ops.get_cpu_vnni() in forms + [""]
     ops.set_cpu_isa("avx2")
     try:
         for n, k, group, sdtype, offsets, m, xdtype in [
@@ -446,16 +448,39 @@ def test_int8_vnni_form_bitwise_equal_to_int16_form(bits, int8_mode, restore_vnn
             x = (torch.randn(m, k, generator=rng) * torch.rand(1, k, generator=rng) * 4).to(xdtype)
             q = to_cpu_layout(w.codes, bits)
             outs = {}
-            for on in (False, True):
-                assert ops.set_cpu_vnni(on) == (form if on else "") == ops.get_cpu_vnni()
-                outs[on] = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), [1, 2])
+            for form in [""] + forms:
+                assert ops.set_cpu_vnni(form) == form == ops.get_cpu_vnni()
+                outs[form] = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), [1, 2])
             case = (n, k, group, sdtype, offsets, m, xdtype)
-            for y in outs[True] + outs[False][1:]:
-                assert torch.equal(y, outs[False][0]), case
-            assert normwise_error(outs[True][0], reference_qgemm_int8(x, w, group), x, w, group) < TOL[xdtype], case
+            for y in [y for f in forms for y in outs[f]] + outs[""][1:]:
+                assert torch.equal(y, outs[""][0]), case
+            assert normwise_error(outs[forms[0]][0], reference_qgemm_int8(x, w, group), x, w, group) < TOL[xdtype], case
     finally:
         ops.set_cpu_isa("auto")
 
+
+
+def test_cpu_vnni_setting_by_name_and_default(restore_vnni):
+    """``set_cpu_vnni``: True gives the default form (AVX512-VNNI on ymm where the CPU has both, for
+    its 32 registers), False and "" the int16 form, a name that form; an unknown name, or a form the
+    CPU lacks, raises naming the forms it has."""
+    forms = ops.get_cpu_vnni_forms()
+    assert ops.set_cpu_vnni(False) == "" == ops.get_cpu_vnni()
+    assert ops.set_cpu_vnni("") == ""
+    with pytest.raises(RuntimeError, match="unknown VNNI form 'vnni512'"):
+        ops.set_cpu_vnni("vnni512")
+    for name in ("avxvnni", "avx512vnni_ymm"):
+        if name in forms:
+            assert ops.set_cpu_vnni(name) == name == ops.get_cpu_vnni()
+        else:
+            with pytest.raises(RuntimeError, match=f"'{name}' is not available"):
+                ops.set_cpu_vnni(name)
+    if forms:
+        best = "avx512vnni_ymm" if "avx512vnni_ymm" in forms else "avxvnni"
+        assert ops.set_cpu_vnni(True) == best
+    else:
+        with pytest.raises(RuntimeError, match="no VNNI form"):
+            ops.set_cpu_vnni(True)
 
 def _near_half_integer_activations(rows, bits, blocks, rng):
     """Activations whose quotients x / (k * u) (the int8 mode's rounding, as its spec computes k and

@@ -59,7 +59,8 @@ def test_report_is_this_process_state():
     assert kernel["mode"] == ops.get_cpu_mode()
     if ops.HAS_CPU_KERNEL:
         assert set(kernel["units"]) <= set(info.UNIT_FLAGS), kernel["units"]
-        assert kernel["vnni"] == ops.get_cpu_vnni()
+        assert kernel["vnni"] == ops.get_cpu_vnni() and kernel["vnni_forms"] == ops.get_cpu_vnni_forms()
+        assert kernel["vnni"] in kernel["vnni_forms"] + [""]
     text = info.format_report(report)
     assert f"path {kernel['isa']}" in text if ops.HAS_CPU_KERNEL else "not available" in text
     assert report["cuda"]["kernel_built"] == ops.HAS_CUDA_KERNEL

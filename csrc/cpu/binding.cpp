@@ -21,7 +21,9 @@
 //   cpu_tile_pairs() -> bool, cpu_set_tile_pairs(bool) -> bool: whether the M = 1 int8-mode
 //       kernels read two tiles far apart in one pass (on for Intel CPUs; FLUTE_CPU_TILE_PAIRS).
 //   cpu_vnni() -> str, cpu_set_vnni(bool) -> str: the VNNI form the AVX2 int8 kernel runs where the
-//       CPU has one ("avxvnni", "avx512vnni_ymm"; "" for none or off; FLUTE_CPU_VNNI=0 off).
+//       CPU has one ("avxvnni", "avx512vnni_ymm"; "" for none or off; FLUTE_CPU_VNNI=0 off, or a
+//       form's name); cpu_vnni_forms() -> str[] the forms available, cpu_set_vnni_form(str) -> str
+//       one of them by name.
 //   cpu_compact_k() -> int, cpu_set_compact_k(int) -> int: the columns from which one activation
 //       row takes the AVX-512 int8 kernel's compact activations (Int8Args::xkq; FLUTE_CPU_COMPACT_K).
 //   cpu_rows16_m(bits) -> int: the activation rows from which the int8 mode runs that bit width on
@@ -476,6 +478,8 @@ TORCH_LIBRARY_FRAGMENT(flute, m) {
   m.def("cpu_set_tile_pairs(bool on) -> bool", &cpu_set_tile_pairs);
   m.def("cpu_vnni() -> str", &cpu_vnni);
   m.def("cpu_set_vnni(bool on) -> str", &cpu_set_vnni);
+  m.def("cpu_vnni_forms() -> str[]", &cpu_vnni_forms);
+  m.def("cpu_set_vnni_form(str name) -> str", &cpu_set_vnni_form);
   m.def("cpu_units() -> str[]", &cpu_units);
   m.def("cpu_compact_k() -> int", &cpu_compact_k);
   m.def("cpu_set_compact_k(int k) -> int", &cpu_set_compact_k);

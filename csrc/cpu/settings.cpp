@@ -3,6 +3,7 @@
 // tuning knobs of the op's paths. Each is decided here, once; binding.cpp, fused_gemm.cpp and
 // int8_gemm.cpp read them through binding.h.
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -101,10 +102,11 @@ bool intel_cpu() {
 }
 std::atomic<bool> g_tile_pairs{env_flag("FLUTE_CPU_TILE_PAIRS", intel_cpu())};
 
-// The 256-bit int8 kernel's VNNI forms (int8_avx2_kernel.h), the CPU's and a compiler's that built
-// them: 1 AVX-VNNI (VEX; CPUID leaf 7 subleaf 1, EAX bit 4: __builtin_cpu_supports knows it only
-// from GCC 11), 2 AVX512-VNNI + VL on ymm registers, 0 neither. AVX-VNNI first where both are.
-int detect_vnni() {
+// The 256-bit int8 kernel's VNNI forms (int8_avx2_kernel.h) that the CPU has and this build holds,
+// as a bit mask: bit 1 AVX-VNNI (VEX; CPUID leaf 7 subleaf 1, EAX bit 4: __builtin_cpu_supports
+// knows it only from GCC 11), bit 2 AVX512-VNNI + VL on ymm registers.
+int detect_vnni_forms() {
+  int forms = 0;
 #if defined(__x86_64__) || defined(_M_X64)
   if (g_best < kAvx2) return 0;
 #ifdef FLUTE_CPU_EMULATED_AVX512
@@ -113,14 +115,30 @@ int detect_vnni() {
   unsigned eax = 0, ebx, ecx, edx;
   const bool avxvnni = __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 4) & 1);
 #endif
-  if (avxvnni && kernel_int8_avxvnni_built()) return 1;
-  if (g_best == kAvx512 && FLUTE_CPU_SUPPORTS("avx512vnni") && kernel_int8_avx512vnni_ymm_built()) return 2;
+  if (avxvnni && kernel_int8_avxvnni_built()) forms |= 1 << 1;
+  if (g_best == kAvx512 && FLUTE_CPU_SUPPORTS("avx512vnni") && kernel_int8_avx512vnni_ymm_built()) forms |= 1 << 2;
 #endif
-  return 0;
+  return forms;
 }
-const int g_vnni_form = detect_vnni();
-// Whether the AVX2 int8 kernel runs its VNNI form where there is one (FLUTE_CPU_VNNI=0: off).
-std::atomic<bool> g_vnni{g_vnni_form != 0 && env_flag("FLUTE_CPU_VNNI", true)};
+const int g_vnni_forms = detect_vnni_forms();
+// The form used by default: AVX512-VNNI on ymm where the CPU has both, since its EVEX encoding
+// reaches 32 vector registers and the one-row loop spills with 16 (CPU_NOTES items 227, 248).
+const int g_vnni_best = (g_vnni_forms >> 2) & 1 ? 2 : (g_vnni_forms >> 1) & 1 ? 1 : 0;
+const char* const kVnniNames[] = {"", "avxvnni", "avx512vnni_ymm"};
+
+// FLUTE_CPU_VNNI: 0 the int16 form, a form's name that form (where there is one), else the best.
+int initial_vnni() {
+  const char* env = std::getenv("FLUTE_CPU_VNNI");
+  if (env && *env) {
+    const std::string v = env;
+    if (v == "0" || v == "false" || v == "off" || v == "no") return 0;
+    for (int f = 1; f <= 2; ++f)
+      if (v == kVnniNames[f] && ((g_vnni_forms >> f) & 1)) return f;
+  }
+  return g_vnni_best;
+}
+// The form the AVX2 int8 kernel runs (0: the int16 form).
+std::atomic<int> g_vnni{initial_vnni()};
 
 const char* const kModeNames[] = {"exact", "bf16", "int8"};  // indexed by Mode (binding.h)
 
@@ -264,18 +282,33 @@ bool cpu_set_tile_pairs(bool on) {
   return on;
 }
 
-int vnni_form() { return g_vnni.load() ? g_vnni_form : 0; }
+int vnni_form() { return g_vnni.load(); }
 
-std::string cpu_vnni() {
-  static const char* const names[] = {"", "avxvnni", "avx512vnni_ymm"};
-  return names[vnni_form()];
+std::string cpu_vnni() { return kVnniNames[vnni_form()]; }
+
+std::vector<std::string> cpu_vnni_forms() {
+  std::vector<std::string> forms;
+  for (int f = 1; f <= 2; ++f)
+    if ((g_vnni_forms >> f) & 1) forms.emplace_back(kVnniNames[f]);
+  return forms;
 }
 
 std::string cpu_set_vnni(bool on) {
-  TORCH_CHECK(!on || g_vnni_form != 0, "flute: this CPU (or this build) has no VNNI form of the AVX2 int8 "
+  TORCH_CHECK(!on || g_vnni_best != 0, "flute: this CPU (or this build) has no VNNI form of the AVX2 int8 "
               "kernel (it needs AVX-VNNI or AVX512-VNNI)");
-  g_vnni.store(on);
+  g_vnni.store(on ? g_vnni_best : 0);
   return cpu_vnni();
+}
+
+std::string cpu_set_vnni_form(const std::string& name) {
+  for (int f = 0; f <= 2; ++f)
+    if (name == kVnniNames[f]) {
+      TORCH_CHECK(f == 0 || ((g_vnni_forms >> f) & 1), "flute: the AVX2 int8 kernel's VNNI form '", name,
+                  "' is not available on this CPU (or in this build); available: '", c10::Join("', '", cpu_vnni_forms()), "'");
+      g_vnni.store(f);
+      return cpu_vnni();
+    }
+  TORCH_CHECK(false, "flute: unknown VNNI form '", name, "' (expected '', 'avxvnni' or 'avx512vnni_ymm')");
 }
 
 int64_t cpu_compact_k() { return g_compact_k.load(); }
