@@ -203,18 +203,17 @@ int64_t large_m() {
 }
 
 // Activation rows from which the int8 mode runs the 16-row kernel where it is built and the CPU has
-// AVX-512 VBMI + VNNI (kernel_int8_rows16_avx512.cpp). 3 and 4 bits (FLUTE_CPU_ROWS16_M) from 3 rows
-// on AMD, 4 on Intel. On this project's Zen 5 VM it beat the 4-row int8 kernel at 3 rows on the
-// large shapes but one (4-bit 4096x14336, 1 thread: 2.30 against 4.24 ms; 3-bit 14336x4096, 1
-// thread, the exception: 2.00 against 1.68), at 2 rows it lost as often as it won. Since the 4-row
-// kernel reads a tile's rows in one pass for every activation-row count, on an Intel Xeon VM (no
-// AMX) it took 0.80-0.97 of the 16-row kernel's time at 3 rows on 7 of 8 shapes and bit widths (2
-// threads; 1.03 on 3-bit 14336x4096; 1 thread the same with 1.08 on 3-bit 4096x14336), at 4 rows
-// as often more as less (CPU_NOTES item 222); not measured since on AMD. 2 bits from 4 rows (FLUTE_CPU_ROWS16_M2): below, the pair-table kernel, which reads the
-// weights once but redoes its lookups for each pair of activation rows (14336x4096, 1 thread, at 2
-// rows 1.09 against 1.34 ms, at 4 rows 2.01 against 1.55; CPU_NOTES item 133).
+// AVX-512 VBMI + VNNI (kernel_int8_rows16_avx512.cpp): 3 and 4 bits (FLUTE_CPU_ROWS16_M) from 4 rows
+// on Intel, 5 on AMD; 2 bits (FLUTE_CPU_ROWS16_M2) from 4 on Intel, 5 on AMD. Below, the 4-row
+// int8 kernel (2 bits: the pair-table kernel), which reads a tile's rows in one pass for every
+// activation-row count. Measured from DRAM, 2 threads, 4-row / 16-row time: on an Intel Xeon VM (no
+// AMX) 0.80-0.97 at 3 rows on 7 of 8 shapes and bit widths, at 4 rows as often more as less
+// (CPU_NOTES item 222); on the Zen 5 VM 0.65-0.80 at 3 rows, 0.81-0.93 at 4 (3-bit 5632x2048 1.0;
+// 1 thread 0.83-1.06), 1.0-1.17 at 5; its pair-table kernel 0.87-0.97 at 4 rows (1 thread 0.88-0.94)
+// (CPU_NOTES item 249).
 int64_t rows16_m(int bits) {
-  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_M", intel_cpu() ? 4 : 3), v2 = env_positive("FLUTE_CPU_ROWS16_M2", 4);
+  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_M", intel_cpu() ? 4 : 5),
+                       v2 = env_positive("FLUTE_CPU_ROWS16_M2", intel_cpu() ? 4 : 5);
   return bits == 2 ? v2 : v;
 }
 
