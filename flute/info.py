@@ -47,7 +47,12 @@ def _cpu_kernel() -> Dict[str, object]:
     if ops.HAS_CPU_KERNEL:
         state.update(vnni=ops.get_cpu_vnni(), vnni_forms=ops.get_cpu_vnni_forms(), amx=ops.get_cpu_amx(),
                      bf16_kernel=bool(torch.ops.flute.cpu_has_bf16()),
-                     units=list(torch.ops.flute.cpu_units()))
+                     units=list(torch.ops.flute.cpu_units()),
+                     tile_pairs=bool(torch.ops.flute.cpu_tile_pairs()),
+                     # per bit width: activation rows from which the 16-row kernel runs (0: none on
+                     # this path) and from which the panel path (decode + matmul) does
+                     rows16_m={str(b): int(torch.ops.flute.cpu_rows16_m(b)) for b in (2, 3, 4)},
+                     panel_m={str(b): int(torch.ops.flute.cpu_panel_m(b)) for b in (2, 3, 4)})
     return state
 
 
@@ -89,10 +94,16 @@ def hints(report: Dict[str, object]) -> List[str]:
             and os.environ.get("FLUTE_CPU_AMX", "").strip() != "0"):
         out.append("CPU: the CPU has AMX but Linux did not grant its tile state (kernel 5.16+): "
                    "bf16 batches run the AVX-512 kernels")
+    vnni_env = os.environ.get("FLUTE_CPU_VNNI", "").strip().lower()
+    forms = kernel.get("vnni_forms") or []
     if (kernel["isa"] == "avx2" and kernel["vnni"] == "" and ({"avx_vnni", "avx512_vnni"} & flags)
-            and os.environ.get("FLUTE_CPU_VNNI", "").strip() != "0"):
+            and vnni_env not in ("0", "false", "off", "no")):
         out.append("CPU: the AVX2 int8 kernel runs its int16 form although this CPU has VNNI "
                    "(flute.set_cpu_vnni(True))")
+    elif (kernel["isa"] == "avx2" and kernel["vnni"] == "avxvnni" and "avx512vnni_ymm" in forms
+            and vnni_env != "avxvnni"):
+        out.append("CPU: the AVX2 int8 kernel runs its AVX-VNNI form (16 vector registers) where the "
+                   "AVX512-VNNI one (32) took 0.78-0.98 of its time (flute.set_cpu_vnni(True))")
     if cpu.get("transparent_hugepage") == "never":
         # flute.huge_pages asks for huge pages (madvise) for layouts of >= 4 MiB; cache-cold calls
         # took 0.93-0.97 of the time with them (CPU_NOTES item 68)
@@ -144,6 +155,13 @@ def format_report(report: Dict[str, object]) -> str:
                  f"bf16 kernel {'yes' if kernel['bf16_kernel'] else 'no'}"]
         lines.append("CPU kernel: " + ", ".join(forms))
         lines.append("  optional units built: " + (", ".join(kernel["units"]) or "none"))
+        if "rows16_m" in kernel:
+            r16, panel = kernel["rows16_m"], kernel["panel_m"]
+            lines.append("  batches (2 / 3 / 4 bits): 16-row kernel from "
+                         + " / ".join(str(r16[b]) if r16[b] else "-" for b in ("2", "3", "4"))
+                         + " rows, panel path (decode + matmul) from "
+                         + " / ".join(str(panel[b]) for b in ("2", "3", "4")) + f" rows; tile pairs "
+                         f"{'on' if kernel['tile_pairs'] else 'off'}")
     else:
         lines.append(f"CPU kernel: not available ({kernel['error']})")
     gpus = ", ".join(f"{d['name']} (sm_{d['capability'].replace('.', '')})" for d in cuda["devices"]) or "none"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from flute import info, ops
 
@@ -39,6 +40,8 @@ def test_a_healthy_machine_gets_no_hints(monkeypatch):
     (lambda r: (r["cpu"]["isa_flags"].append("amx_bf16"), r["cpu_kernel"]["units"].append("kernel_amx.cpp")),
      "did not grant its tile state"),
     (lambda r: r["cpu_kernel"].update(isa="avx2", vnni=""), "int16 form although this CPU has VNNI"),
+    (lambda r: r["cpu_kernel"].update(isa="avx2", vnni="avxvnni", vnni_forms=["avxvnni", "avx512vnni_ymm"]),
+     "AVX512-VNNI one (32)"),
     (lambda r: r["cpu"].update(transparent_hugepage="never"), "transparent huge pages are off"),
     (lambda r: r["cuda"].update(kernel_built=False, error="not built"), "flute._C is not available"),
     (lambda r: r["cuda"]["devices"].append({"name": "Tesla T4", "capability": "7.5"}), "Tesla T4 (sm_75)"),
@@ -63,6 +66,12 @@ def test_report_is_this_process_state():
         assert kernel["vnni"] in kernel["vnni_forms"] + [""]
     text = info.format_report(report)
     assert f"path {kernel['isa']}" in text if ops.HAS_CPU_KERNEL else "not available" in text
+    if ops.HAS_CPU_KERNEL:
+        r16 = [int(torch.ops.flute.cpu_rows16_m(b)) for b in (2, 3, 4)]
+        assert kernel["rows16_m"] == {str(b): v for b, v in zip((2, 3, 4), r16)}
+        assert kernel["tile_pairs"] == bool(torch.ops.flute.cpu_tile_pairs())
+        assert ("16-row kernel from " + " / ".join(str(v) if v else "-" for v in r16) + " rows") in text
+        assert json.loads(json.dumps(report))["cpu_kernel"]["panel_m"] == kernel["panel_m"]
     assert report["cuda"]["kernel_built"] == ops.HAS_CUDA_KERNEL
 
 
