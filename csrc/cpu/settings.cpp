@@ -208,8 +208,8 @@ int64_t large_m() {
 // int8 kernel (2 bits: the pair-table kernel), which reads a tile's rows in one pass for every
 // activation-row count. Measured from DRAM, 2 threads, 4-row / 16-row time: on an Intel Xeon VM (no
 // AMX) 0.80-0.97 at 3 rows on 7 of 8 shapes and bit widths, at 4 rows as often more as less
-// (CPU_NOTES item 222); on the Zen 5 VM 0.65-0.80 at 3 rows, 0.81-0.93 at 4 (3-bit 5632x2048 1.0;
-// 1 thread 0.83-1.06), 1.0-1.17 at 5; its pair-table kernel 0.87-0.97 at 4 rows (1 thread 0.88-0.94)
+// (CPU_NOTES item 222); on the Zen 5 VM 0.64-0.81 at 3 rows, 0.81-0.97 at 4 (3-bit 5632x2048 0.95;
+// 1 thread 0.83-1.07), 0.86-1.17 at 5; its pair-table kernel 0.87-1.0 at 4 rows (1 thread 0.88-0.94)
 // (CPU_NOTES item 249).
 int64_t rows16_m(int bits) {
   static const int64_t v = env_positive("FLUTE_CPU_ROWS16_M", intel_cpu() ? 4 : 5),
