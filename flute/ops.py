@@ -192,6 +192,14 @@ if HAS_CPU_KERNEL and os.environ.get("FLUTE_CPU_ISA", "").strip() not in ("", "a
     if torch.ops.flute.cpu_isa() != _want:
         warnings.warn(f"flute: FLUTE_CPU_ISA={_want!r} is unknown or not supported by this CPU; "
                       f"using {torch.ops.flute.cpu_isa()!r}", RuntimeWarning, stacklevel=2)
+if HAS_CPU_KERNEL and os.environ.get("FLUTE_CPU_VNNI", "").strip() not in (
+        "", "0", "1", "true", "false", "on", "off", "yes", "no"):
+    # a form's name (settings.cpp: initial_vnni); one this CPU or build lacks falls back to the best
+    _want = os.environ["FLUTE_CPU_VNNI"].strip()
+    if torch.ops.flute.cpu_vnni() != _want:
+        warnings.warn(f"flute: FLUTE_CPU_VNNI={_want!r} names no VNNI form this CPU and build have "
+                      f"(available: {list(torch.ops.flute.cpu_vnni_forms())}); using "
+                      f"{torch.ops.flute.cpu_vnni()!r}", RuntimeWarning, stacklevel=2)
 
 
 def get_cpu_isa() -> str:
@@ -234,8 +242,8 @@ def get_cpu_vnni() -> str:
     registers: AVX-512 CPUs without VBMI, e.g. Cascade Lake), or ``""`` (none: the int16 form).
     Every form gives the same bits; the VNNI ones take fewer operations per product. By default the
     CPU's best (``"avx512vnni_ymm"`` where it has both: its encoding reaches 32 vector registers);
-    the environment variable ``FLUTE_CPU_VNNI``, read at import, picks one by name or turns it off
-    (``0``). CPUs with AVX-512 VBMI + VNNI run the AVX-512 int8 kernel instead (unless
+    the environment variable ``FLUTE_CPU_VNNI``, read at import, picks one by name (a name this CPU
+    or build lacks warns and keeps the best) or turns it off (``0``). CPUs with AVX-512 VBMI + VNNI run the AVX-512 int8 kernel instead (unless
     :func:`set_cpu_isa` forces ``"avx2"``)."""
     return str(torch.ops.flute.cpu_vnni()) if HAS_CPU_KERNEL else ""
 

@@ -482,6 +482,27 @@ def test_cpu_vnni_setting_by_name_and_default(restore_vnni):
         with pytest.raises(RuntimeError, match="no VNNI form"):
             ops.set_cpu_vnni(True)
 
+
+def test_cpu_vnni_environment_variable_names_a_form():
+    """``FLUTE_CPU_VNNI`` read at import: ``0`` the int16 form, a form's name that form where the CPU
+    has it; a name it lacks keeps the best form and warns, naming the forms there are."""
+    code = "import flute; print(repr(flute.get_cpu_vnni()), flute.get_cpu_vnni_forms())"
+    def run(value):
+        env = dict(os.environ, FLUTE_CPU_VNNI=value)
+        r = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
+                           timeout=120, check=True)
+        return r.stdout.strip().splitlines()[-1], r.stderr
+    out, err = run("0")
+    assert out.startswith("''") and "FLUTE_CPU_VNNI" not in err
+    forms = ops.get_cpu_vnni_forms()
+    for name in forms:
+        out, err = run(name)
+        assert out.startswith(repr(name)) and "FLUTE_CPU_VNNI" not in err
+    out, err = run("vnni512")
+    best = repr(forms[-1] if forms else "")  # the list is in the order avxvnni, avx512vnni_ymm
+    assert out.startswith(best), out
+    assert "FLUTE_CPU_VNNI='vnni512' names no VNNI form" in err, err
+
 def _near_half_integer_activations(rows, bits, blocks, rng):
     """Activations whose quotients x / (k * u) (the int8 mode's rounding, as its spec computes k and
     u) lie on or within a few float32 steps of half-integers: where rounding x times the reciprocal
