@@ -176,27 +176,31 @@ OPTIONAL_KERNELS = {
 }
 
 
+def compiler_accepts(flags, code):
+    """Whether the C++ compiler torch's builds use (``$CXX``, else ``c++``) and its assembler build
+    ``code`` (after ``#include <immintrin.h>``) with ``flags``. Run directly, not through the
+    build's compiler object: torch's BuildExtension routes that through ninja, whose failure is a
+    RuntimeError, not distutils' CompileError, so an older compiler crashed the install instead of
+    building without the unit."""
+    import shlex
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("#include <immintrin.h>\n" + code + "\n")
+        cmd = shlex.split(os.environ.get("CXX") or "c++") + ["-std=c++17", "-w", "-c", src,
+                                                             "-o", os.path.join(tmp, "probe.o")]
+        try:
+            return subprocess.run(cmd + list(flags), capture_output=True).returncode == 0
+        except OSError:  # no compiler at all
+            return False
+
+
 def _build_ext_class(base):
     """``base`` (torch's BuildExtension) compiling the sources listed in an extension's
     ``isa_flags`` one by one with their own extra flags (plain C++, no torch headers)."""
     class BuildExt(base):
-        def compiler_accepts(self, flags, code):
-            """Whether the compiler (and assembler) build ``code`` with ``flags``."""
-            import tempfile
-            try:
-                from setuptools.errors import CompileError
-            except ImportError:  # setuptools < 59
-                from distutils.errors import CompileError
-            with tempfile.TemporaryDirectory() as tmp:
-                src = os.path.join(tmp, "probe.cpp")
-                with open(src, "w") as f:
-                    f.write("#include <immintrin.h>\n" + code + "\n")
-                try:
-                    self.compiler.compile([src], output_dir=tmp, extra_postargs=["-std=c++17", "-w"] + flags)
-                    return True
-                except CompileError:
-                    return False
-
         def build_extension(self, ext):
             isa = getattr(ext, "isa_flags", None)
             if isa:
@@ -208,7 +212,7 @@ def _build_ext_class(base):
                     if name not in OPTIONAL_KERNELS:
                         continue
                     macro, code = OPTIONAL_KERNELS[name]
-                    if name in unwanted or not self.compiler_accepts(isa[src], code):
+                    if name in unwanted or not compiler_accepts(isa[src], code):
                         print(f"flute: building without {name} ("
                               + ("FLUTE_CPU_WITHOUT" if name in unwanted else
                                  f"the compiler rejects {' '.join(isa[src])}")
@@ -240,32 +244,33 @@ def _build_ext_class(base):
     return BuildExt
 
 
-cuda_ext_modules, cmdclass = cuda_extensions()
-ext_modules = cpu_extensions() + cuda_ext_modules
-if ext_modules:
-    from torch.utils.cpp_extension import BuildExtension
-    cmdclass = {"build_ext": _build_ext_class(cmdclass.get("build_ext", BuildExtension))}
+if __name__ == "__main__":  # setuptools runs it so; tests import the helpers above
+    cuda_ext_modules, cmdclass = cuda_extensions()
+    ext_modules = cpu_extensions() + cuda_ext_modules
+    if ext_modules:
+        from torch.utils.cpp_extension import BuildExtension
+        cmdclass = {"build_ext": _build_ext_class(cmdclass.get("build_ext", BuildExtension))}
 
-setup(
-    name="flute-lut",
-    version=read_version(),
-    description="Lookup-table weight-only quantization for LLMs with a fused dequantize-GEMM",
-    long_description=open(os.path.join(HERE, "README.md")).read(),
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.10",
-    packages=find_packages(include=["flute", "flute.*"]),
-    package_data={"flute": ["data/*"], "flute.bench": ["native/*.c", "native/*.cpp"]},
-    install_requires=["torch>=2.4", "safetensors>=0.4", "tqdm", "numpy"],
-    extras_require={
-        "hf": ["transformers>=5.19", "accelerate", "gguf", "sentencepiece"],
-        "test": ["pytest", "hypothesis", "transformers>=5.19", "accelerate", "gguf", "sentencepiece"],
-        "bench": ["matplotlib"],
-    },
-    entry_points={
-        "console_scripts": ["flute = flute.cli:main"],
-        "vllm.general_plugins": ["flute = flute.integrations.vllm:register"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+    setup(
+        name="flute-lut",
+        version=read_version(),
+        description="Lookup-table weight-only quantization for LLMs with a fused dequantize-GEMM",
+        long_description=open(os.path.join(HERE, "README.md")).read(),
+        long_description_content_type="text/markdown",
+        license="Apache-2.0",
+        python_requires=">=3.10",
+        packages=find_packages(include=["flute", "flute.*"]),
+        package_data={"flute": ["data/*"], "flute.bench": ["native/*.c", "native/*.cpp"]},
+        install_requires=["torch>=2.4", "safetensors>=0.4", "tqdm", "numpy"],
+        extras_require={
+            "hf": ["transformers>=5.19", "accelerate", "gguf", "sentencepiece"],
+            "test": ["pytest", "hypothesis", "transformers>=5.19", "accelerate", "gguf", "sentencepiece"],
+            "bench": ["matplotlib"],
+        },
+        entry_points={
+            "console_scripts": ["flute = flute.cli:main"],
+            "vllm.general_plugins": ["flute = flute.integrations.vllm:register"],
+        },
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

@@ -3,6 +3,7 @@ AVX-512, 16-row, AVX-VNNI and AVX512-VNNI-on-ymm units):
 a compiler that rejects their flags builds the extension with csrc/cpu/kernel_fallbacks.cpp in
 their place, whose stand-ins must define each unit's functions with the very signatures the
 binding links against."""
+import importlib.util
 import os
 import platform
 import re
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from flute import ops
 
@@ -85,3 +87,34 @@ def test_int8_block_loop_is_inlined_into_every_kernel():
                          capture_output=True, text=True, check=True).stdout
     outlined = [line.strip()[:160] for line in out.splitlines() if "for_blocks<" in line]
     assert not outlined, outlined
+
+
+def load_setup_py():
+    """setup.py as a module (its ``setup()`` call runs only as ``__main__``)."""
+    spec = importlib.util.spec_from_file_location("flute_setup_py", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compiler_probe_answers_false_instead_of_raising(monkeypatch):
+    """setup.py's probe of an optional unit's flags says False where the compiler rejects them, so
+    the build goes on without that unit: through torch's ninja compile it once raised a
+    RuntimeError there, and a compiler without -mavxvnni (GCC 10) failed the whole install."""
+    setup_py = load_setup_py()
+    accepts = setup_py.compiler_accepts
+    assert accepts(["-mavx2"], "__m256i f(__m256i a) { return _mm256_add_epi32(a, a); }")
+    assert not accepts(["-mflute-no-such-flag"], "int f() { return 0; }")
+    # an intrinsic its flags do not enable (GCC and Clang both refuse to inline it)
+    assert not accepts(["-mavx2"], "__m512i f(__m512i a) { return _mm512_add_epi32(a, a); }")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert not accepts(["-mavx2"], "__m256i f(__m256i a) { return _mm256_add_epi32(a, a); }")
+    # each unit's probe with its own flags agrees with the unit being in the built extension
+    monkeypatch.delenv("CXX")
+    if ops.HAS_CPU_KERNEL:
+        built = set(torch.ops.flute.cpu_units())
+        flags = {os.path.basename(src): f for src, f in setup_py.cpu_extensions()[0].isa_flags.items()}
+        left_out = os.environ.get("FLUTE_CPU_WITHOUT", "")  # units a build was asked to leave out
+        for name, (_, code) in setup_py.OPTIONAL_KERNELS.items():
+            if name in flags and name not in left_out:
+                assert accepts(flags[name], code) == (name in built), name
