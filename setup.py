@@ -99,6 +99,8 @@ def cpu_extensions():
         # same bits on every path); FMAs stay where the intrinsics ask for them
         isa_flags[os.path.join(cpu_dir, "kernel_avx2.cpp")] = ["-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avx2.cpp")] = ["-mavx2", "-mfma"]
+        # the same int16 step EVEX encoded (32 ymm registers; GCC 5 on, so not optional)
+        isa_flags[os.path.join(cpu_dir, "kernel_int8_avx512bw_ymm.cpp")] = ["-mavx2", "-mfma", "-mavx512vl", "-mavx512bw"]
         # the same kernel with a 256-bit vpdpwssd: AVX-VNNI (VEX) and AVX512-VNNI on ymm (EVEX)
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avxvnni.cpp")] = ["-mavx2", "-mfma", "-mavxvnni"]
         isa_flags[os.path.join(cpu_dir, "kernel_int8_avx512vnni_ymm.cpp")] = ["-mavx2", "-mfma", "-mavx512vl", "-mavx512vnni"]
@@ -134,6 +136,8 @@ def cpu_extensions():
         # both VNNI forms of the AVX2 int8 kernel with vpdpwssd in software (the AVX2 rest native)
         for name in ("kernel_int8_avxvnni.cpp", "kernel_int8_avx512vnni_ymm.cpp"):
             isa_flags[os.path.join(cpu_dir, name)] = emu + ["-DFLUTE_EMULATED_AVXVNNI"]
+        # the EVEX int16 unit as plain AVX2 (its instructions are AVX2's; the host has no EVEX)
+        isa_flags[os.path.join(cpu_dir, "kernel_int8_avx512bw_ymm.cpp")] = emu
         del isa_flags[os.path.join(cpu_dir, "kernel_amx.cpp")]
         isa_flags[os.path.join(cpu_dir, "kernel_fallbacks.cpp")] = ["-DFLUTE_WITHOUT_KERNEL_AMX"]
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]

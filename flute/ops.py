@@ -197,7 +197,7 @@ if HAS_CPU_KERNEL and os.environ.get("FLUTE_CPU_VNNI", "").strip() not in (
     # a form's name (settings.cpp: initial_vnni); one this CPU or build lacks falls back to the best
     _want = os.environ["FLUTE_CPU_VNNI"].strip()
     if torch.ops.flute.cpu_vnni() != _want:
-        warnings.warn(f"flute: FLUTE_CPU_VNNI={_want!r} names no VNNI form this CPU and build have "
+        warnings.warn(f"flute: FLUTE_CPU_VNNI={_want!r} names no form this CPU and build have "
                       f"(available: {list(torch.ops.flute.cpu_vnni_forms())}); using "
                       f"{torch.ops.flute.cpu_vnni()!r}", RuntimeWarning, stacklevel=2)
 
@@ -237,27 +237,30 @@ def set_cpu_amx(on: bool) -> bool:
 
 
 def get_cpu_vnni() -> str:
-    """The VNNI form the CPU kernel's AVX2 int8 kernel runs: ``"avxvnni"`` (AVX-VNNI: Alder Lake
-    and later client cores, Sierra Forest), ``"avx512vnni_ymm"`` (AVX512-VNNI on 256-bit
-    registers: AVX-512 CPUs without VBMI, e.g. Cascade Lake), or ``""`` (none: the int16 form).
-    Every form gives the same bits; the VNNI ones take fewer operations per product. By default the
-    CPU's best (``"avx512vnni_ymm"`` where it has both: its encoding reaches 32 vector registers);
-    the environment variable ``FLUTE_CPU_VNNI``, read at import, picks one by name (a name this CPU
-    or build lacks warns and keeps the best) or turns it off (``0``). CPUs with AVX-512 VBMI + VNNI run the AVX-512 int8 kernel instead (unless
-    :func:`set_cpu_isa` forces ``"avx2"``)."""
+    """The form the CPU kernel's AVX2 int8 kernel runs: ``"avxvnni"`` (AVX-VNNI: Alder Lake and
+    later client cores, Sierra Forest), ``"avx512vnni_ymm"`` (AVX512-VNNI on 256-bit registers:
+    AVX-512 CPUs without VBMI, e.g. Cascade Lake), or, without VNNI, its int16 step: EVEX encoded
+    on AVX-512 CPUs (``"avx512bw_ymm"``: e.g. Skylake-SP; 32 vector registers) and VEX encoded
+    elsewhere (``""``: 16 registers). Every form gives the same bits; the VNNI ones take fewer
+    operations per product, the EVEX ones spill less. By default the CPU's best
+    (``"avx512vnni_ymm"`` where it has both VNNI forms); the environment variable
+    ``FLUTE_CPU_VNNI``, read at import, picks one by name (a name this CPU or build lacks warns and
+    keeps the best) or turns VNNI off (``0``). CPUs with AVX-512 VBMI + VNNI run the AVX-512 int8
+    kernel instead (unless :func:`set_cpu_isa` forces ``"avx2"``)."""
     return str(torch.ops.flute.cpu_vnni()) if HAS_CPU_KERNEL else ""
 
 
 def get_cpu_vnni_forms() -> List[str]:
-    """The VNNI forms of the AVX2 int8 kernel that this CPU and build can run (see
-    :func:`get_cpu_vnni`); empty without the CPU kernel."""
+    """The named forms of the AVX2 int8 kernel that this CPU and build can run besides ``""``
+    (see :func:`get_cpu_vnni`); empty without the CPU kernel."""
     return [str(f) for f in torch.ops.flute.cpu_vnni_forms()] if HAS_CPU_KERNEL else []
 
 
 def set_cpu_vnni(on: Union[bool, str]) -> str:
-    """Set the AVX2 int8 kernel's VNNI form (see :func:`get_cpu_vnni`): ``True`` the CPU's best,
-    ``False`` or ``""`` the int16 form, or a form by name (``"avxvnni"``, ``"avx512vnni_ymm"``).
-    Raises where the CPU (or the build) lacks the form asked for. Returns the form now in use."""
+    """Set the AVX2 int8 kernel's form (see :func:`get_cpu_vnni`): ``True`` the CPU's best VNNI
+    form, ``False`` its best int16 one (``"avx512bw_ymm"`` on AVX-512 CPUs, else ``""``), or a
+    form by name (``""``, ``"avxvnni"``, ``"avx512vnni_ymm"``, ``"avx512bw_ymm"``). Raises where
+    the CPU (or the build) lacks the form asked for. Returns the form now in use."""
     if not HAS_CPU_KERNEL:
         raise RuntimeError(f"flute: the CPU kernel is not built ({CPU_KERNEL_ERROR})")
     if isinstance(on, str):

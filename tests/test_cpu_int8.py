@@ -415,25 +415,36 @@ def restore_vnni():
     ops.set_cpu_vnni(old)
 
 
+INT16_EVEX = "avx512bw_ymm"  # the int16 step EVEX encoded (AVX-512 CPUs)
+
+
+def best_forms(forms):
+    """(the best VNNI form or None, the best int16 form) among ``forms`` (get_cpu_vnni_forms)."""
+    vnni = "avx512vnni_ymm" if "avx512vnni_ymm" in forms else "avxvnni" if "avxvnni" in forms else None
+    return vnni, INT16_EVEX if INT16_EVEX in forms else ""
+
+
 @pytest.mark.parametrize("bits", [3, 4])
-def test_int8_vnni_form_bitwise_equal_to_int16_form(bits, int8_mode, restore_vnni, rng):
-    """The AVX2 int8 kernel's VNNI form (int8_avx2_kernel.h: each merge's int32 sum starting at its
-    correction, Int8Args::xinit, then one `vpdpwssd` per register) computes the int16 form's
-    integers, so its results are bitwise the same: every merge width (groups of 32, 64, 96, 128,
-    one group), ragged last tiles and half last blocks (K = 544, 576), offsets, each scale and
-    activation dtype, activation rows 1-5 and 17, 1 and 2 threads; each form the CPU
-    has (both on AVX-512 CPUs with AVX-VNNI, e.g. Zen 5). Runs where the CPU has AVX-VNNI or
-    AVX512-VNNI (natively, or in the emulated AVX-512 build); there the AVX2 path uses one by
-    default."""
+def test_int8_every_avx2_form_bitwise_equal_to_the_vex_int16_form(bits, int8_mode, restore_vnni, rng):
+    """The AVX2 int8 kernel's VNNI forms (int8_avx2_kernel.h: each merge's int32 sum starting at
+    its correction, Int8Args::xinit, then one `vpdpwssd` per register) compute the int16 form's
+    integers, and its EVEX build (kernel_int8_avx512bw_ymm.cpp) is the same source on more
+    registers, so all their results are bitwise those of the VEX int16 build: every merge width
+    (groups of 32, 64, 96, 128, one group), ragged last tiles and half last blocks (K = 544, 576),
+    offsets, each scale and activation dtype, activation rows 1-5 and 17, 1 and 2 threads; each
+    form the CPU has (all four on AVX-512 CPUs with AVX-VNNI, e.g. Zen 5; natively, or in the
+    emulated AVX-512 build)."""
     if not available("avx2"):
         pytest.skip("this CPU lacks AVX2")
     forms = ops.get_cpu_vnni_forms()
-    if not forms:
-        assert ops.get_cpu_vnni() == ""
+    vnni, int16 = best_forms(forms)
+    assert set(forms) <= {"avxvnni", "avx512vnni_ymm", INT16_EVEX}
+    assert ops.get_cpu_vnni() == (vnni or int16)  # the default: the best form
+    if vnni is None:
         with pytest.raises(RuntimeError, match="no VNNI form"):
             ops.set_cpu_vnni(True)
-        pytest.skip("this CPU (or build) has neither AVX-VNNI nor AVX512-VNNI")
-    assert set(forms) <= {"avxvnni", "avx512vnni_ymm"} and ops.get_cpu_vnni() in forms + [""]
+    if not forms:
+        pytest.skip("this CPU (or build) has neither VNNI nor AVX-512")
     ops.set_cpu_isa("avx2")
     try:
         for n, k, group, sdtype, offsets, m, xdtype in [
@@ -459,49 +470,49 @@ def test_int8_vnni_form_bitwise_equal_to_int16_form(bits, int8_mode, restore_vnn
         ops.set_cpu_isa("auto")
 
 
-
 def test_cpu_vnni_setting_by_name_and_default(restore_vnni):
-    """``set_cpu_vnni``: True gives the default form (AVX512-VNNI on ymm where the CPU has both, for
-    its 32 registers), False and "" the int16 form, a name that form; an unknown name, or a form the
-    CPU lacks, raises naming the forms it has."""
+    """``set_cpu_vnni``: True gives the best VNNI form (AVX512-VNNI on ymm where the CPU has both,
+    for its 32 registers), False the best int16 form (EVEX encoded on AVX-512 CPUs), "" the VEX
+    int16 form, a name that form; an unknown name, or a form the CPU lacks, raises naming the forms
+    it has."""
     forms = ops.get_cpu_vnni_forms()
-    assert ops.set_cpu_vnni(False) == "" == ops.get_cpu_vnni()
-    assert ops.set_cpu_vnni("") == ""
-    with pytest.raises(RuntimeError, match="unknown VNNI form 'vnni512'"):
+    vnni, int16 = best_forms(forms)
+    assert ops.set_cpu_vnni(False) == int16 == ops.get_cpu_vnni()
+    assert ops.set_cpu_vnni("") == "" == ops.get_cpu_vnni()
+    with pytest.raises(RuntimeError, match="unknown form 'vnni512'"):
         ops.set_cpu_vnni("vnni512")
-    for name in ("avxvnni", "avx512vnni_ymm"):
+    for name in ("avxvnni", "avx512vnni_ymm", INT16_EVEX):
         if name in forms:
             assert ops.set_cpu_vnni(name) == name == ops.get_cpu_vnni()
         else:
             with pytest.raises(RuntimeError, match=f"'{name}' is not available"):
                 ops.set_cpu_vnni(name)
-    if forms:
-        best = "avx512vnni_ymm" if "avx512vnni_ymm" in forms else "avxvnni"
-        assert ops.set_cpu_vnni(True) == best
+    if vnni:
+        assert ops.set_cpu_vnni(True) == vnni
     else:
         with pytest.raises(RuntimeError, match="no VNNI form"):
             ops.set_cpu_vnni(True)
 
 
 def test_cpu_vnni_environment_variable_names_a_form():
-    """``FLUTE_CPU_VNNI`` read at import: ``0`` the int16 form, a form's name that form where the CPU
-    has it; a name it lacks keeps the best form and warns, naming the forms there are."""
+    """``FLUTE_CPU_VNNI`` read at import: ``0`` the best int16 form, a form's name that form where
+    the CPU has it; a name it lacks keeps the best form and warns, naming the forms there are."""
     code = "import flute; print(repr(flute.get_cpu_vnni()), flute.get_cpu_vnni_forms())"
     def run(value):
         env = dict(os.environ, FLUTE_CPU_VNNI=value)
         r = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
                            timeout=120, check=True)
         return r.stdout.strip().splitlines()[-1], r.stderr
-    out, err = run("0")
-    assert out.startswith("''") and "FLUTE_CPU_VNNI" not in err
     forms = ops.get_cpu_vnni_forms()
+    vnni, int16 = best_forms(forms)
+    out, err = run("0")
+    assert out.startswith(repr(int16) + " ") and "FLUTE_CPU_VNNI" not in err, out
     for name in forms:
         out, err = run(name)
         assert out.startswith(repr(name)) and "FLUTE_CPU_VNNI" not in err
     out, err = run("vnni512")
-    best = repr(forms[-1] if forms else "")  # the list is in the order avxvnni, avx512vnni_ymm
-    assert out.startswith(best), out
-    assert "FLUTE_CPU_VNNI='vnni512' names no VNNI form" in err, err
+    assert out.startswith(repr(vnni or int16) + " "), out
+    assert "FLUTE_CPU_VNNI='vnni512' names no form" in err, err
 
 def _near_half_integer_activations(rows, bits, blocks, rng):
     """Activations whose quotients x / (k * u) (the int8 mode's rounding, as its spec computes k and

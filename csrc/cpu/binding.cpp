@@ -20,10 +20,11 @@
 //       take the AMX kernels (kernel_amx.cpp; CPUs with AMX-BF16; FLUTE_CPU_AMX=0 off).
 //   cpu_tile_pairs() -> bool, cpu_set_tile_pairs(bool) -> bool: whether the M = 1 int8-mode
 //       kernels read two tiles far apart in one pass (on for Intel CPUs; FLUTE_CPU_TILE_PAIRS).
-//   cpu_vnni() -> str, cpu_set_vnni(bool) -> str: the VNNI form the AVX2 int8 kernel runs where the
-//       CPU has one ("avxvnni", "avx512vnni_ymm"; "" for none or off; FLUTE_CPU_VNNI=0 off, or a
-//       form's name); cpu_vnni_forms() -> str[] the forms available, cpu_set_vnni_form(str) -> str
-//       one of them by name.
+//   cpu_vnni() -> str, cpu_set_vnni(bool) -> str: the form the AVX2 int8 kernel runs: a VNNI one
+//       where the CPU has one ("avxvnni", "avx512vnni_ymm"), else (or off) the int16 step, EVEX
+//       encoded on AVX-512 CPUs ("avx512bw_ymm"), VEX otherwise (""); FLUTE_CPU_VNNI=0 off, or a
+//       form's name; cpu_vnni_forms() -> str[] the named forms available, cpu_set_vnni_form(str)
+//       -> str one of them (or "") by name.
 //   cpu_compact_k() -> int, cpu_set_compact_k(int) -> int: the columns from which one activation
 //       row takes the AVX-512 int8 kernel's compact activations (Int8Args::xkq; FLUTE_CPU_COMPACT_K).
 //   cpu_rows16_m(bits) -> int: the activation rows from which the int8 mode runs that bit width on

@@ -141,13 +141,14 @@ bool cpu_set_amx(bool on);
 bool cpu_tile_pairs();  // whether the M = 1 int8 kernels read tile pairs (Int8Args::tile_pairs)
 bool cpu_set_tile_pairs(bool on);
 // The AVX2 int8 kernel's form: 0 its int16 one (gemm_int8_avx2), 1 AVX-VNNI (gemm_int8_avxvnni),
-// 2 AVX512-VNNI on ymm (gemm_int8_avx512vnni_ymm): the CPU's best, unless set otherwise.
+// 2 AVX512-VNNI on ymm (gemm_int8_avx512vnni_ymm), 3 the int16 one EVEX encoded
+// (gemm_int8_avx512bw_ymm): the CPU's best, unless set otherwise.
 int vnni_form();
-std::string cpu_vnni();  // "avxvnni", "avx512vnni_ymm" or "" (vnni_form's name)
+std::string cpu_vnni();  // "", "avxvnni", "avx512vnni_ymm" or "avx512bw_ymm" (vnni_form's name)
 std::vector<std::string> cpu_vnni_forms();  // the forms this CPU and build can run
 std::vector<std::string> cpu_units();  // the optional kernel units this build holds (flute info)
-std::string cpu_set_vnni(bool on);  // the best form, or the int16 one
-std::string cpu_set_vnni_form(const std::string& name);  // a form by its name ("": the int16 one)
+std::string cpu_set_vnni(bool on);  // the best VNNI form, or the best int16 one
+std::string cpu_set_vnni_form(const std::string& name);  // a form by its name ("": the VEX int16 one)
 int64_t cpu_compact_k();  // columns from which M = 1 int8 calls use compact activations (Int8Args::xkq)
 int64_t cpu_set_compact_k(int64_t k);
 

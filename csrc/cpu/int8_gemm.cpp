@@ -180,9 +180,10 @@ static Int8Fns int8_fns(int isa) {
     f.quant = quantize_x_int8_avx2;
     f.fn = gemm_int8_avx2;
     const int form = vnni_form();
-    f.vnni = form != 0;
+    f.vnni = form == 1 || form == 2;
     if (form == 1) f.fn = gemm_int8_avxvnni;
     if (form == 2) f.fn = gemm_int8_avx512vnni_ymm;
+    if (form == 3) f.fn = gemm_int8_avx512bw_ymm;
   }
   f.avx512 = isa == kAvx512 && has_vbmi_vnni();
   if (f.avx512) {

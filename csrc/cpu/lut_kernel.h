@@ -88,6 +88,8 @@ void decode_portable(const DecodeArgs&, int64_t, int64_t);
 void gemm_avx2(const GemmArgs&, int64_t, int64_t);
 void decode_avx2(const DecodeArgs&, int64_t, int64_t);
 void gemm_int8_avx2(const Int8Args&, int64_t, int64_t);
+// The same int16 step EVEX encoded, on 32 ymm registers (AVX-512 VL + BW CPUs).
+void gemm_int8_avx512bw_ymm(const Int8Args&, int64_t, int64_t);
 // n floats to bf16 as f32_to_bf16 does (the op's bf16 output: ~8 scalar instructions an element)
 void f32_to_bf16_avx2(const float* src, uint16_t* dst, int64_t n);
 // n bf16 to floats (the int8 mode's bf16 activations: ~1.5 scalar instructions an element)

@@ -102,9 +102,10 @@ bool intel_cpu() {
 }
 std::atomic<bool> g_tile_pairs{env_flag("FLUTE_CPU_TILE_PAIRS", intel_cpu())};
 
-// The 256-bit int8 kernel's VNNI forms (int8_avx2_kernel.h) that the CPU has and this build holds,
-// as a bit mask: bit 1 AVX-VNNI (VEX; CPUID leaf 7 subleaf 1, EAX bit 4: __builtin_cpu_supports
-// knows it only from GCC 11), bit 2 AVX512-VNNI + VL on ymm registers.
+// The 256-bit int8 kernel's forms (int8_avx2_kernel.h) beyond the VEX int16 one (form 0) that the
+// CPU has and this build holds, as a bit mask: bit 1 AVX-VNNI (VEX; CPUID leaf 7 subleaf 1, EAX
+// bit 4: __builtin_cpu_supports knows it only from GCC 11), bit 2 AVX512-VNNI + VL on ymm
+// registers, bit 3 the int16 step EVEX encoded (AVX-512 VL + BW: every CPU of the AVX-512 path).
 int detect_vnni_forms() {
   int forms = 0;
 #if defined(__x86_64__) || defined(_M_X64)
@@ -117,27 +118,32 @@ int detect_vnni_forms() {
 #endif
   if (avxvnni && kernel_int8_avxvnni_built()) forms |= 1 << 1;
   if (g_best == kAvx512 && FLUTE_CPU_SUPPORTS("avx512vnni") && kernel_int8_avx512vnni_ymm_built()) forms |= 1 << 2;
+  if (g_best == kAvx512) forms |= 1 << 3;
 #endif
   return forms;
 }
 const int g_vnni_forms = detect_vnni_forms();
-// The form used by default: AVX512-VNNI on ymm where the CPU has both, since its EVEX encoding
-// reaches 32 vector registers and the one-row loop spills with 16 (CPU_NOTES items 227, 248).
-const int g_vnni_best = (g_vnni_forms >> 2) & 1 ? 2 : (g_vnni_forms >> 1) & 1 ? 1 : 0;
-const char* const kVnniNames[] = {"", "avxvnni", "avx512vnni_ymm"};
+constexpr int kNumForms = 4;
+// The int16 form used when VNNI is off: the EVEX build where there is one, since 32 registers
+// keep the one-row loop off the stack (0.81-0.99 of the VEX build's time, CPU_NOTES item 254).
+const int g_int16_best = (g_vnni_forms >> 3) & 1 ? 3 : 0;
+// The form used by default: AVX512-VNNI on ymm where the CPU has both VNNI forms, for the same
+// reason (CPU_NOTES items 227, 248), else AVX-VNNI, else the best int16 form.
+const int g_vnni_best = (g_vnni_forms >> 2) & 1 ? 2 : (g_vnni_forms >> 1) & 1 ? 1 : g_int16_best;
+const char* const kVnniNames[kNumForms] = {"", "avxvnni", "avx512vnni_ymm", "avx512bw_ymm"};
 
-// FLUTE_CPU_VNNI: 0 the int16 form, a form's name that form (where there is one), else the best.
+// FLUTE_CPU_VNNI: 0 the best int16 form, a form's name that form (where there is one), else the best.
 int initial_vnni() {
   const char* env = std::getenv("FLUTE_CPU_VNNI");
   if (env && *env) {
     const std::string v = env;
-    if (v == "0" || v == "false" || v == "off" || v == "no") return 0;
-    for (int f = 1; f <= 2; ++f)
+    if (v == "0" || v == "false" || v == "off" || v == "no") return g_int16_best;
+    for (int f = 1; f < kNumForms; ++f)
       if (v == kVnniNames[f] && ((g_vnni_forms >> f) & 1)) return f;
   }
   return g_vnni_best;
 }
-// The form the AVX2 int8 kernel runs (0: the int16 form).
+// The form the AVX2 int8 kernel runs (0 and 3: the int16 step).
 std::atomic<int> g_vnni{initial_vnni()};
 
 const char* const kModeNames[] = {"exact", "bf16", "int8"};  // indexed by Mode (binding.h)
@@ -287,27 +293,28 @@ std::string cpu_vnni() { return kVnniNames[vnni_form()]; }
 
 std::vector<std::string> cpu_vnni_forms() {
   std::vector<std::string> forms;
-  for (int f = 1; f <= 2; ++f)
+  for (int f = 1; f < kNumForms; ++f)
     if ((g_vnni_forms >> f) & 1) forms.emplace_back(kVnniNames[f]);
   return forms;
 }
 
 std::string cpu_set_vnni(bool on) {
-  TORCH_CHECK(!on || g_vnni_best != 0, "flute: this CPU (or this build) has no VNNI form of the AVX2 int8 "
-              "kernel (it needs AVX-VNNI or AVX512-VNNI)");
-  g_vnni.store(on ? g_vnni_best : 0);
+  TORCH_CHECK(!on || g_vnni_best == 1 || g_vnni_best == 2, "flute: this CPU (or this build) has no VNNI form "
+              "of the AVX2 int8 kernel (it needs AVX-VNNI or AVX512-VNNI)");
+  g_vnni.store(on ? g_vnni_best : g_int16_best);
   return cpu_vnni();
 }
 
 std::string cpu_set_vnni_form(const std::string& name) {
-  for (int f = 0; f <= 2; ++f)
+  for (int f = 0; f < kNumForms; ++f)
     if (name == kVnniNames[f]) {
-      TORCH_CHECK(f == 0 || ((g_vnni_forms >> f) & 1), "flute: the AVX2 int8 kernel's VNNI form '", name,
+      TORCH_CHECK(f == 0 || ((g_vnni_forms >> f) & 1), "flute: the AVX2 int8 kernel's form '", name,
                   "' is not available on this CPU (or in this build); available: '", c10::Join("', '", cpu_vnni_forms()), "'");
       g_vnni.store(f);
       return cpu_vnni();
     }
-  TORCH_CHECK(false, "flute: unknown VNNI form '", name, "' (expected '', 'avxvnni' or 'avx512vnni_ymm')");
+  TORCH_CHECK(false, "flute: unknown form '", name, "' of the AVX2 int8 kernel (expected '', 'avxvnni', "
+              "'avx512vnni_ymm' or 'avx512bw_ymm')");
 }
 
 int64_t cpu_compact_k() { return g_compact_k.load(); }
