@@ -1,4 +1,5 @@
-// Helpers shared by the AVX2 translation units (kernel_avx2.cpp, kernel_int8_avx2.cpp); included
+// Helpers shared by the AVX2 translation units (kernel_avx2.cpp, kernel_int8_avx2.cpp,
+// kernel_pair_avx2.cpp); included
 // only from files compiled with -mavx2 -mfma. Internal linkage, as everything in lut_kernel.h.
 #pragma once
 #if defined(__x86_64__) || defined(_M_X64)
@@ -33,6 +34,16 @@ inline __m256i bytes_by_position(__m256i v) {
 // The table as two 8-entry vectors for `vpermps`: 4 bits: entries 0-7 and 8-15 (index bit 3
 // selects); 3 bits: entries 0-3 and 4-7, each repeated (the high-bit plane selects); 2 bits:
 // entries 0-3 repeated (TB unused).
+// 8 floats to bf16, round to nearest even, NaN kept quiet (as f32_to_bf16), in the low 16 bits of
+// each dword.
+inline __m256i bf16_bits(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+  const __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  return _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
 template <int BITS>
 inline void split_table(const float* table, __m256* TA, __m256* TB) {
   alignas(32) float t0[8], t1[8];

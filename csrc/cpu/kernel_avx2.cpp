@@ -121,16 +121,6 @@ inline __m256 lookup8(__m256 TA, __m256 TB, __m256i d, int s, uint16_t hi, int h
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(TA, idx), _mm256_permutevar8x32_ps(TB, idx), sel);
 }
 
-// 8 floats to bf16, round to nearest even, NaN kept quiet (as f32_to_bf16), in the low 16 bits of
-// each dword.
-inline __m256i bf16_bits(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
-  const __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  return _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-}
-
 // Rows [r0, r1) to fp32 or bf16 (the panel path's decode), groups of a multiple of 32 columns or one
 // group: one scale (and offset) per 32-column chunk. Even and odd columns of a chunk are decoded as
 // two 16-wide slots and interleaved into natural order.
