@@ -377,9 +377,13 @@ def test_bf16_output_is_the_fp32_result_rounded(isa, mode, rng):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_decode_bitwise_equal_on_every_path(bits, rng):
     """The panel path's decode (fp32 and bf16 out) gives the portable path's bits on every ISA:
-    ragged K, one group, offsets."""
-    n, k = 13, 700
-    for group, sdtype in [(64, torch.float32), (64, torch.bfloat16), (-1, torch.bfloat16), (32, torch.float16)]:
+    ragged K (a last chunk of 28 columns), one group, groups of several chunks, groups splitting a
+    chunk (48: the 2-bit decoder's general path; whole-chunk groups take its fast one), offsets, a tile of fewer
+    than 16 rows and several tiles."""
+    k = 700
+    for n, group, sdtype in [(13, 64, torch.float32), (13, 64, torch.bfloat16), (13, -1, torch.bfloat16),
+                             (13, 32, torch.float16), (37, 128, torch.bfloat16), (37, 128, torch.float32),
+                             (21, 48, torch.bfloat16)]:
         w = random_quantized(n, k, bits, group, offsets=True, dtype=sdtype, generator=rng)
         q = to_cpu_layout(w.codes, bits)
         outs = {}
@@ -390,7 +394,7 @@ def test_decode_bitwise_equal_on_every_path(bits, rng):
                                                                group, k, n)
         ops.set_cpu_isa("auto")
         for isa, out in outs.items():
-            assert torch.equal(out, outs["portable"]), (isa, group, sdtype)
+            assert torch.equal(out, outs["portable"]), (isa, n, group, sdtype)
 
 
 @pytest.mark.parametrize("mode", ["int8", "exact"])
