@@ -6,7 +6,7 @@
 // step. 256-bit only, so no 512-bit frequency licence either. In the emulated AVX-512 test build
 // (an AVX2 host) it is compiled with AVX2 flags alone.
 // On the Zen 5 VM with the AVX2 path forced, one thread, in cache: this build / the VEX one 0.87
-// (3 bits) and 0.99 (4 bits) at one row, 0.81-0.84 and 0.89-0.94 at 2-4 rows (CPU_NOTES item 254).
+// (3 bits) and 0.99 (4 bits) at one row, 0.81-0.84 and 0.89-0.94 at 2-4 rows (CPU_NOTES item 255).
 #if defined(__x86_64__) || defined(_M_X64)
 #include "int8_avx2_kernel.h"
 

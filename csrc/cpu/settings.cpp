@@ -125,7 +125,7 @@ int detect_vnni_forms() {
 const int g_vnni_forms = detect_vnni_forms();
 constexpr int kNumForms = 4;
 // The int16 form used when VNNI is off: the EVEX build where there is one, since 32 registers
-// keep the one-row loop off the stack (0.81-0.99 of the VEX build's time, CPU_NOTES item 254).
+// keep the one-row loop off the stack (0.81-0.99 of the VEX build's time, CPU_NOTES item 255).
 const int g_int16_best = (g_vnni_forms >> 3) & 1 ? 3 : 0;
 // The form used by default: AVX512-VNNI on ymm where the CPU has both VNNI forms, for the same
 // reason (CPU_NOTES items 227, 248), else AVX-VNNI, else the best int16 form.
