@@ -50,7 +50,7 @@ def _cpu_kernel() -> Dict[str, object]:
                      units=list(torch.ops.flute.cpu_units()),
                      tile_pairs=bool(torch.ops.flute.cpu_tile_pairs()),
                      # per bit width: activation rows from which the 16-row kernel runs (0: none on
-                     # this path) and from which the panel path (decode + matmul) does
+                     # this path) and from which the panel path (decode + matmul) does (0: never)
                      rows16_m={str(b): int(torch.ops.flute.cpu_rows16_m(b)) for b in (2, 3, 4)},
                      panel_m={str(b): int(torch.ops.flute.cpu_panel_m(b)) for b in (2, 3, 4)})
     return state
@@ -163,7 +163,8 @@ def format_report(report: Dict[str, object]) -> str:
             lines.append("  batches (2 / 3 / 4 bits): 16-row kernel from "
                          + " / ".join(str(r16[b]) if r16[b] else "-" for b in ("2", "3", "4"))
                          + " rows, panel path (decode + matmul) from "
-                         + " / ".join(str(panel[b]) for b in ("2", "3", "4")) + f" rows; tile pairs "
+                         + " / ".join(str(panel[b]) if panel[b] else "never" for b in ("2", "3", "4"))
+                         + f" rows; tile pairs "
                          f"{'on' if kernel['tile_pairs'] else 'off'}")
     else:
         lines.append(f"CPU kernel: not available ({kernel['error']})")

@@ -285,9 +285,9 @@ def get_cpu_mode() -> str:
     * ``"bf16"`` (AVX512_BF16 + VBMI CPUs; 3 and 4 bits, 2 bits compute exactly): activations and
       table values rounded to bf16, fp32 sums.
 
-    Batches at or above the panel threshold (``torch.ops.flute.cpu_panel_m(bits)``: 32 rows; 512
-    where the int8 mode has its 16-row kernel, ``torch.ops.flute.cpu_rows16_m(bits)`` > 0) are
-    exact in every mode. On CPUs with AMX
+    Batches at or above the panel threshold (``torch.ops.flute.cpu_panel_m(bits)``: 32 rows; none,
+    0, where the int8 mode has its 16-row kernel, ``torch.ops.flute.cpu_rows16_m(bits)`` > 0, which
+    then runs every batch from its threshold on) are exact in every mode. On CPUs with AMX
     (:func:`get_cpu_amx`), bf16 activations from 16 rows take the AMX paths in every mode (3 and 4
     bits).
     """

@@ -1,6 +1,6 @@
 """The CPU kernels' int8 mode (csrc/cpu/int8_gemm.cpp and the int8 kernels): against its executable
 spec (flute.testing.reference_qgemm_int8, pair_tables), the portable path, and the exact mode where
-it must fall back to it; the 16-row kernel and tile pairs."""
+it must fall back to it; tile pairs. The 16-row kernel: tests/test_cpu_rows16.py."""
 import os
 import random
 import subprocess
@@ -92,9 +92,10 @@ def _last_row_nan(*shape, generator):
 
 def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
     """Groups that are not a multiple of 32, non-finite activations and M >= the panel threshold
-    take the exact path in int8 mode: bitwise the exact mode's result."""
+    (where there is one: not on the 16-row kernel, cpu_panel_m 0) take the exact path in int8
+    mode: bitwise the exact mode's result."""
     cases = [(3, 48, 2, torch.randn), (4, 48, 2, torch.randn), (2, 100, 1, torch.randn),
-             # M >= the panel threshold (512 rows on the 16-row kernel's CPUs, else 32)
+             # M >= the panel threshold (32 rows; none on the 16-row kernel's CPUs)
              (2, 64, 600, torch.randn), (3, 64, 600, torch.randn), (4, 64, 600, torch.randn),
              (4, 64, 1, lambda *s, generator: torch.full(s, float("nan"))),
              (4, 64, 20, lambda *s, generator: torch.full(s, float("inf"))),
@@ -102,6 +103,8 @@ def test_int8_mode_other_formats_stay_exact(int8_mode, rng):
              # of 4096 columns 4 to a task at 2 threads, int8_gemm.cpp)
              (4, 64, 20, _last_row_nan, 4096), (3, 64, 20, _last_row_nan, 4096)]
     for bits, group, m, make, *k in cases:
+        if m == 600 and torch.ops.flute.cpu_panel_m(bits) == 0:
+            continue
         n, k = 40, (k or [333])[0]
         w = random_quantized(n, k, bits, group, generator=rng)
         x = make(m, k, generator=rng)
@@ -177,44 +180,6 @@ def test_int8_mode_simd_paths_equal_portable(group, int8_mode, rng):
                     assert normwise_error(ys[isa], ref, x, w, group) < TOL[torch.float32], case
 
 
-def test_int8_rows16_kernel_matches_spec_and_portable(threads, int8_mode):
-    """Every bit width from cpu_rows16_m(bits) rows runs on the 16-row kernel where the CPU has
-    AVX-512 VBMI + VNNI (weight rows along the vector, each K block decoded once for up to 16
-    activation rows; 2 bits read from the pair layout, with the int8 activations of 3 and 4 bits):
-    against the spec and the portable int8 path (3 and 4 bits: the same integers, float32 sums in
-    another order),
-    for N not a multiple of 16 (a partial tile, layout tiles past N), K with partial blocks and
-    chunks past K, every group kind, offsets, every scale and activation dtype, and activation rows
-    in passes of 1 to 16 (M up to 511, the last row count before the panel path: 32 passes)."""
-    if not torch.ops.flute.cpu_rows16_m(4):
-        pytest.skip("this CPU or build has no 16-row int8 kernel (AVX-512 VBMI + VNNI)")
-    r = random.Random(zlib.crc32(f"rows16-{threads}".encode()))
-    g = torch.Generator().manual_seed(16)
-    for i in range(36):
-        bits = 2 + i % 3
-        m_min = int(torch.ops.flute.cpu_rows16_m(bits))
-        n, k = r.choice([1, 5, 16, 17, 67, 301]), r.choice([32, 100, 128, 544, 1000, 1312])
-        group, m = r.choice([32, 64, 128, -1]), r.choice([m_min, 8, 16, 17, 31, 40, 255]) if i > 2 else 511
-        dtype = r.choice([torch.float32, torch.bfloat16, torch.float16])
-        w = random_quantized(n, k, bits, group, offsets=r.random() < 0.4,
-                             dtype=r.choice([torch.float32, torch.bfloat16, torch.float16]), generator=g)
-        x = torch.randn(m, k, generator=g).to(dtype)
-        q = to_cpu_layout(w.codes, bits)
-        y = run(x, w, bits, group, n, k, q)
-        case = (bits, n, k, group, m, dtype, w.scales.dtype, w.offsets is not None)
-        assert not int8_uses_pair_tables(bits, m)
-        assert normwise_error(y, reference_qgemm_int8(x, w, group), x, w, group) < TOL[dtype], case
-        if dtype == torch.float32 and m < 32 and bits != 2:  # portable: int8 to 32 rows, 2 bits on pairs
-            ops.set_cpu_isa("portable")
-            try:
-                yp = run(x, w, bits, group, n, k, q)
-            finally:
-                ops.set_cpu_isa("auto")
-            assert relative_error(y, yp) < 1e-6, case
-        if dtype == torch.float32 and k >= 64:  # really the int8 arithmetic, not the exact path
-            assert normwise_error(y, reference_qgemm(x, w, group), x, w, group) > 1e-5, case
-
-
 @pytest.mark.parametrize("codebook", ["int", "fp4"])
 def test_int8_mode_uniform_tables_are_exact(codebook, int8_mode, rng):
     """The table scale search puts uniform tables (int, fp4) on the 7-bit grid exactly, so with
@@ -239,8 +204,8 @@ def test_int8_mode_uniform_tables_are_exact(codebook, int8_mode, rng):
 
 def test_default_mode_is_int8_below_the_panel_threshold():
     """Without FLUTE_CPU_MODE the kernel runs the int8 mode (its spec, not the exact result) for
-    small batches, and exactly from the panel threshold on (32 rows; 512 where 3 and 4 bits run on
-    the 16-row kernel: torch.ops.flute.cpu_panel_m); FLUTE_CPU_MODE=exact restores exact everywhere."""
+    small batches, and exactly from the panel threshold on (32 rows; none, 0, where 3 and 4 bits run
+    on the 16-row kernel: torch.ops.flute.cpu_panel_m); FLUTE_CPU_MODE=exact restores exact everywhere."""
     code = ("import torch, flute\n"
             "from flute.cpu_layout import to_cpu_layout\n"
             "from flute.testing import random_quantized, reference_qgemm, reference_qgemm_int8, relative_error\n"
@@ -259,10 +224,10 @@ def test_default_mode_is_int8_below_the_panel_threshold():
                              env=env).stdout.split("\n")
         mode, rows16, panel = out[0].split()
         assert mode == want
-        assert int(panel) == (512 if int(rows16) and want == "int8" else 32), out[0]
+        assert int(panel) == (0 if int(rows16) and want == "int8" else 32), out[0]
         for line in out[1:6]:
             m, exact_err, int8_err = line.split()
-            if want == "int8" and int(m) < int(panel):
+            if want == "int8" and (int(panel) == 0 or int(m) < int(panel)):
                 assert float(int8_err) < 1e-6 < 1e-4 < float(exact_err), line
             else:
                 assert float(exact_err) < 1e-6, line

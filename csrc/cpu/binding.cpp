@@ -30,7 +30,8 @@
 //   cpu_rows16_m(bits) -> int: the activation rows from which the int8 mode runs that bit width on
 //       the 16-row kernel (kernel_int8_rows16_avx512.cpp) on the active path, 0 where it does not.
 //   cpu_panel_m(bits) -> int: the activation rows from which that bit width takes the panel path
-//       (decode + at::mm, exact) on the active path and mode, where AMX does not take them first.
+//       (decode + at::mm, exact) on the active path and mode, where AMX does not take them first;
+//       0 where none does (the int8 mode on the 16-row kernel, unless FLUTE_CPU_ROWS16_LARGE_M).
 //
 // Paths: bf16 x on an AMX CPU (avx512 path), groups of a multiple of 32 columns (or one group), any
 // bits: 16 to kAmxMaxM = 64 rows the streamed AMX kernel (gemm_amx), more rows the blocked one
@@ -281,6 +282,36 @@ void to_half(const float* src, const HalfOut& h, int64_t c0, int64_t c1) {
 
 namespace {
 
+// The fused kernels (not the panel path) on the M rows of x2 (contiguous fp32, bf16 or fp16, last
+// dimension K) into y (contiguous, N per row: x2's dtype if bf16 / fp16, else fp32).
+void fused_rows(const at::Tensor& x2, const Weight& w, int64_t M, bool amx, const at::Tensor& y) {
+  const auto xt = x2.scalar_type();
+  const int isa = active_isa();
+  const int64_t N = w.N;
+  const bool half = xt == at::kBFloat16 || xt == at::kHalf;
+  // fp32 results straight into the output; for bf16 / fp16 x into scratch, converted below (one
+  // fewer dispatched op per call: ~5-10 us on small layers).
+  at::Tensor hold;
+  float* out = half ? reinterpret_cast<float*>(call_scratch(1, M * N * 4, hold)) : y.data_ptr<float>();
+  HalfOut h;
+  if (half) {
+    h.dst = y.data_ptr();
+    h.bf16 = xt == at::kBFloat16;
+    h.isa = isa;
+  }
+  HalfOut* row_half = half && M == 1 ? &h : nullptr;  // one-row calls convert per thread
+  if (amx)
+    amx_gemm(x2, w, out);
+  else if (w.bits == 2) {
+    const bool int8 = active_mode() == kModeInt8;
+    const bool rows16 = int8 && M >= rows16_m(2) && rows16_available(2, isa);
+    if (!(int8 && (rows16 ? int8_gemm(x2, w, isa, out) : pair_gemm(x2, w, isa, false, out, row_half))))
+      pair_gemm(x2, w, isa, true, out);
+  } else if (!(active_mode() == kModeInt8 && int8_gemm(x2, w, isa, out, row_half)))
+    exact_gemm(x2, w, isa, active_mode() == kModeBf16 && has_bf16_kernel(), out);
+  if (half && !h.done) to_half(out, h, 0, M * N);
+}
+
 at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& offsets, const at::Tensor& table, int64_t bits,
                         int64_t group_size, int64_t K, int64_t N) {
@@ -345,28 +376,25 @@ at::Tensor cpu_lut_gemm(const at::Tensor& x, const at::Tensor& qweight, const at
   if (!x.is_contiguous() || !(half || xt == at::kFloat))
     xm = c10::MaybeOwned<at::Tensor>::owned(x.to(half ? xt : at::kFloat).contiguous());
   const at::Tensor& x2 = *xm;
-  // fp32 results straight into the output; for bf16 / fp16 x into scratch, converted below (one
-  // fewer dispatched op per call: ~5-10 us on small layers).
   at::Tensor y = at::empty(out_shape, x.options().dtype(half ? xt : at::kFloat));
-  at::Tensor hold;
-  float* out = half ? reinterpret_cast<float*>(call_scratch(1, M * N * 4, hold)) : y.data_ptr<float>();
-  HalfOut h;
-  if (half) {
-    h.dst = y.data_ptr();
-    h.bf16 = xt == at::kBFloat16;
-    h.isa = isa;
+  // Many rows in chunks whose fp32 results and int8 activations fit the scratch kept between calls
+  // (call_scratch): past it every call allocated them afresh, page faults and all, and 4096x4096 at
+  // 1536 rows took 1.9 times the time of 1024 (CPU_NOTES item 264). Each row's result is the same
+  // in any chunk.
+  const int64_t chunk = std::max<int64_t>(
+      128, std::min(half ? kScratchCachedBytes / (4 * N) : M, kScratchCachedBytes / (2 * w.K_pad)) / 64 * 64);
+  if (amx || M <= chunk) {
+    fused_rows(x2, w, M, amx, y);
+  } else {
+    const at::Tensor xv = x2.view({M, K});
+    const at::Tensor yv = y.view({M, N});
+    const int64_t n = (M + chunk - 1) / chunk;
+    for (int64_t i = 0, r0 = 0; i < n; ++i) {
+      const int64_t rc = (M - r0) / (n - i);
+      fused_rows(xv.narrow(0, r0, rc), w, rc, false, yv.narrow(0, r0, rc));
+      r0 += rc;
+    }
   }
-  HalfOut* row_half = half && M == 1 ? &h : nullptr;  // one-row calls convert per thread
-  if (amx)
-    amx_gemm(x2, w, out);
-  else if (w.bits == 2) {
-    const bool int8 = active_mode() == kModeInt8;
-    const bool rows16 = int8 && M >= rows16_m(2) && rows16_available(2, isa);
-    if (!(int8 && (rows16 ? int8_gemm(x2, w, isa, out) : pair_gemm(x2, w, isa, false, out, row_half))))
-      pair_gemm(x2, w, isa, true, out);
-  } else if (!(active_mode() == kModeInt8 && int8_gemm(x2, w, isa, out, row_half)))
-    exact_gemm(x2, w, isa, active_mode() == kModeBf16 && has_bf16_kernel(), out);
-  if (half && !h.done) to_half(out, h, 0, M * N);
   return half || xt == at::kFloat ? y : y.to(xt);
 }
 

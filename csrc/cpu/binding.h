@@ -124,10 +124,11 @@ bool has_bf16_kernel();    // ... and the bf16 mode's kernel built
 int64_t task_weights();    // least weights (rows x K_pad) per task of the fused kernels' thread split
 int64_t rows16_m(int bits);  // activation rows from which the int8 mode runs the 16-row kernel
 int64_t rows16_large_m();    // ... and up to which (not included) it runs instead of the panel path
+constexpr int64_t kNoPanel = INT64_MAX;  // rows16_large_m() and panel_m() when no row count takes the panel path
 bool rows16_available(int bits, int isa);  // the 16-row kernel built and supported on this path
 int64_t cpu_rows16_m(int64_t bits);  // rows16_m(bits) where it runs on the active path, else 0
 int64_t panel_m(int bits, int isa);  // activation rows from which the panel path runs (the mode in use, that path)
-int64_t cpu_panel_m(int64_t bits);   // panel_m(bits) on the active path
+int64_t cpu_panel_m(int64_t bits);   // panel_m(bits) on the active path, 0 for none
 int64_t large_m();         // activation rows from which the panel path (decode + at::mm) is used
 int64_t panel_bytes();     // bytes of one decoded panel
 int64_t amx_m();           // activation rows from which bf16 activations take the AMX path
@@ -220,7 +221,8 @@ QgemmHandle qgemm_handle();
 // at::empty and its release cost ~2.5K instructions, and a small decode call (4x128) made three of
 // them in ~16K (callgrind). The buffer is only used during the call (the kernels never call back
 // into torch), and each thread calling the op has its own.
-char* call_scratch(int slot, int64_t bytes, at::Tensor& hold, int64_t max_cached = int64_t(16) << 20);
+constexpr int64_t kScratchCachedBytes = int64_t(16) << 20;
+char* call_scratch(int slot, int64_t bytes, at::Tensor& hold, int64_t max_cached = kScratchCachedBytes);
 
 // Bytes from `off` rounded up to a 64-byte boundary (the scratch buffers' parts).
 inline int64_t align64(int64_t off) { return (off + 63) / 64 * 64; }

@@ -34,6 +34,8 @@ namespace {
 
 constexpr int kRows = 16;
 constexpr int kRangeCols = 1024;  // K columns decoded at once: 16 KB of weight vectors, in L1
+constexpr int64_t kBlockRows = 64;                 // activation rows per block (rows16_tiles)
+constexpr int64_t kBlockBytes = int64_t(1) << 20;  // most int8 activation data per block
 // The weight streams are prefetched kPrefetchBytes ahead (int8_tiles.h; see Streams).
 
 // Rows 0-7 (or 8-15) of a block, 8 qwords each, transposed: o[i] = qword i of the 8 rows.
@@ -263,65 +265,86 @@ void rows16_tiles(const Rows16Args& a, int64_t t0, int64_t t1) {
   constexpr int64_t tile_block_bytes = BITS == 2 ? 0 : Streams<BITS>::kBlockBytes;
   const Decoder<BITS> dec(a.tu);
   const int64_t ltiles = a.N_pad / 4, M = a.M;
-  const int64_t np = (M + kRows - 1) / kRows;  // passes of activation rows, as equal as can be
+  // Activation rows and K in blocks, rows [mb0, mb1) x ranges [kr0, kr1), each weight tile running
+  // over one block before the next: every 16-row tile reads all of a block's int8 activations, so
+  // with all M rows at once a call of 512 rows read 2 MB of them from L3 per tile (K = 4096) and ran
+  // at the speed of 128 rows' call ~0.8 times; blocks of kBlockRows rows and at most kBlockBytes of
+  // activation data (x8 and the per-chunk xinit and xf: 40 bytes per 32 columns) stay in L2. The
+  // weights are read and decoded once per row block. CPU_NOTES item 264.
+  const int64_t nranges = (a.nblocks + range - 1) / range;
+  const int64_t nmb = (M + kBlockRows - 1) / kBlockRows;
+  const int64_t range_bytes = (M + nmb - 1) / nmb * kRangeCols / 32 * 40;
+  const int64_t kb_ranges = std::max<int64_t>(1, kBlockBytes / range_bytes);
+  const int64_t nkb = (nranges + kb_ranges - 1) / kb_ranges;
   FloatBuf raw(16 * (2 * a.ng + M) + 16 + range * C * 8 * 16);
   float* base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
   __m512i* w = reinterpret_cast<__m512i*>(base);
   float* sbuf = base + range * C * 8 * 16;
   float* obuf = sbuf + 16 * a.ng;
   float* acc = obuf + 16 * a.ng;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n0 = kRows * t;
-    const uint8_t* tiles[4];
-    const uint8_t* next[4];
-    for (int j = 0; j < 4; ++j) {
-      tiles[j] = 4 * t + j < ltiles ? a.qw + (4 * t + j) * a.tile_bytes : nullptr;
-      next[j] = 4 * t + 4 + j < ltiles && t + 1 < t1 ? a.qw + (4 * t + 4 + j) * a.tile_bytes : nullptr;
-    }
-    // A short last block (lut_kernel.h) expanded into whole blocks of the 4 tiles, read through
-    // tiles pointers placed so that Streams finds block nblocks - 1 there.
-    alignas(64) uint8_t lastb[4][tile_block_bytes > 0 ? tile_block_bytes : 1];
-    const uint8_t* tlast[4];
-    const bool short_last = BITS != 2 && a.last_bytes < tile_block_bytes / 4;
-    if constexpr (BITS != 2)
-      if (short_last)
+  for (int64_t im = 0, mb0 = 0; im < nmb; ++im) {
+    const int64_t mb1 = mb0 + (M - mb0) / (nmb - im);
+    const int64_t np = (mb1 - mb0 + kRows - 1) / kRows;  // passes of activation rows, as equal as can be
+    for (int64_t ik = 0, kr0 = 0; ik < nkb; ++ik) {
+      const int64_t kr1 = kr0 + (nranges - kr0) / (nkb - ik);
+      const bool first = ik == 0, last = ik == nkb - 1;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = kRows * t;
+        const uint8_t* tiles[4];
+        const uint8_t* next[4];
         for (int j = 0; j < 4; ++j) {
-          tlast[j] = nullptr;
-          if (!tiles[j]) continue;
-          const uint8_t* src = tiles[j] + (a.nblocks - 1) * tile_block_bytes;
-          for (int r = 0; r < 4; ++r)
-            expand_last_block(BITS, a.last_bytes, src + r * a.last_bytes, lastb[j] + r * (tile_block_bytes / 4));
-          tlast[j] = lastb[j] - (a.nblocks - 1) * tile_block_bytes;
+          tiles[j] = 4 * t + j < ltiles ? a.qw + (4 * t + j) * a.tile_bytes : nullptr;
+          next[j] = 4 * t + 4 + j < ltiles && t + 1 < t1 ? a.qw + (4 * t + 4 + j) * a.tile_bytes : nullptr;
         }
-    if constexpr (BITS == 2) tiles[0] = pair_tile(a.qw, a.chunks, t);
-    tile16_rows(a.scales, a.stype, a.N, a.ng, n0, 0, a.ng, sbuf);
-    for (int64_t i = 0; i < 16 * M; ++i) acc[i] = 0.f;
-    for (int64_t b0 = 0; b0 < a.nblocks; b0 += range) {
-      const int64_t b1 = min64(a.nblocks, b0 + range);
-      const int64_t c0 = C * b0, c1 = min64(a.chunks, C * b1);  // chunks past K: x8 = 0, skipped
-      if constexpr (BITS == 2)
-        dec.chunks(tiles[0], c0, c1, w);
-      else
-        for (int64_t b = b0; b < b1; ++b)
-          dec.block(Streams<BITS>(short_last && b == a.nblocks - 1 ? tlast : tiles, next, b, a.nblocks),
-                    w + (b - b0) * C * 8);
-      for (int64_t p = 0, m0 = 0; p < np; ++p) {
-        const int64_t mc = (M - m0) / (np - p);
-        kPasses[mc - 1](a, w, c0, c1, m0, sbuf, acc + 16 * m0);
-        m0 += mc;
+        // A short last block (lut_kernel.h) expanded into whole blocks of the 4 tiles, read through
+        // tiles pointers placed so that Streams finds block nblocks - 1 there.
+        alignas(64) uint8_t lastb[4][tile_block_bytes > 0 ? tile_block_bytes : 1];
+        const uint8_t* tlast[4];
+        const bool short_last = BITS != 2 && a.last_bytes < tile_block_bytes / 4;
+        if constexpr (BITS != 2)
+          if (short_last && last)
+            for (int j = 0; j < 4; ++j) {
+              tlast[j] = nullptr;
+              if (!tiles[j]) continue;
+              const uint8_t* src = tiles[j] + (a.nblocks - 1) * tile_block_bytes;
+              for (int r = 0; r < 4; ++r)
+                expand_last_block(BITS, a.last_bytes, src + r * a.last_bytes, lastb[j] + r * (tile_block_bytes / 4));
+              tlast[j] = lastb[j] - (a.nblocks - 1) * tile_block_bytes;
+            }
+        if constexpr (BITS == 2) tiles[0] = pair_tile(a.qw, a.chunks, t);
+        tile16_rows(a.scales, a.stype, a.N, a.ng, n0, 0, a.ng, sbuf);
+        const __mmask16 rows = static_cast<__mmask16>(n0 + kRows <= a.N ? 0xffff : (1u << (a.N - n0)) - 1);
+        for (int64_t m = mb0; m < mb1; ++m)  // the sums so far of a K block before this one, kept in out
+          _mm512_store_ps(acc + 16 * m, first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(rows, a.out + m * a.N + n0));
+        for (int64_t b0 = kr0 * range; b0 < std::min(a.nblocks, kr1 * range); b0 += range) {
+          const int64_t b1 = min64(a.nblocks, b0 + range);
+          const int64_t c0 = C * b0, c1 = min64(a.chunks, C * b1);  // chunks past K: x8 = 0, skipped
+          if constexpr (BITS == 2)
+            dec.chunks(tiles[0], c0, c1, w);
+          else
+            for (int64_t b = b0; b < b1; ++b)
+              dec.block(Streams<BITS>(short_last && b == a.nblocks - 1 ? tlast : tiles, next, b, a.nblocks),
+                        w + (b - b0) * C * 8);
+          for (int64_t p = 0, m0 = mb0; p < np; ++p) {
+            const int64_t mc = (mb1 - m0) / (np - p);
+            kPasses[mc - 1](a, w, c0, c1, m0, sbuf, acc + 16 * m0);
+            m0 += mc;
+          }
+        }
+        if (a.offsets && last) {  // + sum over groups of offsets * exact group sums of x
+          tile16_rows(a.offsets, a.stype, a.N, a.ng, n0, 0, a.ng, obuf);
+          for (int64_t m = mb0; m < mb1; ++m) {
+            __m512 s = _mm512_load_ps(acc + 16 * m);
+            for (int64_t g = 0; g < a.ng; ++g)
+              s = _mm512_fmadd_ps(_mm512_load_ps(obuf + 16 * g), _mm512_set1_ps(a.xsum[m * a.ng + g]), s);
+            _mm512_store_ps(acc + 16 * m, s);
+          }
+        }
+        for (int64_t m = mb0; m < mb1; ++m) _mm512_mask_storeu_ps(a.out + m * a.N + n0, rows, _mm512_load_ps(acc + 16 * m));
       }
+      kr0 = kr1;
     }
-    if (a.offsets) {  // + sum over groups of offsets * exact group sums of x
-      tile16_rows(a.offsets, a.stype, a.N, a.ng, n0, 0, a.ng, obuf);
-      for (int64_t m = 0; m < M; ++m) {
-        __m512 s = _mm512_load_ps(acc + 16 * m);
-        for (int64_t g = 0; g < a.ng; ++g)
-          s = _mm512_fmadd_ps(_mm512_load_ps(obuf + 16 * g), _mm512_set1_ps(a.xsum[m * a.ng + g]), s);
-        _mm512_store_ps(acc + 16 * m, s);
-      }
-    }
-    const __mmask16 rows = static_cast<__mmask16>(n0 + kRows <= a.N ? 0xffff : (1u << (a.N - n0)) - 1);
-    for (int64_t m = 0; m < M; ++m) _mm512_mask_storeu_ps(a.out + m * a.N + n0, rows, _mm512_load_ps(acc + 16 * m));
+    mb0 = mb1;
   }
 }
 

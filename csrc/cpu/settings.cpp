@@ -223,14 +223,15 @@ int64_t rows16_m(int bits) {
   return bits == 2 ? v2 : v;
 }
 
-// Activation rows from which such weights take the panel path after all (FLUTE_CPU_ROWS16_LARGE_M):
-// at 2 threads on that VM the 16-row kernel against decode + bf16 at::mm took 1.19 / 2.75 ms
-// (4096x4096, 32 rows), 4.06 / 6.52 (128 rows), 21.9 / 22.2 (512 rows) (CPU_NOTES item 133); since
-// the activations are prepared in parallel (item 138), 16-row kernel / panel path in alternating
-// processes: 384 rows 0.81-0.96 (4-bit, 1536x1536 to 4096x4096, 1536x576, 576x1536, 1 and 2
-// threads), 0.86-0.90 (3-bit), 0.80-0.86 (2-bit); 448-512 rows 0.96-1.04 (4-bit) (item 142).
+// Activation rows from which such weights take the panel path after all (FLUTE_CPU_ROWS16_LARGE_M;
+// by default none, kNoPanel). Until session 49 512: the 16-row kernel read all of a call's int8
+// activations once per 16-row weight tile, from L3 past ~128 rows, and was even with the panel path
+// at 512 rows (items 133, 142). With the activations in blocks that stay in L2 and many rows in
+// chunks (item 264), at 2 threads on the Zen 5 VM it took 0.79-0.89 of the panel path's time and
+// ran 1.12-1.28x torch's bf16 matmul from 512 to 4096 rows (4096x4096, 14336x4096, 4096x14336; 2
+// and 4 bits), where the panel path ran 0.89-1.02x.
 int64_t rows16_large_m() {
-  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_LARGE_M", 512);
+  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_LARGE_M", kNoPanel);
   return v;
 }
 
@@ -344,7 +345,10 @@ int64_t panel_m(int bits, int isa) {
   return active_mode() == kModeInt8 && rows16_available(bits, isa) ? rows16_large_m() : large_m();
 }
 
-int64_t cpu_panel_m(int64_t bits) { return panel_m(static_cast<int>(bits), active_isa()); }
+int64_t cpu_panel_m(int64_t bits) {
+  const int64_t m = panel_m(static_cast<int>(bits), active_isa());
+  return m == kNoPanel ? 0 : m;
+}
 
 std::string cpu_isa() { return kIsaNames[g_isa.load()]; }
 
