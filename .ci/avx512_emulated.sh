@@ -32,6 +32,6 @@ assert torch.ops.flute.cpu_vnni() != "", "the emulated build should offer the AV
 print("emulated AVX-512 build loaded from", flute.__file__)
 PY
 rc=0
-python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_cpu_int8.py tests/test_ops.py tests/test_linear.py || rc=$?
+python -m pytest -q -p no:cacheprovider tests/test_cpu_kernel.py tests/test_cpu_int8.py tests/test_cpu_rows16.py tests/test_ops.py tests/test_linear.py || rc=$?
 if [ "$rc" = 5 ]; then echo "no tests ran"; exit 1; fi
 exit "$rc"

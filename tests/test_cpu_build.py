@@ -27,7 +27,7 @@ UNIT_FUNCTIONS = {
     "FLUTE_WITHOUT_KERNEL_INT8_AVX512": {"kernel_int8_avx512_built", "gemm_int8_avx512", "int8_prepare_avx512",
                                          "int8_prepare_compact_avx512", "int8_prepare_tail_avx512",
                                          "quantize_x_int8_avx512"},
-    "FLUTE_WITHOUT_KERNEL_INT8_ROWS16": {"kernel_int8_rows16_built", "rows16_prepare_avx512",
+    "FLUTE_WITHOUT_KERNEL_INT8_ROWS16": {"kernel_int8_rows16_built", "rows16_quantize_avx512", "bf16_to_f32_avx512",
                                          "gemm_int8_rows16_avx512"},
     "FLUTE_WITHOUT_KERNEL_INT8_AVXVNNI": {"kernel_int8_avxvnni_built", "gemm_int8_avxvnni"},
     "FLUTE_WITHOUT_KERNEL_INT8_AVX512VNNI_YMM": {"kernel_int8_avx512vnni_ymm_built", "gemm_int8_avx512vnni_ymm"},

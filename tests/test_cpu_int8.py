@@ -500,21 +500,26 @@ def _near_half_integer_activations(rows, bits, blocks, rng):
     return x.reshape(rows, blocks * cols)
 
 
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_int8_rounding_near_half_integers_matches_spec(bits, int8_mode, rng):
-    """Every quantizer (AVX-512, AVX2, portable) rounds x / (k * u) as the spec does, ties to even:
-    with every activation's quotient on or a few float32 steps from a half-integer, each ISA path and
-    1 and 2 activation rows (one-row calls take the AVX-512 quantizer where it runs) give the spec's
-    integers. One activation rounded the other way moves the result by ~1e-4 of its norm, 10x the
-    tolerance; rounding x times the reciprocal of the scale instead of dividing fails this test
-    (CPU_NOTES item 238), and random activations would hardly ever show it."""
+    """Every quantizer (AVX-512, AVX2, portable, the 16-row kernel's) rounds x / (k * u) as the spec
+    does, ties to even: with every activation's quotient on or a few float32 steps from a
+    half-integer, each ISA path and 1, 2 and 8 activation rows (one-row calls take the AVX-512
+    quantizer where it runs, 8 rows the 16-row kernel's; 2 bits only there, their smaller batches
+    run on pair tables) give the spec's integers. One activation rounded the other way moves the
+    result by ~1e-4 of its norm, 10x the tolerance; rounding x times the reciprocal of the scale
+    instead of dividing fails this test (CPU_NOTES item 238), and random activations would hardly
+    ever show it."""
     k = 3 * (128 if bits == 4 else 256)
     w = random_quantized(96, k, bits, 64, dtype=torch.float32, generator=rng)
     q = to_cpu_layout(w.codes, bits)
-    for m in (1, 2):
+    rows16 = torch.ops.flute.cpu_rows16_m(bits)
+    if bits == 2 and not 0 < rows16 <= 8:
+        pytest.skip("2 bits compute with the int8 activations only on the 16-row kernel")
+    for m in (8,) if bits == 2 else (1, 2, 8):
         x = _near_half_integer_activations(m, bits, 3, rng)
         ref = reference_qgemm_int8(x, w, 64)
-        for isa in [i for i in ISAS if available(i)]:
+        for isa in ["auto"] if bits == 2 else [i for i in ISAS if available(i)]:
             ops.set_cpu_isa(isa)
             try:
                 err = normwise_error(run(x, w, bits, 64, 96, k, q), ref, x, w, 64)

@@ -300,14 +300,15 @@ void fused_rows(const at::Tensor& x2, const Weight& w, int64_t M, bool amx, cons
     h.isa = isa;
   }
   HalfOut* row_half = half && M == 1 ? &h : nullptr;  // one-row calls convert per thread
+  HalfOut* int8_half = half ? &h : nullptr;           // the int8 mode's kernels convert per thread
   if (amx)
     amx_gemm(x2, w, out);
   else if (w.bits == 2) {
     const bool int8 = active_mode() == kModeInt8;
     const bool rows16 = int8 && M >= rows16_m(2) && rows16_available(2, isa);
-    if (!(int8 && (rows16 ? int8_gemm(x2, w, isa, out) : pair_gemm(x2, w, isa, false, out, row_half))))
+    if (!(int8 && (rows16 ? int8_gemm(x2, w, isa, out, int8_half) : pair_gemm(x2, w, isa, false, out, row_half))))
       pair_gemm(x2, w, isa, true, out);
-  } else if (!(active_mode() == kModeInt8 && int8_gemm(x2, w, isa, out, row_half)))
+  } else if (!(active_mode() == kModeInt8 && int8_gemm(x2, w, isa, out, int8_half)))
     exact_gemm(x2, w, isa, active_mode() == kModeBf16 && has_bf16_kernel(), out);
   if (half && !h.done) to_half(out, h, 0, M * N);
 }

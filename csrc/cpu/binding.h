@@ -179,7 +179,8 @@ void to_half(const float* src, const HalfOut& h, int64_t c0, int64_t c1);
 
 // The fused kernel's int8 mode into out [M, N] fp32 (x2: contiguous fp32, bf16 or fp16 with last
 // dimension K, M rows in all); false, with out unwritten, when x is not finite: the caller then
-// takes the exact path. With `half` (M = 1), a one-row call also writes half->dst (HalfOut).
+// takes the exact path. With `half`, it also writes half->dst (HalfOut), each thread the columns
+// it computed, and sets half->done.
 bool int8_gemm(const at::Tensor& x2, const Weight& w, int isa, float* out, HalfOut* half = nullptr);
 
 // The int8 mode's table: 7-bit integers t7 (stored as u = t7 + 64) times one scale. The scale is

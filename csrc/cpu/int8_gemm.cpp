@@ -20,14 +20,14 @@
 namespace flute_cpu::binding {
 namespace {
 
-// The int8 mode's activations (see Int8Args), rows [m0, m1) of M: each block of each row through the ISA's QuantXFn
-// (int8 per 32-column chunk on the block's unit, in the kernel's byte order, with the int16
-// corrections and chunk factors); exact group sums when there are offsets.
+// The int8 mode's activations, rows [m0, m1): each block of each row widened to fp32 (zero past K)
+// and handed to block(src, m, b), which quantizes it (QuantXFn for the 4-row kernels, see Int8Args;
+// rows16_quantize_avx512 for the 16-row kernel); exact group sums when there are offsets.
 // False (nothing usable) when x holds a NaN or an Inf: the caller then takes the exact path, which
 // propagates them as the float math would.
-template <typename T>
-bool int8_x(const T* x, int64_t M, int64_t m0, int64_t m1, const Weight& w, QuantXFn quant, Bf16ToF32Fn widen,
-            int8_t* xq, int16_t* xcorr, int16_t* xk, float* xu, float* xsum, StreamWarm* warm) {
+template <typename T, typename Block>
+bool int8_x(const T* x, int64_t m0, int64_t m1, const Weight& w, Bf16ToF32Fn widen, float* xsum, StreamWarm* warm,
+            const Block& block) {
   const int bits = w.bits, P = int8_parts(bits), cols = 64 * P;
   const int64_t K = w.K, nb = w.nblocks;
   alignas(32) float xf[256];
@@ -50,9 +50,8 @@ bool int8_x(const T* x, int64_t M, int64_t m0, int64_t m1, const Weight& w, Quan
           xf[c] = k < K ? static_cast<float>(xr[k]) : 0.f;
         }
       }
-      const int64_t bm = b * M + m;
       if (warm) warm->step((warm->lines + nb - 1) / nb);
-      if (!quant(src, bits, xq + bm * cols, xcorr + bm * P * 16, xk + bm * P * 16, xu + bm)) return false;
+      if (!block(src, m, b)) return false;
     }
     if (xsum) {
       for (int64_t g = 0; g < w.ng; ++g) {
@@ -63,6 +62,17 @@ bool int8_x(const T* x, int64_t M, int64_t m0, int64_t m1, const Weight& w, Quan
     }
   }
   return true;
+}
+
+// int8_x over x2's dtype.
+template <typename Block>
+bool int8_x_any(const at::Tensor& x2, int64_t m0, int64_t m1, const Weight& w, Bf16ToF32Fn widen, float* xsum,
+                StreamWarm* warm, const Block& block) {
+  switch (x2.scalar_type()) {
+    case at::kBFloat16: return int8_x(x2.data_ptr<c10::BFloat16>(), m0, m1, w, widen, xsum, warm, block);
+    case at::kHalf: return int8_x(x2.data_ptr<c10::Half>(), m0, m1, w, widen, xsum, warm, block);
+    default: return int8_x(x2.data_ptr<float>(), m0, m1, w, widen, xsum, warm, block);
+  }
 }
 
 // AVX-512 VBMI and VNNI: the int8 mode's AVX-512 kernel (kernel_int8_avx512.cpp); other AVX-512
@@ -82,6 +92,12 @@ bool has_vbmi_vnni() {
 
 }  // namespace
 
+// Columns [n0, n1) of every row of out [M, N] into h.dst, by the thread that just wrote them: a
+// batch's conversion after the kernel ran on one thread while the others waited.
+static void rows_to_half(const float* out, const HalfOut& h, int64_t M, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; ++m) to_half(out, h, m * N + n0, m * N + n1);
+}
+
 bool rows16_available(int bits, int isa) {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool built = kernel_int8_rows16_built();
@@ -93,9 +109,8 @@ bool rows16_available(int bits, int isa) {
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
-// The int8 mode's 16-row kernel (Rows16Args): the activations of int8_x (xq in the 4-row kernels'
-// byte order, their chunk factors xk and units xu, times the table scale) in column order, with
-// each chunk's correction and float factor.
+// The int8 mode's 16-row kernel (Rows16Args): the activations of int8_x quantized by
+// rows16_quantize_avx512 in its byte order, with each chunk's correction and float factor.
 // Column (within its 32-column chunk) of activation byte j of the chunk in the 16-row kernel's order:
 // dword k = j / 4 meets the columns of weight vector k (kernel_int8_rows16_avx512.cpp's decoders).
 static int rows16_col(int bits, int j) {
@@ -106,13 +121,13 @@ static int rows16_col(int bits, int j) {
 }
 
 // The 16-row kernel's activation buffers for M rows (scratch slot 2), filled per row range by
-// rows16_prepare_avx512 with src_of.
+// quantize_rows16.
 struct Rows16Buffers {
   int8_t* x8;
   int32_t* xinit;
   float* xf;
   int32_t* cg;
-  alignas(64) uint8_t src_of[256];  // byte j of a block in the kernel's order <- byte src_of[j] of xq's block
+  alignas(32) uint8_t col_of[32];  // byte j of a chunk in the kernel's order <- column col_of[j]
   at::Tensor hold;
 };
 
@@ -126,12 +141,23 @@ static void rows16_buffers(const Weight& w, int64_t M, Rows16Buffers& r) {
   r.xinit = reinterpret_cast<int32_t*>(base + o_init);
   r.xf = reinterpret_cast<float*>(base + o_f);
   r.cg = reinterpret_cast<int32_t*>(base + o_cg);
-  const int16_t* pos = int8_positions(w.bits);
-  for (int j = 0; j < bc; ++j) r.src_of[j] = static_cast<uint8_t>(pos[j / 32 * 32 + rows16_col(w.bits, j % 32)]);
+  for (int j = 0; j < 32; ++j) r.col_of[j] = static_cast<uint8_t>(rows16_col(w.bits, j));
+}
+
+// Activation rows [m0, m1) of x2 into r's buffers (and the group sums xs when there are offsets);
+// false when x is not finite.
+static bool quantize_rows16(const at::Tensor& x2, const Weight& w, int64_t m0, int64_t m1, Bf16ToF32Fn widen,
+                            const Table7& t7, const Rows16Buffers& r, float* xs) {
+  const int P = int8_parts(w.bits), C = chunks_per_block(w.bits);
+  const int64_t cols = w.nblocks * 64 * P, cpr = w.nblocks * C;
+  return int8_x_any(x2, m0, m1, w, widen, xs, nullptr, [&](const float* src, int64_t m, int64_t b) {
+    return rows16_quantize_avx512(w.bits, src, r.col_of, t7.scale, r.x8 + m * cols + b * 64 * P,
+                                  r.xinit + m * cpr + b * C, r.xf + m * cpr + b * C);
+  });
 }
 
 static void rows16_gemm(const Weight& w, int64_t M, const Rows16Buffers& r, const float* xs, const Table7& t7,
-                        float* out) {
+                        float* out, const HalfOut* half) {
   const int64_t nb = w.nblocks, chunks = (w.K + 31) / 32;
   int32_t* cg = r.cg;
   for (int64_t c = 0; c < chunks; ++c) cg[c] = static_cast<int32_t>(std::min<int64_t>(c * 32 / w.G, w.ng - 1));
@@ -158,7 +184,10 @@ static void rows16_gemm(const Weight& w, int64_t M, const Rows16Buffers& r, cons
   a.last_bytes = w.last_bytes;
   const int64_t tiles = (w.N + 15) / 16;
   const int64_t grain = std::max<int64_t>(1, task_weights() / 16 / std::max<int64_t>(w.K_pad, 1));
-  for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) { gemm_int8_rows16_avx512(a, t0, t1); });
+  for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) {
+    gemm_int8_rows16_avx512(a, t0, t1);
+    if (half) rows_to_half(out, *half, M, w.N, 16 * t0, std::min(w.N, 16 * t1));
+  });
 }
 #endif
 
@@ -225,12 +254,11 @@ static bool quantize_rows(const at::Tensor& x2, const Weight& w, int64_t M, int6
   int16_t* xk = reinterpret_cast<int16_t*>(base + L.o_k);
   float* xu = reinterpret_cast<float*>(base + L.o_u);
   float* xs = w.offsets->defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr;
-  bool ok;
-  switch (x2.scalar_type()) {
-    case at::kBFloat16: ok = int8_x(x2.data_ptr<c10::BFloat16>(), M, m0, m1, w, f.quant, f.widen, xq, xcorr, xk, xu, xs, warm); break;
-    case at::kHalf: ok = int8_x(x2.data_ptr<c10::Half>(), M, m0, m1, w, f.quant, f.widen, xq, xcorr, xk, xu, xs, warm); break;
-    default: ok = int8_x(x2.data_ptr<float>(), M, m0, m1, w, f.quant, f.widen, xq, xcorr, xk, xu, xs, warm);
-  }
+  const int P = int8_parts(w.bits), cols = 64 * P;
+  const bool ok = int8_x_any(x2, m0, m1, w, f.widen, xs, warm, [&](const float* src, int64_t m, int64_t b) {
+    const int64_t bm = b * M + m;
+    return f.quant(src, w.bits, xq + bm * cols, xcorr + bm * P * 16, xk + bm * P * 16, xu + bm);
+  });
   if (!ok) return false;
   for (int64_t b = 0; b < w.nblocks; ++b)
     for (int64_t m = m0; m < m1; ++m) xu[b * M + m] *= t7.scale;
@@ -470,32 +498,34 @@ bool int8_gemm(const at::Tensor& x2, const Weight& w_in, int isa, float* out, Ha
   if (rows16) rows16_buffers(w, M, r16);
 #endif
   // Activation rows in parallel (prefill: serial, this was a sixth of a 576x1536 M = 64 call at 2
-  // threads, the other thread waiting; CPU_NOTES item 138), each row quantized, its units times
-  // the table scale (see Int8Args::xu) and, for the 16-row kernel, put in its order while in L1.
+  // threads, the other thread waiting; CPU_NOTES item 138), each row quantized with its units
+  // times the table scale (see Int8Args::xu), for the 16-row kernel straight into its order.
   std::atomic<bool> finite{true};
+  float* xs = w.offsets->defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr;
   const int64_t rows_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(w.K, 1));
   at::parallel_for(0, M, rows_grain, [&](int64_t m0, int64_t m1) {
-    if (!quantize_rows(x2, w, M, m0, m1, f, t7, base, L)) {
-      finite.store(false, std::memory_order_relaxed);
-      return;
-    }
 #if defined(__x86_64__) || defined(_M_X64)
-    if (rows16)
-      rows16_prepare_avx512(w.bits, M, nb, m0, m1, r16.src_of, reinterpret_cast<int8_t*>(base),
-                            reinterpret_cast<int16_t*>(base + L.o_k), reinterpret_cast<float*>(base + L.o_u),
-                            r16.x8, r16.xinit, r16.xf);
+    const bool ok = rows16 ? quantize_rows16(x2, w, m0, m1, bf16_to_f32_avx512, t7, r16, xs) : quantize_rows(x2, w, M, m0, m1, f, t7, base, L);
+#else
+    const bool ok = quantize_rows(x2, w, M, m0, m1, f, t7, base, L);
 #endif
+    if (!ok) finite.store(false, std::memory_order_relaxed);
   });
   if (!finite.load()) return false;
 #if defined(__x86_64__) || defined(_M_X64)
   if (rows16) {
-    rows16_gemm(w, M, r16, w.offsets->defined() ? reinterpret_cast<float*>(base + L.o_sum) : nullptr, t7, out);
+    rows16_gemm(w, M, r16, xs, t7, out, half);
+    if (half) half->done = true;
     return true;
   }
 #endif
   const Int8Args a = int8_args(w, M, f, t7, base, L, out);
   const int64_t grain = std::max<int64_t>(1, task_weights() / 4 / std::max<int64_t>(w.K_pad, 1));
-  for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) { int8_tiles(f, w, a, t0, t1); });
+  for_tiles(w.N_pad / 4, grain, [&](int64_t t0, int64_t t1) {
+    int8_tiles(f, w, a, t0, t1);
+    if (half) rows_to_half(out, *half, M, w.N, std::min(w.N, 4 * t0), std::min(w.N, 4 * t1));
+  });
+  if (half) half->done = true;
   return true;
 }
 

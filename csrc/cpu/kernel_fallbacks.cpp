@@ -34,8 +34,8 @@ bool quantize_x_int8_avx512(const float*, int, int8_t*, int16_t*, int16_t*, floa
 
 #if defined(FLUTE_WITHOUT_KERNEL_INT8_ROWS16)
 bool kernel_int8_rows16_built() { return false; }
-void rows16_prepare_avx512(int, int64_t, int64_t, int64_t, int64_t, const uint8_t*, const int8_t*, const int16_t*,
-                           const float*, int8_t*, int32_t*, float*) {}
+bool rows16_quantize_avx512(int, const float*, const uint8_t*, float, int8_t*, int32_t*, float*) { return false; }
+void bf16_to_f32_avx512(const uint16_t*, float*, int64_t) {}
 void gemm_int8_rows16_avx512(const Rows16Args&, int64_t, int64_t) {}
 #endif
 

@@ -368,39 +368,54 @@ inline int32_t sum8_epi32(__m256i v) {
 }
 }  // namespace
 
-void rows16_prepare_avx512(int bits, int64_t M, int64_t nb, int64_t m0, int64_t m1, const uint8_t* src_of,
-                           const int8_t* xq, const int16_t* xk, const float* xu, int8_t* x8, int32_t* xinit,
-                           float* xf) {
-  // Vectorized: the scalar byte gather and chunk sums were ~20% of a 576x1536 M = 64 call (1 thread,
-  // CPU_NOTES item 138). A block is at most 256 bytes, so each output zmm is two `vpermt2b` over
-  // 128-byte halves and a blend on index bit 7.
-  const int P = int8_parts(bits), C = chunks_per_block(bits), bc = 64 * P, V = bc / 64;
-  const int64_t cols = nb * bc, cpr = nb * C;
-  __m512i idx[4];
-  for (int v = 0; v < V; ++v) idx[v] = _mm512_loadu_si512(src_of + 64 * v);
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t b = 0; b < nb; ++b) {
-      const int8_t* src = xq + (b * M + m) * bc;
-      int8_t* dst = x8 + m * cols + b * bc;
-      __m512i s[4];
-      for (int v = 0; v < V; ++v) s[v] = _mm512_loadu_si512(src + 64 * v);
-      int32_t sums[8];
-      for (int v = 0; v < V; ++v) {
-        __m512i o = _mm512_permutex2var_epi8(s[0], idx[v], s[1]);
-        if (V == 4) o = _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx[v]), o, _mm512_permutex2var_epi8(s[2], idx[v], s[3]));
-        _mm512_storeu_si512(dst + 64 * v, o);
-        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, o);  // 4-byte sums
-        sums[2 * v] = sum8_epi32(_mm512_castsi512_si256(d));
-        sums[2 * v + 1] = sum8_epi32(_mm512_extracti64x4_epi64(d, 1));
-      }
-      const float u = xu[b * M + m];
-      const int16_t* k = xk + (b * M + m) * P * 16;
-      for (int c = 0; c < C; ++c) {  // chunk c's factor k: int16 w = 2 * (c / P) of part c % P
-        xinit[m * cpr + C * b + c] = -64 * sums[c];
-        xf[m * cpr + C * b + c] = static_cast<float>(k[(c % P) * 16 + 2 * (c / P)]) * u;
-      }
+void bf16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n) {
+  // 64-byte stores: rows16_quantize_avx512's 64-byte loads of 32-byte stores (bf16_to_f32_avx2)
+  // could not be forwarded and waited for them to reach L1: 56% of its samples on those loads,
+  // the function 21.5% of a 576x1536 call at 512 rows (CPU_NOTES item 266).
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = static_cast<__mmask16>(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, src + i));
+    _mm512_mask_storeu_ps(dst + i, k, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  }
+}
+
+bool rows16_quantize_avx512(int bits, const float* src, const uint8_t* col_of, float table_scale, int8_t* x8,
+                            int32_t* xinit, float* xf) {
+  // The int8 mode's quantization of one block (quantize_x_int8_avx2's arithmetic: the same chunk
+  // maxima, block scales, division and rounding, so the same bytes) written in the 16-row kernel's
+  // order, with each chunk's correction and float factor: quantizing into the 4-row kernels' order
+  // and then reordering (rows16_prepare) took 14% of a 576x1536 call at 512 rows (CPU_NOTES item 266).
+  const int C = bits == 4 ? 4 : 8;
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512 fmax = _mm512_set1_ps(3.4028235e38f);
+  float cmax[8];
+  __mmask16 ok = 0xffff;
+  for (int c = 0; c < C; ++c) {
+    const __m512 a0 = _mm512_and_ps(_mm512_loadu_ps(src + 32 * c), absmask);
+    const __m512 a1 = _mm512_and_ps(_mm512_loadu_ps(src + 32 * c + 16), absmask);
+    ok &= _mm512_cmp_ps_mask(a0, fmax, _CMP_LE_OQ) & _mm512_cmp_ps_mask(a1, fmax, _CMP_LE_OQ);  // not NaN / Inf
+    cmax[c] = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+  }
+  if (ok != 0xffff) return false;
+  int16_t kc[8];
+  const float u = int8_block_scales(cmax, C, kc), xu = u * table_scale;
+  const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_of));
+  const __m256i lo = _mm256_set1_epi8(-127), ones = _mm256_set1_epi8(1);
+  for (int c = 0; c < C; ++c) {
+    const float sc = static_cast<float>(kc[c]) * u;
+    __m256i v = _mm256_setzero_si256();
+    if (sc > 0.f) {  // cvtps rounds to nearest even; vpmovsdb saturates as the two packs do
+      const __m512 d = _mm512_set1_ps(sc);
+      const __m128i b0 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(src + 32 * c), d)));
+      const __m128i b1 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(src + 32 * c + 16), d)));
+      v = _mm256_max_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(b0), b1, 1), lo);
     }
+    v = _mm256_permutexvar_epi8(perm, v);  // byte j <- column col_of[j]
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x8 + 32 * c), v);
+    xinit[c] = -64 * sum8_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, v));
+    xf[c] = static_cast<float>(kc[c]) * xu;
+  }
+  return true;
 }
 
 }  // namespace flute_cpu

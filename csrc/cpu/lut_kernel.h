@@ -124,11 +124,14 @@ bool quantize_x_int8_avx512(const float* xf, int bits, int8_t* dst, int16_t* cor
 void decode_avx512(const DecodeArgs&, int64_t, int64_t);
 // Tiles [t0, t1) of 16 weight rows (Rows16Args).
 void gemm_int8_rows16_avx512(const Rows16Args&, int64_t t0, int64_t t1);
-// Activation rows [m0, m1) of the 16-row kernel's x8, xinit and xf from the int8 mode's xq, xk and
-// xu (M rows, nb blocks): byte j of each block <- byte src_of[j] of xq's block ([64 * P] indices).
-void rows16_prepare_avx512(int bits, int64_t M, int64_t nb, int64_t m0, int64_t m1, const uint8_t* src_of,
-                           const int8_t* xq, const int16_t* xk, const float* xu, int8_t* x8, int32_t* xinit,
-                           float* xf);
+// One block of one activation row (src: 64 * P floats, zero past K) quantized as the int8 mode does
+// into the 16-row kernel's x8 (byte j of each chunk <- column col_of[j]), xinit (-64 * each chunk's
+// byte sum) and xf (each chunk's factor times the block unit times table_scale); false when the
+// block is not finite.
+bool rows16_quantize_avx512(int bits, const float* src, const uint8_t* col_of, float table_scale, int8_t* x8,
+                            int32_t* xinit, float* xf);
+// bf16 widened to fp32 in 64-byte stores, for rows16_quantize_avx512's 64-byte loads.
+void bf16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n);
 void gemm_avx512bf16(const GemmArgs&, int64_t, int64_t);
 // kernel_amx.cpp (CPUs with AMX-BF16 and AVX512_BF16): amx_prepare_x lays bf16 activations [M, K]
 // out as AMX B tiles (a.xb, K_pad * ceil(M / 16) * 16 bf16, or by_block K_pad * ceil(M / 32) * 32);
