@@ -29,6 +29,15 @@ DATA_FREE = {4: dict(codebook="nf", scale_method="absmax"),
              2: dict(codebook="nf", scale_method="mse")}
 
 
+def _prefill_path(bits, rows: int) -> str:
+    """Which CPU path a batch of ``rows`` activation rows takes at the first of ``bits``."""
+    from . import ops
+    panel = int(torch.ops.flute.cpu_panel_m(bits[0])) if ops.HAS_CPU_KERNEL else 1
+    if panel and rows >= panel:
+        return "the exact panel path"
+    return f"the {ops.get_cpu_mode()} mode's kernels"
+
+
 def _mb(n: int) -> str:
     return f"{n / 2 ** 20:.1f} MB"
 
@@ -109,7 +118,7 @@ def run_demo(device=None, bits=(4, 3), group_size: int = 64, new_tokens: int = 3
     import flute
     if device.type == "cpu":
         print(f"CPU kernel: {flute.ops.get_cpu_isa()} path, {flute.ops.get_cpu_mode()} mode for decode "
-              f"(perplexity runs 1,747-token batches: the exact panel path); "
+              f"(perplexity runs {ids.shape[1]:,}-token batches: {_prefill_path(bits, ids.shape[1])}); "
               + "the flute models' bf16 lm_head decodes through flute's bf16 kernel "
                 "(flute.model.gemv_unquantized), the 16-bit models are run as loaded"
               if flute.ops.HAS_CPU_KERNEL else
