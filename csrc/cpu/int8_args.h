@@ -113,8 +113,9 @@ struct Rows16Args {
   int bits;
   int64_t N, N_pad, nblocks, M;
   int64_t chunks;         // chunks holding columns of K (ceil(K / 32)); rows of x8 hold nblocks * C
-  const int8_t* x8;       // [M][nblocks * C * 32], each chunk's 32 bytes in the kernel's order (4 bits:
-                          // column order), 0 beyond K
+  const int8_t* x8;       // [M] rows of x8_stride bytes: nblocks * C chunks, each chunk's 32 bytes in the
+                          // kernel's order (4 bits: column order), 0 beyond K
+  int64_t x8_stride;      // bytes from one row of x8 to the next (a row's bytes + 64: rows16_buffers)
   const int32_t* xinit;   // [M][nblocks * C]
   const float* xf;        // [M][nblocks * C]
   const int32_t* cg;      // [chunks] group of each chunk

@@ -216,7 +216,7 @@ struct Decoder<3> {
 template <int MC>
 void rows_pass(const Rows16Args& a, const __m512i* w, int64_t c0, int64_t c1, int64_t m0, const float* sbuf,
                float* acc_mem) {
-  const int64_t cs = a.nblocks * (a.bits == 4 ? 4 : 8), xs = 32 * cs;  // x8 and per-chunk row strides
+  const int64_t cs = a.nblocks * (a.bits == 4 ? 4 : 8), xs = a.x8_stride;  // per-chunk and x8 row strides
   __m512 acc[MC];
   for (int m = 0; m < MC; ++m) acc[m] = _mm512_load_ps(acc_mem + 16 * m);
   for (int64_t c = c0; c < c1; ++c, w += 8) {
