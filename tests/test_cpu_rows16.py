@@ -96,3 +96,25 @@ def test_rows16_large_batches_in_row_chunks(bits, threads, int8_mode):
     assert normwise_error(y, reference_qgemm_int8(x, w, 32), x, w, 32) < TOL[torch.bfloat16]
     for r0, r1 in ((0, 133), (133, 266), (266, 400), (0, 150), (380, 400)):
         assert torch.equal(y[r0:r1], run(x[r0:r1], w, bits, 32, n, k, q)), (r0, r1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rows16_bf16_results_rounded_once_in_the_kernel(bits, threads, int8_mode):
+    """With bf16 activations the 16-row kernel rounds its results to bf16 in its last store
+    (Rows16Args::out_bf16) instead of a pass over fp32 results after the call: every value is the
+    fp32 result of the same activations rounded once (nearest even), with one K block and with two
+    (12700 columns at 128 rows: the first block's sums kept in fp32 between them), a partial tile,
+    and a NaN scale row (NaN in both). fp16 activations keep the conversion after the kernel: the
+    same check."""
+    g = torch.Generator().manual_seed(70 + bits)
+    for n, k, m in ((37, 1000, 40), (37, 12700, 128)):
+        w = random_quantized(n, k, bits, 64, dtype=torch.bfloat16, generator=g)
+        w.scales[5] = float("nan")
+        q = to_cpu_layout(w.codes, bits)
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            y = run(x, w, bits, 64, n, k, q)
+            y32 = run(x.float(), w, bits, 64, n, k, q)
+            assert y.dtype == dtype and y32.dtype == torch.float32
+            assert torch.equal(y.isnan(), y32.isnan()) and y[:, 5].isnan().all(), (n, k, dtype)
+            assert torch.equal(y.nan_to_num(), y32.to(dtype).nan_to_num()), (n, k, dtype)

@@ -126,6 +126,8 @@ struct Rows16Args {
   const float* xsum;      // [M, ng] exact group sums of x (when offsets)
   uint8_t tu[16];         // u = t7 + 64 per code
   float* out;             // [M, N] fp32
+  uint16_t* out_bf16 = nullptr;  // [M, N] bf16 or nullptr: the results rounded there (as f32_to_bf16)
+                                 // instead of written to out; out then holds only a K block's sums
   // 3/4 bits: one 4-row tile's bytes and a row's last block's (a short last block is expanded per
   // 16 rows, expand_last_block)
   int64_t tile_bytes = 0;

@@ -186,13 +186,15 @@ static void rows16_gemm(const Weight& w, int64_t M, const Rows16Buffers& r, cons
   a.xsum = xs;
   std::memcpy(a.tu, t7.tu, 16);
   a.out = out;
+  const bool bf16_out = half && half->bf16;
+  if (bf16_out) a.out_bf16 = static_cast<uint16_t*>(half->dst);
   a.tile_bytes = w.tile_bytes;
   a.last_bytes = w.last_bytes;
   const int64_t tiles = (w.N + 15) / 16;
   const int64_t grain = std::max<int64_t>(1, task_weights() / 16 / std::max<int64_t>(w.K_pad, 1));
   for_tiles(tiles, grain, [&](int64_t t0, int64_t t1) {
     gemm_int8_rows16_avx512(a, t0, t1);
-    if (half) rows_to_half(out, *half, M, w.N, 16 * t0, std::min(w.N, 16 * t1));
+    if (half && !bf16_out) rows_to_half(out, *half, M, w.N, 16 * t0, std::min(w.N, 16 * t1));
   });
 }
 #endif
