@@ -4,6 +4,7 @@ token (logits of the last position only), in float32, in bf16, and with flute 4-
 layers: the demo's configuration (float32 activations, embedding bf16) and a bf16 model's.
 
     python benchmarks/cpu_prefill.py [--tokens 128 512 2048] [--rounds 5] [--threads N] [--out FILE]
+    python benchmarks/cpu_prefill.py --plot RECORD.json   # RECORD.png from a record
 
 Every variant is timed once per round, in turn (a shared machine's load reaches them alike), after
 a warm-up; a point is the median over the rounds, in prompt tokens per second. Writes a JSON record
@@ -49,13 +50,46 @@ def prefill_seconds(model, ids) -> float:
         return time.perf_counter() - t
 
 
+def plot(record: str) -> str:
+    """Bars of prompt tokens/s per variant and prompt length from a record; writes RECORD.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(record) as f:
+        doc = json.load(f)
+    if not doc.get("points"):
+        raise SystemExit(f"cpu_prefill.py: {record} holds no points to plot")
+    variants = list(dict.fromkeys(p["variant"] for p in doc["points"]))
+    tokens = sorted({p["tokens"] for p in doc["points"]})
+    rate = {(p["variant"], p["tokens"]): p["tokens_per_s"] for p in doc["points"]}
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(tokens))]
+        ax.bar(xs, [rate.get((v, t), 0.0) for t in tokens], width, label=v)
+    ax.set_xticks(range(len(tokens)), [f"{t}-token prompt" for t in tokens])
+    rounds = len(doc["points"][0]["seconds"])
+    ax.set_ylabel(f"prompt tokens / s (median of {rounds})")
+    ax.set_title(f"{doc['model']} prefill, {doc.get('cpu_model', 'CPU')} ({doc['threads']} threads), "
+                 f"commit {str(doc.get('commit', ''))[:7]}")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize="small")
+    fig.tight_layout()
+    out = os.path.splitext(record)[0] + ".png"
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 2048], help="prompt lengths")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per prompt length")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="JSON record to write")
+    p.add_argument("--plot", metavar="RECORD", default=None, help="only plot RECORD (a JSON of this script) to RECORD.png")
     args = p.parse_args(argv)
+    if args.plot:
+        print("wrote", plot(args.plot))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     models = build_models()

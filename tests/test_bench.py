@@ -515,3 +515,22 @@ def test_llamacpp_driver_when_built():
     with pytest.raises(RuntimeError, match="block size"):
         llamacpp.run(exe, "q2_K", 64, 576, [1], [1], 1)
     assert _glob.glob(os.path.join(root, "ggml_matmul-*"))
+
+
+def test_cpu_prefill_plot_from_a_record(tmp_path):
+    """``benchmarks/cpu_prefill.py --plot RECORD`` draws RECORD.png from a record's points (the
+    committed prefill figures are made this way), as a plain script from the repo root; a record
+    without points is an error, not an empty figure."""
+    pytest.importorskip("matplotlib")
+    rec = tmp_path / "cpu-prefill-x.json"
+    points = [dict(variant=v, tokens=t, tokens_per_s=100.0 * (i + 1) + t, seconds=[0.1, 0.1, 0.1])
+              for i, v in enumerate(["float32", "bfloat16", "flute 4-bit"]) for t in (128, 512)]
+    rec.write_text(json.dumps(dict(model="M", threads=2, cpu_model="CPU", commit="abc1234", points=points)))
+    script = os.path.join("benchmarks", "cpu_prefill.py")
+    r = subprocess.run([sys.executable, script, "--plot", str(rec)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    png = tmp_path / "cpu-prefill-x.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    rec.write_text(json.dumps(dict(model="M", threads=2, points=[])))
+    r = subprocess.run([sys.executable, script, "--plot", str(rec)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode != 0
