@@ -36,7 +36,8 @@ constexpr int kRows = 16;
 constexpr int kRangeCols = 1024;  // K columns decoded at once: 16 KB of weight vectors, in L1
 constexpr int64_t kBlockRows = 64;                 // activation rows per block (rows16_tiles)
 constexpr int64_t kBlockBytes = int64_t(1) << 20;  // most int8 activation data per block
-// The weight streams are prefetched kPrefetchBytes ahead (int8_tiles.h; see Streams).
+// The weight streams are prefetched kStreamPrefetchBytes ahead (3 and 4 bits: Streams) or
+// kPrefetchBytes (2 bits, one stream per tile: Decoder<2>), and each tile's scales one tile ahead.
 
 // Rows 0-7 (or 8-15) of a block, 8 qwords each, transposed: o[i] = qword i of the 8 rows.
 inline void transpose8x8_qwords(const __m512i* r, __m512i* o) {
@@ -57,8 +58,13 @@ inline void transpose8x8_qwords(const __m512i* r, __m512i* o) {
   }
 }
 
+// Each of a 16-row tile's 4 weight streams (3 and 4 bits) is prefetched this far ahead: 8 KB in
+// flight in all, as the one-row kernel's single stream (int8_tiles.h). With kPrefetchBytes (8 KB)
+// in each stream, calls of 4 to 16 rows from DRAM took up to 1.2 times as long (CPU_NOTES item 278).
+constexpr int64_t kStreamPrefetchBytes = 2048;
+
 // The 16 rows' streams of one K block: load(n, off) reads bytes of row n's block (zeros past
-// N_pad), with the prefetch kPrefetchBytes ahead in each of the 4 layout tiles' streams, into the
+// N_pad), with the prefetch kStreamPrefetchBytes ahead in each of the 4 layout tiles' streams, into the
 // next 16-row tile's streams (next) near the end of a row: a tile's 4 streams lie nb * block bytes
 // apart, so a plain 8 KB ahead would fetch the lines the next stream is reading now whenever they
 // are that close (4 bits, K <= 4096: 4096 x 4096 at M = 1 read DRAM at ~11 GB/s that way).
@@ -68,7 +74,7 @@ struct Streams {
   static constexpr int64_t kBlockBytes = 4 * kRowBytes;                       // the 4-row tile's
   const uint8_t* p[4];
   Streams(const uint8_t* const* tiles, const uint8_t* const* next, int64_t b, int64_t nb) {
-    constexpr int64_t D = kPrefetchBytes / kBlockBytes;
+    constexpr int64_t D = std::max<int64_t>(1, kStreamPrefetchBytes / kBlockBytes);
     for (int j = 0; j < 4; ++j) {
       p[j] = tiles[j] ? tiles[j] + b * kBlockBytes : nullptr;
       const uint8_t* pf = !tiles[j] ? nullptr : b + D < nb ? p[j] + D * kBlockBytes
@@ -321,6 +327,12 @@ void rows16_tiles(const Rows16Args& a, int64_t t0, int64_t t1) {
               tlast[j] = lastb[j] - (a.nblocks - 1) * tile_block_bytes;
             }
         if constexpr (BITS == 2) tiles[0] = pair_tile(a.qw, a.chunks, t);
+        if (t + 1 < t1) {  // the next tile's scale rows (item 278)
+          const int esz = a.stype == kF32 ? 4 : 2;
+          const char* sp = static_cast<const char*>(a.scales) + (n0 + kRows) * a.ng * esz;
+          const int64_t nbytes = std::min<int64_t>(kRows, a.N - n0 - kRows) * a.ng * esz;
+          for (int64_t o = 0; o < nbytes; o += 64) _mm_prefetch(sp + o, _MM_HINT_T0);
+        }
         tile16_rows(a.scales, a.stype, a.N, a.ng, n0, 0, a.ng, sbuf);
         const __mmask16 rows = static_cast<__mmask16>(n0 + kRows <= a.N ? 0xffff : (1u << (a.N - n0)) - 1);
         for (int64_t m = mb0; m < mb1; ++m)  // the sums so far of a K block before this one, kept in out

@@ -209,17 +209,17 @@ int64_t large_m() {
 }
 
 // Activation rows from which the int8 mode runs the 16-row kernel where it is built and the CPU has
-// AVX-512 VBMI + VNNI (kernel_int8_rows16_avx512.cpp): 3 and 4 bits (FLUTE_CPU_ROWS16_M) from 4 rows
-// on Intel, 5 on AMD; 2 bits (FLUTE_CPU_ROWS16_M2) from 4 on Intel, 5 on AMD. Below, the 4-row
-// int8 kernel (2 bits: the pair-table kernel), which reads a tile's rows in one pass for every
-// activation-row count. Measured from DRAM, 2 threads, 4-row / 16-row time: on an Intel Xeon VM (no
-// AMX) 0.80-0.97 at 3 rows on 7 of 8 shapes and bit widths, at 4 rows as often more as less
-// (CPU_NOTES item 222); on the Zen 5 VM 0.64-0.81 at 3 rows, 0.81-0.97 at 4 (3-bit 5632x2048 0.95;
-// 1 thread 0.83-1.07), 0.86-1.17 at 5; its pair-table kernel 0.87-1.0 at 4 rows (1 thread 0.88-0.94)
-// (CPU_NOTES item 249).
+// AVX-512 VBMI + VNNI (kernel_int8_rows16_avx512.cpp): 4 rows for 3 and 4 bits (FLUTE_CPU_ROWS16_M)
+// and for 2 bits (FLUTE_CPU_ROWS16_M2). Below, the 4-row int8 kernel (2 bits: the pair-table
+// kernel), which reads a tile's rows in one pass for every activation-row count. Measured from
+// DRAM, 16-row / 4-row time: on the Zen 5 VM since its streams are prefetched 2 KB ahead and its
+// scales one tile ahead (CPU_NOTES item 278), at 4 rows 0.70-0.97 at 2 threads and 0.78-0.92 at 1,
+// at 3 rows 1.09-1.21 on the large shapes (4096x4096, 14336x4096); before that, 5 rows on AMD
+// (item 249: 4-row / 16-row 0.81-0.97 at 4 rows). On an Intel Xeon VM (no AMX), before that change,
+// 4-row / 16-row 0.80-0.97 at 3 rows on 7 of 8 shapes and bit widths, at 4 rows as often more as
+// less (item 222).
 int64_t rows16_m(int bits) {
-  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_M", intel_cpu() ? 4 : 5),
-                       v2 = env_positive("FLUTE_CPU_ROWS16_M2", intel_cpu() ? 4 : 5);
+  static const int64_t v = env_positive("FLUTE_CPU_ROWS16_M", 4), v2 = env_positive("FLUTE_CPU_ROWS16_M2", 4);
   return bits == 2 ? v2 : v;
 }
 
