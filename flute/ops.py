@@ -276,7 +276,7 @@ def get_cpu_mode() -> str:
       block, so that integer sums of a block share a scale), the table to 7-bit integers, integer
       dot products. 2 bits: per pair of activation columns the 16 sums of two table entries
       times the two activations, rounded to int8 per 32 columns, looked up by pairs of codes
-      (from 4 rows on Intel and 5 on AMD CPUs with AVX-512 VBMI + VNNI the int8 activations of 3 and 4 bits instead:
+      (from 4 rows, ``torch.ops.flute.cpu_rows16_m(2)``, on CPUs with AVX-512 VBMI + VNNI the int8 activations of 3 and 4 bits instead:
       :func:`flute.testing.int8_uses_pair_tables`); :func:`flute.testing.reference_qgemm_int8` is
       its executable spec. Its perplexity cost on
       SmolLM2, measured, is within +-0.5% (``benchmarks/results/int8-quality-*.json``). Other
