@@ -1,5 +1,5 @@
-// Helpers of the AVX-512 kernels that read group scales row by row (kernel_avx512.cpp,
-// kernel_avx512bf16.cpp, kernel_amx.cpp), all compiled with AVX-512 F/BW/VL/DQ and F16C. Internal
+// Helpers of the AVX-512 kernels (kernel_avx512.cpp, kernel_avx512bf16.cpp, kernel_amx.cpp,
+// kernel_int8_rows16_avx512.cpp), all compiled with AVX-512 F/BW/VL/DQ and F16C. Internal
 // linkage only (an anonymous namespace): never shared with a translation unit compiled with other
 // flags.
 #pragma once
@@ -30,6 +30,15 @@ inline void load_row(const void* src, int stype, int64_t n, int64_t ng, float* d
     }
     _mm512_mask_storeu_ps(dst + g, k, v);
   }
+}
+
+// 16 floats to bf16 as f32_to_bf16 (lut_kernel.h): round to nearest even, NaN kept quiet.
+inline __m256i f32x16_to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
+  const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+  r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), hi, _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {

@@ -272,14 +272,8 @@ void decode_bits(const DecodeArgs& a, int64_t r0, int64_t r1) {
         const __mmask16 khi = nv >= 32 ? __mmask16(0xffff)
                               : nv > 16 ? __mmask16((1u << (nv - 16)) - 1) : __mmask16(0);
         if (a.bf16) {
-          const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-          auto to_bf16 = [&](__m512 v) {
-            __m512i u = _mm512_castps_si512(v);
-            u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-            return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-          };
-          _mm256_mask_storeu_epi16(dh + col0, klo, to_bf16(lo));
-          _mm256_mask_storeu_epi16(dh + col0 + 16, khi, to_bf16(hi));
+          _mm256_mask_storeu_epi16(dh + col0, klo, f32x16_to_bf16(lo));
+          _mm256_mask_storeu_epi16(dh + col0 + 16, khi, f32x16_to_bf16(hi));
         } else {
           _mm512_mask_storeu_ps(df + col0, klo, lo);
           _mm512_mask_storeu_ps(df + col0 + 16, khi, hi);
@@ -301,11 +295,7 @@ inline uint32_t spread16(uint32_t v) {
 // 16 fp32 (table * s + o, computed in fp32) rounded to bf16 (nearest even), as 16 words
 // repeated twice: a 32-entry vpermw table whose index bit 4 is ignored.
 inline __m512i bf16_table(__m512 t, float s, float o) {
-  const __m512 v = _mm512_fmadd_ps(t, _mm512_set1_ps(s), _mm512_set1_ps(o));
-  __m512i u = _mm512_castps_si512(v);
-  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+  const __m256i h = f32x16_to_bf16(_mm512_fmadd_ps(t, _mm512_set1_ps(s), _mm512_set1_ps(o)));
   return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
 }
 

@@ -24,8 +24,9 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
-#include "lut_kernel.h"
+#include "avx512_common.h"
 #include "int8_tiles.h"
+#include "lut_kernel.h"
 #include "pair_lut.h"
 #include "tile16_avx512.h"
 
@@ -217,15 +218,6 @@ struct Decoder<3> {
   }
 };
 
-// 16 floats to bf16 as f32_to_bf16 (lut_kernel.h): round to nearest even, NaN kept quiet.
-inline __m256i bf16_16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
-  const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
-  r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), hi, _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 // MC activation rows from m0 over global chunks [c0, c1) (w: their weight vectors, 8 per chunk;
 // sbuf: the tile's scales [ng][16]); accumulators in acc [MC][16].
 template <int MC>
@@ -363,7 +355,7 @@ void rows16_tiles(const Rows16Args& a, int64_t t0, int64_t t1) {
         }
         if (last && a.out_bf16)  // rounded here rather than by a pass over out after the call (item 272)
           for (int64_t m = mb0; m < mb1; ++m)
-            _mm256_mask_storeu_epi16(a.out_bf16 + m * a.N + n0, rows, bf16_16(_mm512_load_ps(acc + 16 * m)));
+            _mm256_mask_storeu_epi16(a.out_bf16 + m * a.N + n0, rows, f32x16_to_bf16(_mm512_load_ps(acc + 16 * m)));
         else
           for (int64_t m = mb0; m < mb1; ++m) _mm512_mask_storeu_ps(a.out + m * a.N + n0, rows, _mm512_load_ps(acc + 16 * m));
       }
