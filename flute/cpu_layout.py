@@ -169,7 +169,7 @@ def _from_pair_layout(qweight: torch.Tensor, n_pad: int, k_pad: int) -> torch.Te
 def to_cpu_layout(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes ``[N, K]`` to the CPU layout (1-D uint8), on the codes' device. On the CPU the
     layout is placed in memory advised for transparent huge pages (:func:`flute.huge_pages.place_for_streaming`:
-    its own from 4 MiB, a chunk shared with other small layouts from 64 KiB)."""
+    from 64 KiB, in chunks shared with other layouts that start on a 2 MiB boundary)."""
     check_bits(bits)
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")

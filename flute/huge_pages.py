@@ -5,15 +5,17 @@ A decode call reads each code once, front to back. With 4 KiB pages a 4096x4096 
 page walk. Backing the stream with 2 MiB pages made the cache-cold M = 1 calls 3-7% faster on
 this project's AVX2 VM (benchmarks/CPU_NOTES.md item 68). Linux only hands huge pages to
 anonymous memory that asks for them when ``/sys/kernel/mm/transparent_hugepage/enabled`` is
-``madvise`` (the usual default); :func:`huge_page_copy` asks, with ``madvise(MADV_HUGEPAGE)``,
+``madvise`` (the usual default); :class:`HugePageArena` asks, with ``madvise(MADV_HUGEPAGE)``,
 before the memory is first written.
 
-:func:`huge_page_copy` advises only the 2 MiB-aligned part of its allocation: nothing is
-over-allocated, so memory stays the layout's size. A layout under 4 MiB could hold no whole aligned
-page of its own, so
-:func:`place_for_streaming` packs those (a model's small layers, e.g. all of SmolLM2's) one after
-another into shared chunks that are huge-page backed (:class:`SmallTensorArena`). Elsewhere (another
-OS, THP disabled, madvise refused) the copies are plain memory with the same contents.
+An allocation of its own would hold huge pages only between its first and last 2 MiB boundary
+(malloc's large blocks start at no particular one): ~47% of a 4.5 MB layout, 71% of 8.9 MB, 94%
+of 31 MB, and the rest streamed 10% / 3.5% / 1% slower at 1 thread on the Zen 5 VM
+(CPU_NOTES item 288). So :func:`place_for_streaming` packs every layout, small or large, one after
+another into chunks that start on a 2 MiB boundary (:class:`HugePageArena`): all of a copy is in
+huge pages, and what memory costs beyond the layouts' own bytes is at most the unwritten rest of
+the last huge page each chunk touches. Elsewhere (another OS, THP disabled, madvise refused) the
+copies are plain memory with the same contents.
 """
 from __future__ import annotations
 
@@ -80,34 +82,23 @@ def advise_huge_pages(t: torch.Tensor) -> int:
     return length if fn(start, length, _MADV_HUGEPAGE) == 0 else 0
 
 
-def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of CPU tensor ``t`` whose memory was advised for huge pages before it was
-    written (:func:`advise_huge_pages`); ``t`` itself when it is on another device or smaller than
-    two huge pages (its copy could hold no whole aligned one, or too little to matter)."""
-    if t.device.type != "cpu" or t.numel() * t.element_size() < 2 * HUGE_PAGE_BYTES:
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype)
-    advise_huge_pages(out)
-    out.copy_(t)
-    return out
+class HugePageArena:
+    """Copies of CPU tensors packed one after another into shared chunks whose memory is advised
+    for huge pages, so that every page a copy touches is a huge page: layouts too small to hold a
+    2 MiB page of their own, and the ends of larger ones, which an allocation of their own would
+    leave on 4 KiB pages (a decode step reads every layer of the model once).
 
-
-class SmallTensorArena:
-    """Copies of small CPU tensors packed one after another into shared chunks whose memory is
-    advised for huge pages, so that layers too small to hold a 2 MiB page of their own still stream
-    from huge pages (a decode step reads every layer of the model once).
-
-    Each chunk is one allocation of ``chunk_bytes`` plus 2 MiB; copies start at its first 2 MiB
-    boundary, 64-byte aligned, so every page they touch is a huge page. The head before that
-    boundary and the chunk's unused end are never written, so Linux gives them no memory (beyond the
-copies, at most the rest of the last huge page they touch). A copy is
-    a view of its chunk: the chunk is freed when the last of its views is. The arena itself holds
-    only a weak reference to the newest view, so it keeps no memory alive; when that view is gone,
-    the next copy starts a new chunk (the old chunk's unused end is then never filled)."""
+    Each chunk is one allocation of ``max(chunk_bytes, the copy rounded up to 2 MiB)`` plus 2 MiB;
+    copies start at its first 2 MiB boundary, 64-byte aligned. The head before that boundary and
+    the chunk's unused end are never written, so Linux gives them no memory (beyond the copies, at
+    most the rest of the last huge page they touch). A copy is a view of its chunk: the chunk is
+    freed when the last of its views is. The arena itself holds only a weak reference to the newest
+    view, so it keeps no memory alive; when that view is gone, or the next copy does not fit, the
+    next copy starts a new chunk (the old chunk's unused end is then never filled)."""
 
     ALIGN = 64
 
-    def __init__(self, chunk_bytes: int = 32 << 20):
+    def __init__(self, chunk_bytes: int = 64 << 20):
         if chunk_bytes <= 0 or chunk_bytes % HUGE_PAGE_BYTES:
             raise ValueError(f"chunk_bytes must be a positive multiple of {HUGE_PAGE_BYTES}, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes
@@ -117,23 +108,22 @@ copies, at most the rest of the last huge page they touch). A copy is
         self._limit = 0  # storage byte offset where the newest view's chunk ends
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy of CPU tensor ``t`` (``t.numel() * t.element_size() <= chunk_bytes``)
-        placed in the arena."""
+        """A contiguous copy of CPU tensor ``t`` placed in the arena (in a chunk of its own, sized
+        to it, when it is larger than ``chunk_bytes``)."""
         if t.device.type != "cpu":
-            raise ValueError(f"SmallTensorArena.copy: needs a CPU tensor, got one on {t.device}")
+            raise ValueError(f"HugePageArena.copy: needs a CPU tensor, got one on {t.device}")
         nbytes = t.numel() * t.element_size()
-        if nbytes > self.chunk_bytes:
-            raise ValueError(f"SmallTensorArena.copy: {nbytes} bytes do not fit a chunk of {self.chunk_bytes}")
         if nbytes == 0:
             return torch.empty(t.shape, dtype=t.dtype)
         with self._lock:
             newest = self._newest() if self._newest is not None else None
             start = -(-self._end // self.ALIGN) * self.ALIGN
             if newest is None or start + nbytes > self._limit:
-                base = torch.empty(self.chunk_bytes + HUGE_PAGE_BYTES, dtype=torch.uint8)
+                size = max(self.chunk_bytes, -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES)
+                base = torch.empty(size + HUGE_PAGE_BYTES, dtype=torch.uint8)
                 advise_huge_pages(base)
                 start = aligned_span(base.data_ptr(), base.numel())[0] - base.data_ptr()
-                self._limit = start + self.chunk_bytes
+                self._limit = start + size
                 storage = base.untyped_storage()
             else:
                 storage = newest.untyped_storage()
@@ -144,19 +134,16 @@ copies, at most the rest of the last huge page they touch). A copy is
         return out.copy_(t)
 
 
-_ARENA = SmallTensorArena()
-#: Smallest tensor :func:`place_for_streaming` puts in the shared arena: below a few pages the
-#: TLB misses saved do not matter.
+_ARENA = HugePageArena()
+#: Smallest tensor :func:`place_for_streaming` puts in the arena: below a few pages the TLB misses
+#: saved do not matter.
 ARENA_MIN_BYTES = 64 << 10
 
 
 def place_for_streaming(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (a CPU layout the kernel will stream) copied into huge-page memory: its own allocation
-    (:func:`huge_page_copy`) from 4 MiB up, the shared :class:`SmallTensorArena` from
-    :data:`ARENA_MIN_BYTES` up, else (and for tensors on other devices) ``t`` itself."""
-    nbytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or nbytes < ARENA_MIN_BYTES:
+    """``t`` (a CPU layout the kernel will stream) copied into huge-page memory, the shared
+    :class:`HugePageArena`, from :data:`ARENA_MIN_BYTES` up; else (and for tensors on other
+    devices) ``t`` itself."""
+    if t.device.type != "cpu" or t.numel() * t.element_size() < ARENA_MIN_BYTES:
         return t
-    if nbytes >= 2 * HUGE_PAGE_BYTES:
-        return huge_page_copy(t)
     return _ARENA.copy(t)

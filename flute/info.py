@@ -108,7 +108,7 @@ def hints(report: Dict[str, object]) -> List[str]:
         out.append("CPU: the AVX2 int8 kernel runs its AVX-VNNI form (16 vector registers) where the "
                    "AVX512-VNNI one (32) took 0.78-0.98 of its time (flute.set_cpu_vnni(True))")
     if cpu.get("transparent_hugepage") == "never":
-        # flute.huge_pages asks for huge pages (madvise) for layouts of >= 4 MiB; cache-cold calls
+        # flute.huge_pages asks for huge pages (madvise) for layouts of >= 64 KiB; cache-cold calls
         # took 0.93-0.97 of the time with them (CPU_NOTES item 68)
         out.append("CPU: transparent huge pages are off ('never'): streamed weights take 3-7% longer; "
                    "echo madvise | sudo tee /sys/kernel/mm/transparent_hugepage/enabled")

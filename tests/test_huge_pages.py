@@ -1,6 +1,7 @@
-"""flute.huge_pages: which memory is advised, that contents survive, how the arena packs small
-copies (and frees them), and that the CPU layouts of large and small layers ask for huge pages
-(checked in the kernel's own record of the advice)."""
+"""flute.huge_pages: which memory is advised, that contents survive, how the arena packs copies
+(and frees them), that every byte of a placed copy lies in the advised 2 MiB pages, and that the
+CPU layouts of large and small layers ask for huge pages (checked in the kernel's own record of the
+advice)."""
 import gc
 import sys
 import weakref
@@ -11,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flute.cpu_layout import from_cpu_layout, to_cpu_layout
-from flute.huge_pages import (ARENA_MIN_BYTES, HUGE_PAGE_BYTES, SmallTensorArena, advise_huge_pages,
-                              aligned_span, huge_page_copy, place_for_streaming, thp_setting)
+from flute.huge_pages import (ARENA_MIN_BYTES, HUGE_PAGE_BYTES, HugePageArena, advise_huge_pages,
+                              aligned_span, place_for_streaming, thp_setting)
 
 linux_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or thp_setting() in (None, "never"),
                                reason="needs Linux with transparent huge pages not disabled")
@@ -32,10 +33,16 @@ def test_aligned_span_is_the_largest_aligned_run_inside(address, nbytes):
 
 def test_small_and_non_cpu_tensors_are_returned_as_they_are():
     small = torch.arange(1000, dtype=torch.uint8)
-    assert huge_page_copy(small) is small
+    assert place_for_streaming(small) is small
     meta = torch.empty(8 << 20, dtype=torch.uint8, device="meta")
-    assert huge_page_copy(meta) is meta
+    assert place_for_streaming(meta) is meta
     assert advise_huge_pages(meta) == 0
+
+
+def _in_whole_huge_pages(t: torch.Tensor) -> bool:
+    """Whether every byte of ``t`` lies in the whole 2 MiB pages of its storage (the advised ones)."""
+    start, length = aligned_span(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= start + length
 
 
 def _vm_flags(address: int):
@@ -53,15 +60,16 @@ def _vm_flags(address: int):
 
 
 @linux_thp
-def test_huge_page_copy_keeps_contents_and_advises_its_aligned_span():
+def test_a_large_copy_lies_wholly_in_advised_huge_pages():
+    # an allocation of its own would start and end inside 2 MiB pages that stay 4 KiB pages
     g = torch.Generator().manual_seed(0)
-    src = torch.randint(0, 256, (5 << 20,), dtype=torch.uint8, generator=g)
-    out = huge_page_copy(src)
+    src = torch.randint(0, 256, ((5 << 20) + 3,), dtype=torch.uint8, generator=g)
+    out = place_for_streaming(src)
     assert out is not src and out.data_ptr() != src.data_ptr()
     assert torch.equal(out, src)
-    start, length = aligned_span(out.data_ptr(), out.numel())
-    assert length >= HUGE_PAGE_BYTES  # 5 MiB always holds a whole aligned 2 MiB page
-    assert "hg" in _vm_flags(start) and "hg" in _vm_flags(start + length - 1)
+    assert _in_whole_huge_pages(out)
+    end = out.data_ptr() + out.numel() - 1
+    assert "hg" in _vm_flags(out.data_ptr()) and "hg" in _vm_flags(end)
 
 
 @linux_thp
@@ -71,20 +79,19 @@ def test_large_cpu_layout_asks_for_huge_pages_and_round_trips():
     codes = torch.randint(0, 2 ** bits, (N, K), dtype=torch.uint8, generator=g)
     layout = to_cpu_layout(codes, bits)
     assert layout.numel() == N * K * bits // 8
-    start, length = aligned_span(layout.data_ptr(), layout.numel())
-    assert length > 0 and "hg" in _vm_flags(start)
+    assert _in_whole_huge_pages(layout) and "hg" in _vm_flags(layout.data_ptr() + layout.numel() - 1)
     assert torch.equal(from_cpu_layout(layout, bits, K, N), codes)
 
 
 def test_arena_packs_copies_into_one_chunk_and_keeps_contents():
-    arena = SmallTensorArena(4 << 20)
+    arena = HugePageArena(4 << 20)
     g = torch.Generator().manual_seed(2)
     srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in (100_000, 70_001, 5)]
     srcs.append(torch.randn(3, 1000, generator=g))  # any dtype and shape
     outs = [arena.copy(s) for s in srcs]
     for s, o in zip(srcs, outs):
         assert o.shape == s.shape and o.dtype == s.dtype and torch.equal(o, s)
-        assert o.is_contiguous() and o.data_ptr() % SmallTensorArena.ALIGN == 0
+        assert o.is_contiguous() and o.data_ptr() % HugePageArena.ALIGN == 0
     storage = outs[0].untyped_storage().data_ptr()
     assert all(o.untyped_storage().data_ptr() == storage for o in outs)
     assert outs[0].data_ptr() % HUGE_PAGE_BYTES == 0  # a chunk's copies start on a huge page
@@ -95,7 +102,7 @@ def test_arena_packs_copies_into_one_chunk_and_keeps_contents():
 
 
 def test_arena_starts_a_new_chunk_when_full_or_when_the_newest_copy_is_gone():
-    arena = SmallTensorArena(2 << 20)
+    arena = HugePageArena(2 << 20)
     a = arena.copy(torch.ones(1 << 20, dtype=torch.uint8))
     b = arena.copy(torch.ones(1 << 20, dtype=torch.uint8))  # fills the chunk exactly
     assert b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
@@ -105,16 +112,27 @@ def test_arena_starts_a_new_chunk_when_full_or_when_the_newest_copy_is_gone():
     gc.collect()
     d = arena.copy(torch.ones(1, dtype=torch.uint8))  # the arena held c only weakly
     assert d.untyped_storage().data_ptr() != a.untyped_storage().data_ptr() and int(d) == 1
-    with pytest.raises(ValueError, match="do not fit"):
-        arena.copy(torch.ones((2 << 20) + 1, dtype=torch.uint8))
     with pytest.raises(ValueError, match="CPU tensor"):
         arena.copy(torch.ones(4, device="meta"))
     with pytest.raises(ValueError, match="multiple of"):
-        SmallTensorArena(1000)
+        HugePageArena(1000)
+
+
+def test_a_copy_larger_than_a_chunk_gets_a_chunk_sized_to_it_that_later_copies_share():
+    arena = HugePageArena(2 << 20)
+    small = arena.copy(torch.ones(1000, dtype=torch.uint8))
+    big = arena.copy(torch.full(((3 << 20) + 1,), 5, dtype=torch.uint8))  # rounded up to 4 MiB
+    assert big.untyped_storage().data_ptr() != small.untyped_storage().data_ptr()
+    assert big.data_ptr() % HUGE_PAGE_BYTES == 0 and _in_whole_huge_pages(big)
+    assert big.untyped_storage().nbytes() == (4 << 20) + HUGE_PAGE_BYTES
+    after = arena.copy(torch.full((1000,), 3, dtype=torch.uint8))  # fits in the last page's rest
+    assert after.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()
+    assert after.data_ptr() >= big.data_ptr() + big.numel() and _in_whole_huge_pages(after)
+    assert bool((big == 5).all()) and bool((after == 3).all()) and bool((small == 1).all())
 
 
 def test_arena_keeps_no_memory_alive_after_its_copies_are_gone():
-    arena = SmallTensorArena(2 << 20)
+    arena = HugePageArena(2 << 20)
     ref = weakref.ref(arena.copy(torch.ones(1000, dtype=torch.uint8)))
     gc.collect()
     assert ref() is None and arena._newest() is None
@@ -146,7 +164,7 @@ def test_small_cpu_layouts_share_an_advised_chunk_and_round_trip():
 
 def test_arena_copies_made_in_and_out_of_inference_mode_share_a_chunk_and_stay_writable():
     # a model's layers may be prepared lazily under torch.inference_mode() and used outside it
-    arena = SmallTensorArena(2 << 20)
+    arena = HugePageArena(2 << 20)
     with torch.inference_mode():
         inside = arena.copy(torch.arange(1000, dtype=torch.int32))
     outside = arena.copy(torch.arange(10, dtype=torch.int32))

@@ -217,9 +217,9 @@ class CpuBench:
             self.skip("flute", N, K, f"building the layer failed: {type(e).__name__}: {e}", bits=bits)
             return []
         w = weight_bytes("flute", N, K, bits, g)
-        # Each copy's layout placed as QuantLinear.prepare places it (flute.huge_pages: small
-        # layouts packed one after another, as a model's layers are); the deepcopy shares the
-        # layout (a small one is a view of a whole shared chunk) and is then given its own.
+        # Each copy's layout placed as QuantLinear.prepare places it (flute.huge_pages: layouts
+        # packed one after another, as a model's layers are); the deepcopy shares the layout (a
+        # view of a whole shared chunk) and is then given its own.
         layers = [q] + [copy.deepcopy(q, {id(q.qweight): q.qweight}) for _ in range(self.copies(w) - 1)]
         for m in layers[1:]:
             placed = place_for_streaming(m.qweight)  # below 64 KiB: the same tensor, so clone
