@@ -15,12 +15,15 @@ of 31 MB, and the rest streamed 10% / 3.5% / 1% slower at 1 thread on the Zen 5 
 another into chunks that start on a 2 MiB boundary (:class:`HugePageArena`): all of a copy is in
 huge pages, and what memory costs beyond the layouts' own bytes is at most the unwritten rest of
 the last huge page each chunk touches. Elsewhere (another OS, THP disabled, madvise refused) the
-copies are plain memory with the same contents.
+copies are plain memory with the same contents. Weights that stay parameters (a bf16 ``lm_head``
+read by ``flute::bf16_gemv``) get memory of their own instead, whole huge pages from a 2 MiB
+boundary (:func:`huge_page_copy`), so that nothing else shares their storage.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import sys
 import threading
 import weakref
@@ -132,6 +135,32 @@ class HugePageArena:
             self._newest = weakref.ref(out)  # the tensor handed out: it lives as long as the copy
             self._end = start + nbytes
         return out.copy_(t)
+
+
+def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of CPU tensor ``t`` in memory of its own (an anonymous mapping) that starts
+    on a 2 MiB boundary and was advised for huge pages before it was written, so that every byte of
+    it lies in huge pages; ``t`` itself when it is on another device or empty.
+
+    For weights that stay parameters (e.g. a bf16 ``lm_head`` read by ``flute::bf16_gemv``), where a
+    :class:`HugePageArena` view would not do: the copy's storage is exactly its own bytes, so
+    ``torch.save`` and ``state_dict`` see nothing else. Its memory is the copy rounded up to whole
+    2 MiB pages (the unwritten rest of the last one)."""
+    nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or nbytes == 0:
+        return t
+    span = -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    mapping = mmap.mmap(-1, span + HUGE_PAGE_BYTES)
+    anchor = ctypes.c_char.from_buffer(mapping)  # the mapping's address (an export, released below)
+    address = ctypes.addressof(anchor)
+    del anchor
+    offset = -address % HUGE_PAGE_BYTES
+    fn = _madvise()
+    if fn is not None:
+        fn(address + offset, span, _MADV_HUGEPAGE)  # refused: plain pages, the same contents
+    # the tensor's storage keeps the mapping alive (frombuffer holds the buffer)
+    out = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset)
+    return out.view(t.dtype).view(t.shape).copy_(t)
 
 
 _ARENA = HugePageArena()

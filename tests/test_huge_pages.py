@@ -3,6 +3,7 @@
 CPU layouts of large and small layers ask for huge pages (checked in the kernel's own record of the
 advice)."""
 import gc
+import io
 import sys
 import weakref
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from flute.cpu_layout import from_cpu_layout, to_cpu_layout
 from flute.huge_pages import (ARENA_MIN_BYTES, HUGE_PAGE_BYTES, HugePageArena, advise_huge_pages,
-                              aligned_span, place_for_streaming, thp_setting)
+                              aligned_span, huge_page_copy, place_for_streaming, thp_setting)
 
 linux_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or thp_setting() in (None, "never"),
                                reason="needs Linux with transparent huge pages not disabled")
@@ -35,8 +36,10 @@ def test_small_and_non_cpu_tensors_are_returned_as_they_are():
     small = torch.arange(1000, dtype=torch.uint8)
     assert place_for_streaming(small) is small
     meta = torch.empty(8 << 20, dtype=torch.uint8, device="meta")
-    assert place_for_streaming(meta) is meta
+    assert place_for_streaming(meta) is meta and huge_page_copy(meta) is meta
     assert advise_huge_pages(meta) == 0
+    empty = torch.empty(0, 3)
+    assert huge_page_copy(empty) is empty
 
 
 def _in_whole_huge_pages(t: torch.Tensor) -> bool:
@@ -70,6 +73,29 @@ def test_a_large_copy_lies_wholly_in_advised_huge_pages():
     assert _in_whole_huge_pages(out)
     end = out.data_ptr() + out.numel() - 1
     assert "hg" in _vm_flags(out.data_ptr()) and "hg" in _vm_flags(end)
+
+
+def test_huge_page_copy_is_an_exact_copy_in_memory_of_its_own():
+    g = torch.Generator().manual_seed(5)
+    src = torch.randn(1000, 577, generator=g).bfloat16()  # not a whole number of pages
+    out = huge_page_copy(src)
+    del src  # the copy does not depend on it
+    gc.collect()
+    src = torch.randn(1000, 577, generator=torch.Generator().manual_seed(5)).bfloat16()
+    assert out.shape == src.shape and out.dtype == src.dtype and torch.equal(out, src)
+    assert out.data_ptr() % HUGE_PAGE_BYTES == 0 and out.is_contiguous()
+    assert out.untyped_storage().nbytes() == src.numel() * 2  # torch.save writes exactly these
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    assert buf.tell() < src.numel() * 2 + 4096
+    out.add_(1)  # writable, and still alive after the mapping's Python objects went
+    assert torch.equal(out, src + 1)
+
+
+@linux_thp
+def test_huge_page_copy_is_advised():
+    out = huge_page_copy(torch.ones((3 << 20) + 5, dtype=torch.uint8))
+    assert "hg" in _vm_flags(out.data_ptr()) and "hg" in _vm_flags(out.data_ptr() + out.numel() - 1)
 
 
 @linux_thp

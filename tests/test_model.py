@@ -113,6 +113,24 @@ def test_gemv_unquantized_swaps_the_plain_linears_left(monkeypatch):
     assert flute.model.gemv_unquantized(model) == 0  # nothing plain left
 
 
+def test_gemv_unquantized_moves_large_weights_into_huge_pages_and_keeps_them_tied(monkeypatch):
+    monkeypatch.setattr(flute.model, "HUGE_PAGE_MIN_BYTES", 1)  # the tiny model's weights count as large
+    model = tied_quantized_llama(skip=("lm_head",))
+    flute.model.cast_unquantized(model, torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(6))
+    before = model.lm_head.weight.detach().clone()
+    with torch.no_grad():
+        flute.model.gemv_unquantized(model)
+        ref = model(ids).logits
+    w = model.lm_head.weight
+    assert w is model.model.embed_tokens.weight  # the same Parameter: still tied
+    assert torch.equal(w, before) and w.data_ptr() % flute.huge_pages.HUGE_PAGE_BYTES == 0
+    assert w.untyped_storage().nbytes() == w.numel() * w.element_size()  # its own memory, exactly
+    assert w.data_ptr() != before.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
 def test_skip_patterns():
     model = tiny_llama()
     quantize_model(model, bits=3, group_size=32, skip=("lm_head", "*.mlp.down_proj", "k_proj"),
