@@ -5,7 +5,7 @@
 One JSON line per process: for each shape and batch, the median time (us) of --reps calls of
 torch.ops.flute.qgemm at 2 bits (g64, bf16 activations and scales, the default int8 mode), weights
 rotated (codes and scales) through more than --rotate-mb so that every call reads DRAM, each copy
-placed as QuantLinear places a layout (flute.huge_pages.place_for_streaming: huge pages from 4 MiB). Processes of the two builds
+placed as QuantLinear places a layout (flute.huge_pages.place_for_streaming: huge pages from 64 KiB). Processes of the two builds
 alternate, so both see the same machine state.
 """
 import argparse
