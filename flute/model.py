@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .huge_pages import huge_page_copy
+from .huge_pages import place_weight_for_streaming
 from .linear import GemvLinear, QuantLinear
 from .modules import layer_progress, linear_layers, set_submodule, skipped_linear_names
 from .quantize import name_errors
@@ -114,11 +114,6 @@ def cast_unquantized(model: nn.Module, dtype: torch.dtype, min_elements: int = 0
     return model
 
 
-#: Smallest weight :func:`gemv_unquantized` moves into huge pages of its own: that memory is the
-#: weight rounded up to whole 2 MiB pages, more than a small weight's 4 KiB pages cost.
-HUGE_PAGE_MIN_BYTES = 4 << 20
-
-
 def gemv_unquantized(model: nn.Module) -> int:
     """Replace every plain ``nn.Linear`` that quantization left in ``model`` (an ``lm_head``, skipped
     layers) by a :class:`~flute.linear.GemvLinear` holding the same parameters, in place; return
@@ -132,18 +127,16 @@ def gemv_unquantized(model: nn.Module) -> int:
     through ``mm`` on an AMX VM and ~26% on a VM without native bf16; ``flute demo`` applies this on
     the CPU (CPU_NOTES items 170 and 205).
 
-    CPU weights of :data:`HUGE_PAGE_MIN_BYTES` and more are moved (``param.data``, so tied weights
-    stay tied) into memory of their own wholly in huge pages (:func:`flute.huge_pages.huge_page_copy`):
-    the 57 MB ``lm_head`` above took 0.90-0.95 of the time at 2 threads (CPU_NOTES item 289).
+    Large CPU weights move into memory of their own wholly in huge pages
+    (:func:`flute.huge_pages.place_weight_for_streaming`; tied weights stay tied): the 57 MB
+    ``lm_head`` above took 0.90-0.95 of the time at 2 threads (CPU_NOTES item 289).
     """
     layers = linear_layers(model, skip=())
     moved = set()
     for name, linear in layers:
         set_submodule(model, name, GemvLinear.sharing(linear))
-        w = linear.weight
-        if id(w) not in moved and w.device.type == "cpu" and w.numel() * w.element_size() >= HUGE_PAGE_MIN_BYTES:
-            w.data = huge_page_copy(w.data)
-            moved.add(id(w))
+        if id(linear.weight) not in moved and place_weight_for_streaming(linear.weight):
+            moved.add(id(linear.weight))
     return len(layers)
 
 

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flute.cpu_layout import from_cpu_layout, to_cpu_layout
-from flute.huge_pages import (ARENA_MIN_BYTES, HUGE_PAGE_BYTES, HugePageArena, advise_huge_pages,
-                              aligned_span, huge_page_copy, place_for_streaming, thp_setting)
+from flute.huge_pages import (ARENA_MIN_BYTES, HUGE_PAGE_BYTES, WEIGHT_MIN_BYTES, HugePageArena,
+                              advise_huge_pages, aligned_span, huge_page_copy, place_for_streaming,
+                              place_weight_for_streaming, thp_setting)
 
 linux_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or thp_setting() in (None, "never"),
                                reason="needs Linux with transparent huge pages not disabled")
@@ -90,6 +91,19 @@ def test_huge_page_copy_is_an_exact_copy_in_memory_of_its_own():
     assert buf.tell() < src.numel() * 2 + 4096
     out.add_(1)  # writable, and still alive after the mapping's Python objects went
     assert torch.equal(out, src + 1)
+
+
+def test_place_weight_for_streaming_moves_large_cpu_weights_in_place():
+    small = torch.nn.Parameter(torch.ones(WEIGHT_MIN_BYTES // 4 - 1), requires_grad=False)
+    ptr = small.data_ptr()
+    assert not place_weight_for_streaming(small) and small.data_ptr() == ptr
+    big = torch.nn.Parameter(torch.arange(WEIGHT_MIN_BYTES // 4, dtype=torch.float32), requires_grad=False)
+    alias = big  # a tied weight: the same Parameter object
+    assert place_weight_for_streaming(big)
+    assert alias.data_ptr() == big.data_ptr() and big.data_ptr() % HUGE_PAGE_BYTES == 0
+    assert torch.equal(big, torch.arange(WEIGHT_MIN_BYTES // 4, dtype=torch.float32))
+    meta = torch.nn.Parameter(torch.empty(WEIGHT_MIN_BYTES, device="meta"), requires_grad=False)
+    assert not place_weight_for_streaming(meta)
 
 
 @linux_thp

@@ -114,7 +114,7 @@ def test_gemv_unquantized_swaps_the_plain_linears_left(monkeypatch):
 
 
 def test_gemv_unquantized_moves_large_weights_into_huge_pages_and_keeps_them_tied(monkeypatch):
-    monkeypatch.setattr(flute.model, "HUGE_PAGE_MIN_BYTES", 1)  # the tiny model's weights count as large
+    monkeypatch.setattr(flute.huge_pages, "WEIGHT_MIN_BYTES", 1)  # the tiny model's weights count as large
     model = tied_quantized_llama(skip=("lm_head",))
     flute.model.cast_unquantized(model, torch.bfloat16)
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(6))
