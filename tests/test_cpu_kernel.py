@@ -89,21 +89,26 @@ def test_bitwise_deterministic_across_calls_and_threads(m, isa, rng):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+@pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("mode", ["exact", "int8"])
-def test_dynamic_tile_split_is_bitwise_the_one_thread_result(mode, rng):
-    """Layers large enough for the dynamic split (threads take chunks of row tiles from a shared
-    counter: here 301 rows x 4096 columns, 76 tiles in chunks of 16) give the 1-thread bits at 2
-    threads, call after call, and match the reference."""
-    n, k, bits, group = 301, 4096, 4, 64
+def test_work_stealing_tile_split_is_bitwise_the_one_thread_result(mode, bits, rng):
+    """Layers large enough for the stealing split (each thread streams its own share of the row
+    tiles in steps and takes the back half of another's when done: 1203 rows x 4096 columns, 301
+    tiles at 4 bits) give the 1-thread bits call after call, at 2 threads and at 3 and 5 threads on
+    this machine's cores (more threads than cores: descheduled threads leave shares to steal), for
+    float32 and bfloat16 activations, and match the reference."""
+    n, k, group = 1203, 4096, 64
     w = random_quantized(n, k, bits, group, generator=rng)
     x = torch.randn(1, k, generator=rng)
     q = to_cpu_layout(w.codes, bits)
     ops.set_cpu_mode(mode)
     try:
-        outs = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), (1, 2, 2, 2))
+        outs = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), (1, 2, 2, 3, 5, 5, 2))
+        outs_bf16 = at_thread_counts(lambda: run(x.bfloat16(), w, bits, group, n, k, q), (1, 2, 5, 3))
     finally:
         ops.set_cpu_mode("exact")
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert all(torch.equal(outs_bf16[0], o) for o in outs_bf16[1:])
     ref = reference_qgemm_int8(x, w, group) if mode == "int8" else reference_qgemm(x, w, group)
     assert relative_error(outs[0], ref) < 1e-5
 

@@ -268,6 +268,55 @@ struct StreamWarm {
   }
 };
 
+// Each thread's share of the row tiles, [lo, hi) packed into one word so that its owner (taking
+// steps from the front) and another thread (taking the back half) change it with one
+// compare-and-swap each. Its own cache line: the owner updates it every step.
+struct alignas(64) TileShare {
+  std::atomic<uint64_t> v{0};
+  static uint64_t pack(int64_t lo, int64_t hi) { return static_cast<uint64_t>(hi) << 32 | static_cast<uint64_t>(lo); }
+  static int64_t lo(uint64_t v) { return static_cast<int64_t>(v & 0xFFFFFFFFu); }
+  static int64_t hi(uint64_t v) { return static_cast<int64_t>(v >> 32); }
+  // The next tiles from the front into r: `step`, or near the end half of what is left (at least
+  // `grain`), so that the back half stays for a thread that runs out; false when none are left.
+  bool take_front(int64_t step, int64_t grain, TileRange& r) {
+    uint64_t cur = v.load(std::memory_order_relaxed);
+    while (lo(cur) < hi(cur)) {
+      const int64_t left = hi(cur) - lo(cur);
+      const int64_t end = lo(cur) + std::min({left, step, std::max(grain, left / 2)});
+      if (v.compare_exchange_weak(cur, pack(end, hi(cur)), std::memory_order_acq_rel, std::memory_order_relaxed)) {
+        r = {lo(cur), end};
+        return true;
+      }
+    }
+    return false;
+  }
+};
+
+// The back half of the largest share of another thread with at least `least` tiles left, made the
+// share of thread `me` (whose own is empty); false when no share has that many.
+inline bool steal_back_half(TileShare* shares, int64_t n, int64_t me, int64_t least) {
+  for (int tries = 0; tries < 8; ++tries) {
+    int64_t victim = -1, most = least - 1;
+    uint64_t seen = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const uint64_t w = shares[j].v.load(std::memory_order_relaxed);
+      if (j != me && TileShare::hi(w) - TileShare::lo(w) > most) {
+        most = TileShare::hi(w) - TileShare::lo(w);
+        victim = j;
+        seen = w;
+      }
+    }
+    if (victim < 0) return false;
+    const int64_t lo = TileShare::lo(seen), hi = TileShare::hi(seen), mid = hi - (hi - lo) / 2;
+    if (shares[victim].v.compare_exchange_strong(seen, TileShare::pack(lo, mid), std::memory_order_acq_rel,
+                                                 std::memory_order_relaxed)) {
+      shares[me].v.store(TileShare::pack(mid, hi), std::memory_order_release);
+      return true;
+    }
+  }
+  return false;
+}
+
 // fn(ctx, t0, t1) over the row tiles [0, tiles), at least `grain` tiles per call of fn, after
 // setup(ctx, first) (ctx = Ctx{}) once in every thread that takes tiles (once in all when the call
 // runs on one thread); `first` is the first range the thread will run (empty if none), so that a
@@ -276,15 +325,20 @@ struct StreamWarm {
 // - Per-thread preparation (one activation row quantized, its lookup tables): it then runs in
 //   parallel rather than before the threads start, and each thread reads its own copy from its own
 //   cache instead of one thread's from another core (CPU_NOTES item 171).
-// - Large calls: threads take chunks of tiles from a shared counter (dynamic balancing, as
-//   llama.cpp's CPU backend does) rather than one static share each, because on a shared or
-//   virtualized machine one core is often slowed down and a static split waits for it (measured,
-//   14336x4096 4-bit M=1, 2 threads: 2.27 -> 2.12 ms on a quiet VM, 5.59 -> 4.48 ms with the other
-//   core busy). Chunks of at least 4 grains, the same number for each thread (2 to 8): 384 tiles in
-//   chunks of 84 gave one of 2 threads 216 tiles, 4 chunks of 96 give each 192 (item 106).
-// - Calls with room for fewer than two chunks of 4 grains per thread, and every call with
+// - Large calls: each thread streams one contiguous share of the tiles in steps, and a thread
+//   whose share is done takes the back half of the largest share left (work stealing), so that a
+//   core slowed down on a shared or virtualized machine does not hold the call: with another
+//   process busy on one of 2 cores, 14336x4096 4-bit M=1 took 0.92x the mean time of the
+//   shared-counter chunks used before and a static split 1.01x (CPU_NOTES item 293). Those chunks
+//   (8 per thread) made each a new weight stream for its thread: in the VM's fast memory state
+//   4096x4096 and 14336x4096 took 7-10% longer with them than with one range per thread.
+//   Steps of share / 8, at least a grain (each call of fn costs ~0.1-0.5 us: steps of one grain
+//   were 3-5% slower at M=1, steps of 16 grains 2-4% slower than share / 8 on 14336x4096 at M=1
+//   and 4), and near a share's end half of what is left, so that its back half stays to be
+//   stolen; shares with fewer than 2 grains left are not stolen from.
+// - Calls with fewer than 8 grains per thread, and every call with
 //   `contiguous`, keep a static split, one range per thread, as at::parallel_for(0, tiles, grain)
-//   cuts it (smaller chunks cost more than they balance: 1536x576 67 -> 76 us).
+//   cuts it.
 template <typename Ctx, typename S, typename F>
 bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& setup, const F& fn) {
   const int64_t nt = at::get_num_threads();
@@ -294,30 +348,38 @@ bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& 
     fn(ctx, 0, tiles);
     return true;
   }
-  const int64_t tasks = std::min(nt, (tiles + grain - 1) / grain);
-  const int64_t per = contiguous ? 0 : std::min<int64_t>(8, tiles / (nt * 4 * grain));
-  const int64_t chunk = per < 2 ? (tiles + tasks - 1) / tasks : (tiles + nt * per - 1) / (nt * per);
-  std::atomic<int64_t> next{0};
   std::atomic<bool> ok{true};
-  at::parallel_for(0, per < 2 ? tasks : nt, 1, [&](int64_t i0, int64_t i1) {
-    Ctx ctx{};
-    // (dynamic chunks: the thread's first chunk taken before its set-up, so that it is known there)
-    TileRange first;
-    if (per < 2) {
-      first = {i0 * chunk, std::min(tiles, (i0 + 1) * chunk)};
-    } else if (const int64_t t0 = next.fetch_add(chunk); t0 < tiles) {
-      first = {t0, std::min(tiles, t0 + chunk)};
-    }
-    if (!setup(ctx, first)) {
-      ok.store(false, std::memory_order_relaxed);
-      return;
-    }
-    if (per < 2) {
+  if (contiguous || tiles < nt * 8 * grain || tiles >= (int64_t{1} << 31)) {  // (TileShare packs 32-bit bounds)
+    const int64_t tasks = std::min(nt, (tiles + grain - 1) / grain), chunk = (tiles + tasks - 1) / tasks;
+    at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+      Ctx ctx{};
+      if (!setup(ctx, TileRange{i0 * chunk, std::min(tiles, (i0 + 1) * chunk)})) {
+        ok.store(false, std::memory_order_relaxed);
+        return;
+      }
       for (int64_t i = i0; i < i1; ++i) fn(ctx, i * chunk, std::min(tiles, (i + 1) * chunk));
-    } else {
-      if (first.t1 > first.t0) fn(ctx, first.t0, first.t1);
-      for (int64_t t0 = next.fetch_add(chunk); t0 < tiles; t0 = next.fetch_add(chunk))
-        fn(ctx, t0, std::min(tiles, t0 + chunk));
+    });
+    return ok.load();
+  }
+  const int64_t share = (tiles + nt - 1) / nt;
+  const int64_t step = std::max<int64_t>(grain, share / 8);
+  std::vector<TileShare> shares(nt);
+  for (int64_t i = 0; i < nt; ++i)
+    shares[i].v.store(TileShare::pack(std::min(tiles, i * share), std::min(tiles, (i + 1) * share)),
+                      std::memory_order_relaxed);
+  at::parallel_for(0, nt, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t me = i0; me < i1; ++me) {
+      Ctx ctx{};
+      const uint64_t own = shares[me].v.load(std::memory_order_relaxed);
+      const int64_t lo = TileShare::lo(own);
+      if (!setup(ctx, TileRange{lo, std::min(TileShare::hi(own), lo + step)})) {
+        ok.store(false, std::memory_order_relaxed);
+        return;
+      }
+      TileRange r;
+      do {
+        while (shares[me].take_front(step, grain, r)) fn(ctx, r.t0, r.t1);
+      } while (steal_back_half(shares.data(), nt, me, 2 * grain));
     }
   });
   return ok.load();
