@@ -93,11 +93,11 @@ def test_bitwise_deterministic_across_calls_and_threads(m, isa, rng):
 @pytest.mark.parametrize("mode", ["exact", "int8"])
 def test_work_stealing_tile_split_is_bitwise_the_one_thread_result(mode, bits, rng):
     """Layers large enough for the stealing split (each thread streams its own share of the row
-    tiles in steps and takes the back half of another's when done: 1203 rows x 4096 columns, 301
+    tiles in steps and takes the back half of another's when done: 2403 rows x 4096 columns, 601
     tiles at 4 bits) give the 1-thread bits call after call, at 2 threads and at 3 and 5 threads on
     this machine's cores (more threads than cores: descheduled threads leave shares to steal), for
     float32 and bfloat16 activations, and match the reference."""
-    n, k, group = 1203, 4096, 64
+    n, k, group = 2403, 4096, 64
     w = random_quantized(n, k, bits, group, generator=rng)
     x = torch.randn(1, k, generator=rng)
     q = to_cpu_layout(w.codes, bits)

@@ -277,12 +277,12 @@ struct alignas(64) TileShare {
   static int64_t lo(uint64_t v) { return static_cast<int64_t>(v & 0xFFFFFFFFu); }
   static int64_t hi(uint64_t v) { return static_cast<int64_t>(v >> 32); }
   // The next tiles from the front into r: `step`, or near the end half of what is left (at least
-  // `grain`), so that the back half stays for a thread that runs out; false when none are left.
-  bool take_front(int64_t step, int64_t grain, TileRange& r) {
+  // `least`), so that the back half stays for a thread that runs out; false when none are left.
+  bool take_front(int64_t step, int64_t least, TileRange& r) {
     uint64_t cur = v.load(std::memory_order_relaxed);
     while (lo(cur) < hi(cur)) {
       const int64_t left = hi(cur) - lo(cur);
-      const int64_t end = lo(cur) + std::min({left, step, std::max(grain, left / 2)});
+      const int64_t end = lo(cur) + std::min(left, std::max(least, std::min(step, left / 2)));
       if (v.compare_exchange_weak(cur, pack(end, hi(cur)), std::memory_order_acq_rel, std::memory_order_relaxed)) {
         r = {lo(cur), end};
         return true;
@@ -332,11 +332,13 @@ inline bool steal_back_half(TileShare* shares, int64_t n, int64_t me, int64_t le
 //   shared-counter chunks used before and a static split 1.01x (CPU_NOTES item 293). Those chunks
 //   (8 per thread) made each a new weight stream for its thread: in the VM's fast memory state
 //   4096x4096 and 14336x4096 took 7-10% longer with them than with one range per thread.
-//   Steps of share / 8, at least a grain (each call of fn costs ~0.1-0.5 us: steps of one grain
-//   were 3-5% slower at M=1, steps of 16 grains 2-4% slower than share / 8 on 14336x4096 at M=1
-//   and 4), and near a share's end half of what is left, so that its back half stays to be
-//   stolen; shares with fewer than 2 grains left are not stolen from.
-// - Calls with fewer than 8 grains per thread, and every call with
+//   Steps of share / 8 (each call of fn costs ~0.1-0.5 us at M=1: steps of one grain were 3-5%
+//   slower, steps of 16 grains 2-4% slower than share / 8 on 14336x4096 at M=1 and 4; batches
+//   re-read their activations per call), near a share's end half of what is left, so that its
+//   back half stays to be stolen, and never less than 4 grains (the chunks' least before); shares
+//   with fewer than 4 grains left are not stolen from.
+// - Calls with fewer than 16 grains per thread (with steps of 1 grain there 576x1536 and 1536x576
+//   at 64 and 512 rows took 1.01-1.06x the chunks' time, static ranges 0.98-0.99x), and every call with
 //   `contiguous`, keep a static split, one range per thread, as at::parallel_for(0, tiles, grain)
 //   cuts it.
 template <typename Ctx, typename S, typename F>
@@ -349,7 +351,7 @@ bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& 
     return true;
   }
   std::atomic<bool> ok{true};
-  if (contiguous || tiles < nt * 8 * grain || tiles >= (int64_t{1} << 31)) {  // (TileShare packs 32-bit bounds)
+  if (contiguous || tiles < nt * 16 * grain || tiles >= (int64_t{1} << 31)) {  // (TileShare packs 32-bit bounds)
     const int64_t tasks = std::min(nt, (tiles + grain - 1) / grain), chunk = (tiles + tasks - 1) / tasks;
     at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
       Ctx ctx{};
@@ -362,7 +364,7 @@ bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& 
     return ok.load();
   }
   const int64_t share = (tiles + nt - 1) / nt;
-  const int64_t step = std::max<int64_t>(grain, share / 8);
+  const int64_t least = 4 * grain, step = std::max<int64_t>(least, share / 8);
   std::vector<TileShare> shares(nt);
   for (int64_t i = 0; i < nt; ++i)
     shares[i].v.store(TileShare::pack(std::min(tiles, i * share), std::min(tiles, (i + 1) * share)),
@@ -378,8 +380,8 @@ bool for_tiles_prepared(int64_t tiles, int64_t grain, bool contiguous, const S& 
       }
       TileRange r;
       do {
-        while (shares[me].take_front(step, grain, r)) fn(ctx, r.t0, r.t1);
-      } while (steal_back_half(shares.data(), nt, me, 2 * grain));
+        while (shares[me].take_front(step, least, r)) fn(ctx, r.t0, r.t1);
+      } while (steal_back_half(shares.data(), nt, me, least));
     }
   });
   return ok.load();
