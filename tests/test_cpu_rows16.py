@@ -24,6 +24,18 @@ def int8_mode():
     ops.set_cpu_mode("exact")
 
 
+@pytest.fixture
+def no_amx():
+    """AMX off for one test: on AMX CPUs bf16 batches from 16 rows take the AMX kernels
+    (kernel_amx.cpp), not the 16-row int8 kernel that a test of its bf16 output means."""
+    was = ops.get_cpu_amx()
+    if was:
+        ops.set_cpu_amx(False)
+    yield
+    if was:
+        ops.set_cpu_amx(True)
+
+
 def test_int8_rows16_kernel_matches_spec_and_portable(threads, int8_mode):
     """Every bit width from cpu_rows16_m(bits) rows runs on the 16-row kernel where the CPU has
     AVX-512 VBMI + VNNI (weight rows along the vector, each K block decoded once for up to 16
@@ -99,13 +111,13 @@ def test_rows16_large_batches_in_row_chunks(bits, threads, int8_mode):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_rows16_bf16_results_rounded_once_in_the_kernel(bits, threads, int8_mode):
+def test_rows16_bf16_results_rounded_once_in_the_kernel(bits, threads, int8_mode, no_amx):
     """With bf16 activations the 16-row kernel rounds its results to bf16 in its last store
     (Rows16Args::out_bf16) instead of a pass over fp32 results after the call: every value is the
     fp32 result of the same activations rounded once (nearest even), with one K block and with two
     (12700 columns at 128 rows: the first block's sums kept in fp32 between them), a partial tile,
     and a NaN scale row (NaN in both). fp16 activations keep the conversion after the kernel: the
-    same check."""
+    same check. AMX off (no_amx), so that bf16 batches take this kernel on AMX CPUs too."""
     g = torch.Generator().manual_seed(70 + bits)
     for n, k, m in ((37, 1000, 40), (37, 12700, 128)):
         w = random_quantized(n, k, bits, 64, dtype=torch.bfloat16, generator=g)
