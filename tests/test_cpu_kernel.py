@@ -89,28 +89,34 @@ def test_bitwise_deterministic_across_calls_and_threads(m, isa, rng):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("mode", ["exact", "int8"])
 def test_work_stealing_tile_split_is_bitwise_the_one_thread_result(mode, bits, rng):
     """Layers large enough for the stealing split (each thread streams its own share of the row
     tiles in steps and takes the back half of another's when done: 2403 rows x 4096 columns, 601
     tiles at 4 bits) give the 1-thread bits call after call, at 2 threads and at 3 and 5 threads on
     this machine's cores (more threads than cores: descheduled threads leave shares to steal), for
-    float32 and bfloat16 activations, and match the reference."""
-    n, k, group = 2403, 4096, 64
-    w = random_quantized(n, k, bits, group, generator=rng)
-    x = torch.randn(1, k, generator=rng)
-    q = to_cpu_layout(w.codes, bits)
+    float32 and bfloat16 activations, and match the reference; with tile pairs on and off (on, the
+    AVX-512 int8 kernel reads each step's two halves at once; 2405 rows: an odd number of whole
+    tiles, so a step's range may end on a tile left alone)."""
+    k, group = 4096, 64
+    pairs_were = torch.ops.flute.cpu_tile_pairs()
     ops.set_cpu_mode(mode)
     try:
-        outs = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), (1, 2, 2, 3, 5, 5, 2))
-        outs_bf16 = at_thread_counts(lambda: run(x.bfloat16(), w, bits, group, n, k, q), (1, 2, 5, 3))
+        for n, pairs in ((2403, True), (2403, False), (2405, True)):
+            torch.ops.flute.cpu_set_tile_pairs(pairs)
+            w = random_quantized(n, k, bits, group, generator=rng)
+            x = torch.randn(1, k, generator=rng)
+            q = to_cpu_layout(w.codes, bits)
+            outs = at_thread_counts(lambda: run(x, w, bits, group, n, k, q), (1, 2, 2, 3, 5, 5, 2))
+            outs_bf16 = at_thread_counts(lambda: run(x.bfloat16(), w, bits, group, n, k, q), (1, 2, 5, 3))
+            assert all(torch.equal(outs[0], o) for o in outs[1:]), (n, pairs)
+            assert all(torch.equal(outs_bf16[0], o) for o in outs_bf16[1:]), (n, pairs)
+            ref = reference_qgemm_int8(x, w, group) if mode == "int8" else reference_qgemm(x, w, group)
+            assert relative_error(outs[0], ref) < 1e-5, (n, pairs)
     finally:
         ops.set_cpu_mode("exact")
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
-    assert all(torch.equal(outs_bf16[0], o) for o in outs_bf16[1:])
-    ref = reference_qgemm_int8(x, w, group) if mode == "int8" else reference_qgemm(x, w, group)
-    assert relative_error(outs[0], ref) < 1e-5
+        torch.ops.flute.cpu_set_tile_pairs(pairs_were)
 
 
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16, torch.float16])
