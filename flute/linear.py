@@ -1,6 +1,7 @@
 """``QuantLinear``: an ``nn.Linear`` whose weight is stored in the canonical flute format."""
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 from .format import (FLOAT_DTYPES, QuantizedWeight, check_tensor, check_weight_tensors,
                      num_groups, pack_codes, packed_row_bytes, unpack_codes, FORMAT_VERSION)
 from .cpu_layout import codes_from_layout, device_layout, layout_dtype
+from .huge_pages import place_for_streaming, place_weight_for_streaming
 from .quantize import quantize_weight
 from . import ops  # noqa: F401  (registers torch.ops.flute.*)
 
@@ -115,6 +117,17 @@ class QuantLinear(nn.Module):
             self.qweight = device_layout(codes, self.bits, q.device)
         return self
 
+    def __deepcopy__(self, memo):
+        # The copy's CPU layout placed as prepare() placed this one (flute.huge_pages): the default
+        # copy would clone each arena chunk the layouts are views of, whole, into memory of 4 KiB
+        # pages (the model it was copied from decoded SmolLM2 1.05-1.08x as fast as such a copy,
+        # CPU_NOTES item 289). A layout already in memo (shared on purpose) stays shared.
+        q = self._buffers.get("qweight")
+        if q is not None and id(q) not in memo and q.device.type == "cpu" and q.dtype == torch.uint8:
+            placed = place_for_streaming(q)
+            memo[id(q)] = placed if placed is not q else q.clone()
+        return _copy_module(self, memo)
+
     def quantized_weight(self) -> QuantizedWeight:
         """The weight in the canonical format (regenerating the packed codes if released)."""
         qcodes = self.qcodes
@@ -217,6 +230,15 @@ class QuantLinear(nn.Module):
                 f"dtype={self.scales.dtype}")
 
 
+def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy``'s own copy of ``module`` (its ``__dict__`` copied with ``memo``), for a
+    ``__deepcopy__`` that prepares ``memo`` or adjusts the copy."""
+    new = type(module).__new__(type(module))
+    memo[id(module)] = new
+    new.__setstate__(copy.deepcopy(module.__dict__, memo))
+    return new
+
+
 def _mv_beats_mm() -> bool:
     """Whether torch's CPU ``mv`` reads a bf16 weight faster than its ``mm`` at one activation row
     on this machine. Measured with torch 2.13 / oneDNN 3.12 on an Intel Xeon VM with AMX (CPU_NOTES
@@ -302,6 +324,13 @@ class GemvLinear(nn.Linear):
             # min_elements), beyond the kernel's rows: the product in the weight's dtype
             return nn.functional.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
         return nn.functional.linear(x, w, self.bias)
+
+    def __deepcopy__(self, memo):
+        # the copy's weight placed as gemv_unquantized placed this one (huge pages of its own, from
+        # WEIGHT_MIN_BYTES; .data replaced, so a weight tied to an embedding stays tied)
+        new = _copy_module(self, memo)
+        place_weight_for_streaming(new.weight)
+        return new
 
     @classmethod
     def sharing(cls, linear: nn.Linear) -> "GemvLinear":

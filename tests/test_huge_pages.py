@@ -2,6 +2,7 @@
 (and frees them), that every byte of a placed copy lies in the advised 2 MiB pages, and that the
 CPU layouts of large and small layers ask for huge pages (checked in the kernel's own record of the
 advice)."""
+import copy
 import gc
 import io
 import sys
@@ -12,10 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flute import ops
+from flute.bench.weights import flute_cpu_linear
 from flute.cpu_layout import from_cpu_layout, to_cpu_layout
 from flute.huge_pages import (ARENA_MIN_BYTES, HUGE_PAGE_BYTES, WEIGHT_MIN_BYTES, HugePageArena,
                               advise_huge_pages, aligned_span, huge_page_copy, place_for_streaming,
                               place_weight_for_streaming, thp_setting)
+from flute.linear import GemvLinear
 
 linux_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or thp_setting() in (None, "never"),
                                reason="needs Linux with transparent huge pages not disabled")
@@ -213,3 +217,39 @@ def test_arena_copies_made_in_and_out_of_inference_mode_share_a_chunk_and_stay_w
     outside.add_(1)  # an ordinary tensor: in-place updates outside inference mode are allowed
     assert torch.equal(outside, torch.arange(1, 11, dtype=torch.int32))
     assert torch.equal(inside, torch.arange(1000, dtype=torch.int32))
+
+
+@linux_thp
+@pytest.mark.skipif(not ops.HAS_CPU_KERNEL, reason="flute._cpu not built (no CPU layout to place)")
+def test_deepcopy_of_prepared_layers_places_their_layouts_anew():
+    """A deep copy of a prepared model gets its CPU layouts placed as prepare() places them (whole
+    huge pages of the arena) instead of clones of the arena's chunks in 4 KiB pages;
+    the copy computes the same bits, and a layout put in the memo on purpose stays shared."""
+    layers = [flute_cpu_linear(n, k, bits, 64, torch.bfloat16, seed=n)[0].prepare()
+              for n, k, bits in ((2048, 4096, 4), (4096, 2048, 3))]  # 4 MiB and 3 MiB layouts
+    model = torch.nn.Sequential(*layers)
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 4096, generator=torch.Generator().manual_seed(2)).bfloat16()
+    for a, b in zip(model, twin):
+        assert b.qweight.data_ptr() != a.qweight.data_ptr() and torch.equal(b.qweight, a.qweight)
+        assert _in_whole_huge_pages(b.qweight)
+        assert "hg" in _vm_flags(b.qweight.data_ptr()) and "hg" in _vm_flags(b.qweight.data_ptr() + b.qweight.numel() - 1)
+    assert torch.equal(twin(x), model(x))
+    shared = copy.deepcopy(layers[0], {id(layers[0].qweight): layers[0].qweight})
+    assert shared.qweight is layers[0].qweight
+
+
+@linux_thp
+def test_deepcopy_of_a_gemv_linear_places_its_weight_and_keeps_it_tied():
+    """gemv_unquantized's placement survives a deep copy: the copy's large bf16 weight (tied to an
+    embedding, as SmolLM2's lm_head) lies in huge pages of its own and stays tied."""
+    emb = torch.nn.Embedding(2048, 1024).bfloat16()  # 4 MiB: WEIGHT_MIN_BYTES
+    model = torch.nn.Module()
+    model.emb = emb
+    model.head = GemvLinear.sharing(torch.nn.Linear(1024, 2048, bias=False, dtype=torch.bfloat16))
+    model.head.weight = emb.weight
+    assert place_weight_for_streaming(model.head.weight)
+    twin = copy.deepcopy(model)
+    w = twin.head.weight
+    assert w is twin.emb.weight and w.data_ptr() != emb.weight.data_ptr() and torch.equal(w, emb.weight)
+    assert w.data_ptr() % HUGE_PAGE_BYTES == 0 and "hg" in _vm_flags(w.data_ptr())
