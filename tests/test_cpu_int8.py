@@ -149,6 +149,38 @@ def test_int8_one_row_split_over_threads(bits, int8_mode, rng):
             assert torch.equal(y8.isnan(), ye.isnan()) and torch.equal(y8.nan_to_num(), ye.nan_to_num())
 
 
+def test_pair_kernel_bf16_scales_bitwise_equal_to_fp32(int8_mode, restore_tile_pairs, rng):
+    """The AVX-512 2-bit pair kernel transposes each tile's bf16 scales as bf16 words
+    (tile16_rows_bf16, widened per group) where a K block holds more than 16 groups, and other
+    scales as floats (tile16_rows): the same scale values given in bf16 and in float32 give the
+    same bits. Every kind of run of groups per tile (1 and 9 groups: floats; 17, 31, 32, 33, 64, 65
+    and 100: whole and ragged runs of 32, one and several K blocks), a ragged last tile, 1-3
+    activation rows, tile pairs on and off, offsets or none, 1 and 2 threads."""
+    if not available("avx512"):
+        pytest.skip("this CPU lacks AVX-512")
+    n = 301  # 19 tiles, the last of 13 rows
+    try:
+        ops.set_cpu_isa("avx512")
+        for k, group in ((32, 32), (576, 64), (1088, 64), (992, 32), (1024, 32), (1056, 32), (4096, 64), (2080, 32),
+                         (6400, 64)):
+            for offsets in (False, True):
+                w = random_quantized(n, k, 2, group, offsets=offsets, dtype=torch.bfloat16, generator=rng)
+                w32 = w._replace(scales=w.scales.float(), offsets=None if w.offsets is None else w.offsets.float())
+                q = to_cpu_layout(w.codes, 2)
+                for m in (1, 2, 3):
+                    assert int8_uses_pair_tables(2, m)
+                    x = torch.randn(m, k, generator=rng)
+                    for pairs in (False, True):
+                        torch.ops.flute.cpu_set_tile_pairs(pairs)
+                        y16 = at_thread_counts(lambda: run(x, w, 2, group, n, k, q), (1, 2))
+                        y32 = at_thread_counts(lambda: run(x, w32, 2, group, n, k, q), (1, 2))
+                        case = (k, group, offsets, m, pairs)
+                        assert torch.isfinite(y16[0]).all(), case
+                        assert all(torch.equal(a, b) for a, b in zip(y16, y32)), case
+    finally:
+        ops.set_cpu_isa("auto")
+
+
 @pytest.mark.parametrize("group", [32, 64, 128, -1])
 def test_int8_mode_simd_paths_equal_portable(group, int8_mode, rng):
     """The integer sums are identical on every path (AVX2; AVX-512, which runs its VBMI + VNNI

@@ -170,6 +170,10 @@ template <int N>
 struct IntC {  // a compile-time int for the generic lambdas below (no std:: templates in ISA units)
   static constexpr int value = N;
 };
+template <bool B>
+struct BoolC {  // a compile-time bool, as IntC
+  static constexpr bool value = B;
+};
 
 // The int8 mode's loop over tiles [t0, t1), shared by the SIMD units: K blocks of a.kbc chunks
 // (outermost, so that the M rows' tables of a block stay in L2), then tiles; at M = 1 tiles t and

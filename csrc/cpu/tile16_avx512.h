@@ -115,6 +115,58 @@ inline void tile16_rows(const void* src, int stype, int64_t N, int64_t ng, int64
   }
 }
 
+// Rows n0 .. n0 + 15 of an [N, ng] bf16 tensor, groups [g0, g1), as bf16 words into buf: group g's
+// 16 rows at buf + 16 (g - g0) (32 bytes; rows past N and groups past g1 in the last run of 32: 0,
+// and a last run writes all 32 of its groups, so buf needs 16 (g1 - g0 + 31) words). 32 groups of
+// the 16 rows' contiguous words at a time: three unpack stages in 128-bit lanes (words, dwords,
+// qwords) leave w[8 o + j] with, in lane L, rows 8 o .. 8 o + 7 of group 8 L + j; one two-source
+// permute per pair of lanes then joins each group's two halves of rows. 64 shuffles and 32 stores
+// per 32 groups against tile16_rows' 128 shuffles, 64 conversions and 32 stores (the scales'
+// transposition was 10-15% of a hot 2-bit one-row call: CPU_NOTES item 286); the kernel widens
+// each group where it uses it (bf16x16_to_f32).
+inline void tile16_rows_bf16(const uint16_t* src, int64_t N, int64_t ng, int64_t n0, int64_t g0, int64_t g1,
+                             uint16_t* buf) {
+  const __m512i lanes01 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i lanes23 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int64_t gb = g0; gb < g1; gb += 32) {
+    const int nh = static_cast<int>(min64(32, g1 - gb));
+    const __mmask32 km = nh == 32 ? 0xffffffffu : (1u << nh) - 1;
+    __m512i r[16], u[16], v[16], w[16];
+    static_rows<16>([&](auto i_c) __attribute__((always_inline)) {
+      constexpr int i = decltype(i_c)::value;
+      r[i] = _mm512_maskz_loadu_epi16(n0 + i < N ? km : 0, src + (n0 + i) * ng + gb);
+    });
+    for (int k = 0; k < 8; ++k) {  // u[2k], lane L: rows 2k, 2k + 1 of groups 8L + 0..3; u[2k + 1]: 8L + 4..7
+      u[2 * k] = _mm512_unpacklo_epi16(r[2 * k], r[2 * k + 1]);
+      u[2 * k + 1] = _mm512_unpackhi_epi16(r[2 * k], r[2 * k + 1]);
+    }
+    for (int q = 0; q < 4; ++q)  // v[4q + 2h + e], lane L: rows 4q .. 4q + 3 of groups 8L + 4h + 2e, + 1
+      for (int h = 0; h < 2; ++h) {
+        v[4 * q + 2 * h] = _mm512_unpacklo_epi32(u[4 * q + h], u[4 * q + 2 + h]);
+        v[4 * q + 2 * h + 1] = _mm512_unpackhi_epi32(u[4 * q + h], u[4 * q + 2 + h]);
+      }
+    for (int o = 0; o < 2; ++o)  // w[8o + j], lane L: rows 8o .. 8o + 7 of group 8L + j
+      for (int s = 0; s < 4; ++s) {
+        w[8 * o + 2 * s] = _mm512_unpacklo_epi64(v[8 * o + s], v[8 * o + 4 + s]);
+        w[8 * o + 2 * s + 1] = _mm512_unpackhi_epi64(v[8 * o + s], v[8 * o + 4 + s]);
+      }
+    uint16_t* out = buf + (gb - g0) * 16;
+    for (int j = 0; j < 8; ++j) {  // groups j, 8 + j (lanes 0, 1) and 16 + j, 24 + j (lanes 2, 3)
+      const __m512i a = _mm512_permutex2var_epi64(w[j], lanes01, w[8 + j]);
+      const __m512i b = _mm512_permutex2var_epi64(w[j], lanes23, w[8 + j]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * j), _mm512_castsi512_si256(a));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * (8 + j)), _mm512_extracti64x4_epi64(a, 1));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * (16 + j)), _mm512_castsi512_si256(b));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * (24 + j)), _mm512_extracti64x4_epi64(b, 1));
+    }
+  }
+}
+
+// One group's 16 bf16 words (tile16_rows_bf16) as fp32: exact, the bits shifted into the high half.
+inline __m512 bf16x16_to_f32(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 }  // namespace
 }  // namespace flute_cpu
 #endif
